@@ -1,0 +1,266 @@
+"""The one lifecycle path every daemon runs through.
+
+read config (exit 78 on error) -> lock the pidfile (exit 1 if held) -> bind every socket while
+still attached to the terminal (so a bind error is seen, and port 69 is bound before any privilege
+is dropped) -> detach with python-daemon unless --foreground, preserving those sockets -> serve on
+one asyncio loop until SIGTERM/SIGINT or a `stop` control -> stop the service, close the status
+socket, release the pidfile. SIGHUP re-reads the config; a bad one is logged and the old kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from . import __version__
+from .config import Key, Schema, line_of_key, load_config
+from .errors import (EX_CONFIG, EX_FAILURE, EX_OK, EX_SOFTWARE, AlreadyRunning, ConfigError,
+                     SettingError)
+from .logsetup import setup_logging
+from .pidfile import LockedPidFile
+from .sdnotify import notify
+from .statussock import StatusServer, bind_tcp, bind_unix
+
+log = logging.getLogger("preboot.runner")
+
+STOP_GRACE_S = 4.0
+RUN_DIR = "/run/preboot"
+
+
+def common_keys(name: str, status_port: int) -> tuple[Key, ...]:
+    """Keys every daemon has; defaults follow the daemon's name (docs/daemon-contract.md)."""
+    return (
+        Key("PidFile", "path", f"{RUN_DIR}/{name}.pid", "Locked pidfile."),
+        Key("StatusSocket", "path", f"{RUN_DIR}/{name}.sock",
+            "Local Unix socket for status (everyone) and control (root)."),
+        Key("StatusPort", "integer(min=0, max=65535)", str(status_port),
+            "Read-only TCP status port for 'zmgmcast -status -i HOST'; 0 disables."),
+        Key("LogLevel", "loglevel", "INFO", "DEBUG, INFO, WARNING or ERROR."),
+        Key("LogFile", "path", "",
+            "Empty: stderr in the foreground (journald), syslog when detached."),
+    )
+
+
+@dataclass(frozen=True)
+class CommonSettings:
+    pid_file: str
+    status_socket: str
+    status_port: int
+    log_level: str
+    log_file: str
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> "CommonSettings":
+        return cls(values["PidFile"], values["StatusSocket"], values["StatusPort"],
+                   values["LogLevel"], values["LogFile"])
+
+
+class Service(Protocol):
+    """What a daemon implements; the runner owns its lifetime."""
+
+    def bind(self) -> list[socket.socket]: ...
+    async def start(self) -> None: ...
+    async def apply(self, settings: Any) -> list[str]: ...  # returns warnings
+    async def stop(self) -> None: ...
+    def listen(self) -> list[dict[str, Any]]: ...
+    def counters(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class DaemonSpec:
+    name: str                       # "tftpd"
+    program: str                    # "preboot-tftpd"
+    service_name: str               # "Preboot TFTP Service"
+    schema: Schema
+    status_address: Callable[[Any], str]
+    make_settings: Callable[[dict[str, Any], CommonSettings], Any]
+    make_service: Callable[[Any], Service]
+
+    @property
+    def default_config(self) -> str:
+        return f"/etc/preboot/{self.name}.conf"
+
+
+def _load(spec: DaemonSpec, path: str) -> tuple[Any, CommonSettings]:
+    values = load_config(path, spec.schema)
+    common = CommonSettings.from_values(values)
+    try:
+        return spec.make_settings(values, common), common
+    except SettingError as exc:
+        raise ConfigError(path, exc.message, line_of_key(path, exc.key), exc.key) from None
+
+
+def _parse_args(spec: DaemonSpec, argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=spec.program, description=spec.service_name)
+    parser.add_argument("--config", default=spec.default_config,
+                        help=f"config file (default {spec.default_config})")
+    parser.add_argument("--foreground", action="store_true",
+                        help="stay attached (systemd Type=notify); default: detach")
+    parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser.parse_args(argv)
+
+
+def run(spec: DaemonSpec, argv: list[str] | None = None) -> int:
+    args = _parse_args(spec, argv)
+    config_path = os.path.abspath(args.config)
+    try:
+        settings, common = _load(spec, config_path)
+    except ConfigError as exc:
+        print(f"{spec.program}: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    if args.check:
+        print(f"OK: {config_path}")
+        return EX_OK
+    if args.foreground:
+        setup_logging(spec.program, common.log_level, common.log_file, foreground=True)
+    lifecycle = Lifecycle(spec, config_path, settings, common, args.foreground)
+    try:
+        lifecycle.prepare()
+    except AlreadyRunning as exc:
+        print(f"{spec.program}: {exc}", file=sys.stderr)
+        return EX_FAILURE
+    except OSError as exc:
+        lifecycle.release()
+        print(f"{spec.program}: cannot bind: {exc}", file=sys.stderr)
+        return EX_FAILURE
+    if not args.foreground:
+        lifecycle.detach()
+        setup_logging(spec.program, common.log_level, common.log_file, foreground=False)
+    try:
+        asyncio.run(lifecycle.serve())
+        return EX_OK
+    except Exception:  # the first fatal error stops the daemon; systemd restarts it
+        log.exception("fatal error, stopping")
+        return EX_SOFTWARE
+    finally:
+        lifecycle.release()
+
+
+class Lifecycle:
+    """Owns the pidfile, the bound sockets, the service and the status server."""
+
+    def __init__(self, spec: DaemonSpec, config_path: str, settings: Any, common: CommonSettings,
+                 foreground: bool):
+        self.spec = spec
+        self.foreground = foreground
+        self.config_path = config_path
+        self.settings = settings
+        self.common = common
+        self.pidfile = LockedPidFile(common.pid_file)
+        self.service = spec.make_service(settings)
+        self.sockets: list[socket.socket] = []
+        self.unix_sock: socket.socket | None = None
+        self.tcp_sock: socket.socket | None = None
+        self.started_at = time.time()
+        self._stop_requested: asyncio.Event | None = None
+
+    def prepare(self) -> None:
+        self.pidfile.acquire()
+        self.sockets = self.service.bind()
+        self.unix_sock = bind_unix(self.common.status_socket)
+        if self.common.status_port:
+            self.tcp_sock = bind_tcp(self.spec.status_address(self.settings),
+                                     self.common.status_port)
+
+    def detach(self) -> None:
+        import daemon  # python-daemon; imported here so foreground runs never need it loaded
+
+        keep = [s.fileno() for s in self.sockets + [self.unix_sock, self.tcp_sock] if s]
+        keep.append(self.pidfile.fileno)
+        context = daemon.DaemonContext(
+            files_preserve=keep, pidfile=self.pidfile, umask=0o022, working_directory="/",
+            detach_process=True,
+            signal_map={signal.SIGTSTP: None, signal.SIGTTIN: None, signal.SIGTTOU: None})
+        context.open()  # forks; the pidfile's __enter__ rewrites our new pid under the lock
+
+    def release(self) -> None:
+        for sock in self.sockets + [self.unix_sock, self.tcp_sock]:
+            if sock is not None:
+                sock.close()
+        if self.unix_sock is not None:
+            try:
+                os.unlink(self.common.status_socket)
+            except FileNotFoundError:
+                pass
+            self.unix_sock = None
+        self.pidfile.release()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "daemon": self.spec.name,
+            "service": self.spec.service_name,
+            "pid": os.getpid(),
+            "version": __version__,
+            "started_at": self.started_at,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "config": self.config_path,
+            "listen": self.service.listen(),
+            "counters": self.service.counters(),
+        }
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stop_requested = asyncio.Event()
+        await self.service.start()
+        status = StatusServer(self.status, {"reload": self.reload, "stop": self._stop_verb},
+                              unix_path=self.common.status_socket)
+        await status.start(self.unix_sock, self.tcp_sock)
+        self.unix_sock = None  # the status server owns and removes it now
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop_requested.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        notify(f"READY=1\nMAINPID={os.getpid()}")
+        log.info("%s %s started (pid %d, config %s)", self.spec.service_name, __version__,
+                 os.getpid(), self.config_path)
+        try:
+            await self._stop_requested.wait()
+        finally:
+            notify("STOPPING=1")
+            log.info("%s stopping", self.spec.service_name)
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+            try:
+                await asyncio.wait_for(self.service.stop(), STOP_GRACE_S)
+            except asyncio.TimeoutError:
+                log.warning("service did not stop within %.0f s; closing anyway", STOP_GRACE_S)
+            await status.stop()
+            log.info("%s stopped", self.spec.service_name)
+
+    async def _stop_verb(self) -> dict[str, Any]:
+        assert self._stop_requested is not None
+        asyncio.get_running_loop().call_soon(self._stop_requested.set)
+        return {"ok": True, "message": "stopping"}
+
+    async def reload(self) -> dict[str, Any]:
+        notify("RELOADING=1")
+        try:
+            settings, common = _load(self.spec, self.config_path)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+            notify("READY=1")
+            return {"ok": False, "error": str(exc)}
+        warnings = await self.service.apply(settings)
+        if (common.status_socket, common.status_port, common.pid_file) != (
+                self.common.status_socket, self.common.status_port, self.common.pid_file):
+            warnings.append("StatusSocket, StatusPort and PidFile changes need a restart")
+        if common.log_level != self.common.log_level or common.log_file != self.common.log_file:
+            setup_logging(self.spec.program, common.log_level, common.log_file,
+                          foreground=self.foreground)
+        self.settings = settings
+        self.common = CommonSettings(self.common.pid_file, self.common.status_socket,
+                                     self.common.status_port, common.log_level, common.log_file)
+        for warning in warnings:
+            log.warning("reload: %s", warning)
+        log.info("configuration reloaded from %s", self.config_path)
+        notify("READY=1")
+        return {"ok": True, "message": "reloaded", "warnings": warnings}
+

@@ -1,0 +1,198 @@
+"""The status socket every daemon answers on, and the client `zmgmcast` uses to ask it.
+
+Protocol (docs/daemon-contract.md): one JSON object per line each way. `status` is open to
+everyone on the local Unix socket and on the optional TCP port; control verbs (`reload`, `stop`)
+are accepted only on the Unix socket from a peer whose uid is 0, checked with SO_PEERCRED,
+because the TCP port must stay read-only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+log = logging.getLogger("preboot.status")
+
+MAX_REQUEST_BYTES = 4096
+IDLE_TIMEOUT_S = 10.0
+
+StatusProvider = Callable[[], dict[str, Any]]
+ControlVerb = Callable[[], Awaitable[dict[str, Any]]]
+
+
+def bind_unix(path: str) -> socket.socket:
+    """Bind the status socket file (mode 0666: status is for everyone; control checks the uid)."""
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+    if os.path.exists(path) and _unix_socket_answers(path):
+        raise OSError(f"status socket {path} is in use by a running daemon")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o666)
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
+
+
+def bind_tcp(address: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address, port))
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
+
+
+def _unix_socket_answers(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.5)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    sock = writer.get_extra_info("socket")
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+def parse_request(line: bytes) -> str:
+    """The verb of one request line: a JSON object with "cmd", or a bare word."""
+    text = line.decode("utf-8", "replace").strip()
+    if text.startswith("{"):
+        try:
+            request = json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError("request is not valid JSON") from None
+        verb = request.get("cmd") if isinstance(request, dict) else None
+        if not isinstance(verb, str):
+            raise ValueError('request has no "cmd" string')
+        return verb
+    if not text:
+        raise ValueError("empty request")
+    verb = text.split()[0]
+    if not verb.replace("-", "").replace("_", "").isalnum():
+        raise ValueError("request is neither JSON nor a command word")
+    return verb
+
+
+@dataclass
+class StatusServer:
+    """Serves status and control on already-bound sockets; owned and stopped by the runner."""
+
+    provider: StatusProvider
+    controls: dict[str, ControlVerb]
+    unix_path: str | None = None
+
+    def __post_init__(self) -> None:
+        self._servers: list[asyncio.base_events.Server] = []
+
+    async def start(self, unix_sock: socket.socket | None, tcp_sock: socket.socket | None) -> None:
+        if unix_sock is not None:
+            self._servers.append(await asyncio.start_unix_server(
+                lambda r, w: self._serve(r, w, local=True), sock=unix_sock))
+        if tcp_sock is not None:
+            self._servers.append(await asyncio.start_server(
+                lambda r, w: self._serve(r, w, local=False), sock=tcp_sock))
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            try:
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+        self._servers.clear()
+        if self.unix_path:
+            try:
+                os.unlink(self.unix_path)
+            except FileNotFoundError:
+                pass
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     local: bool) -> None:
+        try:
+            while True:
+                try:
+                    line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT_S)
+                except (asyncio.TimeoutError, ValueError):
+                    break  # idle, or a line longer than the stream limit
+                if not line:
+                    break
+                if len(line) > MAX_REQUEST_BYTES:
+                    reply = {"ok": False, "error": "request too long"}
+                else:
+                    reply = await self._answer(line, writer, local)
+                writer.write(json.dumps(reply, sort_keys=True).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def _answer(self, line: bytes, writer: asyncio.StreamWriter,
+                      local: bool) -> dict[str, Any]:
+        try:
+            verb = parse_request(line)
+        except ValueError as exc:
+            return {"ok": False, "error": str(exc)}
+        if verb == "status":
+            return {"ok": True, **self.provider()}
+        if verb not in self.controls:
+            return {"ok": False, "error": f"unknown command {verb!r}"}
+        if not local:
+            return {"ok": False, "error": "read-only status port"}
+        if _peer_uid(writer) != 0:
+            return {"ok": False, "error": "permission denied: control needs root"}
+        log.info("control command %r from the status socket", verb)
+        return await self.controls[verb]()
+
+
+# ---- client side (zmgmcast, tests, init scripts) ----------------------------------------------
+
+def _exchange(sock: socket.socket, verb: str) -> dict[str, Any]:
+    sock.sendall(json.dumps({"cmd": verb}).encode() + b"\n")
+    buffer = b""
+    while not buffer.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("connection closed before a full reply")
+        buffer += chunk
+    reply = json.loads(buffer)
+    if not isinstance(reply, dict):
+        raise ValueError("reply is not a JSON object")
+    return reply
+
+
+def query_unix(path: str, verb: str = "status", timeout_s: float = 3.0) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(path)
+        return _exchange(sock, verb)
+
+
+def query_tcp(host: str, port: int, verb: str = "status", timeout_s: float = 3.0) -> dict[str, Any]:
+    with socket.create_connection((host, port), timeout=timeout_s) as sock:
+        sock.settimeout(timeout_s)
+        return _exchange(sock, verb)

@@ -1,0 +1,47 @@
+#!/bin/bash
+# Install everything the stack and the tests need on a fresh Debian-like machine (as root):
+# the Debian packages (real TFTP clients and peers, qemu PXE firmware, dnsmasq, ...) and this
+# project with its Python dependencies. Idempotent and quick when everything is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  tftp-hpa atftp curl            # real TFTP clients for the tests
+  tftpd-hpa dnsmasq-base         # peers for bench/ and the site DHCP server of e2e tests
+  iproute2 nftables tcpdump      # network namespaces, packet loss, captures
+  rpm shellcheck                 # packaging checks (rpmspec, init scripts)
+  qemu-system-x86 ipxe-qemu ipxe ovmf radvd   # real PXE firmware for e2e tests
+)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "install-deps: need root to install: ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "install-deps: installing ${missing[*]}"
+  # Package scripts must not start the peers' own services (tftpd-hpa would grab port 69).
+  policy=/usr/sbin/policy-rc.d
+  created_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod +x "$policy"; created_policy=1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/tmp/preboot-apt.log 2>&1 \
+    || { tail -20 /tmp/preboot-apt.log >&2; exit 1; }
+  [ "$created_policy" = 1 ] && rm -f "$policy"
+fi
+# The peers' packaged daemons are for bench/ only, started by it on other ports.
+if pgrep -x in.tftpd >/dev/null 2>&1 && [ -x /etc/init.d/tftpd-hpa ]; then
+  /etc/init.d/tftpd-hpa stop >/dev/null 2>&1 || true
+fi
+
+PIP=(python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore)
+if ! python3 -c "import configobj, validate, daemon, psutil, tftpy, scapy, pytest, hypothesis" 2>/dev/null \
+   || ! python3 -m pip show -q preboot-services >/dev/null 2>&1; then
+  "${PIP[@]}" -e ".[test]"
+fi

@@ -1,0 +1,45 @@
+#!/bin/bash
+# Start (default), stop or show the whole Preboot Services stack on its embedded default
+# configuration (packaging/dev/*.conf): today the TFTP daemon, serving samples/tftproot on
+# 127.0.0.1:69. Installs what it needs first. Run as root (port 69, /run/preboot).
+#   bash scripts/stack.sh [start|stop|status]
+#   PREBOOT_ADDRESS=192.0.2.10 bash scripts/stack.sh    # listen on another local address
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+action=${1:-start}
+DAEMONS=(tftpd)
+conf_dir=packaging/dev
+if [ -n "${PREBOOT_ADDRESS:-}" ]; then
+  # A generated copy with the address swapped in; relative paths still resolve from the repo.
+  conf_dir=/run/preboot/stack-conf
+  mkdir -p "$conf_dir"
+  for d in "${DAEMONS[@]}"; do
+    sed -e "s|^IPAddress = .*|IPAddress = ${PREBOOT_ADDRESS}|" \
+        -e "s|^Root = \.\./\.\./|Root = ${repo}/|" "packaging/dev/$d.conf" >"$conf_dir/$d.conf"
+  done
+fi
+
+case "$action" in
+  start)
+    bash scripts/install-deps.sh
+    for f in undionly.kpxe ipxe.efi snponly.efi; do
+      [ -e "samples/tftproot/$f" ] || cp "/usr/lib/ipxe/$f" samples/tftproot/ 2>/dev/null || true
+    done
+    for d in "${DAEMONS[@]}"; do
+      PREBOOT_CONFIG="$conf_dir/$d.conf" PREBOOT_DAEMON="python3 -m $d" \
+        PYTHONPATH="$repo" PREBOOT_NO_SYSTEMCTL=1 sh "packaging/init.d/preboot-$d" start
+    done
+    python3 -m zmgmcast -status || true
+    ;;
+  stop)
+    for d in "${DAEMONS[@]}"; do
+      PREBOOT_CONFIG="$conf_dir/$d.conf" PREBOOT_DAEMON="python3 -m $d" \
+        PYTHONPATH="$repo" PREBOOT_NO_SYSTEMCTL=1 sh "packaging/init.d/preboot-$d" stop
+    done
+    ;;
+  status)
+    python3 -m zmgmcast -status
+    ;;
+  *) echo "usage: $0 [start|stop|status]" >&2; exit 2 ;;
+esac

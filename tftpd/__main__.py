@@ -1,0 +1,28 @@
+"""preboot-tftpd: the Preboot TFTP Service (python -m tftpd)."""
+
+from __future__ import annotations
+
+import sys
+
+from common.runner import DaemonSpec, run
+
+from .config import SCHEMA, make_settings
+from .server import TftpServer
+
+SPEC = DaemonSpec(
+    name="tftpd",
+    program="preboot-tftpd",
+    service_name="Preboot TFTP Service",
+    schema=SCHEMA,
+    status_address=lambda settings: settings.ip_address,
+    make_settings=make_settings,
+    make_service=TftpServer,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(SPEC, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""The TFTP server loop: the request socket on port 69 and one socket per transfer.
+
+Every socket is non-blocking and watched with the asyncio loop's add_reader (epoll on Linux),
+so thousands of transfers need neither a thread each nor select()'s 1,024-descriptor limit.
+tftpy's own server selects over every session socket on each turn and cannot be stopped from
+outside its loop; this loop replaces it, and uses tftpy only as the request codec (packet.py).
+
+Each transfer gets its own socket bound to the address the request was sent to (learned with
+IP_PKTINFO, so a multi-homed server answers from the right address) and connected to the
+client: the kernel then delivers only that client's packets to it (RFC 1350 section 4 TIDs).
+A transfer's one timer fires every `timeout_s`; it resends only when no progress was made since.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import packet, paths
+from .config import Settings
+from .netascii import encode as netascii_encode
+from .options import Limits, Negotiated, negotiate
+from .status import TftpCounters
+from .transfer import FileBlocks, MemoryBlocks, ReadTransfer, Transfer, WriteTransfer
+from .upload import AtomicUpload
+
+log = logging.getLogger("preboot.tftpd")
+
+IP_PKTINFO = 8                       # linux/in.h; not exported by Python's socket module
+RECV_BURST = 64                      # datagrams handled per wakeup before yielding to the loop
+NETASCII_MAX_BYTES = 16 * 1024 * 1024
+TRANSFER_RCVBUF = 1 << 20
+
+
+@dataclass
+class ActiveTransfer:
+    key: tuple[str, int]
+    sock: socket.socket
+    transfer: Transfer
+    filename: str
+    timer: asyncio.TimerHandle | None = None
+    last_progress: float = 0.0
+    recorded: bool = False
+
+
+class TftpServer:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.stats = TftpCounters()
+        self.active: dict[tuple[str, int], ActiveTransfer] = {}
+        self._listener: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- lifecycle (common.runner.Service) ----------------------------------------------
+
+    def bind(self) -> list[socket.socket]:
+        if ":" in self.settings.ip_address:
+            raise OSError("IPv6 IPAddress is not supported yet")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.bind((self.settings.ip_address, self.settings.port))
+        sock.setblocking(False)
+        self._listener = sock
+        return [sock]
+
+    async def start(self) -> None:
+        assert self._listener is not None
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._listener.fileno(), self._on_listener_readable)
+        address, port = self._listener.getsockname()
+        log.info("serving %s on %s:%d (windowsize up to %d, blksize up to %d, writes %s)",
+                 self.settings.root, address, port, self.settings.max_windowsize,
+                 self.settings.max_blksize, "allowed" if self.settings.allow_write else "refused")
+
+    async def apply(self, settings: Settings) -> list[str]:
+        warnings = []
+        if (settings.ip_address, settings.port) != (self.settings.ip_address, self.settings.port):
+            warnings.append("IPAddress and Port changes need a restart; kept the old ones")
+        self.settings = settings
+        return warnings
+
+    async def stop(self) -> None:
+        if self._listener is not None and self._loop is not None:
+            self._loop.remove_reader(self._listener.fileno())
+        for active in list(self.active.values()):
+            active.transfer.fail("shutdown", "Server shutting down", packet.ERR_UNDEFINED)
+            self._end(active)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    def listen(self) -> list[dict[str, Any]]:
+        if self._listener is None:
+            return []
+        address, port = self._listener.getsockname()
+        return [{"proto": "udp", "address": address, "port": port}]
+
+    def counters(self) -> dict[str, Any]:
+        return self.stats.snapshot(len(self.active))
+
+    # ---- requests on the listening socket ------------------------------------------------
+
+    def _on_listener_readable(self) -> None:
+        assert self._listener is not None
+        for _ in range(RECV_BURST):
+            try:
+                datagram, ancillary, _flags, client = self._listener.recvmsg(
+                    packet.MAX_REQUEST_BYTES + 1, socket.CMSG_SPACE(12))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("request socket: %s", exc)
+                return
+            try:
+                self._on_request(datagram, client, _local_address(ancillary))
+            except Exception:  # one bad request never stops the server
+                self.stats.error("internal")
+                log.exception("internal error handling a request from %s:%d", *client)
+
+    def _on_request(self, datagram: bytes, client: tuple[str, int], local: str | None) -> None:
+        opcode = packet.opcode_of(datagram)
+        if opcode not in (packet.OP_RRQ, packet.OP_WRQ):
+            self.stats.malformed_packets += 1
+            log.debug("dropped a %d-byte datagram from %s:%d: not a request (opcode %s)",
+                      len(datagram), *client, opcode)
+            return
+        try:
+            request = packet.decode_request(datagram)
+        except packet.MalformedPacket as exc:
+            self.stats.malformed_packets += 1
+            log.info("malformed request from %s:%d: %s", *client, exc)
+            self._reply_once(client, local, packet.encode_error(packet.ERR_ILLEGAL,
+                                                                f"Malformed request: {exc}"))
+            return
+        if client in self.active:
+            self.stats.duplicate_requests += 1  # a retransmitted request: already serving it
+            return
+        if len(self.active) >= self.settings.max_transfers:
+            self.stats.refused_busy += 1
+            log.warning("busy (%d transfers): dropped a request from %s:%d; it will retry",
+                        len(self.active), *client)
+            return
+        if request.is_write:
+            self.stats.requests_write += 1
+            self._start_write(request, client, local)
+        else:
+            self.stats.requests_read += 1
+            self._start_read(request, client, local)
+
+    def _limits(self) -> Limits:
+        return Limits(self.settings.max_blksize, self.settings.max_windowsize,
+                      self.settings.timeout_s)
+
+    def _refuse(self, client: tuple[str, int], local: str | None, request: packet.Request,
+                refusal: paths.Refusal, kind: str) -> None:
+        if refusal.escape:
+            self.stats.refused_paths += 1
+            log.warning("refused %s of %r from %s:%d: %s", "write" if request.is_write else "read",
+                        request.filename, *client, refusal.message)
+        else:
+            log.info("%s: %r from %s:%d", refusal.message, request.filename, *client)
+        self.stats.error(kind)
+        self._reply_once(client, local, packet.encode_error(refusal.code, refusal.message))
+
+    def _start_read(self, request: packet.Request, client: tuple[str, int],
+                    local: str | None) -> None:
+        root = self.settings.root
+        resolved = paths.resolve_read(root, request.filename, self.settings.case_insensitive)
+        opened = resolved if isinstance(resolved, paths.Refusal) else paths.open_for_read(
+            root, resolved)
+        if isinstance(opened, paths.Refusal):
+            kind = "file_not_found" if opened.code == packet.ERR_NOT_FOUND else "access_violation"
+            self._refuse(client, local, request, opened, kind)
+            return
+        size = os.fstat(opened).st_size
+        if request.mode == "netascii":
+            if size > NETASCII_MAX_BYTES:
+                os.close(opened)
+                self._refuse(client, local, request, paths.Refusal(
+                    packet.ERR_UNDEFINED, "File too large for netascii mode; use octet", False),
+                    "netascii_too_large")
+                return
+            with os.fdopen(opened, "rb") as handle:
+                source: Any = MemoryBlocks(netascii_encode(handle.read()))
+            known_size = None
+        else:
+            source = FileBlocks(opened, size)
+            known_size = size
+        opts = negotiate(request.options, self._limits(), known_size, is_write=False)
+        self._launch(client, local, request, opts, lambda send, oack: ReadTransfer(
+            source, opts, self.settings.retries, self.stats, send, oack),
+            on_socket_error=source.close)
+
+    def _start_write(self, request: packet.Request, client: tuple[str, int],
+                     local: str | None) -> None:
+        settings = self.settings
+        if not settings.allow_write:
+            self._refuse(client, local, request, paths.Refusal(
+                packet.ERR_ACCESS, "Access violation: writes are disabled", False), "write_refused")
+            return
+        target = paths.resolve_write(settings.root, settings.upload_dir, request.filename)
+        if isinstance(target, paths.Refusal):
+            self._refuse(client, local, request, target, "write_refused")
+            return
+        if os.path.lexists(target) and not settings.allow_overwrite:
+            self._refuse(client, local, request, paths.Refusal(
+                packet.ERR_EXISTS, "File already exists", False), "file_exists")
+            return
+        opts = negotiate(request.options, self._limits(), None, is_write=True)
+        if settings.max_upload_bytes and opts.tsize and opts.tsize > settings.max_upload_bytes:
+            self._refuse(client, local, request, paths.Refusal(
+                packet.ERR_DISK_FULL, "Upload exceeds the allowed size", False), "disk_full")
+            return
+        try:
+            sink = AtomicUpload(target, settings.allow_overwrite, request.mode == "netascii")
+        except OSError as exc:
+            self._refuse(client, local, request, paths.Refusal(
+                packet.ERR_ACCESS, f"Access violation: {exc.strerror}", False), "write_refused")
+            return
+        self._launch(client, local, request, opts, lambda send, oack: WriteTransfer(
+            sink, opts, settings.retries, self.stats, send, oack, settings.max_upload_bytes),
+            on_socket_error=sink.abort)
+
+    # ---- transfers ----------------------------------------------------------------------
+
+    def _transfer_socket(self, client: tuple[str, int], local: str | None) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, TRANSFER_RCVBUF)
+        sock.bind((local or self.settings.ip_address, 0))
+        sock.connect(client)
+        sock.setblocking(False)
+        return sock
+
+    def _reply_once(self, client: tuple[str, int], local: str | None, datagram: bytes) -> None:
+        """An error for a refused request, from a fresh TID as a transfer's first reply would."""
+        try:
+            with self._transfer_socket(client, local) as sock:
+                sock.send(datagram)
+        except OSError as exc:
+            log.debug("could not send an error to %s:%d: %s", *client, exc)
+
+    def _launch(self, client: tuple[str, int], local: str | None, request: packet.Request,
+                opts: Negotiated, build, on_socket_error) -> None:
+        try:
+            sock = self._transfer_socket(client, local)
+        except OSError as exc:
+            on_socket_error()
+            self.stats.error("socket")
+            log.error("cannot open a transfer socket for %s:%d: %s", *client, exc)
+            return
+        if opts.windowsize > 1:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                            min(opts.windowsize * (opts.blksize + 32) * 2, 8 << 20))
+        oack = packet.encode_oack(opts.acknowledged) if opts.acknowledged else None
+        transfer = build(sock.send, oack)
+        active = ActiveTransfer(client, sock, transfer, request.filename,
+                                last_progress=time.monotonic())
+        self.active[client] = active
+        self.stats.transfers_started += 1
+        log.debug("%s %r for %s:%d mode %s options %s (ignored %s)",
+                  "WRQ" if request.is_write else "RRQ", request.filename, *client, request.mode,
+                  opts.acknowledged, list(opts.ignored))
+        assert self._loop is not None
+        self._loop.add_reader(sock.fileno(), self._on_transfer_readable, active)
+        try:
+            transfer.start()
+        except OSError as exc:
+            transfer.fail("io_error", f"send failed: {exc.strerror}")
+        active.timer = self._loop.call_later(opts.timeout_s, self._on_timer, active)
+        if transfer.finished:
+            self._end(active)
+
+    def _on_transfer_readable(self, active: ActiveTransfer) -> None:
+        # One datagram per wakeup: the client sends one ACK per window, so a second recv()
+        # would almost always fail with EAGAIN, and the level-triggered poll calls us again
+        # if more is queued.
+        transfer = active.transfer
+        try:
+            datagram = active.sock.recv(65536)
+            if transfer.on_datagram(datagram):
+                active.last_progress = time.monotonic()
+        except (BlockingIOError, InterruptedError):
+            return
+        except ConnectionRefusedError:  # ICMP port unreachable: the client is gone
+            transfer.fail("client_gone", "client port unreachable")
+        except Exception:  # a bug in one transfer must not stop the others
+            self.stats.error("internal")
+            log.exception("internal error in the transfer of %r to %s:%d", active.filename,
+                          *active.key)
+            transfer.fail("internal", "Internal error", packet.ERR_UNDEFINED)
+        if transfer.finished:
+            self._finish(active)
+
+    def _on_timer(self, active: ActiveTransfer) -> None:
+        transfer = active.transfer
+        if transfer.finished:
+            self._end(active)
+            return
+        timeout_s = transfer.opts.timeout_s
+        idle_s = time.monotonic() - active.last_progress
+        if idle_s < timeout_s:
+            active.timer = self._loop.call_later(timeout_s - idle_s, self._on_timer, active)
+            return
+        try:
+            transfer.on_timeout()
+        except Exception:
+            log.exception("internal error resending to %s:%d", *active.key)
+            transfer.fail("internal", "Internal error", packet.ERR_UNDEFINED)
+        active.last_progress = time.monotonic()
+        if transfer.finished:
+            self._finish(active)
+        else:
+            active.timer = self._loop.call_later(timeout_s, self._on_timer, active)
+
+    def _finish(self, active: ActiveTransfer) -> None:
+        """Account for a finished transfer; a completed upload lingers to re-ACK (dally)."""
+        transfer = active.transfer
+        if transfer.failure is None and isinstance(transfer, WriteTransfer):
+            if active.timer is not None:
+                active.timer.cancel()
+            # Keep answering a repeated last block for one timeout, then close (RFC 1350 sec. 6).
+            self._record(active)
+            active.timer = self._loop.call_later(transfer.opts.timeout_s, self._end, active)
+            return
+        self._record(active)
+        self._end(active)
+
+    def _record(self, active: ActiveTransfer) -> None:
+        transfer = active.transfer
+        if active.recorded:
+            return
+        active.recorded = True
+        if transfer.failure is None:
+            self.stats.transfers_completed += 1
+            log.info("sent %r to %s:%d" if isinstance(transfer, ReadTransfer)
+                     else "received %r from %s:%d", active.filename, *active.key)
+        else:
+            self.stats.transfers_failed += 1
+            self.stats.error(transfer.failure.kind)
+            log.info("transfer of %r with %s:%d failed: %s", active.filename, *active.key,
+                     transfer.failure)
+
+    def _end(self, active: ActiveTransfer) -> None:
+        if self.active.get(active.key) is not active:
+            return
+        self._record(active)
+        del self.active[active.key]
+        if active.timer is not None:
+            active.timer.cancel()
+        if self._loop is not None:
+            self._loop.remove_reader(active.sock.fileno())
+        active.sock.close()
+
+
+def _local_address(ancillary: list[tuple[int, int, bytes]]) -> str | None:
+    """The destination address of a request, from its IP_PKTINFO (struct in_pktinfo)."""
+    for level, kind, data in ancillary:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            return socket.inet_ntoa(data[8:12])
+    return None

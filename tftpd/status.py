@@ -1,0 +1,33 @@
+"""tftpd's status counters: what `zmgmcast -status` shows. All start at zero."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class TftpCounters:
+    requests_read: int = 0
+    requests_write: int = 0
+    transfers_started: int = 0
+    transfers_completed: int = 0
+    transfers_failed: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    blocks_resent: int = 0
+    malformed_packets: int = 0
+    duplicate_requests: int = 0
+    refused_paths: int = 0
+    refused_busy: int = 0
+    errors: Counter = field(default_factory=Counter)   # by kind: file_not_found, timeout, ...
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] += 1
+
+    def snapshot(self, active_transfers: int) -> dict[str, Any]:
+        data = asdict(self)
+        data["errors"] = dict(sorted(self.errors.items()))
+        data["active_transfers"] = active_transfers
+        return data
