@@ -265,9 +265,9 @@ class TftpServer:
                                 last_progress=time.monotonic())
         self.active[client] = active
         self.stats.transfers_started += 1
-        log.debug("%s %r for %s:%d mode %s options %s (ignored %s)",
+        log.debug("%s %r for %s:%d mode %s options asked %s granted %s ignored %s",
                   "WRQ" if request.is_write else "RRQ", request.filename, *client, request.mode,
-                  opts.acknowledged, list(opts.ignored))
+                  request.options, opts.acknowledged, list(opts.ignored))
         assert self._loop is not None
         self._loop.add_reader(sock.fileno(), self._on_transfer_readable, active)
         try:
@@ -338,7 +338,10 @@ class TftpServer:
         if active.recorded:
             return
         active.recorded = True
-        if transfer.failure is None:
+        if transfer.failure is not None and transfer.failure.kind == "size_probe":
+            self.stats.size_probes += 1
+            log.debug("size probe of %r by %s:%d", active.filename, *active.key)
+        elif transfer.failure is None:
             self.stats.transfers_completed += 1
             log.info("sent %r to %s:%d" if isinstance(transfer, ReadTransfer)
                      else "received %r from %s:%d", active.filename, *active.key)

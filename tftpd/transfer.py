@@ -110,11 +110,14 @@ class Transfer:
                 message = f"client sent error {error.code}: {error.message}"
             except packet.MalformedPacket:
                 message = "client sent a malformed error"
-            self.fail("client_error", message)
+            self.fail(self._client_error_kind(), message)
             return
         if opcode not in range(1, 7):
             self.counters.malformed_packets += 1
         self.fail("illegal_operation", "Illegal TFTP operation", packet.ERR_ILLEGAL)
+
+    def _client_error_kind(self) -> str:
+        return "client_error"
 
     def on_timeout(self) -> None:
         if self.finished:
@@ -148,6 +151,11 @@ class ReadTransfer(Transfer):
             self.send(self.oack)
         else:
             self._send_window()
+
+    def _client_error_kind(self) -> str:
+        # UEFI firmware asks for tsize, reads the OACK and cancels (error 8) before it
+        # downloads for real: a size probe, not a failed transfer.
+        return "size_probe" if self.waiting_oack_ack else "client_error"
 
     def on_datagram(self, datagram: bytes) -> bool:
         """Handle one packet; True when it moved the transfer forward."""

@@ -141,3 +141,9 @@ def test_upload_over_the_size_limit_is_refused_and_aborted():
     transfer.on_datagram(packet.encode_data(2, b"efgh"))
     assert transfer.failure.kind == "disk_full" and sink.aborted
     assert sent[-1][:4] == b"\x00\x05\x00\x03"
+
+
+def test_cancel_right_after_the_oack_is_a_size_probe():
+    transfer, sent = make_read(b"abcdefgh", oack=b"\x00\x06tsize\x008\x00")
+    transfer.on_datagram(packet.encode_error(8, "User aborted the transfer"))
+    assert transfer.failure.kind == "size_probe"
