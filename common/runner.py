@@ -136,13 +136,41 @@ def run(spec: DaemonSpec, argv: list[str] | None = None) -> int:
         lifecycle.detach()
         setup_logging(spec.program, common.log_level, common.log_file, foreground=False)
     try:
-        asyncio.run(lifecycle.serve())
+        run_event_loop(lifecycle.serve())
         return EX_OK
     except Exception:  # the first fatal error stops the daemon; systemd restarts it
         log.exception("fatal error, stopping")
         return EX_SOFTWARE
     finally:
         lifecycle.release()
+
+
+def _raise_open_file_limit() -> None:
+    """Lift the soft descriptor limit to the hard one: a socket per transfer means thousands
+    of descriptors, and many systems start daemons with a soft limit of 1,024."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open file limit from %d: %s", soft, exc)
+
+
+def run_event_loop(main: Any) -> None:
+    """Run on uvloop when it is installed (libuv's loop costs several times less per wakeup
+    than asyncio's pure-Python one, which matters for lock-step TFTP; see bench/RESULTS.md),
+    else (or with PREBOOT_EVENT_LOOP=asyncio) on the standard loop. The code uses only the
+    asyncio API either way."""
+    try:
+        import uvloop
+    except ImportError:
+        uvloop = None  # type: ignore[assignment]
+    if uvloop is None or os.environ.get("PREBOOT_EVENT_LOOP") == "asyncio":
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
 
 
 class Lifecycle:
@@ -164,6 +192,7 @@ class Lifecycle:
         self._stop_requested: asyncio.Event | None = None
 
     def prepare(self) -> None:
+        _raise_open_file_limit()
         self.pidfile.acquire()
         self.sockets = self.service.bind()
         self.unix_sock = bind_unix(self.common.status_socket)
@@ -219,8 +248,8 @@ class Lifecycle:
             loop.add_signal_handler(signum, self._stop_requested.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
         notify(f"READY=1\nMAINPID={os.getpid()}")
-        log.info("%s %s started (pid %d, config %s)", self.spec.service_name, __version__,
-                 os.getpid(), self.config_path)
+        log.info("%s %s started (pid %d, config %s, event loop %s)", self.spec.service_name,
+                 __version__, os.getpid(), self.config_path, type(loop).__module__)
         try:
             await self._stop_requested.wait()
         finally:

@@ -41,7 +41,7 @@ if pgrep -x in.tftpd >/dev/null 2>&1 && [ -x /etc/init.d/tftpd-hpa ]; then
 fi
 
 PIP=(python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore)
-if ! python3 -c "import configobj, validate, daemon, psutil, tftpy, scapy, pytest, hypothesis" 2>/dev/null \
+if ! python3 -c "import configobj, validate, daemon, psutil, tftpy, scapy, uvloop, pytest, hypothesis" 2>/dev/null \
    || ! python3 -m pip show -q preboot-services >/dev/null 2>&1; then
   "${PIP[@]}" -e ".[test]"
 fi

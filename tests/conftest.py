@@ -131,7 +131,7 @@ def tftpd_factory(tmp_path: Path, tftp_root: Path):
     """Start tftpd with overrides of a loopback, port-0 config; stopped at teardown."""
     started: list[DaemonProcess] = []
 
-    def start(**overrides: Any) -> DaemonProcess:
+    def start(_env: dict[str, str] | None = None, **overrides: Any) -> DaemonProcess:
         n = len(started)
         values: dict[str, Any] = {
             "IPAddress": "127.0.0.1", "Port": 0, "Root": str(tftp_root),
@@ -141,7 +141,8 @@ def tftpd_factory(tmp_path: Path, tftp_root: Path):
         }
         values.update(overrides)
         config = write_config(tmp_path / f"tftpd{n}.conf", values)
-        daemon = DaemonProcess("tftpd", config, values["StatusSocket"], Path(values["LogFile"]))
+        daemon = DaemonProcess("tftpd", config, values["StatusSocket"], Path(values["LogFile"]),
+                               extra_env=dict(_env or {}))
         started.append(daemon)
         return daemon.start()
 
