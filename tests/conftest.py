@@ -1,26 +1,18 @@
-"""Shared fixtures: run a real daemon as a subprocess with a ready handshake.
-
-A daemon is ready when its Unix status socket answers (docs/daemon-contract.md); tests bind
-port 0 and read the real port from the status reply, so runs never collide.
-"""
+"""Shared fixtures; the helpers behind them live in tests/support.py (importable as `support`)."""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from support import REPO, DaemonProcess, query_status, write_config  # noqa: E402,F401
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,92 +22,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "root" in item.keywords or "e2e" in item.keywords:
             item.add_marker(skip)
-
-
-def query_status(path: str, verb: str = "status", timeout_s: float = 3.0) -> dict[str, Any]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout_s)
-        sock.connect(path)
-        sock.sendall(json.dumps({"cmd": verb}).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)
-
-
-def write_config(path: Path, values: dict[str, Any]) -> Path:
-    lines = []
-    for key, value in values.items():
-        if isinstance(value, bool):
-            value = "YES" if value else "NO"
-        lines.append(f"{key} = {value}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-@dataclass
-class DaemonProcess:
-    package: str
-    config: Path
-    status_socket: str
-    log_file: Path
-    proc: subprocess.Popen | None = None
-    extra_env: dict[str, str] = field(default_factory=dict)
-
-    def start(self, timeout_s: float = 10.0) -> "DaemonProcess":
-        env = dict(os.environ, PYTHONPATH=str(REPO), **self.extra_env)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.package, "--foreground", "--config", str(self.config)],
-            cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                output = self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
-                raise RuntimeError(f"{self.package} exited with {self.proc.returncode}: {output}")
-            try:
-                if query_status(self.status_socket, timeout_s=1.0).get("ok"):
-                    return self
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"{self.package} did not become ready in {timeout_s} s")
-
-    def status(self) -> dict[str, Any]:
-        return query_status(self.status_socket)
-
-    def counters(self) -> dict[str, Any]:
-        return self.status()["counters"]
-
-    @property
-    def port(self) -> int:
-        return self.status()["listen"][0]["port"]
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def signal(self, signum: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signum)
-
-    def stop(self, timeout_s: float = 10.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return None
-
-    def log(self) -> str:
-        return self.log_file.read_text() if self.log_file.exists() else ""
 
 
 @pytest.fixture
