@@ -1,0 +1,28 @@
+"""preboot-proxydhcpd: the Preboot Proxy DHCP Service (python -m proxydhcpd)."""
+
+from __future__ import annotations
+
+import sys
+
+from common.runner import DaemonSpec, run
+
+from .config import SCHEMA, make_settings
+from .server import ProxyDhcpServer
+
+SPEC = DaemonSpec(
+    name="proxydhcpd",
+    program="preboot-proxydhcpd",
+    service_name="Preboot Proxy DHCP Service",
+    schema=SCHEMA,
+    status_address=lambda settings: settings.ip_address,
+    make_settings=make_settings,
+    make_service=ProxyDhcpServer,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(SPEC, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

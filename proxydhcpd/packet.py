@@ -1,0 +1,190 @@
+"""DHCP/BOOTP wire format for the proxyDHCP: bytes in, a typed request out (RFC 2131 section 2,
+RFC 2132 options, RFC 3396 long options, PXE 2.1 and RFC 4578 client options).
+
+Pure: no sockets, no clock. Parsing is hand-written with fixed offsets because it runs for every
+packet on the segment (a lab powering on sends thousands per second); scapy's DHCP layer costs
+about 180 us per packet here, so scapy builds the reply templates once (reply.py) and checks
+our output in the tests, and stays off this path.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+BOOTREQUEST, BOOTREPLY = 1, 2
+MAGIC_COOKIE = b"\x63\x82\x53\x63"
+HEADER_LEN = 236                        # RFC 2131 figure 1, up to and excluding the cookie
+MIN_LEN = HEADER_LEN + len(MAGIC_COOKIE)
+MAX_LEN = 4096
+
+# RFC 2132 section 9.6 message types
+DISCOVER, OFFER, REQUEST, DECLINE, ACK, NAK, RELEASE, INFORM = range(1, 9)
+MESSAGE_NAMES = {DISCOVER: "DISCOVER", OFFER: "OFFER", REQUEST: "REQUEST", DECLINE: "DECLINE",
+                 ACK: "ACK", NAK: "NAK", RELEASE: "RELEASE", INFORM: "INFORM"}
+
+OPT_PAD, OPT_END = 0, 255
+OPT_VENDOR_SPECIFIC = 43
+OPT_OVERLOAD = 52
+OPT_MESSAGE_TYPE = 53
+OPT_SERVER_ID = 54
+OPT_PARAMETER_LIST = 55
+OPT_VENDOR_CLASS = 60
+OPT_USER_CLASS = 77
+OPT_CLIENT_ARCH = 93
+OPT_CLIENT_NDI = 94
+OPT_CLIENT_GUID = 97
+OPT_IPXE_ENCAP = 175
+
+# PXE 2.1 option 43 sub-options (PXE specification, section 2.4.2)
+PXE_DISCOVERY_CONTROL = 6
+PXE_BOOT_SERVERS = 8
+PXE_BOOT_MENU = 9
+PXE_MENU_PROMPT = 10
+PXE_BOOT_ITEM = 71
+
+
+class MalformedPacket(ValueError):
+    """Not a well-formed BOOTP/DHCP packet; str() says why."""
+
+
+@dataclass(frozen=True)
+class DhcpPacket:
+    op: int
+    htype: int
+    hlen: int
+    hops: int
+    xid: int
+    secs: int
+    flags: int
+    ciaddr: str
+    yiaddr: str
+    siaddr: str
+    giaddr: str
+    chaddr: bytes                         # the full 16-byte field
+    sname: bytes
+    file: bytes
+    options: dict[int, bytes] = field(default_factory=dict)
+
+    @property
+    def mac(self) -> bytes:
+        return self.chaddr[:min(self.hlen, 16)]
+
+    @property
+    def mac_text(self) -> str:
+        return ":".join(f"{b:02x}" for b in self.mac)
+
+    @property
+    def message_type(self) -> int | None:
+        value = self.options.get(OPT_MESSAGE_TYPE)
+        return value[0] if value and len(value) == 1 else None
+
+    @property
+    def broadcast(self) -> bool:
+        return bool(self.flags & 0x8000)
+
+    @property
+    def vendor_class(self) -> str:
+        return self.options.get(OPT_VENDOR_CLASS, b"").decode("ascii", "replace")
+
+    @property
+    def architectures(self) -> tuple[int, ...]:
+        """Option 93 (RFC 4578 section 2.1): a list of 16-bit architecture types."""
+        raw = self.options.get(OPT_CLIENT_ARCH, b"")
+        return tuple(int.from_bytes(raw[i:i + 2], "big") for i in range(0, len(raw) - 1, 2))
+
+    @property
+    def user_classes(self) -> tuple[bytes, ...]:
+        """Option 77: RFC 3004 length-prefixed items, or the bare string iPXE sends."""
+        raw = self.options.get(OPT_USER_CLASS, b"")
+        items, i = [], 0
+        while i < len(raw):
+            length = raw[i]
+            if length == 0 or i + 1 + length > len(raw):
+                return (raw,)  # not RFC 3004 framing: one opaque class
+            items.append(raw[i + 1:i + 1 + length])
+            i += 1 + length
+        return tuple(items)
+
+    @property
+    def client_guid(self) -> bytes | None:
+        return self.options.get(OPT_CLIENT_GUID)
+
+    def pxe_suboptions(self) -> dict[int, bytes]:
+        raw = self.options.get(OPT_VENDOR_SPECIFIC)
+        return parse_suboptions(raw) if raw else {}
+
+
+def _ip(raw: bytes) -> str:
+    return socket.inet_ntoa(raw)
+
+
+def _walk_options(raw: bytes, into: dict[int, bytes], where: str) -> bool:
+    """Parse one options area into `into` (concatenating repeats, RFC 3396); True at END."""
+    i, end = 0, len(raw)
+    while i < end:
+        code = raw[i]
+        if code == OPT_PAD:
+            i += 1
+            continue
+        if code == OPT_END:
+            return True
+        if i + 1 >= end:
+            raise MalformedPacket(f"option {code} in {where} has no length byte")
+        length = raw[i + 1]
+        if i + 2 + length > end:
+            raise MalformedPacket(f"option {code} in {where} runs past the end")
+        value = raw[i + 2:i + 2 + length]
+        into[code] = into[code] + value if code in into else value
+        i += 2 + length
+    return False
+
+
+def parse(datagram: bytes) -> DhcpPacket:
+    """Decode a BOOTP/DHCP packet or raise MalformedPacket."""
+    if len(datagram) < MIN_LEN:
+        raise MalformedPacket(f"{len(datagram)} bytes is shorter than a DHCP header")
+    if len(datagram) > MAX_LEN:
+        raise MalformedPacket(f"{len(datagram)} bytes is longer than any DHCP packet")
+    if datagram[HEADER_LEN:MIN_LEN] != MAGIC_COOKIE:
+        raise MalformedPacket("no DHCP magic cookie (plain BOOTP)")
+    op, htype, hlen, hops = datagram[0], datagram[1], datagram[2], datagram[3]
+    if op not in (BOOTREQUEST, BOOTREPLY):
+        raise MalformedPacket(f"op {op} is neither BOOTREQUEST nor BOOTREPLY")
+    if hlen > 16:
+        raise MalformedPacket(f"hardware address length {hlen} exceeds 16")
+    options: dict[int, bytes] = {}
+    _walk_options(datagram[MIN_LEN:], options, "options")
+    sname, file = datagram[44:108], datagram[108:236]
+    overload = options.get(OPT_OVERLOAD)
+    if overload:  # RFC 2132 section 9.3: file and/or sname carry more options
+        if overload[0] & 1:
+            _walk_options(file, options, "file")
+            file = b""
+        if overload[0] & 2:
+            _walk_options(sname, options, "sname")
+            sname = b""
+    return DhcpPacket(
+        op=op, htype=htype, hlen=hlen, hops=hops,
+        xid=int.from_bytes(datagram[4:8], "big"),
+        secs=int.from_bytes(datagram[8:10], "big"),
+        flags=int.from_bytes(datagram[10:12], "big"),
+        ciaddr=_ip(datagram[12:16]), yiaddr=_ip(datagram[16:20]),
+        siaddr=_ip(datagram[20:24]), giaddr=_ip(datagram[24:28]),
+        chaddr=bytes(datagram[28:44]), sname=bytes(sname).rstrip(b"\0"),
+        file=bytes(file).rstrip(b"\0"), options=options)
+
+
+def parse_suboptions(raw: bytes) -> dict[int, bytes]:
+    """Option 43's PXE sub-options; malformed encapsulation raises MalformedPacket."""
+    found: dict[int, bytes] = {}
+    _walk_options(raw, found, "option 43")
+    return found
+
+
+def encode_option(code: int, value: bytes) -> bytes:
+    """One option, split into 255-byte pieces when longer (RFC 3396)."""
+    if not value:
+        return bytes((code, 0))
+    return b"".join(bytes((code, len(value[i:i + 255]))) + value[i:i + 255]
+                    for i in range(0, len(value), 255))

@@ -1,0 +1,84 @@
+"""Reply bytes: a template per reply shape, built once with scapy, filled per client.
+
+A shape is everything a reply shares with other clients of the same kind (message type, server
+and boot server address, boot file, option 43). scapy builds and checks it once (its build costs
+hundreds of microseconds, far too much per packet at thousands of DISCOVERs a second); each
+client's reply is then the template with the per-client fields written at their RFC 2131
+offsets: xid (4), flags (10), ciaddr (12), giaddr (24), chaddr (28), htype/hlen (1, 2), plus
+option 97 echoed when the client sent one (PXE 2.1 requires the echo).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from scapy.layers.dhcp import BOOTP, DHCP
+
+from . import packet
+from .decide import ProxyReply
+from .packet import DhcpPacket
+
+MIN_REPLY_LEN = 300          # RFC 1542 section 2.1: relays and old clients expect >= 300 bytes
+MAX_TEMPLATES = 256          # shapes are few (architectures x servers); bound the cache anyway
+
+
+@dataclass(frozen=True)
+class Shape:
+    message_type: int
+    server: str
+    next_server: str
+    vendor_class: bytes
+    boot_file: str
+    pxe_options: bytes | None
+
+
+def build_template(shape: Shape) -> bytes:
+    """The reply without per-client fields and without the END option (added on fill)."""
+    options = [("message-type", shape.message_type), ("server_id", shape.server),
+               ("vendor_class_id", shape.vendor_class)]
+    if shape.pxe_options is not None:
+        options.append(("vendor_specific", shape.pxe_options))
+    file = shape.boot_file.encode("ascii")
+    if len(file) > 127:
+        raise ValueError(f"boot file name of {len(file)} bytes does not fit the 128-byte field")
+    sname = shape.next_server.encode("ascii")
+    layer = BOOTP(op=packet.BOOTREPLY, htype=1, hlen=6, xid=0, flags=0, ciaddr="0.0.0.0",
+                  yiaddr="0.0.0.0", siaddr=shape.next_server, giaddr="0.0.0.0",
+                  chaddr=b"\0" * 16, sname=sname, file=file) / DHCP(options=options)
+    return bytes(layer)
+
+
+class ReplyBuilder:
+    def __init__(self) -> None:
+        self._templates: OrderedDict[Shape, bytes] = OrderedDict()
+
+    def template(self, shape: Shape) -> bytes:
+        template = self._templates.get(shape)
+        if template is None:
+            template = build_template(shape)
+            self._templates[shape] = template
+            if len(self._templates) > MAX_TEMPLATES:
+                self._templates.popitem(last=False)
+        return template
+
+    def build(self, plan: ProxyReply, request: DhcpPacket, server: str,
+              next_server: str) -> bytes:
+        shape = Shape(plan.message_type, server, next_server, plan.vendor_class, plan.boot_file,
+                      plan.pxe_options)
+        out = bytearray(self.template(shape))
+        out[1] = request.htype
+        out[2] = request.hlen
+        out[4:8] = request.xid.to_bytes(4, "big")
+        out[10:12] = (request.flags & 0x8000).to_bytes(2, "big")
+        out[12:16] = socket.inet_aton(request.ciaddr)
+        out[24:28] = socket.inet_aton(request.giaddr)
+        out[28:44] = request.chaddr
+        guid = request.client_guid
+        if guid is not None:
+            out += packet.encode_option(packet.OPT_CLIENT_GUID, guid)
+        out.append(packet.OPT_END)
+        if len(out) < MIN_REPLY_LEN:
+            out += bytes(MIN_REPLY_LEN - len(out))
+        return bytes(out)

@@ -1,0 +1,214 @@
+"""The proxyDHCP server loop: sockets on 67 and 4011, interface-aware receive and send.
+
+Both sockets are bound to the wildcard address (a unicast-bound socket never sees the clients'
+broadcasts) with IP_PKTINFO, which tells for each request the interface it arrived on; the
+reply is sent with an IP_PKTINFO control message naming that interface and our address on it, so
+a server on several segments answers each from the right address (what pixiecore does with
+golang.org/x/net/ipv4 control messages).
+
+Where a reply goes, RFC 2131 section 4.1: to the relay (giaddr, server port) when relayed; to
+ciaddr when the client has an address; otherwise broadcast on the arrival interface, because a
+proxyDHCP never gives the client an address to unicast to. Boot server replies (4011) go back to
+the address and port the request came from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+import time
+from typing import Any
+
+import psutil
+
+from . import packet
+from .config import Settings
+from .decide import Ignore, decide
+from .reply import ReplyBuilder
+from .status import ProxyCounters
+
+log = logging.getLogger("preboot.proxydhcpd")
+
+IP_PKTINFO = 8                    # linux/in.h
+RECV_BURST = 256                  # datagrams per wakeup: a lab powering on arrives in bursts
+RCVBUF_BYTES = 8 << 20
+ADDRESS_CACHE_S = 10.0
+BROADCAST = "255.255.255.255"
+
+
+class InterfaceAddresses:
+    """ifindex -> (name, IPv4 address), re-read at most every ADDRESS_CACHE_S seconds."""
+
+    def __init__(self) -> None:
+        self._by_index: dict[int, tuple[str, str | None]] = {}
+        self._read_at = 0.0
+
+    def lookup(self, ifindex: int) -> tuple[str, str | None]:
+        now = time.monotonic()
+        if ifindex not in self._by_index or now - self._read_at > ADDRESS_CACHE_S:
+            self._refresh()
+            self._read_at = now
+        return self._by_index.get(ifindex, (f"if{ifindex}", None))
+
+    def _refresh(self) -> None:
+        table: dict[int, tuple[str, str | None]] = {}
+        for name, addresses in psutil.net_if_addrs().items():
+            try:
+                index = socket.if_nametoindex(name)
+            except OSError:
+                continue
+            ipv4 = next((a.address for a in addresses if a.family == socket.AF_INET), None)
+            table[index] = (name, ipv4)
+        self._by_index = table
+
+
+def _pktinfo(ancillary: list[tuple[int, int, bytes]]) -> int | None:
+    for level, kind, data in ancillary:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            return struct.unpack_from("=i", data)[0]
+    return None
+
+
+class ProxyDhcpServer:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.stats = ProxyCounters()
+        self.replies = ReplyBuilder()
+        self.addresses = InterfaceAddresses()
+        self._sockets: dict[int, socket.socket] = {}   # port -> socket
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- lifecycle (common.runner.Service) ----------------------------------------------
+
+    def bind(self) -> list[socket.socket]:
+        ports = []
+        if self.settings.listen_67:
+            ports.append(self.settings.dhcp_port)
+        if self.settings.listen_4011:
+            ports.append(self.settings.boot_server_port)
+        for port in ports:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_BYTES)
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError as exc:
+                sock.close()
+                hint = (" (a DHCP server on this host? use ListenPort67 = NO, the co-located mode)"
+                        if port == self.settings.dhcp_port else "")
+                raise OSError(f"port {port}/udp: {exc.strerror}{hint}") from None
+            sock.setblocking(False)
+            self._sockets[port] = sock
+        return list(self._sockets.values())
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for port, sock in self._sockets.items():
+            self._loop.add_reader(sock.fileno(), self._on_readable, sock, port)
+        log.info("proxyDHCP answering on ports %s%s", sorted(self._sockets),
+                 f" on {', '.join(self.settings.interfaces)}" if self.settings.interfaces
+                 else " on every interface")
+
+    async def apply(self, settings: Settings) -> list[str]:
+        warnings = []
+        if (settings.listen_67, settings.listen_4011, settings.dhcp_port,
+                settings.boot_server_port) != (self.settings.listen_67, self.settings.listen_4011,
+                                               self.settings.dhcp_port,
+                                               self.settings.boot_server_port):
+            warnings.append("port changes need a restart; kept the old ports")
+        self.settings = settings
+        return warnings
+
+    async def stop(self) -> None:
+        for sock in self._sockets.values():
+            if self._loop is not None:
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self._sockets.clear()
+
+    def listen(self) -> list[dict[str, Any]]:
+        return [{"proto": "udp", "address": "0.0.0.0", "port": sock.getsockname()[1]}
+                for sock in self._sockets.values()]
+
+    def counters(self) -> dict[str, Any]:
+        return self.stats.snapshot()
+
+    # ---- requests -----------------------------------------------------------------------
+
+    def _on_readable(self, sock: socket.socket, port: int) -> None:
+        for _ in range(RECV_BURST):
+            try:
+                datagram, ancillary, _flags, source = sock.recvmsg(
+                    packet.MAX_LEN + 1, socket.CMSG_SPACE(12))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("receive on port %d: %s", port, exc)
+                return
+            try:
+                self._on_request(sock, port, datagram, source, _pktinfo(ancillary))
+            except Exception:  # one bad packet never stops the server
+                self.stats.malformed += 1
+                log.exception("internal error on a packet from %s:%d", *source)
+
+    def _on_request(self, sock: socket.socket, port: int, datagram: bytes,
+                    source: tuple[str, int], ifindex: int | None) -> None:
+        settings = self.settings
+        try:
+            request = packet.parse(datagram)
+        except packet.MalformedPacket as exc:
+            self.stats.malformed += 1
+            log.debug("malformed packet from %s:%d: %s", *source, exc)
+            return
+        name, interface_address = self.addresses.lookup(ifindex) if ifindex else ("?", None)
+        if settings.interfaces and name not in settings.interfaces:
+            self.stats.ignored_other += 1
+            log.debug("ignored %s: interface %s is not in Interfaces", request.mac_text, name)
+            return
+        server = settings.ip_address if settings.ip_address != "0.0.0.0" else interface_address
+        if server is None:
+            self.stats.ignored_other += 1
+            log.warning("no IPv4 address on %s to answer %s from", name, request.mac_text)
+            return
+        kind = packet.MESSAGE_NAMES.get(request.message_type or 0, "other")
+        self.stats.requests[kind] += 1
+        port_role = 67 if port == settings.dhcp_port else 4011
+        plan = decide(request, port_role, settings.policy, server)
+        if isinstance(plan, Ignore):
+            setattr(self.stats, plan.counter, getattr(self.stats, plan.counter) + 1)
+            level = logging.INFO if plan.counter == "no_boot_file" else logging.DEBUG
+            log.log(level, "ignored %s from %s (%s:%d): %s", kind, request.mac_text, *source,
+                    plan.reason)
+            return
+        self.stats.architectures[plan.firmware] += 1
+        next_server = settings.next_server if settings.next_server != "0.0.0.0" else server
+        reply = self.replies.build(plan, request, server, next_server)
+        destination = self._destination(request, port_role, source)
+        try:
+            sock.sendmsg([reply], [(socket.IPPROTO_IP, IP_PKTINFO,
+                                    struct.pack("=i4s4s", ifindex or 0, socket.inet_aton(server),
+                                                b"\0\0\0\0"))], 0, destination)
+        except OSError as exc:
+            self.stats.send_errors += 1
+            log.warning("cannot send to %s:%d for %s: %s", *destination, request.mac_text, exc)
+            return
+        if plan.message_type == packet.OFFER:
+            self.stats.offers_sent += 1
+        else:
+            self.stats.acks_sent += 1
+        log.debug("%s to %s via %s:%d on %s: %s, file %r", packet.MESSAGE_NAMES[plan.message_type],
+                  request.mac_text, *destination, name, plan.reason, plan.boot_file)
+
+    def _destination(self, request: packet.DhcpPacket, port_role: int,
+                     source: tuple[str, int]) -> tuple[str, int]:
+        if request.giaddr != "0.0.0.0":
+            return request.giaddr, self.settings.dhcp_port
+        if port_role == 4011 and source[0] != "0.0.0.0":
+            return source
+        if request.ciaddr != "0.0.0.0":
+            return request.ciaddr, self.settings.client_port
+        return BROADCAST, self.settings.client_port
