@@ -1,14 +1,17 @@
 #!/bin/bash
 # Start (default), stop or show the whole Preboot Services stack on its embedded default
-# configuration (packaging/dev/*.conf): today the TFTP daemon, serving samples/tftproot on
-# 127.0.0.1:69. Installs what it needs first. Run as root (port 69, /run/preboot).
+# configuration (packaging/dev/*.conf): the TFTP daemon, serving samples/tftproot on
+# 127.0.0.1:69, and, only when asked (it is optional per segment, as in the original), the
+# proxyDHCP. Installs what it needs first. Run as root (ports 67/69, /run/preboot).
 #   bash scripts/stack.sh [start|stop|status]
 #   PREBOOT_ADDRESS=192.0.2.10 bash scripts/stack.sh    # listen on another local address
+#   PREBOOT_PROXYDHCP=1 bash scripts/stack.sh           # also start the proxyDHCP
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 action=${1:-start}
 DAEMONS=(tftpd)
+[ "${PREBOOT_PROXYDHCP:-0}" = 1 ] && DAEMONS+=(proxydhcpd)
 conf_dir=packaging/dev
 if [ -n "${PREBOOT_ADDRESS:-}" ]; then
   # A generated copy with the address swapped in; relative paths still resolve from the repo.
@@ -33,6 +36,7 @@ case "$action" in
     python3 -m zmgmcast -status || true
     ;;
   stop)
+    [ -e /run/preboot/proxydhcpd.pid ] && DAEMONS+=(proxydhcpd)
     for d in "${DAEMONS[@]}"; do
       PREBOOT_CONFIG="$conf_dir/$d.conf" PREBOOT_DAEMON="python3 -m $d" \
         PYTHONPATH="$repo" PREBOOT_NO_SYSTEMCTL=1 sh "packaging/init.d/preboot-$d" stop
