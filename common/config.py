@@ -58,7 +58,7 @@ class Schema:
         return Schema(self.keys + tuple(extra))
 
 
-def _check_ip(value: Any, allow_any: bool = True) -> str:
+def _check_ip(value: Any) -> str:
     if not isinstance(value, str):
         raise validate.VdtTypeError(value)
     try:
@@ -66,6 +66,13 @@ def _check_ip(value: Any, allow_any: bool = True) -> str:
     except ValueError:
         raise validate.VdtValueError(value) from None
     return str(address)
+
+
+def _check_ipv4(value: Any) -> str:
+    address = _check_ip(value)
+    if ":" in address:
+        raise validate.VdtValueError(value)
+    return address
 
 
 def _check_path(value: Any) -> str:
@@ -91,7 +98,7 @@ def _check_string_list(value: Any) -> list[str]:
 
 
 _VALIDATOR = validate.Validator(
-    {"ip_addr": _check_ip, "path": _check_path, "loglevel": _check_loglevel,
+    {"ip_addr": _check_ip, "ipv4_addr": _check_ipv4, "path": _check_path, "loglevel": _check_loglevel,
      "strings": _check_string_list}
 )
 
@@ -107,7 +114,7 @@ def _line_of(raw_lines: list[str], key: str) -> int | None:
 def line_of_key(path: str, key: str) -> int | None:
     """The line where `key` is set in `path`, for messages about values checked later."""
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:
             return _line_of(handle.read().splitlines(), key)
     except (OSError, UnicodeDecodeError):
         return None
@@ -124,6 +131,8 @@ def _describe_failure(key: Key, value: Any, failure: Any) -> str:
                                                       validate.VdtValueTooSmallError)) \
             else "not an integer"
         return f"value '{shown}' is {kind}" + (f" ({limits})" if limits else "")
+    if key.check.startswith("ipv4_addr"):
+        return f"value '{shown}' is not an IPv4 address"
     if key.check.startswith("ip_addr"):
         return f"value '{shown}' is not an IP address"
     if key.check.startswith("loglevel"):
@@ -136,7 +145,7 @@ def _describe_failure(key: Key, value: Any, failure: Any) -> str:
 
 def _read(path: str) -> list[str]:
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:  # tolerate a Windows editor's BOM
             return handle.read().splitlines()
     except FileNotFoundError:
         raise ConfigError(path, "file not found") from None

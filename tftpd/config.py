@@ -13,7 +13,7 @@ from common.runner import CommonSettings, common_keys
 STATUS_PORT = 9969
 
 SCHEMA = Schema((
-    Key("IPAddress", "ip_addr", "0.0.0.0",
+    Key("IPAddress", "ipv4_addr", "0.0.0.0",
         "Address to listen on; 0.0.0.0 answers on every interface, from the address asked."),
     Key("Port", "integer(min=0, max=65535)", "69", "UDP port for requests; 0 picks a free one."),
     Key("Root", "path", "/srv/tftp", "Folder served; nothing outside it is ever read."),

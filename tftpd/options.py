@@ -59,11 +59,13 @@ def negotiate(options: dict[str, str], limits: Limits, file_size: int | None,
             if is_write:
                 tsize = value
                 acked[name] = str(value)
-            elif file_size is not None:
+            elif file_size:
                 tsize = file_size
                 acked[name] = str(file_size)
             else:
-                ignored.append(name)  # netascii: the size on the wire is not known up front
+                # netascii: the size on the wire is not known up front; an empty file: curl
+                # (lib/tftp.c) rejects "tsize 0" in an OACK, so say nothing.
+                ignored.append(name)
         else:
             ignored.append(name)
     return Negotiated(blksize, windowsize, timeout_s, tsize, acked, tuple(ignored))

@@ -37,13 +37,20 @@ def _within(root: str, path: str) -> bool:
 
 
 def normalise(root: str, filename: str) -> str | Refusal:
-    """The root-relative, '/'-separated path the client asked for, before touching the disk."""
+    """The root-relative, '/'-separated path the client asked for, before touching the disk.
+
+    `root` is the configured root; it is recognised at the start of an absolute name both as
+    configured and with symlinks resolved."""
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in filename):
         return _refuse_escape("control character in file name")
     name = filename.replace("\\", "/")
     if name.startswith("/"):
-        root_prefix = root.rstrip("/") + "/"
-        name = name[len(root_prefix):] if name.startswith(root_prefix) else name.lstrip("/")
+        for spelling in {os.path.abspath(root), os.path.realpath(root)}:
+            prefix = spelling.rstrip("/") + "/"
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                break
+        name = name.lstrip("/")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if any(p == ".." for p in parts):
         return _refuse_escape("'..' in file name")
@@ -74,7 +81,7 @@ def _case_insensitive(root: str, relative: str) -> str | None:
 def resolve_read(root: str, filename: str, case_insensitive: bool) -> str | Refusal:
     """The real path of an existing regular file inside `root`, or why not."""
     real_root = os.path.realpath(root)
-    relative = normalise(real_root, filename)
+    relative = normalise(root, filename)
     if isinstance(relative, Refusal):
         return relative
     candidate = os.path.join(real_root, relative)
@@ -114,7 +121,7 @@ def resolve_write(root: str, upload_dir: str, filename: str) -> str | Refusal:
     """The target path for a WRQ: inside the upload folder, which must be inside the root."""
     real_root = os.path.realpath(root)
     real_upload = os.path.realpath(upload_dir)
-    relative = normalise(real_root, filename)
+    relative = normalise(root, filename)
     if isinstance(relative, Refusal):
         return relative
     target = os.path.join(real_root, relative)

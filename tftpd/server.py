@@ -6,8 +6,11 @@ tftpy's own server selects over every session socket on each turn and cannot be 
 outside its loop; this loop replaces it, and uses tftpy only as the request codec (packet.py).
 
 Each transfer gets its own socket bound to the address the request was sent to (learned with
-IP_PKTINFO, so a multi-homed server answers from the right address) and connected to the
-client: the kernel then delivers only that client's packets to it (RFC 1350 section 4 TIDs).
+IP_PKTINFO, so a multi-homed server answers from the right address). It is deliberately not
+connect()ed: a connected UDP socket turns the client's ICMP "port unreachable" into socket
+errors, which libuv (uvloop) treats as fatal for the watcher, and which can hide a final ACK
+already queued behind them. Instead every datagram's source is checked against the client's
+TID, and a stranger gets ERROR 5 without disturbing the transfer (RFC 1350 section 4).
 A transfer's one timer fires every `timeout_s`; it resends only when no progress was made since.
 """
 
@@ -63,7 +66,7 @@ class TftpServer:
         if ":" in self.settings.ip_address:
             raise OSError("IPv6 IPAddress is not supported yet")
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # No SO_REUSEADDR: on UDP it would let a second instance share the port.
         sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         sock.bind((self.settings.ip_address, self.settings.port))
@@ -235,7 +238,6 @@ class TftpServer:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, TRANSFER_RCVBUF)
         sock.bind((local or self.settings.ip_address, 0))
-        sock.connect(client)
         sock.setblocking(False)
         return sock
 
@@ -243,7 +245,7 @@ class TftpServer:
         """An error for a refused request, from a fresh TID as a transfer's first reply would."""
         try:
             with self._transfer_socket(client, local) as sock:
-                sock.send(datagram)
+                sock.sendto(datagram, client)
         except OSError as exc:
             log.debug("could not send an error to %s:%d: %s", *client, exc)
 
@@ -260,7 +262,11 @@ class TftpServer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
                             min(opts.windowsize * (opts.blksize + 32) * 2, 8 << 20))
         oack = packet.encode_oack(opts.acknowledged) if opts.acknowledged else None
-        transfer = build(sock.send, oack)
+
+        def send(datagram: bytes, _sendto=sock.sendto, _client=client) -> int:
+            return _sendto(datagram, _client)
+
+        transfer = build(send, oack)
         active = ActiveTransfer(client, sock, transfer, request.filename,
                                 last_progress=time.monotonic())
         self.active[client] = active
@@ -284,13 +290,14 @@ class TftpServer:
         # if more is queued.
         transfer = active.transfer
         try:
-            datagram = active.sock.recv(65536)
+            datagram, source = active.sock.recvfrom(65536)
+            if source != active.key:
+                self._unknown_tid(active, source)
+                return
             if transfer.on_datagram(datagram):
                 active.last_progress = time.monotonic()
         except (BlockingIOError, InterruptedError):
             return
-        except ConnectionRefusedError:  # ICMP port unreachable: the client is gone
-            transfer.fail("client_gone", "client port unreachable")
         except Exception:  # a bug in one transfer must not stop the others
             self.stats.error("internal")
             log.exception("internal error in the transfer of %r to %s:%d", active.filename,
@@ -298,6 +305,16 @@ class TftpServer:
             transfer.fail("internal", "Internal error", packet.ERR_UNDEFINED)
         if transfer.finished:
             self._finish(active)
+
+    def _unknown_tid(self, active: ActiveTransfer, source: tuple[str, int]) -> None:
+        self.stats.error("unknown_tid")
+        log.info("datagram from %s:%d on the transfer of %r to %s:%d: unknown transfer ID",
+                 *source, active.filename, *active.key)
+        try:
+            active.sock.sendto(packet.encode_error(packet.ERR_UNKNOWN_TID, "Unknown transfer ID"),
+                               source)
+        except OSError:
+            pass
 
     def _on_timer(self, active: ActiveTransfer) -> None:
         transfer = active.transfer

@@ -19,6 +19,7 @@ last in-order block, which tells the sender where to restart.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Callable, Protocol
 
@@ -27,6 +28,10 @@ from .options import Negotiated
 from .status import TftpCounters
 
 Send = Callable[[bytes], object]
+
+# send() errors that mean "this datagram did not go out", not "this transfer is broken".
+LOSS_ERRNOS = frozenset({errno.EAGAIN, errno.ENOBUFS, errno.EPERM, errno.ECONNREFUSED,
+                         errno.EHOSTUNREACH, errno.ENETUNREACH})
 
 
 class BlockSource(Protocol):
@@ -109,9 +114,13 @@ class Transfer:
         if self.finished:
             return
         self.failure = TransferFailed(kind, message)
-        if code is not None:
-            self.send(packet.encode_error(code, message))
-        self.release()
+        try:
+            if code is not None:
+                self.send(packet.encode_error(code, message))
+        except OSError:
+            pass  # best effort: the client may be gone; the files are released regardless
+        finally:
+            self.release()
 
     def release(self) -> None:
         """Free files; called once when the transfer ends either way."""
@@ -214,13 +223,15 @@ class ReadTransfer(Transfer):
                 send(packet.data_header(block) + payload)
                 sent_bytes += len(payload)
                 block += 1
-        except BlockingIOError:
-            pass  # socket buffer full: the rest goes out on the next ACK or the timeout
         except OSError as exc:
-            self.next = block
-            self.counters.bytes_sent += sent_bytes
-            self.fail("io_error", f"Read or send error: {exc.strerror}", packet.ERR_UNDEFINED)
-            return
+            if exc.errno not in LOSS_ERRNOS:
+                self.next = block
+                self.counters.bytes_sent += sent_bytes
+                self.fail("io_error", f"Read or send error: {exc.strerror}",
+                          packet.ERR_UNDEFINED)
+                return
+            # A full socket buffer, a local firewall drop or a pending ICMP error: the block
+            # is lost like any other, and the next ACK or the timeout sends it again.
         self.next = block
         self.counters.bytes_sent += sent_bytes
 
