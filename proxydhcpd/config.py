@@ -15,7 +15,7 @@ from .decide import BootFiles, BootMenu, Policy, menu_options
 STATUS_PORT = 9967
 
 SCHEMA = Schema((
-    Key("IPAddress", "ip_addr", "0.0.0.0",
+    Key("IPAddress", "ipv4_addr", "0.0.0.0",
         "Server identity (option 54). 0.0.0.0: the address of the interface a request came in on."),
     Key("Interfaces", "strings", "",
         "Interface names to answer on, comma-separated; empty answers on all."),
@@ -26,14 +26,14 @@ SCHEMA = Schema((
     Key("DHCPPort", "integer(min=1, max=65535)", "67", "Server port of the DHCP segment."),
     Key("BootServerPort", "integer(min=1, max=65535)", "4011", "PXE boot server port."),
     Key("ClientPort", "integer(min=1, max=65535)", "68", "Client port replies are sent to."),
-    Key("NextServer", "ip_addr", "0.0.0.0",
+    Key("NextServer", "ipv4_addr", "0.0.0.0",
         "TFTP server given to clients (siaddr); 0.0.0.0: this server."),
     Key("BootFileBIOS", "string", "undionly.kpxe", "Boot program for BIOS PXE ROMs (arch 0)."),
     Key("BootFileUEFI32", "string", "", "Boot program for IA32 UEFI (arch 6)."),
     Key("BootFileUEFI64", "string", "ipxe.efi", "Boot program for x64 UEFI (arch 7 and 9)."),
     Key("BootFileARM64", "string", "", "Boot program for ARM64 UEFI (arch 11)."),
     Key("BootFileHTTP", "string", "",
-        "URL for UEFI HTTP boot clients (HTTPClient, arch 15/16); {server} is replaced."),
+        "URL for x86 UEFI HTTP boot clients (HTTPClient, arch 15/16); {server} is replaced."),
     Key("IPXEScriptURL", "string", "boot.ipxe",
         "What iPXE gets: a URL such as http://{server}:8080/boot.ipxe, or a TFTP file name."),
     Key("UEFIVia4011", "boolean", "YES",
@@ -84,6 +84,8 @@ def _macs(values: list[str], key: str) -> frozenset[bytes]:
 def make_settings(values: dict[str, Any], common: CommonSettings) -> Settings:
     if not values["ListenPort67"] and not values["ListenPort4011"]:
         raise SettingError("ListenPort4011", "both ListenPort67 and ListenPort4011 are NO")
+    if values["DHCPPort"] == values["BootServerPort"]:
+        raise SettingError("BootServerPort", "must differ from DHCPPort")
     files = BootFiles(values["BootFileBIOS"], values["BootFileUEFI32"], values["BootFileUEFI64"],
                       values["BootFileARM64"], values["BootFileHTTP"], values["IPXEScriptURL"])
     for key, name in (("BootFileBIOS", files.bios), ("BootFileUEFI32", files.uefi32),

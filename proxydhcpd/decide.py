@@ -74,6 +74,9 @@ class ProxyReply:
     arch: int
     firmware: str                  # "bios", "efi-x64", "ipxe", "http-x64", ...
     reason: str
+    # The client must come back to us on port 4011: siaddr has to be this server then, since
+    # EDK2 sends that request to siaddr when it is set (PxeBcRetryBinlOffer), not to option 54.
+    to_boot_server: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,8 +119,8 @@ def _file_for_arch(arch: int, files: BootFiles) -> str:
         return files.uefi64
     if arch == 11:
         return files.arm64
-    if arch in HTTP_ARCHES:
-        return files.http
+    if arch in (15, 16):
+        return files.http  # x86 only: an ARM HTTP client (18, 19) must not get an x86 URL
     return ""
 
 
@@ -130,11 +133,11 @@ def menu_options(menu: BootMenu, server: str) -> bytes:
     import socket
 
     def item(kind: int, label: str) -> bytes:
-        text = label.encode("ascii", "replace")[:60]
+        text = label.encode("ascii", "replace")
         return kind.to_bytes(2, "big") + bytes((len(text),)) + text
 
     items = item(BOOT_TYPE_PREBOOT, menu.network_label) + item(BOOT_TYPE_LOCAL, menu.local_label)
-    prompt_text = menu.prompt.encode("ascii", "replace")[:80]
+    prompt_text = menu.prompt.encode("ascii", "replace")
     prompt = bytes((min(menu.timeout_s, 255),)) + prompt_text
     servers = BOOT_TYPE_PREBOOT.to_bytes(2, "big") + b"\x01" + socket.inet_aton(server)
     body = (discovery_control(0x07)  # no broadcast/multicast discovery: use the server list
@@ -183,6 +186,8 @@ def decide(request: DhcpPacket, port: int, policy: Policy, server: str) -> Proxy
         script = files.ipxe_script.replace("{server}", server)
         return ProxyReply(reply_type, kind, script, discovery_control(0x08) + b"\xff",
                           arch, "ipxe", f"iPXE ({arch_name}): policy script")
+    if kind == b"HTTPClient" and arch not in HTTP_ARCHES:
+        arch, arch_name = 16, ARCH_NAMES[16]  # an HTTP boot client that did not say which
     boot_file = _file_for_arch(arch, files).replace("{server}", server)
     if not boot_file:
         return Ignore(f"no boot file configured for architecture {arch} ({arch_name})",
@@ -204,7 +209,7 @@ def decide(request: DhcpPacket, port: int, policy: Policy, server: str) -> Proxy
         # Many UEFI PXE stacks ignore a proxy offer that bypasses boot server discovery;
         # without option 43 they ask us again on 4011 (EDK2's "ProxyBinl" path).
         return ProxyReply(packet.OFFER, kind, boot_file, None, arch, arch_name,
-                          f"UEFI ({arch_name}): continue on port 4011")
+                          f"UEFI ({arch_name}): continue on port 4011", to_boot_server=True)
     if policy.menu.enabled and arch == ARCH_BIOS:
         return ProxyReply(packet.OFFER, kind, boot_file, menu_options(policy.menu, server),
                           arch, arch_name, f"PXE ROM ({arch_name}): boot menu")

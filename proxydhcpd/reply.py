@@ -4,7 +4,7 @@ A shape is everything a reply shares with other clients of the same kind (messag
 and boot server address, boot file, option 43). scapy builds and checks it once (its build costs
 hundreds of microseconds, far too much per packet at thousands of DISCOVERs a second); each
 client's reply is then the template with the per-client fields written at their RFC 2131
-offsets: xid (4), flags (10), ciaddr (12), giaddr (24), chaddr (28), htype/hlen (1, 2), plus
+offsets: xid (4), flags (10: broadcast for every offer), ciaddr (12), giaddr (24), chaddr (28), htype/hlen (1, 2), plus
 option 97 echoed when the client sent one (PXE 2.1 requires the echo).
 """
 
@@ -71,7 +71,10 @@ class ReplyBuilder:
         out[1] = request.htype
         out[2] = request.hlen
         out[4:8] = request.xid.to_bytes(4, "big")
-        out[10:12] = (request.flags & 0x8000).to_bytes(2, "big")
+        # An offer has yiaddr 0, so nobody can unicast it: ask the relay (RFC 1542 section
+        # 4.1.2) and the client's stack to broadcast it, as dnsmasq's proxy mode does.
+        flags = 0x8000 if plan.message_type == packet.OFFER else request.flags & 0x8000
+        out[10:12] = flags.to_bytes(2, "big")
         out[12:16] = socket.inet_aton(request.ciaddr)
         out[24:28] = socket.inet_aton(request.giaddr)
         out[28:44] = request.chaddr

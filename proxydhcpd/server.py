@@ -90,7 +90,6 @@ class ProxyDhcpServer:
             ports.append(self.settings.boot_server_port)
         for port in ports:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
             sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_BYTES)
@@ -186,6 +185,8 @@ class ProxyDhcpServer:
             return
         self.stats.architectures[plan.firmware] += 1
         next_server = settings.next_server if settings.next_server != "0.0.0.0" else server
+        if plan.to_boot_server:
+            next_server = server
         reply = self.replies.build(plan, request, server, next_server)
         destination = self._destination(request, port_role, source)
         try:
