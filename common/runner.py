@@ -190,6 +190,7 @@ class Lifecycle:
         self.tcp_sock: socket.socket | None = None
         self.started_at = time.time()
         self._stop_requested: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task] = set()
 
     def prepare(self) -> None:
         _raise_open_file_limit()
@@ -246,7 +247,7 @@ class Lifecycle:
         self.unix_sock = None  # the status server owns and removes it now
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop_requested.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         notify(f"READY=1\nMAINPID={os.getpid()}")
         log.info("%s %s started (pid %d, config %s, event loop %s)", self.spec.service_name,
                  __version__, os.getpid(), self.config_path, type(loop).__module__)
@@ -263,6 +264,12 @@ class Lifecycle:
                 log.warning("service did not stop within %.0f s; closing anyway", STOP_GRACE_S)
             await status.stop()
             log.info("%s stopped", self.spec.service_name)
+
+    def _reload_on_signal(self) -> None:
+        # Keep a reference: the loop holds tasks only weakly.
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _stop_verb(self) -> dict[str, Any]:
         assert self._stop_requested is not None
