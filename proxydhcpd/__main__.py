@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import sys
 
+from common.errors import EX_SOFTWARE
 from common.runner import DaemonSpec, run
 
 from .config import SCHEMA, make_settings
-from .server import ProxyDhcpServer
+
+try:
+    from .server import ProxyDhcpServer
+except (ImportError, OSError) as exc:  # scapy missing, or its import blocked (netlink sandbox)
+    print(f"preboot-proxydhcpd: cannot load the packet library (scapy): {exc}", file=sys.stderr)
+    sys.exit(EX_SOFTWARE)
 
 SPEC = DaemonSpec(
     name="proxydhcpd",

@@ -15,6 +15,7 @@ the address and port the request came from.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import struct
@@ -97,8 +98,11 @@ class ProxyDhcpServer:
                 sock.bind(("0.0.0.0", port))
             except OSError as exc:
                 sock.close()
-                hint = (" (a DHCP server on this host? use ListenPort67 = NO, the co-located mode)"
-                        if port == self.settings.dhcp_port else "")
+                hint = ""
+                if exc.errno == errno.EADDRINUSE and port == self.settings.dhcp_port:
+                    hint = " (a DHCP server on this host? use ListenPort67 = NO, the co-located mode)"
+                elif exc.errno == errno.EACCES:
+                    hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
                 raise OSError(f"port {port}/udp: {exc.strerror}{hint}") from None
             sock.setblocking(False)
             self._sockets[port] = sock

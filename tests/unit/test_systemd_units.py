@@ -20,7 +20,18 @@ SPEC = REPO / "packaging" / "rpm" / "preboot.spec"
 UNIT_SUFFIXES = (".service", ".socket", ".timer", ".path", ".target", ".mount")
 UNITS = sorted(p for p in UNIT_DIR.iterdir() if p.suffix in UNIT_SUFFIXES) \
     if UNIT_DIR.is_dir() else []
-DAEMONS = ["tftpd"]  # one preboot-<name>.service each; add proxydhcpd, policyd, imgsrvd here
+DAEMONS = ["tftpd", "proxydhcpd"]  # one preboot-<name>.service each; add policyd, imgsrvd here
+# Started by hand, never enabled by the package (DOMAIN.md: proxyDHCP is optional).
+BY_HAND = {"proxydhcpd"}
+# RestrictAddressFamilies: exactly what each daemon needs, and why.
+FAMILIES = {
+    # IPv4 and IPv6 (IPAddress may be either), the Unix status socket and the journal
+    "tftpd": {"AF_INET", "AF_INET6", "AF_UNIX"},
+    # DHCPv4 only (IPAddress is IPv4); netlink: psutil.net_if_addrs() is getifaddrs(3) over
+    # NETLINK_ROUTE, and scapy (>= 2.6) loads its interface and route tables over rtnetlink when
+    # imported, so without AF_NETLINK the daemon dies at start
+    "proxydhcpd": {"AF_INET", "AF_UNIX", "AF_NETLINK"},
+}
 
 EXEC_LINE = re.compile(r"^(Exec[A-Za-z]+=)([-@:+!]*)(/\S+)(.*)$")
 
@@ -116,14 +127,14 @@ def test_daemon_service_hardening(name):
         "SystemCallArchitectures": "native",
     }.items():
         assert one(unit, svc, key) == expected, key
+    # Ports below 1024 and nothing else: UDP broadcasts (SO_BROADCAST) need no capability,
+    # CAP_NET_RAW and CAP_NET_BROADCAST are for raw/packet sockets, which no daemon opens.
     caps = set(one(unit, svc, "CapabilityBoundingSet").split())
-    assert "CAP_NET_BIND_SERVICE" in caps
-    assert caps <= {"CAP_NET_BIND_SERVICE", "CAP_NET_RAW", "CAP_NET_BROADCAST"}
-    user = values(unit, svc, "User")
-    if user and user != ["root"]:
-        assert set(one(unit, svc, "AmbientCapabilities").split()) <= caps
-    assert set(one(unit, svc, "RestrictAddressFamilies").split()) == \
-        {"AF_INET", "AF_INET6", "AF_UNIX"}
+    assert caps == {"CAP_NET_BIND_SERVICE"}
+    assert one(unit, svc, "User") == "preboot"
+    assert set(one(unit, svc, "AmbientCapabilities").split()) <= caps
+    assert set(one(unit, svc, "RestrictAddressFamilies").split()) == FAMILIES[name]
+    assert one(unit, svc, "MemoryDenyWriteExecute") == "yes"
     assert "@system-service" in values(unit, svc, "SystemCallFilter")
     # writes only where configured: no blanket ReadWritePaths in the shipped unit
     assert values(unit, svc, "ReadWritePaths") == []
@@ -131,6 +142,20 @@ def test_daemon_service_hardening(name):
 
 def test_no_socket_activation_for_tftpd():
     assert not (UNIT_DIR / "preboot-tftpd.socket").exists()
+
+
+@pytest.mark.parametrize("name", sorted(BY_HAND))
+def test_started_by_hand_units_are_pulled_in_by_nothing(name):
+    """Only `systemctl enable` (the init script's `install`) may start it at boot: no other unit
+    wants, requires or aliases it, and its [Install] section enables nothing else."""
+    service = f"preboot-{name}.service"
+    for unit in UNITS:
+        for _section, key, value in parse_unit(unit):
+            if key in ("Wants", "Requires", "BindsTo", "Upholds", "PartOf", "Also"):
+                assert service not in value.split(), f"{unit.name}: {key}={value}"
+    unit = UNIT_DIR / service
+    for key in ("Also", "Alias", "RequiredBy", "UpheldBy"):
+        assert values(unit, "Install", key) == [], key
 
 
 # ------------------------------------------------------------------------ the RPM spec
@@ -148,6 +173,34 @@ def test_spec_ships_every_unit_and_init_script():
         assert f"%package {name}" in spec
     assert "%package common" in spec
     assert "packaging/init.d/preboot-functions" in spec
+    for name in DAEMONS:
+        # the wrapper runs the package from the private prefix, which ships it
+        assert f"-m {name} " in spec
+        assert f"%{{_sbindir}}/preboot-{name}" in spec
+        assert f"%{{pyprefix}}/{name}/" in spec
+        assert f"%{{_sbindir}}/rcpreboot-{name}" in spec
+
+
+def scriptlet(spec: str, kind: str, package: str) -> str:
+    """The body of `%<kind> <package>` up to the next section."""
+    section = r"^%(?:pre|post|preun|postun|files|changelog)\b"
+    match = re.search(rf"^%{kind} {package}\n(.*?)(?={section})", spec, re.M | re.S)
+    assert match, f"no %{kind} {package} in the spec"
+    return match.group(1)
+
+
+@pytest.mark.parametrize("name", sorted(BY_HAND))
+def test_spec_does_not_enable_or_start_by_hand_daemons(name):
+    spec = SPEC.read_text()
+    for kind in ("pre", "post"):
+        body = "\n".join(line for line in scriptlet(spec, kind, name).splitlines()
+                         if not line.lstrip().startswith("#"))
+        assert f"preboot-{name} install" not in body
+        assert f"preboot-{name} start" not in body
+        assert "systemctl" not in body  # only the distribution macros, which apply presets
+    # upgrades restart it only where it runs; removal stops it
+    assert "restart" in scriptlet(spec, "postun", name)
+    assert "stop" in scriptlet(spec, "preun", name)
 
 
 @pytest.mark.skipif(not shutil.which("rpmspec"), reason="rpmspec not installed")
@@ -162,4 +215,5 @@ def test_spec_parses():
     result = subprocess.run(["rpmspec", "-q", "--qf", "%{NAME}\n", str(SPEC)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert {"preboot-common", "preboot-tftpd"} <= set(result.stdout.split())
+    assert {"preboot-common"} | {f"preboot-{name}" for name in DAEMONS} <= \
+        set(result.stdout.split())
