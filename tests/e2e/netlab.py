@@ -17,6 +17,12 @@ Typical use (see conftest.py and test_pxe_tftp.py)::
 Later tests reuse the pieces: a proxyDHCP test passes `boot=None` (pool only) and starts
 proxydhcpd in the server namespace; a relay test makes a router namespace with two bridges;
 several VMs each get their own tap from `add_tap` and their own `VmSpec(tap=..., mac=...)`.
+
+ProxyDHCP labs (test_pxe_proxydhcp.py, capture_golden.py) use `build_proxy_lab`: the `flat`,
+`colocated` (site DHCP beside our daemons, option 60 PXEClient) or `relay` (`build_relay_topology`
++ `start_dhcp_relay`) layout with our proxydhcpd and tftpd (`start_boot_services`) and tcpdump
+captures of the DHCP traffic (`start_tcpdump`, decoded for failure messages by
+`summarize_dhcp_pcap`).
 """
 
 from __future__ import annotations
@@ -701,3 +707,267 @@ def stage_ipxe_binaries(dest: Path, names: Iterable[str] = IPXE_BINARIES) -> lis
         shutil.copyfile(IPXE_DIR / name, target)
         out.append(target)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# packet captures
+
+
+DHCP_BPF = "udp and (port 67 or port 68 or port 4011)"
+
+
+def start_tcpdump(lab: Lab, ns: Netns, iface: str, path: Path, bpf: str = DHCP_BPF,
+                  name: str = "tcpdump", ready_timeout: float = 10.0) -> Proc:
+    """Capture `bpf` on `iface` in `ns` into the pcap `path` (written packet by packet, -U).
+
+    Capture on a bridge PORT (the VM's tap, a veth), not on the bridge itself: the bridge device
+    sees only frames for its own address and broadcasts, never the unicast frames it forwards
+    between ports (e.g. a site DHCP server's unicast OFFER to the VM).
+
+    Returns once tcpdump says it is listening. Stop it with `lab.stop(proc)` (SIGTERM flushes
+    the file) before reading the capture; the lab stops it at close anyway.
+    """
+    # --immediate-mode: without it packets wait in the kernel ring for up to a second and
+    # the last ones are lost when tcpdump is stopped
+    proc = lab.spawn(name, ns, ["tcpdump", "-i", iface, "-n", "-U", "--immediate-mode",
+                                "-s", "0", "-Z", "root", "-w", str(path), bpf])
+    if not wait_for(lambda: not proc.alive() or "listening on" in read_text(proc.log),
+                    ready_timeout):
+        raise RuntimeError(f"tcpdump not listening after {ready_timeout} s:\n{tail(proc.log)}")
+    if not proc.alive():
+        raise RuntimeError(f"tcpdump exited ({proc.popen.returncode}):\n{tail(proc.log)}")
+    return proc
+
+
+def summarize_dhcp_pcap(path: Path, limit: int = 60) -> str:
+    """One line per DHCP/BOOTP packet of a capture (needs scapy), for failure messages:
+    time, addresses and ports, message type, xid, yiaddr/siaddr/giaddr, file, options 60/77/93/43."""
+    try:
+        from scapy.all import BOOTP, DHCP, IP, UDP, rdpcap  # noqa: F401  (heavy import)
+    except ImportError as exc:  # pragma: no cover
+        return f"<scapy unavailable: {exc}>"
+    try:
+        packets = rdpcap(str(path))
+    except Exception as exc:  # missing, empty or truncated: diagnostics must not raise
+        return f"<{path}: {exc}>"
+    lines: list[str] = []
+    start = float(packets[0].time) if packets else 0.0
+    names = {1: "DISCOVER", 2: "OFFER", 3: "REQUEST", 4: "DECLINE", 5: "ACK", 6: "NAK",
+             7: "RELEASE", 8: "INFORM"}
+    for pkt in packets[:limit]:
+        if IP not in pkt or UDP not in pkt:
+            continue
+        # scapy decodes BOOTP on ports 67/68 only; port 4011 (PXE boot server) by hand
+        bootp = pkt[BOOTP] if BOOTP in pkt else BOOTP(bytes(pkt[UDP].payload))
+        opts = {}
+        if DHCP in bootp:
+            for opt in bootp[DHCP].options:
+                if isinstance(opt, tuple) and len(opt) >= 2:
+                    opts[opt[0]] = opt[1] if len(opt) == 2 else opt[1:]
+        kind = names.get(opts.get("message-type"), str(opts.get("message-type", "BOOTP")))
+        detail = [f"xid={bootp.xid:08x}", f"flags={int(bootp.flags):#06x}", f"ci={bootp.ciaddr}",
+                  f"yi={bootp.yiaddr}", f"si={bootp.siaddr}"]
+        if bootp.giaddr != "0.0.0.0":
+            detail.append(f"gi={bootp.giaddr}")
+        file = bytes(bootp.file).rstrip(b"\0").decode("ascii", "replace")
+        if file:
+            detail.append(f"file={file!r}")
+        for key, label in (("vendor_class_id", "60"), ("user_class", "77"),
+                           ("pxe_client_architecture", "93"), ("server_id", "54")):
+            if key in opts:
+                detail.append(f"{label}={opts[key]!r}")
+        if "vendor_specific" in opts:
+            detail.append(f"43={bytes(opts['vendor_specific']).hex()}")
+        lines.append(f"{float(pkt.time) - start:6.2f}s {pkt[IP].src}:{pkt[UDP].sport} -> "
+                     f"{pkt[IP].dst}:{pkt[UDP].dport} {'req' if bootp.op == 1 else 'rep'} "
+                     f"{kind} " + " ".join(detail))
+    return "\n".join(lines) or f"<{path}: no DHCP packets>"
+
+
+# --------------------------------------------------------------------------------------------
+# a routed client segment behind a DHCP relay
+
+
+@dataclass(frozen=True)
+class RelayTopology:
+    """The server segment of `build_pxe_topology` (without a tap) plus a router namespace that
+    holds the client segment and relays DHCP to the servers (RFC 1542, giaddr)::
+
+        [dhcp_ns] dhcp_ip  ── veth ──┐
+        [srv_ns ] bridge srv_ip ─────┴── veth ── [rtr_ns] rtr_server_ip  (forwarding)
+                                                          client_bridge rtr_client_ip ── tap ── qemu
+    """
+
+    srv_ns: Netns
+    dhcp_ns: Netns
+    rtr_ns: Netns
+    bridge: str
+    dhcp_iface: str
+    client_bridge: str
+    tap: str
+    network: ipaddress.IPv4Network
+    client_network: ipaddress.IPv4Network
+    srv_ip: str
+    dhcp_ip: str
+    rtr_server_ip: str
+    rtr_client_ip: str
+
+
+def build_relay_topology(
+    lab: Lab,
+    network: str = "192.168.77.0/24",
+    client_network: str = "192.168.78.0/24",
+    tap: str = "tap0",
+) -> RelayTopology:
+    """Server and site-DHCP namespaces as in `build_pxe_topology`, a router namespace between
+    them and the client segment (its bridge holds the VM's tap), and routes both ways."""
+    net = ipaddress.ip_network(network)
+    cnet = ipaddress.ip_network(client_network)
+    srv_ip, dhcp_ip, rtr_server_ip = str(net[2]), str(net[1]), str(net[254])
+    rtr_client_ip = str(cnet[1])
+    srv = lab.netns("srv")
+    dhcp = lab.netns("dhcp")
+    rtr = lab.netns("rtr")
+    for ns in (srv, dhcp, rtr):
+        ns.sysctl("net.ipv6.conf.default.accept_dad", 0)
+        ns.sysctl("net.ipv6.conf.all.accept_dad", 0)
+    add_bridge(srv, "br0", f"{srv_ip}/{net.prefixlen}")
+    add_veth(srv, "vsite-br", dhcp, "vsite", bridge_a="br0", cidr_b=f"{dhcp_ip}/{net.prefixlen}")
+    add_veth(srv, "vrtr-br", rtr, "vup", bridge_a="br0",
+             cidr_b=f"{rtr_server_ip}/{net.prefixlen}")
+    add_bridge(rtr, "br1", f"{rtr_client_ip}/{cnet.prefixlen}")
+    add_tap(rtr, tap, "br1")
+    rtr.sysctl("net.ipv4.ip_forward", 1)
+    for ns in (srv, dhcp):
+        ns.ip("route", "add", str(cnet), "via", rtr_server_ip)
+    return RelayTopology(srv, dhcp, rtr, "br0", "vsite", "br1", tap, net, cnet, srv_ip, dhcp_ip,
+                         rtr_server_ip, rtr_client_ip)
+
+
+def start_dhcp_relay(lab: Lab, ns: Netns, iface: str, local_ip: str, servers: Sequence[str],
+                     name: str = "relay") -> Proc:
+    """dnsmasq as a DHCP relay only (no DNS, no DHCP service of its own): requests arriving on
+    `iface` are relayed with giaddr `local_ip` to every address in `servers`, replies sent to
+    giaddr are passed back to the client. Log in '<workdir>/<name>.log'."""
+    wd = lab.workdir
+    lines = ["port=0", "user=root", "group=root", f"interface={iface}", "log-dhcp",
+             f"log-facility={wd / (name + '.log')}", f"pid-file={wd / (name + '.pid')}",
+             f"dhcp-leasefile={wd / (name + '.leases')}"]
+    lines += [f"dhcp-relay={local_ip},{server}" for server in servers]
+    conf = wd / f"{name}.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    proc = lab.spawn(name, ns, ["dnsmasq", "--keep-in-foreground", f"--conf-file={conf}"])
+    if not wait_for(lambda: not proc.alive() or udp_listening(ns, 67), 10):
+        raise RuntimeError(f"dnsmasq relay did not bind port 67:\n{tail(proc.log)}")
+    if not proc.alive():
+        raise RuntimeError(f"dnsmasq relay exited ({proc.popen.returncode}):\n{tail(proc.log)}")
+    return proc
+
+
+# --------------------------------------------------------------------------------------------
+# our boot services together: proxydhcpd + tftpd in one namespace
+
+
+def start_boot_services(lab: Lab, ns: Netns, server_ip: str, tftp_root: Path,
+                        proxy: Mapping[str, object] | None = None) -> tuple[Daemon, Daemon]:
+    """Our tftpd (`server_ip`:69, `tftp_root`) and our proxydhcpd (config `proxy`) in `ns`;
+    returns (proxydhcpd, tftpd), both ready (status sockets answer)."""
+    tftpd = start_preboot_daemon(lab, ns, "tftpd", {"IPAddress": server_ip, "Port": 69,
+                                                    "Root": tftp_root})
+    proxy_daemon = start_preboot_daemon(lab, ns, "proxydhcpd", dict(proxy or {}))
+    return proxy_daemon, tftpd
+
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+ProxyLayout = Literal["flat", "colocated", "relay"]
+
+
+def make_proxy_root(root: Path, token: str) -> dict[str, Path]:
+    """A TFTP root for proxyDHCP boots: Debian's iPXE builds and boot.ipxe (the default
+    IPXEScriptURL: data/proxy-boot.ipxe with `token`, which prints the marker)."""
+    stage_ipxe_binaries(root)
+    script = (DATA_DIR / "proxy-boot.ipxe").read_text().replace("@TOKEN@", token)
+    (root / "boot.ipxe").write_text(script)
+    return {p.name: p for p in root.iterdir()}
+
+
+@dataclass
+class ProxyLab:
+    """What `build_proxy_lab` started: our daemons, where the VM's tap lives, captures, logs."""
+
+    proxy: Daemon
+    tftpd: Daemon
+    vm_ns: Netns
+    server_ip: str
+    captures: dict[str, Path]      # "client" (the VM's segment), "server" (relay layout only)
+    logs: list[Path]
+    topology: PxeTopology | RelayTopology
+
+
+def build_proxy_lab(lab: Lab, layout: ProxyLayout, tftp_root: Path,
+                    proxy: Mapping[str, object] | None = None,
+                    http_port: int | None = None) -> ProxyLab:
+    """Site DHCP (dnsmasq, pool only), our proxydhcpd + tftpd, radvd and DHCP captures.
+
+    flat       site DHCP in its own namespace on the server segment (192.168.77.1), our daemons
+               on br0 192.168.77.2 with the VM's tap
+    colocated  site DHCP beside our daemons (same namespace, br0) sending option 60 PXEClient
+               itself; pass proxy={"ListenPort67": False}
+    relay      `build_relay_topology`: the VM on 192.168.78.0/24 behind a dnsmasq relay that
+               forwards to the site DHCP server and to our proxy; the site DHCP has a pool and a
+               router for that segment
+    `http_port`: also serve `tftp_root` over HTTP (python -m http.server) on the server address.
+    """
+    wd = lab.workdir
+    # no-ping: dnsmasq would otherwise ping a new address for 3 s before offering it
+    pool = SiteDhcp(range_start="192.168.77.100", range_end="192.168.77.150", extra=("no-ping",))
+    captures = {"client": wd / "dhcp.pcap"}
+    logs = [wd / "dnsmasq.log"]
+    topo: PxeTopology | RelayTopology
+    if layout == "relay":
+        topo = build_relay_topology(lab)
+        client = topo.client_network
+        site = SiteDhcp(
+            range_start=pool.range_start, range_end=pool.range_end,
+            extra=(*pool.extra,
+                   f"dhcp-range=set:relayed,{client[100]},{client[150]},255.255.255.0,1h",
+                   # the relayed segment's router, so the client reaches our servers
+                   f"dhcp-option=tag:relayed,option:router,{topo.rtr_client_ip}"))
+        start_site_dhcp(lab, topo.dhcp_ns, topo.dhcp_iface, site)
+        start_dhcp_relay(lab, topo.rtr_ns, topo.client_bridge, topo.rtr_client_ip,
+                         [topo.dhcp_ip, topo.srv_ip])
+        logs.append(wd / "relay.log")
+        start_radvd(lab, topo.rtr_ns, topo.client_bridge)
+        start_tcpdump(lab, topo.rtr_ns, topo.tap, captures["client"])
+        captures["server"] = wd / "dhcp-server-side.pcap"  # the router's port on the servers' bridge
+        start_tcpdump(lab, topo.srv_ns, "vrtr-br", captures["server"], name="tcpdump-srv")
+        srv_ns, vm_ns = topo.srv_ns, topo.rtr_ns
+    else:
+        topo = build_pxe_topology(lab)
+        if layout == "colocated":
+            # the site DHCP server runs beside our daemons and says "PXEClient" itself
+            site = SiteDhcp(range_start=pool.range_start, range_end=pool.range_end,
+                            extra=(*pool.extra,
+                                   "dhcp-option-force=option:vendor-class,PXEClient"))
+            start_site_dhcp(lab, topo.srv_ns, topo.bridge, site)
+        else:
+            start_site_dhcp(lab, topo.dhcp_ns, topo.dhcp_iface, pool)
+        start_radvd(lab, topo.srv_ns, topo.bridge)
+        start_tcpdump(lab, topo.srv_ns, topo.tap, captures["client"])
+        srv_ns, vm_ns = topo.srv_ns, topo.srv_ns
+    proxy_daemon, tftpd = start_boot_services(lab, srv_ns, topo.srv_ip, tftp_root, proxy)
+    if http_port:
+        http = lab.spawn("http", srv_ns, [sys.executable, "-m", "http.server", str(http_port),
+                                          "--bind", topo.srv_ip, "--directory", str(tftp_root)])
+        listening = wait_for(lambda: not http.alive() or bool(srv_ns.run(
+            ["ss", "-Hntl", f"sport = :{http_port}"], check=False).stdout.strip()), 10)
+        if not (listening and http.alive()):
+            raise RuntimeError(f"http.server did not start:\n{tail(http.log)}")
+        logs.append(http.log)
+    return ProxyLab(proxy_daemon, tftpd, vm_ns, topo.srv_ip, captures, logs, topo)
+
+
+def stop_captures(lab: Lab) -> None:
+    """Stop the lab's tcpdumps now (SIGTERM flushes their files) so the captures can be read."""
+    for proc in [p for p in lab.procs if p.name.startswith("tcpdump")]:
+        lab.stop(proc)
