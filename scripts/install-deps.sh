@@ -35,10 +35,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     || { tail -20 /tmp/preboot-apt.log >&2; exit 1; }
   [ "$created_policy" = 1 ] && rm -f "$policy"
 fi
-# The peers' packaged daemons are for bench/ only, started by it on other ports.
-if pgrep -x in.tftpd >/dev/null 2>&1 && [ -x /etc/init.d/tftpd-hpa ]; then
-  /etc/init.d/tftpd-hpa stop >/dev/null 2>&1 || true
-fi
+# The peers' packaged daemons are for bench/ only, which starts its own instances on other
+# ports; policy-rc.d above keeps the packages from starting theirs on port 69.
 
 PIP=(python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore)
 if ! python3 -c "import configobj, validate, daemon, psutil, tftpy, scapy, uvloop, pytest, hypothesis" 2>/dev/null \
