@@ -52,11 +52,13 @@ class DaemonProcess:
     log_file: Path
     proc: subprocess.Popen | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    prefix: list[str] = field(default_factory=list)   # e.g. ["ip", "netns", "exec", "ns1"]
 
     def start(self, timeout_s: float = 10.0) -> "DaemonProcess":
         env = dict(os.environ, PYTHONPATH=str(REPO), **self.extra_env)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.package, "--foreground", "--config", str(self.config)],
+            [*self.prefix, sys.executable, "-m", self.package, "--foreground", "--config",
+             str(self.config)],
             cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
