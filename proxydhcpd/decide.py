@@ -16,6 +16,7 @@ RFC 4578, RFC 3004; the "Why" of each is in the comments):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import packet
 from .packet import DhcpPacket
@@ -63,9 +64,9 @@ class Policy:
     denied_macs: frozenset[bytes]
 
 
-@dataclass(frozen=True)
-class ProxyReply:
-    """Everything about a reply except the per-client fields, which reply.py fills in."""
+class ProxyReply(NamedTuple):
+    """Everything about a reply except the per-client fields, which reply.py fills in.
+    (NamedTuples here: one is made per packet, and they hash fast as template keys.)"""
 
     message_type: int              # OFFER or ACK
     vendor_class: bytes            # b"PXEClient" or b"HTTPClient"
@@ -79,8 +80,7 @@ class ProxyReply:
     to_boot_server: bool = False
 
 
-@dataclass(frozen=True)
-class Ignore:
+class Ignore(NamedTuple):
     reason: str
     counter: str                   # which status counter it goes to
 

@@ -10,7 +10,7 @@ our output in the tests, and stays off this path.
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 BOOTREQUEST, BOOTREPLY = 1, 2
 MAGIC_COOKIE = b"\x63\x82\x53\x63"
@@ -48,8 +48,10 @@ class MalformedPacket(ValueError):
     """Not a well-formed BOOTP/DHCP packet; str() says why."""
 
 
-@dataclass(frozen=True)
-class DhcpPacket:
+class DhcpPacket(NamedTuple):
+    """A parsed request. A NamedTuple rather than a frozen dataclass: it is built for every
+    packet on the segment, and a frozen dataclass's __init__ costs several times more."""
+
     op: int
     htype: int
     hlen: int
@@ -64,7 +66,7 @@ class DhcpPacket:
     chaddr: bytes                         # the full 16-byte field
     sname: bytes
     file: bytes
-    options: dict[int, bytes] = field(default_factory=dict)
+    options: dict[int, bytes]
 
     @property
     def mac(self) -> bytes:

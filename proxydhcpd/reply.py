@@ -53,6 +53,8 @@ def build_template(shape: Shape) -> bytes:
 class ReplyBuilder:
     def __init__(self) -> None:
         self._templates: OrderedDict[Shape, bytes] = OrderedDict()
+        # Fast path: the plan itself (a hashable NamedTuple) -> template, skipping Shape.
+        self._by_plan: dict[tuple, bytes] = {}
 
     def template(self, shape: Shape) -> bytes:
         template = self._templates.get(shape)
@@ -65,9 +67,15 @@ class ReplyBuilder:
 
     def build(self, plan: ProxyReply, request: DhcpPacket, server: str,
               next_server: str) -> bytes:
-        shape = Shape(plan.message_type, server, next_server, plan.vendor_class, plan.boot_file,
-                      plan.pxe_options)
-        out = bytearray(self.template(shape))
+        key = (plan, server, next_server)
+        template = self._by_plan.get(key)
+        if template is None:
+            template = self.template(Shape(plan.message_type, server, next_server,
+                                           plan.vendor_class, plan.boot_file, plan.pxe_options))
+            if len(self._by_plan) >= MAX_TEMPLATES:
+                self._by_plan.clear()
+            self._by_plan[key] = template
+        out = bytearray(template)
         out[1] = request.htype
         out[2] = request.hlen
         out[4:8] = request.xid.to_bytes(4, "big")

@@ -79,6 +79,7 @@ class ProxyDhcpServer:
         self.replies = ReplyBuilder()
         self.addresses = InterfaceAddresses()
         self._sockets: dict[int, socket.socket] = {}   # port -> socket
+        self._pktinfo_cache: dict[tuple[int, str], tuple[int, int, bytes]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- lifecycle (common.runner.Service) ----------------------------------------------
@@ -170,7 +171,8 @@ class ProxyDhcpServer:
         name, interface_address = self.addresses.lookup(ifindex) if ifindex else ("?", None)
         if settings.interfaces and name not in settings.interfaces:
             self.stats.ignored_other += 1
-            log.debug("ignored %s: interface %s is not in Interfaces", request.mac_text, name)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("ignored %s: interface %s is not in Interfaces", request.mac_text, name)
             return
         server = settings.ip_address if settings.ip_address != "0.0.0.0" else interface_address
         if server is None:
@@ -184,8 +186,9 @@ class ProxyDhcpServer:
         if isinstance(plan, Ignore):
             setattr(self.stats, plan.counter, getattr(self.stats, plan.counter) + 1)
             level = logging.INFO if plan.counter == "no_boot_file" else logging.DEBUG
-            log.log(level, "ignored %s from %s (%s:%d): %s", kind, request.mac_text, *source,
-                    plan.reason)
+            if log.isEnabledFor(level):
+                log.log(level, "ignored %s from %s (%s:%d): %s", kind, request.mac_text,
+                        *source, plan.reason)
             return
         self.stats.architectures[plan.firmware] += 1
         next_server = settings.next_server if settings.next_server != "0.0.0.0" else server
@@ -194,9 +197,7 @@ class ProxyDhcpServer:
         reply = self.replies.build(plan, request, server, next_server)
         destination = self._destination(request, port_role, source)
         try:
-            sock.sendmsg([reply], [(socket.IPPROTO_IP, IP_PKTINFO,
-                                    struct.pack("=i4s4s", ifindex or 0, socket.inet_aton(server),
-                                                b"\0\0\0\0"))], 0, destination)
+            sock.sendmsg([reply], [self._pktinfo(ifindex or 0, server)], 0, destination)
         except OSError as exc:
             self.stats.send_errors += 1
             log.warning("cannot send to %s:%d for %s: %s", *destination, request.mac_text, exc)
@@ -205,8 +206,22 @@ class ProxyDhcpServer:
             self.stats.offers_sent += 1
         else:
             self.stats.acks_sent += 1
-        log.debug("%s to %s via %s:%d on %s: %s, file %r", packet.MESSAGE_NAMES[plan.message_type],
-                  request.mac_text, *destination, name, plan.reason, plan.boot_file)
+        if log.isEnabledFor(logging.DEBUG):  # mac_text costs microseconds: only when shown
+            log.debug("%s to %s via %s:%d on %s: %s, file %r",
+                      packet.MESSAGE_NAMES[plan.message_type], request.mac_text, *destination,
+                      name, plan.reason, plan.boot_file)
+
+    def _pktinfo(self, ifindex: int, server: str) -> tuple[int, int, bytes]:
+        """The IP_PKTINFO control message choosing interface and source address, cached."""
+        key = (ifindex, server)
+        message = self._pktinfo_cache.get(key)
+        if message is None:
+            if len(self._pktinfo_cache) > 1024:
+                self._pktinfo_cache.clear()
+            message = (socket.IPPROTO_IP, IP_PKTINFO,
+                       struct.pack("=i4s4s", ifindex, socket.inet_aton(server), bytes(4)))
+            self._pktinfo_cache[key] = message
+        return message
 
     def _destination(self, request: packet.DhcpPacket, port_role: int,
                      source: tuple[str, int]) -> tuple[str, int]:
