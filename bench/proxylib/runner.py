@@ -41,7 +41,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import pstats
 import shlex
 import shutil
@@ -55,6 +54,8 @@ from array import array
 from pathlib import Path
 
 import psutil
+
+from machineinfo import machine  # bench/machineinfo.py, shared by the benches
 
 from . import packets
 from .loadgen import LoadGen
@@ -71,25 +72,6 @@ FOREIGN_LIMIT = 0.10
 
 # ---- machine facts -----------------------------------------------------------------------------
 
-def machine() -> dict:
-    model = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = "?"
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = f"{int(line.split()[1]) / (1 << 20):.0f} GiB"
-    except (OSError, ValueError):
-        pass
-    return {"nproc": len(os.sched_getaffinity(0)), "cpu_model": model, "memory": mem,
-            "kernel": f"{platform.system()} {platform.release()}",
-            "python": platform.python_version()}
 
 
 def git_info(main_dir: str) -> str:

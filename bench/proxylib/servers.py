@@ -14,17 +14,17 @@ veth pair and is not in either figure).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import psutil
+
+from common.statussock import query_unix  # the project's own status client
 
 from . import netns
 
@@ -244,17 +244,7 @@ class Ours(Server):
         return str(self.main_dir)
 
     def query_status(self, timeout: float = 2.0) -> dict:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(self.sock_path))
-            s.sendall(b'{"cmd": "status"}\n')
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        return json.loads(buf.decode())
+        return query_unix(str(self.sock_path), timeout_s=timeout)
 
     def started(self) -> tuple[bool, str]:
         if not self.sock_path.exists():

@@ -7,7 +7,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -17,6 +16,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from machineinfo import machine  # bench/machineinfo.py, shared by the benches
 
 from . import clients
 from .clients import Spec
@@ -87,25 +88,6 @@ class Cell:
         return self.cpu_s / (self.nbytes / GiB)
 
 
-def machine() -> dict:
-    model = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = "?"
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = f"{int(line.split()[1]) / (1 << 20):.0f} GiB"
-    except (OSError, ValueError):
-        pass
-    return {"nproc": len(os.sched_getaffinity(0)), "cpu_model": model, "memory": mem,
-            "kernel": f"{platform.system()} {platform.release()}",
-            "python": platform.python_version()}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

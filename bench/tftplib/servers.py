@@ -7,7 +7,6 @@ stopped by its own pid. Its CPU time is read from the meter it was started under
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -17,6 +16,8 @@ import time
 from pathlib import Path
 
 import psutil
+
+from common.statussock import query_unix  # the project's own status client
 
 from .cpu import Meter, PsutilMeter
 from .probe import probe_options
@@ -201,17 +202,7 @@ class Ours(Server):
         return {"cwd": str(self.main_dir)}
 
     def query_status(self, timeout: float = 2.0) -> dict:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(self.sock_path))
-            s.sendall(b'{"cmd": "status"}\n')
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        return json.loads(buf.decode())
+        return query_unix(str(self.sock_path), timeout_s=timeout)
 
     def ready(self) -> tuple[bool, str]:
         if not self.sock_path.exists():
