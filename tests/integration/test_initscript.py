@@ -15,7 +15,6 @@ its config errors, its pidfile lock) runs against each.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -29,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from support import query_status
 
 REPO = Path(__file__).resolve().parents[2]
 INITD = REPO / "packaging" / "init.d"
@@ -121,17 +122,7 @@ def read_pid(path: Path) -> int | None:
 
 def status_query(sock_path: Path, timeout: float = 5.0) -> dict:
     """One `status` exchange on the daemon's Unix status socket."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(sock_path))
-        sock.sendall(b'{"cmd": "status"}\n')
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data.decode())
+    return query_status(str(sock_path), timeout_s=timeout)
 
 
 def free_udp_ports(count: int) -> list[int]:
