@@ -1,0 +1,441 @@
+"""preboot-dir: the administrator's tool for the directory (either backend).
+
+    preboot-dir export [FILE]                 the whole policy as one readable file
+    preboot-dir import FILE [--check]         replace the store with a file (or only validate)
+    preboot-dir rules list
+    preboot-dir rules add NAME --action restore --image IMG [--filter F] [--addon A]... [--force]
+                                   [--disabled] [--position N]
+    preboot-dir rules set NAME [--filter F] [--action ...] [--image ...] [--addon ...] ...
+    preboot-dir rules remove|enable|disable NAME
+    preboot-dir rules move NAME POSITION
+    preboot-dir menu show | menu set [--display always|never|hotkey] [--timeout-s N]
+    preboot-dir workstations list | add MAC [--name N] | remove MAC
+    preboot-dir nextboot set MAC [--image IMG] | nextboot clear MAC
+    preboot-dir explain --mac MAC [--serial S] [--manufacturer M] [--ram-mb N] ...
+
+The store is the `Directory =` of prebootpolicyd's config (--config, default
+/etc/preboot/policyd.conf), or --directory URL. Exit status: 0 done, 1 the directory failed,
+2 usage error, 65 a bad policy file or value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Sequence
+
+import configobj
+
+from .directory import Directory, DirectoryError, open_directory
+from .machine import ATTRIBUTE_KINDS, facts_from_strings, normalize_mac
+from .policy import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings, Rule,
+                     Workstation, assign_work, explain_rules, menu_for)
+from .policyfile import PolicyFileError, check_name, dump_policy, load_policy
+from .rules import FilterSyntaxError, parse_filter
+
+PROGRAM = "preboot-dir"
+DEFAULT_CONFIG = "/etc/preboot/policyd.conf"
+DEFAULT_DIRECTORY = "sqlite:///var/lib/preboot/directory.db"
+EX_USAGE_ERROR, EX_DIRECTORY, EX_DATAERR = 2, 1, 65
+
+
+class UsageError(Exception):
+    """A bad value on the command line (exit 65)."""
+
+
+def _directory_from_config(path: str) -> tuple[str, str]:
+    """Directory and DirectoryCredentials from prebootpolicyd's config, if it exists."""
+    if not os.path.exists(path):
+        return DEFAULT_DIRECTORY, ""
+    try:
+        values = configobj.ConfigObj(path, encoding="utf-8-sig", list_values=False,
+                                     interpolation=False)
+    except configobj.ConfigObjError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    url = (values.get("Directory") or "").strip() or DEFAULT_DIRECTORY
+    credentials = (values.get("DirectoryCredentials") or "").strip()
+    if credentials and not os.path.isabs(credentials):
+        credentials = os.path.join(os.path.dirname(os.path.abspath(path)), credentials)
+    return url, credentials
+
+
+def _open(args: argparse.Namespace, create: bool) -> Directory:
+    url, credentials = _directory_from_config(args.config)
+    url = args.directory or url
+    credentials = args.credentials or credentials
+    try:
+        return open_directory(url, credentials, timeout_s=args.directory_timeout_s, create=create)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+# -- export / import ----------------------------------------------------------------------------
+
+def cmd_export(args: argparse.Namespace) -> int:
+    with _open(args, create=False) as directory:
+        text = dump_policy(directory.export_document(), directory.url.redacted())
+    if args.file in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        _write_atomically(args.file, text)
+    return 0
+
+
+def _write_atomically(path: str, text: str) -> None:
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    source = "<stdin>" if args.file == "-" else args.file
+    try:
+        text = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8-sig").read()
+    except OSError as exc:
+        raise UsageError(f"{source}: {exc.strerror}") from None
+    document = load_policy(text, source)   # PolicyFileError -> exit 65, store untouched
+    summary = (f"{len(document.policy.rules)} rules, {len(document.workstations)} workstations, "
+               f"{len(document.sessions)} multicast sessions")
+    if args.check:
+        print(f"OK: {source}: {summary}")
+        return 0
+    with _open(args, create=True) as directory:
+        directory.import_document(document)
+        print(f"imported {summary} into {directory.url.redacted()}")
+    return 0
+
+
+# -- rules ----------------------------------------------------------------------------------------
+
+def cmd_rules_list(args: argparse.Namespace) -> int:
+    with _open(args, create=False) as directory:
+        policy = directory.policy()
+    if not policy.rules:
+        print("no rules: every machine that is not flagged gets no work")
+    for position, rule in enumerate(policy.rules, 1):
+        state = "" if rule.enabled else " (disabled)"
+        force = " [force]" if rule.force else ""
+        print(f"{position:3d}. {rule.name}{state}: {rule.action.describe()}{force}")
+        print(f"     if {rule.filter.canonical() or '(any machine)'}")
+    return 0
+
+
+def _find(policy: ImagingPolicy, name: str) -> int:
+    for index, rule in enumerate(policy.rules):
+        if rule.name == name:
+            return index
+    raise UsageError(f"no rule named '{name}'")
+
+
+def _action_from(args: argparse.Namespace, base: Action | None) -> Action:
+    base = base or Action()
+    kind = ActionKind(args.action) if args.action else base.kind
+    image = base.image if args.image is None else args.image
+    addons = base.addons if args.addon is None else tuple(args.addon)
+    session = base.session if args.session is None else args.session
+    if kind is not ActionKind.RESTORE and args.addon is None:
+        addons = ()
+    try:
+        return Action(kind, image, addons, session)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _filter(text: str):
+    try:
+        return parse_filter(text)
+    except FilterSyntaxError as exc:
+        raise UsageError(f"filter: {exc}") from None
+
+
+def _update_rules(args: argparse.Namespace, change) -> int:
+    with _open(args, create=True) as directory:
+        policy = directory.policy()
+        rules = list(policy.rules)
+        message = change(rules)
+        directory.replace_policy(ImagingPolicy(tuple(rules), policy.menu))
+    print(message)
+    return 0
+
+
+def cmd_rules_add(args: argparse.Namespace) -> int:
+    problem = check_name("rule", args.name)
+    if problem:
+        raise UsageError(problem)
+    if args.action is None:
+        raise UsageError("--action is required (restore, make, multicast, maintenance, none)")
+    rule = Rule(args.name, _filter(args.filter or ""), _action_from(args, None),
+                not args.disabled, args.force)
+
+    def change(rules: list[Rule]) -> str:
+        if any(r.name == args.name for r in rules):
+            raise UsageError(f"a rule named '{args.name}' exists; use 'rules set'")
+        position = len(rules) + 1 if args.position is None else args.position
+        if not 1 <= position <= len(rules) + 1:
+            raise UsageError(f"position must be 1..{len(rules) + 1}")
+        rules.insert(position - 1, rule)
+        return f"added rule {position}: {rule.name}: {rule.action.describe()}"
+    return _update_rules(args, change)
+
+
+def cmd_rules_set(args: argparse.Namespace) -> int:
+    def change(rules: list[Rule]) -> str:
+        index = _find(ImagingPolicy(tuple(rules)), args.name)
+        old = rules[index]
+        rules[index] = Rule(
+            old.name, old.filter if args.filter is None else _filter(args.filter),
+            _action_from(args, old.action), old.enabled,
+            old.force if args.force is None else args.force == "yes")
+        return f"changed rule {index + 1}: {old.name}"
+    return _update_rules(args, change)
+
+
+def cmd_rules_remove(args: argparse.Namespace) -> int:
+    def change(rules: list[Rule]) -> str:
+        index = _find(ImagingPolicy(tuple(rules)), args.name)
+        rules.pop(index)
+        return f"removed rule {args.name}"
+    return _update_rules(args, change)
+
+
+def cmd_rules_enable(args: argparse.Namespace, enabled: bool) -> int:
+    def change(rules: list[Rule]) -> str:
+        index = _find(ImagingPolicy(tuple(rules)), args.name)
+        rules[index] = dataclasses.replace(rules[index], enabled=enabled)
+        return f"{'enabled' if enabled else 'disabled'} rule {args.name}"
+    return _update_rules(args, change)
+
+
+def cmd_rules_move(args: argparse.Namespace) -> int:
+    def change(rules: list[Rule]) -> str:
+        index = _find(ImagingPolicy(tuple(rules)), args.name)
+        if not 1 <= args.position <= len(rules):
+            raise UsageError(f"position must be 1..{len(rules)}")
+        rules.insert(args.position - 1, rules.pop(index))
+        return f"moved rule {args.name} to position {args.position}"
+    return _update_rules(args, change)
+
+
+# -- menu --------------------------------------------------------------------------------------
+
+def cmd_menu(args: argparse.Namespace) -> int:
+    with _open(args, create=args.menu_command == "set") as directory:
+        policy = directory.policy()
+        menu = policy.menu
+        if args.menu_command == "set":
+            try:
+                menu = MenuSettings(MenuDisplay(args.display) if args.display else menu.display,
+                                    menu.timeout_s if args.timeout_s is None else args.timeout_s)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            directory.replace_policy(ImagingPolicy(policy.rules, menu))
+    print(f"menu display = {menu.display.value}, timeout_s = {menu.timeout_s}")
+    return 0
+
+
+# -- workstations and the next-boot flag ------------------------------------------------------
+
+def _mac(text: str) -> str:
+    mac = normalize_mac(text)
+    if mac is None:
+        raise UsageError(f"'{text}' is not a MAC address")
+    return mac
+
+
+def _describe_station(station: Workstation) -> str:
+    flag = ""
+    if station.image_on_next_boot:
+        flag = f"  image on next boot: {station.image or '(what the rules pick)'}"
+    if station.menu is not None:
+        flag += f"  menu: {station.menu.value}"
+    return f"{station.mac}  {station.name or '-'}{flag}"
+
+
+def cmd_workstations(args: argparse.Namespace) -> int:
+    command = args.ws_command
+    with _open(args, create=command != "list") as directory:
+        if command == "list":
+            for station in directory.workstations():
+                print(_describe_station(station))
+        elif command == "add":
+            mac = _mac(args.mac)
+            old = directory.workstation(mac) or Workstation(mac)
+            station = dataclasses.replace(old, name=args.name if args.name is not None else old.name)
+            if args.menu is not None:
+                menu = None if args.menu == "policy" else MenuDisplay(args.menu)
+                station = dataclasses.replace(station, menu=menu)
+            directory.put_workstation(station)
+            print(f"registered {_describe_station(station)}")
+        elif command == "remove":
+            mac = _mac(args.mac)
+            if not directory.delete_workstation(mac):
+                raise UsageError(f"no workstation {mac}")
+            print(f"removed workstation {mac}")
+    return 0
+
+
+def cmd_nextboot(args: argparse.Namespace) -> int:
+    mac = _mac(args.mac)
+    with _open(args, create=True) as directory:
+        station = directory.workstation(mac)
+        if args.nb_command == "set":
+            if station is None:
+                station = Workstation(mac)
+                print(f"note: {mac} was not registered; registering it")
+            station = dataclasses.replace(station, image_on_next_boot=True,
+                                          image=args.image if args.image is not None else station.image)
+            directory.put_workstation(station)
+            print(f"flagged {_describe_station(station)}")
+        else:
+            if not directory.clear_next_boot(mac):
+                print(f"{mac} was not flagged")
+            else:
+                print(f"cleared the next-boot flag of {mac}")
+    return 0
+
+
+# -- explain ----------------------------------------------------------------------------------
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    values = {name: getattr(args, name) for name in ATTRIBUTE_KINDS
+              if getattr(args, name, None) is not None}
+    facts, problems = facts_from_strings(values)
+    if problems:
+        raise UsageError("; ".join(problems))
+    with _open(args, create=False) as directory:
+        policy = directory.policy()
+        station = directory.workstation(facts.mac) if facts.mac else None
+    print(f"machine: {facts.describe()}")
+    if station is not None:
+        print(f"registered: {_describe_station(station)}")
+    decided = False
+    for verdict in explain_rules(policy, facts):
+        if not verdict.enabled:
+            mark = "off"
+        elif verdict.matched and not decided:
+            mark, decided = "WINS", True
+        elif verdict.matched:
+            mark = "later"      # would match, but an earlier rule already decided
+        else:
+            mark = "no"
+        print(f"  {verdict.position:3d}. [{mark:5}] {verdict.name}: {verdict.reason}")
+    assignment = assign_work(policy, station, facts)
+    print(f"menu: {menu_for(policy, station).display.value}")
+    print(f"answer: {assignment.action.describe()}")
+    print(f"because: {assignment.reason}")
+    return 0
+
+
+# -- argument parsing -----------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROGRAM, description="Manage the preboot directory: "
+                                     "imaging rules, menu, workstations, multicast sessions.")
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help=f"prebootpolicyd config naming the directory (default {DEFAULT_CONFIG})")
+    parser.add_argument("--directory", help="directory URL (sqlite:///path, ldap://host/base)")
+    parser.add_argument("--credentials", help="root-only file with BindDN and Password (LDAP)")
+    parser.add_argument("--directory-timeout-s", type=float, default=10.0,
+                        help="give up on the directory after this long (default 10)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    export = commands.add_parser("export", help="write the whole policy as one file")
+    export.add_argument("file", nargs="?", help="output file (default stdout)")
+    export.set_defaults(run=cmd_export)
+    imp = commands.add_parser("import", help="replace the store with a policy file")
+    imp.add_argument("file", help="policy file, - for stdin")
+    imp.add_argument("--check", action="store_true", help="only validate the file")
+    imp.set_defaults(run=cmd_import)
+
+    rules = commands.add_parser("rules", help="list and edit work assignment rules")
+    rule_commands = rules.add_subparsers(dest="rules_command", required=True)
+    rule_commands.add_parser("list").set_defaults(run=cmd_rules_list)
+    for name, run in (("add", cmd_rules_add), ("set", cmd_rules_set)):
+        sub = rule_commands.add_parser(name)
+        sub.add_argument("name")
+        sub.add_argument("--filter", help="e.g. \"manufacturer = 'Dell Inc.' and ram_mb >= 4096\"")
+        sub.add_argument("--action", choices=[k.value for k in ActionKind])
+        sub.add_argument("--image", help="restore: base image; make: where to store")
+        sub.add_argument("--addon", action="append", help="add-on image (repeatable)")
+        sub.add_argument("--session", help="multicast session name")
+        if name == "add":
+            sub.add_argument("--force", action="store_true",
+                             help="send the image even to machines that already have it")
+            sub.add_argument("--disabled", action="store_true")
+            sub.add_argument("--position", type=int, help="1 = first (default: last)")
+        else:
+            sub.add_argument("--force", choices=["yes", "no"])
+        sub.set_defaults(run=run)
+    for name, run in (("remove", cmd_rules_remove),
+                      ("enable", lambda a: cmd_rules_enable(a, True)),
+                      ("disable", lambda a: cmd_rules_enable(a, False))):
+        sub = rule_commands.add_parser(name)
+        sub.add_argument("name")
+        sub.set_defaults(run=run)
+    move = rule_commands.add_parser("move")
+    move.add_argument("name")
+    move.add_argument("position", type=int)
+    move.set_defaults(run=cmd_rules_move)
+
+    menu = commands.add_parser("menu", help="Preboot menu display and timeout")
+    menu_commands = menu.add_subparsers(dest="menu_command", required=True)
+    menu_commands.add_parser("show").set_defaults(run=cmd_menu)
+    menu_set = menu_commands.add_parser("set")
+    menu_set.add_argument("--display", choices=[d.value for d in MenuDisplay])
+    menu_set.add_argument("--timeout-s", type=int)
+    menu_set.set_defaults(run=cmd_menu)
+
+    stations = commands.add_parser("workstations", help="registered workstations")
+    ws_commands = stations.add_subparsers(dest="ws_command", required=True)
+    ws_commands.add_parser("list").set_defaults(run=cmd_workstations)
+    add = ws_commands.add_parser("add")
+    add.add_argument("mac")
+    add.add_argument("--name")
+    add.add_argument("--menu", choices=[d.value for d in MenuDisplay] + ["policy"],
+                     help="this machine's Preboot menu display (policy: the policy's)")
+    add.set_defaults(run=cmd_workstations)
+    remove = ws_commands.add_parser("remove")
+    remove.add_argument("mac")
+    remove.set_defaults(run=cmd_workstations)
+
+    nextboot = commands.add_parser("nextboot", help="the 'image on next boot' flag")
+    nb_commands = nextboot.add_subparsers(dest="nb_command", required=True)
+    nb_set = nb_commands.add_parser("set")
+    nb_set.add_argument("mac")
+    nb_set.add_argument("--image", help="image to put down (default: what the rules pick)")
+    nb_set.set_defaults(run=cmd_nextboot)
+    nb_clear = nb_commands.add_parser("clear")
+    nb_clear.add_argument("mac")
+    nb_clear.set_defaults(run=cmd_nextboot)
+
+    explain = commands.add_parser("explain", help="what a machine would get, and why")
+    for name in ATTRIBUTE_KINDS:
+        explain.add_argument(f"--{name.replace('_', '-')}", dest=name)
+    explain.set_defaults(run=cmd_explain)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except PolicyFileError as exc:
+        print(f"{PROGRAM}: {exc}", file=sys.stderr)
+        return EX_DATAERR
+    except UsageError as exc:
+        print(f"{PROGRAM}: {exc}", file=sys.stderr)
+        return EX_DATAERR
+    except DirectoryError as exc:
+        print(f"{PROGRAM}: {exc}", file=sys.stderr)
+        return EX_DIRECTORY
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

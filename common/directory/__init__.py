@@ -1,0 +1,23 @@
+"""The directory (policy store): one interface, backends chosen by URL. See base.py."""
+
+from __future__ import annotations
+
+from .base import (DEFAULT_TIMEOUT_S, Credentials, Directory, DirectoryError, DirectoryURL,
+                   parse_directory_url, read_credentials)
+
+__all__ = ["Credentials", "Directory", "DirectoryError", "DirectoryURL", "open_directory",
+           "parse_directory_url", "read_credentials"]
+
+
+def open_directory(url: str | DirectoryURL, credentials_file: str = "",
+                   timeout_s: float = DEFAULT_TIMEOUT_S, create: bool = True) -> Directory:
+    """Open the store a `Directory =` URL names. ValueError for a bad URL or credentials file;
+    DirectoryError when the store cannot be opened. create=False refuses to create a missing
+    SQLite file (readers should not invent an empty policy from a typo)."""
+    parsed = url if isinstance(url, DirectoryURL) else parse_directory_url(url)
+    if parsed.scheme == "sqlite":
+        from .sqlite import SqliteDirectory
+        return SqliteDirectory(parsed, timeout_s=timeout_s, create=create)
+    from .ldap import LdapDirectory
+    credentials = read_credentials(credentials_file) if credentials_file else None
+    return LdapDirectory(parsed, credentials, timeout_s=timeout_s)

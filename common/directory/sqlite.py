@@ -1,0 +1,269 @@
+"""The embedded directory: one SQLite file (WAL), safe for several daemons reading while imgsrvd
+and preboot-dir write.
+
+Schema versions live in PRAGMA user_version and are applied in order by MIGRATIONS, each in one
+transaction, so an old file is upgraded in place on first open and a file from a newer release
+is refused rather than misread. Triggers bump `meta.generation` on every change to the rules or
+the menu; policy() reads that one row per call and re-parses the rules only when it moved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+
+from ..policy import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
+                      MulticastSession, Rule, Workstation)
+from ..rules import parse_filter
+from .base import Directory, DirectoryError, DirectoryURL, PolicyCache
+
+log = logging.getLogger("preboot.directory")
+
+_BUMP = "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation';"
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the first schema.
+    f"""
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    INSERT INTO meta VALUES ('generation', '0');
+    CREATE TABLE rules (
+        position INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        enabled INTEGER NOT NULL DEFAULT 1,
+        filter TEXT NOT NULL DEFAULT '',
+        action TEXT NOT NULL,
+        image TEXT NOT NULL DEFAULT '',
+        addons TEXT NOT NULL DEFAULT '[]',
+        session TEXT NOT NULL DEFAULT '',
+        force INTEGER NOT NULL DEFAULT 0);
+    CREATE TABLE menu (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        display TEXT NOT NULL,
+        timeout_s INTEGER NOT NULL);
+    CREATE TABLE workstations (
+        mac TEXT PRIMARY KEY,
+        name TEXT NOT NULL DEFAULT '',
+        image_on_next_boot INTEGER NOT NULL DEFAULT 0,
+        image TEXT NOT NULL DEFAULT '',
+        menu TEXT NOT NULL DEFAULT '');
+    CREATE TABLE sessions (
+        position INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        image TEXT NOT NULL,
+        clients INTEGER NOT NULL,
+        timeout_min INTEGER NOT NULL,
+        enabled INTEGER NOT NULL,
+        delete_after INTEGER NOT NULL);
+    CREATE TRIGGER rules_ins AFTER INSERT ON rules BEGIN {_BUMP} END;
+    CREATE TRIGGER rules_upd AFTER UPDATE ON rules BEGIN {_BUMP} END;
+    CREATE TRIGGER rules_del AFTER DELETE ON rules BEGIN {_BUMP} END;
+    CREATE TRIGGER menu_ins AFTER INSERT ON menu BEGIN {_BUMP} END;
+    CREATE TRIGGER menu_upd AFTER UPDATE ON menu BEGIN {_BUMP} END;
+    CREATE TRIGGER menu_del AFTER DELETE ON menu BEGIN {_BUMP} END;
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SqliteDirectory(Directory):
+    def __init__(self, url: DirectoryURL, timeout_s: float = 3.0, create: bool = True):
+        self.url = url
+        self.path = url.path
+        self.timeout_s = timeout_s
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._cache = PolicyCache()
+        self._closed = False
+        if not create and not os.path.exists(self.path):
+            raise DirectoryError(f"directory {url.redacted()}: no such database file")
+        self._migrate(self._connection())
+
+    # -- connections ------------------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        """One connection per thread: sqlite3 objects must not cross threads, and separate
+        connections let readers run beside a writer under WAL."""
+        if self._closed:
+            raise DirectoryError(f"directory {self.url.redacted()} is closed")
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        try:
+            folder = os.path.dirname(self.path)
+            if folder and not os.path.isdir(folder):
+                os.makedirs(folder, mode=0o750, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA busy_timeout={int(self.timeout_s * 1000)}")
+        except (sqlite3.Error, OSError) as exc:
+            raise DirectoryError(f"directory {self.url.redacted()}: cannot open: {exc}") from None
+        self._local.conn = conn
+        with self._lock:
+            self._connections.append(conn)
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise DirectoryError(
+                    f"directory {self.url.redacted()}: schema version {version} is newer than "
+                    f"this release understands ({SCHEMA_VERSION}); upgrade the software")
+            for number in range(version, SCHEMA_VERSION):
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    # Re-check under the write lock: another process may have just migrated.
+                    if conn.execute("PRAGMA user_version").fetchone()[0] > number:
+                        conn.execute("ROLLBACK")
+                        continue
+                    for statement in _statements(MIGRATIONS[number]):
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version={number + 1}")
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                log.info("directory %s: schema migrated to version %d", self.path, number + 1)
+        except sqlite3.Error as exc:
+            raise DirectoryError(f"directory {self.url.redacted()}: {exc}") from None
+
+    def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
+        try:
+            return self._connection().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise DirectoryError(f"directory {self.url.redacted()}: {exc}") from None
+
+    def _write(self, statements: list[tuple[str, tuple]]) -> None:
+        conn = self._connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, params in statements:
+                    conn.execute(sql, params)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise DirectoryError(f"directory {self.url.redacted()}: write failed: {exc}") from None
+
+    # -- policy -----------------------------------------------------------------------------
+
+    def policy(self) -> ImagingPolicy:
+        marker = self._read("SELECT value FROM meta WHERE key = 'generation'")
+        return self._cache.get(marker[0][0] if marker else None, self._load_policy)
+
+    def _load_policy(self) -> ImagingPolicy:
+        rows = self._read("SELECT name, enabled, filter, action, image, addons, session, force "
+                          "FROM rules ORDER BY position")
+        rules = tuple(self._rule(row) for row in rows)
+        menu_rows = self._read("SELECT display, timeout_s FROM menu WHERE id = 1")
+        menu = MenuSettings()
+        if menu_rows:
+            try:
+                menu = MenuSettings(MenuDisplay(menu_rows[0][0]), int(menu_rows[0][1]))
+            except ValueError as exc:
+                raise DirectoryError(f"directory {self.url.redacted()}: bad menu settings: {exc}")
+        return ImagingPolicy(rules, menu)
+
+    def _rule(self, row: tuple) -> Rule:
+        name, enabled, filter_text, action, image, addons, session, force = row
+        try:
+            act = Action(ActionKind(action), image, tuple(json.loads(addons)), session)
+            return Rule(name, parse_filter(filter_text), act, bool(enabled), bool(force))
+        except (ValueError, TypeError) as exc:  # FilterSyntaxError and JSON errors included
+            # Refuse the whole policy: silently skipping a rule could image a machine wrongly.
+            raise DirectoryError(f"directory {self.url.redacted()}: rule '{name}': {exc}") from None
+
+    def replace_policy(self, policy: ImagingPolicy) -> None:
+        statements: list[tuple[str, tuple]] = [("DELETE FROM rules", ())]
+        for position, rule in enumerate(policy.rules, 1):
+            statements.append((
+                "INSERT INTO rules (position, name, enabled, filter, action, image, addons, "
+                "session, force) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (position, rule.name, int(rule.enabled), rule.filter.canonical(),
+                 rule.action.kind.value, rule.action.image, json.dumps(list(rule.action.addons)),
+                 rule.action.session, int(rule.force))))
+        statements.append(("INSERT OR REPLACE INTO menu (id, display, timeout_s) VALUES (1, ?, ?)",
+                           (policy.menu.display.value, policy.menu.timeout_s)))
+        self._write(statements)
+
+    # -- workstations -------------------------------------------------------------------------
+
+    def workstation(self, mac: str) -> Workstation | None:
+        rows = self._read("SELECT mac, name, image_on_next_boot, image, menu FROM workstations "
+                          "WHERE mac = ?", (mac,))
+        return _station(rows[0]) if rows else None
+
+    def workstations(self) -> list[Workstation]:
+        rows = self._read("SELECT mac, name, image_on_next_boot, image, menu FROM workstations "
+                          "ORDER BY mac")
+        return [_station(row) for row in rows]
+
+    def put_workstation(self, station: Workstation) -> None:
+        self._write([("INSERT OR REPLACE INTO workstations (mac, name, image_on_next_boot, image, "
+                      "menu) VALUES (?, ?, ?, ?, ?)",
+                      (station.mac, station.name, int(station.image_on_next_boot),
+                       station.image, station.menu.value if station.menu else ""))])
+
+    def delete_workstation(self, mac: str) -> bool:
+        existed = bool(self._read("SELECT 1 FROM workstations WHERE mac = ?", (mac,)))
+        self._write([("DELETE FROM workstations WHERE mac = ?", (mac,))])
+        return existed
+
+    # -- multicast sessions ---------------------------------------------------------------------
+
+    def sessions(self) -> list[MulticastSession]:
+        rows = self._read("SELECT name, image, clients, timeout_min, enabled, delete_after "
+                          "FROM sessions ORDER BY position")
+        return [MulticastSession(name, image, clients, timeout, bool(enabled), bool(delete))
+                for name, image, clients, timeout, enabled, delete in rows]
+
+    def replace_sessions(self, sessions: list[MulticastSession]) -> None:
+        statements: list[tuple[str, tuple]] = [("DELETE FROM sessions", ())]
+        for position, session in enumerate(sessions, 1):
+            statements.append((
+                "INSERT INTO sessions (position, name, image, clients, timeout_min, enabled, "
+                "delete_after) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (position, session.name, session.image, session.clients, session.timeout_min,
+                 int(session.enabled), int(session.delete_after))))
+        self._write(statements)
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+        self._cache.clear()
+
+
+def _station(row: tuple) -> Workstation:
+    mac, name, flag, image, menu = row
+    try:
+        return Workstation(mac, name, bool(flag), image, MenuDisplay(menu) if menu else None)
+    except ValueError:
+        raise DirectoryError(f"workstation {mac}: bad menu display '{menu}'") from None
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements (executescript would commit our transaction)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            if current.strip():
+                statements.append(current.strip())
+            current = ""
+    if current.strip():
+        statements.append(current.strip())
+    return statements

@@ -1,0 +1,248 @@
+"""The policy model and the work decision: what the directory stores and what a machine gets.
+
+An imaging policy is an ordered list of work assignment rules plus the Preboot menu settings.
+The first enabled rule whose filter matches the machine wins; the rest are ignored (the
+original's documented behaviour). Registered workstations (records by MAC) carry the "put an image
+on this workstation on next boot" flag, which imgsrvd clears after success.
+
+assign_work() is pure: policy, workstation record and facts in, a WorkAssignment with its reason
+out. prebootpolicyd, imgsrvd and `preboot-dir explain` all call it, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from enum import Enum
+
+from .machine import MachineFacts
+from .rulematch import Matcher, compile_matcher
+from .rules import Filter, parse_filter
+
+
+_UNSAFE = re.compile(r'["\x00-\x1f\x7f]')
+
+
+class ActionKind(str, Enum):
+    RESTORE = "restore"          # put a base image (and its add-on images) down on the disk
+    MAKE = "make"                # take an image of the disk to a path on the server
+    MULTICAST = "multicast"      # join a multicast session by name
+    MAINTENANCE = "maintenance"  # the imaging environment's shell
+    NONE = "none"                # no imaging work: boot the local disk
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: ActionKind = ActionKind.NONE
+    image: str = ""                  # restore: the base image; make: the path to store to
+    addons: tuple[str, ...] = ()     # restore: add-on images laid on after the base image
+    session: str = ""                # multicast: the session name
+
+    def __post_init__(self) -> None:
+        problem = self.problem()
+        if problem:
+            raise ValueError(problem)
+
+    def problem(self) -> str | None:
+        if self.kind in (ActionKind.RESTORE, ActionKind.MAKE) and not self.image:
+            return f"action {self.kind.value} needs an image path"
+        if self.kind is ActionKind.MULTICAST and not self.session:
+            return "action multicast needs a session name"
+        if self.addons and self.kind is not ActionKind.RESTORE:
+            return "add-on images go only with action restore"
+        for value in (self.image, self.session, *self.addons):
+            if _UNSAFE.search(value):
+                # They travel in a kernel command line and in the policy file's lists.
+                return f"'{value}' has a double quote or a control character"
+        if any(not addon.strip() for addon in self.addons):
+            return "an add-on image path is empty"
+        return None
+
+    def describe(self) -> str:
+        if self.kind is ActionKind.RESTORE:
+            extra = f" + add-ons {', '.join(self.addons)}" if self.addons else ""
+            return f"restore {self.image}{extra}"
+        if self.kind is ActionKind.MAKE:
+            return f"make an image to {self.image}"
+        if self.kind is ActionKind.MULTICAST:
+            return f"join multicast session {self.session}"
+        if self.kind is ActionKind.MAINTENANCE:
+            return "maintenance shell"
+        return "no work (boot the local disk)"
+
+
+NO_WORK = Action()
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    filter: Filter
+    action: Action
+    enabled: bool = True
+    force: bool = False              # send the base image even if the machine already has it
+
+    @classmethod
+    def from_text(cls, name: str, filter_text: str, action: Action, enabled: bool = True,
+                  force: bool = False) -> "Rule":
+        return cls(name, parse_filter(filter_text), action, enabled, force)
+
+
+class MenuDisplay(str, Enum):
+    ALWAYS = "always"
+    NEVER = "never"
+    HOTKEY = "hotkey"                # shown only when the hot key is pressed (the default)
+
+
+@dataclass(frozen=True)
+class MenuSettings:
+    display: MenuDisplay = MenuDisplay.HOTKEY
+    timeout_s: int = 5               # the menu's (and the hot-key prompt's) wait
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.timeout_s <= 3600:
+            raise ValueError("menu timeout must be 0..3600 seconds")
+
+
+@dataclass(frozen=True)
+class Workstation:
+    mac: str                         # normalised, machine.normalize_mac
+    name: str = ""
+    image_on_next_boot: bool = False
+    image: str = ""                  # the image for next boot; empty: what the rules pick
+    menu: MenuDisplay | None = None  # this machine's Preboot menu display; None: the policy's
+
+
+@dataclass(frozen=True)
+class MulticastSession:
+    name: str
+    image: str                       # the master image file on the server
+    clients: int = 5                 # start when this many have joined ...
+    timeout_min: int = 15            # ... or this long after the last join
+    enabled: bool = True
+    delete_after: bool = True        # delete the session when done, else keep it disabled
+
+
+@dataclass(frozen=True)
+class ImagingPolicy:
+    """What every query reads: the ordered rules and the menu settings."""
+
+    rules: tuple[Rule, ...] = ()
+    menu: MenuSettings = field(default_factory=MenuSettings)
+
+    @cached_property
+    def _enabled(self) -> tuple[Rule, ...]:
+        return tuple(rule for rule in self.rules if rule.enabled)
+
+    @cached_property
+    def _matcher(self) -> Matcher:
+        # Built on first use and kept with this (immutable) policy; the directory's cache hands
+        # out the same object until the store changes. See rulematch.py for why.
+        return compile_matcher([rule.filter for rule in self._enabled])
+
+    def first_match(self, facts: MachineFacts) -> "Rule | None":
+        index = self._matcher(facts)
+        return None if index < 0 else self._enabled[index]
+
+
+@dataclass(frozen=True)
+class PolicyDocument:
+    """The whole store, for import and export (policyfile.py) and backend round trips."""
+
+    policy: ImagingPolicy = field(default_factory=ImagingPolicy)
+    workstations: tuple[Workstation, ...] = ()
+    sessions: tuple[MulticastSession, ...] = ()
+
+
+@dataclass(frozen=True)
+class WorkAssignment:
+    action: Action
+    source: str                      # "workstation 00C04FDC2AB5", "rule 'Dell lab'", "policy"
+    reason: str
+    rule: str | None = None          # the matching rule's name, if a rule decided
+
+    @property
+    def has_work(self) -> bool:
+        return self.action.kind is not ActionKind.NONE
+
+    def describe(self) -> str:
+        return f"{self.action.describe()} ({self.reason})"
+
+
+def menu_for(policy: ImagingPolicy, workstation: Workstation | None) -> MenuSettings:
+    """The menu settings one machine gets: the policy's, with the display overridden where its
+    workstation record says so (the original set Preboot menu options per device too)."""
+    if workstation is None or workstation.menu is None:
+        return policy.menu
+    return MenuSettings(workstation.menu, policy.menu.timeout_s)
+
+
+@dataclass(frozen=True)
+class RuleVerdict:
+    """One rule's outcome for `preboot-dir explain`."""
+
+    position: int
+    name: str
+    enabled: bool
+    matched: bool
+    reason: str
+
+
+def explain_rules(policy: ImagingPolicy, facts: MachineFacts) -> list[RuleVerdict]:
+    """Every rule's verdict, first to last, even after the first match (explain shows why the
+    others did not apply)."""
+    verdicts = []
+    for position, rule in enumerate(policy.rules, 1):
+        if not rule.enabled:
+            verdicts.append(RuleVerdict(position, rule.name, False, False, "disabled"))
+            continue
+        result = rule.filter.explain(facts)
+        verdicts.append(RuleVerdict(position, rule.name, True, result.matched, result.reason))
+    return verdicts
+
+
+def first_matching_rule(policy: ImagingPolicy, facts: MachineFacts) -> Rule | None:
+    return policy.first_match(facts)
+
+
+def assign_work(policy: ImagingPolicy, workstation: Workstation | None,
+                facts: MachineFacts) -> WorkAssignment:
+    """The answer for one machine, as DOMAIN.md's auto-imaging section describes it."""
+    if workstation is not None:
+        return _registered(policy, workstation, facts)
+    rule = first_matching_rule(policy, facts)
+    if rule is None:
+        return WorkAssignment(NO_WORK, "policy", "no enabled rule matches this machine")
+    return _from_rule(rule, facts)
+
+
+def _registered(policy: ImagingPolicy, station: Workstation,
+                facts: MachineFacts) -> WorkAssignment:
+    who = f"workstation {station.name or station.mac}"
+    if not station.image_on_next_boot:
+        # Registered machines are imaged only when flagged; the server rules are for the rest.
+        return WorkAssignment(NO_WORK, who, f"{who} is registered and not flagged for imaging")
+    if station.image:
+        # The administrator flagged this machine by hand: send the image even if it has it.
+        return WorkAssignment(Action(ActionKind.RESTORE, station.image), who,
+                              f"{who} is flagged to get {station.image} on next boot")
+    rule = first_matching_rule(policy, facts)
+    if rule is None:
+        return WorkAssignment(NO_WORK, who,
+                              f"{who} is flagged for imaging with no image named, "
+                              "and no rule matches it")
+    picked = _from_rule(rule, facts, force=True)
+    return WorkAssignment(picked.action, who,
+                          f"{who} is flagged for imaging; {picked.reason}", rule.name)
+
+
+def _from_rule(rule: Rule, facts: MachineFacts, force: bool = False) -> WorkAssignment:
+    source = f"rule '{rule.name}'"
+    action = rule.action
+    if (action.kind is ActionKind.RESTORE and not (rule.force or force)
+            and facts.base_image is not None and facts.base_image == action.image):
+        return WorkAssignment(NO_WORK, source,
+                              f"{source} picks {action.image}, which this machine already has "
+                              "(the rule does not force it)", rule.name)
+    return WorkAssignment(action, source, f"{source} matches: {action.describe()}", rule.name)

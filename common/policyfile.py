@@ -1,0 +1,337 @@
+"""The policy file: the whole directory (rules, menu, workstations, multicast sessions) as one
+readable, diff-able text file in configobj syntax, the same for both backends.
+
+`preboot-dir export` writes it and `preboot-dir import` reads it. Export is canonical (fixed key
+order, canonical filter text, optional keys only when set), so export -> import -> export gives
+identical bytes and `diff` shows only real changes. Errors name the file, line, section and key.
+
+    format = 1
+    [menu]
+    display = hotkey            # always | never | hotkey
+    timeout_s = 5
+    [rules]                     # tried in order; the first enabled match decides
+    [[Dell lab]]
+    enabled = yes
+    filter = "manufacturer = 'Dell Inc.' and ram_mb >= 4096"
+    action = restore            # restore | make | multicast | maintenance | none
+    image = dell/base.img
+    addons = dell/drivers.add, dell/office.add
+    force = no
+    [workstations]
+    [[00C04FDC2AB5]]
+    name = lab-01
+    image_on_next_boot = yes
+    image = dell/base.img
+    menu = always               # optional: this machine's menu display
+    [sessions]
+    [[weekly]]
+    image = dell/base.img
+    clients = 5
+    timeout_min = 15
+    enabled = yes
+    delete_after = yes
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import configobj
+
+from . import __version__
+from .machine import normalize_mac
+from .policy import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
+                     MulticastSession, PolicyDocument, Rule, Workstation)
+from .rules import FilterSyntaxError, parse_filter
+
+FORMAT_VERSION = 1
+_TRUE = {"yes", "true", "on", "1"}
+_FALSE = {"no", "false", "off", "0"}
+_NAME_FORBIDDEN = re.compile(r'[\[\]"\x00-\x1f\x7f]')
+
+RULE_KEYS = ("enabled", "filter", "action", "image", "addons", "session", "force")
+STATION_KEYS = ("name", "image_on_next_boot", "image", "menu")
+SESSION_KEYS = ("image", "clients", "timeout_min", "enabled", "delete_after")
+MENU_KEYS = ("display", "timeout_s")
+
+
+class PolicyFileError(ValueError):
+    def __init__(self, source: str, line: int | None, where: str, message: str):
+        self.source, self.line, self.where, self.message = source, line, where, message
+        location = f"{source}:{line}" if line else source
+        super().__init__(f"{location}: {where}: {message}" if where else f"{location}: {message}")
+
+
+def check_name(kind: str, name: str) -> str | None:
+    """Why a rule or session name cannot be used, or None. Names are section headers in the
+    policy file and RDNs in LDAP, so brackets, double quotes and control characters are out
+    (configobj cannot quote a section name holding both kinds of quote)."""
+    if not name or name != name.strip():
+        return f"{kind} name '{name}' is empty or has leading/trailing spaces"
+    if _NAME_FORBIDDEN.search(name) or len(name) > 128:
+        return (f"{kind} name '{name}' has brackets, double quotes or control characters, "
+                f"or is over 128 characters")
+    return None
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+def dump_policy(document: PolicyDocument, origin: str = "") -> str:
+    """The canonical text of a document."""
+    config = configobj.ConfigObj(encoding="utf-8", indent_type="    ")
+    config.initial_comment = [
+        f"# Preboot policy, written by preboot-dir {__version__}"
+        + (f" from {origin}" if origin else ""),
+        "# Rules are tried in order: the first enabled rule whose filter matches a machine",
+        "# decides its work. Edit, then: preboot-dir import FILE",
+    ]
+    config["format"] = str(FORMAT_VERSION)
+    menu = document.policy.menu
+    config["menu"] = {"display": menu.display.value, "timeout_s": str(menu.timeout_s)}
+    config["rules"] = {}
+    for rule in document.policy.rules:
+        config["rules"][rule.name] = _rule_values(rule)
+    config["workstations"] = {}
+    for station in sorted(document.workstations, key=lambda s: s.mac):
+        values = {"name": station.name, "image_on_next_boot": _yes(station.image_on_next_boot)}
+        if station.image:
+            values["image"] = station.image
+        if station.menu is not None:
+            values["menu"] = station.menu.value
+        config["workstations"][station.mac] = values
+    config["sessions"] = {}
+    for session in document.sessions:
+        config["sessions"][session.name] = {
+            "image": session.image, "clients": str(session.clients),
+            "timeout_min": str(session.timeout_min), "enabled": _yes(session.enabled),
+            "delete_after": _yes(session.delete_after)}
+    lines = config.write()
+    return "\n".join(line.decode("utf-8") if isinstance(line, bytes) else line
+                     for line in lines) + "\n"
+
+
+def _rule_values(rule: Rule) -> dict[str, Any]:
+    values: dict[str, Any] = {"enabled": _yes(rule.enabled), "filter": rule.filter.canonical(),
+                              "action": rule.action.kind.value}
+    if rule.action.image:
+        values["image"] = rule.action.image
+    if rule.action.addons:
+        values["addons"] = list(rule.action.addons)
+    if rule.action.session:
+        values["session"] = rule.action.session
+    values["force"] = _yes(rule.force)
+    return values
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+@dataclass
+class _Reader:
+    source: str
+    lines: list[str]
+
+    def fail(self, sections: tuple[str, ...], key: str | None, message: str) -> PolicyFileError:
+        where = " ".join(f"{'[' * (depth + 1)}{name}{']' * (depth + 1)}"
+                         for depth, name in enumerate(sections))
+        if key:
+            where = f"{where} {key}".strip()
+        return PolicyFileError(self.source, self.line_of(sections, key), where, message)
+
+    def line_of(self, sections: tuple[str, ...], key: str | None) -> int | None:
+        """The line of `key` inside the nested `sections` (configobj keeps no line numbers)."""
+        path: list[str] = []
+        found_section = None
+        header = re.compile(r"^\s*(\[+)\s*(.*?)\s*\]+\s*(#.*)?$")
+        key_line = re.compile(r"^\s*([^=\s#][^=]*?)\s*=")
+        for number, line in enumerate(self.lines, 1):
+            match = header.match(line)
+            if match:
+                depth = len(match.group(1))
+                name = match.group(2).strip("\"'")
+                path = path[:depth - 1] + [name]
+                if tuple(path) == sections:
+                    found_section = number
+                    if key is None:
+                        return number
+                continue
+            if key is not None and tuple(path) == sections:
+                match = key_line.match(line)
+                if match and match.group(1) == key:
+                    return number
+        return found_section
+
+
+def load_policy(text: str, source: str = "<policy>") -> PolicyDocument:
+    """Parse a policy file; PolicyFileError on the first problem."""
+    reader = _Reader(source, text.splitlines())
+    try:
+        config = configobj.ConfigObj(text.splitlines(), encoding="utf-8", list_values=True,
+                                     interpolation=False, raise_errors=True)
+    except configobj.ConfigObjError as exc:
+        line = getattr(exc, "line_number", None)
+        raise PolicyFileError(source, line, "", f"syntax error: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+    _only(reader, (), config.scalars, ("format",))
+    _only(reader, (), config.sections, ("menu", "rules", "workstations", "sessions"))
+    version = config.get("format", str(FORMAT_VERSION))
+    if version != str(FORMAT_VERSION):
+        raise reader.fail((), "format", f"format {version} is not supported (this release reads "
+                                        f"format {FORMAT_VERSION})")
+    menu = _menu(reader, config.get("menu", {}))
+    rules = tuple(_rule(reader, name, section)
+                  for name, section in _subsections(reader, config, "rules"))
+    stations = tuple(_station(reader, name, section)
+                     for name, section in _subsections(reader, config, "workstations"))
+    macs = [s.mac for s in stations]
+    for mac in macs:
+        if macs.count(mac) > 1:
+            raise reader.fail(("workstations",), None, f"MAC {mac} is listed more than once")
+    sessions = tuple(_session(reader, name, section)
+                     for name, section in _subsections(reader, config, "sessions"))
+    return PolicyDocument(ImagingPolicy(rules, menu), stations, sessions)
+
+
+def _subsections(reader: _Reader, config: configobj.ConfigObj, name: str) -> list[tuple[str, Any]]:
+    section = config.get(name)
+    if section is None:
+        return []
+    if section.scalars:
+        raise reader.fail((name,), section.scalars[0],
+                          f"[{name}] holds only [[...]] sections, one per entry")
+    return [(entry, section[entry]) for entry in section.sections]
+
+
+def _only(reader: _Reader, sections: tuple[str, ...], present: list[str],
+          allowed: tuple[str, ...]) -> None:
+    for key in present:
+        if key not in allowed:
+            hint = difflib.get_close_matches(key, allowed, n=1)
+            suffix = f" (did you mean {hint[0]}?)" if hint else ""
+            raise reader.fail(sections, key, f"unknown key{suffix}")
+
+
+def _value(reader: _Reader, where: tuple[str, ...], section: Any, key: str, default: Any,
+           convert: Callable[[Any], Any]) -> Any:
+    if key not in section:
+        return default
+    try:
+        return convert(section[key])
+    except (ValueError, TypeError) as exc:
+        raise reader.fail(where, key, str(exc)) from None
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, list):
+        raise ValueError("one value expected; quote values that contain commas")
+    return str(value)
+
+
+def _flag(value: Any) -> bool:
+    text = _text(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"'{value}' is not yes or no")
+
+
+def _count(low: int, high: int) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        text = _text(value).strip()
+        if not text.isdigit() or not low <= int(text) <= high:
+            raise ValueError(f"'{text}' is not a whole number from {low} to {high}")
+        return int(text)
+    return convert
+
+
+def _display(value: Any) -> MenuDisplay:
+    text = _text(value).strip().lower()
+    try:
+        return MenuDisplay(text)
+    except ValueError:
+        raise ValueError(f"'{text}' is not always, never or hotkey") from None
+
+
+def _menu(reader: _Reader, section: Any) -> MenuSettings:
+    where = ("menu",)
+    if section:
+        _only(reader, where, section.scalars, MENU_KEYS)
+        _only(reader, where, section.sections, ())
+    return MenuSettings(_value(reader, where, section, "display", MenuDisplay.HOTKEY, _display),
+                        _value(reader, where, section, "timeout_s", 5, _count(0, 3600)))
+
+
+def _rule(reader: _Reader, name: str, section: Any) -> Rule:
+    where = ("rules", name)
+    problem = check_name("rule", name)
+    if problem:
+        raise reader.fail(where, None, problem)
+    _only(reader, where, section.scalars, RULE_KEYS)
+    _only(reader, where, section.sections, ())
+    try:
+        filter_ = parse_filter(_text(section.get("filter", "")))
+    except FilterSyntaxError as exc:
+        raise reader.fail(where, "filter", str(exc)) from None
+    except ValueError as exc:
+        raise reader.fail(where, "filter", str(exc)) from None
+
+    def kind(value: Any) -> ActionKind:
+        text = _text(value).strip().lower()
+        try:
+            return ActionKind(text)
+        except ValueError:
+            names = ", ".join(k.value for k in ActionKind)
+            raise ValueError(f"'{text}' is not one of {names}") from None
+
+    if "action" not in section:
+        raise reader.fail(where, None, "no action (restore, make, multicast, maintenance, none)")
+    action_kind = _value(reader, where, section, "action", ActionKind.NONE, kind)
+    addons = section.get("addons", [])
+    addons = tuple(a.strip() for a in ([addons] if isinstance(addons, str) else addons)
+                   if a.strip())
+    image = _value(reader, where, section, "image", "", _text).strip()
+    session = _value(reader, where, section, "session", "", _text).strip()
+    try:
+        action = Action(action_kind, image, addons, session)
+    except ValueError as exc:
+        raise reader.fail(where, "action", str(exc)) from None
+    return Rule(name, filter_, action,
+                _value(reader, where, section, "enabled", True, _flag),
+                _value(reader, where, section, "force", False, _flag))
+
+
+def _station(reader: _Reader, name: str, section: Any) -> Workstation:
+    where = ("workstations", name)
+    mac = normalize_mac(name)
+    if mac is None:
+        raise reader.fail(where, None, f"'{name}' is not a MAC address")
+    _only(reader, where, section.scalars, STATION_KEYS)
+    _only(reader, where, section.sections, ())
+    return Workstation(mac, _value(reader, where, section, "name", "", _text).strip(),
+                       _value(reader, where, section, "image_on_next_boot", False, _flag),
+                       _value(reader, where, section, "image", "", _text).strip(),
+                       _value(reader, where, section, "menu", None, _display))
+
+
+def _session(reader: _Reader, name: str, section: Any) -> MulticastSession:
+    where = ("sessions", name)
+    problem = check_name("session", name)
+    if problem:
+        raise reader.fail(where, None, problem)
+    _only(reader, where, section.scalars, SESSION_KEYS)
+    _only(reader, where, section.sections, ())
+    image = _value(reader, where, section, "image", "", _text).strip()
+    if not image:
+        raise reader.fail(where, "image", "a multicast session needs its master image")
+    return MulticastSession(
+        name, image,
+        _value(reader, where, section, "clients", 5, _count(1, 10000)),
+        _value(reader, where, section, "timeout_min", 15, _count(0, 10080)),
+        _value(reader, where, section, "enabled", True, _flag),
+        _value(reader, where, section, "delete_after", True, _flag))

@@ -1,0 +1,134 @@
+"""SQLite backend specifics (common/directory/sqlite.py): schema versions, change marker,
+refusing bad data. The behaviour both backends share is in tests/integration/
+test_directory_backends.py."""
+
+import multiprocessing
+import sqlite3
+
+import pytest
+
+from common.directory import DirectoryError, open_directory, parse_directory_url, read_credentials
+from common.directory.sqlite import SCHEMA_VERSION
+from common.policy import Action, ActionKind, ImagingPolicy, Rule, Workstation
+
+
+def _url(tmp_path):
+    return f"sqlite:///{tmp_path}/dir.db"
+
+
+def test_a_new_file_gets_the_current_schema_in_wal_mode(tmp_path):
+    with open_directory(_url(tmp_path)):
+        pass
+    conn = sqlite3.connect(tmp_path / "dir.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_readers_do_not_create_a_missing_store(tmp_path):
+    with pytest.raises(DirectoryError, match="no such database file"):
+        open_directory(_url(tmp_path), create=False)
+    assert not (tmp_path / "dir.db").exists()
+
+
+def test_a_store_from_a_newer_release_is_refused(tmp_path):
+    conn = sqlite3.connect(tmp_path / "dir.db")
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(DirectoryError, match="newer than this release"):
+        open_directory(_url(tmp_path))
+
+
+def test_an_edit_by_another_program_shows_on_the_next_query(tmp_path):
+    with open_directory(_url(tmp_path)) as directory:
+        directory.replace_policy(ImagingPolicy((Rule.from_text("a", "", Action()),)))
+        assert [r.name for r in directory.policy().rules] == ["a"]
+        first = directory.policy()
+        assert directory.policy() is first            # unchanged: the parsed policy is reused
+        conn = sqlite3.connect(tmp_path / "dir.db")
+        conn.execute("UPDATE rules SET name = 'b'")
+        conn.commit()
+        assert [r.name for r in directory.policy().rules] == ["b"]
+
+
+def test_a_rule_with_a_bad_filter_refuses_the_whole_policy(tmp_path):
+    with open_directory(_url(tmp_path)) as directory:
+        directory.replace_policy(ImagingPolicy((Rule.from_text("ok", "", Action()),)))
+        conn = sqlite3.connect(tmp_path / "dir.db")
+        conn.execute("INSERT INTO rules (position, name, filter, action) "
+                     "VALUES (2, 'broken', 'ram_mb >>> 1', 'none')")
+        conn.commit()
+        with pytest.raises(DirectoryError, match="rule 'broken'"):
+            directory.policy()
+
+
+def test_an_unreadable_store_is_a_directory_error(tmp_path):
+    (tmp_path / "dir.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(DirectoryError, match="sqlite://"):
+        open_directory(_url(tmp_path)).policy()
+
+
+def _writer(url, count):
+    with open_directory(url) as directory:
+        for n in range(count):
+            directory.put_workstation(Workstation(f"{n:012X}", f"w{n}"))
+
+
+def test_several_processes_write_and_read_at_once(tmp_path):
+    url = _url(tmp_path)
+    open_directory(url).close()
+    procs = [multiprocessing.get_context("spawn").Process(target=_writer, args=(url, 50))
+             for _ in range(3)]
+    for proc in procs:
+        proc.start()
+    with open_directory(url) as reader:
+        while any(p.is_alive() for p in procs):
+            reader.policy()
+            reader.workstations()
+    for proc in procs:
+        proc.join()
+        assert proc.exitcode == 0
+    with open_directory(url) as directory:
+        assert len(directory.workstations()) == 50
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("sqlite:///var/lib/preboot/directory.db", ("sqlite", "/var/lib/preboot/directory.db", "", "")),
+    ("ldap://ldap.example.com/ou=preboot,dc=example,dc=com",
+     ("ldap", "", "ldap.example.com", "ou=preboot,dc=example,dc=com")),
+    ("ldaps://10.0.0.5:636/dc=x", ("ldaps", "", "10.0.0.5:636", "dc=x")),
+    ("ldap://h/ou=a%20b,dc=x", ("ldap", "", "h", "ou=a b,dc=x")),
+])
+def test_directory_urls(text, expected):
+    url = parse_directory_url(text)
+    assert (url.scheme, url.path, url.host, url.base_dn) == expected
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("sqlite://relative.db", "must be absolute"),
+    ("sqlite:///var/lib/", "folder"),
+    ("ldap:///dc=x", "no LDAP host"),
+    ("ldap://host", "no base DN"),
+    ("mysql://host/db", "unknown directory scheme"),
+    ("/var/lib/x.db", "unknown directory scheme"),
+])
+def test_bad_directory_urls_say_why(text, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        parse_directory_url(text)
+
+
+def test_credentials_must_be_private(tmp_path):
+    path = tmp_path / "ldap.secret"
+    path.write_text("# bind\nBindDN = cn=admin,dc=x\nPassword = s3 cr=et\n")
+    path.chmod(0o600)
+    creds = read_credentials(str(path))
+    assert (creds.bind_dn, creds.password) == ("cn=admin,dc=x", "s3 cr=et")
+    path.chmod(0o640)
+    with pytest.raises(ValueError, match="readable by others"):
+        read_credentials(str(path))
+    path.chmod(0o600)
+    path.write_text("BindDN = x\n")
+    with pytest.raises(ValueError, match="needs both"):
+        read_credentials(str(path))
+    path.write_text("User = x\n")
+    with pytest.raises(ValueError, match=":1:"):
+        read_credentials(str(path))

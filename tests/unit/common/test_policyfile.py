@@ -1,0 +1,155 @@
+"""The policy file (common/policyfile.py): canonical round trips and located errors."""
+
+import string
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from common.policy import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
+                           MulticastSession, PolicyDocument, Rule, Workstation)
+from common.policyfile import PolicyFileError, check_name, dump_policy, load_policy
+
+SAMPLE = """\
+format = 1
+[menu]
+display = always
+timeout_s = 7
+[rules]
+[[Dell lab]]
+filter = "manufacturer = 'Dell Inc.' and ram_mb >= 4GB"
+action = restore
+image = dell/base.img
+addons = dell/a.add, "dell/b,c.add"
+[[HP # 2]]
+filter = "manufacturer contains hp or serial startswith '#HP'"
+action = make
+image = uploads/hp.img
+enabled = no
+force = yes
+[[rest]]
+action = none
+[workstations]
+[[00:c0:4f:dc:2a:b5]]
+name = lab-01
+image_on_next_boot = yes
+menu = Always
+[sessions]
+[[weekly]]
+image = a.img
+clients = 12
+"""
+
+
+def test_sample_reads_as_written():
+    doc = load_policy(SAMPLE, "sample.conf")
+    assert doc.policy.menu == MenuSettings(MenuDisplay.ALWAYS, 7)
+    names = [r.name for r in doc.policy.rules]
+    assert names == ["Dell lab", "HP # 2", "rest"]
+    dell, hp, rest = doc.policy.rules
+    assert dell.action == Action(ActionKind.RESTORE, "dell/base.img", ("dell/a.add", "dell/b,c.add"))
+    assert dell.filter.canonical() == "manufacturer = 'Dell Inc.' and ram_mb >= 4GB"
+    assert hp.enabled is False and hp.force is True and hp.action.kind is ActionKind.MAKE
+    assert rest.filter.canonical() == "" and rest.action.kind is ActionKind.NONE
+    assert doc.workstations == (Workstation("00C04FDC2AB5", "lab-01", True, "", MenuDisplay.ALWAYS),)
+    assert doc.sessions == (MulticastSession("weekly", "a.img", 12, 15, True, True),)
+
+
+def test_export_import_export_is_byte_identical():
+    first = dump_policy(load_policy(SAMPLE))
+    second = dump_policy(load_policy(first))
+    assert first == second
+    assert first.index("[[Dell lab]]") < first.index("[[\"HP # 2\"]]") < first.index("[[rest]]")
+
+
+def test_defaults_when_sections_are_missing():
+    doc = load_policy("")
+    assert doc == PolicyDocument()
+    assert doc.policy.menu.display is MenuDisplay.HOTKEY
+
+
+@pytest.mark.parametrize("text, line, fragment", [
+    ("[rules]\n[[a]]\nfilter = ram_mb >= lots\naction = none\n", 3, "[[a]] filter: at 10"),
+    ("[rules]\n[[a]]\naction = image\n", 3, "'image' is not one of"),
+    ("[rules]\n[[a]]\nfilter = ram_mb > 1\n", 2, "no action"),
+    ("[rules]\n[[a]]\naction = restore\n", 3, "needs an image"),
+    ("[rules]\n[[a]]\naction = none\nenabld = no\n", 4, "did you mean enabled"),
+    ("[rules]\n[[a]]\naction = none\nforce = maybe\n", 4, "not yes or no"),
+    ("[menu]\ndisplay = sometimes\n", 2, "not always, never or hotkey"),
+    ("[menu]\ntimeout_s = -3\n", 2, "whole number"),
+    ("format = 2\n", 1, "format 2 is not supported"),
+    ("[workstations]\n[[not-a-mac]]\nname = x\n", 2, "not a MAC address"),
+    ("[workstations]\n[[001122334455]]\nmenu = maybe\n", 3, "not always, never or hotkey"),
+    ("[workstations]\n[[001122334455]]\n[[00:11:22:33:44:55]]\n", None, "more than once"),
+    ("[sessions]\n[[s]]\nclients = 3\n", 2, "master image"),
+    ("[rule]\n", None, "unknown key"),
+    ("[rules]\nx = 1\n", 2, "one per entry"),
+    ("[rules]\n[[a]]\naction = none, make\n", 3, "one value expected"),
+    ("[rules\n", 1, "syntax error"),
+])
+def test_errors_name_the_file_line_and_key(text, line, fragment):
+    with pytest.raises(PolicyFileError) as caught:
+        load_policy(text, "site.conf")
+    message = str(caught.value)
+    assert fragment in message
+    assert message.startswith("site.conf")
+    if line is not None:
+        assert caught.value.line == line, message
+
+
+@pytest.mark.parametrize("name", ["", " lead", "trail ", 'a"b', "a[b", "a]b", "tab\there", "x" * 129])
+def test_names_that_cannot_be_section_headers_or_rdns_are_refused(name):
+    assert check_name("rule", name) is not None
+
+
+def test_ordinary_names_are_fine():
+    assert check_name("rule", "Bob's lab #2, 2nd floor = é") is None
+
+
+_name = st.text(string.ascii_letters + string.digits + " #,'=-_.é", min_size=1,
+                max_size=20).map(str.strip).filter(bool)
+_path = st.text(string.ascii_letters + string.digits + "/._-# ,'", min_size=1,
+                max_size=24).map(str.strip).filter(bool)
+_filter_text = st.sampled_from([
+    "", "ram_mb >= 4096", "manufacturer = 'A, B # C'", "not (mac startswith 00C04F)",
+    "serial contains \"x'y\" or ip = 10.0.0.0/8 and disk_mb < 1TB",
+    "product endswith '\\\\' or hostname != lab",
+])
+
+
+@st.composite
+def _documents(draw):
+    names = draw(st.lists(_name, max_size=5, unique=True))
+    rules = []
+    for name in names:
+        kind = draw(st.sampled_from(list(ActionKind)))
+        image = draw(_path) if kind in (ActionKind.RESTORE, ActionKind.MAKE) else ""
+        addons = tuple(draw(st.lists(_path, max_size=3))) if kind is ActionKind.RESTORE else ()
+        session = draw(_name) if kind is ActionKind.MULTICAST else ""
+        rules.append(Rule.from_text(name, draw(_filter_text), Action(kind, image, addons, session),
+                                    draw(st.booleans()), draw(st.booleans())))
+    macs = draw(st.lists(st.text("0123456789ABCDEF", min_size=12, max_size=12), max_size=4,
+                         unique=True))
+    stations = tuple(Workstation(mac, draw(st.text(string.printable.strip(), max_size=10)).strip(),
+                                 draw(st.booleans()), draw(st.one_of(st.just(""), _path)),
+                                 draw(st.one_of(st.none(), st.sampled_from(list(MenuDisplay)))))
+                     for mac in sorted(macs))
+    sessions = tuple(MulticastSession(name, draw(_path), draw(st.integers(1, 50)),
+                                      draw(st.integers(0, 600)), draw(st.booleans()),
+                                      draw(st.booleans()))
+                     for name in draw(st.lists(_name, max_size=3, unique=True)))
+    menu = MenuSettings(draw(st.sampled_from(list(MenuDisplay))), draw(st.integers(0, 3600)))
+    return PolicyDocument(ImagingPolicy(tuple(rules), menu), stations, sessions)
+
+
+def _comparable(doc):
+    rules = [(r.name, r.enabled, r.force, r.action, r.filter.canonical()) for r in doc.policy.rules]
+    return rules, doc.policy.menu, doc.workstations, doc.sessions
+
+
+@settings(max_examples=150, deadline=None)
+@given(_documents())
+def test_any_document_round_trips(doc):
+    text = dump_policy(doc)
+    back = load_policy(text)
+    assert _comparable(back) == _comparable(doc)
+    assert dump_policy(back) == text
