@@ -186,6 +186,7 @@ def load_policy(text: str, source: str = "<policy>") -> PolicyDocument:
     menu = _menu(reader, config.get("menu", {}))
     rules = tuple(_rule(reader, name, section)
                   for name, section in _subsections(reader, config, "rules"))
+    _unique_names(reader, "rules", [rule.name for rule in rules])
     stations = tuple(_station(reader, name, section)
                      for name, section in _subsections(reader, config, "workstations"))
     macs = [s.mac for s in stations]
@@ -194,7 +195,19 @@ def load_policy(text: str, source: str = "<policy>") -> PolicyDocument:
             raise reader.fail(("workstations",), None, f"MAC {mac} is listed more than once")
     sessions = tuple(_session(reader, name, section)
                      for name, section in _subsections(reader, config, "sessions"))
+    _unique_names(reader, "sessions", [session.name for session in sessions])
     return PolicyDocument(ImagingPolicy(rules, menu), stations, sessions)
+
+
+def _unique_names(reader: _Reader, section: str, names: list[str]) -> None:
+    """Names differing only in case are one name to LDAP (and to SQLite's NOCASE index)."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = " ".join(name.casefold().split())
+        if key in seen:
+            raise reader.fail((section, name), None,
+                              f"'{name}' and '{seen[key]}' differ only in case or spacing")
+        seen[key] = name
 
 
 def _subsections(reader: _Reader, config: configobj.ConfigObj, name: str) -> list[tuple[str, Any]]:

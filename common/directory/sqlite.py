@@ -15,6 +15,7 @@ import os
 import sqlite3
 import threading
 
+from ..machine import normalize_mac
 from ..policy import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
                       MulticastSession, Rule, Workstation)
 from ..rules import parse_filter
@@ -31,7 +32,7 @@ MIGRATIONS: tuple[str, ...] = (
     INSERT INTO meta VALUES ('generation', '0');
     CREATE TABLE rules (
         position INTEGER PRIMARY KEY,
-        name TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL UNIQUE COLLATE NOCASE,
         enabled INTEGER NOT NULL DEFAULT 1,
         filter TEXT NOT NULL DEFAULT '',
         action TEXT NOT NULL,
@@ -51,7 +52,7 @@ MIGRATIONS: tuple[str, ...] = (
         menu TEXT NOT NULL DEFAULT '');
     CREATE TABLE sessions (
         position INTEGER PRIMARY KEY,
-        name TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL UNIQUE COLLATE NOCASE,
         image TEXT NOT NULL,
         clients INTEGER NOT NULL,
         timeout_min INTEGER NOT NULL,
@@ -160,10 +161,21 @@ class SqliteDirectory(Directory):
         return self._cache.get(marker[0][0] if marker else None, self._load_policy)
 
     def _load_policy(self) -> ImagingPolicy:
-        rows = self._read("SELECT name, enabled, filter, action, image, addons, session, force "
-                          "FROM rules ORDER BY position")
+        # One read transaction: under WAL it is a snapshot, so the rules and the menu always
+        # come from the same committed write.
+        conn = self._connection()
+        try:
+            conn.execute("BEGIN")
+            try:
+                rows = conn.execute("SELECT name, enabled, filter, action, image, addons, "
+                                    "session, force FROM rules ORDER BY position").fetchall()
+                menu_rows = conn.execute("SELECT display, timeout_s FROM menu "
+                                         "WHERE id = 1").fetchall()
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise DirectoryError(f"directory {self.url.redacted()}: {exc}") from None
         rules = tuple(self._rule(row) for row in rows)
-        menu_rows = self._read("SELECT display, timeout_s FROM menu WHERE id = 1")
         menu = MenuSettings()
         if menu_rows:
             try:
@@ -197,6 +209,7 @@ class SqliteDirectory(Directory):
     # -- workstations -------------------------------------------------------------------------
 
     def workstation(self, mac: str) -> Workstation | None:
+        mac = normalize_mac(mac) or mac
         rows = self._read("SELECT mac, name, image_on_next_boot, image, menu FROM workstations "
                           "WHERE mac = ?", (mac,))
         return _station(rows[0]) if rows else None
@@ -213,6 +226,7 @@ class SqliteDirectory(Directory):
                        station.image, station.menu.value if station.menu else ""))])
 
     def delete_workstation(self, mac: str) -> bool:
+        mac = normalize_mac(mac) or mac
         existed = bool(self._read("SELECT 1 FROM workstations WHERE mac = ?", (mac,)))
         self._write([("DELETE FROM workstations WHERE mac = ?", (mac,))])
         return existed

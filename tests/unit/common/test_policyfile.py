@@ -85,6 +85,7 @@ def test_defaults_when_sections_are_missing():
     ("[rules]\nx = 1\n", 2, "one per entry"),
     ("[rules]\n[[a]]\naction = none, make\n", 3, "one value expected"),
     ("[rules\n", 1, "syntax error"),
+    ("[rules]\n[[Lab]]\naction = none\n[[lab]]\naction = none\n", 4, "differ only in case"),
 ])
 def test_errors_name_the_file_line_and_key(text, line, fragment):
     with pytest.raises(PolicyFileError) as caught:
@@ -118,7 +119,7 @@ _filter_text = st.sampled_from([
 
 @st.composite
 def _documents(draw):
-    names = draw(st.lists(_name, max_size=5, unique=True))
+    names = draw(st.lists(_name, max_size=5, unique_by=lambda n: " ".join(n.casefold().split())))
     rules = []
     for name in names:
         kind = draw(st.sampled_from(list(ActionKind)))
@@ -136,7 +137,8 @@ def _documents(draw):
     sessions = tuple(MulticastSession(name, draw(_path), draw(st.integers(1, 50)),
                                       draw(st.integers(0, 600)), draw(st.booleans()),
                                       draw(st.booleans()))
-                     for name in draw(st.lists(_name, max_size=3, unique=True)))
+                     for name in draw(st.lists(_name, max_size=3,
+                                               unique_by=lambda n: " ".join(n.casefold().split()))))
     menu = MenuSettings(draw(st.sampled_from(list(MenuDisplay))), draw(st.integers(0, 3600)))
     return PolicyDocument(ImagingPolicy(tuple(rules), menu), stations, sessions)
 

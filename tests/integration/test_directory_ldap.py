@@ -1,0 +1,412 @@
+"""The LDAP backend against a real slapd: changes made with the real ldapmodify, outages,
+reconnects, refused credentials, a missing base DN and malformed entries.
+
+Each test gets its own slapd (start-up takes about 0.1 s), so stopping or freezing it cannot
+disturb another test. The backend-neutral behaviour is in test_directory_backends.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.directory import DirectoryError, open_directory
+from common.directory.ldap import LdapDirectory
+from common.policy import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings, Rule,
+                           Workstation)
+
+import ldapserver
+
+TIMEOUT_S = 1.0
+
+pytestmark = pytest.mark.skipif(ldapserver.missing() is not None,
+                                reason=ldapserver.missing() or "")
+
+POLICY = ImagingPolicy((
+    Rule.from_text("first", "arch = i386", Action(ActionKind.RESTORE, "a.zmg")),
+    Rule.from_text("second", "manufacturer = Dell", Action(ActionKind.MAINTENANCE)),
+    Rule.from_text("last", "", Action(ActionKind.NONE)),
+), MenuSettings(MenuDisplay.HOTKEY, 5))
+
+
+@pytest.fixture
+def server() -> Iterator[ldapserver.Slapd]:
+    slapd = ldapserver.Slapd().start()
+    yield slapd
+    if slapd.proc is not None:
+        try:
+            os.kill(slapd.proc.pid, signal.SIGCONT)    # in case a test froze it
+        except ProcessLookupError:
+            pass
+    slapd.stop()
+
+
+@pytest.fixture
+def credentials(server: ldapserver.Slapd, tmp_path: Path) -> str:
+    return str(server.write_credentials(tmp_path / "directory.cred"))
+
+
+@pytest.fixture
+def directory(server: ldapserver.Slapd, credentials: str) -> Iterator[LdapDirectory]:
+    with open_directory(server.url, credentials, timeout_s=TIMEOUT_S) as opened:
+        assert isinstance(opened, LdapDirectory)
+        yield opened
+
+
+def names(policy: ImagingPolicy) -> list[str]:
+    return [rule.name for rule in policy.rules]
+
+
+def rules_dn(server: ldapserver.Slapd) -> str:
+    return f"ou=rules,{server.base_dn}"
+
+
+# -- changes by other programs ------------------------------------------------------------------
+
+def test_ldapmodify_changes_show_on_the_next_call(server, directory) -> None:
+    directory.replace_policy(POLICY)
+    assert names(directory.policy()) == ["first", "second", "last"]
+    cached = directory.policy()
+
+    server.ldapmodify(f"dn: cn=first,{rules_dn(server)}\nchangetype: modify\n"
+                      "replace: prebootFilter\nprebootFilter: arch = x86_64\n")
+    policy = directory.policy()
+    assert policy is not cached
+    assert policy.rules[0].filter.canonical() == "arch = x86_64"
+
+    # A rule written by hand: no prebootEnabled (defaults to TRUE), add-ons in {N} order,
+    # slotted between first (10) and second (20).
+    server.ldapadd(f"dn: cn=by hand,{rules_dn(server)}\nobjectClass: prebootRule\n"
+                   "cn: by hand\nprebootRuleOrder: 15\nprebootFilter: ram >= 8GB\n"
+                   "prebootAction: restore\nprebootImage: base.zmg\n"
+                   "prebootAddonImage: {1}second.zmg\nprebootAddonImage: {0}first.zmg\n")
+    policy = directory.policy()
+    assert names(policy) == ["first", "by hand", "second", "last"]
+    by_hand = policy.rules[1]
+    assert by_hand.enabled and not by_hand.force
+    assert by_hand.action == Action(ActionKind.RESTORE, "base.zmg", ("first.zmg", "second.zmg"))
+
+    server.ldapmodify(f"dn: cn=first,{rules_dn(server)}\nchangetype: delete\n")
+    assert names(directory.policy()) == ["by hand", "second", "last"]
+
+    server.ldapmodify(f"dn: cn=policy,{server.base_dn}\nchangetype: modify\n"
+                      "replace: prebootMenuDisplay\nprebootMenuDisplay: always\n")
+    assert directory.policy().menu == MenuSettings(MenuDisplay.ALWAYS, 5)
+
+    assert directory.workstation("00C04FDC2AB5") is None
+    server.ldapadd(f"dn: prebootMAC=00C04FDC2AB5,ou=workstations,{server.base_dn}\n"
+                   "objectClass: prebootWorkstation\nprebootMAC: 00C04FDC2AB5\ncn: lab-07\n"
+                   "prebootImageOnNextBoot: TRUE\nprebootImage: images/lab.zmg\n")
+    assert directory.workstation("00C04FDC2AB5") == Workstation("00C04FDC2AB5", "lab-07", True,
+                                                                "images/lab.zmg")
+
+
+def test_hand_registered_workstations_in_other_shapes(server, directory) -> None:
+    directory.put_workstation(Workstation("000000000001"))      # creates the containers
+    server.ldapadd(f"dn: cn=lab pc,ou=workstations,{server.base_dn}\n"
+                   "objectClass: prebootWorkstation\ncn: lab pc\n"
+                   "prebootMAC: 00:c0:4f:dc:2a:b5\n\n"
+                   f"dn: ou=lab2,ou=workstations,{server.base_dn}\n"
+                   "objectClass: organizationalUnit\nou: lab2\n\n"
+                   f"dn: prebootMAC=A4BADB000001,ou=lab2,ou=workstations,{server.base_dn}\n"
+                   "objectClass: prebootWorkstation\nprebootMAC: A4BADB000001\n"
+                   "prebootMenuDisplay: never\n")
+    assert directory.workstation("00C04FDC2AB5") == Workstation("00C04FDC2AB5", "lab pc")
+    assert directory.workstation("A4BADB000001") == Workstation("A4BADB000001",
+                                                                menu=MenuDisplay.NEVER)
+    assert [s.mac for s in directory.workstations()] == ["000000000001", "00C04FDC2AB5",
+                                                         "A4BADB000001"]
+
+    # Writing it back gives the entry our RDN; it stays one entry.
+    directory.put_workstation(Workstation("00C04FDC2AB5", "renamed", True))
+    assert directory.workstation("00C04FDC2AB5") == Workstation("00C04FDC2AB5", "renamed", True)
+    conn = server.connect()
+    found = conn.search_s(f"ou=workstations,{server.base_dn}", 2, "(prebootMAC=*)", ["1.1"])
+    assert sorted(dn for dn, _ in found) == sorted([
+        f"prebootMAC=000000000001,ou=workstations,{server.base_dn}",
+        f"prebootMAC=00C04FDC2AB5,ou=workstations,{server.base_dn}",
+        f"prebootMAC=A4BADB000001,ou=lab2,ou=workstations,{server.base_dn}"])
+    conn.unbind_s()
+    assert directory.delete_workstation("A4BADB000001") is True
+
+
+def test_no_context_csn_rereads_every_call(tmp_path, caplog) -> None:
+    with ldapserver.Slapd(syncprov=False) as server:
+        credentials = str(server.write_credentials(tmp_path / "c"))
+        caplog.set_level(logging.INFO, logger="preboot.directory")
+        with open_directory(server.url, credentials, timeout_s=TIMEOUT_S) as directory:
+            directory.replace_policy(POLICY)
+            assert names(directory.policy()) == ["first", "second", "last"]
+            server.ldapmodify(f"dn: cn=second,{rules_dn(server)}\nchangetype: delete\n")
+            assert names(directory.policy()) == ["first", "last"]
+            directory.policy()
+        notes = [r.getMessage() for r in caplog.records if "contextCSN" in r.getMessage()]
+        assert len(notes) == 1 and "re-read on every query" in notes[0]
+
+
+# -- outages ------------------------------------------------------------------------------------
+
+def test_stopped_server_is_an_error_then_the_same_object_reconnects(server, directory) -> None:
+    directory.replace_policy(POLICY)
+    directory.policy()
+    server.stop_process()
+    started = time.monotonic()
+    with pytest.raises(DirectoryError, match="unreachable") as caught:
+        directory.policy()
+    assert time.monotonic() - started < TIMEOUT_S * 3
+    assert server.uri in str(caught.value)
+    with pytest.raises(DirectoryError, match="unreachable"):
+        directory.workstation("00C04FDC2AB5")
+
+    server.start_again()
+    assert names(directory.policy()) == ["first", "second", "last"]
+    directory.put_workstation(Workstation("00C04FDC2AB5", "back"))
+    assert directory.workstation("00C04FDC2AB5").name == "back"
+
+
+def test_restarted_server_is_picked_up_without_an_error(server, directory) -> None:
+    directory.replace_policy(POLICY)
+    directory.workstations()
+    server.restart()          # every connection the object holds is now dead
+    assert names(directory.policy()) == ["first", "second", "last"]
+    assert directory.workstations() == []
+
+
+def test_closed_port_fails_fast(tmp_path) -> None:
+    url = f"ldap://127.0.0.1:{ldapserver.free_port()}/dc=preboot,dc=test"
+    with open_directory(url, timeout_s=TIMEOUT_S) as directory:
+        started = time.monotonic()
+        with pytest.raises(DirectoryError, match="unreachable"):
+            directory.policy()
+        assert time.monotonic() - started < TIMEOUT_S * 3
+
+
+def test_frozen_server_times_out(server, directory) -> None:
+    """A server that accepts the connection and never answers (SIGSTOP): the call returns
+    with DirectoryError after about timeout_s instead of hanging."""
+    directory.replace_policy(POLICY)
+    fresh = open_directory(server.url, timeout_s=TIMEOUT_S)
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        for call in (directory.policy, lambda: directory.workstation("00C04FDC2AB5"),
+                     fresh.policy):
+            started = time.monotonic()
+            with pytest.raises(DirectoryError, match="did not answer"):
+                call()
+            assert time.monotonic() - started < TIMEOUT_S * 3
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    assert names(directory.policy()) == ["first", "second", "last"]
+    fresh.close()
+
+
+def test_ldaps_to_a_plain_port_is_an_error(server) -> None:
+    url = server.url.replace("ldap://", "ldaps://")
+    with open_directory(url, timeout_s=TIMEOUT_S) as directory:
+        started = time.monotonic()
+        with pytest.raises(DirectoryError):
+            directory.policy()
+        assert time.monotonic() - started < TIMEOUT_S * 3
+
+
+# -- credentials and base DN --------------------------------------------------------------------
+
+def test_wrong_password_is_a_clear_error(server, tmp_path) -> None:
+    wrong = server.write_credentials(tmp_path / "wrong.cred", password="not the password")
+    with open_directory(server.url, str(wrong), timeout_s=TIMEOUT_S) as directory:
+        with pytest.raises(DirectoryError, match="invalid credentials") as caught:
+            directory.policy()
+    assert server.root_dn in str(caught.value)
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o660])
+def test_credentials_file_readable_by_others_is_refused(server, tmp_path, mode) -> None:
+    loose = server.write_credentials(tmp_path / "loose.cred", mode=mode)
+    with pytest.raises(ValueError, match="readable by others"):
+        open_directory(server.url, str(loose))
+
+
+def test_missing_base_dn_is_named(server, credentials) -> None:
+    base = f"ou=missing,{server.suffix}"
+    with open_directory(server.url_for(base), credentials, timeout_s=TIMEOUT_S) as directory:
+        for call in (directory.policy, directory.workstations, directory.sessions,
+                     lambda: directory.workstation("00C04FDC2AB5"),
+                     lambda: directory.replace_policy(POLICY),
+                     lambda: directory.put_workstation(Workstation("00C04FDC2AB5"))):
+            with pytest.raises(DirectoryError, match=f"base DN '{base}' does not exist"):
+                call()
+
+
+def test_base_without_containers_reads_empty_and_first_write_creates_them(server,
+                                                                          credentials) -> None:
+    base = f"ou=empty,{server.suffix}"
+    server.ldapadd(f"dn: {base}\nobjectClass: organizationalUnit\nou: empty\n")
+    with open_directory(server.url_for(base), credentials, timeout_s=TIMEOUT_S) as directory:
+        assert directory.policy() == ImagingPolicy()
+        assert directory.workstations() == [] and directory.sessions() == []
+        directory.replace_policy(POLICY)
+    conn = server.connect()
+    found = conn.search_s(base, 1, "(objectClass=*)", ["1.1"])
+    conn.unbind_s()
+    assert sorted(dn.split(",")[0] for dn, _ in found) == [
+        "cn=policy", "ou=rules", "ou=sessions", "ou=workstations"]
+
+
+def test_size_limit_is_an_error_never_a_short_policy(server, tmp_path) -> None:
+    """slapd's default size limit (500) cuts anonymous searches short: that must fail, not
+    yield the first 500 rules. The reader account has unlimited results and gets them all."""
+    with open_directory(server.url, server.write_credentials(tmp_path / "root.cred").as_posix(),
+                        timeout_s=10) as writer:
+        writer.replace_policy(ImagingPolicy(tuple(
+            Rule.from_text(f"r{n:03d}", f"hostname = h{n}", Action()) for n in range(501))))
+    with open_directory(server.url, timeout_s=10) as anonymous:
+        with pytest.raises(DirectoryError, match="size limit"):
+            anonymous.policy()
+    reader = server.write_credentials(tmp_path / "reader.cred", server.reader_dn,
+                                      server.reader_password)
+    with open_directory(server.url, str(reader), timeout_s=10) as directory:
+        assert len(directory.policy().rules) == 501
+        with pytest.raises(DirectoryError, match="access denied|Insufficient"):
+            directory.replace_policy(POLICY)
+
+
+# -- malformed entries --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("attribute,value,expected", [
+    ("prebootFilter", "ram >= lots", "'lots' is not a whole number"),
+    ("prebootFilter", "colour = blue", "unknown attribute"),
+    ("prebootAction", "reimage", "unknown prebootAction 'reimage'"),
+    ("prebootImage", "has\"quote.zmg", "double quote"),
+])
+def test_malformed_rule_fails_the_policy_naming_the_rule(server, directory, attribute, value,
+                                                         expected) -> None:
+    directory.replace_policy(POLICY)
+    directory.policy()
+    server.ldapmodify(f"dn: cn=second,{rules_dn(server)}\nchangetype: modify\n"
+                      f"replace: {attribute}\n{attribute}: {value}\n")
+    with pytest.raises(DirectoryError) as caught:
+        directory.policy()
+    message = str(caught.value)
+    assert f"cn=second,{rules_dn(server)}" in message
+    assert expected in message
+    # Fixed by hand: the next call works again.
+    server.ldapmodify(f"dn: cn=second,{rules_dn(server)}\nchangetype: modify\n"
+                      "replace: prebootFilter\nprebootFilter: manufacturer = Dell\n"
+                      "-\nreplace: prebootAction\nprebootAction: maintenance\n"
+                      "-\nreplace: prebootImage\n")
+    assert names(directory.policy()) == ["first", "second", "last"]
+
+
+def test_other_malformed_entries_are_named(server, directory) -> None:
+    directory.replace_policy(POLICY)
+    server.ldapmodify(f"dn: cn=first,{rules_dn(server)}\nchangetype: modify\n"
+                      "replace: prebootAddonImage\nprebootAddonImage: x.zmg\n"
+                      "prebootAddonImage: y.zmg\n")
+    with pytest.raises(DirectoryError, match=r"cn=first,.*\{N\} order prefix"):
+        directory.policy()
+    server.ldapmodify(f"dn: cn=first,{rules_dn(server)}\nchangetype: modify\n"
+                      "delete: prebootAddonImage\n\n"
+                      f"dn: cn=policy,{server.base_dn}\nchangetype: modify\n"
+                      "replace: prebootMenuDisplay\nprebootMenuDisplay: sometimes\n")
+    with pytest.raises(DirectoryError, match=r"cn=policy,.*unknown prebootMenuDisplay"):
+        directory.policy()
+
+    directory.put_workstation(Workstation("00C04FDC2AB5"))
+    server.ldapadd(f"dn: cn=broken,ou=workstations,{server.base_dn}\n"
+                   "objectClass: prebootWorkstation\ncn: broken\nprebootMAC: not-a-mac\n")
+    with pytest.raises(DirectoryError, match=r"cn=broken,ou=workstations.*not a MAC"):
+        directory.workstations()
+    # A lookup of a good MAC is not disturbed by the broken entry.
+    assert directory.workstation("00C04FDC2AB5") == Workstation("00C04FDC2AB5")
+
+
+def test_interrupted_policy_write(server, directory, credentials) -> None:
+    """A writer that died half-way leaves prebootPolicySerial odd: an object that read the
+    policy before keeps that one, a new one refuses, and writing the policy again repairs."""
+    directory.replace_policy(POLICY)
+    before = directory.policy()
+    server.ldapmodify(f"dn: cn=policy,{server.base_dn}\nchangetype: modify\n"
+                      "replace: prebootPolicySerial\nprebootPolicySerial: 7\n\n"
+                      f"dn: cn=first,{rules_dn(server)}\nchangetype: delete\n")
+    assert directory.policy() == before
+    with open_directory(server.url, credentials, timeout_s=TIMEOUT_S) as newcomer:
+        started = time.monotonic()
+        with pytest.raises(DirectoryError, match="write the policy again"):
+            newcomer.policy()
+        assert time.monotonic() - started < TIMEOUT_S * 3
+        newcomer.replace_policy(POLICY)
+        assert names(newcomer.policy()) == ["first", "second", "last"]
+    assert names(directory.policy()) == ["first", "second", "last"]
+
+
+def test_rule_names_equal_to_the_server_are_refused_before_writing(directory) -> None:
+    directory.replace_policy(POLICY)
+    clash = ImagingPolicy((Rule.from_text("Lab  One", "", Action()),
+                           Rule.from_text("lab one", "arch = i386", Action())))
+    with pytest.raises(DirectoryError, match="names must differ"):
+        directory.replace_policy(clash)
+    assert names(directory.policy()) == ["first", "second", "last"]
+
+
+# -- connections --------------------------------------------------------------------------------
+
+def test_one_connection_per_thread_and_close_unbinds_them(directory) -> None:
+    directory.replace_policy(POLICY)
+    barrier = threading.Barrier(3)
+
+    def work() -> None:
+        directory.policy()
+        barrier.wait(timeout=10)   # keep the threads alive until all have connected
+        barrier.wait(timeout=10)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    barrier.wait(timeout=10)
+    assert len(directory._connections) == 3        # this thread and the two workers
+    barrier.wait(timeout=10)
+    for thread in threads:
+        thread.join(timeout=10)
+    directory.close()
+    assert directory._connections == {}
+    with pytest.raises(DirectoryError, match="closed"):
+        directory.policy()
+
+
+def test_schema_file_loads_into_a_running_server_over_ldapi(tmp_path) -> None:
+    """packaging/ldap/preboot.ldif as the admin guide says: ldapadd -Y EXTERNAL -H ldapi:///."""
+    with ldapserver.Slapd(schema=False) as server:
+        server.ldapadd_config(ldapserver.PREBOOT_SCHEMA)
+        credentials = str(server.write_credentials(tmp_path / "c"))
+        with open_directory(server.url, credentials, timeout_s=TIMEOUT_S) as directory:
+            directory.replace_policy(POLICY)
+            directory.put_workstation(Workstation("00C04FDC2AB5", "pc", True, "x.zmg",
+                                                  MenuDisplay.ALWAYS))
+            assert names(directory.policy()) == ["first", "second", "last"]
+            assert directory.workstation("00C04FDC2AB5").menu is MenuDisplay.ALWAYS
+
+
+def test_example_base_ldif_loads(server) -> None:
+    base_ldif = ldapserver.REPO / "packaging" / "ldap" / "preboot-base.ldif"
+    text = base_ldif.read_text().replace("dc=example,dc=com", server.suffix)
+    server.ldapadd(text)
+    base = f"ou=preboot,{server.suffix}"
+    with open_directory(server.url_for(base), timeout_s=TIMEOUT_S) as directory:
+        policy = directory.policy()
+        assert policy.menu == MenuSettings()
+        assert directory.workstations() == [] and directory.sessions() == []
+
+
+def test_containers_removed_by_hand_are_created_again(server, directory) -> None:
+    directory.put_workstation(Workstation("00C04FDC2AB5"))
+    server.delete_subtree(f"ou=workstations,{server.base_dn}")
+    assert directory.workstations() == []
+    directory.put_workstation(Workstation("00C04FDC2AB5", "again"))
+    assert directory.workstation("00C04FDC2AB5") == Workstation("00C04FDC2AB5", "again")
