@@ -28,6 +28,8 @@ class AttributeKind(Enum):
 def normalize_mac(text: str) -> str | None:
     """'00:c0:4f:dc:2a:b5', '00-C0-4F-DC-2A-B5', '00c0.4fdc.2ab5' -> '00C04FDC2AB5'; None if
     the text is not a MAC address."""
+    if not text.isascii():   # "ﬀ".upper() is "FF": only ASCII spellings count
+        return None
     digits = _MAC_SEPARATORS.sub("", text).upper()
     return digits if _MAC_DIGITS.fullmatch(digits) else None
 
@@ -93,7 +95,7 @@ def facts_from_strings(values: dict[str, str]) -> tuple[MachineFacts, list[str]]
                 problems.append(f"{name}: '{text}' is not a MAC address")
             kwargs[name] = mac
         elif kind is AttributeKind.NUMBER:
-            if not text.isdigit():
+            if not (text.isascii() and text.isdigit()):   # "²".isdigit() is True
                 problems.append(f"{name}: '{text}' is not a whole number")
                 continue
             kwargs[name] = int(text)

@@ -1,8 +1,10 @@
 #!/bin/bash
 # Start (default), stop or show the whole Preboot Services stack on its embedded default
 # configuration (packaging/dev/*.conf): the TFTP daemon, serving samples/tftproot on
-# 127.0.0.1:69, and, only when asked (it is optional per segment, as in the original), the
-# proxyDHCP. Installs what it needs first. Run as root (ports 67/69, /run/preboot).
+# 127.0.0.1:69, the policy service (HTTP for iPXE on 127.0.0.1:8090, embedded SQLite directory
+# in /var/lib/preboot; both start at install and boot in the original) and, only when asked (it
+# is optional per segment, as in the original), the proxyDHCP. Installs what it needs first.
+# Run as root (ports 67/69, /run/preboot).
 #   bash scripts/stack.sh [start|stop|status]
 #   PREBOOT_ADDRESS=192.0.2.10 bash scripts/stack.sh    # listen on another local address
 #   PREBOOT_PROXYDHCP=1 bash scripts/stack.sh           # also start the proxyDHCP
@@ -10,9 +12,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 action=${1:-start}
-DAEMONS=(tftpd)
+DAEMONS=(tftpd policyd)
 [ "${PREBOOT_PROXYDHCP:-0}" = 1 ] && DAEMONS+=(proxydhcpd)
 conf_dir=packaging/dev
+# The Python package of a daemon, where it differs from the daemon's name.
+module_of() {
+  case "$1" in
+    policyd) echo prebootpolicyd ;;
+    *) echo "$1" ;;
+  esac
+}
 if [ -n "${PREBOOT_ADDRESS:-}" ]; then
   # A generated copy with the address swapped in; relative paths still resolve from the repo.
   conf_dir=/run/preboot/stack-conf
@@ -30,7 +39,7 @@ case "$action" in
       [ -e "samples/tftproot/$f" ] || cp "/usr/lib/ipxe/$f" samples/tftproot/ 2>/dev/null || true
     done
     for d in "${DAEMONS[@]}"; do
-      PREBOOT_CONFIG="$conf_dir/$d.conf" PREBOOT_DAEMON="python3 -m $d" \
+      PREBOOT_CONFIG="$conf_dir/$d.conf" PREBOOT_DAEMON="python3 -m $(module_of "$d")" \
         PYTHONPATH="$repo" PREBOOT_NO_SYSTEMCTL=1 sh "packaging/init.d/preboot-$d" start
     done
     python3 -m zmgmcast -status || true
@@ -38,7 +47,7 @@ case "$action" in
   stop)
     [ -e /run/preboot/proxydhcpd.pid ] && DAEMONS+=(proxydhcpd)
     for d in "${DAEMONS[@]}"; do
-      PREBOOT_CONFIG="$conf_dir/$d.conf" PREBOOT_DAEMON="python3 -m $d" \
+      PREBOOT_CONFIG="$conf_dir/$d.conf" PREBOOT_DAEMON="python3 -m $(module_of "$d")" \
         PYTHONPATH="$repo" PREBOOT_NO_SYSTEMCTL=1 sh "packaging/init.d/preboot-$d" stop
     done
     ;;

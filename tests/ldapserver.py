@@ -138,7 +138,12 @@ class Slapd:
     """
 
     def __init__(self, suffix: str = "dc=preboot,dc=test", root_password: str = "secret",
-                 ready_timeout_s: float = 15.0, syncprov: bool = True, schema: bool = True):
+                 ready_timeout_s: float = 15.0, syncprov: bool = True, schema: bool = True,
+                 netns: str | None = None, host: str = "127.0.0.1"):
+        # netns/host: serve ldap://HOST:PORT inside a network namespace (e2e labs); the test's
+        # own tools then reach it over the private ldapi socket, which crosses namespaces.
+        self.netns = netns
+        self.host = host
         self.suffix = suffix
         self.syncprov = syncprov
         self.schema = schema
@@ -157,8 +162,13 @@ class Slapd:
 
     @property
     def uri(self) -> str:
-        """ldap://127.0.0.1:PORT (no base): for ldap-utils and python-ldap."""
-        return f"ldap://127.0.0.1:{self.port}"
+        """ldap://HOST:PORT (no base): what clients in slapd's namespace use."""
+        return f"ldap://{self.host}:{self.port}"
+
+    @property
+    def admin_uri(self) -> str:
+        """What this process's tools use: the TCP URI, or the ldapi socket across namespaces."""
+        return self.ldapi_uri if self.netns else self.uri
 
     @property
     def url(self) -> str:
@@ -172,7 +182,7 @@ class Slapd:
         return "ldapi://" + quote(str(self.folder / "ldapi"), safe="")
 
     def url_for(self, base_dn: str) -> str:
-        return f"ldap://127.0.0.1:{self.port}/{base_dn}"
+        return f"ldap://{self.host}:{self.port}/{base_dn}"
 
     def write_credentials(self, path: str | os.PathLike, bind_dn: str | None = None,
                           password: str | None = None, mode: int = 0o600) -> Path:
@@ -228,8 +238,9 @@ class Slapd:
         try:
             # -d 0: stay in the foreground (so the PID is ours) without debug output; stderr still
             # gets startup errors.
+            prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
             self.proc = subprocess.Popen(
-                [SLAPD, "-d", "0", "-h", f"ldap://127.0.0.1:{self.port}/ {self.ldapi_uri}",
+                [*prefix, SLAPD, "-d", "0", "-h", f"ldap://{self.host}:{self.port}/ {self.ldapi_uri}",
                  "-F", str(self.folder / "slapd.d")],
                 stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
                 start_new_session=True)
@@ -255,7 +266,7 @@ class Slapd:
                 code = self.proc.returncode
                 self.proc = None
                 raise SlapdError(f"slapd exited with {code}: {self._stderr()[-2000:]}")
-            conn = ldap.initialize(self.uri)
+            conn = ldap.initialize(self.admin_uri)
             conn.set_option(ldap.OPT_NETWORK_TIMEOUT, 1.0)
             conn.set_option(ldap.OPT_TIMEOUT, 2.0)
             try:
@@ -351,7 +362,8 @@ class Slapd:
                    continue_on_error: bool = False) -> subprocess.CompletedProcess:
         """Run /usr/bin/ldapmodify (with -a when add) bound as the root DN, LDIF on stdin.
         Raises SlapdError with ldapmodify's message when check and it fails."""
-        args = [LDAPMODIFY, "-x", "-H", self.uri, "-D", self.root_dn, "-w", self.root_password]
+        args = [LDAPMODIFY, "-x", "-H", self.admin_uri, "-D", self.root_dn, "-w",
+                self.root_password]
         if add:
             args.append("-a")
         if continue_on_error:
@@ -381,7 +393,7 @@ class Slapd:
     def connect(self, bind_dn: str | None = None, password: str | None = None):
         """A python-ldap connection bound as the root DN (or as told), for inspection."""
         import ldap
-        conn = ldap.initialize(self.uri)
+        conn = ldap.initialize(self.admin_uri)
         conn.set_option(ldap.OPT_PROTOCOL_VERSION, 3)
         conn.set_option(ldap.OPT_NETWORK_TIMEOUT, 5.0)
         conn.simple_bind_s(bind_dn or self.root_dn,

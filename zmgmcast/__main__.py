@@ -29,12 +29,16 @@ class KnownDaemon:
     name: str
     service: str
     status_port: int
+    # Counters shown first, in this order (the status reply sorts its keys); the rest follow.
+    counter_order: tuple[str, ...] = ()
 
 
 DAEMONS = (
     KnownDaemon("proxydhcpd", "Preboot Proxy DHCP Service", 9967),
     KnownDaemon("tftpd", "Preboot TFTP Service", 9969),
-    KnownDaemon("policyd", "Preboot Policy Service", 9980),
+    KnownDaemon("policyd", "Preboot Policy Service", 9980,
+                ("queries", "script_requests", "work_assigned", "no_work", "menus_shown",
+                 "fallback_answers", "directory_errors", "bad_requests")),
     KnownDaemon("imgsrvd", "Imaging Server", 9998),
 )
 
@@ -121,9 +125,11 @@ def _label(key: str) -> str:
     return key.replace("_", " ").capitalize()
 
 
-def format_counters(counters: dict[str, Any]) -> list[str]:
+def format_counters(counters: dict[str, Any], order: tuple[str, ...] = ()) -> list[str]:
     lines = []
-    for key, value in counters.items():
+    first = [key for key in order if key in counters]
+    for key in first + [key for key in counters if key not in first]:
+        value = counters[key]
         if isinstance(value, dict):
             if value:
                 inner = ", ".join(f"{k} {v}" for k, v in value.items())
@@ -153,7 +159,7 @@ def format_reports(reports: list[DaemonReport], where: str) -> str:
         for endpoint in reply.get("listen", []):
             out.append(f"    Listening on {endpoint.get('proto')} "
                        f"{endpoint.get('address')}:{endpoint.get('port')}")
-        out += format_counters(reply.get("counters", {}))
+        out += format_counters(reply.get("counters", {}), report.daemon.counter_order)
     return "\n".join(out)
 
 

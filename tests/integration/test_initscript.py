@@ -1,5 +1,5 @@
 """The LSB init scripts (packaging/init.d/preboot-<name> + preboot-functions) against the real
-daemons (tftpd, proxydhcpd).
+daemons (tftpd, proxydhcpd, policyd).
 
 A script is pointed at `python -m <name>` with a throw-away config through its PREBOOT_*
 overrides (PREBOOT_NO_SYSTEMCTL=1, so it manages the process itself even where systemd runs).
@@ -42,6 +42,11 @@ class Daemon:
     name: str                    # package and short name: tftpd
     service: str                 # the name in the script's messages
     bad: tuple[str, str]         # a key and a value that --check rejects
+    package: str = ""            # the Python package, where it differs from the name
+
+    @property
+    def module(self) -> str:
+        return self.package or self.name
 
     @property
     def script(self) -> Path:
@@ -58,15 +63,16 @@ class Daemon:
 
 TFTPD = Daemon("tftpd", "Preboot TFTP Service", ("Port", "abc"))
 PROXYDHCPD = Daemon("proxydhcpd", "Preboot Proxy DHCP Service", ("DHCPPort", "abc"))
-DAEMONS = [TFTPD, PROXYDHCPD]
+POLICYD = Daemon("policyd", "Preboot Policy Service", ("Port", "abc"), package="prebootpolicyd")
+DAEMONS = [TFTPD, PROXYDHCPD, POLICYD]
 
 needs_root = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="init scripts run as root")]
 
 
 def needs_daemon(d: Daemon):
-    return pytest.mark.skipif(not (REPO / d.name / "__main__.py").exists(),
-                              reason=f"{d.name}/__main__.py not there yet")
+    return pytest.mark.skipif(not (REPO / d.module / "__main__.py").exists(),
+                              reason=f"{d.module}/__main__.py not there yet")
 
 
 # `ctx` parametrized over the daemons: ALL for the scripts alone, RUNNABLE to run the daemon
@@ -161,7 +167,7 @@ class Setup:
         self.env = dict(os.environ)
         self.env.update({
             "PYTHONPATH": f"{REPO}:{pythonpath}" if pythonpath else str(REPO),
-            "PREBOOT_DAEMON": f"{sys.executable} -m {d.name}",
+            "PREBOOT_DAEMON": f"{sys.executable} -m {d.module}",
             "PREBOOT_CONFIG": str(self.config),
             "PREBOOT_PIDFILE": str(self.pidfile),
             "PREBOOT_NO_SYSTEMCTL": "1",
@@ -182,6 +188,9 @@ class Setup:
             dhcp, boot_server, client = self.udp_ports
             values.update({"DHCPPort": str(dhcp), "BootServerPort": str(boot_server),
                            "ClientPort": str(client), "Interfaces": "lo"})
+        elif self.d is POLICYD:
+            values.update({"IPAddress": "127.0.0.1", "Port": "0",
+                           "Directory": f"sqlite://{self.dir}/directory.db"})
         values.update(extra)
         text = "# written by test_initscript.py\n" + "".join(
             f"{key} = {value}\n" for key, value in values.items())
@@ -194,7 +203,7 @@ class Setup:
                               timeout=timeout, stdin=subprocess.DEVNULL)
 
     def daemon(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", self.d.name, "--config", str(self.config),
+        return subprocess.run([sys.executable, "-m", self.d.module, "--config", str(self.config),
                                *args],
                               env=self.env, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)

@@ -9,11 +9,12 @@ import pytest
 from common.config import defaults, load_config, render_reference
 
 REPO = Path(__file__).resolve().parents[2]
-DAEMONS = ["tftpd", "proxydhcpd"]
+DAEMONS = ["tftpd", "proxydhcpd", "policyd"]
+PACKAGES = {"policyd": "prebootpolicyd"}  # the daemon's name where its package differs
 
 
 def schema(daemon: str):
-    return importlib.import_module(f"{daemon}.config").SCHEMA
+    return importlib.import_module(f"{PACKAGES.get(daemon, daemon)}.config").SCHEMA
 
 
 @pytest.mark.parametrize("daemon", DAEMONS)

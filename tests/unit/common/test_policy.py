@@ -109,3 +109,12 @@ def test_a_workstation_may_override_the_menu_display_but_not_the_timeout():
     assert menu_for(policy, Workstation("001122334455")) == MenuSettings(MenuDisplay.HOTKEY, 9)
     shown = Workstation("001122334455", menu=MenuDisplay.ALWAYS)
     assert menu_for(policy, shown) == MenuSettings(MenuDisplay.ALWAYS, 9)
+
+
+def test_facts_from_text_accept_only_ascii_digits_and_hex():
+    from common.machine import facts_from_strings, normalize_mac
+    assert normalize_mac("\ufb00\ufb00\ufb00\ufb00\ufb00\ufb00") is None
+    assert normalize_mac("00:c0:4f:dc:2a:b5") == "00C04FDC2AB5"
+    facts, problems = facts_from_strings({"ram_mb": "²", "mac": "00c04fdc2ab5", "ip": "10.0.0.1"})
+    assert problems == ["ram_mb: '²' is not a whole number"]
+    assert facts.mac == "00C04FDC2AB5" and facts.ip == "10.0.0.1" and facts.ram_mb is None

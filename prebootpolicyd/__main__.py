@@ -1,0 +1,28 @@
+"""preboot-policyd: the Preboot Policy Service (python -m prebootpolicyd)."""
+
+from __future__ import annotations
+
+import sys
+
+from common.runner import DaemonSpec, run
+
+from .config import SCHEMA, make_settings
+from .server import PolicyServer
+
+SPEC = DaemonSpec(
+    name="policyd",
+    program="preboot-policyd",
+    service_name="Preboot Policy Service",
+    schema=SCHEMA,
+    status_address=lambda settings: settings.ip_address,
+    make_settings=make_settings,
+    make_service=PolicyServer,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(SPEC, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""policyd's config keys (the schema) and the frozen settings the server runs on."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from common.config import Key, Schema
+from common.directory import DirectoryURL, parse_directory_url, read_credentials
+from common.errors import SettingError
+from common.runner import CommonSettings, common_keys
+
+STATUS_PORT = 9980
+FALLBACKS = ("local", "maintenance")
+
+SCHEMA = Schema((
+    Key("IPAddress", "ip_addr", "0.0.0.0",
+        "Address the HTTP service (and the status port) listens on; 0.0.0.0: every IPv4 "
+        "interface."),
+    Key("Port", "integer(min=0, max=65535)", "8090",
+        "HTTP port iPXE asks on (proxydhcpd's IPXEScriptURL names it); 0 picks a free one."),
+    # "strings": the commas of an LDAP base DN need no quotes; make_settings joins the parts.
+    Key("Directory", "strings", "sqlite:///var/lib/preboot/directory.db",
+        "Where policy and workstation records live: sqlite:///path (embedded, created if "
+        "missing), ldap://host[:port]/base-dn or ldaps://... (no quotes needed)."),
+    Key("DirectoryCredentials", "path", "",
+        "LDAP only: file of 'BindDN = ...' and 'Password = ...' lines, readable by its owner "
+        "only (mode 0600); empty binds anonymously."),
+    Key("DirectoryTimeout", "integer(min=1, max=60)", "3",
+        "Seconds a directory query may take; slower or failing queries get FallbackAnswer."),
+    Key("FallbackAnswer", "string", "local",
+        "What a machine is told when the directory cannot be read: local (boot the local disk) "
+        "or maintenance (the imaging environment's shell)."),
+    Key("ImagingServer", "string", "",
+        "Imaging server the imaging environment talks to (preboot.server=); empty: {server}, "
+        "the address iPXE reached this service on."),
+    Key("ImagingKernel", "string", "tftp://{server}/preboot/linux",
+        "URL of the imaging environment's kernel; {server} is replaced by the address iPXE "
+        "reached this service on."),
+    Key("ImagingInitrd", "string", "tftp://{server}/preboot/initrd",
+        "URL of the imaging environment's initrd; {server} is replaced as for ImagingKernel."),
+    Key("KernelArgs", "string", "console=ttyS0 console=tty0 quiet",
+        "Kernel command line put before the preboot.* arguments; quote it if it holds a comma."),
+    Key("MenuHotKey", "string", "Ctrl-A",
+        "Key that opens the Preboot menu during the hot-key prompt: Ctrl-A ... Ctrl-Z or Esc "
+        "(iPXE cannot see Ctrl+Alt held, the original's hot key)."),
+    Key("Workers", "integer(min=1, max=64)", "8",
+        "Threads for directory queries (a slow directory never blocks the service)."),
+) + common_keys("policyd", STATUS_PORT))
+
+
+@dataclass(frozen=True)
+class HotKey:
+    label: str       # "Ctrl-A", "Esc"
+    code: int        # what iPXE's prompt --key compares: 0x01, 0x1b
+
+    @property
+    def ipxe(self) -> str:
+        return f"0x{self.code:02x}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    ip_address: str
+    port: int
+    directory: DirectoryURL
+    directory_text: str              # as written, for messages (sqlite paths hold no secret)
+    directory_credentials: str
+    directory_timeout_s: float
+    fallback: str                    # "local" or "maintenance"
+    imaging_server: str              # may hold {server}
+    imaging_kernel: str
+    imaging_initrd: str
+    kernel_args: str
+    hot_key: HotKey
+    workers: int
+    common: CommonSettings
+
+    @property
+    def directory_key(self) -> tuple[Any, ...]:
+        """What opening the directory depends on: a change means reopening it on reload."""
+        return (self.directory, self.directory_credentials, self.directory_timeout_s)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_HOT_KEY = re.compile(r"(?i)(?:ctrl|control|\^)[-+ ]?([a-z])")
+
+
+def parse_hot_key(text: str) -> HotKey | None:
+    """'Ctrl-A', 'ctrl+a', '^A' -> Ctrl-A (0x01); 'Esc' / 'Escape' -> 0x1b; else None."""
+    text = text.strip()
+    if text.lower() in ("esc", "escape"):
+        return HotKey("Esc", 0x1B)
+    match = _HOT_KEY.fullmatch(text)
+    if match is None:
+        return None
+    letter = match.group(1).upper()
+    return HotKey(f"Ctrl-{letter}", ord(letter) - ord("A") + 1)
+
+
+def _script_word(key: str, value: str, required: bool = True) -> str:
+    """A value that goes into an iPXE script as one word: no blanks, no control characters."""
+    value = value.strip()
+    if required and not value:
+        raise SettingError(key, "must not be empty")
+    if _CONTROL.search(value) or any(c.isspace() for c in value):
+        raise SettingError(key, f"'{value}' must be one word (no blanks or control characters)")
+    if value.startswith("#"):
+        raise SettingError(key, f"'{value}' starts with '#', which iPXE reads as a comment")
+    return value
+
+
+def _kernel_args(value: str) -> str:
+    if _CONTROL.search(value):
+        raise SettingError("KernelArgs", "contains control characters")
+    words = value.split()
+    for word in words:
+        if word in ("||", "&&", ";") or word.startswith("#"):
+            raise SettingError("KernelArgs", f"'{word}' would end the iPXE kernel command")
+    return " ".join(words)
+
+
+def make_settings(values: dict[str, Any], common: CommonSettings) -> Settings:
+    try:
+        directory = parse_directory_url(",".join(values["Directory"]))
+    except ValueError as exc:
+        raise SettingError("Directory", str(exc)) from None
+    credentials = values["DirectoryCredentials"]
+    if credentials:
+        if directory.scheme == "sqlite":
+            raise SettingError("DirectoryCredentials", "only LDAP directories take credentials")
+        try:
+            read_credentials(credentials)
+        except ValueError as exc:
+            raise SettingError("DirectoryCredentials", str(exc)) from None
+    fallback = values["FallbackAnswer"].strip().lower()
+    if fallback not in FALLBACKS:
+        raise SettingError("FallbackAnswer",
+                           f"value '{values['FallbackAnswer']}' is not local or maintenance")
+    hot_key = parse_hot_key(values["MenuHotKey"])
+    if hot_key is None:
+        raise SettingError("MenuHotKey",
+                           f"value '{values['MenuHotKey']}' is not Ctrl-A ... Ctrl-Z or Esc")
+    return Settings(
+        ip_address=values["IPAddress"],
+        port=values["Port"],
+        directory=directory,
+        directory_text=directory.redacted(),
+        directory_credentials=credentials,
+        directory_timeout_s=float(values["DirectoryTimeout"]),
+        fallback=fallback,
+        imaging_server=_script_word("ImagingServer", values["ImagingServer"], required=False),
+        imaging_kernel=_script_word("ImagingKernel", values["ImagingKernel"]),
+        imaging_initrd=_script_word("ImagingInitrd", values["ImagingInitrd"]),
+        kernel_args=_kernel_args(values["KernelArgs"]),
+        hot_key=hot_key,
+        workers=values["Workers"],
+        common=common,
+    )

@@ -1,0 +1,419 @@
+"""The policy service: an aiohttp HTTP/1.1 server on the socket bound before detaching.
+
+GET /boot.ipxe   the static first script (script.boot_script), pointing back at this host
+GET /policy      the answer for one machine: query.parse_query -> the directory (policy and the
+                 workstation record, on worker threads, bounded by DirectoryTimeout) ->
+                 common.policy.assign_work -> script.answer_script
+anything else    404 (405 for another method on a known path)
+
+The directory is opened in start(), on a worker thread, never at bind time (it may be a remote
+LDAP server, or a SQLite file not created yet). When it cannot be opened or read, the query is
+answered with FallbackAnswer at once, counted, and logged (rate-limited); opening is retried on
+a later query, at most every REOPEN_S seconds. Directory calls run on a small pool of daemon
+threads owned by the server: a hung directory can neither block the event loop nor keep the
+process from exiting within the 5 s SIGTERM contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+import logging
+import queue
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from common.directory import Directory, DirectoryError, open_directory
+from common.machine import MachineFacts
+from common.policy import ImagingPolicy, Workstation, assign_work, menu_for
+
+from . import script
+from .config import Settings
+from .query import BadQuery, authority, host_of, parse_query
+from .status import ARCHES, PLATFORMS, PolicyCounters, bounded
+
+log = logging.getLogger("preboot.policyd")
+
+REOPEN_S = 5.0                   # retry opening a directory that failed at most this often
+WARN_EVERY_S = 10.0              # directory warnings: one line per this many seconds
+SHUTDOWN_TIMEOUT_S = 2.0         # in-flight HTTP requests at stop
+CLOSE_WAIT_S = 1.0               # closing the directory at stop
+LISTEN_BACKLOG = 1024
+KEEPALIVE_S = 15.0               # an idle client connection is closed after this long
+
+
+class _BadRequestsQuietly(logging.Filter):
+    """aiohttp logs a request it cannot parse (a line over 8190 bytes, broken framing) with a
+    traceback at ERROR. A client's garbage is not our error: one DEBUG line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("unreadable HTTP request: %s",
+                          " ".join(str(exc.message).split())[:200])
+            return False
+        return True
+
+
+http_log = logging.getLogger("preboot.policyd.http")
+http_log.addFilter(_BadRequestsQuietly())
+
+
+class DaemonThreadPool(concurrent.futures.Executor):
+    """A fixed pool of daemon threads. Unlike ThreadPoolExecutor, whose threads the interpreter
+    joins at exit, a thread stuck in a hung directory call cannot delay the process's exit."""
+
+    def __init__(self, workers: int, name: str):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._shutdown = False
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{n}", daemon=True)
+                         for n in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+               ) -> concurrent.futures.Future:
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("the directory worker pool is shut down")
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            self._queue.put((future, fn, args, kwargs))
+            return future
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            future, fn, args, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue                       # abandoned before it started
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:  # handed to the waiting coroutine
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+        if cancel_futures:
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+        for _ in self._threads:
+            self._queue.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
+
+
+class RateLimitedWarning:
+    """At most one WARNING line per interval; the lines held back are counted in the next."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = WARN_EVERY_S):
+        self.logger = logger
+        self.interval_s = interval_s
+        self._next_at = 0.0
+        self._held = 0
+
+    def warning(self, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now < self._next_at:
+            self._held += 1
+            return
+        if self._held:
+            message += f" ({self._held} more like it not shown)"
+        self._held = 0
+        self._next_at = now + self.interval_s
+        self.logger.warning(message, *args)
+
+
+def _read_directory(directory: Directory, mac: str) -> tuple[ImagingPolicy, Workstation | None]:
+    return directory.policy(), directory.workstation(mac)
+
+
+def _open(settings: Settings) -> Directory:
+    return open_directory(settings.directory, settings.directory_credentials,
+                          timeout_s=settings.directory_timeout_s, create=True)
+
+
+def _close_quietly(directory: Directory) -> None:
+    try:
+        directory.close()
+    except Exception as exc:  # closing a broken connection may fail; nothing to do about it
+        log.debug("closing directory %s: %s", directory.url.redacted(), exc)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "no answer within DirectoryTimeout"
+    if isinstance(exc, DirectoryError):
+        return str(exc) or "directory error"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _script_response(text: str) -> web.Response:
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
+class PolicyServer:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.stats = PolicyCounters()
+        self._sock: socket.socket | None = None
+        self._runner: web.AppRunner | None = None
+        self._pool: DaemonThreadPool | None = None
+        self._directory: Directory | None = None
+        self._directory_key: tuple[Any, ...] | None = None
+        self._open_problem = "not opened yet"
+        self._reopen_at = 0.0
+        self._opening: asyncio.Task | None = None
+        self._warn = RateLimitedWarning(log)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- lifecycle (common.runner.Service) ----------------------------------------------
+
+    def bind(self) -> list[socket.socket]:
+        address, port = self.settings.ip_address, self.settings.port
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((address, port))
+            sock.listen(LISTEN_BACKLOG)
+        except OSError as exc:
+            sock.close()
+            hint = ""
+            if exc.errno == errno.EACCES:
+                hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+            elif exc.errno == errno.EADDRNOTAVAIL:
+                hint = " (IPAddress is not an address of this host)"
+            raise OSError(f"{address} port {port}/tcp: {exc.strerror}{hint}") from None
+        sock.setblocking(False)
+        self._sock = sock
+        return [sock]
+
+    async def start(self) -> None:
+        assert self._sock is not None, "bind() first"
+        self._loop = asyncio.get_running_loop()
+        self._pool = DaemonThreadPool(self.settings.workers, "policyd-dir")
+        await self._open_directory(self.settings)
+        app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024)
+        app.router.add_get("/boot.ipxe", self._boot_ipxe)
+        app.router.add_get("/policy", self._policy)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                     shutdown_timeout=SHUTDOWN_TIMEOUT_S, logger=http_log,
+                                     keepalive_timeout=KEEPALIVE_S)
+        await self._runner.setup()
+        site = web.SockSite(self._runner, self._sock, backlog=LISTEN_BACKLOG)
+        await site.start()
+        where = self.listen()[0]
+        log.info("policy service answering on http://%s:%d (boot script /boot.ipxe)",
+                 where["address"], where["port"])
+
+    async def apply(self, settings: Settings) -> list[str]:
+        warnings = []
+        if (settings.ip_address, settings.port) != (self.settings.ip_address,
+                                                    self.settings.port):
+            warnings.append("IPAddress and Port changes need a restart; kept the old address")
+        old = self.settings
+        self.settings = settings
+        if settings.workers != old.workers and self._pool is not None:
+            retired, self._pool = self._pool, DaemonThreadPool(settings.workers, "policyd-dir")
+            retired.shutdown(wait=False)       # queued calls still run; then its threads end
+        if settings.directory_key != self._directory_key:
+            await self._open_directory(settings)
+        elif self._directory is None:
+            self._reopen_at = 0.0              # a reload retries a failed directory at once
+        return warnings
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()       # stops listening, lets in-flight answers finish
+            self._runner = None
+        if self._opening is not None:
+            self._opening.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._directory is not None:
+            closer = threading.Thread(target=_close_quietly, args=(self._directory,),
+                                      name="policyd-close", daemon=True)
+            closer.start()
+            closer.join(CLOSE_WAIT_S)
+            self._directory = None
+        if self._sock is not None:
+            self._sock.close()
+
+    def listen(self) -> list[dict[str, Any]]:
+        if self._sock is None or self._sock.fileno() < 0:
+            return []
+        address, port = self._sock.getsockname()[:2]
+        return [{"proto": "tcp", "address": address, "port": port}]
+
+    def counters(self) -> dict[str, Any]:
+        return self.stats.snapshot()
+
+    # ---- the directory --------------------------------------------------------------------
+
+    async def _in_pool(self, fn: Callable[..., Any], *args: Any, timeout_s: float,
+                       on_late_result: Callable[[Any], None] | None = None) -> Any:
+        """fn(*args) on a worker thread, waited for at most timeout_s."""
+        assert self._pool is not None
+        future = self._pool.submit(fn, *args)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+        except asyncio.TimeoutError:
+            if on_late_result is not None:     # it may still finish: clean up after it
+                future.add_done_callback(
+                    lambda f: f.cancelled() or f.exception() or on_late_result(f.result()))
+            raise
+
+    async def _open_directory(self, settings: Settings) -> None:
+        """Open the directory `settings` names and put it in place of the current one."""
+        key = settings.directory_key
+        try:
+            directory = await self._in_pool(_open, settings,
+                                            timeout_s=settings.directory_timeout_s,
+                                            on_late_result=_close_quietly)
+        except Exception as exc:  # DirectoryError, timeout, a backend that cannot load
+            if self.settings.directory_key != key:
+                return                         # a reload named another directory meanwhile
+            self._open_problem = _describe(exc)
+            self._reopen_at = time.monotonic() + REOPEN_S
+            directory = None
+            log.warning("directory %s: cannot open (%s); answering FallbackAnswer (%s) until "
+                        "it opens", settings.directory_text, self._open_problem,
+                        settings.fallback)
+        else:
+            if self.settings.directory_key != key:   # a reload named another one meanwhile
+                self._close_in_pool(directory)
+                return
+            log.info("directory %s opened", settings.directory_text)
+        old, self._directory, self._directory_key = self._directory, directory, key
+        if old is not None and old is not directory and self._loop is not None:
+            # Queries may still be reading the old one; none waits longer than the timeout.
+            self._loop.call_later(settings.directory_timeout_s + 1, self._close_in_pool, old)
+
+    def _close_in_pool(self, directory: Directory) -> None:
+        try:
+            assert self._pool is not None
+            self._pool.submit(_close_quietly, directory)
+        except RuntimeError:                   # shutting down: stop() closes what is current
+            pass
+
+    async def _current_directory(self, settings: Settings) -> Directory:
+        """The open directory; reopened (at most every REOPEN_S) after it failed to open."""
+        if self._directory is not None:
+            return self._directory
+        if self._opening is None and time.monotonic() >= self._reopen_at:
+            self._opening = asyncio.get_running_loop().create_task(
+                self._open_directory(settings))
+            self._opening.add_done_callback(self._opened)
+        if self._opening is not None:
+            await asyncio.shield(self._opening)
+        if self._directory is None:
+            raise DirectoryError(f"directory {settings.directory_text} is not open: "
+                                 f"{self._open_problem}")
+        return self._directory
+
+    def _opened(self, task: asyncio.Task) -> None:
+        self._opening = None
+
+    async def _lookup(self, settings: Settings, mac: str
+                      ) -> tuple[ImagingPolicy, Workstation | None]:
+        directory = await self._current_directory(settings)
+        return await self._in_pool(_read_directory, directory, mac,
+                                    timeout_s=settings.directory_timeout_s)
+
+    # ---- HTTP ------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPNotFound:
+            return web.Response(status=404, text=f"not found: {request.path[:200]}\n"
+                                "(this service answers /boot.ipxe and /policy)\n")
+        except web.HTTPException:
+            raise                              # 405 and the like, as aiohttp words them
+        except Exception:  # never a traceback to the client; the log has it
+            log.exception("internal error answering %s", request.path_qs[:300])
+            return web.Response(status=500, text="internal error (see the service's log)\n")
+
+    def _where(self, request: web.Request) -> str:
+        """host[:port] the client reached us by."""
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        if sockname:
+            address, port = sockname[0], sockname[1]
+        else:
+            address, port = self.settings.ip_address, self.settings.port
+        return authority(request.headers.get("Host"), address, port)
+
+    async def _boot_ipxe(self, request: web.Request) -> web.Response:
+        self.stats.script_requests += 1
+        return _script_response(script.boot_script(self._where(request)))
+
+    async def _policy(self, request: web.Request) -> web.Response:
+        self.stats.queries += 1
+        parsed = parse_query(request.query.items())
+        if isinstance(parsed, BadQuery):
+            self.stats.bad_requests += 1
+            log.info("bad query from %s: %s", request.remote, parsed.reason)
+            return web.Response(status=400, text=f"bad request: {parsed.reason}\n")
+        facts: MachineFacts = parsed
+        assert facts.mac is not None
+        self.stats.by_platform[bounded(facts.platform, PLATFORMS)] += 1
+        self.stats.by_arch[bounded(facts.arch, ARCHES)] += 1
+        settings = self.settings
+        server = host_of(self._where(request))
+        try:
+            policy, station = await self._lookup(settings, facts.mac)
+        except Exception as exc:  # DirectoryError, timeout, anything a backend lets through
+            self.stats.directory_errors += 1
+            return self._fallback(settings, facts, server, _describe(exc))
+        try:
+            assignment = assign_work(policy, station, facts)
+            answer = script.answer_script(settings, assignment, menu_for(policy, station),
+                                          facts.platform, server, facts.mac)
+        except Exception as exc:  # a bug or bad data must still boot the machine somehow
+            log.exception("cannot decide for %s", facts.mac)
+            return self._fallback(settings, facts, server, f"cannot decide: {exc}")
+        if assignment.has_work:
+            self.stats.work_assigned += 1
+        else:
+            self.stats.no_work += 1
+        if answer.kind == "menu":
+            self.stats.menus_shown += 1
+        self.stats.by_action[assignment.action.kind.value] += 1
+        what = "imaging" if assignment.has_work else "local"
+        if answer.kind == "menu":
+            what = f"menu, default {what}"
+        elif answer.kind == "hotkey":
+            what = f"hot-key prompt, then {what}"
+        log.info("%s (%s): %s; %s", facts.mac, facts.platform or "platform unknown", what,
+                 assignment.reason)
+        return _script_response(answer.script)
+
+    def _fallback(self, settings: Settings, facts: MachineFacts, server: str,
+                  problem: str) -> web.Response:
+        self.stats.fallback_answers += 1
+        self._warn.warning("directory %s: %s; answered %s with FallbackAnswer (%s)",
+                           settings.directory_text, problem, facts.mac, settings.fallback)
+        # The client sees only that; the details (hosts, paths) stay in the log.
+        reason = "directory unavailable"
+        answer = script.fallback_script(settings, reason, facts.platform, server, facts.mac)
+        return _script_response(answer.script)
