@@ -141,6 +141,12 @@ class ImagingPolicy:
         # out the same object until the store changes. See rulematch.py for why.
         return compile_matcher([rule.filter for rule in self._enabled])
 
+    def prepare(self) -> "ImagingPolicy":
+        """Compile the rules now rather than on the first query (which may run on an event
+        loop that must not stall for the ~0.1 s a thousand rules take)."""
+        self._matcher  # noqa: B018 - the cached_property does the work
+        return self
+
     def first_match(self, facts: MachineFacts) -> "Rule | None":
         index = self._matcher(facts)
         return None if index < 0 else self._enabled[index]

@@ -29,7 +29,7 @@ from typing import Any, Callable
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from common.directory import Directory, DirectoryError, open_directory
+from common.directory import Directory, DirectoryError, WouldBlock, open_directory
 from common.machine import MachineFacts
 from common.policy import ImagingPolicy, Workstation, assign_work, menu_for
 
@@ -336,6 +336,12 @@ class PolicyServer:
     async def _lookup(self, settings: Settings, mac: str
                       ) -> tuple[ImagingPolicy, Workstation | None]:
         directory = await self._current_directory(settings)
+        try:
+            # The common case, answered here: a handoff to a worker thread costs more than
+            # the whole decision (bench/RESULTS.md, prebootpolicyd).
+            return directory.lookup_nowait(mac)
+        except WouldBlock:
+            pass
         return await self._in_pool(_read_directory, directory, mac,
                                     timeout_s=settings.directory_timeout_s)
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from .base import (DEFAULT_TIMEOUT_S, Credentials, Directory, DirectoryError, DirectoryURL,
-                   parse_directory_url, read_credentials)
+                   WouldBlock, parse_directory_url, read_credentials)
 
-__all__ = ["Credentials", "Directory", "DirectoryError", "DirectoryURL", "open_directory",
+__all__ = ["Credentials", "Directory", "DirectoryError", "DirectoryURL", "WouldBlock",
+           "open_directory",
            "parse_directory_url", "read_credentials"]
 
 

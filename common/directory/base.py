@@ -28,6 +28,11 @@ class DirectoryError(Exception):
     """The directory is unreachable, refused us, or holds data we cannot use."""
 
 
+class WouldBlock(Exception):
+    """lookup_nowait() cannot answer without waiting (a lock, the network, a policy reload):
+    ask again through the blocking methods, on a worker thread."""
+
+
 @dataclass(frozen=True)
 class DirectoryURL:
     scheme: str            # sqlite, ldap or ldaps
@@ -111,9 +116,17 @@ class PolicyCache:
             if self._policy is not None and marker == self._marker:
                 return self._policy
         policy = load()
+        policy.prepare()   # compile the rules here, on the caller's (worker) thread
         with self._lock:
             self._marker, self._policy = marker, policy
         return policy
+
+    def current(self, marker: object) -> ImagingPolicy | None:
+        """The cached policy if it is still current for `marker`, else None (no loading)."""
+        with self._lock:
+            if self._policy is not None and marker == self._marker:
+                return self._policy
+        return None
 
     def clear(self) -> None:
         with self._lock:
@@ -160,6 +173,12 @@ class Directory(ABC):
     @abstractmethod
     def close(self) -> None:
         """Close every connection; the object is unusable afterwards."""
+
+    def lookup_nowait(self, mac: str) -> tuple[ImagingPolicy, Workstation | None]:
+        """policy() and workstation(mac) at once, only if that needs no waiting at all (a
+        local store whose cached policy is current); else WouldBlock. prebootpolicyd calls
+        this on its event loop, sparing the thread hop that otherwise dominates a query."""
+        raise WouldBlock
 
     def clear_next_boot(self, mac: str) -> bool:
         """Clear the image-on-next-boot flag (imgsrvd, after a successful restore). False when

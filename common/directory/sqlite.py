@@ -19,7 +19,7 @@ from ..machine import normalize_mac
 from ..policy import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
                       MulticastSession, Rule, Workstation)
 from ..rules import parse_filter
-from .base import Directory, DirectoryError, DirectoryURL, PolicyCache
+from .base import Directory, DirectoryError, DirectoryURL, PolicyCache, WouldBlock
 
 log = logging.getLogger("preboot.directory")
 
@@ -78,6 +78,7 @@ class SqliteDirectory(Directory):
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._cache = PolicyCache()
+        self._nowait: sqlite3.Connection | None = None   # lookup_nowait's, one caller thread
         self._closed = False
         if not create and not os.path.exists(self.path):
             raise DirectoryError(f"directory {url.redacted()}: no such database file")
@@ -159,6 +160,41 @@ class SqliteDirectory(Directory):
     def policy(self) -> ImagingPolicy:
         marker = self._read("SELECT value FROM meta WHERE key = 'generation'")
         return self._cache.get(marker[0][0] if marker else None, self._load_policy)
+
+    def lookup_nowait(self, mac: str) -> tuple[ImagingPolicy, Workstation | None]:
+        """Both reads on a connection that never waits for a lock (busy_timeout 0). Under WAL
+        a reader does not wait for writers, so this normally answers in tens of microseconds;
+        a lock (another program's exclusive mode, a recovery) or a changed policy, which takes
+        a reload, is WouldBlock and the caller goes the blocking way."""
+        conn = self._nowait_connection()
+        try:
+            marker = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchall()
+            policy = self._cache.current(marker[0][0] if marker else None)
+            if policy is None:
+                raise WouldBlock
+            mac = normalize_mac(mac) or mac
+            rows = conn.execute("SELECT mac, name, image_on_next_boot, image, menu FROM "
+                                "workstations WHERE mac = ?", (mac,)).fetchall()
+        except sqlite3.OperationalError as exc:
+            raise WouldBlock from exc   # busy or locked; the blocking path reports real errors
+        except sqlite3.Error as exc:
+            raise DirectoryError(f"directory {self.url.redacted()}: {exc}") from None
+        return policy, (_station(rows[0]) if rows else None)
+
+    def _nowait_connection(self) -> sqlite3.Connection:
+        if self._closed:
+            raise DirectoryError(f"directory {self.url.redacted()} is closed")
+        if self._nowait is None:
+            try:
+                conn = sqlite3.connect(self.path, timeout=0, isolation_level=None,
+                                       check_same_thread=False)
+                conn.execute("PRAGMA busy_timeout=0")
+            except sqlite3.Error:
+                raise WouldBlock from None
+            with self._lock:
+                self._connections.append(conn)
+            self._nowait = conn
+        return self._nowait
 
     def _load_policy(self) -> ImagingPolicy:
         # One read transaction: under WAL it is a snapshot, so the rules and the menu always

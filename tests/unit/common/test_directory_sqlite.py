@@ -132,3 +132,35 @@ def test_credentials_must_be_private(tmp_path):
     path.write_text("User = x\n")
     with pytest.raises(ValueError, match=":1:"):
         read_credentials(str(path))
+
+
+def test_lookup_nowait_answers_only_from_a_current_cached_policy(tmp_path):
+    from common.directory import WouldBlock
+    with open_directory(_url(tmp_path)) as directory:
+        directory.replace_policy(ImagingPolicy((Rule.from_text("a", "", Action()),)))
+        directory.put_workstation(Workstation("001122334455", "ws"))
+        with pytest.raises(WouldBlock):       # nothing loaded yet: the reload is blocking work
+            directory.lookup_nowait("00:11:22:33:44:55")
+        loaded = directory.policy()
+        policy, station = directory.lookup_nowait("00:11:22:33:44:55")
+        assert policy is loaded and station == Workstation("001122334455", "ws")
+        assert directory.lookup_nowait("001122334466")[1] is None
+        directory.replace_policy(ImagingPolicy((Rule.from_text("b", "", Action()),)))
+        with pytest.raises(WouldBlock):       # changed: the next blocking call reloads
+            directory.lookup_nowait("001122334455")
+        assert [r.name for r in directory.policy().rules] == ["b"]
+        assert [r.name for r in directory.lookup_nowait("001122334455")[0].rules] == ["b"]
+
+
+def test_lookup_nowait_turns_a_busy_store_into_would_block(tmp_path):
+    from common.directory import WouldBlock
+
+    class Busy:
+        def execute(self, *args):
+            raise sqlite3.OperationalError("database is locked")
+
+    with open_directory(_url(tmp_path)) as directory:
+        directory.policy()
+        directory._nowait = Busy()    # what a lock looks like with busy_timeout 0
+        with pytest.raises(WouldBlock):
+            directory.lookup_nowait("001122334455")

@@ -51,3 +51,12 @@ def test_ip_networks_and_mac_spellings():
     assert matcher(MachineFacts(ip="10.2.2.3", mac="00C04FDC2AB5")) == -1
     assert matcher(MachineFacts(ip="192.168.1.1")) == 1
     assert matcher(MachineFacts(mac="00:11:22:33:44:55")) == 1
+
+
+def test_ipv4_networks_inline_agree_with_the_evaluator_on_odd_facts():
+    filters = [parse_filter(t) for t in ("ip != 10.1.0.0/16", "ip = 10.1.0.0/16",
+                                         "ip = 10.1.2.3", "ip != fe80::/10")]
+    for ip in ("10.1.2.3", "10.2.0.1", "fe80::1", "not-an-ip", "010.1.2.3", None):
+        facts = MachineFacts(ip=ip)
+        for f in filters:
+            assert compile_matcher([f])(facts) == (0 if f.evaluate(facts) else -1), (f, ip)
