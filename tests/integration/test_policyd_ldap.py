@@ -1,0 +1,97 @@
+"""prebootpolicyd on a real slapd: the policy loaded with preboot-dir, changed with the real
+ldapmodify, and the very next query answers by the change, with no restart or reload."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from ldapserver import Slapd, missing
+from support import REPO, DaemonProcess, write_config
+
+pytestmark = [pytest.mark.skipif(missing() is not None, reason=str(missing())),
+              pytest.mark.skipif(not shutil.which("curl"), reason="curl not installed")]
+
+POLICY = """\
+[menu]
+display = never
+[rules]
+[[Dell lab]]
+filter = "manufacturer = 'Dell Inc.'"
+action = restore
+image = dell/base.img
+[workstations]
+[[52:54:00:00:00:09]]
+name = kiosk
+"""
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="pbldap-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def slapd() -> Iterator[Slapd]:
+    with Slapd() as server:
+        yield server
+
+
+def _answer(port: int, **params: str) -> str:
+    args = ["curl", "-sS", "--max-time", "20", "-G"]
+    for key, value in params.items():
+        args += ["--data-urlencode", f"{key}={value}"]
+    result = subprocess.run([*args, f"http://127.0.0.1:{port}/policy"], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return next(line for line in result.stdout.splitlines() if "preboot-answer:" in line)
+
+
+def test_ldapmodify_changes_take_effect_on_the_next_query(slapd: Slapd, workdir: Path):
+    credentials = slapd.write_credentials(workdir / "ldap.secret")
+    (workdir / "policy.conf").write_text(POLICY)
+    loaded = subprocess.run(
+        [sys.executable, "-m", "common.dircli", "--config", "/nonexistent", "--directory",
+         slapd.url, "--credentials", str(credentials), "import", str(workdir / "policy.conf")],
+        capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert loaded.returncode == 0, loaded.stderr
+    config = write_config(workdir / "policyd.conf", {
+        "IPAddress": "127.0.0.1", "Port": 0, "Directory": slapd.url,
+        "DirectoryCredentials": credentials, "DirectoryTimeout": 3, "StatusPort": 0,
+        "StatusSocket": workdir / "p.sock", "PidFile": workdir / "p.pid", "LogLevel": "DEBUG",
+        "LogFile": workdir / "p.log"})
+    daemon = DaemonProcess("prebootpolicyd", config, str(workdir / "p.sock"),
+                           workdir / "p.log").start(timeout_s=20)
+    try:
+        port = daemon.port
+        dell = {"mac": "52:54:00:00:00:01", "manufacturer": "Dell Inc.", "platform": "pcbios"}
+        assert "imaging restore dell/base.img" in _answer(port, **dell)
+
+        rule = f"cn=Dell lab,ou=rules,{slapd.base_dn}"
+        slapd.ldapmodify(f"dn: {rule}\nchangetype: modify\nreplace: prebootImage\n"
+                         "prebootImage: dell/new.img\n")
+        assert "imaging restore dell/new.img" in _answer(port, **dell)
+
+        slapd.ldapmodify(f"dn: {rule}\nchangetype: modify\nreplace: prebootFilter\n"
+                         "prebootFilter: manufacturer = HP\n")
+        assert "preboot-answer: local" in _answer(port, **dell)
+
+        kiosk = f"prebootMAC=525400000009,ou=workstations,{slapd.base_dn}"
+        slapd.ldapmodify(f"dn: {kiosk}\nchangetype: modify\nreplace: prebootImageOnNextBoot\n"
+                         "prebootImageOnNextBoot: TRUE\n-\nreplace: prebootImage\n"
+                         "prebootImage: kiosk.img\n")
+        assert "imaging restore kiosk.img" in _answer(port, mac="52-54-00-00-00-09")
+
+        counters = daemon.counters()
+        assert counters["queries"] == 4 and counters["directory_errors"] == 0, counters
+    finally:
+        assert daemon.stop() == 0
