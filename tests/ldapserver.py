@@ -57,9 +57,35 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def make_tls_files(folder: Path, host: str) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for `host` (an IP SAN), made with openssl:
+    (ca.pem, server.pem, server.key)."""
+    ca_key, ca, key, csr, cert = (folder / n for n in (
+        "ca.key", "ca.pem", "server.key", "server.csr", "server.pem"))
+    ext = folder / "san.ext"
+    ext.write_text(f"subjectAltName = IP:{host}\nbasicConstraints = CA:FALSE\n")
+    steps = [
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=preboot test CA", "-keyout", ca_key, "-out", ca],
+        ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={host}",
+         "-keyout", key, "-out", csr],
+        ["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key,
+         "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", cert],
+    ]
+    for step in steps:
+        result = subprocess.run([str(part) for part in step], capture_output=True, text=True,
+                                timeout=60)
+        if result.returncode != 0:
+            raise SlapdError(f"openssl failed: {result.stderr.strip()}")
+    return ca, cert, key
+
+
 def _config_ldif(folder: Path, suffix: str, root_dn: str, root_password: str,
-                 syncprov: bool = True, schema: bool = True) -> str:
+                 syncprov: bool = True, schema: bool = True, tls: bool = False) -> str:
     preboot = f"include: file://{PREBOOT_SCHEMA}\n" if schema else ""
+    tls_lines = (f"olcTLSCACertificateFile: {folder}/ca.pem\n"
+                 f"olcTLSCertificateFile: {folder}/server.pem\n"
+                 f"olcTLSCertificateKeyFile: {folder}/server.key\n") if tls else ""
     mac_index = "olcDbIndex: prebootMAC eq\n" if schema else ""
     overlay = """
 dn: olcOverlay={0}syncprov,olcDatabase={1}mdb,cn=config
@@ -75,7 +101,7 @@ cn: config
 olcPidFile: {folder}/slapd.pid
 olcArgsFile: {folder}/slapd.args
 olcLogLevel: none
-
+{tls_lines}
 dn: cn=module{{0}},cn=config
 objectClass: olcModuleList
 cn: module{{0}}
@@ -139,11 +165,14 @@ class Slapd:
 
     def __init__(self, suffix: str = "dc=preboot,dc=test", root_password: str = "secret",
                  ready_timeout_s: float = 15.0, syncprov: bool = True, schema: bool = True,
-                 netns: str | None = None, host: str = "127.0.0.1"):
+                 netns: str | None = None, host: str = "127.0.0.1", tls: bool = False):
         # netns/host: serve ldap://HOST:PORT inside a network namespace (e2e labs); the test's
         # own tools then reach it over the private ldapi socket, which crosses namespaces.
         self.netns = netns
         self.host = host
+        # tls: also serve ldaps://HOST:TLS_PORT with a certificate from a throwaway CA (ca_file)
+        self.tls = tls
+        self.tls_port = 0
         self.suffix = suffix
         self.syncprov = syncprov
         self.schema = schema
@@ -180,6 +209,16 @@ class Slapd:
         """The private Unix socket (cn=config over SASL EXTERNAL)."""
         assert self.folder is not None
         return "ldapi://" + quote(str(self.folder / "ldapi"), safe="")
+
+    @property
+    def ca_file(self) -> Path:
+        assert self.folder is not None and self.tls
+        return self.folder / "ca.pem"
+
+    @property
+    def ldaps_url(self) -> str:
+        assert self.tls
+        return f"ldaps://{self.host}:{self.tls_port}/{self.base_dn}"
 
     def url_for(self, base_dn: str) -> str:
         return f"ldap://{self.host}:{self.port}/{base_dn}"
@@ -224,8 +263,10 @@ class Slapd:
         (self.folder / "slapd.d").mkdir()
         (self.folder / "db").mkdir()
         ldif = self.folder / "config.ldif"
+        if self.tls:
+            make_tls_files(self.folder, self.host)
         ldif.write_text(_config_ldif(self.folder, self.suffix, self.root_dn, self.root_password,
-                                  self.syncprov, self.schema))
+                                  self.syncprov, self.schema, self.tls))
         result = subprocess.run([SLAPADD, "-n0", "-F", str(self.folder / "slapd.d"), "-l",
                                  str(ldif)], capture_output=True, text=True, timeout=60)
         if result.returncode != 0:
@@ -239,9 +280,12 @@ class Slapd:
             # -d 0: stay in the foreground (so the PID is ours) without debug output; stderr still
             # gets startup errors.
             prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+            urls = f"ldap://{self.host}:{self.port}/ {self.ldapi_uri}"
+            if self.tls:
+                self.tls_port = self.tls_port or free_port()
+                urls += f" ldaps://{self.host}:{self.tls_port}/"
             self.proc = subprocess.Popen(
-                [*prefix, SLAPD, "-d", "0", "-h", f"ldap://{self.host}:{self.port}/ {self.ldapi_uri}",
-                 "-F", str(self.folder / "slapd.d")],
+                [*prefix, SLAPD, "-d", "0", "-h", urls, "-F", str(self.folder / "slapd.d")],
                 stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
                 start_new_session=True)
         finally:

@@ -95,3 +95,42 @@ def test_ldapmodify_changes_take_effect_on_the_next_query(slapd: Slapd, workdir:
         assert counters["queries"] == 4 and counters["directory_errors"] == 0, counters
     finally:
         assert daemon.stop() == 0
+
+
+def test_ldaps_with_a_trusted_ca_works_and_an_untrusted_one_falls_back(workdir: Path):
+    if not shutil.which("openssl"):
+        pytest.skip("openssl not installed")
+    with Slapd(tls=True) as server:
+        credentials = server.write_credentials(workdir / "ldap.secret")
+        (workdir / "policy.conf").write_text(POLICY)
+        loaded = subprocess.run(
+            [sys.executable, "-m", "common.dircli", "--config", "/nonexistent", "--directory",
+             server.url, "--credentials", str(credentials), "import",
+             str(workdir / "policy.conf")],
+            capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        assert loaded.returncode == 0, loaded.stderr
+        dell = {"mac": "52:54:00:00:00:01", "manufacturer": "Dell Inc.", "platform": "efi"}
+        for name, trusted in (("trusted", True), ("untrusted", False)):
+            config = write_config(workdir / f"{name}.conf", {
+                "IPAddress": "127.0.0.1", "Port": 0, "Directory": server.ldaps_url,
+                "DirectoryCredentials": credentials, "DirectoryTimeout": 3, "StatusPort": 0,
+                "StatusSocket": workdir / f"{name}.sock", "PidFile": workdir / f"{name}.pid",
+                "LogLevel": "DEBUG", "LogFile": workdir / f"{name}.log"})
+            # libldap takes the CA from the environment (or TLS_CACERT in /etc/ldap/ldap.conf)
+            env = {"LDAPTLS_CACERT": str(server.ca_file)} if trusted else {
+                "LDAPTLS_CACERT": "/nonexistent-ca.pem"}
+            daemon = DaemonProcess("prebootpolicyd", config, str(workdir / f"{name}.sock"),
+                                   workdir / f"{name}.log", extra_env=env).start(timeout_s=20)
+            try:
+                answer = _answer(daemon.port, **dell)
+                counters = daemon.counters()
+            finally:
+                assert daemon.stop() == 0
+            if trusted:
+                assert "imaging restore dell/base.img" in answer
+                assert counters["directory_errors"] == 0, counters
+            else:
+                assert "preboot-answer: local" in answer
+                assert counters["fallback_answers"] == 1, counters
+                log = (workdir / f"{name}.log").read_text()
+                assert "ldaps://" in log and "FallbackAnswer" in log, log[-2000:]
