@@ -13,6 +13,7 @@ APT_PACKAGES=(
   qemu-system-x86 ipxe-qemu ipxe ovmf radvd   # real PXE firmware for e2e tests
   slapd ldap-utils               # a real OpenLDAP directory for the LDAP backend's tests
   libldap2-dev libsasl2-dev gcc python3-dev   # to build python-ldap (no wheels on PyPI)
+  partclone fdisk gdisk e2fsprogs dosfstools mtools ntfs-3g xfsprogs btrfs-progs  # imaging
 )
 
 missing=()
@@ -41,7 +42,7 @@ fi
 # ports; policy-rc.d above keeps the packages from starting theirs on port 69.
 
 PIP=(python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore)
-if ! python3 -c "import configobj, validate, daemon, psutil, tftpy, scapy, uvloop, aiohttp, ldap, pytest, hypothesis" 2>/dev/null \
+if ! python3 -c "import configobj, validate, daemon, psutil, tftpy, scapy, uvloop, aiohttp, ldap, zstandard, pytest, hypothesis" 2>/dev/null \
    || ! python3 -m pip show -q preboot-services >/dev/null 2>&1; then
   "${PIP[@]}" -e ".[test]"
 fi

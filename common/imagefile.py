@@ -1,0 +1,242 @@
+"""Reading and writing image files (docs/image-format.md) over file objects.
+
+ImageWriter streams: it never seeks, so its output may be a pipe or an HTTP upload. Chunks are
+compressed on a small thread pool (zstandard releases the GIL) and written in order. ImageReader
+needs a seekable file: it reads the header, then the trailer and index at the end, and hands out
+chunks by index entry, decompressing and verifying each one alone, so a restore can start at any
+chunk and run chunks in parallel.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Iterator
+
+import zstandard
+
+from .imageformat import (CHUNK_HEADER, DEFAULT_CHUNK_SIZE, TRAILER, ChunkKind, Header, Index,
+                          IndexEntry, ImageFormatError, check_index_bytes, check_payload,
+                          decode_chunk_header, decode_header, decode_index, decode_trailer, digest,
+                          encode_chunk_header, encode_header, encode_index, encode_trailer,
+                          header_length)
+
+DEFAULT_LEVEL = 1          # fast: the disk or the network, not the compressor, should limit
+
+
+@dataclass(frozen=True)
+class WriteStats:
+    chunks: int
+    bytes_in: int            # uncompressed bytes given to add()
+    bytes_out: int           # the image file's size
+    zero_chunks: int
+    seconds: float
+
+
+class ImageWriter:
+    def __init__(self, out: BinaryIO, metadata: dict[str, Any], chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 level: int = DEFAULT_LEVEL, threads: int = 2):
+        self._out = out
+        self.chunk_size = chunk_size
+        self._level = level
+        self._local = threading.local()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max(1, threads),
+                                                           thread_name_prefix="img-compress")
+        self._pending: collections.deque = collections.deque()
+        self._window = max(2, 2 * threads)
+        self._entries: list[IndexEntry] = []
+        self._position = 0
+        self._bytes_in = 0
+        self._zero = 0
+        self._started = time.monotonic()
+        self._closed = False
+        self._write(encode_header(metadata, chunk_size))
+
+    def add(self, stream: int, offset: int, data: bytes) -> None:
+        """One chunk: `data` (at most chunk_size bytes) at `offset` of `stream`. Chunks of a
+        stream must come in increasing offset order."""
+        if not 0 < len(data) <= self.chunk_size:
+            raise ValueError(f"a chunk holds 1..{self.chunk_size} bytes, not {len(data)}")
+        self._bytes_in += len(data)
+        self._pending.append(self._pool.submit(self._encode, stream, offset, data))
+        while len(self._pending) > self._window:
+            self._write_chunk(*self._pending.popleft().result())
+
+    def add_range(self, stream: int, source: BinaryIO | int, source_offset: int, offset: int,
+                  length: int) -> None:
+        """Copy `length` bytes from `source` (a file or a descriptor, read with pread) at
+        `source_offset` into `stream` at `offset`, as as many chunks as it takes."""
+        fd = source if isinstance(source, int) else source.fileno()
+        done = 0
+        while done < length:
+            size = min(self.chunk_size, length - done)
+            data = os.pread(fd, size, source_offset + done)
+            if len(data) != size:
+                raise OSError(f"short read at byte {source_offset + done} of the source")
+            self.add(stream, offset + done, data)
+            done += size
+
+    def close(self, summary: dict[str, Any] | None = None) -> WriteStats:
+        """Write the remaining chunks, the index and the trailer. The image is complete (and
+        restorable) only once this returns."""
+        try:
+            while self._pending:
+                self._write_chunk(*self._pending.popleft().result())
+            seconds = time.monotonic() - self._started
+            stats = {"chunks": len(self._entries), "bytes_in": self._bytes_in,
+                     "zero_chunks": self._zero, "seconds": round(seconds, 3)}
+            stats.update(summary or {})
+            index = encode_index(self._entries, stats)
+            index_offset = self._position
+            self._write(index)
+            self._write(encode_trailer(index_offset, index, len(self._entries)))
+            return WriteStats(len(self._entries), self._bytes_in, self._position, self._zero,
+                              seconds)
+        finally:
+            self._shutdown()
+
+    def abort(self) -> None:
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _encode(self, stream: int, offset: int, data: bytes) -> tuple[int, int, int, ChunkKind, bytes]:
+        if data.count(0) == len(data):
+            return stream, offset, len(data), ChunkKind.ZERO, b""
+        compressor = getattr(self._local, "compressor", None)
+        if compressor is None:   # zstandard compressors are not thread-safe: one per thread
+            compressor = zstandard.ZstdCompressor(level=self._level, write_checksum=True,
+                                                  write_content_size=True)
+            self._local.compressor = compressor
+        payload = compressor.compress(data)
+        if len(payload) >= len(data):
+            return stream, offset, len(data), ChunkKind.STORED, data
+        return stream, offset, len(data), ChunkKind.ZSTD, payload
+
+    def _write_chunk(self, stream: int, offset: int, length: int, kind: ChunkKind,
+                     payload: bytes) -> None:
+        header = encode_chunk_header(kind, stream, offset, length, payload)
+        self._entries.append(IndexEntry(stream, offset, length, kind, self._position,
+                                        len(payload), header[32:48]))
+        if kind is ChunkKind.ZERO:
+            self._zero += 1
+        self._write(header)
+        if payload:
+            self._write(payload)
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = self._out.write(view)
+            if written is None:          # raw non-blocking files; ours are blocking
+                written = len(view)
+            view = view[written:]
+        self._position += len(data)
+
+
+class ImageReader:
+    """A complete image on a seekable file."""
+
+    def __init__(self, source: BinaryIO, name: str = "image"):
+        self._file = source
+        self.name = name
+        self._fd = source.fileno()
+        self.size = os.fstat(self._fd).st_size
+        self._local = threading.local()
+        fixed = os.pread(self._fd, 32, 0)
+        self.header: Header = decode_header(os.pread(self._fd, header_length(fixed), 0))
+        if self.size < self.header.length + TRAILER.size:
+            raise ImageFormatError(f"{name}: incomplete image: no trailer")
+        trailer = decode_trailer(os.pread(self._fd, TRAILER.size, self.size - TRAILER.size),
+                                 self.size)
+        index_bytes = os.pread(self._fd, trailer.index_length, trailer.index_offset)
+        check_index_bytes(trailer, index_bytes)
+        self.index: Index = decode_index(index_bytes, self.header.chunk_size,
+                                         trailer.index_offset)
+        if len(self.index.entries) != trailer.chunk_count:
+            raise ImageFormatError(f"{name}: the index lists {len(self.index.entries)} chunks, "
+                                   f"the trailer {trailer.chunk_count}")
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.header.metadata
+
+    def entries(self, stream: int | None = None) -> list[IndexEntry]:
+        return [e for e in self.index.entries if stream is None or e.stream == stream]
+
+    def read_payload(self, entry: IndexEntry) -> bytes:
+        """The stored payload, checked against its chunk header and checksum (no decompression:
+        what the imaging server does to verify or serve a chunk)."""
+        raw = os.pread(self._fd, CHUNK_HEADER.size + entry.payload_length, entry.position)
+        header = decode_chunk_header(raw, self.header.chunk_size, entry.position)
+        if (header.stream, header.offset, header.length, header.kind) != (
+                entry.stream, entry.offset, entry.length, entry.kind) or \
+                header.checksum != entry.checksum:
+            raise ImageFormatError(f"{self.name}: chunk at byte {entry.position} does not match "
+                                   "its index entry")
+        payload = raw[CHUNK_HEADER.size:]
+        check_payload(header, payload, entry.position)
+        return payload
+
+    def read_chunk(self, entry: IndexEntry) -> bytes:
+        """The chunk's uncompressed data, verified (checksum, then zstd's content checksum)."""
+        if entry.kind is ChunkKind.ZERO:
+            self.read_payload(entry)
+            return bytes(entry.length)
+        payload = self.read_payload(entry)
+        if entry.kind is ChunkKind.STORED:
+            return payload
+        decompressor = getattr(self._local, "decompressor", None)
+        if decompressor is None:
+            decompressor = zstandard.ZstdDecompressor()
+            self._local.decompressor = decompressor
+        try:
+            data = decompressor.decompress(payload, max_output_size=entry.length)
+        except zstandard.ZstdError as exc:
+            raise ImageFormatError(f"{self.name}: chunk at byte {entry.position}: "
+                                   f"cannot decompress: {exc}") from None
+        if len(data) != entry.length:
+            raise ImageFormatError(f"{self.name}: chunk at byte {entry.position}: "
+                                   f"{len(data)} bytes, expected {entry.length}")
+        return data
+
+    def chunks(self, entries: list[IndexEntry], threads: int = 2
+               ) -> Iterator[tuple[IndexEntry, bytes]]:
+        """(entry, data) in the given order, decompressed `threads` at a time."""
+        with concurrent.futures.ThreadPoolExecutor(max(1, threads),
+                                                   thread_name_prefix="img-read") as pool:
+            window: collections.deque = collections.deque()
+            for entry in entries:
+                window.append((entry, pool.submit(self.read_chunk, entry)))
+                if len(window) > 2 * threads:
+                    first, future = window.popleft()
+                    yield first, future.result()
+            while window:
+                first, future = window.popleft()
+                yield first, future.result()
+
+    def verify(self, threads: int = 2) -> list[str]:
+        """Every chunk read, checked and decompressed; the problems found (empty: sound)."""
+        problems = []
+        with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+            futures = {pool.submit(self.read_chunk, e): e for e in self.index.entries}
+            for future in concurrent.futures.as_completed(futures):
+                try:
+                    future.result()
+                except ImageFormatError as exc:
+                    problems.append(str(exc))
+        return sorted(problems)
+
+
+def payload_digest(payload: bytes) -> bytes:
+    return digest(payload)
