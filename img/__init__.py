@@ -1,0 +1,1 @@
+"""The imaging engine that runs on the client."""
