@@ -1,0 +1,150 @@
+"""`img make`: take a base image of a disk (a block device or a disk image file).
+
+What goes in (docs/image-format.md): the partition table (as metadata), the disk head (from
+byte 0 to the first partition: boot code and the boot loader's gap), and each partition's
+used bytes where partclone knows the filesystem, else the whole partition (all-zero chunks cost
+nothing). Extents a little apart are joined, so a fragmented filesystem still gives full-size
+chunks that compress well; the bytes in between are free space and harmless to store.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Callable
+
+from common import __version__
+from common.disklayout import DiskLayout, read_layout
+from common.imagefile import DEFAULT_LEVEL, ImageWriter, WriteStats
+from common.imageformat import DEFAULT_CHUNK_SIZE
+
+from .disk import Disk
+from .usedblocks import Extent, UsedMap, used_map
+
+JOIN_GAP = 1 << 20          # join used extents closer than this
+MIN_HEAD = 1 << 20          # store at least the first MiB even on a table-less disk
+
+Progress = Callable[[int, int], None]      # (bytes done, bytes total)
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    number: int
+    role: str                  # disk-head | partition | whole-disk
+    disk_offset: int           # where the stream starts on the disk
+    size: int
+    extents: tuple[Extent, ...]
+    fill: str                  # zero | free
+    filesystem: str = "raw"
+    partition: int | None = None
+    reason: str = ""
+
+    def metadata(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"number": self.number, "role": self.role, "size": self.size,
+                                "fill": self.fill, "disk_offset": self.disk_offset,
+                                "used_bytes": sum(e.length for e in self.extents)}
+        if self.role != "disk-head":
+            data["filesystem"] = self.filesystem
+            data["map"] = self.reason
+        if self.partition is not None:
+            data["partition"] = self.partition
+        return data
+
+
+def join_extents(extents: tuple[Extent, ...], gap: int = JOIN_GAP) -> tuple[Extent, ...]:
+    joined: list[Extent] = []
+    for extent in extents:
+        if joined and extent.offset - (joined[-1].offset + joined[-1].length) < gap:
+            last = joined[-1]
+            joined[-1] = Extent(last.offset, extent.offset + extent.length - last.offset)
+        else:
+            joined.append(extent)
+    return tuple(joined)
+
+
+def plan_streams(disk: Disk, layout: DiskLayout) -> list[StreamPlan]:
+    sector = layout.sector_size
+    if not layout.partitions:
+        mapped = used_map(disk.path, 0, disk.size)
+        return [_partition_plan(0, "whole-disk", 0, mapped, None)]
+    first = min(p.start_lba for p in layout.partitions) * sector
+    plans = [StreamPlan(0, "disk-head", 0, first, (Extent(0, first),), "zero")]
+    data_parts = [p for p in layout.partitions if not p.is_extended]   # logicals inside it
+    for number, part in enumerate(sorted(data_parts, key=lambda p: p.start_lba), 1):
+        offset, size = part.start_lba * sector, part.size_lba * sector
+        mapped = used_map(disk.path, offset, size)
+        plans.append(_partition_plan(number, "partition", offset, mapped, part.number))
+    return plans
+
+
+def _partition_plan(number: int, role: str, offset: int, mapped: UsedMap,
+                    partition: int | None) -> StreamPlan:
+    known = mapped.filesystem != "raw"
+    extents = join_extents(mapped.extents) if known else mapped.extents
+    return StreamPlan(number, role, offset, mapped.size, extents, "free" if known else "zero",
+                      mapped.filesystem, partition, mapped.reason)
+
+
+def make_image(disk_path: str, out: BinaryIO, source: dict[str, Any] | None = None,
+               level: int = DEFAULT_LEVEL, threads: int = 2,
+               chunk_size: int = DEFAULT_CHUNK_SIZE, progress: Progress | None = None
+               ) -> tuple[WriteStats, dict[str, Any]]:
+    """Write a base image of `disk_path` to `out` (a file or a stream). Returns the writer's
+    statistics and the metadata written."""
+    with Disk.open(disk_path) as disk:
+        layout = read_layout(disk_path, sector_size=512)
+        plans = plan_streams(disk, layout)
+        metadata = {
+            "format": 1, "type": "base",
+            "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "tool": f"img {__version__}", "source": source or {},
+            "compression": {"algorithm": "zstd", "level": level},
+            "disk": {"size": disk.size, "sector_size": layout.sector_size,
+                     "layout": layout.to_dict()},
+            "streams": [plan.metadata() for plan in plans],
+        }
+        total = sum(e.length for plan in plans for e in plan.extents)
+        done = 0
+        if progress:
+            progress(0, total)
+        writer = ImageWriter(out, metadata, chunk_size=chunk_size, level=level, threads=threads)
+        try:
+            for plan in plans:
+                for extent in plan.extents:
+                    writer.add_range(plan.number, disk.fd, plan.disk_offset + extent.offset,
+                                     extent.offset, extent.length)
+                    done += extent.length
+                    if progress:
+                        progress(done, total)
+            stats = writer.close({"used_bytes": total})
+        except BaseException:
+            writer.abort()
+            raise
+    return stats, metadata
+
+
+def make_image_file(disk_path: str, image_path: str, **kwargs: Any
+                    ) -> tuple[WriteStats, dict[str, Any]]:
+    """make_image into a local file: written under a temporary name, fsynced, then renamed,
+    so an interrupted run never leaves a partial image under the final name."""
+    folder = os.path.dirname(os.path.abspath(image_path))
+    temporary = os.path.join(folder, f".{os.path.basename(image_path)}.part-{os.getpid()}")
+    try:
+        with open(temporary, "xb") as out:
+            result = make_image(disk_path, out, **kwargs)
+            out.flush()
+            os.fsync(out.fileno())
+        os.rename(temporary, image_path)
+        directory = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        return result
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
