@@ -2,7 +2,8 @@
 
 GET /boot.ipxe   the static first script (script.boot_script), pointing back at this host
 GET /policy      the answer for one machine: query.parse_query -> the directory (policy and the
-                 workstation record, on worker threads, bounded by DirectoryTimeout) ->
+                 workstation record, on the loop when the backend can answer there without
+                 blocking, else on worker threads; bounded by DirectoryTimeout) ->
                  common.policy.assign_work -> script.answer_script
 anything else    404 (405 for another method on a known path)
 
@@ -340,6 +341,11 @@ class PolicyServer:
             # The common case, answered here: a handoff to a worker thread costs more than
             # the whole decision (bench/RESULTS.md, prebootpolicyd).
             return directory.lookup_nowait(mac)
+        except WouldBlock:
+            pass
+        try:
+            # A network store: waited for on this loop, still without a thread.
+            return await directory.lookup_async(mac, settings.directory_timeout_s)
         except WouldBlock:
             pass
         return await self._in_pool(_read_directory, directory, mac,

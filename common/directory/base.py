@@ -29,8 +29,9 @@ class DirectoryError(Exception):
 
 
 class WouldBlock(Exception):
-    """lookup_nowait() cannot answer without waiting (a lock, the network, a policy reload):
-    ask again through the blocking methods, on a worker thread."""
+    """lookup_nowait() or lookup_async() cannot answer that way (a lock, a connection not made
+    yet, a policy reload, an error best reported by the blocking methods): ask again through
+    the blocking methods, on a worker thread."""
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,14 @@ class Directory(ABC):
         """policy() and workstation(mac) at once, only if that needs no waiting at all (a
         local store whose cached policy is current); else WouldBlock. prebootpolicyd calls
         this on its event loop, sparing the thread hop that otherwise dominates a query."""
+        raise WouldBlock
+
+    async def lookup_async(self, mac: str, timeout_s: float
+                           ) -> tuple[ImagingPolicy, Workstation | None]:
+        """policy() and workstation(mac) at once, waited for on the running event loop rather
+        than on a thread (a network store), only while the cached policy is current; else
+        WouldBlock. Never blocks the loop; an answer later than timeout_s is DirectoryError.
+        The store's change marker is read after the call is made, as policy() reads it."""
         raise WouldBlock
 
     def clear_next_boot(self, mac: str) -> bool:

@@ -25,6 +25,14 @@ operation timeouts of timeout_s. A connection that turns out dead (the server re
 timeout) is replaced and the call retried once; a fresh connection that fails is reported at
 once, so an unreachable server costs about timeout_s, not twice that.
 
+The event loop's lookup (lookup_async, prebootpolicyd's common case): handing each query to a
+worker thread cost more than the query itself, so one more connection belongs to the loop. Each
+call sends its own contextCSN read and workstation search at once (never shared between calls:
+a change made before a call is seen by it), and the answers are read whenever the socket is
+readable. Nothing on it may block the loop: it is connected and bound on a thread of its own
+(the call says WouldBlock meanwhile), a changed policy is reloaded by policy() on a worker
+thread, and every error goes back to the blocking methods, which report it as they always did.
+
 Reads are strict: an entry we cannot use (a rule whose filter does not parse, an unknown action,
 a missing order) fails the whole call with DirectoryError naming the entry, because silently
 skipping a rule could image a machine wrongly.
@@ -32,6 +40,7 @@ skipping a rule could image a machine wrongly.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import threading
@@ -49,7 +58,7 @@ from ..policy import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettin
                       MulticastSession, Rule, Workstation)
 from ..rules import Filter, parse_filter
 from .base import (DEFAULT_TIMEOUT_S, Credentials, Directory, DirectoryError, DirectoryURL,
-                   PolicyCache)
+                   PolicyCache, WouldBlock)
 
 log = logging.getLogger("preboot.directory")
 
@@ -58,6 +67,16 @@ T = TypeVar("T")
 POLICY_MAX_AGE_S = 60.0      # re-read the rules at least this often, whatever the marker says
 ORDER_STEP = 10              # rule/session order numbers 10, 20, 30...: room to insert by hand
 MATCH_ALL = "*"              # prebootFilter of a rule for every machine (LDAP has no empty values)
+RECONNECT_S = 1.0            # lookup_async: a failed connect is retried at most this often
+# lookup_async: searches unanswered on its connection, at most. Below what a server that stopped
+# reading can take in its socket buffer, and below OpenLDAP's conn_max_pending (100 anonymous,
+# 1000 bound), past which it closes the connection.
+MAX_IN_FLIGHT = 256
+MAX_IN_FLIGHT_ANONYMOUS = 64
+# lookup_async: while searches are unanswered, read anyway this often. libldap may hold a whole
+# answer in its own buffers with the socket no longer readable (after it read and dropped an
+# answer to an abandoned search, or TLS records); this bounds that wait.
+POKE_S = 0.05
 
 OC_POLICY = "prebootImagingPolicy"
 OC_RULE = "prebootRule"
@@ -114,6 +133,10 @@ class LdapDirectory(Directory):
         self._containers_ok = False
         self._consistent: ImagingPolicy | None = None   # the last policy read whole
         self._filters: dict[str, Filter] = {}           # its filters by text
+        # lookup_async's connection, used only on the event loop's thread (see there)
+        self._link: _LoopConnection | None = None
+        self._connecting_for: asyncio.AbstractEventLoop | None = None
+        self._reconnect_at = 0.0
         # Nothing touches the network here: a daemon starting while the directory is down still
         # comes up, and each call reports the outage (DirectoryError) until it is back.
 
@@ -130,6 +153,21 @@ class LdapDirectory(Directory):
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             return conn, False
+        conn = self._open_connection()
+        self._local.conn = conn
+        ident = threading.get_ident()
+        with self._lock:
+            stale = [self._connections.pop(ident)] if ident in self._connections else []
+            alive = {thread.ident for thread in threading.enumerate()}
+            for other in [i for i in self._connections if i not in alive]:
+                stale.append(self._connections.pop(other))
+            self._connections[ident] = conn
+        for old in stale:
+            _unbind(old)
+        return conn, True
+
+    def _open_connection(self) -> LDAPObject:
+        """A new connection, bound; DirectoryError when that fails."""
         conn = None
         try:
             conn = ldap.initialize(self.uri)
@@ -152,17 +190,7 @@ class LdapDirectory(Directory):
             if conn is not None:
                 _unbind(conn)
             raise self._error("connect", exc) from None
-        self._local.conn = conn
-        ident = threading.get_ident()
-        with self._lock:
-            stale = [self._connections.pop(ident)] if ident in self._connections else []
-            alive = {thread.ident for thread in threading.enumerate()}
-            for other in [i for i in self._connections if i not in alive]:
-                stale.append(self._connections.pop(other))
-            self._connections[ident] = conn
-        for old in stale:
-            _unbind(old)
-        return conn, True
+        return conn
 
     def _drop(self, conn: LDAPObject) -> None:
         if getattr(self._local, "conn", None) is conn:
@@ -227,6 +255,9 @@ class LdapDirectory(Directory):
             connections, self._connections = list(self._connections.values()), {}
         for conn in connections:
             _unbind(conn)
+        link, self._link = self._link, None
+        if link is not None:
+            link.close_threadsafe()
         self._cache.clear()
 
     # -- low-level reads ------------------------------------------------------------------------
@@ -281,14 +312,18 @@ class LdapDirectory(Directory):
         if not self._suffix_known:
             self._suffix = self._find_suffix(conn)
             self._suffix_known = True
-        values: list[bytes] = []
+        found: list[Entry] = []
         if self._suffix is not None:
             try:
                 found = self._search(conn, self._suffix, ldap.SCOPE_BASE, "(objectClass=*)",
                                      ["contextCSN"])
-                values = [v for _, attrs in found for v in _lower(attrs).get("contextcsn", [])]
             except (ldap.NO_SUCH_OBJECT, ldap.INSUFFICIENT_ACCESS):
-                values = []
+                found = []
+        return self._marker_of(found)
+
+    def _marker_of(self, found: list[Entry]) -> object:
+        """The change marker from the suffix entry's contextCSN (as read by _marker)."""
+        values = [v for _, attrs in found for v in _lower(attrs).get("contextcsn", [])]
         if not values:
             if not self._no_marker_logged:
                 self._no_marker_logged = True
@@ -436,17 +471,100 @@ class LdapDirectory(Directory):
         return self._run(f"look up workstation {wanted}", run)
 
     def _find_station(self, conn: LDAPObject, mac: str) -> Entry | None:
-        pairs = [mac[i:i + 2] for i in range(0, 12, 2)]
-        spellings = {mac, ":".join(pairs), "-".join(pairs)}
-        either = "".join(f"(prebootMAC={ldap.filter.escape_filter_chars(s)})"
-                         for s in sorted(spellings))
         found = self._children(conn, self.workstations_dn, ldap.SCOPE_SUBTREE,
-                               f"(&(objectClass={OC_WORKSTATION})(|{either}))",
-                               list(WORKSTATION_ATTRS))
-        if len(found) > 1:
-            raise _EntryError(f"workstation {mac} is registered more than once: "
-                              + "; ".join(dn for dn, _ in found))
-        return found[0] if found else None
+                               _station_filter(mac), list(WORKSTATION_ATTRS))
+        return _one_station(mac, found)
+
+    # -- the event loop's lookup ----------------------------------------------------------------
+
+    async def lookup_async(self, mac: str, timeout_s: float
+                           ) -> tuple[ImagingPolicy, Workstation | None]:
+        """The marker read and the workstation search sent together on the loop's connection,
+        their answers read when its socket is readable: no thread, no waiting on the loop.
+        WouldBlock whenever the blocking methods should answer instead: no connection yet
+        (one is being made on a thread of its own), the policy changed (reloading it is
+        blocking work), or anything went wrong that they report properly (a lost
+        connection, an error result, an entry we cannot use). Only a server that does not
+        answer within timeout_s is DirectoryError here: asking again would double the wait."""
+        wanted = normalize_mac(mac)
+        if wanted is None or self._closed or not self._suffix_known or self._suffix is None:
+            raise WouldBlock      # the suffix is learnt (and the policy loaded) by policy()
+        link = self._loop_connection()
+        if link.busy():
+            raise WouldBlock              # a burst beyond that waits on the worker threads
+        sent: list[int] = []
+        call = _Call(link.loop.create_future())
+        timer = link.loop.call_later(timeout_s, _expire, call.answers)
+        try:
+            link.search(sent, call, self._suffix, ldap.SCOPE_BASE, "(objectClass=*)",
+                        ["contextCSN"], timeout_s)
+            link.search(sent, call, self.workstations_dn, ldap.SCOPE_SUBTREE,
+                        _station_filter(wanted), list(WORKSTATION_ATTRS), timeout_s)
+            marker, stations = await call.answers
+            policy = self._cache.current(self._marker_of(marker))
+            if policy is None:
+                raise WouldBlock
+            found = _one_station(wanted, stations)
+            return policy, (_station(*found) if found else None)
+        except _Unanswered:
+            self._retire(link)
+            raise DirectoryError(f"directory {self.url.redacted()} did not answer within "
+                                 f"{timeout_s:g} s (look up workstation {wanted})") from None
+        except (ldap.LDAPError, _EntryError):
+            # An error result, a lost connection (the link is closed), an unusable entry
+            raise WouldBlock from None
+        finally:
+            timer.cancel()
+            link.forget(sent)
+            if call.answers.done() and not call.answers.cancelled():
+                call.answers.exception()  # a failure left unawaited is still not news
+
+    def _loop_connection(self) -> "_LoopConnection":
+        """The running loop's connection; WouldBlock while it is being made."""
+        loop = asyncio.get_running_loop()
+        link = self._link
+        if link is not None and link.loop is loop and not link.closed:
+            return link
+        if link is not None:              # failed, or made for another loop
+            self._link = None
+            if link.loop is not loop:
+                link.close_threadsafe()
+        if self._connecting_for is not loop and time.monotonic() >= self._reconnect_at:
+            self._connecting_for = loop
+            threading.Thread(target=self._connect_for, args=(loop,), daemon=True,
+                             name="ldap-loop-connect").start()
+        raise WouldBlock
+
+    def _connect_for(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On its own thread: the connect and bind block, so they never run on the loop."""
+        try:
+            conn: LDAPObject | None = self._open_connection()
+        except DirectoryError as exc:  # the blocking path reports the outage to the caller
+            log.debug("directory %s: no event loop connection: %s", self.url.redacted(), exc)
+            conn = None
+        try:
+            loop.call_soon_threadsafe(self._connected, loop, conn)
+        except RuntimeError:              # that loop is closed
+            if conn is not None:
+                _unbind(conn)
+
+    def _connected(self, loop: asyncio.AbstractEventLoop, conn: LDAPObject | None) -> None:
+        if self._connecting_for is loop:
+            self._connecting_for = None
+        if conn is None:
+            self._reconnect_at = time.monotonic() + RECONNECT_S
+        elif self._closed or self._link is not None:
+            _unbind(conn)
+        else:
+            self._link = _LoopConnection(conn, loop, MAX_IN_FLIGHT_ANONYMOUS
+                                         if self.credentials is None else MAX_IN_FLIGHT)
+
+    def _retire(self, link: "_LoopConnection") -> None:
+        """A search went unanswered: no new ones on this connection (an answer to the old
+        may still come); it closes when the last search on it is answered or given up."""
+        if self._link is link:
+            self._link = None
+        link.retired = True
 
     def workstations(self) -> list[Workstation]:
         def run(conn: LDAPObject) -> list[Workstation]:
@@ -581,7 +699,152 @@ class LdapDirectory(Directory):
             _modify(conn, old[0], old[1], attrs, managed)
 
 
+class _Unanswered(Exception):
+    """lookup_async's time ran out."""
+
+
+def _expire(answers: asyncio.Future) -> None:
+    if not answers.done():
+        answers.set_exception(_Unanswered())
+
+
+class _Call:
+    """The searches one lookup_async call sent: their entries, in the order sent, go to one
+    future when the last is answered (or the first error)."""
+
+    __slots__ = ("answers", "entries", "unanswered")
+
+    def __init__(self, answers: asyncio.Future):
+        self.answers = answers
+        self.entries: list[list[Entry]] = []
+        self.unanswered = 0
+
+
+class _LoopConnection:
+    """One connection driven by an event loop. Searches are sent at once, any number of
+    queries' interleaved on the wire, and every answer that has arrived is read (one message
+    at a time, so nothing is left in libldap's buffers unseen) each time the socket is
+    readable, and handed to the call that sent the search. The loop's thread alone uses it;
+    close_threadsafe() is the one way in from elsewhere."""
+
+    def __init__(self, conn: LDAPObject, loop: asyncio.AbstractEventLoop, max_in_flight: int):
+        self.conn = conn
+        self.loop = loop
+        self.max_in_flight = max_in_flight
+        self.fd = conn.fileno()
+        self.closed = False
+        self.retired = False
+        self._waiting: dict[int, tuple[_Call, int]] = {}   # msgid -> its call, its index
+        self._poke: asyncio.TimerHandle | None = None
+        loop.add_reader(self.fd, self._readable)
+
+    def busy(self) -> bool:
+        """So many searches unanswered that sending more could fill the socket's buffer and
+        block the loop (a server that stopped reading)."""
+        return len(self._waiting) >= self.max_in_flight
+
+    def search(self, sent: list[int], call: _Call, base: str, scope: int, filterstr: str,
+               attrs: list[str], timeout_s: float) -> None:
+        """Send a search for call, its msgid appended to sent. A send that fails closes the
+        connection and raises."""
+        try:
+            msgid = self.conn.search_ext(base, scope, filterstr, attrs, timeout=timeout_s)
+        except ldap.LDAPError as exc:
+            self.close(exc)
+            raise
+        sent.append(msgid)
+        self._waiting[msgid] = (call, len(call.entries))
+        call.entries.append([])
+        call.unanswered += 1
+        if self._poke is None:
+            self._poke = self.loop.call_later(POKE_S, self._poked)
+
+    def _poked(self) -> None:
+        self._poke = None
+        self._readable()
+        if self._waiting and not self.closed:
+            self._poke = self.loop.call_later(POKE_S, self._poked)
+
+    def forget(self, msgids: list[int]) -> None:
+        """Give up these searches (abandoned if still unanswered)."""
+        for msgid in msgids:
+            if self._waiting.pop(msgid, None) is not None and not self.closed:
+                try:
+                    self.conn.abandon_ext(msgid)
+                except ldap.LDAPError:
+                    pass
+        if self.retired and not self._waiting:
+            self.close()
+
+    def _readable(self) -> None:
+        while not self.closed:
+            try:
+                kind, data, msgid, _ = self.conn.result3(ldap.RES_ANY, all=0, timeout=0)
+            except ldap.LDAPError as exc:
+                info = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+                if "msgid" not in info:   # not one search's result: the connection failed
+                    self.close(exc)
+                    return
+                failed = self._waiting.pop(info["msgid"], None)
+                if failed is not None and not failed[0].answers.done():
+                    failed[0].answers.set_exception(exc)
+                continue
+            if kind is None:
+                return                    # nothing more has arrived
+            search = self._waiting.get(msgid)
+            if search is None:
+                continue                  # a search given up meanwhile
+            call, index = search
+            if kind == ldap.RES_SEARCH_ENTRY:
+                call.entries[index].extend((dn, attrs) for dn, attrs in data if dn is not None)
+            elif kind == ldap.RES_SEARCH_RESULT:
+                del self._waiting[msgid]
+                call.unanswered -= 1
+                if not call.unanswered and not call.answers.done():
+                    call.answers.set_result(call.entries)
+            # search references and anything else: ignored, as the blocking reads drop them
+
+    def close(self, exc: BaseException | None = None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._poke is not None:
+            self._poke.cancel()
+        try:
+            self.loop.remove_reader(self.fd)
+        except (RuntimeError, ValueError, OSError):   # the loop is closed already
+            pass
+        waiting, self._waiting = self._waiting, {}
+        for call, _ in waiting.values():
+            if not call.answers.done() and not self.loop.is_closed():
+                call.answers.set_exception(
+                    exc or ldap.SERVER_DOWN({"desc": "connection closed"}))
+        _unbind(self.conn)
+
+    def close_threadsafe(self) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.close)
+        except RuntimeError:              # the loop is closed: nothing runs on it any more
+            self.close()
+
+
 # -- entries <-> model ------------------------------------------------------------------------
+
+def _station_filter(mac: str) -> str:
+    """A workstation by its normalised MAC, in each spelling people register it with."""
+    pairs = [mac[i:i + 2] for i in range(0, 12, 2)]
+    spellings = {mac, ":".join(pairs), "-".join(pairs)}
+    either = "".join(f"(prebootMAC={ldap.filter.escape_filter_chars(s)})"
+                     for s in sorted(spellings))
+    return f"(&(objectClass={OC_WORKSTATION})(|{either}))"
+
+
+def _one_station(mac: str, found: list[Entry]) -> Entry | None:
+    if len(found) > 1:
+        raise _EntryError(f"workstation {mac} is registered more than once: "
+                          + "; ".join(dn for dn, _ in found))
+    return found[0] if found else None
+
 
 def _check_names(wanted: list[tuple[str, Attrs]], kind: str) -> dict[str, str]:
     """Names must differ the way the server compares them (they are the entries' RDNs)."""

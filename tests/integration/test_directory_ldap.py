@@ -1,5 +1,6 @@
 """The LDAP backend against a real slapd: changes made with the real ldapmodify, outages,
-reconnects, refused credentials, a missing base DN and malformed entries.
+reconnects, refused credentials, a missing base DN and malformed entries; and lookup_async, the
+event loop's thread-free lookup, against the same.
 
 Each test gets its own slapd (start-up takes about 0.1 s), so stopping or freezing it cannot
 disturb another test. The backend-neutral behaviour is in test_directory_backends.py.
@@ -7,9 +8,11 @@ disturb another test. The backend-neutral behaviour is in test_directory_backend
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from common.directory import DirectoryError, open_directory
+from common.directory import DirectoryError, WouldBlock, open_directory
 from common.directory.ldap import LdapDirectory
 from common.policy import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings, Rule,
                            Workstation)
@@ -410,3 +413,200 @@ def test_containers_removed_by_hand_are_created_again(server, directory) -> None
     assert directory.workstations() == []
     directory.put_workstation(Workstation("00C04FDC2AB5", "again"))
     assert directory.workstation("00C04FDC2AB5") == Workstation("00C04FDC2AB5", "again")
+
+
+# -- lookup_async: the event loop's lookup --------------------------------------------------------
+
+async def settled(directory: LdapDirectory, mac: str, within_s: float = 5.0
+                  ) -> tuple[ImagingPolicy, Workstation | None]:
+    """lookup_async once its connection is made (it says WouldBlock until then)."""
+    give_up = time.monotonic() + within_s
+    while True:
+        try:
+            return await directory.lookup_async(mac, TIMEOUT_S)
+        except WouldBlock:
+            if time.monotonic() > give_up:
+                raise
+            await asyncio.sleep(0.02)
+
+
+def freeze(pid: int) -> None:
+    """SIGSTOP, and wait until every thread has stopped (a busy one may finish a request
+    first)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                states.append(task.joinpath("stat").read_text().rpartition(")")[2].split()[0])
+            except OSError:
+                continue
+        if states and all(state in "tT" for state in states):
+            return
+        time.sleep(0.01)
+
+
+async def timed_lookup(directory: LdapDirectory, mac: str) -> tuple[type | None, float]:
+    started = time.monotonic()
+    try:
+        await directory.lookup_async(mac, TIMEOUT_S)
+        outcome = None
+    except (WouldBlock, DirectoryError) as exc:
+        outcome = type(exc)
+    return outcome, time.monotonic() - started
+
+
+def test_lookup_async_answers_as_the_blocking_reads_do(directory) -> None:
+    directory.replace_policy(POLICY)
+    stations = [Workstation(f"00C04FDC2A{n:02X}", f"lab-{n}", n % 2 == 0, f"i{n}.zmg")
+                for n in range(20)]
+    for station in stations:
+        directory.put_workstation(station)
+
+    async def main() -> None:
+        with pytest.raises(WouldBlock):          # nothing loaded yet: a reload blocks
+            await directory.lookup_async("00C04FDC2A00", TIMEOUT_S)
+        policy = directory.policy()
+        assert await settled(directory, "00:c0:4f:dc:2a:01") == (policy, stations[1])
+        assert (await directory.lookup_async("00C04FDC2AFF", TIMEOUT_S))[1] is None
+        # many at once, pipelined on the one connection, each with its own answer
+        answers = await asyncio.gather(*(directory.lookup_async(s.mac, TIMEOUT_S)
+                                         for s in stations))
+        assert [station for _, station in answers] == stations
+        assert all(answer is policy for answer, _ in answers)
+        until = time.monotonic() + 2             # the connecting thread is done with
+        while any(t.name == "ldap-loop-connect" for t in threading.enumerate()):
+            assert time.monotonic() < until
+            await asyncio.sleep(0.01)
+        directory.close()
+        with pytest.raises(WouldBlock):          # the blocking path reports "closed"
+            await directory.lookup_async("00C04FDC2A01", TIMEOUT_S)
+    asyncio.run(main())
+
+
+def test_lookup_async_leaves_a_changed_policy_to_the_blocking_reload(server, directory) -> None:
+    directory.replace_policy(POLICY)
+
+    async def main() -> None:
+        directory.policy()
+        await settled(directory, "00C04FDC2AB5")
+        server.ldapmodify(f"dn: cn=first,{rules_dn(server)}\nchangetype: modify\n"
+                          "replace: prebootFilter\nprebootFilter: arch = x86_64\n")
+        with pytest.raises(WouldBlock):
+            await directory.lookup_async("00C04FDC2AB5", TIMEOUT_S)
+        reloaded = directory.policy()
+        assert str(reloaded.rules[0].filter) != str(POLICY.rules[0].filter)
+        assert (await directory.lookup_async("00C04FDC2AB5", TIMEOUT_S))[0] is reloaded
+    asyncio.run(main())
+
+
+def test_lookup_async_sees_a_workstation_changed_by_ldapmodify(server, directory) -> None:
+    directory.put_workstation(Workstation("00C04FDC2AB5", "lab-07"))
+    dn = f"prebootMAC=00C04FDC2AB5,ou=workstations,{server.base_dn}"
+
+    async def main() -> None:
+        directory.policy()
+        assert (await settled(directory, "00C04FDC2AB5"))[1] == Workstation("00C04FDC2AB5",
+                                                                            "lab-07")
+        server.ldapmodify(f"dn: {dn}\nchangetype: modify\nreplace: prebootImageOnNextBoot\n"
+                          "prebootImageOnNextBoot: TRUE\n")
+        # Any write moves contextCSN: the next lookup never answers with what was before.
+        try:
+            station = (await directory.lookup_async("00C04FDC2AB5", TIMEOUT_S))[1]
+        except WouldBlock:
+            directory.policy()
+            station = (await directory.lookup_async("00C04FDC2AB5", TIMEOUT_S))[1]
+        assert station == Workstation("00C04FDC2AB5", "lab-07", True)
+    asyncio.run(main())
+
+
+def test_lookup_async_stopped_then_restarted_server(server, directory) -> None:
+    directory.replace_policy(POLICY)
+
+    async def main() -> None:
+        directory.policy()
+        await settled(directory, "00C04FDC2AB5")
+        server.stop_process()
+        for _ in range(3):
+            outcome, took = await timed_lookup(directory, "00C04FDC2AB5")
+            assert outcome in (WouldBlock, DirectoryError) and took < TIMEOUT_S * 3
+        with pytest.raises(DirectoryError, match="unreachable"):
+            directory.policy()                   # what the caller then does
+        server.start_again()
+        assert names(directory.policy()) == ["first", "second", "last"]
+        assert names((await settled(directory, "00C04FDC2AB5"))[0]) == names(POLICY)
+    asyncio.run(main())
+
+
+def test_lookup_async_frozen_server_times_out_then_recovers(server, directory) -> None:
+    directory.replace_policy(POLICY)
+
+    async def main() -> None:
+        directory.policy()
+        await settled(directory, "00C04FDC2AB5")
+        freeze(server.proc.pid)
+        try:
+            outcomes = await asyncio.gather(*(timed_lookup(directory, "00C04FDC2AB5")
+                                              for _ in range(5)))
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        for outcome, took in outcomes:
+            assert outcome is DirectoryError and TIMEOUT_S * 0.9 < took < TIMEOUT_S * 1.5
+        assert names((await settled(directory, "00C04FDC2AB5"))[0]) == names(POLICY)
+    asyncio.run(main())
+
+
+def test_lookup_async_burst_beyond_its_share_and_cancelled_calls(server, directory) -> None:
+    directory.replace_policy(POLICY)
+
+    async def main() -> None:
+        directory.policy()
+        await settled(directory, "00C04FDC2AB5")
+        link = directory._link
+        assert link is not None
+        link.max_in_flight = 6                   # three calls' searches
+        outcomes = await asyncio.gather(*(timed_lookup(directory, "00C04FDC2AB5")
+                                          for _ in range(10)))
+        assert [outcome for outcome, _ in outcomes].count(None) == 3
+        assert {outcome for outcome, _ in outcomes[3:]} == {WouldBlock}   # not waiting
+        # A call given up (its client went away) abandons its searches; the rest go on.
+        freeze(server.proc.pid)
+        try:
+            task = asyncio.ensure_future(directory.lookup_async("00C04FDC2AB5", TIMEOUT_S))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert link._waiting == {}
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        assert await directory.lookup_async("00C04FDC2AB5", TIMEOUT_S)
+        assert directory._link is link
+    asyncio.run(main())
+
+
+def test_lookup_async_silent_server_never_holds_the_loop() -> None:
+    """A server that accepts connections and never answers: the bind hangs, on a thread of its
+    own; lookup_async keeps saying WouldBlock at once, one connect attempt at a time."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)                            # the kernel accepts; nobody ever reads
+    url = f"ldap://127.0.0.1:{silent.getsockname()[1]}/dc=preboot,dc=test"
+    try:
+        with open_directory(url, timeout_s=TIMEOUT_S) as directory:
+            assert isinstance(directory, LdapDirectory)
+            directory._suffix, directory._suffix_known = "dc=preboot,dc=test", True
+
+            async def main() -> None:
+                until = time.monotonic() + TIMEOUT_S * 2.5
+                while time.monotonic() < until:
+                    outcome, took = await timed_lookup(directory, "00C04FDC2AB5")
+                    assert outcome is WouldBlock and took < 0.1
+                    connecting = [t for t in threading.enumerate()
+                                  if t.name == "ldap-loop-connect"]
+                    assert len(connecting) <= 1
+                    await asyncio.sleep(0.05)
+            asyncio.run(main())
+    finally:
+        silent.close()
