@@ -14,6 +14,7 @@ APT_PACKAGES=(
   slapd ldap-utils               # a real OpenLDAP directory for the LDAP backend's tests
   libldap2-dev libsasl2-dev gcc python3-dev   # to build python-ldap (no wheels on PyPI)
   partclone fdisk gdisk e2fsprogs dosfstools mtools ntfs-3g xfsprogs btrfs-progs  # imaging
+  libxml2-utils                  # xmllint: the results log must stay well-formed XML
 )
 
 missing=()

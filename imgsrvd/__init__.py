@@ -1,0 +1,1 @@
+"""Imaging server daemon: image store, auto-imaging, referrals, results log, statistics, multicast."""
