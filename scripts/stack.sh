@@ -1,8 +1,9 @@
 #!/bin/bash
 # Start (default), stop or show the whole Preboot Services stack on its embedded default
 # configuration (packaging/dev/*.conf): the TFTP daemon, serving samples/tftproot on
-# 127.0.0.1:69, the policy service (HTTP for iPXE on 127.0.0.1:8090, embedded SQLite directory
-# in /var/lib/preboot; both start at install and boot in the original) and, only when asked (it
+# 127.0.0.1:69, the imaging server (127.0.0.1:998, images in /var/lib/preboot/images), the
+# policy service (HTTP for iPXE on 127.0.0.1:8090, embedded SQLite directory
+# in /var/lib/preboot; these start at install and boot in the original) and, only when asked (it
 # is optional per segment, as in the original), the proxyDHCP. Installs what it needs first.
 # Run as root (ports 67/69, /run/preboot).
 #   bash scripts/stack.sh [start|stop|status]
@@ -12,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 action=${1:-start}
-DAEMONS=(tftpd policyd)
+DAEMONS=(tftpd policyd imgsrvd)
 [ "${PREBOOT_PROXYDHCP:-0}" = 1 ] && DAEMONS+=(proxydhcpd)
 conf_dir=packaging/dev
 # The Python package of a daemon, where it differs from the daemon's name.

@@ -39,8 +39,18 @@ DAEMONS = (
     KnownDaemon("policyd", "Preboot Policy Service", 9980,
                 ("queries", "script_requests", "work_assigned", "no_work", "menus_shown",
                  "fallback_answers", "directory_errors", "bad_requests")),
-    KnownDaemon("imgsrvd", "Imaging Server", 9998),
+    KnownDaemon("imgsrvd", "Preboot Imaging Service", 9998,
+                ("update_requests", "images_sent", "images_received", "client_referrals",
+                 "bytes_sent", "bytes_received", "active_transfers", "failures")),
 )
+
+# Counters shown with the original's names (the imaging statistics, DOMAIN.md).
+LABELS = {
+    "update_requests": "Update Requests",
+    "images_sent": "Images Sent",
+    "images_received": "Images Received",
+    "client_referrals": "Client Referrals",
+}
 
 
 @dataclass
@@ -122,6 +132,8 @@ def _size(count: int) -> str:
 
 
 def _label(key: str) -> str:
+    if key in LABELS:
+        return LABELS[key]
     return key.replace("_", " ").capitalize()
 
 

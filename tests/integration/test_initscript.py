@@ -1,5 +1,5 @@
 """The LSB init scripts (packaging/init.d/preboot-<name> + preboot-functions) against the real
-daemons (tftpd, proxydhcpd, policyd).
+daemons (tftpd, proxydhcpd, policyd, imgsrvd).
 
 A script is pointed at `python -m <name>` with a throw-away config through its PREBOOT_*
 overrides (PREBOOT_NO_SYSTEMCTL=1, so it manages the process itself even where systemd runs).
@@ -64,7 +64,8 @@ class Daemon:
 TFTPD = Daemon("tftpd", "Preboot TFTP Service", ("Port", "abc"))
 PROXYDHCPD = Daemon("proxydhcpd", "Preboot Proxy DHCP Service", ("DHCPPort", "abc"))
 POLICYD = Daemon("policyd", "Preboot Policy Service", ("Port", "abc"), package="prebootpolicyd")
-DAEMONS = [TFTPD, PROXYDHCPD, POLICYD]
+IMGSRVD = Daemon("imgsrvd", "Preboot Imaging Service", ("Port", "abc"))
+DAEMONS = [TFTPD, PROXYDHCPD, POLICYD, IMGSRVD]
 
 needs_root = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="init scripts run as root")]
@@ -191,6 +192,10 @@ class Setup:
         elif self.d is POLICYD:
             values.update({"IPAddress": "127.0.0.1", "Port": "0",
                            "Directory": f"sqlite://{self.dir}/directory.db"})
+        elif self.d is IMGSRVD:
+            values.update({"IPAddress": "127.0.0.1", "Port": "0", "ImageRoot": str(self.root),
+                           "Directory": f"sqlite://{self.dir}/directory.db",
+                           "ResultsLog": str(self.dir / "results.xml")})
         values.update(extra)
         text = "# written by test_initscript.py\n" + "".join(
             f"{key} = {value}\n" for key, value in values.items())

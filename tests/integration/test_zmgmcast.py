@@ -215,11 +215,11 @@ def test_plain_status_uses_the_run_dir(tftpd_factory, tftp_root, tmp_path):
     assert result.returncode == 0, result.stderr
     check_table(result.stdout, daemon)
     rows = {line[:30].strip(): line[30:].split()[0] for line in result.stdout.splitlines()
-            if line.startswith(("Preboot ", "Imaging Server")) and "(pid" not in line
+            if line.startswith("Preboot ") and "(pid" not in line
             and "status on" not in line}
     assert rows["Preboot TFTP Service"] == "running"
     assert rows["Preboot Proxy DHCP Service"] == "not"          # "not running"
-    assert rows["Imaging Server"] == "not"
+    assert rows["Preboot Imaging Service"] == "not"
 
 
 def test_plain_status_reads_status_socket_from_config_dir(tftpd_factory, tftp_root, tmp_path):

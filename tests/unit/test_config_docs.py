@@ -9,7 +9,7 @@ import pytest
 from common.config import defaults, load_config, render_reference
 
 REPO = Path(__file__).resolve().parents[2]
-DAEMONS = ["tftpd", "proxydhcpd", "policyd"]
+DAEMONS = ["tftpd", "proxydhcpd", "policyd", "imgsrvd"]
 PACKAGES = {"policyd": "prebootpolicyd"}  # the daemon's name where its package differs
 
 

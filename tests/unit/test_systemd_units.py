@@ -20,7 +20,7 @@ SPEC = REPO / "packaging" / "rpm" / "preboot.spec"
 UNIT_SUFFIXES = (".service", ".socket", ".timer", ".path", ".target", ".mount")
 UNITS = sorted(p for p in UNIT_DIR.iterdir() if p.suffix in UNIT_SUFFIXES) \
     if UNIT_DIR.is_dir() else []
-DAEMONS = ["tftpd", "proxydhcpd", "policyd"]  # one preboot-<name>.service each; add imgsrvd here
+DAEMONS = ["tftpd", "proxydhcpd", "policyd", "imgsrvd"]  # one preboot-<name>.service each
 PACKAGES = {"policyd": "prebootpolicyd"}  # the Python package, where it differs from the name
 # Started by hand, never enabled by the package (DOMAIN.md: proxyDHCP is optional).
 BY_HAND = {"proxydhcpd"}
@@ -35,11 +35,13 @@ FAMILIES = {
     # HTTP on IPv4 or IPv6 (IPAddress may be either), LDAP directories over either, the Unix
     # status socket and the journal
     "policyd": {"AF_INET", "AF_INET6", "AF_UNIX"},
+    # the same as policyd: HTTP on either family, LDAP, the status socket and the journal
+    "imgsrvd": {"AF_INET", "AF_INET6", "AF_UNIX"},
 }
-# CapabilityBoundingSet: ports below 1024 (69, 67, 4011) need CAP_NET_BIND_SERVICE; policyd's
-# 8090 needs nothing.
+# CapabilityBoundingSet: ports below 1024 (69, 67, 4011, 998) need CAP_NET_BIND_SERVICE;
+# policyd's 8090 needs nothing.
 CAPABILITIES = {"tftpd": {"CAP_NET_BIND_SERVICE"}, "proxydhcpd": {"CAP_NET_BIND_SERVICE"},
-                "policyd": set()}
+                "policyd": set(), "imgsrvd": {"CAP_NET_BIND_SERVICE"}}
 
 EXEC_LINE = re.compile(r"^(Exec[A-Za-z]+=)([-@:+!]*)(/\S+)(.*)$")
 

@@ -1,0 +1,28 @@
+"""preboot-imgsrvd: the Preboot Imaging Service (python -m imgsrvd)."""
+
+from __future__ import annotations
+
+import sys
+
+from common.runner import DaemonSpec, run
+
+from .config import SCHEMA, make_settings
+from .server import ImagingServer
+
+SPEC = DaemonSpec(
+    name="imgsrvd",
+    program="preboot-imgsrvd",
+    service_name="Preboot Imaging Service",
+    schema=SCHEMA,
+    status_address=lambda settings: settings.ip_address,
+    make_settings=make_settings,
+    make_service=ImagingServer,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(SPEC, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""imgsrvd's config keys (the schema) and the frozen settings the server runs on."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from common.config import Key, Schema
+from common.directory import DirectoryURL, parse_directory_url, read_credentials
+from common.errors import SettingError
+from common.runner import CommonSettings, common_keys
+
+from .protocol import BadPath, clean_relative
+
+STATUS_PORT = 9998
+
+SCHEMA = Schema((
+    Key("IPAddress", "ip_addr", "0.0.0.0",
+        "Address the imaging service (and the status port) listens on; 0.0.0.0: every IPv4 "
+        "interface."),
+    Key("Port", "integer(min=0, max=65535)", "998",
+        "TCP port of the imaging protocol (HTTP/1.1, docs/imaging-protocol.md); 0 picks a "
+        "free one. Below 1024 needs root or CAP_NET_BIND_SERVICE."),
+    Key("ImageRoot", "path", "/var/lib/preboot/images",
+        "Folder that holds the images; every image path a client names is relative to it, and "
+        "nothing outside it is ever read or written."),
+    Key("AllowedUploadDirs", "strings", "",
+        "Folders under ImageRoot that clients may store images in, comma separated; empty: "
+        "anywhere under ImageRoot (the original's default)."),
+    Key("AllowOverwrite", "boolean", "NO",
+        "YES lets an upload replace an existing image; NO refuses it (409)."),
+    Key("Directory", "strings", "sqlite:///var/lib/preboot/directory.db",
+        "Where policy and workstation records live: sqlite:///path (embedded, created if "
+        "missing), ldap://host[:port]/base-dn or ldaps://... (no quotes needed)."),
+    Key("DirectoryCredentials", "path", "",
+        "LDAP only: file of 'BindDN = ...' and 'Password = ...' lines, readable by its owner "
+        "only (mode 0600); empty binds anonymously."),
+    Key("DirectoryTimeout", "integer(min=1, max=60)", "3",
+        "Seconds a directory query may take; slower or failing queries are answered 503 (the "
+        "imaging engine then boots the local disk)."),
+    Key("ResultsLog", "path", "/var/log/preboot/imgsrvd-results.xml",
+        "Well-formed XML log of every imaging request (the original's Zimglog.xml)."),
+    Key("MaxClients", "integer(min=1, max=10000)", "64",
+        "Image transfers (stores and retrievals) served at once; more are answered 503 with "
+        "Retry-After."),
+    Key("TransferTimeout", "integer(min=5, max=3600)", "120",
+        "Seconds an upload may go without receiving data before it is aborted."),
+    Key("ServerName", "string", "",
+        "How other imaging servers and the directory name this server in //server/path "
+        "image paths; empty: this host's name."),
+) + common_keys("imgsrvd", STATUS_PORT))
+
+
+@dataclass(frozen=True)
+class Settings:
+    ip_address: str
+    port: int
+    image_root: str
+    allowed_upload_dirs: tuple[str, ...]    # relative to image_root, normalised; () = all
+    allow_overwrite: bool
+    directory: DirectoryURL
+    directory_text: str
+    directory_credentials: str
+    directory_timeout_s: float
+    results_log: str
+    max_clients: int
+    transfer_timeout_s: float
+    server_name: str
+    common: CommonSettings
+
+    @property
+    def directory_key(self) -> tuple[Any, ...]:
+        return (self.directory, self.directory_credentials, self.directory_timeout_s)
+
+
+def make_settings(values: dict[str, Any], common: CommonSettings) -> Settings:
+    try:
+        directory = parse_directory_url(",".join(values["Directory"]))
+    except ValueError as exc:
+        raise SettingError("Directory", str(exc)) from None
+    credentials = values["DirectoryCredentials"]
+    if credentials:
+        if directory.scheme == "sqlite":
+            raise SettingError("DirectoryCredentials", "only LDAP directories take credentials")
+        try:
+            read_credentials(credentials)
+        except ValueError as exc:
+            raise SettingError("DirectoryCredentials", str(exc)) from None
+    root = values["ImageRoot"]
+    if not root:
+        raise SettingError("ImageRoot", "must not be empty")
+    allowed = []
+    for text in values["AllowedUploadDirs"]:
+        try:
+            allowed.append(clean_relative(text.strip("/")) if text.strip("/") else "")
+        except BadPath as exc:
+            raise SettingError("AllowedUploadDirs", f"'{text}': {exc}") from None
+    server_name = values["ServerName"].strip() or socket.gethostname()
+    return Settings(
+        ip_address=values["IPAddress"],
+        port=values["Port"],
+        image_root=os.path.normpath(root),
+        allowed_upload_dirs=tuple(allowed),
+        allow_overwrite=values["AllowOverwrite"],
+        directory=directory,
+        directory_text=directory.redacted(),
+        directory_credentials=credentials,
+        directory_timeout_s=float(values["DirectoryTimeout"]),
+        results_log=values["ResultsLog"],
+        max_clients=values["MaxClients"],
+        transfer_timeout_s=float(values["TransferTimeout"]),
+        server_name=server_name,
+        common=common,
+    )

@@ -1,0 +1,240 @@
+"""The imaging protocol's pure parts (docs/imaging-protocol.md): image paths, request bodies,
+answers. No sockets, no files: strings and dicts in, typed values or a reason out.
+
+Image paths are relative to ImageRoot and written with '/'. A path of the form //server/path
+names an image on another imaging server (the original's referral form); parse_image_path tells
+the two apart, and refers a //server/path naming this server back to a local path.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+from common.machine import ATTRIBUTE_KINDS, MachineFacts, facts_from_strings
+from common.policy import ActionKind, WorkAssignment
+
+VERSION = 1
+IMAGES_PREFIX = "/v1/images/"
+MAX_PATH = 1024
+MAX_COMPONENT = 255
+MODES = ("auto", "manual")
+OPERATIONS = ("upload", "download")
+STATUSES = ("success", "failure")
+IMAGE_TYPES = ("base", "addon")
+WORKSTATION_HEADER = "X-Preboot-Workstation"
+MODE_HEADER = "X-Preboot-Mode"
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SERVER = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.\-]*[A-Za-z0-9])?(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+MANUAL_REFERRAL_ERROR = ("the image is on another imaging server ({server}); a request for an "
+                         "image on a different imaging server is denied in manual imaging mode "
+                         "(referrals are made only in auto-imaging mode): connect to {server} "
+                         "directly")
+
+
+class BadPath(ValueError):
+    """An image path that is refused; str() is the reason, safe to show the client."""
+
+
+class BadRequest(ValueError):
+    """A request body that cannot be used; str() is the reason."""
+
+
+@dataclass(frozen=True)
+class LocalPath:
+    path: str                    # normalised, relative to ImageRoot, '/'-separated
+
+
+@dataclass(frozen=True)
+class RemotePath:
+    server: str                  # host[:port] of the other imaging server
+    path: str                    # the path on that server, relative to its ImageRoot
+
+    def __str__(self) -> str:
+        return f"//{self.server}/{self.path}"
+
+
+def clean_relative(text: str) -> str:
+    """A path relative to ImageRoot, normalised ('a//b/./c' -> 'a/b/c'), or BadPath: absolute
+    paths, '..', control characters, backslashes and hidden names (a leading '.', which is also
+    how uploads in progress are named) are refused."""
+    if not text:
+        raise BadPath("empty image path")
+    if len(text) > MAX_PATH:
+        raise BadPath(f"image path longer than {MAX_PATH} characters")
+    if _CONTROL.search(text):
+        raise BadPath("control characters in the image path")
+    if "\\" in text:
+        raise BadPath("backslash in the image path (use '/')")
+    if text.startswith("/"):
+        raise BadPath("absolute image path (paths are relative to the image root)")
+    parts = []
+    for part in text.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            raise BadPath("'..' in the image path")
+        if part.startswith("."):
+            raise BadPath(f"hidden name '{part}' in the image path")
+        if len(part.encode("utf-8", "surrogateescape")) > MAX_COMPONENT:
+            raise BadPath(f"a name in the image path is longer than {MAX_COMPONENT} bytes")
+        parts.append(part)
+    if not parts:
+        raise BadPath("empty image path")
+    return "/".join(parts)
+
+
+def parse_image_path(text: str, own_names: tuple[str, ...] = ()) -> LocalPath | RemotePath:
+    """'lab/base.img' -> LocalPath; '//server/lab/base.img' -> RemotePath, or LocalPath when
+    `server` is one of own_names (compared case-insensitively)."""
+    if text.startswith("//"):
+        server, sep, rest = text[2:].partition("/")
+        if not server or not _SERVER.fullmatch(server):
+            raise BadPath(f"'{server[:100]}' is not a server name")
+        if not sep:
+            raise BadPath("no image path after the server name")
+        path = clean_relative(rest)
+        if server.lower() in {name.lower() for name in own_names if name}:
+            return LocalPath(path)
+        return RemotePath(server, path)
+    return LocalPath(clean_relative(text))
+
+
+def path_from_url(raw_path: str, own_names: tuple[str, ...] = ()) -> LocalPath | RemotePath:
+    """The image path of a /v1/images/<path> request, from the raw (still percent-encoded)
+    URL path: /v1/images/lab/base.img and /v1/images/lab%2Fbase.img are lab/base.img;
+    /v1/images//srv/x.img and /v1/images/%2F%2Fsrv%2Fx.img are //srv/x.img (another server)."""
+    raw = raw_path.split("?", 1)[0]
+    if not raw.startswith(IMAGES_PREFIX):
+        raise BadPath("not an image URL")
+    rest = raw[len(IMAGES_PREFIX) - 1:]          # keeps the "/" after /v1/images
+    try:
+        if rest.startswith("//"):
+            text = "//" + unquote(rest[2:], errors="strict")
+        else:
+            text = unquote(rest[1:], errors="strict")
+    except UnicodeDecodeError:
+        raise BadPath("image path is not UTF-8") from None
+    return parse_image_path(text, own_names)
+
+
+def upload_allowed(path: str, allowed_dirs: tuple[str, ...]) -> bool:
+    """Whether `path` (clean, relative) lies in one of allowed_dirs (clean, relative; '' is
+    the root itself). An empty list allows everything under the root."""
+    if not allowed_dirs:
+        return True
+    for folder in allowed_dirs:
+        if folder == "" or path.startswith(folder + "/"):
+            return True
+    return False
+
+
+def _text(value: Any, name: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise BadRequest(f"{name}: must be a string or a whole number")
+    return str(value)
+
+
+@dataclass(frozen=True)
+class WorkRequest:
+    facts: MachineFacts
+    mode: str                    # auto or manual
+
+
+def parse_work_request(body: Any) -> WorkRequest:
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object of machine facts")
+    mode = body.get("mode", "auto")
+    if mode not in MODES:
+        raise BadRequest(f"mode: '{mode}' is not auto or manual")
+    values = {}
+    for name, value in body.items():
+        if name == "mode":
+            continue
+        if name not in ATTRIBUTE_KINDS:
+            raise BadRequest(f"{name}: not a machine attribute")
+        values[name] = _text(value, name)
+    facts, problems = facts_from_strings(values)
+    if problems:
+        raise BadRequest("; ".join(problems))
+    if facts.mac is None:
+        raise BadRequest("mac: required")
+    return WorkRequest(facts, mode)
+
+
+@dataclass(frozen=True)
+class ResultReport:
+    workstation: str
+    mac: str | None
+    operation: str
+    image_type: str
+    image_path: str
+    status: str
+    error_message: str
+
+
+def parse_result(body: Any) -> ResultReport:
+    from common.machine import normalize_mac
+
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    fields = {}
+    for name in ("workstation", "mac", "operation", "image_type", "image_path", "status",
+                 "error_message"):
+        value = body.get(name, "")
+        if not isinstance(value, str):
+            raise BadRequest(f"{name}: must be a string")
+        if len(value) > 4096:
+            raise BadRequest(f"{name}: longer than 4096 characters")
+        fields[name] = value.strip()
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        raise BadRequest(f"{unknown[0]}: not a result field")
+    mac = None
+    if fields["mac"]:
+        mac = normalize_mac(fields["mac"])
+        if mac is None:
+            raise BadRequest(f"mac: '{fields['mac']}' is not a MAC address")
+    if not fields["workstation"] and mac is None:
+        raise BadRequest("workstation or mac: required")
+    if fields["operation"] not in OPERATIONS:
+        raise BadRequest(f"operation: '{fields['operation']}' is not upload or download")
+    if fields["status"] not in STATUSES:
+        raise BadRequest(f"status: '{fields['status']}' is not success or failure")
+    image_type = fields["image_type"] or "base"
+    if image_type not in IMAGE_TYPES:
+        raise BadRequest(f"image_type: '{image_type}' is not base or addon")
+    return ResultReport(fields["workstation"] or (mac or ""), mac, fields["operation"],
+                        image_type, fields["image_path"], fields["status"],
+                        fields["error_message"])
+
+
+def work_answer(assignment: WorkAssignment, mode: str, own_names: tuple[str, ...] = ()
+                ) -> tuple[dict[str, Any], RemotePath | None]:
+    """The JSON answer to a work query, and the other server when the answer is a referral.
+    In manual mode an image on another server raises BadPath with the original's denial."""
+    action = assignment.action
+    answer: dict[str, Any] = {
+        "work": action.kind.value,
+        "image": action.image,
+        "addons": list(action.addons),
+        "session": action.session,
+        "reason": assignment.reason,
+        "rule": assignment.rule,
+    }
+    if action.kind in (ActionKind.RESTORE, ActionKind.MAKE) and action.image.startswith("//"):
+        where = parse_image_path(action.image, own_names)
+        if isinstance(where, LocalPath):
+            answer["image"] = where.path
+            return answer, None
+        if mode != "auto":
+            raise BadPath(MANUAL_REFERRAL_ERROR.format(server=where.server))
+        answer.update({"work": "referral", "action": action.kind.value,
+                       "server": where.server, "path": where.path})
+        return answer, where
+    return answer, None

@@ -1,0 +1,49 @@
+"""imgsrvd's status counters: what `zmgmcast -status` shows. All start at zero.
+
+The first four are the original's imaging statistics (DOMAIN.md, "Imaging statistics"):
+
+update_requests    imaging requests of any kind (store, retrieve, work query, result), including
+                   those that failed, were denied or were referred to another server
+images_sent        images sent to clients (a complete GET, or the range that ends the file)
+images_received    images received and stored here
+client_referrals   auto-imaging requests referred to another imaging server
+
+bytes_sent         image bytes sent (ranges included)
+bytes_received     image bytes received by uploads (stored or not)
+active_transfers   uploads and downloads in progress now
+failures           requests that failed: refused, bad, aborted, disk full, directory errors
+busy_refusals      transfers refused with 503 because MaxClients were in progress
+directory_errors   work queries or results the directory could not answer
+results_logged     result reports (POST /v1/results) received
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# zmgmcast shows these first, with these names (the original's).
+LABELS = {
+    "update_requests": "Update Requests",
+    "images_sent": "Images Sent",
+    "images_received": "Images Received",
+    "client_referrals": "Client Referrals",
+}
+
+
+@dataclass
+class ImagingCounters:
+    update_requests: int = 0
+    images_sent: int = 0
+    images_received: int = 0
+    client_referrals: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    active_transfers: int = 0
+    failures: int = 0
+    busy_refusals: int = 0
+    directory_errors: int = 0
+    results_logged: int = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        return dict(vars(self))

@@ -1,0 +1,241 @@
+"""The image store: where images live under ImageRoot, and how an upload becomes an image.
+
+Every function here blocks (file system calls); the server runs them on worker threads.
+
+Path rules: a clean relative path (protocol.clean_relative) joined to the root, then resolved
+with realpath: a symlink anywhere on the way that leads out of the root is refused (403).
+
+An upload is written to a temporary name in the image's own folder (`.NAME.part-<random>`, a
+hidden name no client can ask for), checked as a complete image (header, trailer, index and
+every chunk's checksum, without decompressing), fsynced, and only then given its final name:
+os.link when overwriting is off (atomic: an image that appeared meanwhile is never replaced,
+the link fails instead) or os.rename when it is on; then the folder is fsynced. Whatever goes
+wrong (a client gone, a bad image, a full disk, a crash) leaves nothing under the final name;
+a crash can leave a `.part-` file, which clean_partials() removes when the server starts.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import secrets
+import shutil
+from dataclasses import dataclass
+
+from common.imagefile import ImageReader
+from common.imageformat import ImageFormatError
+
+log = logging.getLogger("preboot.imgsrvd.store")
+
+PART_RE = re.compile(r"^\..+\.part-[0-9a-f]{16}$")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class StoreError(Exception):
+    """A request the store refuses; `status` is the HTTP status, str() the reason."""
+
+    status = 500
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+class Forbidden(StoreError):
+    status = 403
+
+
+class NotFound(StoreError):
+    status = 404
+
+
+class Exists(StoreError):
+    status = 409
+
+
+class BadImage(StoreError):
+    status = 422
+
+
+class DiskFull(StoreError):
+    status = 507
+
+
+def _inside(root: str, path: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def resolve(root: str, relative: str) -> str:
+    """The absolute path of `relative` (already clean) under `root`; Forbidden when a symlink
+    on the way leads out of the root."""
+    real_root = os.path.realpath(root)
+    candidate = os.path.join(real_root, relative)
+    real = os.path.realpath(candidate)
+    if not _inside(real_root, real) or real == real_root:
+        raise Forbidden(f"{relative}: leads outside the image root (symbolic link)")
+    return candidate
+
+
+def open_for_reading(root: str, relative: str) -> tuple[str, int]:
+    """(path, size) of an existing image file; NotFound or Forbidden otherwise."""
+    path = resolve(root, relative)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise NotFound(f"{relative}: no such image") from None
+    except NotADirectoryError:
+        raise NotFound(f"{relative}: no such image") from None
+    import stat as _stat
+    if not _stat.S_ISREG(info.st_mode):
+        raise NotFound(f"{relative}: not an image file")
+    return path, info.st_size
+
+
+def disk_full_message(folder: str) -> str:
+    return f"no space left on the image store ({folder}); the upload was discarded"
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(eq=False)
+class Upload:
+    """One upload in progress: the temporary file and where it goes."""
+
+    relative: str
+    final: str
+    temp: str
+    fd: int
+    overwrite: bool
+    written: int = 0
+    closed: bool = False
+
+    @classmethod
+    def begin(cls, root: str, relative: str, overwrite: bool,
+              expected_size: int | None = None) -> "Upload":
+        final = resolve(root, relative)
+        folder, name = os.path.split(final)
+        real_root = os.path.realpath(root)
+        try:
+            os.makedirs(folder, mode=0o755, exist_ok=True)
+        except FileExistsError:
+            raise Forbidden(f"{relative}: a folder on the way is a file") from None
+        except NotADirectoryError:
+            raise Forbidden(f"{relative}: a folder on the way is a file") from None
+        except OSError as exc:
+            if exc.errno in DISK_FULL:
+                raise DiskFull(disk_full_message(real_root)) from None
+            raise
+        # makedirs may have followed a link made meanwhile: check again where we landed.
+        if not _inside(real_root, os.path.realpath(folder)):
+            raise Forbidden(f"{relative}: leads outside the image root (symbolic link)")
+        if os.path.isdir(final):
+            raise Forbidden(f"{relative}: is a folder")
+        if not overwrite and os.path.lexists(final):
+            raise Exists(f"{relative}: the image exists and overwriting is not allowed "
+                         "(AllowOverwrite = NO)")
+        if expected_size is not None:
+            usage = shutil.disk_usage(folder)
+            if expected_size > usage.free:
+                raise DiskFull(f"no space left on the image store ({real_root}): the image "
+                               f"is {expected_size} bytes, {usage.free} are free")
+        temp = os.path.join(folder, f".{name}.part-{secrets.token_hex(8)}")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        return cls(relative, final, temp, fd, overwrite)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                done = os.write(self.fd, view)
+                view = view[done:]
+                self.written += done
+        except OSError as exc:
+            if exc.errno in DISK_FULL:
+                self.abort()
+                raise DiskFull(disk_full_message(os.path.dirname(self.final))) from None
+            raise
+
+    def finish(self) -> int:
+        """Check the image, make it durable and give it its final name; returns its size.
+        On any failure the temporary file is gone and the final name untouched."""
+        try:
+            try:
+                os.fsync(self.fd)
+            except OSError as exc:
+                if exc.errno in DISK_FULL:
+                    raise DiskFull(disk_full_message(os.path.dirname(self.final))) from None
+                raise
+            problem = check_image(self.temp, self.relative)
+            if problem:
+                raise BadImage(problem)
+            os.close(self.fd)
+            self.closed = True
+            if self.overwrite:
+                os.rename(self.temp, self.final)
+            else:
+                try:
+                    os.link(self.temp, self.final)
+                except FileExistsError:
+                    raise Exists(f"{self.relative}: the image exists and overwriting is not "
+                                 "allowed (AllowOverwrite = NO)") from None
+                os.unlink(self.temp)
+            _fsync_dir(os.path.dirname(self.final))
+            return self.written
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+        try:
+            os.unlink(self.temp)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", self.temp, exc.strerror)
+
+
+def check_image(path: str, name: str) -> str | None:
+    """None if `path` holds a complete, sound image; else the reason (for a 422)."""
+    try:
+        with open(path, "rb") as handle:
+            reader = ImageReader(handle, name)
+            for entry in reader.index.entries:
+                reader.read_payload(entry)
+    except ImageFormatError as exc:
+        text = str(exc)
+        return text if text.startswith(name) else f"{name}: {text}"
+    except (ValueError, OSError) as exc:
+        return f"{name}: not a complete image: {exc}"
+    return None
+
+
+def clean_partials(root: str) -> list[str]:
+    """Remove the `.NAME.part-*` files that a crash left under `root`; returns their paths."""
+    removed = []
+    if not os.path.isdir(root):
+        return removed
+    for folder, dirs, files in os.walk(root):
+        for name in files:
+            if PART_RE.match(name):
+                path = os.path.join(folder, name)
+                try:
+                    os.unlink(path)
+                    removed.append(path)
+                except OSError as exc:
+                    log.warning("cannot remove the partial upload %s: %s", path, exc.strerror)
+    return removed
