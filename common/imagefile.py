@@ -144,28 +144,47 @@ class ImageWriter:
         self._position += len(data)
 
 
-class ImageReader:
-    """A complete image on a seekable file."""
+class _FilePread:
+    """A seekable file as a positional reader."""
 
-    def __init__(self, source: BinaryIO, name: str = "image"):
+    def __init__(self, source: BinaryIO | int):
+        self._fd = source if isinstance(source, int) else source.fileno()
+        self.size = os.fstat(self._fd).st_size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return os.pread(self._fd, length, offset)
+
+
+class ImageReader:
+    """A complete image on a seekable file, or on any "positional reader": an object with
+    `pread(length, offset) -> bytes` (safe to call from several threads) and `size` (e.g.
+    img.remote.RemoteImage, an image on an imaging server read with HTTP Range requests)."""
+
+    def __init__(self, source: Any, name: str = "image"):
         self._file = source
         self.name = name
-        self._fd = source.fileno()
-        self.size = os.fstat(self._fd).st_size
+        if hasattr(source, "pread") and hasattr(source, "size"):
+            self._source = source
+        else:
+            self._source = _FilePread(source)
+        self.size = self._source.size
         self._local = threading.local()
-        fixed = os.pread(self._fd, 32, 0)
-        self.header: Header = decode_header(os.pread(self._fd, header_length(fixed), 0))
+        fixed = self._pread(32, 0)
+        self.header: Header = decode_header(self._pread(header_length(fixed), 0))
         if self.size < self.header.length + TRAILER.size:
             raise ImageFormatError(f"{name}: incomplete image: no trailer")
-        trailer = decode_trailer(os.pread(self._fd, TRAILER.size, self.size - TRAILER.size),
+        trailer = decode_trailer(self._pread(TRAILER.size, self.size - TRAILER.size),
                                  self.size)
-        index_bytes = os.pread(self._fd, trailer.index_length, trailer.index_offset)
+        index_bytes = self._pread(trailer.index_length, trailer.index_offset)
         check_index_bytes(trailer, index_bytes)
         self.index: Index = decode_index(index_bytes, self.header.chunk_size,
                                          trailer.index_offset)
         if len(self.index.entries) != trailer.chunk_count:
             raise ImageFormatError(f"{name}: the index lists {len(self.index.entries)} chunks, "
                                    f"the trailer {trailer.chunk_count}")
+
+    def _pread(self, length: int, offset: int) -> bytes:
+        return self._source.pread(length, offset)
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -177,7 +196,7 @@ class ImageReader:
     def read_payload(self, entry: IndexEntry) -> bytes:
         """The stored payload, checked against its chunk header and checksum (no decompression:
         what the imaging server does to verify or serve a chunk)."""
-        raw = os.pread(self._fd, CHUNK_HEADER.size + entry.payload_length, entry.position)
+        raw = self._pread(CHUNK_HEADER.size + entry.payload_length, entry.position)
         header = decode_chunk_header(raw, self.header.chunk_size, entry.position)
         if (header.stream, header.offset, header.length, header.kind) != (
                 entry.stream, entry.offset, entry.length, entry.kind) or \

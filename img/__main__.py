@@ -2,6 +2,9 @@
 
     img make --disk DISK IMAGE          take a base image of DISK into the file IMAGE
     img restore --disk DISK IMAGE [--grow]   put IMAGE down on DISK (same size or larger)
+    img make --disk DISK --server HOST[:PORT] PATH      ... onto an imaging server
+    img restore --disk DISK --server HOST[:PORT] PATH [--grow]   ... from an imaging server
+    img auto --disk DISK --server HOST[:PORT] [--fact KEY=VALUE ...]   ask the server what to do
     img verify IMAGE                    check every chunk of an image
     img dump --disk DISK                the partition table and each partition's filesystem
     img info                            what this machine reports to the imaging server
@@ -16,19 +19,25 @@ import argparse
 import json
 import os
 import sys
+from typing import Any
 
 from common.disklayout import DiskLayoutError, read_layout
+from common.machine import ATTRIBUTE_KINDS, normalize_mac
 from common.imagefile import DEFAULT_LEVEL, ImageReader
 from common.imageformat import ImageFormatError
 
+from .client import ImagingClient, Referral, ServerError, split_server
 from .hardware import machine_facts
-from .make import make_image_file
+from .make import make_image, make_image_file
+from .remote import RemoteImage
 from .progress import Progress
 from .restore import RestoreError, restore_image
 from .usedblocks import used_map
 
 
 def cmd_make(args: argparse.Namespace) -> int:
+    if args.server:
+        return cmd_make_remote(args)
     if os.path.exists(args.image) and not args.overwrite:
         print(f"img: {args.image} exists (use --overwrite to replace it)", file=sys.stderr)
         return 1
@@ -42,6 +51,8 @@ def cmd_make(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    if args.server:
+        return cmd_restore_remote(args)
     with open(args.image, "rb") as handle:
         reader = ImageReader(handle, args.image)
         try:
@@ -55,6 +66,217 @@ def cmd_restore(args: argparse.Namespace) -> int:
     print(f"restored {args.image} onto {args.disk}: {result.bytes_written} bytes in "
           f"{result.chunks} chunks{grown}")
     return 0
+
+
+# ------------------------------------------------------------------ server modes
+
+MAX_HOPS = 3
+MiB = 1 << 20
+
+
+class Failure(Exception):
+    """A server-mode operation that failed; str() is the one-line message (server, what failed,
+    whether the disk was changed)."""
+
+
+def _facts(disk_path: str, overrides: list[str]) -> dict[str, Any]:
+    facts = {k: v for k, v in machine_facts().items() if k in ATTRIBUTE_KINDS}
+    try:
+        from .disk import Disk
+        with Disk.open(disk_path) as disk:
+            facts["disk_mb"] = disk.size // MiB
+    except OSError:
+        pass
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in ATTRIBUTE_KINDS:
+            raise Failure(f"--fact {item}: expected KEY=VALUE with KEY one of "
+                          f"{', '.join(ATTRIBUTE_KINDS)}")
+        facts[key] = value.strip()
+    return facts
+
+
+def _identity(facts: dict[str, Any]) -> tuple[str, str]:
+    mac = normalize_mac(str(facts.get("mac") or "")) or ""
+    return str(facts.get("hostname") or mac), mac
+
+
+def _report(server: str, facts: dict[str, Any], operation: str, image: str, error: str) -> None:
+    """POST /v1/results; a failure to report is a warning, not a failed operation."""
+    workstation, mac = _identity(facts)
+    if not workstation and not mac:
+        print(f"img: warning: no workstation name or MAC to report the result to {server}",
+              file=sys.stderr)
+        return
+    body = {"workstation": workstation, "mac": mac, "operation": operation,
+            "image_type": "base", "image_path": image,
+            "status": "failure" if error else "success", "error_message": error[:4000]}
+    try:
+        with ImagingClient(server, workstation, timeout=15) as client:
+            answer = client.result(body)
+        if answer.get("cleared"):
+            print(f"{server}: the workstation's 'image on next boot' flag was cleared")
+    except (ServerError, ValueError) as exc:
+        print(f"img: warning: result not reported: {exc}", file=sys.stderr)
+
+
+def _restore_remote(server: str, path: str, disk: str, grow: bool, threads: int,
+                    workstation: str, mode: str) -> str:
+    """Restore //server/path onto disk, following 307 referrals; returns where the image came
+    from (//server/path). Raises Failure."""
+    for _hop in range(MAX_HOPS + 1):
+        label = f"//{server}/{path}"
+        with ImagingClient(server, workstation, mode) as client:
+            try:
+                remote = RemoteImage(client, path, log=lambda m: print(m, file=sys.stderr))
+                reader = ImageReader(remote, label)
+            except Referral as exc:
+                print(f"img: {exc}")
+                server, path = exc.server, exc.path
+                continue
+            except (ServerError, ImageFormatError) as exc:
+                raise Failure(f"restore of {label} failed: {exc}; the disk was not "
+                              "changed") from None
+            batches = remote.plan(reader.entries())
+            try:
+                result = restore_image(reader, disk, grow=grow, threads=threads,
+                                       progress=Progress("img restore"))
+            except RestoreError as exc:
+                raise Failure(f"restore of {label}: {exc}; the disk was not changed") from None
+            except (ServerError, ImageFormatError, OSError) as exc:
+                raise Failure(f"restore of {label} onto {disk} FAILED part-way: {exc}. The "
+                              "disk was changed: it is incomplete and has no valid partition "
+                              "table; restore again.") from None
+        grown = " (last partition grown to fill the disk)" if result.grown else ""
+        retried = f", {remote.retried} retried" if remote.retried else ""
+        print(f"restored {label} onto {disk}: {result.bytes_written} bytes in {result.chunks} "
+              f"chunks, {remote.requests} requests in {batches} batches{retried}{grown}")
+        return label
+    raise Failure(f"restore of {path}: more than {MAX_HOPS} referrals; the disk was not changed")
+
+
+def _make_remote(server: str, path: str, disk: str, facts: dict[str, Any], level: int,
+                 threads: int, workstation: str, mode: str) -> str:
+    """Make an image of disk straight onto //server/path (chunked PUT); raises Failure."""
+    for _hop in range(MAX_HOPS + 1):
+        label = f"//{server}/{path}"
+        client = ImagingClient(server, workstation, mode)
+        try:
+            upload = client.upload(path)
+        except Referral as exc:
+            print(f"img: {exc}")
+            server, path = exc.server, exc.path
+            continue
+        except ServerError as exc:
+            raise Failure(f"make onto {label} failed: {exc} (the disk was not changed)") from None
+        try:
+            stats, meta = make_image(disk, upload, source=facts, level=level, threads=threads,
+                                     progress=Progress("img make"))
+            answer = upload.finish()
+        except ServerError as exc:
+            upload.abort()
+            raise Failure(f"make onto {label} failed: {exc} (the disk was not changed)") from None
+        except BaseException:
+            upload.abort()
+            raise
+        print(f"made {label}: {len(meta['streams'])} streams, {stats.bytes_out} bytes sent, "
+              f"{stats.chunks} chunks, {stats.seconds:.1f} s; the server stored "
+              f"{answer.get('size', '?')} bytes")
+        return label
+    raise Failure(f"make onto {path}: more than {MAX_HOPS} referrals (the disk was not changed)")
+
+
+def _server_operation(kind: str, args: argparse.Namespace, server: str, path: str,
+                      facts: dict[str, Any], mode: str, report_to: str) -> int:
+    workstation, _ = _identity(facts)
+    operation = "download" if kind == "restore" else "upload"
+    try:
+        if kind == "restore":
+            label = _restore_remote(server, path, args.disk, args.grow, args.threads,
+                                    workstation, mode)
+        else:
+            label = _make_remote(server, path, args.disk, facts, args.level, args.threads,
+                                 workstation, mode)
+    except Failure as exc:
+        print(f"img: {exc}", file=sys.stderr)
+        _report(report_to, facts, operation, path if server == report_to
+                else f"//{server}/{path}", str(exc))
+        return 1
+    _report(report_to, facts, operation, label if server != report_to or
+            not label.startswith(f"//{report_to}/") else path, "")
+    return 0
+
+
+def _check_server(server: str) -> None:
+    try:
+        split_server(server)
+    except ValueError as exc:
+        raise Failure(str(exc)) from None
+
+
+def cmd_restore_remote(args: argparse.Namespace) -> int:
+    try:
+        _check_server(args.server)
+        facts = _facts(args.disk, [])
+    except Failure as exc:
+        print(f"img: {exc}", file=sys.stderr)
+        return 1
+    return _server_operation("restore", args, args.server, args.image, facts, "manual",
+                             args.server)
+
+
+def cmd_make_remote(args: argparse.Namespace) -> int:
+    try:
+        _check_server(args.server)
+        facts = _facts(args.disk, [])
+    except Failure as exc:
+        print(f"img: {exc}", file=sys.stderr)
+        return 1
+    return _server_operation("make", args, args.server, args.image, facts, "manual",
+                             args.server)
+
+
+def cmd_auto(args: argparse.Namespace) -> int:
+    try:
+        _check_server(args.server)
+        facts = _facts(args.disk, args.fact)
+    except Failure as exc:
+        print(f"img: {exc}", file=sys.stderr)
+        return 1
+    workstation, _ = _identity(facts)
+    server = args.server
+    try:
+        with ImagingClient(server, workstation, "auto") as client:
+            answer = client.work(facts, "auto")
+    except ServerError as exc:
+        print(f"img: work request to {server} failed: {exc}; the disk was not changed",
+              file=sys.stderr)
+        return 1
+    work, reason = answer.get("work"), answer.get("reason", "")
+    image = answer.get("image", "")
+    if work == "referral":
+        action, other, path = answer.get("action"), answer.get("server"), answer.get("path")
+        print(f"{server}: referral: {action} //{other}/{path} ({reason})")
+        if action not in ("restore", "make") or not other or not path:
+            print(f"img: {server} sent a referral img cannot follow ({answer}); the disk "
+                  "was not changed", file=sys.stderr)
+            return 1
+        return _server_operation(action, args, other, path, facts, "auto", args.server)
+    print(f"{server}: {work}{' ' + image if image else ''} ({reason})")
+    if work == "none":
+        print(f"no work for this machine: {reason}")
+        return 0
+    if work == "restore":
+        if answer.get("addons"):
+            print(f"img: add-on images are not supported yet; not applied: "
+                  f"{', '.join(answer['addons'])}")
+        return _server_operation("restore", args, server, image, facts, "auto", args.server)
+    if work == "make":
+        return _server_operation("make", args, server, image, facts, "auto", args.server)
+    print(f"img: {server} asks for '{work}', which this engine does not do yet; the disk "
+          "was not changed", file=sys.stderr)
+    return 1
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -97,18 +319,30 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("make", help="take a base image of a disk")
     make.add_argument("--disk", required=True)
-    make.add_argument("image")
+    make.add_argument("image", help="an image file, or with --server the image's path there")
+    make.add_argument("--server", help="HOST[:PORT] of an imaging server (port 998)")
     make.add_argument("--level", type=int, default=DEFAULT_LEVEL, help="zstd level (1-19)")
     make.add_argument("--threads", type=int, default=2)
     make.add_argument("--overwrite", action="store_true")
     make.set_defaults(run=cmd_make)
     restore = commands.add_parser("restore", help="put a base image down on a disk")
     restore.add_argument("--disk", required=True)
-    restore.add_argument("image")
+    restore.add_argument("image", help="an image file, or with --server the image's path there")
+    restore.add_argument("--server", help="HOST[:PORT] of an imaging server (port 998)")
     restore.add_argument("--grow", action="store_true",
                          help="grow the last partition's table entry to fill a larger disk")
     restore.add_argument("--threads", type=int, default=2)
     restore.set_defaults(run=cmd_restore)
+    auto = commands.add_parser("auto", help="ask an imaging server what to do, and do it")
+    auto.add_argument("--disk", required=True)
+    auto.add_argument("--server", required=True, help="HOST[:PORT] (port 998)")
+    auto.add_argument("--fact", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a machine fact (mac, ram_mb, manufacturer, ...)")
+    auto.add_argument("--grow", action="store_true",
+                      help="on a restore, grow the last partition to fill a larger disk")
+    auto.add_argument("--level", type=int, default=DEFAULT_LEVEL)
+    auto.add_argument("--threads", type=int, default=2)
+    auto.set_defaults(run=cmd_auto)
     verify = commands.add_parser("verify", help="check every chunk of an image")
     verify.add_argument("image")
     verify.add_argument("--threads", type=int, default=2)

@@ -1,0 +1,359 @@
+"""The engine's side of the imaging protocol (docs/imaging-protocol.md), on http.client.
+
+Every socket has a timeout; every failure is a ServerError whose message names the server and
+what failed. One ImagingClient holds one keep-alive connection per thread.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import select
+import socket
+import threading
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+DEFAULT_PORT = 998
+TIMEOUT = 30.0
+UPLOAD_BUFFER = 1 << 20
+
+
+class ServerError(Exception):
+    """A request that failed; str() names the server and what failed."""
+
+    def __init__(self, message: str, status: int | None = None, answer: Any = None):
+        super().__init__(message)
+        self.status = status
+        self.answer = answer
+
+
+class ConnectionLost(ServerError):
+    """The connection broke (refused, reset, timed out, closed early): worth a retry."""
+
+
+class Referral(ServerError):
+    """A 307: the image is on another imaging server (auto mode)."""
+
+    def __init__(self, message: str, server: str, path: str):
+        super().__init__(message, 307)
+        self.server = server
+        self.path = path
+
+
+def _referral(client_server: str, what: str, location: str | None) -> Referral | None:
+    if not location:
+        return None
+    parts = urlsplit(location)
+    if not parts.netloc or not parts.path.startswith("/v1/images/"):
+        return None
+    path = unquote(parts.path[len("/v1/images/"):])
+    return Referral(f"{client_server}: {what}: referred to //{parts.netloc}/{path}",
+                    parts.netloc, path)
+
+
+def split_server(server: str) -> tuple[str, int]:
+    """'host', 'host:port', '[v6]', '[v6]:port' -> (host, port)."""
+    text = server.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, ""
+    if not host:
+        raise ValueError(f"'{server}' is not a server name")
+    try:
+        number = int(port) if port else DEFAULT_PORT
+    except ValueError:
+        raise ValueError(f"'{server}': bad port '{port}'") from None
+    if not 0 < number < 65536:
+        raise ValueError(f"'{server}': bad port {number}")
+    return host, number
+
+
+def image_url(path: str) -> str:
+    """/v1/images/<path>, each folder percent-encoded; //server/path keeps its two slashes."""
+    if path.startswith("//"):
+        return "/v1/images//" + quote(path[2:], safe="/:[]")
+    return "/v1/images/" + quote(path.lstrip("/"), safe="/")
+
+
+def _reason(body: bytes) -> str:
+    try:
+        answer = json.loads(body)
+        if isinstance(answer, dict) and "error" in answer:
+            return str(answer["error"])
+    except ValueError:
+        pass
+    return body.decode("utf-8", "replace").strip()[:300] or "no reason given"
+
+
+class ImagingClient:
+    def __init__(self, server: str, workstation: str = "", mode: str = "manual",
+                 timeout: float = TIMEOUT):
+        self.server = server
+        self.host, self.port = split_server(server)
+        self.workstation = workstation
+        self.mode = mode
+        self.timeout = timeout
+        self._local = threading.local()
+        self._all: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ connections
+    def _connection(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    def _drop(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+        self._local = threading.local()
+
+    def __enter__(self) -> "ImagingClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        headers = {"X-Preboot-Mode": self.mode}
+        if self.workstation:
+            headers["X-Preboot-Workstation"] = self.workstation
+        headers.update(extra or {})
+        return headers
+
+    def _request(self, method: str, url: str, what: str, body: bytes | None = None,
+                 headers: dict[str, str] | None = None
+                 ) -> tuple[http.client.HTTPResponse, bytes | None]:
+        """One request on this thread's connection; the response with its body read (None
+        for a GET answered 200/206: the caller reads it)."""
+        conn = self._connection()
+        try:
+            reused = conn.sock is not None
+            try:
+                conn.request(method, url, body=body, headers=self._headers(headers))
+                response = conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                if not reused:
+                    raise
+                # A kept-alive connection the server closed while idle: once more on a new one
+                # (every request here is idempotent or not yet seen by the server).
+                self._drop()
+                conn = self._connection()
+                conn.request(method, url, body=body, headers=self._headers(headers))
+                response = conn.getresponse()
+            if method == "GET" and response.status in (200, 206):
+                return response, None
+            data = response.read()
+            return response, data
+        except (OSError, http.client.HTTPException) as exc:
+            self._drop()
+            raise ConnectionLost(f"{self.server}: {what}: connection failed: "
+                                 f"{exc or type(exc).__name__}") from None
+
+    # ------------------------------------------------------------------ requests
+    def size(self, path: str) -> int:
+        response, _ = self._request("HEAD", image_url(path), f"HEAD {path}")
+        if response.status == 307:
+            referral = _referral(self.server, f"image {path}", response.getheader("Location"))
+            if referral:
+                raise referral
+        if response.status != 200:
+            raise ServerError(f"{self.server}: image {path}: HTTP {response.status} "
+                              f"{'(no such image)' if response.status == 404 else response.reason}",
+                              response.status)
+        length = response.getheader("Content-Length")
+        if length is None or not length.isdigit():
+            raise ServerError(f"{self.server}: image {path}: no size in the HEAD answer")
+        return int(length)
+
+    def read_range(self, path: str, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset + length) of the image; ConnectionLost carries what arrived
+        in `.answer` (bytes) so the caller may continue from there."""
+        what = f"GET {path} bytes {offset}-{offset + length - 1}"
+        response, body = self._request("GET", image_url(path), what, headers={
+            "Range": f"bytes={offset}-{offset + length - 1}"})
+        if body is not None:
+            raise ServerError(f"{self.server}: {what}: HTTP {response.status}: {_reason(body)}",
+                              response.status)
+        if response.status != 206:
+            self._drop()
+            raise ServerError(f"{self.server}: {what}: HTTP {response.status}, not a range")
+        parts = []
+        got = 0
+        try:
+            while got < length:
+                piece = response.read(min(1 << 20, length - got))
+                if not piece:
+                    break
+                parts.append(piece)
+                got += len(piece)
+        except (OSError, http.client.HTTPException) as exc:
+            self._drop()
+            raise ConnectionLost(f"{self.server}: {what}: connection lost after {got} bytes: "
+                                 f"{exc or type(exc).__name__}", answer=b"".join(parts)) from None
+        data = b"".join(parts)
+        if len(data) != length:
+            self._drop()
+            raise ConnectionLost(f"{self.server}: {what}: connection closed after "
+                                 f"{len(data)} bytes", answer=data)
+        return data
+
+    def post_json(self, url: str, body: dict[str, Any], what: str) -> dict[str, Any]:
+        response, data = self._request("POST", url, what, json.dumps(body).encode(),
+                                       {"Content-Type": "application/json"})
+        assert data is not None
+        if response.status != 200:
+            raise ServerError(f"{self.server}: {what}: HTTP {response.status}: {_reason(data)}",
+                              response.status)
+        try:
+            answer = json.loads(data)
+        except ValueError:
+            raise ServerError(f"{self.server}: {what}: the answer is not JSON") from None
+        if not isinstance(answer, dict):
+            raise ServerError(f"{self.server}: {what}: the answer is not a JSON object")
+        return answer
+
+    def work(self, facts: dict[str, Any], mode: str = "auto") -> dict[str, Any]:
+        return self.post_json("/v1/work", {**facts, "mode": mode}, "work request")
+
+    def result(self, report: dict[str, Any]) -> dict[str, Any]:
+        return self.post_json("/v1/results", report, "result report")
+
+    def upload(self, path: str) -> "Upload":
+        return Upload(self, path)
+
+
+class Upload:
+    """A PUT of an image in chunked transfer encoding: a write-only file object for
+    ImageWriter. finish() ends the body and returns the server's JSON answer, or raises
+    ServerError with the server's reason (409, 403, 422, 507, ...)."""
+
+    def __init__(self, client: ImagingClient, path: str):
+        self.client = client
+        self.path = path
+        self._buffer = bytearray()
+        self._refused: tuple[http.client.HTTPResponse, bytes] | None = None
+        self.sent = 0
+        conn = http.client.HTTPConnection(client.host, client.port, timeout=client.timeout)
+        self._conn = conn
+        what = f"PUT {path}"
+        try:
+            conn.putrequest("PUT", image_url(path), skip_accept_encoding=True)
+            for key, value in client._headers({"Transfer-Encoding": "chunked",
+                                               "Content-Type": "application/octet-stream",
+                                               "Expect": "100-continue"}).items():
+                conn.putheader(key, value)
+            conn.endheaders()
+            self._await_continue(conn)
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise ConnectionLost(f"{client.server}: {what}: connection failed: {exc}") from None
+        if self._refused is not None:
+            self._raise_refusal()
+
+    def _await_continue(self, conn: http.client.HTTPConnection, wait: float = 5.0) -> None:
+        """Read the 100 Continue (or an early refusal) the server answers to Expect."""
+        sock = conn.sock
+        readable, _, _ = select.select([sock], [], [], wait)
+        if not readable:
+            return                        # a server that ignores Expect: send anyway
+        peek = sock.recv(64, socket.MSG_PEEK)
+        if peek.startswith(b"HTTP/1.1 100") or peek.startswith(b"HTTP/1.0 100"):
+            data = b""
+            while not data.endswith(b"\r\n\r\n"):
+                byte = sock.recv(1)
+                if not byte:
+                    break
+                data += byte
+            return
+        response = conn.getresponse()
+        self._refused = (response, response.read())
+
+    def _raise_refusal(self) -> None:
+        assert self._refused is not None
+        response, body = self._refused
+        self._conn.close()
+        if response.status == 307:
+            referral = _referral(self.client.server, f"store of {self.path}",
+                                 response.getheader("Location"))
+            if referral:
+                raise referral
+        raise ServerError(f"{self.client.server}: store of {self.path} refused: HTTP "
+                          f"{response.status}: {_reason(body)}", response.status,
+                          _answer(body))
+
+    def write(self, data: bytes | memoryview) -> int:
+        self._buffer += data
+        if len(self._buffer) >= UPLOAD_BUFFER:
+            self._send_chunk(bytes(self._buffer))
+            self._buffer.clear()
+        return len(data)
+
+    def _send_chunk(self, data: bytes) -> None:
+        try:
+            self._conn.send(b"%x\r\n" % len(data) + data + b"\r\n")
+            self.sent += len(data)
+        except OSError as exc:
+            # The server may have answered and closed (a refused image): read its reason.
+            self._read_early_answer(exc)
+
+    def _read_early_answer(self, exc: BaseException) -> None:
+        try:
+            response = self._conn.getresponse()
+            body = response.read()
+        except (OSError, http.client.HTTPException):
+            self._conn.close()
+            raise ConnectionLost(f"{self.client.server}: PUT {self.path}: connection lost "
+                                 f"after {self.sent} bytes: {exc}") from None
+        self._refused = (response, body)
+        self._raise_refusal()
+
+    def finish(self) -> dict[str, Any]:
+        if self._buffer:
+            self._send_chunk(bytes(self._buffer))
+            self._buffer.clear()
+        try:
+            self._conn.send(b"0\r\n\r\n")
+        except OSError as exc:
+            self._read_early_answer(exc)
+        try:
+            response = self._conn.getresponse()
+            body = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            self._conn.close()
+            raise ConnectionLost(f"{self.client.server}: PUT {self.path}: no answer after "
+                                 f"sending the image: {exc}") from None
+        self._conn.close()
+        if response.status in (200, 201):
+            return _answer(body) or {}
+        self._refused = (response, body)
+        self._raise_refusal()
+        return {}
+
+    def abort(self) -> None:
+        self._conn.close()
+
+
+def _answer(body: bytes) -> dict[str, Any] | None:
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return None
+    return answer if isinstance(answer, dict) else None

@@ -1,0 +1,141 @@
+"""An image on an imaging server as a positional reader for common.imagefile.ImageReader:
+`pread(length, offset)` becomes an HTTP Range request.
+
+Restores read the image's chunks in a known order: plan() groups neighbouring chunks into
+batches of up to BATCH bytes, and the first read inside a batch fetches the whole batch in one
+request, so a restore costs one request per ~16 MiB, not one per chunk. A connection that
+breaks is retried (RETRIES times, on a new connection) from the byte where it stopped: the
+restore resumes at the chunk that failed instead of starting over.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import threading
+import time
+from typing import Callable, Iterable
+
+from common.imageformat import CHUNK_HEADER, IndexEntry
+
+from .client import ConnectionLost, ImagingClient, ServerError
+
+BATCH = 16 << 20
+RETRIES = 3
+KEEP = 4                 # batches kept in memory (two reader threads, some slack)
+
+
+class RemoteImage:
+    def __init__(self, client: ImagingClient, path: str, retries: int = RETRIES,
+                 retry_delay: float = 0.5, log: Callable[[str], None] | None = None):
+        self.client = client
+        self.path = path
+        self.retries = retries
+        self.retry_delay = retry_delay
+        self.log = log
+        self.requests = 0
+        self.retried = 0
+        self.size = self._with_retries(lambda: client.size(path), f"HEAD {path}")
+        self._starts: list[int] = []        # sorted batch starts
+        self._ends: dict[int, int] = {}
+        self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._fetching: dict[int, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def __str__(self) -> str:
+        return f"//{self.client.server}/{self.path}"
+
+    def plan(self, entries: Iterable[IndexEntry], batch: int = BATCH) -> int:
+        """Group the chunks (in the order they will be read) into batches of neighbouring
+        chunks; returns the number of batches."""
+        spans = sorted((e.position, e.position + CHUNK_HEADER.size + e.payload_length, e.stream)
+                       for e in entries)
+        starts, ends = [], {}
+        last_stream = None
+        for start, end, stream in spans:
+            same = stream == last_stream
+            last_stream = stream
+            if same and starts and start == ends[starts[-1]] and end - starts[-1] <= batch:
+                ends[starts[-1]] = end
+            else:
+                starts.append(start)
+                ends[start] = end
+        with self._lock:
+            self._starts, self._ends = starts, ends
+            self._cache.clear()
+        return len(starts)
+
+    def _batch_of(self, offset: int, length: int) -> int | None:
+        i = bisect.bisect_right(self._starts, offset) - 1
+        if i < 0:
+            return None
+        start = self._starts[i]
+        return start if offset + length <= self._ends[start] else None
+
+    def pread(self, length: int, offset: int) -> bytes:
+        if length <= 0:
+            return b""
+        length = max(0, min(length, self.size - offset))
+        start = self._batch_of(offset, length)
+        if start is None:
+            return self._fetch(offset, length)
+        while True:
+            with self._lock:
+                data = self._cache.get(start)
+                if data is not None:
+                    self._cache.move_to_end(start)
+                    return data[offset - start: offset - start + length]
+                event = self._fetching.get(start)
+                mine = event is None
+                if mine:
+                    event = self._fetching[start] = threading.Event()
+            if not mine:
+                event.wait()
+                with self._lock:
+                    if start in self._cache or start in self._fetching:
+                        continue
+                # the other thread's fetch failed: try ourselves
+                continue
+            try:
+                data = self._fetch(start, self._ends[start] - start)
+                with self._lock:
+                    self._cache[start] = data
+                    while len(self._cache) > KEEP:
+                        self._cache.popitem(last=False)
+            finally:
+                with self._lock:
+                    self._fetching.pop(start, None)
+                event.set()
+
+    def _fetch(self, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length), continuing after a broken connection."""
+        got = b""
+        failures = 0
+        while True:
+            try:
+                self.requests += 1
+                got += self.client.read_range(self.path, offset + len(got), length - len(got))
+                return got
+            except ConnectionLost as exc:
+                partial = exc.answer if isinstance(exc.answer, bytes) else b""
+                got += partial
+                failures += 1
+                self.retried += 1
+                if failures > self.retries:
+                    raise ServerError(f"{exc} (gave up after {self.retries} retries)") from None
+                if self.log:
+                    self.log(f"img: {exc}; retrying from byte {offset + len(got)} "
+                             f"({failures}/{self.retries})")
+                if len(got) >= length:
+                    return got[:length]
+                time.sleep(self.retry_delay * failures)
+
+    def _with_retries(self, call, what: str):
+        for attempt in range(self.retries + 1):
+            try:
+                return call()
+            except ConnectionLost:
+                if attempt == self.retries:
+                    raise
+                time.sleep(self.retry_delay * (attempt + 1))
+        raise AssertionError("unreachable")
