@@ -33,6 +33,7 @@ from common.policy import assign_work
 
 from . import protocol, store
 from .config import Settings
+from .downloads import DownloadTracker
 from .protocol import BadPath, BadRequest, LocalPath, RemotePath
 from .status import ImagingCounters
 
@@ -134,6 +135,7 @@ class ImagingServer:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.stats = ImagingCounters()
+        self._downloads = DownloadTracker()   # ranged downloads -> Images Sent
         self._sock: socket.socket | None = None
         self._runner: web.AppRunner | None = None
         self._pool: DaemonThreadPool | None = None
@@ -551,9 +553,10 @@ class ImagingServer:
         self.stats.active_transfers += 1
         try:
             try:
-                stop = request.http_range.stop
+                wanted = request.http_range
+                start, stop = wanted.start, wanted.stop
             except ValueError:                 # a bad Range: FileResponse answers 416
-                stop = None
+                start = stop = None
             response = web.FileResponse(file_path, chunk_size=READ_CHUNK)
             try:
                 await response.prepare(request)
@@ -566,8 +569,13 @@ class ImagingServer:
             sent = response.content_length or 0
             if response.status in (200, 206):
                 self.stats.bytes_sent += sent
-                final = stop is None or stop >= size
-                if response.status == 200 or final:
+                if response.status == 200:
+                    first, last = 0, size
+                else:                          # suffix ranges (-N) count from the end
+                    first = start if start is None or start >= 0 else size + start
+                    first = first or 0
+                    last = first + sent
+                if self._downloads.served(request.remote or "?", path, size, first, last):
                     self.stats.images_sent += 1
                     self._record(request, self._workstation(request), "download", "success",
                                  path, size=sent)

@@ -180,15 +180,18 @@ def test_resume_with_range_and_curl_continue(imgsrvd, image, workdir):
     assert imgsrvd.upload(image, "r.img")[0] == 201
     size = image.stat().st_size
     part = workdir / "partial.img"
-    part.write_bytes(image.read_bytes()[: size // 3])
-    assert imgsrvd.download("r.img", part, "-C", "-") == 206
+    # an interrupted download: the first third, from this server
+    assert imgsrvd.download("r.img", part, "-r", f"0-{size // 3 - 1}") == 206
+    assert imgsrvd.counters()["images_sent"] == 0
+    assert imgsrvd.download("r.img", part, "-C", "-") == 206       # resumed: now complete
     assert sha256(part) == sha256(image)
-    # a Range that does not reach the end is not a complete transfer
+    # a Range that does not complete a client's copy is not an image sent (e.g. the trailer)
     assert imgsrvd.download("r.img", workdir / "head.bin", "-r", "0-99") == 206
     assert (workdir / "head.bin").read_bytes() == image.read_bytes()[:100]
+    assert imgsrvd.download("r.img", workdir / "tail.bin", "-r", f"-32") == 206
     counters = imgsrvd.counters()
     assert counters["images_sent"] == 1
-    assert counters["bytes_sent"] == size - size // 3 + 100
+    assert counters["bytes_sent"] == size + 100 + 32
 
 
 def test_overwrite_refused_then_allowed_after_reload(imgsrvd, image, workdir):
