@@ -14,12 +14,10 @@ event loop nor hold up the 5 s SIGTERM contract.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import errno
 import json
 import logging
 import os
-import queue
 import socket
 import threading
 import time
@@ -28,6 +26,7 @@ from typing import Any, Callable
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from common.workerpool import DaemonThreadPool
 from common.directory import Directory, DirectoryError, WouldBlock, open_directory
 from common.policy import assign_work
 
@@ -59,53 +58,6 @@ class _BadRequestsQuietly(logging.Filter):
 
 http_log = logging.getLogger("preboot.imgsrvd.http")
 http_log.addFilter(_BadRequestsQuietly())
-
-
-class DaemonThreadPool(concurrent.futures.Executor):
-    """A fixed pool of daemon threads: a thread stuck in a hung directory call cannot delay
-    the process's exit (ThreadPoolExecutor's threads are joined at exit)."""
-
-    def __init__(self, workers: int, name: str):
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._shutdown = False
-        self._threads = [threading.Thread(target=self._work, name=f"{name}-{n}", daemon=True)
-                         for n in range(workers)]
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
-               ) -> concurrent.futures.Future:
-        with self._lock:
-            if self._shutdown:
-                raise RuntimeError("the worker pool is shut down")
-            future: concurrent.futures.Future = concurrent.futures.Future()
-            self._queue.put((future, fn, args, kwargs))
-            return future
-
-    def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            future, fn, args, kwargs = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException as exc:  # handed to the waiting coroutine
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        with self._lock:
-            self._shutdown = True
-        for _ in self._threads:
-            self._queue.put(None)
-        if wait:
-            for thread in self._threads:
-                thread.join()
 
 
 def _describe(exc: BaseException) -> str:
@@ -553,10 +505,9 @@ class ImagingServer:
         self.stats.active_transfers += 1
         try:
             try:
-                wanted = request.http_range
-                start, stop = wanted.start, wanted.stop
+                start = request.http_range.start
             except ValueError:                 # a bad Range: FileResponse answers 416
-                start = stop = None
+                start = None
             response = web.FileResponse(file_path, chunk_size=READ_CHUNK)
             try:
                 await response.prepare(request)

@@ -18,10 +18,8 @@ process from exiting within the 5 s SIGTERM contract.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import errno
 import logging
-import queue
 import socket
 import threading
 import time
@@ -30,6 +28,7 @@ from typing import Any, Callable
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from common.workerpool import DaemonThreadPool
 from common.directory import Directory, DirectoryError, WouldBlock, open_directory
 from common.machine import MachineFacts
 from common.policy import ImagingPolicy, Workstation, assign_work, menu_for
@@ -65,61 +64,6 @@ class _BadRequestsQuietly(logging.Filter):
 
 http_log = logging.getLogger("preboot.policyd.http")
 http_log.addFilter(_BadRequestsQuietly())
-
-
-class DaemonThreadPool(concurrent.futures.Executor):
-    """A fixed pool of daemon threads. Unlike ThreadPoolExecutor, whose threads the interpreter
-    joins at exit, a thread stuck in a hung directory call cannot delay the process's exit."""
-
-    def __init__(self, workers: int, name: str):
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._shutdown = False
-        self._threads = [threading.Thread(target=self._work, name=f"{name}-{n}", daemon=True)
-                         for n in range(workers)]
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
-               ) -> concurrent.futures.Future:
-        with self._lock:
-            if self._shutdown:
-                raise RuntimeError("the directory worker pool is shut down")
-            future: concurrent.futures.Future = concurrent.futures.Future()
-            self._queue.put((future, fn, args, kwargs))
-            return future
-
-    def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            future, fn, args, kwargs = item
-            if not future.set_running_or_notify_cancel():
-                continue                       # abandoned before it started
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException as exc:  # handed to the waiting coroutine
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        with self._lock:
-            self._shutdown = True
-        if cancel_futures:
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    item[0].cancel()
-        for _ in self._threads:
-            self._queue.put(None)
-        if wait:
-            for thread in self._threads:
-                thread.join()
 
 
 class RateLimitedWarning:
