@@ -18,7 +18,6 @@ process from exiting within the 5 s SIGTERM contract.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
 import threading
@@ -28,6 +27,7 @@ from typing import Any, Callable
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from common.tcplisten import bind_listener
 from common.workerpool import DaemonThreadPool
 from common.directory import Directory, DirectoryError, WouldBlock, open_directory
 from common.machine import MachineFacts
@@ -133,24 +133,8 @@ class PolicyServer:
     # ---- lifecycle (common.runner.Service) ----------------------------------------------
 
     def bind(self) -> list[socket.socket]:
-        address, port = self.settings.ip_address, self.settings.port
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((address, port))
-            sock.listen(LISTEN_BACKLOG)
-        except OSError as exc:
-            sock.close()
-            hint = ""
-            if exc.errno == errno.EACCES:
-                hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
-            elif exc.errno == errno.EADDRNOTAVAIL:
-                hint = " (IPAddress is not an address of this host)"
-            raise OSError(f"{address} port {port}/tcp: {exc.strerror}{hint}") from None
-        sock.setblocking(False)
-        self._sock = sock
-        return [sock]
+        self._sock = bind_listener(self.settings.ip_address, self.settings.port, LISTEN_BACKLOG)
+        return [self._sock]
 
     async def start(self) -> None:
         assert self._sock is not None, "bind() first"
