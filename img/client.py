@@ -14,6 +14,8 @@ import threading
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
+from common.imagingprotocol import IMAGES_PREFIX, MODE_HEADER, WORKSTATION_HEADER
+
 DEFAULT_PORT = 998
 TIMEOUT = 30.0
 UPLOAD_BUFFER = 1 << 20
@@ -45,9 +47,9 @@ def _referral(client_server: str, what: str, location: str | None) -> Referral |
     if not location:
         return None
     parts = urlsplit(location)
-    if not parts.netloc or not parts.path.startswith("/v1/images/"):
+    if not parts.netloc or not parts.path.startswith(IMAGES_PREFIX):
         return None
-    path = unquote(parts.path[len("/v1/images/"):])
+    path = unquote(parts.path[len(IMAGES_PREFIX):])
     return Referral(f"{client_server}: {what}: referred to //{parts.netloc}/{path}",
                     parts.netloc, path)
 
@@ -76,8 +78,8 @@ def split_server(server: str) -> tuple[str, int]:
 def image_url(path: str) -> str:
     """/v1/images/<path>, each folder percent-encoded; //server/path keeps its two slashes."""
     if path.startswith("//"):
-        return "/v1/images//" + quote(path[2:], safe="/:[]")
-    return "/v1/images/" + quote(path.lstrip("/"), safe="/")
+        return IMAGES_PREFIX + "/" + quote(path[2:], safe="/:[]")
+    return IMAGES_PREFIX + quote(path.lstrip("/"), safe="/")
 
 
 def _reason(body: bytes) -> str:
@@ -132,9 +134,9 @@ class ImagingClient:
         self.close()
 
     def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        headers = {"X-Preboot-Mode": self.mode}
+        headers = {MODE_HEADER: self.mode}
         if self.workstation:
-            headers["X-Preboot-Workstation"] = self.workstation
+            headers[WORKSTATION_HEADER] = self.workstation
         headers.update(extra or {})
         return headers
 

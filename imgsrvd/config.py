@@ -12,7 +12,7 @@ from common.directory import DirectoryURL, parse_directory_url, read_credentials
 from common.errors import SettingError
 from common.runner import CommonSettings, common_keys
 
-from .protocol import BadPath, clean_relative
+from common.imagingprotocol import BadPath, clean_relative
 
 STATUS_PORT = 9998
 

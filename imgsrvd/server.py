@@ -33,7 +33,7 @@ from common.policy import assign_work
 from . import protocol, store
 from .config import Settings
 from .downloads import DownloadTracker
-from .protocol import BadPath, BadRequest, LocalPath, RemotePath
+from common.imagingprotocol import BadPath, BadRequest, LocalPath, RemotePath
 from .status import ImagingCounters
 
 log = logging.getLogger("preboot.imgsrvd")

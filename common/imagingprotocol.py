@@ -1,5 +1,6 @@
-"""The imaging protocol's pure parts (docs/imaging-protocol.md): image paths, request bodies,
-answers. No sockets, no files: strings and dicts in, typed values or a reason out.
+"""The imaging protocol's pure parts (docs/imaging-protocol.md), shared by imgsrvd (the server)
+and img (the client): image paths, request bodies, answers, header names. No sockets, no files:
+strings and dicts in, typed values or a reason out.
 
 Image paths are relative to ImageRoot and written with '/'. A path of the form //server/path
 names an image on another imaging server (the original's referral form); parse_image_path tells

@@ -1,9 +1,9 @@
-"""imgsrvd.protocol: image paths (traversal, referrals), request bodies, work answers."""
+"""common.imagingprotocol: image paths (traversal, referrals), request bodies, work answers."""
 
 import pytest
 
 from common.policy import Action, ActionKind, WorkAssignment
-from imgsrvd.protocol import (BadPath, BadRequest, LocalPath, RemotePath, clean_relative,
+from common.imagingprotocol import (BadPath, BadRequest, LocalPath, RemotePath, clean_relative,
                               parse_image_path, parse_result, parse_work_request, path_from_url,
                               upload_allowed, work_answer)
 
