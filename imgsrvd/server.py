@@ -25,15 +25,16 @@ from typing import Any, Callable
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from common import imagingprotocol as protocol
+from common.directory import Directory, DirectoryError, WouldBlock, open_directory
+from common.imagingprotocol import BadPath, BadRequest, LocalPath, RemotePath
+from common.policy import assign_work
 from common.tcplisten import bind_listener
 from common.workerpool import DaemonThreadPool
-from common.directory import Directory, DirectoryError, WouldBlock, open_directory
-from common.policy import assign_work
 
-from . import protocol, store
+from . import store
 from .config import Settings
 from .downloads import DownloadTracker
-from common.imagingprotocol import BadPath, BadRequest, LocalPath, RemotePath
 from .status import ImagingCounters
 
 log = logging.getLogger("preboot.imgsrvd")
