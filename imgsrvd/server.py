@@ -69,6 +69,21 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+class _ImageFileResponse(web.FileResponse):
+    """A FileResponse the handler sends itself (to count what was sent) and then returns.
+
+    aiohttp prepares a returned response again; StreamResponse.prepare is idempotent but
+    FileResponse.prepare is not (it re-evaluates the Range and asserts on a 206), which made
+    every 206 end in an 'Unhandled exception' and a closed connection, so the client had to
+    reconnect for each batch of chunks.
+    """
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        if self.prepared:
+            return None
+        return await super().prepare(request)
+
+
 def _close_quietly(directory: Directory) -> None:
     try:
         directory.close()
@@ -493,7 +508,7 @@ class ImagingServer:
                 start = request.http_range.start
             except ValueError:                 # a bad Range: FileResponse answers 416
                 start = None
-            response = web.FileResponse(file_path, chunk_size=READ_CHUNK)
+            response = _ImageFileResponse(file_path, chunk_size=READ_CHUNK)
             try:
                 await response.prepare(request)
                 await response.write_eof()

@@ -6,6 +6,7 @@ directory filled through the Directory API, the status socket and zmgmcast.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -192,6 +193,26 @@ def test_resume_with_range_and_curl_continue(imgsrvd, image, workdir):
     counters = imgsrvd.counters()
     assert counters["images_sent"] == 1
     assert counters["bytes_sent"] == size + 100 + 32
+
+
+def test_ranged_downloads_share_one_kept_alive_connection(imgsrvd, image):
+    """img fetches chunks in batches of Range GETs: each 206 must leave the connection open."""
+    assert imgsrvd.upload(image, "k.img")[0] == 201
+    data = image.read_bytes()
+    conn = http.client.HTTPConnection("127.0.0.1", imgsrvd.port, timeout=10)
+    try:
+        sockets = set()
+        for first, last in ((0, 99), (100, 4195), (len(data) - 32, len(data) - 1)):
+            conn.request("GET", "/v1/images/k.img", headers={"Range": f"bytes={first}-{last}"})
+            response = conn.getresponse()
+            assert response.status == 206
+            assert response.read() == data[first:last + 1]
+            assert not response.will_close, response.getheaders()
+            sockets.add(conn.sock.getsockname())
+        assert len(sockets) == 1, f"reconnected: {sockets}"
+    finally:
+        conn.close()
+    assert "Unhandled exception" not in imgsrvd.log()
 
 
 def test_overwrite_refused_then_allowed_after_reload(imgsrvd, image, workdir):
