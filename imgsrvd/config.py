@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.config import Key, Schema
-from common.directory import DirectoryURL, parse_directory_url, read_credentials
+from common.directory.settings import DirectorySettings, directory_keys, directory_settings
 from common.errors import SettingError
 from common.runner import CommonSettings, common_keys
 
@@ -31,15 +31,8 @@ SCHEMA = Schema((
         "anywhere under ImageRoot (the original's default)."),
     Key("AllowOverwrite", "boolean", "NO",
         "YES lets an upload replace an existing image; NO refuses it (409)."),
-    Key("Directory", "strings", "sqlite:///var/lib/preboot/directory.db",
-        "Where policy and workstation records live: sqlite:///path (embedded, created if "
-        "missing), ldap://host[:port]/base-dn or ldaps://... (no quotes needed)."),
-    Key("DirectoryCredentials", "path", "",
-        "LDAP only: file of 'BindDN = ...' and 'Password = ...' lines, readable by its owner "
-        "only (mode 0600); empty binds anonymously."),
-    Key("DirectoryTimeout", "integer(min=1, max=60)", "3",
-        "Seconds a directory query may take; slower or failing queries are answered 503 (the "
-        "imaging engine then boots the local disk)."),
+    *directory_keys("slower or failing queries are answered 503 (the imaging engine "
+                    "then boots the local disk)."),
     Key("ResultsLog", "path", "/var/log/preboot/imgsrvd-results.xml",
         "Well-formed XML log of every imaging request (the original's Zimglog.xml)."),
     Key("MaxClients", "integer(min=1, max=10000)", "64",
@@ -60,34 +53,16 @@ class Settings:
     image_root: str
     allowed_upload_dirs: tuple[str, ...]    # relative to image_root, normalised; () = all
     allow_overwrite: bool
-    directory: DirectoryURL
-    directory_text: str
-    directory_credentials: str
-    directory_timeout_s: float
+    directory: DirectorySettings
     results_log: str
     max_clients: int
     transfer_timeout_s: float
     server_name: str
     common: CommonSettings
 
-    @property
-    def directory_key(self) -> tuple[Any, ...]:
-        return (self.directory, self.directory_credentials, self.directory_timeout_s)
-
 
 def make_settings(values: dict[str, Any], common: CommonSettings) -> Settings:
-    try:
-        directory = parse_directory_url(",".join(values["Directory"]))
-    except ValueError as exc:
-        raise SettingError("Directory", str(exc)) from None
-    credentials = values["DirectoryCredentials"]
-    if credentials:
-        if directory.scheme == "sqlite":
-            raise SettingError("DirectoryCredentials", "only LDAP directories take credentials")
-        try:
-            read_credentials(credentials)
-        except ValueError as exc:
-            raise SettingError("DirectoryCredentials", str(exc)) from None
+    directory = directory_settings(values)
     root = values["ImageRoot"]
     if not root:
         raise SettingError("ImageRoot", "must not be empty")
@@ -105,9 +80,6 @@ def make_settings(values: dict[str, Any], common: CommonSettings) -> Settings:
         allowed_upload_dirs=tuple(allowed),
         allow_overwrite=values["AllowOverwrite"],
         directory=directory,
-        directory_text=directory.redacted(),
-        directory_credentials=credentials,
-        directory_timeout_s=float(values["DirectoryTimeout"]),
         results_log=values["ResultsLog"],
         max_clients=values["MaxClients"],
         transfer_timeout_s=float(values["TransferTimeout"]),

@@ -26,7 +26,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from common import imagingprotocol as protocol
-from common.directory import Directory, DirectoryError, WouldBlock, open_directory
+from common.directory import Directory, DirectoryError, WouldBlock
+from common.directory.settings import DirectorySettings
 from common.imagingprotocol import BadPath, BadRequest, LocalPath, RemotePath
 from common.policy import assign_work
 from common.tcplisten import bind_listener
@@ -109,7 +110,7 @@ class ImagingServer:
         self._pool: DaemonThreadPool | None = None
         self._log_pool: DaemonThreadPool | None = None
         self._directory: Directory | None = None
-        self._directory_key: tuple[Any, ...] | None = None
+        self._directory_key: DirectorySettings | None = None
         self._reopen_at = 0.0
         self._open_problem = "not opened yet"
         self._results = None          # resultslog.ResultsLog, when it opened
@@ -160,7 +161,7 @@ class ImagingServer:
         self.settings = settings
         if settings.results_log != old.results_log:
             await self._open_results(settings)
-        if settings.directory_key != self._directory_key:
+        if settings.directory != self._directory_key:
             await self._open_directory(settings)
         elif self._directory is None:
             self._reopen_at = 0.0
@@ -259,22 +260,21 @@ class ImagingServer:
         return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
 
     async def _open_directory(self, settings: Settings) -> None:
-        key = settings.directory_key
+        key = settings.directory
         try:
             directory = await self._in_pool(
-                open_directory, settings.directory, settings.directory_credentials,
-                settings.directory_timeout_s, True, timeout_s=settings.directory_timeout_s)
+                settings.directory.open, timeout_s=settings.directory.timeout_s)
         except Exception as exc:  # DirectoryError, timeout, a backend that cannot load
             self._open_problem = _describe(exc)
             self._reopen_at = time.monotonic() + REOPEN_S
             log.warning("directory %s: cannot open (%s); work queries are answered 503 until "
-                        "it opens", settings.directory_text, self._open_problem)
+                        "it opens", settings.directory.text, self._open_problem)
             directory = None
         else:
-            log.info("directory %s opened", settings.directory_text)
+            log.info("directory %s opened", settings.directory.text)
         old, self._directory, self._directory_key = self._directory, directory, key
         if old is not None and old is not directory:
-            asyncio.get_running_loop().call_later(settings.directory_timeout_s + 1,
+            asyncio.get_running_loop().call_later(settings.directory.timeout_s + 1,
                                                   self._close_later, old)
 
     def _close_later(self, directory: Directory) -> None:
@@ -289,13 +289,13 @@ class ImagingServer:
         if self._directory is None and time.monotonic() >= self._reopen_at:
             await self._open_directory(settings)
         if self._directory is None:
-            raise DirectoryError(f"directory {settings.directory_text} is not open: "
+            raise DirectoryError(f"directory {settings.directory.text} is not open: "
                                  f"{self._open_problem}")
         return self._directory
 
     async def _lookup(self, mac: str) -> tuple[Any, Any]:
         directory = await self._current_directory()
-        timeout = self.settings.directory_timeout_s
+        timeout = self.settings.directory.timeout_s
         try:
             return directory.lookup_nowait(mac)
         except WouldBlock:
@@ -559,7 +559,7 @@ class ImagingServer:
         except Exception as exc:  # DirectoryError, timeout, anything a backend lets through
             self.stats.directory_errors += 1
             problem = _describe(exc)
-            log.warning("directory %s: %s", self.settings.directory_text, problem)
+            log.warning("directory %s: %s", self.settings.directory.text, problem)
             return self._deny(request, 503, f"the directory cannot be read ({problem}); "
                               "boot the local disk", "log", verdict="failure")
         assignment = assign_work(policy, station, facts)
@@ -593,7 +593,7 @@ class ImagingServer:
             try:
                 directory = await self._current_directory()
                 answer["cleared"] = await self._in_pool(
-                    directory.clear_next_boot, mac, timeout_s=self.settings.directory_timeout_s)
+                    directory.clear_next_boot, mac, timeout_s=self.settings.directory.timeout_s)
             except Exception as exc:  # the log has the result; the flag stays set
                 self.stats.directory_errors += 1
                 problem = _describe(exc)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.config import Key, Schema
-from common.directory import DirectoryURL, parse_directory_url, read_credentials
+from common.directory.settings import DirectorySettings, directory_keys, directory_settings
 from common.errors import SettingError
 from common.runner import CommonSettings, common_keys
 
@@ -20,15 +20,7 @@ SCHEMA = Schema((
         "interface."),
     Key("Port", "integer(min=0, max=65535)", "8090",
         "HTTP port iPXE asks on (proxydhcpd's IPXEScriptURL names it); 0 picks a free one."),
-    # "strings": the commas of an LDAP base DN need no quotes; make_settings joins the parts.
-    Key("Directory", "strings", "sqlite:///var/lib/preboot/directory.db",
-        "Where policy and workstation records live: sqlite:///path (embedded, created if "
-        "missing), ldap://host[:port]/base-dn or ldaps://... (no quotes needed)."),
-    Key("DirectoryCredentials", "path", "",
-        "LDAP only: file of 'BindDN = ...' and 'Password = ...' lines, readable by its owner "
-        "only (mode 0600); empty binds anonymously."),
-    Key("DirectoryTimeout", "integer(min=1, max=60)", "3",
-        "Seconds a directory query may take; slower or failing queries get FallbackAnswer."),
+    *directory_keys("slower or failing queries get FallbackAnswer."),
     Key("FallbackAnswer", "string", "local",
         "What a machine is told when the directory cannot be read: local (boot the local disk) "
         "or maintenance (the imaging environment's shell)."),
@@ -64,10 +56,7 @@ class HotKey:
 class Settings:
     ip_address: str
     port: int
-    directory: DirectoryURL
-    directory_text: str              # as written, for messages (sqlite paths hold no secret)
-    directory_credentials: str
-    directory_timeout_s: float
+    directory: DirectorySettings
     fallback: str                    # "local" or "maintenance"
     imaging_server: str              # may hold {server}
     imaging_kernel: str
@@ -76,11 +65,6 @@ class Settings:
     hot_key: HotKey
     workers: int
     common: CommonSettings
-
-    @property
-    def directory_key(self) -> tuple[Any, ...]:
-        """What opening the directory depends on: a change means reopening it on reload."""
-        return (self.directory, self.directory_credentials, self.directory_timeout_s)
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -122,18 +106,7 @@ def _kernel_args(value: str) -> str:
 
 
 def make_settings(values: dict[str, Any], common: CommonSettings) -> Settings:
-    try:
-        directory = parse_directory_url(",".join(values["Directory"]))
-    except ValueError as exc:
-        raise SettingError("Directory", str(exc)) from None
-    credentials = values["DirectoryCredentials"]
-    if credentials:
-        if directory.scheme == "sqlite":
-            raise SettingError("DirectoryCredentials", "only LDAP directories take credentials")
-        try:
-            read_credentials(credentials)
-        except ValueError as exc:
-            raise SettingError("DirectoryCredentials", str(exc)) from None
+    directory = directory_settings(values)
     fallback = values["FallbackAnswer"].strip().lower()
     if fallback not in FALLBACKS:
         raise SettingError("FallbackAnswer",
@@ -146,9 +119,6 @@ def make_settings(values: dict[str, Any], common: CommonSettings) -> Settings:
         ip_address=values["IPAddress"],
         port=values["Port"],
         directory=directory,
-        directory_text=directory.redacted(),
-        directory_credentials=credentials,
-        directory_timeout_s=float(values["DirectoryTimeout"]),
         fallback=fallback,
         imaging_server=_script_word("ImagingServer", values["ImagingServer"], required=False),
         imaging_kernel=_script_word("ImagingKernel", values["ImagingKernel"]),

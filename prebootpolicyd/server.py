@@ -29,7 +29,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from common.tcplisten import bind_listener
 from common.workerpool import DaemonThreadPool
-from common.directory import Directory, DirectoryError, WouldBlock, open_directory
+from common.directory import Directory, DirectoryError, WouldBlock
+from common.directory.settings import DirectorySettings
 from common.machine import MachineFacts
 from common.policy import ImagingPolicy, Workstation, assign_work, menu_for
 
@@ -91,11 +92,6 @@ def _read_directory(directory: Directory, mac: str) -> tuple[ImagingPolicy, Work
     return directory.policy(), directory.workstation(mac)
 
 
-def _open(settings: Settings) -> Directory:
-    return open_directory(settings.directory, settings.directory_credentials,
-                          timeout_s=settings.directory_timeout_s, create=True)
-
-
 def _close_quietly(directory: Directory) -> None:
     try:
         directory.close()
@@ -123,7 +119,7 @@ class PolicyServer:
         self._runner: web.AppRunner | None = None
         self._pool: DaemonThreadPool | None = None
         self._directory: Directory | None = None
-        self._directory_key: tuple[Any, ...] | None = None
+        self._directory_key: DirectorySettings | None = None
         self._open_problem = "not opened yet"
         self._reopen_at = 0.0
         self._opening: asyncio.Task | None = None
@@ -164,7 +160,7 @@ class PolicyServer:
         if settings.workers != old.workers and self._pool is not None:
             retired, self._pool = self._pool, DaemonThreadPool(settings.workers, "policyd-dir")
             retired.shutdown(wait=False)       # queued calls still run; then its threads end
-        if settings.directory_key != self._directory_key:
+        if settings.directory != self._directory_key:
             await self._open_directory(settings)
         elif self._directory is None:
             self._reopen_at = 0.0              # a reload retries a failed directory at once
@@ -213,29 +209,29 @@ class PolicyServer:
 
     async def _open_directory(self, settings: Settings) -> None:
         """Open the directory `settings` names and put it in place of the current one."""
-        key = settings.directory_key
+        key = settings.directory
         try:
-            directory = await self._in_pool(_open, settings,
-                                            timeout_s=settings.directory_timeout_s,
+            directory = await self._in_pool(settings.directory.open,
+                                            timeout_s=settings.directory.timeout_s,
                                             on_late_result=_close_quietly)
         except Exception as exc:  # DirectoryError, timeout, a backend that cannot load
-            if self.settings.directory_key != key:
+            if self.settings.directory != key:
                 return                         # a reload named another directory meanwhile
             self._open_problem = _describe(exc)
             self._reopen_at = time.monotonic() + REOPEN_S
             directory = None
             log.warning("directory %s: cannot open (%s); answering FallbackAnswer (%s) until "
-                        "it opens", settings.directory_text, self._open_problem,
+                        "it opens", settings.directory.text, self._open_problem,
                         settings.fallback)
         else:
-            if self.settings.directory_key != key:   # a reload named another one meanwhile
+            if self.settings.directory != key:   # a reload named another one meanwhile
                 self._close_in_pool(directory)
                 return
-            log.info("directory %s opened", settings.directory_text)
+            log.info("directory %s opened", settings.directory.text)
         old, self._directory, self._directory_key = self._directory, directory, key
         if old is not None and old is not directory and self._loop is not None:
             # Queries may still be reading the old one; none waits longer than the timeout.
-            self._loop.call_later(settings.directory_timeout_s + 1, self._close_in_pool, old)
+            self._loop.call_later(settings.directory.timeout_s + 1, self._close_in_pool, old)
 
     def _close_in_pool(self, directory: Directory) -> None:
         try:
@@ -255,7 +251,7 @@ class PolicyServer:
         if self._opening is not None:
             await asyncio.shield(self._opening)
         if self._directory is None:
-            raise DirectoryError(f"directory {settings.directory_text} is not open: "
+            raise DirectoryError(f"directory {settings.directory.text} is not open: "
                                  f"{self._open_problem}")
         return self._directory
 
@@ -273,11 +269,11 @@ class PolicyServer:
             pass
         try:
             # A network store: waited for on this loop, still without a thread.
-            return await directory.lookup_async(mac, settings.directory_timeout_s)
+            return await directory.lookup_async(mac, settings.directory.timeout_s)
         except WouldBlock:
             pass
         return await self._in_pool(_read_directory, directory, mac,
-                                    timeout_s=settings.directory_timeout_s)
+                                    timeout_s=settings.directory.timeout_s)
 
     # ---- HTTP ------------------------------------------------------------------------------
 
@@ -352,7 +348,7 @@ class PolicyServer:
                   problem: str) -> web.Response:
         self.stats.fallback_answers += 1
         self._warn.warning("directory %s: %s; answered %s with FallbackAnswer (%s)",
-                           settings.directory_text, problem, facts.mac, settings.fallback)
+                           settings.directory.text, problem, facts.mac, settings.fallback)
         # The client sees only that; the details (hosts, paths) stay in the log.
         reason = "directory unavailable"
         answer = script.fallback_script(settings, reason, facts.platform, server, facts.mac)

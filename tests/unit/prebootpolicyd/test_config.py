@@ -38,10 +38,10 @@ def error(tmp_path: Path, text: str) -> tuple[str, Path]:
 def test_defaults(tmp_path):
     settings = load(tmp_path, "# nothing set\n")
     assert (settings.ip_address, settings.port) == ("0.0.0.0", 8090)
-    assert settings.directory.scheme == "sqlite"
-    assert settings.directory.path == "/var/lib/preboot/directory.db"
-    assert settings.directory_credentials == ""
-    assert settings.directory_timeout_s == 3.0
+    assert settings.directory.url.scheme == "sqlite"
+    assert settings.directory.url.path == "/var/lib/preboot/directory.db"
+    assert settings.directory.credentials == ""
+    assert settings.directory.timeout_s == 3.0
     assert settings.fallback == "local"
     assert settings.imaging_server == ""
     assert settings.imaging_kernel == "tftp://{server}/preboot/linux"
@@ -70,8 +70,8 @@ def test_values_are_converted(tmp_path):
         "ImagingInitrd = http://{server}/i", 'KernelArgs = "console=ttyS0,115200n8   quiet"',
         "MenuHotKey = esc", "Workers = 2", ""]))
     assert (settings.ip_address, settings.port) == ("10.0.0.5", 8080)
-    assert settings.directory.path == "/srv/policy/dir.db"
-    assert settings.directory_timeout_s == 1.0
+    assert settings.directory.url.path == "/srv/policy/dir.db"
+    assert settings.directory.timeout_s == 1.0
     assert settings.fallback == "maintenance"
     assert settings.imaging_server == "imaging.example.org"
     assert (settings.imaging_kernel, settings.imaging_initrd) == \
@@ -86,9 +86,9 @@ def test_values_are_converted(tmp_path):
                                   'Directory = "ldap://db.example.com:389/dc=example,dc=com"'])
 def test_ldap_base_dn_commas_need_no_quotes(tmp_path, line):
     settings = load(tmp_path, line + "\n")
-    assert settings.directory.scheme == "ldap"
-    assert settings.directory.host == "db.example.com:389"
-    assert settings.directory.base_dn == "dc=example,dc=com"
+    assert settings.directory.url.scheme == "ldap"
+    assert settings.directory.url.host == "db.example.com:389"
+    assert settings.directory.url.base_dn == "dc=example,dc=com"
 
 
 def test_ipv6_address(tmp_path):
@@ -100,8 +100,8 @@ def test_directory_key_follows_what_opening_depends_on(tmp_path):
     b = load(tmp_path, "Directory = sqlite:///tmp/a.db\nWorkers = 3\n")
     c = load(tmp_path, "Directory = sqlite:///tmp/b.db\n")
     d = load(tmp_path, "Directory = sqlite:///tmp/a.db\nDirectoryTimeout = 7\n")
-    assert a.directory_key == b.directory_key
-    assert a.directory_key != c.directory_key and a.directory_key != d.directory_key
+    assert a.directory == b.directory
+    assert a.directory != c.directory and a.directory != d.directory
 
 
 @pytest.mark.parametrize("text, label, code", [
@@ -160,8 +160,8 @@ def test_ldap_credentials_file_is_checked(tmp_path):
     creds.chmod(0o600)
     settings = load(tmp_path, "Directory = ldap://127.0.0.1/dc=example,dc=com\n"
                               "DirectoryCredentials = creds\n")     # relative to the file
-    assert settings.directory_credentials == str(creds)
-    assert settings.directory.scheme == "ldap"
+    assert settings.directory.credentials == str(creds)
+    assert settings.directory.url.scheme == "ldap"
 
 
 def test_missing_credentials_file(tmp_path):
