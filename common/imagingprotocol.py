@@ -27,6 +27,9 @@ STATUSES = ("success", "failure")
 IMAGE_TYPES = ("base", "addon")
 WORKSTATION_HEADER = "X-Preboot-Workstation"
 MODE_HEADER = "X-Preboot-Mode"
+# A refusal's reason also goes in this header: a HEAD answer has no body to carry it.
+ERROR_HEADER = "X-Preboot-Error"
+DEFAULT_PORT = 998                 # a //server/path without a port names this port
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SERVER = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.\-]*[A-Za-z0-9])?(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
@@ -239,3 +242,10 @@ def work_answer(assignment: WorkAssignment, mode: str, own_names: tuple[str, ...
                        "server": where.server, "path": where.path})
         return answer, where
     return answer, None
+
+
+def error_header_value(message: str) -> str:
+    """The reason as a header value: printable ASCII on one line (headers are latin-1 and a
+    newline would end the header), at most 512 characters."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in message)
+    return text[:512]

@@ -14,9 +14,9 @@ import threading
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-from common.imagingprotocol import IMAGES_PREFIX, MODE_HEADER, WORKSTATION_HEADER
+from common.imagingprotocol import (DEFAULT_PORT, ERROR_HEADER, IMAGES_PREFIX, MODE_HEADER,
+                                     WORKSTATION_HEADER)
 
-DEFAULT_PORT = 998
 TIMEOUT = 30.0
 UPLOAD_BUFFER = 1 << 20
 
@@ -177,8 +177,10 @@ class ImagingClient:
             if referral:
                 raise referral
         if response.status != 200:
-            raise ServerError(f"{self.server}: image {path}: HTTP {response.status} "
-                              f"{'(no such image)' if response.status == 404 else response.reason}",
+            # A HEAD answer has no body: the server puts its reason in a header instead.
+            reason = response.getheader(ERROR_HEADER) or (
+                "no such image" if response.status == 404 else response.reason)
+            raise ServerError(f"{self.server}: image {path}: HTTP {response.status}: {reason}",
                               response.status)
         length = response.getheader("Content-Length")
         if length is None or not length.isdigit():

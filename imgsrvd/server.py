@@ -94,7 +94,7 @@ def _close_quietly(directory: Directory) -> None:
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
     body = {"error": message, **extra}
-    headers = {}
+    headers = {protocol.ERROR_HEADER: protocol.error_header_value(message)}
     if status == 503:
         headers["Retry-After"] = str(RETRY_AFTER_S)
     return web.json_response(body, status=status, headers=headers)
@@ -357,7 +357,7 @@ class ImagingServer:
                               operation, str(where))
         self.stats.client_referrals += 1
         server = where.server if ":" in where.server.rsplit("]", 1)[-1] \
-            else f"{where.server}:{self.settings.port or 998}"
+            else f"{where.server}:{protocol.DEFAULT_PORT}"
         location = f"http://{server}{protocol.IMAGES_PREFIX}{where.path}"
         self._record(request, self._workstation(request), operation, "referred", str(where),
                      server=where.server)

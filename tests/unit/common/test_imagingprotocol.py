@@ -114,3 +114,14 @@ def test_work_answer_local_and_referral():
         work_answer(_assignment("//other/b.img"), "manual")
     answer, remote = work_answer(WorkAssignment(Action(), "policy", "none"), "manual")
     assert (answer["work"], remote) == ("none", None)
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("plain reason", "plain reason"),
+    ("two\nlines\r\n", "two?lines??"),
+    ("caf\u00e9 \u2603", "caf? ?"),
+    ("x" * 600, "x" * 512),
+])
+def test_error_header_value_is_one_printable_ascii_line(message, expected):
+    from common.imagingprotocol import error_header_value
+    assert error_header_value(message) == expected
