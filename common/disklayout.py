@@ -2,9 +2,10 @@
 
 A whole-disk image stores the disk's partition table as a DiskLayout (to_dict() goes into the
 image metadata) and restores it with table_writes(), usually onto a disk of the same or a larger
-size (relocated() / grown() first). The codec is pure: parse_layout() takes bytes and returns a
-typed value, table_writes() returns the (byte offset, data) writes and touches no disk;
-read_layout() and apply_writes() are the thin I/O wrappers.
+size (relocated() / grown() first), or onto a smaller one with the partitions at the end cut
+short (shrunk(), once their filesystems have been shrunk). The codec is pure: parse_layout()
+takes bytes and returns a typed value, table_writes() returns the (byte offset, data) writes and
+touches no disk; read_layout() and apply_writes() are the thin I/O wrappers.
 
 MBR layouts list the extended container itself (Partition.is_extended) next to the primaries and
 the logical partitions inside it, as sfdisk and Linux do; it holds no filesystem of its own.
@@ -40,7 +41,7 @@ import struct
 import uuid
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Iterable
+from typing import Any, BinaryIO, Callable, Iterable, Mapping
 
 __all__ = [
     "DiskLayoutError", "Partition", "DiskLayout", "parse_layout", "table_writes", "read_layout",
@@ -62,6 +63,7 @@ PROTECTIVE_TYPE = 0xEE
 MAX_LOGICALS = 256                  # Linux's DISK_MAX_PARTS bounds the whole disk
 MAX_ENTRY_ARRAY = 4 * 1024 * 1024   # refuse absurd GPT arrays before allocating them
 ZERO_GUID = "00000000-0000-0000-0000-000000000000"
+SHRINK_ALIGN = 1 << 20              # shrunk partitions end on a 1 MiB boundary
 
 _MBR_RECORD = struct.Struct("<B3sB3sII")
 _GPT_HEADER = struct.Struct("<8sIIIIQQQQ16sQIII")
@@ -166,6 +168,13 @@ class DiskLayout:
             return self.disk_size
         return max((p.end_bytes(self.sector_size) for p in self.partitions), default=0)
 
+    def min_disk_size(self) -> int:
+        """The smallest disk (bytes) fits() accepts: GPT adds its backup entries and header."""
+        if self.kind != "gpt":
+            return self.last_used_byte()
+        end = max([p.end_lba for p in self.partitions] + [self.first_usable_lba])
+        return (end + _gpt_entry_sectors(self) + 1) * self.sector_size
+
     def fits(self, target_size: int) -> bool:
         """Whether this table, unchanged, can be put on a disk of target_size bytes.
 
@@ -227,6 +236,55 @@ class DiskLayout:
             for p in self.partitions)
         return dataclasses.replace(moved, partitions=parts)
 
+    def shrink_limit_lba(self, target_size: int, align_bytes: int = SHRINK_ALIGN) -> int:
+        """Where partitions must end (exclusive LBA) on a target_size-byte disk after shrunk().
+
+        GPT: before the backup entries and header; MBR: the disk end, at most the 32-bit limit.
+        Rounded down to align_bytes (1 MiB, as partitioning tools align) so a shrunk partition
+        ends on a boundary.
+        """
+        sectors = target_size // self.sector_size
+        if self.kind == "gpt":
+            end = _gpt_last_usable(sectors, _gpt_entry_sectors(self)) + 1
+        else:
+            end = min(sectors, MBR_MAX_SECTORS)
+        align = max(1, align_bytes // self.sector_size)
+        return max(0, end // align * align)
+
+    def shrunk(self, target_size: int, min_sizes: Mapping[int, int] | None = None,
+               align_bytes: int = SHRINK_ALIGN) -> DiskLayout:
+        """relocated() onto a smaller disk: partitions ending past shrink_limit_lba() are cut.
+
+        Nothing moves: every partition keeps its start; one that ends beyond the limit ends at
+        the limit (an MBR extended container and the logical partitions inside it alike), the
+        others keep their size. min_sizes (partition number -> bytes) is what each filesystem
+        needs at least. A partition that starts at or past the limit, or that would get less
+        than its minimum, raises DiskLayoutError with the reason (the partition and the sizes).
+        """
+        if self.kind == "none" or not self.partitions:
+            raise DiskLayoutError("a disk without a partition table cannot be shrunk")
+        limit = self.shrink_limit_lba(target_size, align_bytes)
+        mib = 1 << 20
+        parts = []
+        for part in self.partitions:
+            if part.end_lba <= limit:
+                parts.append(part)
+                continue
+            if part.start_lba >= limit:
+                raise DiskLayoutError(
+                    f"partition {part.number} starts at byte {part.start_bytes(self.sector_size)}"
+                    f", past the {limit * self.sector_size // mib} MiB the "
+                    f"{target_size // mib} MiB disk leaves; partitions are never moved")
+            new = dataclasses.replace(part, size_lba=limit - part.start_lba)
+            need = (min_sizes or {}).get(part.number, 0)
+            if new.size_bytes(self.sector_size) < need:
+                raise DiskLayoutError(
+                    f"partition {part.number} would get {_mib(new.size_bytes(self.sector_size))}"
+                    f" MiB but its data needs at least {_mib(need, up=True)} MiB")
+            parts.append(new)
+        shrunk = dataclasses.replace(self, partitions=tuple(parts))
+        return shrunk.relocated(target_size)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict; from_dict(to_dict()) gives back an identical layout."""
         return {
@@ -259,6 +317,11 @@ class DiskLayout:
         if layout["sector_size"] < MBR_SIZE:
             raise DiskLayoutError(f"layout: sector size {layout['sector_size']} below 512")
         return cls(**layout)
+
+
+def _mib(count: int, up: bool = False) -> int:
+    """Bytes as whole MiB for messages; up rounds a requirement up so it is never understated."""
+    return -(-count // (1 << 20)) if up else count // (1 << 20)
 
 
 def _fields_from(cls: type, data: Any, what: str) -> dict[str, Any]:

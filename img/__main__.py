@@ -2,10 +2,16 @@
 
     img make --disk DISK IMAGE          take a base image of DISK into the file IMAGE
     img restore --disk DISK IMAGE [--grow]   put IMAGE down on DISK (same size or larger)
+    img restore --disk DISK IMAGE --shrink [--scratch DIR]   ... onto a smaller disk, shrinking
+        the filesystem(s) at the end (ext2/3/4, NTFS, FAT) in scratch files under DIR first
     img make --disk DISK --server HOST[:PORT] PATH      ... onto an imaging server
     img restore --disk DISK --server HOST[:PORT] PATH [--grow]   ... from an imaging server
     img auto --disk DISK --server HOST[:PORT] [--fact KEY=VALUE ...]   ask the server what to do
     img verify IMAGE                    check every chunk of an image
+    img addon make --from DIR IMAGE     an add-on image of the files under DIR
+    img addon apply --disk DISK [--partition N] IMAGE   lay an add-on image onto a partition
+        (both also with --server HOST[:PORT] PATH; `img restore ... --addon PATH` applies
+        add-on images after the base image, from the same place)
     img dump --disk DISK                the partition table and each partition's filesystem
     img info                            what this machine reports to the imaging server
 
@@ -26,6 +32,7 @@ from common.machine import ATTRIBUTE_KINDS, normalize_mac
 from common.imagefile import DEFAULT_LEVEL, ImageReader
 from common.imageformat import ImageFormatError
 
+from .addon import AddonError, ApplyResult, apply_addon, describe, make_addon, make_addon_file
 from .client import ImagingClient, Referral, ServerError, split_server
 from .hardware import machine_facts
 from .make import make_image, make_image_file
@@ -57,6 +64,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         reader = ImageReader(handle, args.image)
         try:
             result = restore_image(reader, args.disk, grow=args.grow, threads=args.threads,
+                                   shrink=args.shrink, scratch=args.scratch,
                                    progress=Progress("img restore"))
         except (ImageFormatError, OSError) as exc:
             print(f"img: restore of {args.disk} FAILED part-way: {exc}. The disk is "
@@ -65,7 +73,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     grown = " (last partition grown to fill the disk)" if result.grown else ""
     print(f"restored {args.image} onto {args.disk}: {result.bytes_written} bytes in "
           f"{result.chunks} chunks{grown}")
-    return 0
+    _print_shrunk(result)
+    return _apply_addons_local(args.addon, args.disk, None, args.threads)
 
 
 # ------------------------------------------------------------------ server modes
@@ -97,12 +106,19 @@ def _facts(disk_path: str, overrides: list[str]) -> dict[str, Any]:
     return facts
 
 
+def _where(server: str, path: str) -> str:
+    """An image's name in messages: //server/path, or the path itself when it already names
+    its server (a //other/path the server will refer or deny)."""
+    return path if path.startswith("//") else f"//{server}/{path}"
+
+
 def _identity(facts: dict[str, Any]) -> tuple[str, str]:
     mac = normalize_mac(str(facts.get("mac") or "")) or ""
     return str(facts.get("hostname") or mac), mac
 
 
-def _report(server: str, facts: dict[str, Any], operation: str, image: str, error: str) -> None:
+def _report(server: str, facts: dict[str, Any], operation: str, image: str, error: str,
+            image_type: str = "base") -> None:
     """POST /v1/results; a failure to report is a warning, not a failed operation."""
     workstation, mac = _identity(facts)
     if not workstation and not mac:
@@ -110,7 +126,7 @@ def _report(server: str, facts: dict[str, Any], operation: str, image: str, erro
               file=sys.stderr)
         return
     body = {"workstation": workstation, "mac": mac, "operation": operation,
-            "image_type": "base", "image_path": image,
+            "image_type": image_type, "image_path": image,
             "status": "failure" if error else "success", "error_message": error[:4000]}
     try:
         with ImagingClient(server, workstation, timeout=15) as client:
@@ -121,12 +137,21 @@ def _report(server: str, facts: dict[str, Any], operation: str, image: str, erro
         print(f"img: warning: result not reported: {exc}", file=sys.stderr)
 
 
+def _print_shrunk(result: Any) -> None:
+    """What --shrink cut: one line per partition, old size -> new size."""
+    for job in result.shrunk:
+        note = "; Windows will check it once on its next boot" if job.filesystem == "ntfs" else ""
+        print(f"shrunk partition {job.partition} ({job.filesystem}): {job.old_size // MiB} MiB "
+              f"-> {job.new_size // MiB} MiB{note}")
+
+
 def _restore_remote(server: str, path: str, disk: str, grow: bool, threads: int,
-                    workstation: str, mode: str) -> str:
+                    workstation: str, mode: str, shrink: bool = False,
+                    scratch: str | None = None) -> str:
     """Restore //server/path onto disk, following 307 referrals; returns where the image came
     from (//server/path). Raises Failure."""
     for _hop in range(MAX_HOPS + 1):
-        label = f"//{server}/{path}"
+        label = _where(server, path)
         with ImagingClient(server, workstation, mode) as client:
             try:
                 remote = RemoteImage(client, path, log=lambda m: print(m, file=sys.stderr))
@@ -141,7 +166,8 @@ def _restore_remote(server: str, path: str, disk: str, grow: bool, threads: int,
             batches = remote.plan(reader.entries())
             try:
                 result = restore_image(reader, disk, grow=grow, threads=threads,
-                                       progress=Progress("img restore"))
+                                       progress=Progress("img restore"), shrink=shrink,
+                                       scratch=scratch)
             except RestoreError as exc:
                 raise Failure(f"restore of {label}: {exc}; the disk was not changed") from None
             except (ServerError, ImageFormatError, OSError) as exc:
@@ -152,6 +178,7 @@ def _restore_remote(server: str, path: str, disk: str, grow: bool, threads: int,
         retried = f", {remote.retried} retried" if remote.retried else ""
         print(f"restored {label} onto {disk}: {result.bytes_written} bytes in {result.chunks} "
               f"chunks, {remote.requests} requests in {batches} batches{retried}{grown}")
+        _print_shrunk(result)
         return label
     raise Failure(f"restore of {path}: more than {MAX_HOPS} referrals; the disk was not changed")
 
@@ -160,7 +187,7 @@ def _make_remote(server: str, path: str, disk: str, facts: dict[str, Any], level
                  threads: int, workstation: str, mode: str) -> str:
     """Make an image of disk straight onto //server/path (chunked PUT); raises Failure."""
     for _hop in range(MAX_HOPS + 1):
-        label = f"//{server}/{path}"
+        label = _where(server, path)
         client = ImagingClient(server, workstation, mode)
         try:
             upload = client.upload(path)
@@ -194,14 +221,15 @@ def _server_operation(kind: str, args: argparse.Namespace, server: str, path: st
     try:
         if kind == "restore":
             label = _restore_remote(server, path, args.disk, args.grow, args.threads,
-                                    workstation, mode)
+                                    workstation, mode, shrink=getattr(args, "shrink", False),
+                                    scratch=getattr(args, "scratch", None))
         else:
             label = _make_remote(server, path, args.disk, facts, args.level, args.threads,
                                  workstation, mode)
     except Failure as exc:
         print(f"img: {exc}", file=sys.stderr)
         _report(report_to, facts, operation, path if server == report_to
-                else f"//{server}/{path}", str(exc))
+                else _where(server, path), str(exc))
         return 1
     _report(report_to, facts, operation, label if server != report_to or
             not label.startswith(f"//{report_to}/") else path, "")
@@ -222,8 +250,12 @@ def cmd_restore_remote(args: argparse.Namespace) -> int:
     except Failure as exc:
         print(f"img: {exc}", file=sys.stderr)
         return 1
-    return _server_operation("restore", args, args.server, args.image, facts, "manual",
-                             args.server)
+    status = _server_operation("restore", args, args.server, args.image, facts, "manual",
+                               args.server)
+    if status:
+        return status
+    return _apply_addons_remote(args.server, args.addon, args.disk, None, args.threads, facts,
+                                "manual", args.server)
 
 
 def cmd_make_remote(args: argparse.Namespace) -> int:
@@ -262,21 +294,195 @@ def cmd_auto(args: argparse.Namespace) -> int:
             print(f"img: {server} sent a referral img cannot follow ({answer}); the disk "
                   "was not changed", file=sys.stderr)
             return 1
-        return _server_operation(action, args, other, path, facts, "auto", args.server)
+        status = _server_operation(action, args, other, path, facts, "auto", args.server)
+        if status or action != "restore":
+            return status
+        return _apply_addons_remote(other, _addon_paths(answer), args.disk, None, args.threads,
+                                    facts, "auto", args.server)
     print(f"{server}: {work}{' ' + image if image else ''} ({reason})")
     if work == "none":
         print(f"no work for this machine: {reason}")
         return 0
     if work == "restore":
-        if answer.get("addons"):
-            print(f"img: add-on images are not supported yet; not applied: "
-                  f"{', '.join(answer['addons'])}")
-        return _server_operation("restore", args, server, image, facts, "auto", args.server)
+        status = _server_operation("restore", args, server, image, facts, "auto", args.server)
+        if status:
+            return status
+        return _apply_addons_remote(server, _addon_paths(answer), args.disk, None, args.threads,
+                                    facts, "auto", args.server)
     if work == "make":
         return _server_operation("make", args, server, image, facts, "auto", args.server)
     print(f"img: {server} asks for '{work}', which this engine does not do yet; the disk "
           "was not changed", file=sys.stderr)
     return 1
+
+
+# ------------------------------------------------------------------ add-on images
+
+def _addon_paths(answer: dict[str, Any]) -> list[str]:
+    addons = answer.get("addons") or []
+    return [str(addon) for addon in addons] if isinstance(addons, list) else []
+
+
+def _apply(reader: ImageReader, label: str, disk: str, partition: int | None,
+           threads: int) -> ApplyResult:
+    """apply_addon with every failure turned into a one-line Failure saying whether the
+    disk was changed."""
+    try:
+        result = apply_addon(reader, disk, partition, threads=threads)
+    except AddonError as exc:
+        if exc.changed:
+            raise Failure(f"add-on {label} onto {disk} FAILED part-way: {exc}. The partition "
+                          "was changed (some files written); apply the add-on again") from None
+        raise Failure(f"add-on {label}: {exc}; the disk was not changed") from None
+    except (ServerError, ImageFormatError, DiskLayoutError, OSError) as exc:
+        raise Failure(f"add-on {label}: {exc}; the disk was not changed") from None
+    print(f"applied add-on {label} onto {disk} partition {result.target.partition} "
+          f"({result.target.filesystem}): {result.files} files, {result.bytes} bytes")
+    return result
+
+
+def _apply_addons_local(images: list[str], disk: str, partition: int | None,
+                        threads: int) -> int:
+    for image in images:
+        try:
+            with open(image, "rb") as handle:
+                _apply(ImageReader(handle, image), image, disk, partition, threads)
+        except Failure as exc:
+            print(f"img: {exc}", file=sys.stderr)
+            return 1
+        except (ImageFormatError, OSError) as exc:
+            print(f"img: add-on {image}: {exc}; the disk was not changed", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _apply_remote(server: str, path: str, disk: str, partition: int | None, threads: int,
+                  workstation: str, mode: str) -> str:
+    """Apply the add-on //server/path, following 307 referrals; returns where it came from."""
+    for _hop in range(MAX_HOPS + 1):
+        label = _where(server, path)
+        with ImagingClient(server, workstation, mode) as client:
+            try:
+                remote = RemoteImage(client, path, log=lambda m: print(m, file=sys.stderr))
+                reader = ImageReader(remote, label)
+            except Referral as exc:
+                print(f"img: {exc}")
+                server, path = exc.server, exc.path
+                continue
+            except (ServerError, ImageFormatError) as exc:
+                raise Failure(f"add-on {label} failed: {exc}; the disk was not "
+                              "changed") from None
+            remote.plan(reader.entries())
+            _apply(reader, label, disk, partition, threads)
+        return label
+    raise Failure(f"add-on {path}: more than {MAX_HOPS} referrals; the disk was not changed")
+
+
+def _apply_addons_remote(server: str, paths: list[str], disk: str, partition: int | None,
+                         threads: int, facts: dict[str, Any], mode: str, report_to: str) -> int:
+    """Apply each add-on in order from server (a //other/path is fetched there), reporting
+    each to report_to; the first failure stops the rest."""
+    workstation, _ = _identity(facts)
+    for path in paths:
+        shown = path if server == report_to or path.startswith("//") else f"//{server}/{path}"
+        try:
+            label = _apply_remote(server, path, disk, partition, threads, workstation, mode)
+        except Failure as exc:
+            print(f"img: {exc}", file=sys.stderr)
+            _report(report_to, facts, "download", shown, str(exc), image_type="addon")
+            return 1
+        where = label if not label.startswith(f"//{report_to}/") else shown
+        _report(report_to, facts, "download", where, "", image_type="addon")
+    return 0
+
+
+def _make_addon_remote(server: str, path: str, source_dir: str, facts: dict[str, Any],
+                       level: int, threads: int, workstation: str) -> str:
+    for _hop in range(MAX_HOPS + 1):
+        label = _where(server, path)
+        client = ImagingClient(server, workstation, "manual")
+        try:
+            upload = client.upload(path)
+        except Referral as exc:
+            print(f"img: {exc}")
+            server, path = exc.server, exc.path
+            continue
+        except ServerError as exc:
+            raise Failure(f"make onto {label} failed: {exc}") from None
+        try:
+            stats, meta = make_addon(source_dir, upload, source=facts, level=level,
+                                     threads=threads)
+            answer = upload.finish()
+        except (ServerError, AddonError) as exc:
+            upload.abort()
+            raise Failure(f"make onto {label} failed: {exc}") from None
+        except BaseException:
+            upload.abort()
+            raise
+        print(f"made add-on {label}: {meta['files']['count']} files, "
+              f"{meta['files']['bytes']} bytes, {stats.bytes_out} bytes sent; the server "
+              f"stored {answer.get('size', '?')} bytes")
+        return label
+    raise Failure(f"make onto {path}: more than {MAX_HOPS} referrals")
+
+
+def cmd_addon_make(args: argparse.Namespace) -> int:
+    if not args.server:
+        if os.path.exists(args.image) and not args.overwrite:
+            print(f"img: {args.image} exists (use --overwrite to replace it)", file=sys.stderr)
+            return 1
+        stats, meta = make_addon_file(args.source, args.image, source=machine_facts(),
+                                      level=args.level, threads=args.threads)
+        print(f"made add-on {args.image}: {meta['files']['count']} files, "
+              f"{meta['files']['bytes']} bytes, {stats.bytes_out} bytes stored")
+        return 0
+    try:
+        _check_server(args.server)
+        facts = _facts("", [])
+        workstation, _ = _identity(facts)
+        label = _make_addon_remote(args.server, args.image, args.source, facts, args.level,
+                                   args.threads, workstation)
+    except Failure as exc:
+        print(f"img: {exc}", file=sys.stderr)
+        return 1
+    shown = args.image if label.startswith(f"//{args.server}/") else label
+    _report(args.server, facts, "upload", shown, "", image_type="addon")
+    return 0
+
+
+def cmd_addon_apply(args: argparse.Namespace) -> int:
+    if not args.server:
+        return _apply_addons_local([args.image], args.disk, args.partition, args.threads)
+    try:
+        _check_server(args.server)
+        facts = _facts(args.disk, [])
+    except Failure as exc:
+        print(f"img: {exc}", file=sys.stderr)
+        return 1
+    return _apply_addons_remote(args.server, [args.image], args.disk, args.partition,
+                                args.threads, facts, "manual", args.server)
+
+
+def _addon_parser(commands: Any) -> None:
+    addon = commands.add_parser("addon", help="make or apply add-on images")
+    actions = addon.add_subparsers(dest="addon_command", required=True)
+    make = actions.add_parser("make", help="an add-on image of a directory tree")
+    make.add_argument("--from", dest="source", required=True, metavar="DIR")
+    make.add_argument("image", help="an image file, or with --server the image's path there")
+    make.add_argument("--server", help="HOST[:PORT] of an imaging server (port 998)")
+    make.add_argument("--level", type=int, default=DEFAULT_LEVEL, help="zstd level (1-19)")
+    make.add_argument("--threads", type=int, default=2)
+    make.add_argument("--overwrite", action="store_true")
+    make.set_defaults(run=cmd_addon_make)
+    apply = actions.add_parser("apply", help="lay an add-on image onto a partition of a disk")
+    apply.add_argument("--disk", required=True)
+    apply.add_argument("--partition", type=int, metavar="N",
+                       help="the partition (default: the first one whose filesystem img "
+                            "can write)")
+    apply.add_argument("image", help="an image file, or with --server the image's path there")
+    apply.add_argument("--server", help="HOST[:PORT] of an imaging server (port 998)")
+    apply.add_argument("--threads", type=int, default=2)
+    apply.set_defaults(run=cmd_addon_apply)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -287,7 +493,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"img: {problem}", file=sys.stderr)
     if problems:
         return 1
-    print(f"{args.image}: {len(reader.index.entries)} chunks, all sound")
+    kind = f"{describe(reader.metadata)}; " if reader.metadata.get("type") == "addon" else ""
+    print(f"{args.image}: {kind}{len(reader.index.entries)} chunks, all sound")
     return 0
 
 
@@ -331,8 +538,18 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument("--server", help="HOST[:PORT] of an imaging server (port 998)")
     restore.add_argument("--grow", action="store_true",
                          help="grow the last partition's table entry to fill a larger disk")
+    restore.add_argument("--shrink", action="store_true",
+                         help="on a smaller disk, shrink the filesystem(s) at the end to fit "
+                              "(ext2/3/4, NTFS, FAT)")
+    restore.add_argument("--scratch", metavar="DIR",
+                         help="where --shrink keeps its scratch files (about the partition's "
+                              "used size; default: the temporary directory)")
     restore.add_argument("--threads", type=int, default=2)
+    restore.add_argument("--addon", action="append", default=[], metavar="PATH",
+                         help="an add-on image to apply after the base image (repeatable; "
+                              "a file, or with --server a path there)")
     restore.set_defaults(run=cmd_restore)
+    _addon_parser(commands)
     auto = commands.add_parser("auto", help="ask an imaging server what to do, and do it")
     auto.add_argument("--disk", required=True)
     auto.add_argument("--server", required=True, help="HOST[:PORT] (port 998)")
@@ -362,6 +579,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except RestoreError as exc:
         print(f"img: {exc} (nothing was written)", file=sys.stderr)
+        return 1
+    except AddonError as exc:
+        print(f"img: {exc}", file=sys.stderr)
         return 1
     except (ImageFormatError, DiskLayoutError) as exc:
         print(f"img: {exc}", file=sys.stderr)

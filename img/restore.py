@@ -1,23 +1,36 @@
-"""`img restore`: put a base image down on a disk of the same or a larger size.
+"""`img restore`: put a base image down on a disk of the same or a larger size, or (--shrink)
+on a smaller one when the partitions at the end can be shrunk.
 
 Order matters for a disk that must never look finished when it is not: the partition table is
 written last, after every partition's data and the disk head, and the disk is synced before
 and after it. An interrupted restore therefore leaves the old table or a zeroed head, never a
 new table over half-written partitions.
+
+Shrinking (img/shrink.py for the tools, DiskLayout.shrunk() for the new table): every check and
+the shrink itself happen in scratch files before the first byte reaches the disk, so a refusal
+or a tool failure leaves the disk as it was; the shrunk filesystem is then copied onto the disk
+like any other partition data, before the table.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from common.disklayout import DiskLayout, DiskLayoutError, table_writes
 from common.imagefile import ImageReader
 from common.imageformat import ChunkKind, IndexEntry
 
 from .disk import Disk
+from .shrink import (Scratch, ShrinkError, ShrinkJob, check_filesystem, check_space,
+                     copy_prefix, create_scratch, minimum_size, missing_tools, refusal,
+                     scratch_needed, shrink_filesystem)
 
 Progress = Callable[[int, int], None]
+MiB = 1 << 20
 
 
 class RestoreError(Exception):
@@ -30,67 +43,219 @@ class RestoreResult:
     chunks: int
     layout: DiskLayout
     grown: bool
+    shrunk: tuple[ShrinkJob, ...] = ()
 
 
-def _target_layout(reader: ImageReader, disk: Disk, grow: bool) -> tuple[DiskLayout, bool]:
+@dataclass(frozen=True)
+class _ShrinkPlan:
+    """What shrinking would take: the new layout and jobs, or the reason it cannot be done."""
+
+    layout: DiskLayout | None
+    jobs: tuple[ShrinkJob, ...]
+    reason: str
+
+
+def _plan_shrink(meta: dict[str, Any], layout: DiskLayout, disk_size: int) -> _ShrinkPlan:
+    """The layout for a smaller disk, with each partition's used data as its floor (pure).
+
+    The filesystem is judged before the floor: a raw partition "needs" its whole size, and
+    "cannot be shrunk: stored raw" is the reason worth telling.
+    """
+    streams = {int(s["partition"]): s for s in meta["streams"]
+               if s.get("role") == "partition" and s.get("partition") is not None}
+    floors = {number: int(s.get("used_bytes", s["size"])) for number, s in streams.items()}
+    try:
+        cut = layout.shrunk(disk_size)
+        for old in layout.partitions:
+            if cut.partition(old.number).size_lba != old.size_lba and not old.is_extended:
+                _check_shrinkable(old.number, streams.get(old.number))
+        new = layout.shrunk(disk_size, floors)
+    except (DiskLayoutError, ShrinkError) as exc:
+        return _ShrinkPlan(None, (), str(exc))
+    jobs = tuple(
+        ShrinkJob(old.number, int(streams[old.number]["number"]),
+                  str(streams[old.number].get("filesystem", "raw")),
+                  old.size_bytes(layout.sector_size),
+                  new.partition(old.number).size_bytes(layout.sector_size), floors[old.number])
+        for old in layout.partitions
+        if new.partition(old.number).size_lba != old.size_lba and not old.is_extended)
+    return _ShrinkPlan(new, jobs, "")
+
+
+def _check_shrinkable(number: int, stream: dict[str, Any] | None) -> None:
+    if stream is None:
+        raise ShrinkError(f"partition {number} has no data stream in the image")
+    why = refusal(str(stream.get("filesystem", "raw")), number)
+    if why:
+        raise ShrinkError(why)
+
+
+def _too_small(path: str, size: int, needed: int, plan: _ShrinkPlan, shrink: bool) -> str:
+    """The one-line refusal for a disk smaller than where the image's partitions end."""
+    head = (f"{path} is {size // MiB} MiB ({size} bytes); the image needs at least "
+            f"{-(-needed // MiB)} MiB ({needed} bytes, for its partitions and table)")
+    if plan.reason:
+        what = "cannot shrink" if shrink else "it would not fit even shrunk"
+        return f"{head}; {what}: {plan.reason}"
+    used = sum(j.used_bytes for j in plan.jobs)
+    room = sum(j.new_size for j in plan.jobs)
+    parts = ", ".join(str(j.partition) for j in plan.jobs)
+    return (f"{head}; the used data ({-(-used // MiB)} MiB) would fit in {room // MiB} MiB: "
+            f"use --shrink to shrink partition {parts}")
+
+
+def _target_layout(reader: ImageReader, disk: Disk, grow: bool, shrink: bool = False
+                   ) -> tuple[DiskLayout, bool, tuple[ShrinkJob, ...]]:
+    """The layout to write, whether it was grown, and the partitions to shrink first."""
     layout = DiskLayout.from_dict(reader.metadata["disk"]["layout"])
     source_size = int(reader.metadata["disk"]["size"])
-    needed = layout.last_used_byte() if layout.partitions else source_size
+    needed = layout.min_disk_size() if layout.partitions else source_size
     if disk.size < needed:
-        raise RestoreError(
-            f"{disk.path} is {disk.size} bytes; the image needs at least {needed} "
-            f"(its partitions end there). Restoring onto a smaller disk would need the "
-            f"filesystems shrunk first, which this version does not do.")
-    if disk.size < source_size and layout.kind == "gpt" and not layout.fits(disk.size):
-        raise RestoreError(f"{disk.path} is too small for the image's GPT")
+        if not layout.partitions:
+            raise RestoreError(f"{disk.path} is {disk.size} bytes; the image needs at least "
+                               f"{needed} (a whole-disk filesystem cannot be shrunk)")
+        plan = _plan_shrink(reader.metadata, layout, disk.size)
+        if not shrink or plan.layout is None:
+            raise RestoreError(_too_small(disk.path, disk.size, needed, plan, shrink))
+        return plan.layout, False, plan.jobs
     if not layout.partitions:
-        return layout, False
+        return layout, False, ()
     try:
         if grow and disk.size > layout.last_used_byte():
-            return layout.grown(disk.size), True
-        return layout.relocated(disk.size), False
+            return layout.grown(disk.size), True, ()
+        return layout.relocated(disk.size), False, ()
     except DiskLayoutError as exc:
         raise RestoreError(f"{disk.path}: {exc}") from None
 
 
 def restore_image(reader: ImageReader, disk_path: str, grow: bool = False, threads: int = 2,
-                  progress: Progress | None = None) -> RestoreResult:
+                  progress: Progress | None = None, shrink: bool = False,
+                  scratch: str | None = None) -> RestoreResult:
+    """Restore reader's base image onto disk_path.
+
+    shrink: on a disk smaller than where the partitions end, shrink the partitions at the end
+    (img/shrink.py says which filesystems can be) in scratch files under scratch (default: the
+    system's temporary directory). RestoreError means nothing was written.
+    """
     meta = reader.metadata
     if meta.get("type") != "base":
-        raise RestoreError(f"{reader.name} is a {meta.get('type')} image, not a base image")
+        raise RestoreError(f"{reader.name} is not a base image (its type is {meta.get('type')})")
     with Disk.open(disk_path, writable=True) as disk:
-        layout, grown = _target_layout(reader, disk, grow)
-        streams = {s["number"]: s for s in meta["streams"]}
-        # Partitions first, the disk head (with the old table bytes) last, the new table after.
-        head_last = layout.partitions != ()
-        entries = sorted(reader.entries(),
-                         key=lambda e: (head_last and e.stream == 0, e.stream, e.offset))
-        total = sum(e.length for e in entries)
-        written = 0
+        layout, grown, jobs = _target_layout(reader, disk, grow, shrink)
+        with _scratch_dir(jobs, scratch) as work:
+            shrunk_files = _shrink_in_scratch(reader, jobs, work, threads)
+            written, chunks = _write_disk(reader, disk, layout, shrunk_files, threads, progress)
+    return RestoreResult(written, chunks, layout, grown, jobs)
+
+
+def _write_disk(reader: ImageReader, disk: Disk, layout: DiskLayout,
+                shrunk_files: dict[int, tuple[ShrinkJob, Scratch]], threads: int,
+                progress: Progress | None) -> tuple[int, int]:
+    """The disk writes in their safe order; shrunk_files (stream -> job, scratch file) are
+    copied in place of their streams. Returns (bytes written, chunks)."""
+    meta = reader.metadata
+    streams = {s["number"]: s for s in meta["streams"] if s["number"] not in shrunk_files}
+    # Partitions first, the disk head (with the old table bytes) last, the new table after.
+    head_last = layout.partitions != ()
+    entries = sorted((e for e in reader.entries() if e.stream in streams),
+                     key=lambda e: (head_last and e.stream == 0, e.stream, e.offset))
+    total = sum(e.length for e in entries) + sum(j.new_size for j, _ in shrunk_files.values())
+    written = 0
+    if progress:
+        progress(0, total)
+    if layout.partitions:
+        # Until the new table is written the disk must not show the old one over new data.
+        disk.zero(0, min(disk.size, layout.sector_size * 34))
+    for number, (job, scratch) in sorted(shrunk_files.items()):
+        copy_prefix(scratch, disk, int(_meta_stream(meta, number)["disk_offset"]), job.new_size)
+        written += job.new_size
         if progress:
-            progress(0, total)
-        if layout.partitions:
-            # Until the new table is written the disk must not show the old one over new data.
-            disk.zero(0, min(disk.size, layout.sector_size * 34))
-        for entry, data in reader.chunks(entries, threads=threads):
-            stream = streams[entry.stream]
-            offset = int(stream["disk_offset"]) + entry.offset
-            if entry.kind is ChunkKind.ZERO:
-                disk.zero(offset, entry.length)
-            else:
-                disk.write(offset, data)
-            written += entry.length
-            if progress:
-                progress(written, total)
-        _zero_uncovered(disk, streams, entries)
-        if layout.partitions:
-            disk.sync()
-            head = [s for s in meta["streams"] if s["role"] == "disk-head"]
-            boot_code = disk.read(0, 440) if head else b""
-            for offset, data in table_writes(layout, boot_code):
-                disk.write(offset, data)
+            progress(written, total)
+    for entry, data in reader.chunks(entries, threads=threads):
+        stream = streams[entry.stream]
+        offset = int(stream["disk_offset"]) + entry.offset
+        if entry.kind is ChunkKind.ZERO:
+            disk.zero(offset, entry.length)
+        else:
+            disk.write(offset, data)
+        written += entry.length
+        if progress:
+            progress(written, total)
+    _zero_uncovered(disk, streams, entries)
+    if layout.partitions:
         disk.sync()
-    return RestoreResult(written, len(entries), layout, grown)
+        head = [s for s in meta["streams"] if s["role"] == "disk-head"]
+        boot_code = disk.read(0, 440) if head else b""
+        for offset, data in table_writes(layout, boot_code):
+            disk.write(offset, data)
+    disk.sync()
+    return written, len(entries) + len(shrunk_files)
+
+
+def _meta_stream(meta: dict[str, Any], number: int) -> dict[str, Any]:
+    return next(s for s in meta["streams"] if s["number"] == number)
+
+
+def _scratch_dir(jobs: tuple[ShrinkJob, ...], scratch: str | None
+                 ) -> contextlib.AbstractContextManager[str | None]:
+    """A temporary directory for the scratch files (removed afterwards), None without jobs."""
+    if not jobs:
+        return contextlib.nullcontext(None)
+    for job in jobs:
+        missing = missing_tools(job.filesystem)
+        if missing:
+            raise RestoreError(f"partition {job.partition} ({job.filesystem}) cannot be shrunk: "
+                               f"{', '.join(missing)} not installed")
+    directory = scratch or tempfile.gettempdir()
+    try:
+        check_space(directory, sum(scratch_needed(j.used_bytes) for j in jobs))
+        return tempfile.TemporaryDirectory(prefix="img-shrink-", dir=directory)
+    except (ShrinkError, OSError) as exc:
+        raise RestoreError(f"cannot shrink: {exc}") from None
+
+
+def _shrink_in_scratch(reader: ImageReader, jobs: tuple[ShrinkJob, ...], work: str | None,
+                       threads: int) -> dict[int, tuple[ShrinkJob, Scratch]]:
+    """Each job's partition restored into a sparse scratch file, shrunk and checked there;
+    stream number -> (job, file). Touches only work, so a failure is a RestoreError."""
+    files: dict[int, tuple[ShrinkJob, Scratch]] = {}
+    if not jobs or work is None:
+        return files
+    for job in jobs:
+        path = os.path.join(work, f"partition-{job.partition}")
+        try:
+            scratch = create_scratch(path, job.filesystem, job.old_size)
+            _restore_stream(reader, job, scratch, threads)
+            _shrink_file(job, scratch)
+        except RestoreError:
+            raise
+        except Exception as exc:
+            # Whatever failed (a tool, the scratch disk, a damaged chunk, the imaging server),
+            # only scratch files were touched: the disk is as it was, which RestoreError says.
+            raise RestoreError(f"partition {job.partition} ({job.filesystem}): shrink failed: "
+                               f"{exc}") from None
+        files[job.stream] = (job, scratch)
+    return files
+
+
+def _restore_stream(reader: ImageReader, job: ShrinkJob, scratch: Scratch, threads: int) -> None:
+    """The partition as the image holds it, into the sparse scratch file: ranges the image does
+    not hold (free space, zero chunks) stay holes and read as zeros."""
+    with open(scratch.path, "r+b") as out:
+        for entry, data in reader.chunks(reader.entries(job.stream), threads=threads):
+            if entry.kind is not ChunkKind.ZERO:
+                os.pwrite(out.fileno(), data, scratch.lead + entry.offset)
+
+
+def _shrink_file(job: ShrinkJob, scratch: Scratch) -> None:
+    """Check the minimum first: a filesystem that cannot get small enough is refused as is."""
+    minimum = minimum_size(scratch)
+    if minimum > job.new_size:
+        raise RestoreError(
+            f"partition {job.partition} ({job.filesystem}) would get {job.new_size // MiB} MiB "
+            f"but {job.filesystem} needs at least {-(-minimum // MiB)} MiB for its data")
+    shrink_filesystem(scratch, job.new_size)
+    check_filesystem(scratch, job.new_size)
 
 
 def _zero_uncovered(disk: Disk, streams: dict[int, dict], entries: list[IndexEntry]) -> None:

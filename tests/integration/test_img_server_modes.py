@@ -341,6 +341,10 @@ def test_auto_follows_the_rules(imgsrvd_factory, source_disk, tmp_path):
     server = imgsrvd_factory()
     for name in ("lab/big.img", "lab/small.img"):
         img("make", "--disk", str(source_disk), "--server", server.address, name)
+    (tmp_path / "apps").mkdir()
+    (tmp_path / "apps" / "app.txt").write_bytes(b"an add-on file\n")
+    img("addon", "make", "--from", str(tmp_path / "apps"), "--server", server.address,
+        "lab/apps.img")
     server.set_policy(
         Rule.from_text("big", "ram_mb >= 4096 and disk_mb >= 40",
                        Action(ActionKind.RESTORE, "lab/big.img", ("lab/apps.img",))),
@@ -350,7 +354,7 @@ def test_auto_follows_the_rules(imgsrvd_factory, source_disk, tmp_path):
     result = img("auto", "--disk", str(big), "--server", server.address,
                  "--fact", "mac=52:54:00:00:00:01", "--fact", "ram_mb=8192")
     assert "rule 'big'" in result.stdout and "restored //" in result.stdout
-    assert "lab/big.img" in result.stdout and "add-on images are not supported" in result.stdout
+    assert "lab/big.img" in result.stdout and "applied add-on //" in result.stdout
     check_restored(big, tmp_path)
 
     small = blank(tmp_path / "small.disk")

@@ -488,6 +488,93 @@ def test_grown_refuses_a_smaller_disk_and_is_identity_on_the_same_size():
     assert not none.fits(4 * MiB)
 
 
+# --- shrunk --------------------------------------------------------------------------------------
+
+def logical_last_layout(size: int = 64 * MiB) -> DiskLayout:
+    """1 primary, then an extended container to the disk end whose last logical ends there too."""
+    return DiskLayout("mbr", 512, size, "0x00000001", (
+        Partition(1, 2048, 16384, "0x83", bootable=True),
+        Partition(2, 18432, size // 512 - 18432, "0x05"),
+        Partition(5, 20480, 8192, "0x82"),
+        Partition(6, 30720, size // 512 - 30720, "0x83"),
+    ))
+
+
+def test_shrunk_mbr_cuts_the_logical_partition_and_its_container_at_the_end():
+    layout = logical_last_layout()
+    shrunk = layout.shrunk(40 * MiB + 12345)
+    assert shrunk.disk_size == 40 * MiB + 12345
+    assert shrunk.partition(6).end_lba == shrunk.partition(2).end_lba == 40 * MiB // 512
+    assert shrunk.partition(6).start_lba == layout.partition(6).start_lba
+    assert [shrunk.partition(n) for n in (1, 5)] == [layout.partition(n) for n in (1, 5)]
+    assert written(shrunk).parse() == shrunk
+
+
+def test_shrunk_mbr_primary_last_ends_on_a_mib_boundary():
+    layout = mbr_layout()          # partition 4 ends at 61 MiB of 64
+    shrunk = layout.shrunk(60 * MiB + 300 * 512)
+    assert shrunk.partition(4).end_lba == 60 * MiB // 512
+    assert shrunk.partition(4).end_lba * 512 % MiB == 0
+    assert [p for p in shrunk.partitions if p.number != 4] == [
+        p for p in layout.partitions if p.number != 4]
+    assert written(shrunk).parse() == shrunk
+
+
+@pytest.mark.parametrize("sector_size", [512, 4096])
+def test_shrunk_gpt_puts_the_backup_at_the_new_end(sector_size):
+    layout = gpt_layout(sector_size=sector_size)
+    target = 40 * MiB
+    shrunk = layout.shrunk(target)
+    last = shrunk.partition(3)
+    assert last.start_lba == layout.partition(3).start_lba
+    assert last.end_bytes(sector_size) == 39 * MiB       # the backup needs the last sectors
+    assert shrunk.last_usable_lba == target // sector_size - 2 - 16384 // sector_size
+    assert shrunk.partitions[:2] == layout.partitions[:2]
+    disk = written(shrunk)
+    assert disk.read(target - sector_size, 8) == b"EFI PART"
+    assert disk.parse(sector_size) == shrunk
+
+
+def test_shrunk_checks_each_partitions_floor():
+    layout = logical_last_layout()
+    room = 40 * MiB - 30720 * 512                        # what partition 6 gets
+    assert layout.shrunk(40 * MiB, {6: room}).partition(6).size_bytes(512) == room
+    with pytest.raises(DiskLayoutError, match="partition 6 would get 25 MiB but its data "
+                                              "needs at least 26 MiB"):
+        layout.shrunk(40 * MiB, {6: room + 1})
+    assert layout.shrunk(40 * MiB, {1: 64 * MiB}) == layout.shrunk(40 * MiB), \
+        "a partition that is not cut is not judged"
+
+
+def test_min_disk_size_is_where_fits_starts():
+    for layout in (mbr_layout(), gpt_layout(), gpt_layout(sector_size=4096),
+                   logical_last_layout()):
+        size = layout.min_disk_size()
+        assert layout.fits(size) and not layout.fits(size - layout.sector_size)
+    assert gpt_layout().min_disk_size() == gpt_layout().disk_size
+
+
+def test_shrunk_never_moves_a_partition():
+    with pytest.raises(DiskLayoutError, match="partition 4 starts at byte 59768832.*never moved"):
+        mbr_layout().shrunk(50 * MiB)
+    with pytest.raises(DiskLayoutError, match="partition 6 starts"):
+        logical_last_layout().shrunk(15 * MiB)
+
+
+def test_shrunk_on_a_disk_that_needs_no_cut_is_relocated():
+    layout = gpt_layout()
+    assert layout.shrunk(128 * MiB) == layout.relocated(128 * MiB)
+    with pytest.raises(DiskLayoutError, match="without a partition table"):
+        DiskLayout("none", 512, 8 * MiB, "", ()).shrunk(4 * MiB)
+
+
+def test_shrink_limit_is_aligned_and_stays_within_the_32_bit_mbr_limit():
+    assert mbr_layout().shrink_limit_lba(40 * MiB + 511) == 40 * MiB // 512
+    assert mbr_layout().shrink_limit_lba(40 * MiB, align_bytes=512) == 40 * MiB // 512
+    assert mbr_layout().shrink_limit_lba(4 << 40) == 0xFFFFFFFF // 2048 * 2048
+    assert gpt_layout().shrink_limit_lba(40 * MiB, align_bytes=512) == 40 * MiB // 512 - 33
+
+
 # --- to_dict / from_dict -------------------------------------------------------------------------
 
 def test_dict_round_trip_through_json():
