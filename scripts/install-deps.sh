@@ -13,8 +13,9 @@ APT_PACKAGES=(
   qemu-system-x86 ipxe-qemu ipxe ovmf radvd   # real PXE firmware for e2e tests
   slapd ldap-utils               # a real OpenLDAP directory for the LDAP backend's tests
   libldap2-dev libsasl2-dev gcc python3-dev   # to build python-ldap (no wheels on PyPI)
-  partclone fdisk gdisk e2fsprogs dosfstools mtools ntfs-3g xfsprogs btrfs-progs  # imaging
+  partclone fdisk gdisk e2fsprogs dosfstools fatresize mtools ntfs-3g xfsprogs btrfs-progs  # imaging
   libxml2-utils                  # xmllint: the results log must stay well-formed XML
+  busybox-static cpio python3.11 # the imaging environment (packaging/imaging-env/build.sh)
 )
 
 missing=()

@@ -1,0 +1,387 @@
+#!/bin/bash
+# Build the imaging environment: a Linux kernel (`linux`) and an initramfs (`initrd`, gzip cpio)
+# that the Preboot Policy Service boots on a machine to image it (docs/imaging-environment.md).
+#
+#   packaging/imaging-env/build.sh [--out DIR] [--cache DIR] [--force]
+#
+# This script owns what goes into the environment:
+#   - Debian's stock kernel (linux-image-amd64's current image, `apt-get download`, never
+#     installed) and only the modules a PC or VM needs to image a disk: NICs (virtio-net, e1000,
+#     e1000e), disks (virtio-blk, ata_piix, ahci, sd), loop and ext4 for add-on images;
+#   - busybox (busybox-static) with every applet linked, and the host's util-linux losetup,
+#     mount, umount and mtools (what img runs for add-on images);
+#   - the host's Debian /usr/bin/python3.11 with its shared libraries and a pruned stdlib (with
+#     the __pycache__ Debian compiled: nothing is compiled under emulation at boot);
+#   - Debian's python3-zstandard for that interpreter;
+#   - our imaging engine `img` and the `common` modules it imports (no daemons);
+#   - /init (the file `init` next to this script) and udhcpc's script.
+# Outputs DIR/linux, DIR/initrd and DIR/manifest.txt. A build key (hash of every input) is kept in
+# DIR/.build-key: when it matches, the script says "up to date" and exits in a few seconds.
+# Needs (Debian): busybox-static cpio python3.11 apt (for the downloads), run as root or with a
+# writable cache. Every command that may hang has a timeout.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+OUT=/var/cache/preboot/imaging-env
+CACHE=""
+FORCE=0
+PYTHON=/usr/bin/python3.11
+PYVER=3.11
+BUSYBOX=/bin/busybox
+# Modules wanted (dependencies are added from modules.dep): NICs, disks, raw packet sockets,
+# and loop + ext4 (+ the crc32c it asks the crypto API for) to apply add-on images.
+MODULES=(af_packet virtio_pci virtio_net e1000 e1000e virtio_blk virtio_scsi ata_piix ahci sd_mod
+         loop ext4 crc32c_generic)
+# Where in the kernel package MODULES and their dependencies are (tar wildcards under kernel/).
+MODULE_GLOBS=('drivers/ata/*' 'drivers/block/*' 'drivers/net/*' 'drivers/scsi/*' 'drivers/virtio/*'
+              'net/core/*' 'net/packet/*' 'lib/*' 'fs/ext4/*' 'fs/jbd2/*' 'fs/mbcache.ko'
+              'crypto/crc32c_generic.ko')
+# Host programs img runs to apply add-on images (busybox's losetup and umount lack the options
+# it uses): util-linux's losetup, mount, umount, and mtools for FAT. Copied with their libraries
+# when present; name -> folder in the initramfs.
+HOST_TOOLS=(/usr/sbin/losetup /usr/bin/mount /usr/bin/umount /usr/bin/mtools)
+MTOOLS_LINKS=(mcopy mmd mdir mattrib)
+# stdlib parts the engine never uses (and the big ones): left out of the initramfs.
+STDLIB_EXCLUDES=(test idlelib tkinter turtledemo ensurepip lib2to3 pydoc_data distutils unittest
+                 'config-3.11-*' site-packages dist-packages sqlite3 curses dbm venv
+                 '*.opt-1.pyc' '*.opt-2.pyc')
+# Extension modules left out: test modules, and those needing libraries we do not ship.
+DYNLOAD_EXCLUDES='^(_test|_ctypes_test|_xx|xxlimited|_curses|_dbm|_sqlite3|_ssl|_hashlib|nis'
+DYNLOAD_EXCLUDES+='|ossaudiodev|readline|audioop|_tkinter)'
+
+usage() { sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 2; }
+log() { echo "imaging-env: $*" >&2; }
+die() { log "$*"; exit 1; }
+
+parse_args() {
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --out) OUT=$2; shift 2 ;;
+      --cache) CACHE=$2; shift 2 ;;
+      --force) FORCE=1; shift ;;
+      -h|--help) usage ;;
+      *) log "unknown argument $1"; usage ;;
+    esac
+  done
+  OUT=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
+  # Downloads and the extracted kernel live beside the outputs unless told otherwise.
+  CACHE=${CACHE:-$OUT/.cache}
+  mkdir -p "$CACHE"
+}
+
+check_tools() {
+  local missing=()
+  for tool in "$PYTHON" "$BUSYBOX" cpio gzip dpkg-deb dpkg-query tar sha256sum; do
+    command -v "$tool" >/dev/null || missing+=("$tool")
+  done
+  [ ${#missing[@]} -eq 0 ] || die "missing: ${missing[*]} (scripts/install-deps.sh installs them)"
+  # A dynamically linked busybox would need its libraries in the initramfs too.
+  if ldd "$BUSYBOX" >/dev/null 2>&1; then die "$BUSYBOX is not static (install busybox-static)"; fi
+}
+
+# ---------------------------------------------------------------------------------- downloads
+
+# The .deb of PACKAGE in the cache, downloaded if absent. Prints its path.
+fetch_deb() {
+  local package=$1 found
+  found=$(ls "$CACHE/${package}"_*.deb 2>/dev/null | sort -V | tail -1 || true)
+  if [ -z "$found" ]; then
+    log "downloading $package"
+    # apt-get download writes into the current folder; _apt cannot always read the cache folder
+    # (the "unsandboxed" warning is harmless).
+    (cd "$CACHE" && timeout 600 apt-get download -q "$package" >/dev/null 2>"$CACHE/apt.err") \
+      || { cat "$CACHE/apt.err" >&2; die "apt-get download $package failed"; }
+    found=$(ls "$CACHE/${package}"_*.deb | sort -V | tail -1)
+  fi
+  echo "$found"
+}
+
+# The versioned kernel package linux-image-amd64 points at now (e.g. linux-image-6.1.0-56-amd64);
+# when apt knows nothing (offline), the newest one already in the cache.
+kernel_package() {
+  local name
+  name=$(timeout 60 apt-cache depends linux-image-amd64 2>/dev/null \
+         | awk '/Depends: linux-image-[0-9]/{print $2; exit}' || true)
+  if [ -z "$name" ]; then
+    name=$(ls "$CACHE"/linux-image-[0-9]*.deb 2>/dev/null | sort -V | tail -1 \
+           | sed 's|.*/||; s|_.*||' || true)
+  fi
+  [ -n "$name" ] || die "cannot tell which kernel package to use (apt-cache depends linux-image-amd64)"
+  echo "$name"
+}
+
+# ---------------------------------------------------------------------------------- build key
+
+# The engine's modules: every img module, and the common modules they import (measured with
+# -X importtime under the target interpreter, so nothing else of the project is copied).
+engine_modules() {
+  local zdir=$1 imports trace
+  imports=$(cd "$REPO" && ls img/*.py | sed 's|/|.|; s|\.py$||; s|\.__init__$||' | paste -sd, -)
+  trace=$(cd "$REPO" && PYTHONPATH="$REPO:$zdir" timeout 60 "$PYTHON" -X importtime \
+            -c "import ${imports//,/; import }" 2>&1 >/dev/null) \
+    || die "$PYTHON cannot import the engine: $(echo "$trace" | grep -v '^import time:' | tail -3)"
+  echo "$trace" | awk -F'|' '/^import time:/{gsub(/ /, "", $3); print $3}' \
+    | grep -E '^(img|common)(\.|$)' | sort -u
+}
+
+# Module name (img.client) -> file relative to the repository (img/client.py or .../__init__.py).
+module_file() {
+  local path=${1//.//}
+  if [ -d "$REPO/$path" ]; then echo "$path/__init__.py"; else echo "$path.py"; fi
+}
+
+build_key() {
+  {
+    sha256sum "$HERE/build.sh" "$HERE/init" "$PYTHON" "$BUSYBOX"
+    (cd "$REPO" && sha256sum "${ENGINE_FILES[@]}")
+    dpkg-query -W python3.11 libpython3.11-stdlib libpython3.11-minimal libc6 busybox-static \
+      util-linux mount mtools 2>/dev/null || true
+    basename "$KERNEL_DEB"; basename "$ZSTD_DEB"
+  } | sha256sum | cut -d' ' -f1
+}
+
+# ---------------------------------------------------------------------------------- pieces
+
+# Extract the kernel image and the module folders once per kernel package (cached).
+extract_kernel() {
+  local dir patterns=()
+  dir=$CACHE/kernel-$(basename "$KERNEL_DEB" .deb)
+  patterns=('./boot/vmlinuz-*' './lib/modules/*/modules.builtin' './lib/modules/*/modules.order')
+  for g in "${MODULE_GLOBS[@]}"; do patterns+=("./lib/modules/*/kernel/$g"); done
+  # .complete records what was extracted: another module list extracts again
+  if [ "$(cat "$dir/.complete" 2>/dev/null)" != "${patterns[*]}" ]; then
+    log "extracting $(basename "$KERNEL_DEB")"
+    rm -rf "$dir"; mkdir -p "$dir"
+    dpkg-deb --fsys-tarfile "$KERNEL_DEB" | timeout 300 tar -x -C "$dir" --wildcards "${patterns[@]}"
+    KVER=$(ls "$dir/lib/modules" | head -1)
+    timeout 120 "$BUSYBOX" depmod -b "$dir" "$KVER"
+    echo "${patterns[*]}" >"$dir/.complete"
+  fi
+  KDIR=$dir
+  KVER=$(ls "$dir/lib/modules" | head -1)
+}
+
+# Copy MODULES and everything they depend on (modules.dep lists dependencies transitively),
+# then index them for busybox modprobe.
+install_modules() {
+  local root=$1 mdir=$KDIR/lib/modules/$KVER want=() files
+  for m in "${MODULES[@]}"; do
+    if grep -qE "/$m\.ko$" "$mdir/modules.builtin"; then continue; fi   # built into the kernel
+    want+=("$m")
+  done
+  files=$(for m in "${want[@]}"; do
+            grep -E "(^|/)$m\.ko:" "$mdir/modules.dep" || die "module $m not in the kernel package"
+          done | tr -d ':' | tr ' ' '\n' | sort -u)
+  for f in $files; do
+    mkdir -p "$root/lib/modules/$KVER/$(dirname "$f")"
+    cp "$mdir/$f" "$root/lib/modules/$KVER/$f"
+  done
+  cp "$mdir/modules.builtin" "$mdir/modules.order" "$root/lib/modules/$KVER/"
+  timeout 60 "$BUSYBOX" depmod -b "$root" "$KVER"
+  echo "${want[*]}" >"$root/etc/preboot-modules"
+}
+
+install_busybox() {
+  local root=$1
+  cp "$BUSYBOX" "$root/bin/busybox"
+  # Links made here: `busybox --install` needs /proc at boot, and udhcpc needs /bin/sh early.
+  for applet in $("$BUSYBOX" --list); do
+    [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
+  done
+  # the kernel runs /sbin/modprobe when a driver asks for another module
+  ln -s ../bin/busybox "$root/sbin/modprobe"
+}
+
+install_host_tools() {
+  local root=$1 tool
+  for tool in "${HOST_TOOLS[@]}"; do
+    if [ ! -x "$tool" ]; then log "warning: $tool missing: add-on images that need it will fail"; continue; fi
+    mkdir -p "$root$(dirname "$tool")"
+    cp "$tool" "$root$tool"
+    chmod 755 "$root$tool"
+    copy_libs "$root" "$tool"
+  done
+  if [ -x "$root/usr/bin/mtools" ]; then
+    for tool in "${MTOOLS_LINKS[@]}"; do ln -s mtools "$root/usr/bin/$tool"; done
+  fi
+}
+
+# Copy the shared libraries FILE needs (ldd) into ROOT at the same paths.
+copy_libs() {
+  local root=$1 file=$2 lib
+  for lib in $(ldd "$file" 2>/dev/null | awk '/=>/ && $3 ~ /^\// {print $3} /^\t\/lib/ {print $1}'); do
+    [ -e "$root$lib" ] || { mkdir -p "$root$(dirname "$lib")"; cp -L "$lib" "$root$lib"; }
+  done
+}
+
+install_python() {
+  local root=$1 lib=/usr/lib/python$PYVER excludes=() so
+  cp "$PYTHON" "$root/usr/bin/python$PYVER"
+  ln -s "python$PYVER" "$root/usr/bin/python3"
+  copy_libs "$root" "$PYTHON"
+  for pattern in "${STDLIB_EXCLUDES[@]}"; do excludes+=(--exclude="$pattern"); done
+  # tar keeps modification times, which the __pycache__ files are checked against.
+  tar -C / -cf - "${excludes[@]}" "${lib#/}" | tar -C "$root" -xf -
+  for so in "$root$lib"/lib-dynload/*.so; do
+    if [[ $(basename "$so") =~ $DYNLOAD_EXCLUDES ]]; then rm -f "$so"; else copy_libs "$root" "$so"; fi
+  done
+}
+
+install_zstandard() {
+  local root=$1 zdir=$2
+  local dest=$root/usr/lib/python3/dist-packages
+  mkdir -p "$dest"
+  cp -a "$zdir/usr/lib/python3/dist-packages/zstandard" "$dest/"
+  # The C backend is the one used; the cffi one would need _cffi_backend.
+  rm -f "$dest"/zstandard/_cffi.*.so "$dest/zstandard/backend_cffi.py" "$dest/zstandard/__init__.pyi"
+  copy_libs "$root" "$(ls "$dest"/zstandard/backend_c.*.so)"
+}
+
+install_engine() {
+  local root=$1 f
+  local dest=$root/usr/lib/preboot
+  for f in "${ENGINE_FILES[@]}"; do
+    mkdir -p "$dest/$(dirname "$f")"
+    cp -p "$REPO/$f" "$dest/$f"
+  done
+}
+
+install_init() {
+  local root=$1
+  cp "$HERE/init" "$root/init"
+  chmod 755 "$root/init"
+  mkdir -p "$root/usr/share/udhcpc"
+  # udhcpc's hook: configure the address and default route it got, and remember them for /init.
+  cat >"$root/usr/share/udhcpc/default.script" <<'EOF'
+#!/bin/sh
+case "$1" in
+  deconfig) ip addr flush dev "$interface"; ip link set "$interface" up ;;
+  bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    [ -n "$router" ] && ip route add default via "${router%% *}" dev "$interface" 2>/dev/null
+    : >/etc/resolv.conf
+    for d in $dns; do echo "nameserver $d" >>/etc/resolv.conf; done
+    [ -n "$hostname" ] && hostname "$hostname"
+    echo "ip=$ip mask=$mask router=$router serverid=$serverid" >/run/dhcp-lease ;;
+esac
+exit 0
+EOF
+  chmod 755 "$root/usr/share/udhcpc/default.script"
+}
+
+# Bytecode for the files we added (Debian's stdlib already has its own): compiled here, by the
+# same interpreter, so nothing is compiled under emulation at boot.
+compile_added() {
+  local root=$1
+  timeout 120 "$PYTHON" -m compileall -q -j 0 "$root/usr/lib/preboot" \
+    "$root/usr/lib/python3/dist-packages/zstandard" >/dev/null
+}
+
+# The interpreter inside the tree must start, find its stdlib and import the engine.
+self_test() {
+  local root=$1
+  if [ "$(id -u)" = 0 ]; then
+    local imports
+    imports=$(printf '%s, ' "${ENGINE_MODULES[@]}")
+    timeout 60 chroot "$root" /usr/bin/python3 -c "import sys; sys.path.insert(0, '/usr/lib/preboot')
+import zstandard, hashlib, ctypes, ${imports%, }; hashlib.blake2b(b'')" \
+      || die "python in the initramfs cannot import the engine"
+    if [ -x "$root/usr/sbin/losetup" ]; then
+      timeout 30 chroot "$root" /usr/sbin/losetup --version >/dev/null \
+        || die "losetup in the initramfs does not start"
+    fi
+  else
+    log "not root: skipping the chroot import check"
+  fi
+}
+
+make_initrd() {
+  local root=$1 out=$2
+  # newc, owned by root, in a stable order; gzip -6: the kernel unpacks it at the same speed.
+  (cd "$root" && find . -mindepth 1 | LC_ALL=C sort | timeout 300 cpio -o -H newc -R 0:0 --quiet) \
+    | gzip -6 >"$out"
+}
+
+write_manifest() {
+  local root=$1 file=$2
+  {
+    echo "kernel: $(basename "$KERNEL_DEB") ($KVER)"
+    echo "modules: $(cat "$root/etc/preboot-modules")"
+    echo "python: $("$PYTHON" -V 2>&1) ($(dpkg-query -W -f='${Version}' python3.11 2>/dev/null))"
+    echo "zstandard: $(basename "$ZSTD_DEB")"
+    echo "busybox: $(dpkg-query -W -f='${Version}' busybox-static 2>/dev/null)"
+    echo "engine: ${ENGINE_FILES[*]}"
+    echo "tree: $(du -sh "$root" | cut -f1)"
+  } >"$file"
+}
+
+# Downloads and extractions of packages other than the ones just used (an older kernel after a
+# security update) are removed: the cache keeps one set.
+prune_cache() {
+  local keep_k keep_z entry
+  keep_k=$(basename "$KERNEL_DEB" .deb); keep_z=$(basename "$ZSTD_DEB" .deb)
+  for entry in "$CACHE"/linux-image-*.deb "$CACHE"/kernel-* "$CACHE"/python3-zstandard_*.deb \
+               "$CACHE"/zstandard-*; do
+    [ -e "$entry" ] || continue
+    case "$(basename "$entry" .deb)" in
+      "$keep_k"|"kernel-$keep_k"|"$keep_z"|"zstandard-$keep_z") ;;
+      *) log "removing the outdated $(basename "$entry")"; rm -rf "$entry" ;;
+    esac
+  done
+}
+
+# ---------------------------------------------------------------------------------- main
+
+main() {
+  parse_args "$@"
+  check_tools
+  local t0=$SECONDS
+  KERNEL_DEB=$(fetch_deb "$(kernel_package)")
+  ZSTD_DEB=$(fetch_deb python3-zstandard)
+  local zdir
+  zdir=$CACHE/zstandard-$(basename "$ZSTD_DEB" .deb)
+  if [ ! -d "$zdir" ]; then
+    rm -rf "$zdir.tmp" && dpkg-deb -x "$ZSTD_DEB" "$zdir.tmp" && mv "$zdir.tmp" "$zdir"
+  fi
+  local modules
+  modules=$(engine_modules "$zdir/usr/lib/python3/dist-packages") || exit 1
+  mapfile -t ENGINE_MODULES <<<"$modules"
+  ENGINE_FILES=()
+  for m in "${ENGINE_MODULES[@]}"; do ENGINE_FILES+=("$(module_file "$m")"); done
+  local key; key=$(build_key)
+  if [ "$FORCE" = 0 ] && [ -s "$OUT/linux" ] && [ -s "$OUT/initrd" ] \
+     && [ "$(cat "$OUT/.build-key" 2>/dev/null)" = "$key" ]; then
+    log "up to date: $OUT/linux $OUT/initrd"
+    return 0
+  fi
+  extract_kernel
+  WORK=$(mktemp -d "$CACHE/build.XXXXXX")
+  trap 'rm -rf "$WORK"' EXIT
+  local work=$WORK root=$WORK/root
+  mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,run,tmp,etc,mnt,root}
+  ln -s /proc/mounts "$root/etc/mtab"
+  install_busybox "$root"
+  install_host_tools "$root"
+  install_modules "$root"
+  install_python "$root"
+  install_zstandard "$root" "$zdir"
+  install_engine "$root"
+  install_init "$root"
+  compile_added "$root"
+  self_test "$root"
+  cp "$KDIR/boot/vmlinuz-$KVER" "$work/linux"
+  make_initrd "$root" "$work/initrd"
+  write_manifest "$root" "$work/manifest.txt"
+  # Replace the outputs only when everything is built (a failed build keeps the old ones).
+  mv "$work/linux" "$OUT/linux.new" && mv "$OUT/linux.new" "$OUT/linux"
+  mv "$work/initrd" "$OUT/initrd.new" && mv "$OUT/initrd.new" "$OUT/initrd"
+  mv "$work/manifest.txt" "$OUT/manifest.txt"
+  echo "$key" >"$OUT/.build-key"
+  prune_cache
+  log "built in $((SECONDS - t0)) s: linux $(du -h "$OUT/linux" | cut -f1), initrd" \
+      "$(du -h "$OUT/initrd" | cut -f1) (unpacked $(du -sh "$root" | cut -f1)) in $OUT"
+}
+
+main "$@"

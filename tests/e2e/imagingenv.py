@@ -1,0 +1,174 @@
+"""Helpers for end-to-end tests that boot the imaging environment and image a VM's disk.
+
+This module owns the pieces around the network lab (netlab.py) that imaging needs:
+
+* `build_imaging_env`: packaging/imaging-env/build.sh (cached: seconds when nothing changed),
+  and `stage_imaging_env`, which puts its linux/initrd under `preboot/` in a TFTP root, where
+  policyd's default ImagingKernel/ImagingInitrd look;
+* `make_source_disk`, `make_image`, `check_restored_disk`: a small MBR disk file with an ext4
+  partition full of known files, an image of it made with `img make` on the host, and the check
+  that a restored disk has the same table and an ext4 that passes `e2fsck -fn` with every file
+  identical (debugfs, no mount);
+* `start_imgsrvd`: our imaging server in a lab namespace, sharing the directory with policyd;
+* `wait_for_exit`: wait for a VM that powers itself off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Mapping
+
+import netlab
+
+BUILD_SCRIPT = netlab.REPO_ROOT / "packaging" / "imaging-env" / "build.sh"
+DEFAULT_ENV_DIR = Path(os.environ.get("PREBOOT_IMAGING_ENV", "/var/cache/preboot/imaging-env"))
+MiB = 1 << 20
+# What the environment's build and the disk checks need on the host.
+BUILD_TOOLS = ("busybox", "cpio", "gzip", "dpkg-deb", "apt-get", "/usr/bin/python3.11")
+DISK_TOOLS = ("sfdisk", "mkfs.ext4", "debugfs", "e2fsck", "partclone.ext4", "losetup")
+
+
+def run_checked(args: list[str], timeout: float, input: str | None = None,
+                env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a command with a timeout; raise with its output when it fails."""
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, input=input,
+                          env=dict(env) if env is not None else None)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n"
+                           f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return proc
+
+
+def missing_tools(tools: tuple[str, ...] = BUILD_TOOLS + DISK_TOOLS) -> list[str]:
+    return [f"{tool} not installed" for tool in tools if shutil.which(tool) is None]
+
+
+# ------------------------------------------------------------------------------ the environment
+
+
+def build_imaging_env(out: Path = DEFAULT_ENV_DIR, timeout: float = 900) -> tuple[Path, float]:
+    """Build (or find up to date) linux + initrd in `out`; returns (out, seconds taken)."""
+    started = time.monotonic()
+    run_checked(["bash", str(BUILD_SCRIPT), "--out", str(out)], timeout)
+    for name in ("linux", "initrd"):
+        if not (out / name).is_file():
+            raise RuntimeError(f"{BUILD_SCRIPT} did not produce {out / name}")
+    return out, time.monotonic() - started
+
+
+def stage_imaging_env(env_dir: Path, tftp_root: Path) -> None:
+    """linux and initrd as <tftp_root>/preboot/{linux,initrd} (policyd's default URLs)."""
+    dest = tftp_root / "preboot"
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("linux", "initrd"):
+        shutil.copyfile(env_dir / name, dest / name)
+
+
+# ------------------------------------------------------------------------------ disks and images
+
+
+def make_source_disk(path: Path, files: Mapping[str, bytes], disk_size: int,
+                     part: tuple[int, int]) -> Path:
+    """An MBR disk file of `disk_size` bytes with one Linux partition (offset, size) holding an
+    ext4 made from `files` (mkfs.ext4 -d)."""
+    work = path.parent / (path.name + ".src")
+    for name, data in files.items():
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_bytes(data)
+    fs = path.parent / (path.name + ".ext4")
+    with open(fs, "wb") as f:
+        f.truncate(part[1])
+    run_checked(["mkfs.ext4", "-q", "-F", "-d", str(work), str(fs)], 60)
+    with open(path, "wb") as f:
+        f.truncate(disk_size)
+    run_checked(["sfdisk", "-q", str(path)], 60,
+                input=f"label: dos\nstart={part[0] // 512}, size={part[1] // 512}, type=83\n")
+    with open(path, "r+b") as disk, open(fs, "rb") as src:
+        disk.seek(part[0])
+        shutil.copyfileobj(src, disk)
+    fs.unlink()
+    shutil.rmtree(work)
+    return path
+
+
+def make_image(disk: Path, image: Path) -> str:
+    """`img make --disk DISK IMAGE` on the host (the project's own interpreter); its output."""
+    env = dict(os.environ, PYTHONPATH=str(netlab.REPO_ROOT))
+    proc = run_checked([sys.executable, "-m", "img", "make", "--disk", str(disk), str(image)],
+                       300, env=env)
+    return proc.stdout
+
+
+def make_addon(tree: Mapping[str, bytes], folder: Path, image: Path) -> str:
+    """`img addon make --from FOLDER IMAGE` of the files in `tree`; its output."""
+    for name, data in tree.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    env = dict(os.environ, PYTHONPATH=str(netlab.REPO_ROOT))
+    proc = run_checked([sys.executable, "-m", "img", "addon", "make", "--from", str(folder),
+                        str(image)], 300, env=env)
+    return proc.stdout
+
+
+def partition_table(disk: Path) -> list[tuple[int, int, str]]:
+    """(start, size, type) in bytes of each partition, from sfdisk --json."""
+    table = json.loads(run_checked(["sfdisk", "--json", str(disk)], 30).stdout)["partitiontable"]
+    return [(p["start"] * 512, p["size"] * 512, p["type"]) for p in table["partitions"]]
+
+
+def check_restored_disk(disk: Path, files: Mapping[str, bytes], part: tuple[int, int],
+                        scratch: Path) -> None:
+    """Assert the restored disk has the one partition and an ext4 there that passes e2fsck -fn
+    with every file identical (read with debugfs from a copy of the partition)."""
+    assert partition_table(disk) == [(part[0], part[1], "83")], partition_table(disk)
+    fs = scratch / "restored.ext4"
+    with open(disk, "rb") as src, open(fs, "wb") as out:
+        src.seek(part[0])
+        out.write(src.read(part[1]))
+    run_checked(["e2fsck", "-fn", str(fs)], 120)
+    for name, data in files.items():
+        dumped = scratch / "dumped.bin"
+        run_checked(["debugfs", "-R", f"dump /{name} {dumped}", str(fs)], 60)
+        assert dumped.read_bytes() == data, f"{name} differs after the restore"
+        dumped.unlink()
+    fs.unlink()
+
+
+# ------------------------------------------------------------------------------ imgsrvd
+
+
+def start_imgsrvd(lab: netlab.Lab, ns: netlab.Netns, address: str, image_root: Path,
+                  directory: str, port: int = 998) -> netlab.Daemon:
+    """Our imaging server on address:port in `ns`, images under `image_root`, the policy from
+    `directory` (the one policyd reads); results log '<workdir>/imgsrvd-results.xml'."""
+    return netlab.start_preboot_daemon(lab, ns, "imgsrvd", {
+        "IPAddress": address, "Port": port, "ImageRoot": image_root, "Directory": directory,
+        "ResultsLog": lab.workdir / "imgsrvd-results.xml", "ServerName": "imgsrv.e2e",
+    })
+
+
+def results(lab: netlab.Lab) -> list:
+    """The entries of imgsrvd's results log (empty if it has none yet)."""
+    sys.path.insert(0, str(netlab.REPO_ROOT))
+    from imgsrvd.resultslog import read_entries
+
+    path = lab.workdir / "imgsrvd-results.xml"
+    return list(read_entries(path)) if path.exists() else []
+
+
+# ------------------------------------------------------------------------------ VMs
+
+
+def wait_for_exit(vm: netlab.Vm, timeout: float) -> int | None:
+    """Wait up to `timeout` s for qemu to exit by itself (the guest powered off); its status,
+    or None if it still runs."""
+    try:
+        return vm.proc.popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None

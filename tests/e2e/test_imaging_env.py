@@ -1,0 +1,190 @@
+"""End to end, the whole stack: a PXE-booted VM is imaged by the imaging environment.
+
+    [dhcp ns] dnsmasq 192.168.77.1: address pool only
+    [srv ns ] br0 192.168.77.2: proxydhcpd (IPXEScriptURL = http://{server}:8090/boot.ipxe),
+              tftpd (iPXE builds, preboot/linux, preboot/initrd), prebootpolicyd :8090,
+              imgsrvd :998 (ImageRoot holds lab/base.img); tap0 -- qemu
+
+The policy (loaded with preboot-dir into the SQLite directory both policyd and imgsrvd read)
+restores lab/base.img on machines whose SMBIOS product is "Imaging E2E". The image is made
+beforehand on the host with `img make` from a disk file with an ext4 full of known files.
+
+One BIOS VM (SeaBIOS + qemu's iPXE ROM, virtio NIC, blank virtio disk) boots: iPXE asks policyd,
+which answers `preboot-answer: imaging restore lab/base.img` and loads the imaging environment
+(packaging/imaging-env/build.sh) over TFTP; its /init gets an address, runs `img auto`, which
+asks imgsrvd, restores the image onto /dev/vda, reports the result, and the VM powers off.
+Then the VM's disk file must hold the partition table and an ext4 with every file identical,
+and imgsrvd must have logged a successful download and counted one image sent.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import imagingenv
+import netlab
+
+pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.slow]
+
+TIMEOUT = float(os.environ.get("PREBOOT_E2E_TIMEOUT", "120"))
+POLICY_PORT = 8090
+MAC = "52:54:00:ab:00:01"
+MAC_ID = MAC.replace(":", "").upper()          # how imgsrvd names a machine without a host name
+SMBIOS = "type=1,manufacturer=Preboot Lab,product=Imaging E2E,serial=IMG-0001"
+IMAGE = "lab/base.img"
+ADDON = "lab/drivers.add"
+MiB = imagingenv.MiB
+DISK_SIZE = 40 * MiB
+PART = (1 * MiB, 32 * MiB)                     # (offset, size) of the ext4 partition
+FILES = {
+    "readme.txt": b"Preboot imaging environment e2e\n" * 100,
+    "random.bin": random.Random(7).randbytes(3 * MiB + 5),
+    "zeros.bin": bytes(1 * MiB),
+    "etc/hostname": b"imaged-by-preboot\n",
+    "docs/deep/notes.txt": b"".join(b"line %d\n" % n for n in range(3000)),
+}
+
+# The add-on replaces one of the base image's files and adds a folder.
+ADDON_FILES = {
+    "etc/hostname": b"laid-on-by-an-add-on\n",
+    "drivers/net/preboot.inf": b"[Version]\nSignature=$Windows NT$\n" * 40,
+    "drivers/blob.bin": random.Random(8).randbytes(300_000),
+}
+
+POLICY = f"""\
+format = 1
+[menu]
+display = never
+timeout_s = 1
+[rules]
+[[Imaging lab]]
+filter = "product = 'Imaging E2E' and platform = pcbios"
+action = restore
+image = {IMAGE}
+addons = {ADDON}
+"""
+
+# Complete lines only: the serial log is read while the VM writes it.
+ANSWER = re.compile(r"preboot-answer: imaging (?P<rest>[^\r\n]*)[\r\n]")
+DONE = re.compile(r"preboot-env: done exit=(?P<code>\d+)[^\r\n]*[\r\n]")
+ENV_MARKERS = (
+    re.compile(r"preboot-env: work restore lab/base\.img addons lab/drivers\.add "
+               r"server 192\.168\.77\.2 mac \S+"),
+    re.compile(r"applied add-on //\S+/lab/drivers\.add"),
+    re.compile(r"preboot-env: network \S+ ip=192\.168\.77\.\d+"),
+    re.compile(r"preboot-env: disk /dev/vda 40 MiB"),
+    re.compile(r"preboot-env: running img auto --disk /dev/vda --server 192\.168\.77\.2"),
+)
+
+
+def _preboot_dir(ns: netlab.Netns, url: str, *args: str) -> str:
+    command = [sys.executable, "-m", "common.dircli", "--config", "/nonexistent",
+               "--directory", url, *args]
+    proc = subprocess.run(ns.cmd(command), capture_output=True, text=True, timeout=60,
+                          cwd=netlab.REPO_ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(netlab.REPO_ROOT)))
+    assert proc.returncode == 0, f"preboot-dir {' '.join(args)}: {proc.stderr}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def imaging_env() -> Path:
+    """The built environment (cached by build.sh: seconds when nothing changed)."""
+    missing = netlab.missing_prerequisites() + imagingenv.missing_tools()
+    if missing:
+        pytest.skip("e2e imaging: " + "; ".join(missing))
+    env_dir, seconds = imagingenv.build_imaging_env()
+    print(f"imaging environment ready in {seconds:.1f} s: {env_dir}")
+    return env_dir
+
+
+@pytest.fixture(scope="module")
+def base_image(tmp_path_factory) -> tuple[Path, Path]:
+    """lab/base.img made on the host from a disk file with an ext4 of FILES, and the add-on
+    lab/drivers.add of ADDON_FILES."""
+    if os.geteuid() != 0 or imagingenv.missing_tools(imagingenv.DISK_TOOLS):
+        pytest.skip("e2e imaging: needs root and " + ", ".join(imagingenv.DISK_TOOLS))
+    tmp = tmp_path_factory.mktemp("image")
+    disk = imagingenv.make_source_disk(tmp / "source.disk", FILES, DISK_SIZE, PART)
+    image = tmp / "base.img"
+    imagingenv.make_image(disk, image)
+    addon = tmp / "drivers.add"
+    imagingenv.make_addon(ADDON_FILES, tmp / "addon-tree", addon)
+    return image, addon
+
+
+def test_vm_is_imaged_by_the_imaging_environment(imaging_env: Path, base_image: tuple[Path, Path],
+                                                 lab: netlab.Lab, tmp_path: Path,
+                                                 record_boot_time):
+    image, addon = base_image
+    root = tmp_path / "tftproot"
+    netlab.stage_ipxe_binaries(root)
+    imagingenv.stage_imaging_env(imaging_env, root)
+    image_root = tmp_path / "images"
+    (image_root / "lab").mkdir(parents=True)
+    (image_root / IMAGE).write_bytes(image.read_bytes())
+    (image_root / ADDON).write_bytes(addon.read_bytes())
+    vm_disk = tmp_path / "vm.disk"
+    with open(vm_disk, "wb") as f:
+        f.truncate(DISK_SIZE)
+
+    setup = netlab.build_proxy_lab(lab, "flat", root, {
+        "IPXEScriptURL": f"http://{{server}}:{POLICY_PORT}/boot.ipxe"})
+    srv_ns = setup.vm_ns
+    url = f"sqlite:///{lab.workdir}/directory.db"
+    policy_file = tmp_path / "site-policy.conf"
+    policy_file.write_text(POLICY)
+    _preboot_dir(srv_ns, url, "import", str(policy_file))
+    imgsrvd = imagingenv.start_imgsrvd(lab, srv_ns, setup.server_ip, image_root, url)
+    # quiet: the kernel's messages over an emulated UART cost seconds; panic=-1: a failing
+    # /init reboots, which -no-reboot turns into a qemu exit instead of a hang
+    policyd = netlab.start_preboot_daemon(lab, srv_ns, "prebootpolicyd", {
+        "IPAddress": setup.server_ip, "Port": POLICY_PORT, "Directory": url,
+        "KernelArgs": "console=ttyS0 quiet panic=-1"})
+
+    spec = netlab.VmSpec("bios", nic="virtio-net-pci", mac=MAC, name="imaging", memory_mb=512,
+                         extra=("-smbios", SMBIOS,
+                                "-drive", f"file={vm_disk},if=virtio,format=raw"))
+    vm = netlab.start_vm(lab, srv_ns, spec)
+    result = netlab.wait_for_marker(vm, DONE, TIMEOUT)
+    exit_status = imagingenv.wait_for_exit(vm, 30) if result.ok else None
+    lab.stop(vm.proc)
+    serial = result.serial_text()
+    diag = (f"{result.reason}\n--- serial ---\n{netlab.tail(result.serial_log, 60)}"
+            f"\n--- policyd log ---\n{netlab.tail(policyd.log, 15)}"
+            f"\n--- imgsrvd log ---\n{netlab.tail(imgsrvd.log, 25)}"
+            f"\n--- tftpd log ---\n{netlab.tail(setup.tftpd.log, 10)}")
+    assert result.ok, diag
+    record_boot_time(result.elapsed, f"(imaging env) {result.match[0].strip()}")
+
+    answer = ANSWER.search(serial)
+    assert answer and answer["rest"].startswith(f"restore {IMAGE}"), diag
+    for marker in ENV_MARKERS:
+        assert marker.search(serial), f"no {marker.pattern!r} on the console\n{diag}"
+    assert result.match["code"] == "0", diag
+    assert exit_status is not None, f"the VM did not power off after the imaging\n{diag}"
+
+    imagingenv.check_restored_disk(vm_disk, {**FILES, **ADDON_FILES}, PART, tmp_path)
+
+    # every request (work query, image ranges, the engine's own report) names the machine by
+    # its MAC: the environment has no host name of its own to report
+    entries = imagingenv.results(lab)
+    assert entries and all(e.workstation == MAC_ID for e in entries), f"{entries}\n{diag}"
+    reported = [e for e in entries if e.operation == "download" and e.image_type == "base"]
+    assert [(e.status, e.image_path) for e in reported] == [("success", IMAGE)], \
+        f"{entries}\n{diag}"
+    laid_on = [e for e in entries if e.operation == "download" and e.image_type == "addon"]
+    assert [(e.status, e.image_path) for e in laid_on] == [("success", ADDON)], \
+        f"{entries}\n{diag}"
+    counters = imgsrvd.wait_counters(lambda c: c.get("images_sent", 0) >= 2)
+    assert counters["images_sent"] == 2, counters      # the base image and the add-on
+    assert counters["failures"] == 0, counters
+    policy_counters = policyd.counters()
+    assert policy_counters["work_assigned"] == 1, policy_counters
