@@ -61,24 +61,26 @@ class ImageWriter:
         stream must come in increasing offset order."""
         if not 0 < len(data) <= self.chunk_size:
             raise ValueError(f"a chunk holds 1..{self.chunk_size} bytes, not {len(data)}")
-        self._bytes_in += len(data)
-        self._pending.append(self._pool.submit(self._encode, stream, offset, data))
-        while len(self._pending) > self._window:
-            self._write_chunk(*self._pending.popleft().result())
+        self._submit(len(data), self._encode, stream, offset, data)
 
     def add_range(self, stream: int, source: BinaryIO | int, source_offset: int, offset: int,
                   length: int) -> None:
         """Copy `length` bytes from `source` (a file or a descriptor, read with pread) at
-        `source_offset` into `stream` at `offset`, as as many chunks as it takes."""
+        `source_offset` into `stream` at `offset`, as as many chunks as it takes. The worker
+        threads read as well as compress, so reading the disk overlaps compressing."""
         fd = source if isinstance(source, int) else source.fileno()
         done = 0
         while done < length:
             size = min(self.chunk_size, length - done)
-            data = os.pread(fd, size, source_offset + done)
-            if len(data) != size:
-                raise OSError(f"short read at byte {source_offset + done} of the source")
-            self.add(stream, offset + done, data)
+            self._submit(size, self._read_and_encode, fd, source_offset + done, size, stream,
+                         offset + done)
             done += size
+
+    def _submit(self, length: int, fn: Any, *args: Any) -> None:
+        self._bytes_in += length
+        self._pending.append(self._pool.submit(fn, *args))
+        while len(self._pending) > self._window:
+            self._write_chunk(*self._pending.popleft().result())
 
     def close(self, summary: dict[str, Any] | None = None) -> WriteStats:
         """Write the remaining chunks, the index and the trailer. The image is complete (and
@@ -110,9 +112,24 @@ class ImageWriter:
             self._closed = True
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _encode(self, stream: int, offset: int, data: bytes) -> tuple[int, int, int, ChunkKind, bytes]:
+    def _read_and_encode(self, fd: int, source_offset: int, size: int, stream: int,
+                         offset: int) -> tuple[int, int, int, ChunkKind, bytes, bytes]:
+        data = os.pread(fd, size, source_offset)
+        if len(data) != size:
+            raise OSError(f"short read at byte {source_offset} of the source")
+        return self._encode(stream, offset, data)
+
+    def _encode(self, stream: int, offset: int, data: bytes
+                ) -> tuple[int, int, int, ChunkKind, bytes, bytes]:
+        """(stream, offset, length, kind, payload, chunk header), on a worker thread: the
+        checksum in the header costs as much as compressing, so it is made here too."""
+        kind, payload = self._compress(data)
+        header = encode_chunk_header(kind, stream, offset, len(data), payload)
+        return stream, offset, len(data), kind, payload, header
+
+    def _compress(self, data: bytes) -> tuple[ChunkKind, bytes]:
         if data.count(0) == len(data):
-            return stream, offset, len(data), ChunkKind.ZERO, b""
+            return ChunkKind.ZERO, b""
         compressor = getattr(self._local, "compressor", None)
         if compressor is None:   # zstandard compressors are not thread-safe: one per thread
             compressor = zstandard.ZstdCompressor(level=self._level, write_checksum=True,
@@ -120,12 +137,11 @@ class ImageWriter:
             self._local.compressor = compressor
         payload = compressor.compress(data)
         if len(payload) >= len(data):
-            return stream, offset, len(data), ChunkKind.STORED, data
-        return stream, offset, len(data), ChunkKind.ZSTD, payload
+            return ChunkKind.STORED, data
+        return ChunkKind.ZSTD, payload
 
     def _write_chunk(self, stream: int, offset: int, length: int, kind: ChunkKind,
-                     payload: bytes) -> None:
-        header = encode_chunk_header(kind, stream, offset, length, payload)
+                     payload: bytes, header: bytes) -> None:
         self._entries.append(IndexEntry(stream, offset, length, kind, self._position,
                                         len(payload), header[32:48]))
         if kind is ChunkKind.ZERO:

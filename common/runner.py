@@ -83,6 +83,10 @@ class DaemonSpec:
     status_address: Callable[[Any], str]
     make_settings: Callable[[dict[str, Any], CommonSettings], Any]
     make_service: Callable[[Any], Service]
+    # "uvloop" where it is installed (cheap wakeups: packet daemons), or "asyncio": the
+    # standard loop, whose loop.sendfile is zero-copy os.sendfile (uvloop has no sendfile, so
+    # aiohttp would copy every byte of an image through Python).
+    event_loop: str = "uvloop"
 
     @property
     def default_config(self) -> str:
@@ -136,7 +140,7 @@ def run(spec: DaemonSpec, argv: list[str] | None = None) -> int:
         lifecycle.detach()
         setup_logging(spec.program, common.log_level, common.log_file, foreground=False)
     try:
-        run_event_loop(lifecycle.serve())
+        run_event_loop(lifecycle.serve(), spec.event_loop)
         return EX_OK
     except Exception:  # the first fatal error stops the daemon; systemd restarts it
         log.exception("fatal error, stopping")
@@ -158,16 +162,18 @@ def _raise_open_file_limit() -> None:
             log.warning("cannot raise the open file limit from %d: %s", soft, exc)
 
 
-def run_event_loop(main: Any) -> None:
-    """Run on uvloop when it is installed (libuv's loop costs several times less per wakeup
-    than asyncio's pure-Python one, which matters for lock-step TFTP; see bench/RESULTS.md),
-    else (or with PREBOOT_EVENT_LOOP=asyncio) on the standard loop. The code uses only the
-    asyncio API either way."""
+def run_event_loop(main: Any, preferred: str = "uvloop") -> None:
+    """Run on uvloop when the daemon prefers it and it is installed (libuv's loop costs several
+    times less per wakeup than asyncio's pure-Python one, which matters for lock-step TFTP; see
+    bench/RESULTS.md), else (or with PREBOOT_EVENT_LOOP=asyncio) on the standard loop.
+    PREBOOT_EVENT_LOOP=uvloop overrides a daemon's preference for the standard loop. The code
+    uses only the asyncio API either way."""
     try:
         import uvloop
     except ImportError:
         uvloop = None  # type: ignore[assignment]
-    if uvloop is None or os.environ.get("PREBOOT_EVENT_LOOP") == "asyncio":
+    choice = os.environ.get("PREBOOT_EVENT_LOOP") or preferred
+    if uvloop is None or choice == "asyncio":
         asyncio.run(main)
     else:
         uvloop.run(main)

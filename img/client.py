@@ -304,16 +304,29 @@ class Upload:
                           _answer(body))
 
     def write(self, data: bytes | memoryview) -> int:
-        self._buffer += data
-        if len(self._buffer) >= UPLOAD_BUFFER:
-            self._send_chunk(bytes(self._buffer))
-            self._buffer.clear()
+        """Small pieces (chunk headers) are gathered; a large one (a chunk's payload) goes out
+        as it is, without being copied into the buffer first."""
+        if len(data) >= UPLOAD_BUFFER:
+            self._flush()
+            self._send_chunk(data)
+        else:
+            self._buffer += data
+            if len(self._buffer) >= UPLOAD_BUFFER:
+                self._flush()
         return len(data)
 
-    def _send_chunk(self, data: bytes) -> None:
+    def _flush(self) -> None:
+        if self._buffer:
+            self._send_chunk(self._buffer)
+            self._buffer.clear()
+
+    def _send_chunk(self, data: bytes | bytearray | memoryview) -> None:
+        length = len(data)
         try:
-            self._conn.send(b"%x\r\n" % len(data) + data + b"\r\n")
-            self.sent += len(data)
+            self._conn.send(b"%x\r\n" % length)
+            self._conn.send(data)
+            self._conn.send(b"\r\n")
+            self.sent += length
         except OSError as exc:
             # The server may have answered and closed (a refused image): read its reason.
             self._read_early_answer(exc)
@@ -330,9 +343,7 @@ class Upload:
         self._raise_refusal()
 
     def finish(self) -> dict[str, Any]:
-        if self._buffer:
-            self._send_chunk(bytes(self._buffer))
-            self._buffer.clear()
+        self._flush()
         try:
             self._conn.send(b"0\r\n\r\n")
         except OSError as exc:

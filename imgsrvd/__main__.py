@@ -17,6 +17,7 @@ SPEC = DaemonSpec(
     status_address=lambda settings: settings.ip_address,
     make_settings=make_settings,
     make_service=ImagingServer,
+    event_loop="asyncio",        # image downloads go out with sendfile(2)
 )
 
 

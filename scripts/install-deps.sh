@@ -15,6 +15,7 @@ APT_PACKAGES=(
   libldap2-dev libsasl2-dev gcc python3-dev   # to build python-ldap (no wheels on PyPI)
   partclone fdisk gdisk e2fsprogs dosfstools fatresize mtools ntfs-3g xfsprogs btrfs-progs  # imaging
   libxml2-utils                  # xmllint: the results log must stay well-formed XML
+  strace                         # proves imgsrvd sends images with sendfile(2)
   busybox-static cpio python3.11 # the imaging environment (packaging/imaging-env/build.sh)
 )
 

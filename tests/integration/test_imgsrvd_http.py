@@ -215,6 +215,28 @@ def test_ranged_downloads_share_one_kept_alive_connection(imgsrvd, image):
     assert "Unhandled exception" not in imgsrvd.log()
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_downloads_go_out_with_sendfile(imgsrvd, image, workdir):
+    """Zero-copy, as docs/imaging-protocol.md says: the image's bytes leave with sendfile(2),
+    not read into Python and written (what aiohttp falls back to on a loop without sendfile)."""
+    assert imgsrvd.upload(image, "z.img")[0] == 201
+    counts = workdir / "strace.txt"
+    tracer = subprocess.Popen(["strace", "-f", "-c", "-o", str(counts), "-e",
+                               "trace=sendfile,write,sendto,sendmsg", "-p", str(imgsrvd.pid)],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: "attached" in (tracer.stderr.readline() or ""), 10)
+        assert imgsrvd.download("z.img", workdir / "z.out") == 200
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(timeout=20)
+    assert sha256(workdir / "z.out") == sha256(image)
+    # strace -c rows: % time, seconds, usecs/call, calls, [errors], syscall
+    calls = {line.split()[-1]: int(line.split()[3]) for line in counts.read_text().splitlines()
+             if line.strip() and line.split()[-1] in ("sendfile", "write", "sendto", "sendmsg")}
+    assert calls.get("sendfile", 0) >= 1, counts.read_text()
+
+
 def test_overwrite_refused_then_allowed_after_reload(imgsrvd, image, workdir):
     assert imgsrvd.upload(image, "o.img")[0] == 201
     other = make_image(workdir / "other.img", seed=2)
