@@ -171,7 +171,7 @@ def _write_disk(reader: ImageReader, disk: Disk, layout: DiskLayout,
         written += job.new_size
         if progress:
             progress(written, total)
-    for entry, data in reader.chunks(entries, threads=threads):
+    for entry, data in reader.chunks(entries, threads=threads, frame_checksum_suffices=True):
         stream = streams[entry.stream]
         offset = int(stream["disk_offset"]) + entry.offset
         if entry.kind is ChunkKind.ZERO:
@@ -242,7 +242,8 @@ def _restore_stream(reader: ImageReader, job: ShrinkJob, scratch: Scratch, threa
     """The partition as the image holds it, into the sparse scratch file: ranges the image does
     not hold (free space, zero chunks) stay holes and read as zeros."""
     with open(scratch.path, "r+b") as out:
-        for entry, data in reader.chunks(reader.entries(job.stream), threads=threads):
+        for entry, data in reader.chunks(reader.entries(job.stream), threads=threads,
+                                          frame_checksum_suffices=True):
             if entry.kind is not ChunkKind.ZERO:
                 os.pwrite(out.fileno(), data, scratch.lead + entry.offset)
 

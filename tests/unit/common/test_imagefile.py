@@ -23,7 +23,7 @@ def _streams(seed=1):
     text = b"".join(b"line %d of a text file\n" % n for n in range(20000))
     return {
         0: text[:CHUNK * 3 + 100],                         # compressible
-        1: bytes(CHUNK * 2) + rng.randbytes(CHUNK + 7),    # zeros, then random (stored)
+        1: bytes(CHUNK * 2) + rng.randbytes(CHUNK + 7),    # zeros, then random
     }
 
 
@@ -36,24 +36,48 @@ def _write(path, streams, **kwargs):
         return writer.close({"note": "test"})
 
 
-def _read_all(reader, stream):
+def _read_all(reader, stream, frame_checksum_suffices=False):
     data = bytearray()
-    for entry, chunk in reader.chunks(reader.entries(stream)):
+    for entry, chunk in reader.chunks(reader.entries(stream),
+                                      frame_checksum_suffices=frame_checksum_suffices):
         assert entry.offset >= len(data)
         data += bytes(entry.offset - len(data)) + chunk   # gaps read as zeros here
     return bytes(data)
 
 
-def test_round_trip_with_zero_compressed_and_stored_chunks(tmp_path):
+class _StoringWriter(ImageWriter):
+    """Writes incompressible chunks STORED, as images made before 2026-11-26 did."""
+
+    def _compress(self, data):
+        kind, payload = super()._compress(data)
+        if kind is ChunkKind.ZSTD and len(payload) >= len(data):
+            return ChunkKind.STORED, data
+        return kind, payload
+
+
+@pytest.mark.parametrize("writer", [ImageWriter, _StoringWriter])
+def test_round_trip_with_zero_compressed_and_stored_chunks(tmp_path, writer):
     streams = _streams()
-    stats = _write(tmp_path / "a.img", streams, threads=3)
+    path = tmp_path / "a.img"
+    with open(path, "wb") as out:
+        image = writer(out, META, chunk_size=CHUNK, threads=3)
+        for number, data in streams.items():
+            for offset in range(0, len(data), CHUNK):
+                image.add(number, offset, data[offset:offset + CHUNK])
+        stats = image.close({"note": "test"})
     with open(tmp_path / "a.img", "rb") as f:
         reader = ImageReader(f)
         assert reader.metadata == META and reader.header.chunk_size == CHUNK
         kinds = {e.kind for e in reader.entries()}
-        assert kinds == {ChunkKind.ZSTD, ChunkKind.ZERO, ChunkKind.STORED}
+        if writer is ImageWriter:    # random data stays a zstd frame (raw blocks + checksum)
+            assert kinds == {ChunkKind.ZSTD, ChunkKind.ZERO}
+            random_chunk = reader.entries(1)[-1]
+            assert random_chunk.payload_length <= random_chunk.length + 64 + CHUNK // 4096
+        else:
+            assert kinds == {ChunkKind.ZSTD, ChunkKind.ZERO, ChunkKind.STORED}
         for number, data in streams.items():
             assert _read_all(reader, number) == data
+            assert _read_all(reader, number, frame_checksum_suffices=True) == data
         assert reader.verify() == []
         assert reader.index.summary["note"] == "test"
         assert reader.index.summary["zero_chunks"] == stats.zero_chunks == 2
@@ -97,6 +121,38 @@ def test_a_damaged_chunk_is_found_and_named(tmp_path):
         assert "checksum mismatch" in problems[0]
         with pytest.raises(ImageFormatError, match="checksum mismatch"):
             reader.read_chunk(entry)
+        # a restore, which lets zstd's own content checksum stand in for the BLAKE2b, finds it
+        with pytest.raises(ImageFormatError, match="decompress|checksum"):
+            reader.read_chunk(entry, frame_checksum_suffices=True)
+
+
+def test_a_frame_without_content_checksum_is_still_checked_by_blake2b(tmp_path):
+    """A zstd payload whose frame does not carry a checksum (the flag is ours to trust only
+    when set) falls back to the BLAKE2b, which catches a damaged payload."""
+    import zstandard
+    from common.imageformat import encode_chunk_header
+    from common.imagefile import _has_content_checksum
+    bare = zstandard.ZstdCompressor(level=1, write_checksum=False).compress(b"q" * 5000)
+    assert not _has_content_checksum(bare)
+    assert _has_content_checksum(zstandard.ZstdCompressor(write_checksum=True).compress(b"q"))
+
+    class BareWriter(ImageWriter):
+        def _encode(self, stream, offset, data):
+            payload = bare
+            header = encode_chunk_header(ChunkKind.ZSTD, stream, offset, len(data), payload)
+            return stream, offset, len(data), ChunkKind.ZSTD, payload, header
+    with open(tmp_path / "b.img", "wb") as out:
+        writer = BareWriter(out, META, chunk_size=CHUNK)
+        writer.add(0, 0, b"q" * 5000)
+        writer.close()
+    with open(tmp_path / "b.img", "rb") as f:
+        entry = ImageReader(f).entries()[0]
+    data = bytearray((tmp_path / "b.img").read_bytes())
+    data[entry.position + CHUNK_HEADER.size + len(bare) - 2] ^= 0x01   # inside the last block
+    (tmp_path / "b.img").write_bytes(data)
+    with open(tmp_path / "b.img", "rb") as f:
+        with pytest.raises(ImageFormatError, match="checksum mismatch|decompress"):
+            ImageReader(f).read_chunk(entry, frame_checksum_suffices=True)
 
 
 def test_an_interrupted_image_is_refused(tmp_path):
@@ -170,5 +226,9 @@ def test_any_single_byte_flip_in_a_small_image_is_detected_or_harmless(position,
             problems = reader.verify()
             if not problems:   # the flip hit a byte nobody reads (reserved or JSON spacing)
                 assert _read_all(reader, 0) == b"abc" * 1000 + bytes(1096 + 4096)
+                assert _read_all(reader, 0, True) == b"abc" * 1000 + bytes(1096 + 4096)
+            else:              # what verify finds, a restore's lighter check finds too
+                with pytest.raises(ImageFormatError):
+                    _read_all(reader, 0, frame_checksum_suffices=True)
     finally:
         os.unlink(path)
