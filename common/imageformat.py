@@ -244,3 +244,146 @@ def decode_trailer(data: bytes, file_size: int) -> Trailer:
 def check_index_bytes(trailer: Trailer, index: bytes) -> None:
     if zlib.crc32(index) != trailer.index_crc:
         raise ImageFormatError("index: checksum mismatch (damaged index)")
+
+
+# -- checking an image as it arrives ------------------------------------------------------------
+
+class StreamChecker:
+    """Checks an image whose bytes arrive in order (an upload), without keeping them: the
+    header, then every chunk (header decoded, payload hashed piece by piece as it comes), then
+    the index and trailer, which must list exactly the chunks seen, where they were seen.
+
+    It accepts only what a full check of the finished file accepts (every index entry's chunk
+    header and payload checksum), and is stricter in one way: bytes between chunks that no
+    index entry names are refused, since our writer never leaves any. The imaging server feeds
+    it on the thread that writes the upload, so the check costs no second pass over the file.
+    """
+
+    def __init__(self, name: str = "image"):
+        self.name = name
+        self.position = 0                    # bytes fed so far
+        self._pending = bytearray()          # header bytes not parsed yet
+        self._header: Header | None = None
+        self._chunk: ChunkHeader | None = None
+        self._chunk_at = 0
+        self._left = 0                       # payload bytes of the current chunk still to come
+        self._hasher: Any = None
+        self._seen: dict[int, ChunkHeader] = {}
+        self._tail_at = -1                   # where the index starts, once chunks are over
+        self._tail = bytearray()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Take the next bytes; ImageFormatError as soon as they cannot be a sound image."""
+        try:
+            self._feed(data)
+        except ImageFormatError as exc:
+            text = str(exc)
+            raise ImageFormatError(text if text.startswith(self.name) else
+                                   f"{self.name}: {text}") from None
+
+    def _feed(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        self.position += len(view)
+        while view:
+            if self._tail_at >= 0:
+                if len(self._tail) + len(view) > MAX_INDEX + TRAILER.size:
+                    raise ImageFormatError(f"{self.name}: index: implausibly long")
+                self._tail += view
+                return
+            if self._left:
+                view = self._take_payload(view)
+                continue
+            view = self._take_header_bytes(view)
+
+    def finish(self) -> Header:
+        """The image is complete and sound (ImageFormatError says why not); its header."""
+        try:
+            return self._finish()
+        except ImageFormatError as exc:
+            text = str(exc)
+            raise ImageFormatError(text if text.startswith(self.name) else
+                                   f"{self.name}: {text}") from None
+
+    def _finish(self) -> Header:
+        if self._header is None:
+            raise ImageFormatError(f"{self.name}: not an image: shorter than its header")
+        if self._left or (self._tail_at < 0 and self._pending):
+            raise self._error(self._chunk_at, "cut short (an interrupted upload?)")
+        tail_at = self._tail_at if self._tail_at >= 0 else self.position
+        tail = bytes(self._tail)
+        trailer = decode_trailer(tail[-TRAILER.size:] if len(tail) >= TRAILER.size else b"",
+                                 self.position)
+        if trailer.index_offset != tail_at:
+            raise ImageFormatError(f"{self.name}: the index does not start where the chunks "
+                                   f"end (byte {tail_at})")
+        index_bytes = tail[:-TRAILER.size]
+        check_index_bytes(trailer, index_bytes)
+        index = decode_index(index_bytes, self._header.chunk_size, tail_at)
+        if len(index.entries) != trailer.chunk_count or len(index.entries) != len(self._seen):
+            raise ImageFormatError(f"{self.name}: the index lists {len(index.entries)} chunks, "
+                                   f"the trailer {trailer.chunk_count}, the file holds "
+                                   f"{len(self._seen)}")
+        for entry in index.entries:
+            seen = self._seen.get(entry.position)
+            if seen is None or (seen.stream, seen.offset, seen.length, seen.kind,
+                                seen.payload_length, seen.checksum) != (
+                    entry.stream, entry.offset, entry.length, entry.kind, entry.payload_length,
+                    entry.checksum):
+                raise self._error(entry.position, "does not match its index entry")
+        return self._header
+
+    def _take_header_bytes(self, view: memoryview) -> memoryview:
+        """Gather the image header, or the next chunk header; decide when chunks are over."""
+        if self._header is None:
+            need = HEADER_FIXED.size if len(self._pending) < HEADER_FIXED.size else \
+                header_length(bytes(self._pending[:HEADER_FIXED.size]))
+        else:
+            need = len(CHUNK_MAGIC) if len(self._pending) < len(CHUNK_MAGIC) else CHUNK_HEADER.size
+        take = min(len(view), need - len(self._pending))
+        self._pending += view[:take]
+        view = view[take:]
+        if len(self._pending) < need:
+            return view
+        at = self.position - len(view) - len(self._pending)
+        if self._header is None:
+            if need > HEADER_FIXED.size or header_length(bytes(self._pending)) == need:
+                self._header = decode_header(bytes(self._pending))
+                self._pending.clear()
+            return view
+        if need == len(CHUNK_MAGIC):
+            if bytes(self._pending) != CHUNK_MAGIC:      # the index begins here
+                self._tail_at = at
+                self._tail += self._pending
+                self._pending.clear()
+            return view
+        self._start_chunk(decode_chunk_header(bytes(self._pending), self._header.chunk_size,
+                                              at), at)
+        self._pending.clear()
+        return view
+
+    def _start_chunk(self, chunk: ChunkHeader, at: int) -> None:
+        self._chunk, self._chunk_at = chunk, at
+        self._hasher = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        self._left = chunk.payload_length
+        if not self._left:
+            self._end_chunk()
+
+    def _take_payload(self, view: memoryview) -> memoryview:
+        take = min(len(view), self._left)
+        self._hasher.update(view[:take])
+        self._left -= take
+        if not self._left:
+            self._end_chunk()
+        return view[take:]
+
+    def _end_chunk(self) -> None:
+        assert self._chunk is not None
+        if self._hasher.digest() != self._chunk.checksum:
+            raise self._error(self._chunk_at, f"(stream {self._chunk.stream}, offset "
+                                              f"{self._chunk.offset}): checksum mismatch: the "
+                                              "image is damaged")
+        self._seen[self._chunk_at] = self._chunk
+        self._chunk = None
+
+    def _error(self, at: int, what: str) -> ImageFormatError:
+        return ImageFormatError(f"{self.name}: chunk at byte {at} {what}")

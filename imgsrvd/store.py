@@ -6,8 +6,9 @@ Path rules: a clean relative path (protocol.clean_relative) joined to the root, 
 with realpath: a symlink anywhere on the way that leads out of the root is refused (403).
 
 An upload is written to a temporary name in the image's own folder (`.NAME.part-<random>`, a
-hidden name no client can ask for), checked as a complete image (header, trailer, index and
-every chunk's checksum, without decompressing), fsynced, and only then given its final name:
+hidden name no client can ask for), checked as a complete image (the header and every chunk's
+checksum as they arrive, then the index and trailer: common.imageformat.StreamChecker),
+fsynced, and only then given its final name:
 os.link when overwriting is off (atomic: an image that appeared meanwhile is never replaced,
 the link fails instead) or os.rename when it is on; then the folder is fsynced. Whatever goes
 wrong (a client gone, a bad image, a full disk, a crash) leaves nothing under the final name;
@@ -25,7 +26,7 @@ import shutil
 from dataclasses import dataclass
 
 from common.imagefile import ImageReader
-from common.imageformat import ImageFormatError
+from common.imageformat import ImageFormatError, StreamChecker
 
 log = logging.getLogger("preboot.imgsrvd.store")
 
@@ -115,6 +116,7 @@ class Upload:
     temp: str
     fd: int
     overwrite: bool
+    checker: StreamChecker
     written: int = 0
     closed: bool = False
 
@@ -149,9 +151,16 @@ class Upload:
                                f"is {expected_size} bytes, {usage.free} are free")
         temp = os.path.join(folder, f".{name}.part-{secrets.token_hex(8)}")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        return cls(relative, final, temp, fd, overwrite)
+        return cls(relative, final, temp, fd, overwrite, StreamChecker(relative))
 
     def write(self, data: bytes) -> None:
+        """Check and append the next bytes. A damaged image is refused (BadImage) at the first
+        bad chunk, not after the whole upload."""
+        try:
+            self.checker.feed(data)
+        except ImageFormatError as exc:
+            self.abort()
+            raise BadImage(str(exc)) from None
         view = memoryview(data)
         try:
             while view:
@@ -174,9 +183,10 @@ class Upload:
                 if exc.errno in DISK_FULL:
                     raise DiskFull(disk_full_message(os.path.dirname(self.final))) from None
                 raise
-            problem = check_image(self.temp, self.relative)
-            if problem:
-                raise BadImage(problem)
+            try:              # the chunks were checked as they came: now the index
+                self.checker.finish()
+            except ImageFormatError as exc:
+                raise BadImage(str(exc)) from None
             os.close(self.fd)
             self.closed = True
             if self.overwrite:

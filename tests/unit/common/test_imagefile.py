@@ -232,3 +232,76 @@ def test_any_single_byte_flip_in_a_small_image_is_detected_or_harmless(position,
                     _read_all(reader, 0, frame_checksum_suffices=True)
     finally:
         os.unlink(path)
+
+
+# -- StreamChecker: the upload-time check ------------------------------------------------------
+
+def _small_image() -> bytes:
+    buffer = io.BytesIO()
+    writer = ImageWriter(buffer, META, chunk_size=4096)
+    writer.add(0, 0, b"abc" * 1000)
+    writer.add(0, 4096, bytes(4096))
+    writer.add(1, 0, random.Random(5).randbytes(4096))
+    writer.close()
+    return buffer.getvalue()
+
+
+def _stream_check(data: bytes, step: int) -> str | None:
+    from common.imageformat import StreamChecker
+    checker = StreamChecker("up.img")
+    try:
+        for start in range(0, len(data), step):
+            checker.feed(data[start:start + step])
+        checker.finish()
+    except ImageFormatError as exc:
+        return str(exc)
+    return None
+
+
+def _full_check(data: bytes, tmp_path) -> str | None:
+    path = tmp_path / "full.img"
+    path.write_bytes(data)
+    try:
+        with open(path, "rb") as f:
+            reader = ImageReader(f, "up.img")
+            for entry in reader.index.entries:
+                reader.read_payload(entry)
+    except ImageFormatError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("step", [1, 3, 32, 47, 48, 49, 4096, 1 << 20])
+def test_stream_checker_accepts_a_sound_image_however_it_is_cut(step):
+    assert _stream_check(_small_image(), step) is None
+
+
+@pytest.mark.parametrize("cut", [0, 10, 31, 32, 100, 4000, -33, -32, -1])
+def test_stream_checker_refuses_an_image_cut_short(cut):
+    data = _small_image()
+    problem = _stream_check(data[:cut] if cut else b"", 1000)
+    assert problem and "up.img" in problem
+
+
+def test_stream_checker_refuses_bytes_between_chunks():
+    data = _small_image()
+    # bytes slipped in after the header: where a chunk should start
+    from common.imageformat import header_length
+    at = header_length(data[:32])
+    assert _stream_check(data[:at] + b"junk" + data[at:], 100)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 1 << 16), st.integers(1, 255), st.sampled_from([1, 5, 48, 512, 9999]))
+def test_stream_checker_refuses_whatever_the_full_check_refuses(tmp_path_factory, position,
+                                                                  flip, step):
+    """One flipped byte anywhere: if the full check (what the server did before: every index
+    entry's header and payload checksum, on the finished file) refuses it, the stream check
+    refuses it too; and the stream check never accepts what the full check refuses."""
+    data = bytearray(_small_image())
+    position %= len(data)
+    data[position] ^= flip
+    tmp = tmp_path_factory.mktemp("flip")
+    full, streamed = _full_check(bytes(data), tmp), _stream_check(bytes(data), step)
+    if full is not None:
+        assert streamed is not None, (position, full)
