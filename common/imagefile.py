@@ -212,7 +212,7 @@ class ImageReader:
     def entries(self, stream: int | None = None) -> list[IndexEntry]:
         return [e for e in self.index.entries if stream is None or e.stream == stream]
 
-    def read_payload(self, entry: IndexEntry, check_digest: bool = True) -> bytes:
+    def read_payload(self, entry: IndexEntry, check_digest: bool = True) -> memoryview:
         """The stored payload, checked against its chunk header and (unless told otherwise)
         its checksum; no decompression: what the imaging server does to verify or serve a
         chunk."""
@@ -223,7 +223,7 @@ class ImageReader:
                 header.checksum != entry.checksum:
             raise ImageFormatError(f"{self.name}: chunk at byte {entry.position} does not match "
                                    "its index entry")
-        payload = raw[CHUNK_HEADER.size:]
+        payload = memoryview(raw)[CHUNK_HEADER.size:]     # no copy of a 4 MiB payload
         if check_digest:
             check_payload(header, payload, entry.position)
         elif len(payload) != header.payload_length:
@@ -238,7 +238,7 @@ class ImageReader:
         decompressing; every other chunk is still checked by its BLAKE2b."""
         if entry.kind is not ChunkKind.ZSTD:
             payload = self.read_payload(entry)
-            return bytes(entry.length) if entry.kind is ChunkKind.ZERO else payload
+            return bytes(entry.length) if entry.kind is ChunkKind.ZERO else bytes(payload)
         payload = self.read_payload(entry, check_digest=not frame_checksum_suffices)
         if frame_checksum_suffices and not _has_content_checksum(payload) and \
                 digest(payload) != entry.checksum:

@@ -165,9 +165,10 @@ def _restore_remote(server: str, path: str, disk: str, grow: bool, threads: int,
                               "changed") from None
             batches = remote.plan(reader.entries())
             try:
-                result = restore_image(reader, disk, grow=grow, threads=threads,
-                                       progress=Progress("img restore"), shrink=shrink,
-                                       scratch=scratch)
+                with remote:
+                    result = restore_image(reader, disk, grow=grow, threads=threads,
+                                           progress=Progress("img restore"), shrink=shrink,
+                                           scratch=scratch)
             except RestoreError as exc:
                 raise Failure(f"restore of {label}: {exc}; the disk was not changed") from None
             except (ServerError, ImageFormatError, OSError) as exc:
@@ -373,7 +374,8 @@ def _apply_remote(server: str, path: str, disk: str, partition: int | None, thre
                 raise Failure(f"add-on {label} failed: {exc}; the disk was not "
                               "changed") from None
             remote.plan(reader.entries())
-            _apply(reader, label, disk, partition, threads)
+            with remote:
+                _apply(reader, label, disk, partition, threads)
         return label
     raise Failure(f"add-on {path}: more than {MAX_HOPS} referrals; the disk was not changed")
 

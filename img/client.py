@@ -187,7 +187,7 @@ class ImagingClient:
             raise ServerError(f"{self.server}: image {path}: no size in the HEAD answer")
         return int(length)
 
-    def read_range(self, path: str, offset: int, length: int) -> bytes:
+    def read_range(self, path: str, offset: int, length: int) -> bytearray:
         """Bytes [offset, offset + length) of the image; ConnectionLost carries what arrived
         in `.answer` (bytes) so the caller may continue from there."""
         what = f"GET {path} bytes {offset}-{offset + length - 1}"
@@ -199,24 +199,23 @@ class ImagingClient:
         if response.status != 206:
             self._drop()
             raise ServerError(f"{self.server}: {what}: HTTP {response.status}, not a range")
-        parts = []
+        data = bytearray(length)             # read straight into it: no pieces to join
+        view = memoryview(data)
         got = 0
         try:
             while got < length:
-                piece = response.read(min(1 << 20, length - got))
-                if not piece:
+                count = response.readinto(view[got:])
+                if not count:
                     break
-                parts.append(piece)
-                got += len(piece)
+                got += count
         except (OSError, http.client.HTTPException) as exc:
             self._drop()
             raise ConnectionLost(f"{self.server}: {what}: connection lost after {got} bytes: "
-                                 f"{exc or type(exc).__name__}", answer=b"".join(parts)) from None
-        data = b"".join(parts)
-        if len(data) != length:
+                                 f"{exc or type(exc).__name__}", answer=bytes(data[:got])) from None
+        if got != length:
             self._drop()
             raise ConnectionLost(f"{self.server}: {what}: connection closed after "
-                                 f"{len(data)} bytes", answer=data)
+                                 f"{got} bytes", answer=bytes(data[:got]))
         return data
 
     def post_json(self, url: str, body: dict[str, Any], what: str) -> dict[str, Any]:
