@@ -74,7 +74,7 @@ class DhcpPacket(NamedTuple):
 
     @property
     def mac_text(self) -> str:
-        return ":".join(f"{b:02x}" for b in self.mac)
+        return self.mac.hex(":")
 
     @property
     def message_type(self) -> int | None:
@@ -115,6 +115,11 @@ class DhcpPacket(NamedTuple):
     def pxe_suboptions(self) -> dict[int, bytes]:
         raw = self.options.get(OPT_VENDOR_SPECIFIC)
         return parse_suboptions(raw) if raw else {}
+
+
+def format_mac(datagram: bytes) -> str:
+    """The client's MAC (chaddr, hlen bytes) of a raw request as text, for log lines."""
+    return datagram[28:28 + min(datagram[2], 16)].hex(":")
 
 
 def _ip(raw: bytes) -> str:
@@ -175,6 +180,74 @@ def parse(datagram: bytes) -> DhcpPacket:
         siaddr=_ip(datagram[20:24]), giaddr=_ip(datagram[24:28]),
         chaddr=bytes(datagram[28:44]), sname=bytes(sname).rstrip(b"\0"),
         file=bytes(file).rstrip(b"\0"), options=options)
+
+
+# What decide.decide reads (and 52, which sends the packet to the full parser).
+_SCANNED = frozenset((OPT_MESSAGE_TYPE, OPT_VENDOR_CLASS, OPT_USER_CLASS, OPT_CLIENT_ARCH,
+                      OPT_IPXE_ENCAP, OPT_VENDOR_SPECIFIC, OPT_CLIENT_GUID, OPT_OVERLOAD))
+
+
+def scan(datagram: bytes) -> tuple[tuple, bytes | None] | None:
+    """See scan_at; the second item is option 97's bytes (code, length, value) or None."""
+    scanned = scan_at(datagram)
+    if scanned is None:
+        return None
+    key, at = scanned
+    return key, (None if at is None else datagram[at:at + 2 + datagram[at + 1]])
+
+
+def scan_at(datagram: bytes) -> tuple[tuple, int | None] | None:
+    """The lean parse of the per-packet fast path (fastpath.py): one pass over the options that
+    keeps only what the decision reads. Returns (key, where) where key is (op, and the raw
+    values of options 53, 60, 93, 77, 43, or None when absent, and whether 175 is present) and
+    where is the offset of option 97's code byte (a reply echoes the option), or None; returns
+    None for a packet only parse() reads right (option overload, a scanned option sent in
+    several pieces; parse() then also checks the rest). Otherwise rejects exactly what parse()
+    rejects, with the same MalformedPacket text."""
+    n = len(datagram)
+    if n < MIN_LEN:
+        raise MalformedPacket(f"{n} bytes is shorter than a DHCP header")
+    if n > MAX_LEN:
+        raise MalformedPacket(f"{n} bytes is longer than any DHCP packet")
+    if datagram[HEADER_LEN:MIN_LEN] != MAGIC_COOKIE:
+        raise MalformedPacket("no DHCP magic cookie (plain BOOTP)")
+    op = datagram[0]
+    if op != BOOTREQUEST and op != BOOTREPLY:
+        raise MalformedPacket(f"op {op} is neither BOOTREQUEST nor BOOTREPLY")
+    if datagram[2] > 16:
+        raise MalformedPacket(f"hardware address length {datagram[2]} exceeds 16")
+    found: dict[int, int] = {}
+    wanted = _SCANNED
+    i = MIN_LEN
+    while i < n:
+        code = datagram[i]
+        if code == OPT_PAD:
+            i += 1
+            continue
+        if code == OPT_END:
+            break
+        if i + 1 >= n:
+            raise MalformedPacket(f"option {code} in options has no length byte")
+        end = i + 2 + datagram[i + 1]
+        if end > n:
+            raise MalformedPacket(f"option {code} in options runs past the end")
+        if code in wanted:
+            if code in found or code == OPT_OVERLOAD:
+                return None         # pieces to concatenate, or more options elsewhere
+            found[code] = i
+        i = end
+    get = found.get
+    at = get(OPT_MESSAGE_TYPE)
+    v53 = None if at is None else datagram[at + 2:at + 2 + datagram[at + 1]]
+    at = get(OPT_VENDOR_CLASS)
+    v60 = None if at is None else datagram[at + 2:at + 2 + datagram[at + 1]]
+    at = get(OPT_CLIENT_ARCH)
+    v93 = None if at is None else datagram[at + 2:at + 2 + datagram[at + 1]]
+    at = get(OPT_USER_CLASS)
+    v77 = None if at is None else datagram[at + 2:at + 2 + datagram[at + 1]]
+    at = get(OPT_VENDOR_SPECIFIC)
+    v43 = None if at is None else datagram[at + 2:at + 2 + datagram[at + 1]]
+    return (op, v53, v60, v93, v77, v43, OPT_IPXE_ENCAP in found), get(OPT_CLIENT_GUID)
 
 
 def parse_suboptions(raw: bytes) -> dict[int, bytes]:

@@ -65,8 +65,8 @@ class ReplyBuilder:
                 self._templates.popitem(last=False)
         return template
 
-    def build(self, plan: ProxyReply, request: DhcpPacket, server: str,
-              next_server: str) -> bytes:
+    def template_for(self, plan: ProxyReply, server: str, next_server: str) -> bytes:
+        """The template of `plan`'s shape (fastpath.py cuts it around the per-client fields)."""
         key = (plan, server, next_server)
         template = self._by_plan.get(key)
         if template is None:
@@ -75,7 +75,11 @@ class ReplyBuilder:
             if len(self._by_plan) >= MAX_TEMPLATES:
                 self._by_plan.clear()
             self._by_plan[key] = template
-        out = bytearray(template)
+        return template
+
+    def build(self, plan: ProxyReply, request: DhcpPacket, server: str,
+              next_server: str) -> bytes:
+        out = bytearray(self.template_for(plan, server, next_server))
         out[1] = request.htype
         out[2] = request.hlen
         out[4:8] = request.xid.to_bytes(4, "big")

@@ -10,6 +10,14 @@ Where a reply goes, RFC 2131 section 4.1: to the relay (giaddr, server port) whe
 ciaddr when the client has an address; otherwise broadcast on the arrival interface, because a
 proxyDHCP never gives the client an address to unicast to. Boot server replies (4011) go back to
 the address and port the request came from.
+
+Each request takes the fast path (fastpath.py: a lean scan of the options, the outcome cached per
+kind of request, the reply filled in from the request's bytes), unless the log is at DEBUG or
+the packet has overloaded or split options: then the full path (packet.parse, decide.decide,
+ReplyBuilder.build) answers it and logs every step. Both count the same (tests/unit/proxydhcpd/
+test_fastpath.py holds them to it). One receive wakeup reads up to RECV_BURST datagrams;
+recvmmsg through ctypes measured slower per datagram than socket.recvmsg here (filling and
+reading its structures from Python costs more than the system calls it saves), so there is none.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import psutil
 from . import packet
 from .config import Settings
 from .decide import Ignore, decide
+from .fastpath import FastPath
 from .reply import ReplyBuilder
 from .status import ProxyCounters
 
@@ -37,6 +46,11 @@ RECV_BURST = 256                  # datagrams per wakeup: a lab powering on arri
 RCVBUF_BYTES = 8 << 20
 ADDRESS_CACHE_S = 10.0
 BROADCAST = "255.255.255.255"
+NO_ADDRESS = bytes(4)
+RECV_SIZE = packet.MAX_LEN + 1    # one more than the longest packet: longer ones are rejected
+CMSG_SIZE = socket.CMSG_SPACE(12)  # struct in_pktinfo
+_IPPROTO_IP = socket.IPPROTO_IP
+_IFINDEX = struct.Struct("=i")
 
 
 class InterfaceAddresses:
@@ -66,9 +80,10 @@ class InterfaceAddresses:
 
 
 def _pktinfo(ancillary: list[tuple[int, int, bytes]]) -> int | None:
+    """The arrival interface from recvmsg's IP_PKTINFO control message (struct in_pktinfo)."""
     for level, kind, data in ancillary:
-        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
-            return struct.unpack_from("=i", data)[0]
+        if kind == IP_PKTINFO and level == _IPPROTO_IP and len(data) >= 12:
+            return _IFINDEX.unpack_from(data)[0]
     return None
 
 
@@ -77,9 +92,11 @@ class ProxyDhcpServer:
         self.settings = settings
         self.stats = ProxyCounters()
         self.replies = ReplyBuilder()
+        self._fast = FastPath(settings.policy, settings.next_server, self.replies)
         self.addresses = InterfaceAddresses()
         self._sockets: dict[int, socket.socket] = {}   # port -> socket
         self._pktinfo_cache: dict[tuple[int, str], tuple[int, int, bytes]] = {}
+        self._arrivals: dict[int | None, tuple[str | None, tuple | None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- lifecycle (common.runner.Service) ----------------------------------------------
@@ -125,6 +142,8 @@ class ProxyDhcpServer:
                                                self.settings.boot_server_port):
             warnings.append("port changes need a restart; kept the old ports")
         self.settings = settings
+        self._fast = FastPath(settings.policy, settings.next_server, self.replies)
+        self._arrivals.clear()
         return warnings
 
     async def stop(self) -> None:
@@ -144,23 +163,103 @@ class ProxyDhcpServer:
     # ---- requests -----------------------------------------------------------------------
 
     def _on_readable(self, sock: socket.socket, port: int) -> None:
+        recvmsg = sock.recvmsg
+        unpack_ifindex = _IFINDEX.unpack_from
+        # At DEBUG every request is logged with its decision: the full path does that.
+        handle = self._on_request_full if log.isEnabledFor(logging.DEBUG) else self._on_request
+        self._arrivals.clear()   # interface facts are kept for one batch at most
         for _ in range(RECV_BURST):
             try:
-                datagram, ancillary, _flags, source = sock.recvmsg(
-                    packet.MAX_LEN + 1, socket.CMSG_SPACE(12))
+                datagram, ancillary, _flags, source = recvmsg(RECV_SIZE, CMSG_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 log.debug("receive on port %d: %s", port, exc)
                 return
+            ifindex = None
+            for level, kind, data in ancillary:  # _pktinfo(ancillary), inlined
+                if kind == IP_PKTINFO and level == _IPPROTO_IP and len(data) >= 12:
+                    ifindex = unpack_ifindex(data)[0]
+                    break
             try:
-                self._on_request(sock, port, datagram, source, _pktinfo(ancillary))
+                handle(sock, port, datagram, source, ifindex)
             except Exception:  # one bad packet never stops the server
                 self.stats.malformed += 1
                 log.exception("internal error on a packet from %s:%d", *source)
 
     def _on_request(self, sock: socket.socket, port: int, datagram: bytes,
                     source: tuple[str, int], ifindex: int | None) -> None:
+        """The fast path (fastpath.py): same outcome, counters and log lines above DEBUG as
+        _on_request_full, without parsing the whole request or deciding again for each."""
+        try:
+            scanned = self._fast.scan(datagram)
+        except packet.MalformedPacket as exc:
+            self.stats.malformed += 1
+            log.debug("malformed packet from %s:%d: %s", *source, exc)
+            return
+        if scanned is None:  # overload or options in pieces: only the full parser reads those
+            self._on_request_full(sock, port, datagram, source, ifindex)
+            return
+        arrival = self._arrivals.get(ifindex)
+        if arrival is None:
+            arrival = self._arrivals[ifindex] = self._arrival(ifindex)
+        server, control = arrival
+        if server is None:
+            if control is None:  # not in Interfaces
+                self.stats.ignored_other += 1
+            else:                # no address to answer from: counts and warns
+                self._on_request_full(sock, port, datagram, source, ifindex)
+            return
+        settings = self.settings
+        port_role = 67 if port == settings.dhcp_port else 4011
+        outcome, reply = self._fast.answer(datagram, scanned, port_role, server)
+        stats = self.stats
+        stats.requests[outcome.kind] += 1
+        if reply is None:
+            ignore = outcome.ignore
+            setattr(stats, ignore.counter, getattr(stats, ignore.counter) + 1)
+            if ignore.counter == "no_boot_file" and log.isEnabledFor(logging.INFO):
+                log.info("ignored %s from %s (%s:%d): %s", outcome.kind,
+                         packet.format_mac(datagram), *source, ignore.reason)
+            return
+        stats.architectures[outcome.plan.firmware] += 1
+        giaddr = datagram[24:28]
+        if giaddr != NO_ADDRESS:
+            destination = (socket.inet_ntoa(giaddr), settings.dhcp_port)
+        elif port_role == 4011 and source[0] != "0.0.0.0":
+            destination = source
+        elif datagram[12:16] != NO_ADDRESS:
+            destination = (socket.inet_ntoa(datagram[12:16]), settings.client_port)
+        else:
+            destination = (BROADCAST, settings.client_port)
+        try:
+            sock.sendmsg((reply,), control, 0, destination)
+        except OSError as exc:
+            stats.send_errors += 1
+            log.warning("cannot send to %s:%d for %s: %s", *destination,
+                        packet.format_mac(datagram), exc)
+            return
+        if outcome.offer:
+            stats.offers_sent += 1
+        else:
+            stats.acks_sent += 1
+
+    def _arrival(self, ifindex: int | None) -> tuple[str | None, tuple | None]:
+        """For requests that came in on `ifindex`: (our address there, the IP_PKTINFO control
+        messages to answer with); (None, None) when Interfaces leaves it out, (None, ()) when it
+        has no IPv4 address. _on_request keeps these for one batch of datagrams."""
+        settings = self.settings
+        name, interface_address = self.addresses.lookup(ifindex) if ifindex else ("?", None)
+        if settings.interfaces and name not in settings.interfaces:
+            return None, None
+        server = settings.ip_address if settings.ip_address != "0.0.0.0" else interface_address
+        if server is None:
+            return None, ()
+        return server, (self._pktinfo(ifindex or 0, server),)
+
+    def _on_request_full(self, sock: socket.socket, port: int, datagram: bytes,
+                         source: tuple[str, int], ifindex: int | None) -> None:
+        """The reference path: parse everything, decide, build, log each step at DEBUG."""
         settings = self.settings
         try:
             request = packet.parse(datagram)

@@ -858,6 +858,12 @@ class Bench:
                          f"request: parse {mc['parse_us']:.1f}, decide {mc['decide_us']:.1f}, "
                          f"build {mc['build_us']:.1f}, request.mac_text {mc['mac_text_us']:.1f}; "
                          f"whole _on_request with a no-op socket {mc['on_request_us']:.1f}")
+                if "fast_scan_us" in mc:
+                    L.append(f"  fast path: packet.scan {mc['scan_us']:.1f}, with the layout "
+                             f"memo {mc['fast_scan_us']:.1f}, FastPath.answer "
+                             f"{mc['fast_answer_us']:.1f}; _on_request_full (full parse, as at "
+                             f"DEBUG) {mc['on_request_full_us']:.1f}; receive handler with its "
+                             f"system calls on loopback {mc['loopback_us']:.1f}")
             elif mc:
                 L.append(f"  microcost failed: {mc.get('error')}")
             L.append("  cumulative (with callees), request path only:")
