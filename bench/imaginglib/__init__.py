@@ -1,0 +1,1 @@
+"""bench/imaging: make and restore of a disk image through imgsrvd vs partclone | zstd | TCP."""
