@@ -14,6 +14,8 @@ like any other partition data, before the table.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import os
 import tempfile
@@ -171,16 +173,17 @@ def _write_disk(reader: ImageReader, disk: Disk, layout: DiskLayout,
         written += job.new_size
         if progress:
             progress(written, total)
-    for entry, data in reader.chunks(entries, threads=threads, frame_checksum_suffices=True):
-        stream = streams[entry.stream]
-        offset = int(stream["disk_offset"]) + entry.offset
-        if entry.kind is ChunkKind.ZERO:
-            disk.zero(offset, entry.length)
-        else:
-            disk.write(offset, data)
-        written += entry.length
+    def done(length: int) -> None:
+        nonlocal written
+        written += length
         if progress:
             progress(written, total)
+    # The head waits for every partition chunk (a barrier), as a crash must not leave the old
+    # table's bytes over half-written partitions.
+    _put_chunks(reader, [e for e in entries if not (head_last and e.stream == 0)], disk,
+                streams, threads, done)
+    _put_chunks(reader, [e for e in entries if head_last and e.stream == 0], disk, streams,
+                threads, done)
     _zero_uncovered(disk, streams, entries)
     if layout.partitions:
         disk.sync()
@@ -190,6 +193,36 @@ def _write_disk(reader: ImageReader, disk: Disk, layout: DiskLayout,
             disk.write(offset, data)
     disk.sync()
     return written, len(entries) + len(shrunk_files)
+
+
+def _put_chunks(reader: ImageReader, entries: list[IndexEntry], disk: Disk,
+                streams: dict[int, dict[str, Any]], threads: int,
+                done: Callable[[int], None]) -> None:
+    """Each chunk read, verified, decompressed and written at its place by the same worker
+    thread (positional writes need no order), `threads` at a time, a bounded window ahead;
+    done(length) in order. After a failure nothing more is written."""
+    def put(entry: IndexEntry) -> int:
+        offset = int(streams[entry.stream]["disk_offset"]) + entry.offset
+        if entry.kind is ChunkKind.ZERO:
+            disk.zero(offset, entry.length)
+        else:
+            disk.write(offset, reader.read_chunk(entry, frame_checksum_suffices=True))
+        return entry.length
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, threads),
+                                               thread_name_prefix="img-restore") as pool:
+        window: collections.deque = collections.deque()
+        try:
+            for entry in entries:
+                window.append(pool.submit(put, entry))
+                if len(window) > 2 * threads:
+                    done(window.popleft().result())
+            while window:
+                done(window.popleft().result())
+        except BaseException:
+            for future in window:
+                future.cancel()
+            raise
 
 
 def _meta_stream(meta: dict[str, Any], number: int) -> dict[str, Any]:
