@@ -22,10 +22,11 @@ why and whether the disk was changed), 2 usage.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 from common.disklayout import DiskLayoutError, read_layout
 from common.machine import ATTRIBUTE_KINDS, normalize_mac
@@ -145,11 +146,11 @@ def _print_shrunk(result: Any) -> None:
               f"-> {job.new_size // MiB} MiB{note}")
 
 
-def _restore_remote(server: str, path: str, disk: str, grow: bool, threads: int,
-                    workstation: str, mode: str, shrink: bool = False,
-                    scratch: str | None = None) -> str:
-    """Restore //server/path onto disk, following 307 referrals; returns where the image came
-    from (//server/path). Raises Failure."""
+@contextlib.contextmanager
+def _remote_image(server: str, path: str, workstation: str, mode: str, what: str
+                  ) -> Iterator[tuple[str, RemoteImage, ImageReader]]:
+    """The image //server/path open for reading, following 307 referrals (at most MAX_HOPS):
+    (where it is, the remote file, its reader). Raises Failure when it cannot be opened."""
     for _hop in range(MAX_HOPS + 1):
         label = _where(server, path)
         with ImagingClient(server, workstation, mode) as client:
@@ -161,27 +162,37 @@ def _restore_remote(server: str, path: str, disk: str, grow: bool, threads: int,
                 server, path = exc.server, exc.path
                 continue
             except (ServerError, ImageFormatError) as exc:
-                raise Failure(f"restore of {label} failed: {exc}; the disk was not "
+                raise Failure(f"{what} {label} failed: {exc}; the disk was not "
                               "changed") from None
-            batches = remote.plan(reader.entries())
-            try:
-                with remote:
-                    result = restore_image(reader, disk, grow=grow, threads=threads,
-                                           progress=Progress("img restore"), shrink=shrink,
-                                           scratch=scratch)
-            except RestoreError as exc:
-                raise Failure(f"restore of {label}: {exc}; the disk was not changed") from None
-            except (ServerError, ImageFormatError, OSError) as exc:
-                raise Failure(f"restore of {label} onto {disk} FAILED part-way: {exc}. The "
-                              "disk was changed: it is incomplete and has no valid partition "
-                              "table; restore again.") from None
-        grown = " (last partition grown to fill the disk)" if result.grown else ""
-        retried = f", {remote.retried} retried" if remote.retried else ""
-        print(f"restored {label} onto {disk}: {result.bytes_written} bytes in {result.chunks} "
-              f"chunks, {remote.requests} requests in {batches} batches{retried}{grown}")
-        _print_shrunk(result)
-        return label
-    raise Failure(f"restore of {path}: more than {MAX_HOPS} referrals; the disk was not changed")
+            with remote:
+                yield label, remote, reader
+            return
+    raise Failure(f"{what} {path}: more than {MAX_HOPS} referrals; the disk was not changed")
+
+
+def _restore_remote(server: str, path: str, disk: str, grow: bool, threads: int,
+                    workstation: str, mode: str, shrink: bool = False,
+                    scratch: str | None = None) -> str:
+    """Restore //server/path onto disk, following 307 referrals; returns where the image came
+    from (//server/path). Raises Failure."""
+    with _remote_image(server, path, workstation, mode, "restore of") as (label, remote, reader):
+        batches = remote.plan(reader.entries())
+        try:
+            result = restore_image(reader, disk, grow=grow, threads=threads,
+                                   progress=Progress("img restore"), shrink=shrink,
+                                   scratch=scratch)
+        except RestoreError as exc:
+            raise Failure(f"restore of {label}: {exc}; the disk was not changed") from None
+        except (ServerError, ImageFormatError, OSError) as exc:
+            raise Failure(f"restore of {label} onto {disk} FAILED part-way: {exc}. The "
+                          "disk was changed: it is incomplete and has no valid partition "
+                          "table; restore again.") from None
+    grown = " (last partition grown to fill the disk)" if result.grown else ""
+    retried = f", {remote.retried} retried" if remote.retried else ""
+    print(f"restored {label} onto {disk}: {result.bytes_written} bytes in {result.chunks} "
+          f"chunks, {remote.requests} requests in {batches} batches{retried}{grown}")
+    _print_shrunk(result)
+    return label
 
 
 def _make_remote(server: str, path: str, disk: str, facts: dict[str, Any], level: int,
@@ -360,24 +371,10 @@ def _apply_addons_local(images: list[str], disk: str, partition: int | None,
 def _apply_remote(server: str, path: str, disk: str, partition: int | None, threads: int,
                   workstation: str, mode: str) -> str:
     """Apply the add-on //server/path, following 307 referrals; returns where it came from."""
-    for _hop in range(MAX_HOPS + 1):
-        label = _where(server, path)
-        with ImagingClient(server, workstation, mode) as client:
-            try:
-                remote = RemoteImage(client, path, log=lambda m: print(m, file=sys.stderr))
-                reader = ImageReader(remote, label)
-            except Referral as exc:
-                print(f"img: {exc}")
-                server, path = exc.server, exc.path
-                continue
-            except (ServerError, ImageFormatError) as exc:
-                raise Failure(f"add-on {label} failed: {exc}; the disk was not "
-                              "changed") from None
-            remote.plan(reader.entries())
-            with remote:
-                _apply(reader, label, disk, partition, threads)
-        return label
-    raise Failure(f"add-on {path}: more than {MAX_HOPS} referrals; the disk was not changed")
+    with _remote_image(server, path, workstation, mode, "add-on") as (label, remote, reader):
+        remote.plan(reader.entries())
+        _apply(reader, label, disk, partition, threads)
+    return label
 
 
 def _apply_addons_remote(server: str, paths: list[str], disk: str, partition: int | None,
