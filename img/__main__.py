@@ -195,9 +195,12 @@ def _restore_remote(server: str, path: str, disk: str, grow: bool, threads: int,
     return label
 
 
-def _make_remote(server: str, path: str, disk: str, facts: dict[str, Any], level: int,
-                 threads: int, workstation: str, mode: str) -> str:
-    """Make an image of disk straight onto //server/path (chunked PUT); raises Failure."""
+@contextlib.contextmanager
+def _server_upload(server: str, path: str, workstation: str, mode: str, unchanged: str
+                   ) -> Iterator[tuple[str, Any]]:
+    """A store onto //server/path under way, following 307 referrals: (where, the upload to
+    write the image into). Any exception from the body aborts the upload (the server keeps
+    nothing). `unchanged` ends the messages of failures before the first byte."""
     for _hop in range(MAX_HOPS + 1):
         label = _where(server, path)
         client = ImagingClient(server, workstation, mode)
@@ -208,22 +211,31 @@ def _make_remote(server: str, path: str, disk: str, facts: dict[str, Any], level
             server, path = exc.server, exc.path
             continue
         except ServerError as exc:
-            raise Failure(f"make onto {label} failed: {exc} (the disk was not changed)") from None
+            raise Failure(f"make onto {label} failed: {exc}{unchanged}") from None
+        try:
+            yield label, upload
+        except BaseException:
+            upload.abort()
+            raise
+        return
+    raise Failure(f"make onto {path}: more than {MAX_HOPS} referrals{unchanged}")
+
+
+def _make_remote(server: str, path: str, disk: str, facts: dict[str, Any], level: int,
+                 threads: int, workstation: str, mode: str) -> str:
+    """Make an image of disk straight onto //server/path (chunked PUT); raises Failure."""
+    unchanged = " (the disk was not changed)"
+    with _server_upload(server, path, workstation, mode, unchanged) as (label, upload):
         try:
             stats, meta = make_image(disk, upload, source=facts, level=level, threads=threads,
                                      progress=Progress("img make"))
             answer = upload.finish()
         except ServerError as exc:
-            upload.abort()
-            raise Failure(f"make onto {label} failed: {exc} (the disk was not changed)") from None
-        except BaseException:
-            upload.abort()
-            raise
-        print(f"made {label}: {len(meta['streams'])} streams, {stats.bytes_out} bytes sent, "
-              f"{stats.chunks} chunks, {stats.seconds:.1f} s; the server stored "
-              f"{answer.get('size', '?')} bytes")
-        return label
-    raise Failure(f"make onto {path}: more than {MAX_HOPS} referrals (the disk was not changed)")
+            raise Failure(f"make onto {label} failed: {exc}{unchanged}") from None
+    print(f"made {label}: {len(meta['streams'])} streams, {stats.bytes_out} bytes sent, "
+          f"{stats.chunks} chunks, {stats.seconds:.1f} s; the server stored "
+          f"{answer.get('size', '?')} bytes")
+    return label
 
 
 def _server_operation(kind: str, args: argparse.Namespace, server: str, path: str,
@@ -397,32 +409,17 @@ def _apply_addons_remote(server: str, paths: list[str], disk: str, partition: in
 
 def _make_addon_remote(server: str, path: str, source_dir: str, facts: dict[str, Any],
                        level: int, threads: int, workstation: str) -> str:
-    for _hop in range(MAX_HOPS + 1):
-        label = _where(server, path)
-        client = ImagingClient(server, workstation, "manual")
-        try:
-            upload = client.upload(path)
-        except Referral as exc:
-            print(f"img: {exc}")
-            server, path = exc.server, exc.path
-            continue
-        except ServerError as exc:
-            raise Failure(f"make onto {label} failed: {exc}") from None
+    with _server_upload(server, path, workstation, "manual", "") as (label, upload):
         try:
             stats, meta = make_addon(source_dir, upload, source=facts, level=level,
                                      threads=threads)
             answer = upload.finish()
         except (ServerError, AddonError) as exc:
-            upload.abort()
             raise Failure(f"make onto {label} failed: {exc}") from None
-        except BaseException:
-            upload.abort()
-            raise
-        print(f"made add-on {label}: {meta['files']['count']} files, "
-              f"{meta['files']['bytes']} bytes, {stats.bytes_out} bytes sent; the server "
-              f"stored {answer.get('size', '?')} bytes")
-        return label
-    raise Failure(f"make onto {path}: more than {MAX_HOPS} referrals")
+    print(f"made add-on {label}: {meta['files']['count']} files, "
+          f"{meta['files']['bytes']} bytes, {stats.bytes_out} bytes sent; the server "
+          f"stored {answer.get('size', '?')} bytes")
+    return label
 
 
 def cmd_addon_make(args: argparse.Namespace) -> int:
