@@ -459,25 +459,29 @@ def cmd_addon_apply(args: argparse.Namespace) -> int:
                                 args.threads, facts, "manual", args.server)
 
 
+def _image_arguments(parser: argparse.ArgumentParser, making: bool = False) -> None:
+    """The arguments every command that reads or writes one image takes."""
+    parser.add_argument("image", help="an image file, or with --server the image's path there")
+    parser.add_argument("--server", help="HOST[:PORT] of an imaging server (port 998)")
+    parser.add_argument("--threads", type=int, default=2)
+    if making:
+        parser.add_argument("--level", type=int, default=DEFAULT_LEVEL, help="zstd level (1-19)")
+        parser.add_argument("--overwrite", action="store_true")
+
+
 def _addon_parser(commands: Any) -> None:
     addon = commands.add_parser("addon", help="make or apply add-on images")
     actions = addon.add_subparsers(dest="addon_command", required=True)
     make = actions.add_parser("make", help="an add-on image of a directory tree")
     make.add_argument("--from", dest="source", required=True, metavar="DIR")
-    make.add_argument("image", help="an image file, or with --server the image's path there")
-    make.add_argument("--server", help="HOST[:PORT] of an imaging server (port 998)")
-    make.add_argument("--level", type=int, default=DEFAULT_LEVEL, help="zstd level (1-19)")
-    make.add_argument("--threads", type=int, default=2)
-    make.add_argument("--overwrite", action="store_true")
+    _image_arguments(make, making=True)
     make.set_defaults(run=cmd_addon_make)
     apply = actions.add_parser("apply", help="lay an add-on image onto a partition of a disk")
     apply.add_argument("--disk", required=True)
     apply.add_argument("--partition", type=int, metavar="N",
                        help="the partition (default: the first one whose filesystem img "
                             "can write)")
-    apply.add_argument("image", help="an image file, or with --server the image's path there")
-    apply.add_argument("--server", help="HOST[:PORT] of an imaging server (port 998)")
-    apply.add_argument("--threads", type=int, default=2)
+    _image_arguments(apply)
     apply.set_defaults(run=cmd_addon_apply)
 
 
@@ -522,16 +526,11 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("make", help="take a base image of a disk")
     make.add_argument("--disk", required=True)
-    make.add_argument("image", help="an image file, or with --server the image's path there")
-    make.add_argument("--server", help="HOST[:PORT] of an imaging server (port 998)")
-    make.add_argument("--level", type=int, default=DEFAULT_LEVEL, help="zstd level (1-19)")
-    make.add_argument("--threads", type=int, default=2)
-    make.add_argument("--overwrite", action="store_true")
+    _image_arguments(make, making=True)
     make.set_defaults(run=cmd_make)
     restore = commands.add_parser("restore", help="put a base image down on a disk")
     restore.add_argument("--disk", required=True)
-    restore.add_argument("image", help="an image file, or with --server the image's path there")
-    restore.add_argument("--server", help="HOST[:PORT] of an imaging server (port 998)")
+    _image_arguments(restore)
     restore.add_argument("--grow", action="store_true",
                          help="grow the last partition's table entry to fill a larger disk")
     restore.add_argument("--shrink", action="store_true",
@@ -540,7 +539,6 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument("--scratch", metavar="DIR",
                          help="where --shrink keeps its scratch files (about the partition's "
                               "used size; default: the temporary directory)")
-    restore.add_argument("--threads", type=int, default=2)
     restore.add_argument("--addon", action="append", default=[], metavar="PATH",
                          help="an add-on image to apply after the base image (repeatable; "
                               "a file, or with --server a path there)")
