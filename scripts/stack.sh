@@ -9,6 +9,9 @@
 #   bash scripts/stack.sh [start|stop|status]
 #   PREBOOT_ADDRESS=192.0.2.10 bash scripts/stack.sh    # listen on another local address
 #   PREBOOT_PROXYDHCP=1 bash scripts/stack.sh           # also start the proxyDHCP
+#   PREBOOT_IMAGING_ENV=0 bash scripts/stack.sh         # do not build the imaging environment
+# The imaging environment (packaging/imaging-env/build.sh: kernel + initrd, cached) is put
+# where policyd's default ImagingKernel/ImagingInitrd look: samples/tftproot/preboot/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -39,6 +42,17 @@ case "$action" in
     for f in undionly.kpxe ipxe.efi snponly.efi; do
       [ -e "samples/tftproot/$f" ] || cp "/usr/lib/ipxe/$f" samples/tftproot/ 2>/dev/null || true
     done
+    if [ "${PREBOOT_IMAGING_ENV:-1}" = 1 ]; then
+      # Best effort: without it everything else works; a PXE client told to image gets
+      # "cannot load the imaging environment" and boots its disk.
+      if bash packaging/imaging-env/build.sh --out /var/cache/preboot/imaging-env; then
+        mkdir -p samples/tftproot/preboot
+        cp /var/cache/preboot/imaging-env/linux /var/cache/preboot/imaging-env/initrd \
+          samples/tftproot/preboot/
+      else
+        echo "stack: the imaging environment could not be built; starting without it" >&2
+      fi
+    fi
     for d in "${DAEMONS[@]}"; do
       PREBOOT_CONFIG="$conf_dir/$d.conf" PREBOOT_DAEMON="python3 -m $(module_of "$d")" \
         PYTHONPATH="$repo" PREBOOT_NO_SYSTEMCTL=1 sh "packaging/init.d/preboot-$d" start
