@@ -207,6 +207,7 @@ def _put_chunks(reader: ImageReader, entries: list[IndexEntry], disk: Disk,
             disk.zero(offset, entry.length)
         else:
             disk.write(offset, reader.read_chunk(entry, frame_checksum_suffices=True))
+            disk.write_behind(offset, entry.length)
         return entry.length
 
     with concurrent.futures.ThreadPoolExecutor(max(1, threads),
