@@ -22,7 +22,13 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO=$(cd "$HERE/../.." && pwd)
+# Where img and common are: the source tree this script is in (packaging/imaging-env/), or,
+# installed by the RPM (/usr/lib/preboot/imaging-env/), the private prefix next to it.
+if [ -d "$HERE/../../img" ]; then
+  REPO=$(cd "$HERE/../.." && pwd)
+else
+  REPO=$(cd "$HERE/../python" && pwd)
+fi
 OUT=/var/cache/preboot/imaging-env
 CACHE=""
 FORCE=0
