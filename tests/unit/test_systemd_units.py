@@ -229,5 +229,5 @@ def test_spec_parses():
     result = subprocess.run(["rpmspec", "-q", "--qf", "%{NAME}\n", str(SPEC)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert {"preboot-common"} | {f"preboot-{name}" for name in DAEMONS} <= \
+    assert {"preboot-common", "preboot-img"} | {f"preboot-{name}" for name in DAEMONS} <= \
         set(result.stdout.split())
