@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 from typing import Any, Callable
 
@@ -26,8 +25,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from common import imagingprotocol as protocol
-from common.directory import Directory, DirectoryError, WouldBlock
-from common.directory.settings import DirectorySettings
+from common.directory.holder import DirectoryHolder, describe
 from common.imagingprotocol import BadPath, BadRequest, LocalPath, RemotePath
 from common.policy import assign_work
 from common.tcplisten import bind_listener
@@ -45,7 +43,6 @@ KEEPALIVE_S = 75.0
 SHUTDOWN_TIMEOUT_S = 2.0
 READ_CHUNK = 1 << 20             # bytes handed to a worker thread per write
 RETRY_AFTER_S = 5
-REOPEN_S = 5.0
 JSON_MAX = 64 * 1024
 
 
@@ -62,14 +59,6 @@ http_log = logging.getLogger("preboot.imgsrvd.http")
 http_log.addFilter(_BadRequestsQuietly())
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return "no answer within DirectoryTimeout"
-    if isinstance(exc, DirectoryError):
-        return str(exc) or "directory error"
-    return f"{type(exc).__name__}: {exc}"
-
-
 class _ImageFileResponse(web.FileResponse):
     """A FileResponse the handler sends itself (to count what was sent) and then returns.
 
@@ -83,13 +72,6 @@ class _ImageFileResponse(web.FileResponse):
         if self.prepared:
             return None
         return await super().prepare(request)
-
-
-def _close_quietly(directory: Directory) -> None:
-    try:
-        directory.close()
-    except Exception as exc:  # closing a broken connection may fail; nothing to do about it
-        log.debug("closing directory: %s", exc)
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
@@ -109,10 +91,7 @@ class ImagingServer:
         self._runner: web.AppRunner | None = None
         self._pool: DaemonThreadPool | None = None
         self._log_pool: DaemonThreadPool | None = None
-        self._directory: Directory | None = None
-        self._directory_key: DirectorySettings | None = None
-        self._reopen_at = 0.0
-        self._open_problem = "not opened yet"
+        self._directory = DirectoryHolder(self._worker_pool, "work queries are answered 503")
         self._results = None          # resultslog.ResultsLog, when it opened
         self._uploads: set[store.Upload] = set()
 
@@ -135,7 +114,7 @@ class ImagingServer:
         for path in removed:
             log.warning("removed %s, left by an upload that did not finish", path)
         await self._open_results(self.settings)
-        await self._open_directory(self.settings)
+        await self._directory.configure(self.settings.directory)
         app = web.Application(middlewares=[self._errors], client_max_size=JSON_MAX)
         app.router.add_route("PUT", "/v1/images/{path:.+}", self._put,
                              expect_handler=self._expect)
@@ -161,10 +140,7 @@ class ImagingServer:
         self.settings = settings
         if settings.results_log != old.results_log:
             await self._open_results(settings)
-        if settings.directory != self._directory_key:
-            await self._open_directory(settings)
-        elif self._directory is None:
-            self._reopen_at = 0.0
+        await self._directory.configure(settings.directory)
         return warnings
 
     async def stop(self) -> None:
@@ -176,12 +152,7 @@ class ImagingServer:
         for pool in (self._pool, self._log_pool):
             if pool is not None:
                 pool.shutdown(wait=False)
-        if self._directory is not None:
-            closer = threading.Thread(target=_close_quietly, args=(self._directory,),
-                                      daemon=True)
-            closer.start()
-            closer.join(1.0)
-            self._directory = None
+        self._directory.close()
         if self._results is not None:
             try:
                 self._results.close()
@@ -254,58 +225,9 @@ class ImagingServer:
 
     # ---- the directory ----------------------------------------------------------------------
 
-    async def _in_pool(self, fn: Callable[..., Any], *args: Any, timeout_s: float) -> Any:
-        assert self._pool is not None
-        future = self._pool.submit(fn, *args)
-        return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
-
-    async def _open_directory(self, settings: Settings) -> None:
-        key = settings.directory
-        try:
-            directory = await self._in_pool(
-                settings.directory.open, timeout_s=settings.directory.timeout_s)
-        except Exception as exc:  # DirectoryError, timeout, a backend that cannot load
-            self._open_problem = _describe(exc)
-            self._reopen_at = time.monotonic() + REOPEN_S
-            log.warning("directory %s: cannot open (%s); work queries are answered 503 until "
-                        "it opens", settings.directory.text, self._open_problem)
-            directory = None
-        else:
-            log.info("directory %s opened", settings.directory.text)
-        old, self._directory, self._directory_key = self._directory, directory, key
-        if old is not None and old is not directory:
-            asyncio.get_running_loop().call_later(settings.directory.timeout_s + 1,
-                                                  self._close_later, old)
-
-    def _close_later(self, directory: Directory) -> None:
-        try:
-            assert self._pool is not None
-            self._pool.submit(_close_quietly, directory)
-        except RuntimeError:
-            pass
-
-    async def _current_directory(self) -> Directory:
-        settings = self.settings
-        if self._directory is None and time.monotonic() >= self._reopen_at:
-            await self._open_directory(settings)
-        if self._directory is None:
-            raise DirectoryError(f"directory {settings.directory.text} is not open: "
-                                 f"{self._open_problem}")
-        return self._directory
-
-    async def _lookup(self, mac: str) -> tuple[Any, Any]:
-        directory = await self._current_directory()
-        timeout = self.settings.directory.timeout_s
-        try:
-            return directory.lookup_nowait(mac)
-        except WouldBlock:
-            pass
-        try:
-            return await directory.lookup_async(mac, timeout)
-        except WouldBlock:
-            pass
-        return await self._in_pool(lambda: (directory.policy(), directory.workstation(mac)),
-                                   timeout_s=timeout)
+    def _worker_pool(self) -> DaemonThreadPool:
+        assert self._pool is not None, "start() first"
+        return self._pool
 
     # ---- HTTP ------------------------------------------------------------------------------
 
@@ -555,10 +477,10 @@ class ImagingServer:
         facts = query.facts
         assert facts.mac is not None
         try:
-            policy, station = await self._lookup(facts.mac)
+            policy, station = await self._directory.lookup(facts.mac)
         except Exception as exc:  # DirectoryError, timeout, anything a backend lets through
             self.stats.directory_errors += 1
-            problem = _describe(exc)
+            problem = describe(exc)
             log.warning("directory %s: %s", self.settings.directory.text, problem)
             return self._deny(request, 503, f"the directory cannot be read ({problem}); "
                               "boot the local disk", "log", verdict="failure")
@@ -591,12 +513,12 @@ class ImagingServer:
         if report.operation == "download" and report.status == "success" and report.mac:
             mac = report.mac
             try:
-                directory = await self._current_directory()
-                answer["cleared"] = await self._in_pool(
+                directory = await self._directory.current()
+                answer["cleared"] = await self._directory.in_pool(
                     directory.clear_next_boot, mac, timeout_s=self.settings.directory.timeout_s)
             except Exception as exc:  # the log has the result; the flag stays set
                 self.stats.directory_errors += 1
-                problem = _describe(exc)
+                problem = describe(exc)
                 log.warning("cannot clear the next-boot flag of %s: %s", mac, problem)
                 return _error(503, f"result logged, but the next-boot flag could not be "
                                    f"cleared ({problem})", logged=True)

@@ -7,32 +7,29 @@ GET /policy      the answer for one machine: query.parse_query -> the directory 
                  common.policy.assign_work -> script.answer_script
 anything else    404 (405 for another method on a known path)
 
-The directory is opened in start(), on a worker thread, never at bind time (it may be a remote
-LDAP server, or a SQLite file not created yet). When it cannot be opened or read, the query is
-answered with FallbackAnswer at once, counted, and logged (rate-limited); opening is retried on
-a later query, at most every REOPEN_S seconds. Directory calls run on a small pool of daemon
-threads owned by the server: a hung directory can neither block the event loop nor keep the
-process from exiting within the 5 s SIGTERM contract.
+The directory is held by common.directory.holder.DirectoryHolder (opened in start() on a
+worker thread, reopened after a failure at most every REOPEN_S seconds, swapped on reload).
+When it cannot be opened or read, the query is answered with FallbackAnswer at once, counted,
+and logged (rate-limited). Directory calls run on a small pool of daemon threads owned by the
+server: a hung directory can neither block the event loop nor keep the process from exiting
+within the 5 s SIGTERM contract.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
-import threading
 import time
 from typing import Any, Callable
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from common.directory.holder import DirectoryHolder, describe
+from common.machine import MachineFacts
+from common.policy import assign_work, menu_for
 from common.tcplisten import bind_listener
 from common.workerpool import DaemonThreadPool
-from common.directory import Directory, DirectoryError, WouldBlock
-from common.directory.settings import DirectorySettings
-from common.machine import MachineFacts
-from common.policy import ImagingPolicy, Workstation, assign_work, menu_for
 
 from . import script
 from .config import Settings
@@ -41,10 +38,8 @@ from .status import ARCHES, PLATFORMS, PolicyCounters, bounded
 
 log = logging.getLogger("preboot.policyd")
 
-REOPEN_S = 5.0                   # retry opening a directory that failed at most this often
 WARN_EVERY_S = 10.0              # directory warnings: one line per this many seconds
 SHUTDOWN_TIMEOUT_S = 2.0         # in-flight HTTP requests at stop
-CLOSE_WAIT_S = 1.0               # closing the directory at stop
 LISTEN_BACKLOG = 1024
 KEEPALIVE_S = 15.0               # an idle client connection is closed after this long
 
@@ -88,25 +83,6 @@ class RateLimitedWarning:
         self.logger.warning(message, *args)
 
 
-def _read_directory(directory: Directory, mac: str) -> tuple[ImagingPolicy, Workstation | None]:
-    return directory.policy(), directory.workstation(mac)
-
-
-def _close_quietly(directory: Directory) -> None:
-    try:
-        directory.close()
-    except Exception as exc:  # closing a broken connection may fail; nothing to do about it
-        log.debug("closing directory %s: %s", directory.url.redacted(), exc)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return "no answer within DirectoryTimeout"
-    if isinstance(exc, DirectoryError):
-        return str(exc) or "directory error"
-    return f"{type(exc).__name__}: {exc}"
-
-
 def _script_response(text: str) -> web.Response:
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
@@ -118,13 +94,8 @@ class PolicyServer:
         self._sock: socket.socket | None = None
         self._runner: web.AppRunner | None = None
         self._pool: DaemonThreadPool | None = None
-        self._directory: Directory | None = None
-        self._directory_key: DirectorySettings | None = None
-        self._open_problem = "not opened yet"
-        self._reopen_at = 0.0
-        self._opening: asyncio.Task | None = None
+        self._directory = DirectoryHolder(self._worker_pool, "answering FallbackAnswer")
         self._warn = RateLimitedWarning(log)
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- lifecycle (common.runner.Service) ----------------------------------------------
 
@@ -134,9 +105,8 @@ class PolicyServer:
 
     async def start(self) -> None:
         assert self._sock is not None, "bind() first"
-        self._loop = asyncio.get_running_loop()
         self._pool = DaemonThreadPool(self.settings.workers, "policyd-dir")
-        await self._open_directory(self.settings)
+        await self._directory.configure(self.settings.directory)
         app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024)
         app.router.add_get("/boot.ipxe", self._boot_ipxe)
         app.router.add_get("/policy", self._policy)
@@ -160,26 +130,16 @@ class PolicyServer:
         if settings.workers != old.workers and self._pool is not None:
             retired, self._pool = self._pool, DaemonThreadPool(settings.workers, "policyd-dir")
             retired.shutdown(wait=False)       # queued calls still run; then its threads end
-        if settings.directory != self._directory_key:
-            await self._open_directory(settings)
-        elif self._directory is None:
-            self._reopen_at = 0.0              # a reload retries a failed directory at once
+        await self._directory.configure(settings.directory)
         return warnings
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()       # stops listening, lets in-flight answers finish
             self._runner = None
-        if self._opening is not None:
-            self._opening.cancel()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._directory is not None:
-            closer = threading.Thread(target=_close_quietly, args=(self._directory,),
-                                      name="policyd-close", daemon=True)
-            closer.start()
-            closer.join(CLOSE_WAIT_S)
-            self._directory = None
+        self._directory.close()
         if self._sock is not None:
             self._sock.close()
 
@@ -192,88 +152,9 @@ class PolicyServer:
     def counters(self) -> dict[str, Any]:
         return self.stats.snapshot()
 
-    # ---- the directory --------------------------------------------------------------------
-
-    async def _in_pool(self, fn: Callable[..., Any], *args: Any, timeout_s: float,
-                       on_late_result: Callable[[Any], None] | None = None) -> Any:
-        """fn(*args) on a worker thread, waited for at most timeout_s."""
-        assert self._pool is not None
-        future = self._pool.submit(fn, *args)
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
-        except asyncio.TimeoutError:
-            if on_late_result is not None:     # it may still finish: clean up after it
-                future.add_done_callback(
-                    lambda f: f.cancelled() or f.exception() or on_late_result(f.result()))
-            raise
-
-    async def _open_directory(self, settings: Settings) -> None:
-        """Open the directory `settings` names and put it in place of the current one."""
-        key = settings.directory
-        try:
-            directory = await self._in_pool(settings.directory.open,
-                                            timeout_s=settings.directory.timeout_s,
-                                            on_late_result=_close_quietly)
-        except Exception as exc:  # DirectoryError, timeout, a backend that cannot load
-            if self.settings.directory != key:
-                return                         # a reload named another directory meanwhile
-            self._open_problem = _describe(exc)
-            self._reopen_at = time.monotonic() + REOPEN_S
-            directory = None
-            log.warning("directory %s: cannot open (%s); answering FallbackAnswer (%s) until "
-                        "it opens", settings.directory.text, self._open_problem,
-                        settings.fallback)
-        else:
-            if self.settings.directory != key:   # a reload named another one meanwhile
-                self._close_in_pool(directory)
-                return
-            log.info("directory %s opened", settings.directory.text)
-        old, self._directory, self._directory_key = self._directory, directory, key
-        if old is not None and old is not directory and self._loop is not None:
-            # Queries may still be reading the old one; none waits longer than the timeout.
-            self._loop.call_later(settings.directory.timeout_s + 1, self._close_in_pool, old)
-
-    def _close_in_pool(self, directory: Directory) -> None:
-        try:
-            assert self._pool is not None
-            self._pool.submit(_close_quietly, directory)
-        except RuntimeError:                   # shutting down: stop() closes what is current
-            pass
-
-    async def _current_directory(self, settings: Settings) -> Directory:
-        """The open directory; reopened (at most every REOPEN_S) after it failed to open."""
-        if self._directory is not None:
-            return self._directory
-        if self._opening is None and time.monotonic() >= self._reopen_at:
-            self._opening = asyncio.get_running_loop().create_task(
-                self._open_directory(settings))
-            self._opening.add_done_callback(self._opened)
-        if self._opening is not None:
-            await asyncio.shield(self._opening)
-        if self._directory is None:
-            raise DirectoryError(f"directory {settings.directory.text} is not open: "
-                                 f"{self._open_problem}")
-        return self._directory
-
-    def _opened(self, task: asyncio.Task) -> None:
-        self._opening = None
-
-    async def _lookup(self, settings: Settings, mac: str
-                      ) -> tuple[ImagingPolicy, Workstation | None]:
-        directory = await self._current_directory(settings)
-        try:
-            # The common case, answered here: a handoff to a worker thread costs more than
-            # the whole decision (bench/RESULTS.md, prebootpolicyd).
-            return directory.lookup_nowait(mac)
-        except WouldBlock:
-            pass
-        try:
-            # A network store: waited for on this loop, still without a thread.
-            return await directory.lookup_async(mac, settings.directory.timeout_s)
-        except WouldBlock:
-            pass
-        return await self._in_pool(_read_directory, directory, mac,
-                                    timeout_s=settings.directory.timeout_s)
+    def _worker_pool(self) -> DaemonThreadPool:
+        assert self._pool is not None, "start() first"
+        return self._pool
 
     # ---- HTTP ------------------------------------------------------------------------------
 
@@ -317,10 +198,10 @@ class PolicyServer:
         settings = self.settings
         server = host_of(self._where(request))
         try:
-            policy, station = await self._lookup(settings, facts.mac)
+            policy, station = await self._directory.lookup(facts.mac)
         except Exception as exc:  # DirectoryError, timeout, anything a backend lets through
             self.stats.directory_errors += 1
-            return self._fallback(settings, facts, server, _describe(exc))
+            return self._fallback(settings, facts, server, describe(exc))
         try:
             assignment = assign_work(policy, station, facts)
             answer = script.answer_script(settings, assignment, menu_for(policy, station),

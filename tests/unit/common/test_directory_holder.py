@@ -1,0 +1,89 @@
+"""common.directory.holder.DirectoryHolder with real SQLite stores and a real thread pool."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from common.directory import DirectoryError
+from common.directory.holder import DirectoryHolder, describe
+from common.directory.settings import directory_settings
+
+
+def settings_for(url: str, timeout: int = 2):
+    return directory_settings({"Directory": [url], "DirectoryCredentials": "",
+                               "DirectoryTimeout": timeout})
+
+
+@pytest.fixture
+def pool():
+    with ThreadPoolExecutor(2) as executor:
+        yield executor
+
+
+def test_lookup_reads_the_policy_and_the_workstation(tmp_path: Path, pool):
+    async def run():
+        held = DirectoryHolder(lambda: pool, "answering 503")
+        await held.configure(settings_for(f"sqlite://{tmp_path}/d.db"))
+        policy, station = await held.lookup("52:54:00:00:00:01")
+        held.close()
+        return policy, station
+    policy, station = asyncio.run(run())
+    assert policy.rules == () and station is None
+
+
+def test_a_directory_that_cannot_open_is_retried_only_after_reopen_s(tmp_path: Path, pool,
+                                                                     monkeypatch):
+    (tmp_path / "blocked").write_text("a file where a folder should be")
+    bad = settings_for(f"sqlite://{tmp_path}/blocked/d.db")
+    opens = []
+    original = type(bad).open
+
+    def counting_open(self, create=True):
+        opens.append(self.text)
+        return original(self, create)
+    monkeypatch.setattr(type(bad), "open", counting_open)
+
+    async def run():
+        held = DirectoryHolder(lambda: pool, "answering 503")
+        await held.configure(bad)
+        with pytest.raises(DirectoryError, match="is not open") as first:
+            await held.current()
+        with pytest.raises(DirectoryError):
+            await held.current()             # within REOPEN_S: no new attempt
+        attempts = len(opens)
+        held._reopen_at = 0.0                # as if REOPEN_S had passed
+        with pytest.raises(DirectoryError):
+            await held.current()
+        held.close()
+        return str(first.value), attempts
+    reason, attempts = asyncio.run(run())
+    assert attempts == 1, opens
+    assert len(opens) == 2, opens
+    assert "blocked" in reason
+
+
+def test_reload_to_another_store_swaps_it_and_a_failed_one_is_retried_at_once(tmp_path, pool):
+    async def run():
+        held = DirectoryHolder(lambda: pool, "answering 503")
+        first = settings_for(f"sqlite://{tmp_path}/a.db")
+        await held.configure(first)
+        a = await held.current()
+        await held.configure(settings_for(f"sqlite://{tmp_path}/b.db"))
+        b = await held.current()
+        await held.configure(settings_for(f"sqlite://{tmp_path}/b.db"))   # unchanged: kept
+        same = await held.current()
+        held.close()
+        return a, b, same
+    a, b, same = asyncio.run(run())
+    assert a is not b and same is b
+    assert (tmp_path / "a.db").exists() and (tmp_path / "b.db").exists()
+
+
+def test_describe_says_what_went_wrong():
+    assert describe(asyncio.TimeoutError()) == "no answer within DirectoryTimeout"
+    assert describe(DirectoryError("server down")) == "server down"
+    assert describe(ValueError("x")) == "ValueError: x"
