@@ -18,7 +18,11 @@ class LockedPidFile:
         self.path = path
         self._fd: int | None = None
 
-    def acquire(self) -> None:
+    def acquire(self, write: bool = True) -> None:
+        """Take the lock (AlreadyRunning if another process holds it) and, unless write is
+        False, write our pid. A daemon about to detach passes False: its pid is about to
+        change, and a reader must never see the pid of a process that is going away (the
+        file stays empty until the detached process writes its own)."""
         directory = os.path.dirname(self.path)
         if directory:
             os.makedirs(directory, mode=0o755, exist_ok=True)
@@ -30,7 +34,10 @@ class LockedPidFile:
             os.close(fd)
             raise AlreadyRunning(f"already running (pid {holder}, pidfile {self.path})") from None
         self._fd = fd
-        self.write_pid()
+        if write:
+            self.write_pid()
+        else:
+            os.ftruncate(fd, 0)            # a stale pid from a killed daemon must go too
 
     def write_pid(self) -> None:
         """(Re)write our pid: called again after python-daemon's fork changes it."""

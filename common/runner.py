@@ -200,7 +200,9 @@ class Lifecycle:
 
     def prepare(self) -> None:
         _raise_open_file_limit()
-        self.pidfile.acquire()
+        # Detaching forks: the pid is written by the detached process (DaemonContext enters
+        # the pidfile), so the file never names the short-lived parent.
+        self.pidfile.acquire(write=self.foreground)
         self.sockets = self.service.bind()
         self.unix_sock = bind_unix(self.common.status_socket)
         if self.common.status_port:

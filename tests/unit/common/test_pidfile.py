@@ -42,3 +42,16 @@ def test_read_pid_of_garbage_is_none(tmp_path):
     path.write_text("not a pid")
     assert read_pid(str(path)) is None
     assert read_pid(str(tmp_path / "absent")) is None
+
+
+def test_a_daemon_about_to_detach_leaves_no_pid_until_it_has_forked(tmp_path):
+    """Before python-daemon's fork the pid is about to change: the file stays empty (a stale
+    pid of a killed daemon is cleared too) until the detached process enters the pidfile."""
+    path = tmp_path / "d.pid"
+    path.write_text("99999\n")                     # left by a daemon killed with -9
+    pidfile = LockedPidFile(str(path))
+    pidfile.acquire(write=False)
+    assert path.read_text() == "" and read_pid(str(path)) is None
+    with pidfile:                                  # what DaemonContext does after the fork
+        assert read_pid(str(path)) == os.getpid()
+    assert not path.exists()
