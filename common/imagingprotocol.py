@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from common.machine import ATTRIBUTE_KINDS, MachineFacts, facts_from_strings
-from common.policy import ActionKind, WorkAssignment
+
+if TYPE_CHECKING:             # the engine imports this module; the rule engine is the server's
+    from common.policy import WorkAssignment
 
 VERSION = 1
 IMAGES_PREFIX = "/v1/images/"
@@ -222,6 +224,7 @@ def work_answer(assignment: WorkAssignment, mode: str, own_names: tuple[str, ...
                 ) -> tuple[dict[str, Any], RemotePath | None]:
     """The JSON answer to a work query, and the other server when the answer is a referral.
     In manual mode an image on another server raises BadPath with the original's denial."""
+    from common.policy import ActionKind
     action = assignment.action
     answer: dict[str, Any] = {
         "work": action.kind.value,

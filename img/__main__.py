@@ -33,19 +33,21 @@ from common.machine import ATTRIBUTE_KINDS, normalize_mac
 from common.imagefile import DEFAULT_LEVEL, ImageReader
 from common.imageformat import ImageFormatError
 
-from .addon import AddonError, ApplyResult, apply_addon, describe, make_addon, make_addon_file
 from .client import ImagingClient, Referral, ServerError, split_server
+from .errors import AddonError, RestoreError
 from .hardware import machine_facts
-from .make import make_image, make_image_file
 from .remote import RemoteImage
 from .progress import Progress
-from .restore import RestoreError, restore_image
-from .usedblocks import used_map
+from .restore import restore_image
+
+# Each command imports the modules only it needs (make, restore, add-ons, the used-blocks
+# probe) where it runs: the process start is part of every restore's time.
 
 
 def cmd_make(args: argparse.Namespace) -> int:
     if args.server:
         return cmd_make_remote(args)
+    from .make import make_image_file
     if os.path.exists(args.image) and not args.overwrite:
         print(f"img: {args.image} exists (use --overwrite to replace it)", file=sys.stderr)
         return 1
@@ -224,6 +226,7 @@ def _server_upload(server: str, path: str, workstation: str, mode: str, unchange
 def _make_remote(server: str, path: str, disk: str, facts: dict[str, Any], level: int,
                  threads: int, workstation: str, mode: str) -> str:
     """Make an image of disk straight onto //server/path (chunked PUT); raises Failure."""
+    from .make import make_image
     unchanged = " (the disk was not changed)"
     with _server_upload(server, path, workstation, mode, unchanged) as (label, upload):
         try:
@@ -348,9 +351,10 @@ def _addon_paths(answer: dict[str, Any]) -> list[str]:
 
 
 def _apply(reader: ImageReader, label: str, disk: str, partition: int | None,
-           threads: int) -> ApplyResult:
+           threads: int) -> None:
     """apply_addon with every failure turned into a one-line Failure saying whether the
     disk was changed."""
+    from .addon import apply_addon
     try:
         result = apply_addon(reader, disk, partition, threads=threads)
     except AddonError as exc:
@@ -362,7 +366,6 @@ def _apply(reader: ImageReader, label: str, disk: str, partition: int | None,
         raise Failure(f"add-on {label}: {exc}; the disk was not changed") from None
     print(f"applied add-on {label} onto {disk} partition {result.target.partition} "
           f"({result.target.filesystem}): {result.files} files, {result.bytes} bytes")
-    return result
 
 
 def _apply_addons_local(images: list[str], disk: str, partition: int | None,
@@ -409,6 +412,7 @@ def _apply_addons_remote(server: str, paths: list[str], disk: str, partition: in
 
 def _make_addon_remote(server: str, path: str, source_dir: str, facts: dict[str, Any],
                        level: int, threads: int, workstation: str) -> str:
+    from .addon import make_addon
     with _server_upload(server, path, workstation, "manual", "") as (label, upload):
         try:
             stats, meta = make_addon(source_dir, upload, source=facts, level=level,
@@ -427,6 +431,7 @@ def cmd_addon_make(args: argparse.Namespace) -> int:
         if os.path.exists(args.image) and not args.overwrite:
             print(f"img: {args.image} exists (use --overwrite to replace it)", file=sys.stderr)
             return 1
+        from .addon import make_addon_file
         stats, meta = make_addon_file(args.source, args.image, source=machine_facts(),
                                       level=args.level, threads=args.threads)
         print(f"made add-on {args.image}: {meta['files']['count']} files, "
@@ -493,12 +498,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"img: {problem}", file=sys.stderr)
     if problems:
         return 1
+    from .addon import describe
     kind = f"{describe(reader.metadata)}; " if reader.metadata.get("type") == "addon" else ""
     print(f"{args.image}: {kind}{len(reader.index.entries)} chunks, all sound")
     return 0
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
+    from .usedblocks import used_map
     layout = read_layout(args.disk)
     print(f"{args.disk}: {layout.kind} table, {layout.disk_size} bytes, "
           f"sector {layout.sector_size}, id {layout.disk_id}")

@@ -35,6 +35,7 @@ from common.imagefile import DEFAULT_LEVEL, ImageReader, ImageWriter, WriteStats
 from common.imageformat import DEFAULT_CHUNK_SIZE, ImageFormatError, IndexEntry
 
 from .disk import Disk
+from .errors import AddonError
 from .usedblocks import PROBE_BYTES, detect_filesystem
 
 FILES_ROLE = "files"
@@ -49,15 +50,6 @@ WRITERS: dict[str, str] = {"ext2": "kernel", "ext3": "kernel", "ext4": "kernel",
 KERNEL_TYPES = {"ext2": "ext4", "ext3": "ext4"}     # the ext4 driver mounts them all
 
 Log = Callable[[str], None]
-
-
-class AddonError(Exception):
-    """An add-on that cannot be made or applied. `changed` says whether the target partition
-    was already written to when it failed."""
-
-    def __init__(self, message: str, changed: bool = False):
-        super().__init__(message)
-        self.changed = changed
 
 
 class RefusedMember(AddonError):

@@ -3,20 +3,25 @@
 Block devices report their size by seeking to the end; files by stat. Writes go through
 os.pwrite; `punch` gives zeros back to a sparse file cheaply (fallocate PUNCH_HOLE) and falls
 back to writing zeros on devices, where BLKZEROOUT would need root and a real device.
+
+SyncBehind flushes a disk being restored in the background, a step at a time, so the disk
+writes while the CPU decompresses instead of all at the final sync.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import errno
 import os
 import stat
+import threading
 from dataclasses import dataclass
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _ZEROS = bytes(1 << 20)
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library Python itself runs on (find_library would run ldconfig at every start).
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass
@@ -58,6 +63,8 @@ class Disk:
         if length <= 0:
             return
         if not self.is_device:
+            if self._is_hole(offset, length):
+                return
             result = _libc.fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
                                      ctypes.c_long(offset), ctypes.c_long(length))
             if result == 0:
@@ -68,16 +75,15 @@ class Disk:
             self.write(offset, _ZEROS[:size])
             offset += size
 
-    def write_behind(self, offset: int, length: int) -> None:
-        """Start writing [offset, offset+length) to the device now, without waiting, and drop
-        it from the page cache once written: a restore's final sync then finds little left
-        to do (the disk works while the CPU decompresses), and restoring a whole disk does not
-        push everything else out of memory. Advice only: errors are ignored here and any real
-        write error still surfaces at sync()."""
+    def _is_hole(self, offset: int, length: int) -> bool:
+        """Whether [offset, offset+length) of the file is a hole already (a blank disk file):
+        punching it again would cost a journal transaction and the file's lock, which the
+        writers on the other threads wait for. Where SEEK_DATA is not supported the whole file
+        counts as data, so the range is punched."""
         try:
-            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass
+            return os.lseek(self.fd, offset, os.SEEK_DATA) >= offset + length
+        except OSError as exc:
+            return exc.errno == errno.ENXIO          # no data from offset to the end
 
     def sync(self) -> None:
         os.fsync(self.fd)
@@ -92,3 +98,67 @@ class Disk:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SyncBehind:
+    """A thread that fdatasyncs the disk after every `step_bytes` written (wrote() counts
+    them), while the writers go on.
+
+    Why: the kernel keeps a restore's writes in the page cache until the final sync (a large
+    machine's dirty limits hold a whole disk image), so a restore would decompress first and
+    then wait for the disk with the CPU idle. Syncing behind overlaps the two; the final sync
+    finds little left. A sync that fails is raised by wrote() and by close() (the kernel reports
+    a write error once per open file, so it must not be dropped here). close() stops the thread;
+    use it as a context manager."""
+
+    def __init__(self, disk: Disk, step_bytes: int = 64 << 20):
+        self.disk = disk
+        self.step_bytes = step_bytes
+        self.syncs = 0
+        self._pending = 0
+        self._due = threading.Event()
+        self._stop = False
+        self._error: OSError | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="img-sync-behind", daemon=True)
+        self._thread.start()
+
+    def wrote(self, length: int) -> None:
+        """Count length bytes written; wake the thread after every step."""
+        self._raise_failure()
+        with self._lock:
+            self._pending += length
+            if self._pending >= self.step_bytes:
+                self._pending = 0
+                self._due.set()
+
+    def close(self) -> None:
+        """Stop the thread (after the sync under way, if any); raise a sync that failed."""
+        self._stop = True
+        self._due.set()
+        self._thread.join()
+        self._raise_failure()
+
+    def __enter__(self) -> "SyncBehind":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _raise_failure(self) -> None:
+        if self._error is not None:
+            raise OSError(self._error.errno, f"{self.disk.path}: writing to the disk failed: "
+                                             f"{self._error.strerror}")
+
+    def _run(self) -> None:
+        while True:
+            self._due.wait()
+            self._due.clear()
+            if self._stop:
+                return
+            try:
+                os.fdatasync(self.disk.fd)
+                self.syncs += 1
+            except OSError as exc:
+                self._error = exc
+                return

@@ -26,17 +26,14 @@ from common.disklayout import DiskLayout, DiskLayoutError, table_writes
 from common.imagefile import ImageReader
 from common.imageformat import ChunkKind, IndexEntry
 
-from .disk import Disk
+from .disk import Disk, SyncBehind
+from .errors import RestoreError
 from .shrink import (Scratch, ShrinkError, ShrinkJob, check_filesystem, check_space,
                      copy_prefix, create_scratch, minimum_size, missing_tools, refusal,
                      scratch_needed, shrink_filesystem)
 
 Progress = Callable[[int, int], None]
 MiB = 1 << 20
-
-
-class RestoreError(Exception):
-    """A restore that cannot or must not go ahead; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -207,11 +204,11 @@ def _put_chunks(reader: ImageReader, entries: list[IndexEntry], disk: Disk,
             disk.zero(offset, entry.length)
         else:
             disk.write(offset, reader.read_chunk(entry, frame_checksum_suffices=True))
-            disk.write_behind(offset, entry.length)
+            behind.wrote(entry.length)
         return entry.length
 
-    with concurrent.futures.ThreadPoolExecutor(max(1, threads),
-                                               thread_name_prefix="img-restore") as pool:
+    with SyncBehind(disk) as behind, concurrent.futures.ThreadPoolExecutor(
+            max(1, threads), thread_name_prefix="img-restore") as pool:
         window: collections.deque = collections.deque()
         try:
             for entry in entries:

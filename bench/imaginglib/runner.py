@@ -23,11 +23,14 @@ from . import ceiling, diskgen, profiling
 from .ours import OurServer
 from .peers import Pipe
 from .sysutil import (MiB, REPO, Usage, cpu_busy, drop_caches, log, machine_busy_seconds,
-                      tool_version, wait_quiet)
+                      tool_version, wait_disk_idle, wait_quiet)
 
 TOOLS = ("partclone.ext4", "partclone.dd", "zstd", "socat", "sgdisk", "sfdisk", "losetup",
          "mkfs.ext4", "e2fsck", "dumpe2fs", "mount", "umount", "dd")
 OTHER_LIMIT = 0.10
+SYNC_STEP = 64 << 20            # what img's SyncBehind uses
+WRITE_CEILINGS = (("ceiling decompress+write", 0),
+                  ("ceiling decompress+write, synced behind", SYNC_STEP))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,6 +68,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(DIR/make.prof, restore.prof); the times then include the "
                         "profiler's cost")
     return p.parse_args(argv)
+
+
+def compile_bytecode() -> None:
+    """Byte-compile img and common first, as an installed package is (the RPM does it): with
+    PYTHONDONTWRITEBYTECODE set, every img start would compile them again."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "img"),
+                    str(REPO / "common")], check=False, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONDONTWRITEBYTECODE=""))
 
 
 def parse_size(text: str) -> int:
@@ -138,6 +149,9 @@ class Bench:
         if self.a.wait_quiet > 0:
             wait_quiet(self.a.wait_quiet)
         self.dropped = drop_caches() and self.dropped
+        # The step before may have left the (virtual) disk writing back; a step that starts on
+        # a busy disk would pay for the one before.
+        wait_disk_idle(self.work)
 
     def measure(self, fn: Callable[[], Any]) -> tuple[Any, float | None, float]:
         """Run fn; (its result, machine CPU-s busy meanwhile, wall seconds)."""
@@ -232,7 +246,7 @@ class Bench:
             f"{run['client_cpu_s']} s server {run['server_cpu_s']} s")
         self.check(f"pipe restore #{rep + 1}")
 
-    def ceilings(self, rep: int = 0) -> None:
+    def sendfile_ceilings(self, rep: int = 0) -> None:
         assert self.server
         image = self.server.image
         for label, cold in (("sendfile cold", True), ("sendfile warm", False)):
@@ -247,14 +261,22 @@ class Bench:
             self.step(f"ceiling {label}").add(seconds, receiver, sender,
                                               self.other(busy, wall, receiver, sender))
             log(f"ceiling {label}: {seconds:.2f} s")
-        self.blank_target()
-        self.before_step()
-        (seconds, usage, written), busy, wall = self.measure(
-            lambda: ceiling.decompress_to_disk(image, self.target, self.a.threads))
-        self.step("ceiling decompress+write").add(seconds, usage, Usage(),
-                                                  self.other(busy, wall, usage, Usage()),
-                                                  written=written)
-        log(f"ceiling decompress+write: {seconds:.2f} s ({written / MiB:.0f} MiB written)")
+
+    def write_ceilings(self, rep: int = 0) -> None:
+        """Decompress and write, the disk left to one fsync at the end and synced behind (as
+        img does); the faster median of the two is the ceiling."""
+        assert self.server
+        image = self.server.image
+        for name, sync_step in WRITE_CEILINGS:
+            self.blank_target()
+            self.before_step()
+            (seconds, inner, usage, written), busy, wall = self.measure(
+                lambda: ceiling.decompress_to_disk_process(image, self.target, self.a.threads,
+                                                           sync_step))
+            self.step(name).add(seconds, usage, Usage(), self.other(busy, wall, usage, Usage()),
+                                written=written, inner_seconds=round(inner, 3))
+            log(f"{name}: {seconds:.2f} s as a process, {inner:.2f} s of it the work "
+                f"({written / MiB:.0f} MiB written)")
 
     # -------------------------------------------------------------- the run
     def run(self) -> int:
@@ -266,9 +288,15 @@ class Bench:
             Path(self.a.profile).mkdir(parents=True, exist_ok=True)
         # The ceilings are repeated like the rest (their final fsync varies as much as a
         # restore's on this virtual disk): every row is a median of the same number of runs.
+        # Our restore and the write ceilings run next to each other, in turns first, so that
+        # neither always follows the same step.
+        compile_bytecode()
         for rep in range(self.a.repeats):
-            for fn in (self.ours_make, self.pipe_make, self.ours_restore, self.pipe_restore,
-                       self.ceilings):
+            restores = [self.ours_restore, self.write_ceilings]
+            if rep % 2:
+                restores.reverse()
+            for fn in (self.ours_make, self.pipe_make, *restores, self.pipe_restore,
+                       self.sendfile_ceilings):
                 try:
                     fn(rep)
                 except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
@@ -295,14 +323,16 @@ class Bench:
         out.append(head)
         out.append("-" * len(head))
         names = ["ours make", "pipe make", "ours restore", "pipe restore",
-                 "ceiling sendfile cold", "ceiling sendfile warm", "ceiling decompress+write"]
+                 "ceiling sendfile cold", "ceiling sendfile warm", "ceiling decompress+write",
+                 "ceiling decompress+write, synced behind"]
         labels = {"ours make": "ours   make (img -> imgsrvd)",
                   "pipe make": "pipe   make (partclone|zstd)",
                   "ours restore": "ours   restore",
                   "pipe restore": "pipe   restore",
                   "ceiling sendfile cold": "ceiling sendfile, cold",
                   "ceiling sendfile warm": "ceiling sendfile, warm",
-                  "ceiling decompress+write": "ceiling decompress+write"}
+                  "ceiling decompress+write": "ceiling decompress+write",
+                  "ceiling decompress+write, synced behind": "ceiling ... synced behind"}
         for name in names:
             step = self.steps.get(name)
             if not step or step.seconds is None:
@@ -340,14 +370,23 @@ class Bench:
                 return None
             return sb.seconds / sa.seconds          # speed of a over speed of b
 
+        def ratio_to_ceiling(a: str) -> float | None:
+            found = [r for r in (ratio(a, name) for name, _ in WRITE_CEILINGS) if r is not None]
+            return min(found) if found else None     # against the faster ceiling
+
         ratios = {
             "make ours/pipe": ratio("ours make", "pipe make"),
             "restore ours/pipe": ratio("ours restore", "pipe restore"),
-            "restore ours/ceiling (decompress+write)": ratio("ours restore",
-                                                            "ceiling decompress+write"),
-            "pipe restore/ceiling (decompress+write)": ratio("pipe restore",
-                                                            "ceiling decompress+write"),
+            "restore ours/ceiling (decompress+write)": ratio_to_ceiling("ours restore"),
+            "pipe restore/ceiling (decompress+write)": ratio_to_ceiling("pipe restore"),
         }
+        inner = [self.steps[name].median("inner_seconds") for name, _ in WRITE_CEILINGS
+                 if self.steps.get(name)]
+        ours_restore = self.steps.get("ours restore")
+        if ours_restore and ours_restore.seconds and inner and None not in inner:
+            # The same ceilings without their process start: what the work alone took.
+            ratios["restore ours/ceiling work alone (in-process)"] = \
+                min(inner) / ours_restore.seconds
         if self.steps.get("ours make") and self.steps.get("pipe make"):
             s_ours = self.steps["ours make"].median("stored")
             s_pipe = self.steps["pipe make"].median("stored")
@@ -377,6 +416,10 @@ class Bench:
                 for name, step in self.steps.items() if len(step.runs) > 1))
         notes.append("other = share of the machine's CPUs used by other processes during the "
                      "step (median over runs)")
+        if inner and None not in inner:
+            notes.append("the write ceilings run as processes, like img, timed from spawn to "
+                         "exit; the work inside them took (median) " +
+                         " and ".join(f"{value:.2f} s" for value in inner))
         if any(s.disturbed for s in self.steps.values()):
             notes.append(f"! other processes used more than {OTHER_LIMIT:.0%} of the machine's "
                          "CPU during that step: not comparable, run again on a quiet machine")

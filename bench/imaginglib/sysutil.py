@@ -119,6 +119,38 @@ def drop_caches() -> bool:
         return False
 
 
+def _disk_counters(path: Path) -> tuple[int, int] | None:
+    """(sectors written, I/Os in flight) of the block device holding path, or None."""
+    device = os.stat(path).st_dev
+    stat_file = Path(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}/stat")
+    try:
+        fields = stat_file.read_text().split()
+        return int(fields[6]), int(fields[8])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def wait_disk_idle(path: Path, limit: float = 30.0, needed: int = 4,
+                   interval: float = 0.5, below_sectors: int = 2048) -> float:
+    """Wait up to `limit` s until the disk under path has written less than `below_sectors`
+    (1 MiB; the system's own small writes go on) per reading and has no I/O in flight, for
+    `needed` readings in a row: the writeback of the step before is done, so every step starts
+    on an idle disk. The seconds waited."""
+    started = time.monotonic()
+    last = _disk_counters(path)
+    if last is None:
+        return 0.0
+    quiet = 0
+    while quiet < needed and time.monotonic() - started < limit:
+        time.sleep(interval)
+        now = _disk_counters(path)
+        idle = now is not None and last is not None and now[0] - last[0] < below_sectors \
+            and now[1] == 0
+        quiet = quiet + 1 if idle else 0
+        last = now
+    return time.monotonic() - started
+
+
 def fsync_path(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

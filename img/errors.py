@@ -1,0 +1,18 @@
+"""The engine's failures that reach the command line, in a module of their own so `img`
+can catch them without importing what raises them (the add-on code pulls in tarfile; a
+restore should not pay for that at start)."""
+
+from __future__ import annotations
+
+
+class RestoreError(Exception):
+    """A restore that cannot or must not go ahead; the message says why."""
+
+
+class AddonError(Exception):
+    """An add-on that cannot be made or applied. `changed` says whether the target partition
+    was already written to when it failed."""
+
+    def __init__(self, message: str, changed: bool = False):
+        super().__init__(message)
+        self.changed = changed
