@@ -110,6 +110,7 @@ class Status(StrEnum):
     FAILURE = "failure"
     DENIED = "denied"
     REFERRED = "referred"
+    ASSIGNED = "assigned"   # a work query answered: the work given; its own entries follow
 
 
 class ResultsLogError(Exception):

@@ -202,7 +202,7 @@ class ImagingServer:
         line = f"{request.remote} {who}: {operation} {image_path or '-'}: {status}"
         if error:
             line += f" ({error})"
-        if status in ("success", "referred"):
+        if status in ("success", "referred", "assigned"):
             log.info("%s", line)
         else:
             log.warning("%s", line)
@@ -395,7 +395,7 @@ class ImagingServer:
         self.stats.images_received += 1
         seconds = time.monotonic() - started
         self._record(request, self._workstation(request), "upload", "success", path,
-                     size=size)
+                     image_type=upload.image_type, size=size)
         return web.json_response({"stored": path, "size": size,
                                   "seconds": round(seconds, 3)}, status=201)
 
@@ -496,7 +496,7 @@ class ImagingServer:
             self._record(request, facts.mac, operation, "referred", str(remote),
                          server=remote.server)
         else:
-            self._record(request, facts.mac, operation, "success", answer["image"])
+            self._record(request, facts.mac, operation, "assigned", answer["image"])
         log.info("%s (%s mode): %s", facts.mac, query.mode, assignment.describe())
         return web.json_response(answer)
 

@@ -119,6 +119,7 @@ class Upload:
     checker: StreamChecker
     written: int = 0
     closed: bool = False
+    image_type: str | None = None           # the stored image's metadata type, once checked
 
     @classmethod
     def begin(cls, root: str, relative: str, overwrite: bool,
@@ -184,7 +185,8 @@ class Upload:
                     raise DiskFull(disk_full_message(os.path.dirname(self.final))) from None
                 raise
             try:              # the chunks were checked as they came: now the index
-                self.checker.finish()
+                header = self.checker.finish()
+                self.image_type = str(header.metadata.get("type") or "") or None
             except ImageFormatError as exc:
                 raise BadImage(str(exc)) from None
             os.close(self.fd)

@@ -10,6 +10,8 @@
 #     e1000e), disks (virtio-blk, ata_piix, ahci, sd), loop and ext4 for add-on images;
 #   - busybox (busybox-static) with every applet linked, and the host's util-linux losetup,
 #     mount, umount and mtools (what img runs for add-on images);
+#   - partclone's programs for ext2/3/4, FAT, NTFS, XFS and btrfs (what img runs to learn a
+#     partition's used blocks when it makes an image);
 #   - the host's Debian /usr/bin/python3.11 with its shared libraries and a pruned stdlib (with
 #     the __pycache__ Debian compiled: nothing is compiled under emulation at boot);
 #   - Debian's python3-zstandard for that interpreter;
@@ -48,6 +50,13 @@ MODULE_GLOBS=('drivers/ata/*' 'drivers/block/*' 'drivers/net/*' 'drivers/scsi/*'
 # when present; name -> folder in the initramfs.
 HOST_TOOLS=(/usr/sbin/losetup /usr/bin/mount /usr/bin/umount /usr/bin/mtools)
 MTOOLS_LINKS=(mcopy mmd mdir mattrib)
+# partclone's programs for the filesystems whose used blocks img maps (img/usedblocks.py), so an
+# image made in the environment stores used blocks only, not whole partitions; and the names
+# Debian links to them (link:program).
+PARTCLONE_TOOLS=(/usr/sbin/partclone.extfs /usr/sbin/partclone.fat /usr/sbin/partclone.ntfs
+                 /usr/sbin/partclone.xfs /usr/sbin/partclone.btrfs)
+PARTCLONE_LINKS=(partclone.ext2:partclone.extfs partclone.ext3:partclone.extfs
+                 partclone.ext4:partclone.extfs partclone.vfat:partclone.fat)
 # stdlib parts the engine never uses (and the big ones): left out of the initramfs.
 STDLIB_EXCLUDES=(test idlelib tkinter turtledemo ensurepip lib2to3 pydoc_data distutils unittest
                  'config-3.11-*' site-packages dist-packages sqlite3 curses dbm venv
@@ -142,7 +151,7 @@ build_key() {
     sha256sum "$HERE/build.sh" "$HERE/init" "$PYTHON" "$BUSYBOX"
     (cd "$REPO" && sha256sum "${ENGINE_FILES[@]}")
     dpkg-query -W python3.11 libpython3.11-stdlib libpython3.11-minimal libc6 busybox-static \
-      util-linux mount mtools 2>/dev/null || true
+      util-linux mount mtools partclone 2>/dev/null || true
     basename "$KERNEL_DEB"; basename "$ZSTD_DEB"
   } | sha256sum | cut -d' ' -f1
 }
@@ -211,6 +220,30 @@ install_host_tools() {
   if [ -x "$root/usr/bin/mtools" ]; then
     for tool in "${MTOOLS_LINKS[@]}"; do ln -s mtools "$root/usr/bin/$tool"; done
   fi
+  for tool in "${PARTCLONE_TOOLS[@]}"; do
+    if [ ! -x "$tool" ]; then
+      log "warning: $tool missing: images made in the environment store that filesystem whole"
+      continue
+    fi
+    cp "$tool" "$root$tool"
+    copy_libs "$root" "$tool"
+  done
+  # glibc loads libgcc_s at run time (dlopen, so ldd does not list it) for pthread_exit and
+  # thread cancellation; partclone's threads end that way, and abort without it.
+  local gcc_s
+  gcc_s=$(ldconfig -p | awk '/libgcc_s\.so\.1 .*x86-64/ {print $NF; exit}')
+  if [ -n "$gcc_s" ]; then
+    mkdir -p "$root$(dirname "$gcc_s")"
+    cp -L "$gcc_s" "$root$gcc_s"
+    copy_libs "$root" "$gcc_s"
+  else
+    log "warning: libgcc_s.so.1 not found: partclone will abort when its threads end"
+  fi
+  local link
+  for link in "${PARTCLONE_LINKS[@]}"; do
+    [ -x "$root/usr/sbin/${link#*:}" ] && ln -s "${link#*:}" "$root/usr/sbin/${link%%:*}"
+  done
+  return 0
 }
 
 # Copy the shared libraries FILE needs (ldd) into ROOT at the same paths.
@@ -298,6 +331,22 @@ import zstandard, hashlib, ctypes, ${imports%, }; hashlib.blake2b(b'')" \
       timeout 30 chroot "$root" /usr/sbin/losetup --version >/dev/null \
         || die "losetup in the initramfs does not start"
     fi
+    local tool
+    for tool in "$root"/usr/sbin/partclone.*; do
+      [ -e "$tool" ] || continue
+      timeout 30 chroot "$root" "${tool#$root}" -v >/dev/null \
+        || die "${tool#$root} in the initramfs does not start"
+    done
+    # A real map, as img makes one: partclone's threads must be able to end (libgcc_s).
+    if [ -x "$root/usr/sbin/partclone.extfs" ] && command -v mkfs.ext4 >/dev/null; then
+      mkdir -p "$root/tmp"
+      truncate -s 4M "$root/tmp/self-test.ext4"
+      timeout 60 mkfs.ext4 -q -F "$root/tmp/self-test.ext4"
+      timeout 60 chroot "$root" /usr/sbin/partclone.extfs -D -s /tmp/self-test.ext4 \
+          -o /tmp/self-test.domain -L /tmp/self-test.log -q >/dev/null 2>&1 \
+        || die "partclone.extfs in the initramfs cannot map an ext4: $(tail -2 "$root/tmp/self-test.log" 2>/dev/null)"
+      rm -f "$root"/tmp/self-test.*
+    fi
   else
     log "not root: skipping the chroot import check"
   fi
@@ -318,6 +367,8 @@ write_manifest() {
     echo "python: $("$PYTHON" -V 2>&1) ($(dpkg-query -W -f='${Version}' python3.11 2>/dev/null))"
     echo "zstandard: $(basename "$ZSTD_DEB")"
     echo "busybox: $(dpkg-query -W -f='${Version}' busybox-static 2>/dev/null)"
+    echo "partclone: $(dpkg-query -W -f='${Version}' partclone 2>/dev/null)" \
+      "($(cd "$root/usr/sbin" && ls partclone.* 2>/dev/null | tr '\n' ' '))"
     echo "engine: ${ENGINE_FILES[*]}"
     echo "tree: $(du -sh "$root" | cut -f1)"
   } >"$file"

@@ -116,6 +116,15 @@ def make_addon(tree: Mapping[str, bytes], folder: Path, image: Path) -> str:
     return proc.stdout
 
 
+def image_metadata(image: Path) -> dict:
+    """The metadata of an image file (common/imagefile.py's reader)."""
+    sys.path.insert(0, str(netlab.REPO_ROOT))
+    from common.imagefile import ImageReader
+
+    with open(image, "rb") as handle:
+        return ImageReader(handle, str(image)).metadata
+
+
 def partition_table(disk: Path) -> list[tuple[int, int, str]]:
     """(start, size, type) in bytes of each partition, from sfdisk --json."""
     table = json.loads(run_checked(["sfdisk", "--json", str(disk)], 30).stdout)["partitiontable"]

@@ -15,15 +15,23 @@ which answers `preboot-answer: imaging restore lab/base.img` and loads the imagi
 asks imgsrvd, restores the image onto /dev/vda, reports the result, and the VM powers off.
 Then the VM's disk file must hold the partition table and an ext4 with every file identical,
 and imgsrvd must have logged a successful download and counted one image sent.
+
+A second VM (SMBIOS product "Imaging Make E2E") has a disk with that ext4 on it and the policy
+makes an image of it to lab/captured.img: the environment's partclone maps the used blocks, img
+uploads them, and the image on the server must store the ext4's used blocks only, verify, and
+restore on the host into a disk whose ext4 is fsck-clean with every file identical; the VM's
+disk must be unchanged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -40,6 +48,10 @@ MAC_ID = MAC.replace(":", "").upper()          # how imgsrvd names a machine wit
 SMBIOS = "type=1,manufacturer=Preboot Lab,product=Imaging E2E,serial=IMG-0001"
 IMAGE = "lab/base.img"
 ADDON = "lab/drivers.add"
+MAKE_MAC = "52:54:00:ab:00:02"
+MAKE_MAC_ID = MAKE_MAC.replace(":", "").upper()
+MAKE_SMBIOS = "type=1,manufacturer=Preboot Lab,product=Imaging Make E2E,serial=IMG-0002"
+CAPTURED = "lab/captured.img"
 MiB = imagingenv.MiB
 DISK_SIZE = 40 * MiB
 PART = (1 * MiB, 32 * MiB)                     # (offset, size) of the ext4 partition
@@ -69,6 +81,10 @@ filter = "product = 'Imaging E2E' and platform = pcbios"
 action = restore
 image = {IMAGE}
 addons = {ADDON}
+[[Capture lab]]
+filter = "product = 'Imaging Make E2E' and platform = pcbios"
+action = make
+image = {CAPTURED}
 """
 
 # Complete lines only: the serial log is read while the VM writes it.
@@ -120,20 +136,30 @@ def base_image(tmp_path_factory) -> tuple[Path, Path]:
     return image, addon
 
 
-def test_vm_is_imaged_by_the_imaging_environment(imaging_env: Path, base_image: tuple[Path, Path],
-                                                 lab: netlab.Lab, tmp_path: Path,
-                                                 record_boot_time):
-    image, addon = base_image
+@dataclass
+class ImagingBoot:
+    """What one VM's trip through the imaging environment left: its console, the daemons."""
+
+    result: netlab.BootResult
+    exit_status: int | None
+    serial: str
+    diag: str
+    imgsrvd: netlab.Daemon
+    policyd: netlab.Daemon
+
+
+def _boot_into_imaging(lab: netlab.Lab, tmp_path: Path, imaging_env: Path,
+                       images: dict[str, bytes], image_root: Path, vm_disk: Path, mac: str,
+                       smbios: str, name: str) -> ImagingBoot:
+    """The whole stack in the lab (the policy above, `images` under ImageRoot), one BIOS VM
+    with vm_disk booted until its environment says done and powers off."""
     root = tmp_path / "tftproot"
     netlab.stage_ipxe_binaries(root)
     imagingenv.stage_imaging_env(imaging_env, root)
-    image_root = tmp_path / "images"
-    (image_root / "lab").mkdir(parents=True)
-    (image_root / IMAGE).write_bytes(image.read_bytes())
-    (image_root / ADDON).write_bytes(addon.read_bytes())
-    vm_disk = tmp_path / "vm.disk"
-    with open(vm_disk, "wb") as f:
-        f.truncate(DISK_SIZE)
+    for path, data in images.items():
+        (image_root / path).parent.mkdir(parents=True, exist_ok=True)
+        (image_root / path).write_bytes(data)
+    (image_root / "lab").mkdir(parents=True, exist_ok=True)
 
     setup = netlab.build_proxy_lab(lab, "flat", root, {
         "IPXEScriptURL": f"http://{{server}}:{POLICY_PORT}/boot.ipxe"})
@@ -149,18 +175,31 @@ def test_vm_is_imaged_by_the_imaging_environment(imaging_env: Path, base_image: 
         "IPAddress": setup.server_ip, "Port": POLICY_PORT, "Directory": url,
         "KernelArgs": "console=ttyS0 quiet panic=-1"})
 
-    spec = netlab.VmSpec("bios", nic="virtio-net-pci", mac=MAC, name="imaging", memory_mb=512,
-                         extra=("-smbios", SMBIOS,
+    spec = netlab.VmSpec("bios", nic="virtio-net-pci", mac=mac, name=name, memory_mb=512,
+                         extra=("-smbios", smbios,
                                 "-drive", f"file={vm_disk},if=virtio,format=raw"))
     vm = netlab.start_vm(lab, srv_ns, spec)
     result = netlab.wait_for_marker(vm, DONE, TIMEOUT)
     exit_status = imagingenv.wait_for_exit(vm, 30) if result.ok else None
     lab.stop(vm.proc)
-    serial = result.serial_text()
     diag = (f"{result.reason}\n--- serial ---\n{netlab.tail(result.serial_log, 60)}"
             f"\n--- policyd log ---\n{netlab.tail(policyd.log, 15)}"
             f"\n--- imgsrvd log ---\n{netlab.tail(imgsrvd.log, 25)}"
             f"\n--- tftpd log ---\n{netlab.tail(setup.tftpd.log, 10)}")
+    return ImagingBoot(result, exit_status, result.serial_text(), diag, imgsrvd, policyd)
+
+
+def test_vm_is_imaged_by_the_imaging_environment(imaging_env: Path, base_image: tuple[Path, Path],
+                                                 lab: netlab.Lab, tmp_path: Path,
+                                                 record_boot_time):
+    image, addon = base_image
+    vm_disk = tmp_path / "vm.disk"
+    with open(vm_disk, "wb") as f:
+        f.truncate(DISK_SIZE)
+    boot = _boot_into_imaging(lab, tmp_path, imaging_env,
+                              {IMAGE: image.read_bytes(), ADDON: addon.read_bytes()},
+                              tmp_path / "images", vm_disk, MAC, SMBIOS, "imaging")
+    result, serial, diag = boot.result, boot.serial, boot.diag
     assert result.ok, diag
     record_boot_time(result.elapsed, f"(imaging env) {result.match[0].strip()}")
 
@@ -169,7 +208,7 @@ def test_vm_is_imaged_by_the_imaging_environment(imaging_env: Path, base_image: 
     for marker in ENV_MARKERS:
         assert marker.search(serial), f"no {marker.pattern!r} on the console\n{diag}"
     assert result.match["code"] == "0", diag
-    assert exit_status is not None, f"the VM did not power off after the imaging\n{diag}"
+    assert boot.exit_status is not None, f"the VM did not power off after the imaging\n{diag}"
 
     imagingenv.check_restored_disk(vm_disk, {**FILES, **ADDON_FILES}, PART, tmp_path)
 
@@ -177,14 +216,78 @@ def test_vm_is_imaged_by_the_imaging_environment(imaging_env: Path, base_image: 
     # its MAC: the environment has no host name of its own to report
     entries = imagingenv.results(lab)
     assert entries and all(e.workstation == MAC_ID for e in entries), f"{entries}\n{diag}"
+    assigned = [(e.operation, e.image_path) for e in entries if e.status == "assigned"]
+    assert assigned == [("download", IMAGE)], f"{entries}\n{diag}"
     reported = [e for e in entries if e.operation == "download" and e.image_type == "base"]
     assert [(e.status, e.image_path) for e in reported] == [("success", IMAGE)], \
         f"{entries}\n{diag}"
     laid_on = [e for e in entries if e.operation == "download" and e.image_type == "addon"]
     assert [(e.status, e.image_path) for e in laid_on] == [("success", ADDON)], \
         f"{entries}\n{diag}"
-    counters = imgsrvd.wait_counters(lambda c: c.get("images_sent", 0) >= 2)
+    counters = boot.imgsrvd.wait_counters(lambda c: c.get("images_sent", 0) >= 2)
     assert counters["images_sent"] == 2, counters      # the base image and the add-on
     assert counters["failures"] == 0, counters
-    policy_counters = policyd.counters()
+    policy_counters = boot.policyd.counters()
     assert policy_counters["work_assigned"] == 1, policy_counters
+
+
+MAKE_MARKERS = (
+    re.compile(r"preboot-env: work make lab/captured\.img server 192\.168\.77\.2 mac \S+"),
+    re.compile(r"preboot-env: running img auto --disk /dev/vda --server 192\.168\.77\.2"),
+    re.compile(r"made //192\.168\.77\.2(:998)?/lab/captured\.img"),
+)
+
+
+def test_vm_disk_is_captured_by_the_imaging_environment(imaging_env: Path, lab: netlab.Lab,
+                                                        tmp_path: Path, record_boot_time):
+    if os.geteuid() != 0 or imagingenv.missing_tools(imagingenv.DISK_TOOLS):
+        pytest.skip("e2e imaging: needs root and " + ", ".join(imagingenv.DISK_TOOLS))
+    vm_disk = imagingenv.make_source_disk(tmp_path / "vm.disk", FILES, DISK_SIZE, PART)
+    before = hashlib.sha256(vm_disk.read_bytes()).hexdigest()
+    image_root = tmp_path / "images"
+    boot = _boot_into_imaging(lab, tmp_path, imaging_env, {}, image_root, vm_disk, MAKE_MAC,
+                              MAKE_SMBIOS, "capture")
+    result, serial, diag = boot.result, boot.serial, boot.diag
+    assert result.ok, diag
+    record_boot_time(result.elapsed, f"(imaging env, make) {result.match[0].strip()}")
+    answer = ANSWER.search(serial)
+    assert answer and answer["rest"].startswith(f"make an image to {CAPTURED}"), diag
+    for marker in MAKE_MARKERS:
+        assert marker.search(serial), f"no {marker.pattern!r} on the console\n{diag}"
+    assert result.match["code"] == "0", diag
+    assert boot.exit_status is not None, f"the VM did not power off after the imaging\n{diag}"
+    assert hashlib.sha256(vm_disk.read_bytes()).hexdigest() == before, \
+        "making an image changed the VM's disk"
+
+    # The image on the server: complete (nothing but it in the folder), sound, and made from
+    # partclone's map of the ext4 (used blocks only), not from the whole partition.
+    captured = image_root / CAPTURED
+    assert sorted(p.name for p in captured.parent.iterdir()) == ["captured.img"], diag
+    env = dict(os.environ, PYTHONPATH=str(netlab.REPO_ROOT))
+    imagingenv.run_checked([sys.executable, "-m", "img", "verify", str(captured)], 120, env=env)
+    meta = imagingenv.image_metadata(captured)
+    ext4 = [s for s in meta["streams"] if s.get("partition") == 1]
+    assert len(ext4) == 1 and ext4[0].get("filesystem") == "ext4", meta["streams"]
+    assert "partclone" in ext4[0].get("map", ""), ext4[0]
+    assert ext4[0]["used_bytes"] < PART[1] // 2, ext4[0]
+    assert meta["source"].get("mac", "").upper().replace(":", "") == MAKE_MAC_ID, meta["source"]
+    assert meta["source"].get("product") == "Imaging Make E2E", meta["source"]
+
+    restored = tmp_path / "restored.disk"
+    with open(restored, "wb") as f:
+        f.truncate(DISK_SIZE)
+    imagingenv.run_checked([sys.executable, "-m", "img", "restore", "--disk", str(restored),
+                            str(captured)], 120, env=env)
+    imagingenv.check_restored_disk(restored, FILES, PART, tmp_path)
+
+    # The assignment, the server's record of the store (the type read from the image), the
+    # engine's report: all of the machine, named by its MAC.
+    entries = imagingenv.results(lab)
+    uploads = [(e.workstation, e.image_type, e.status, e.image_path)
+               for e in entries if e.operation == "upload"]
+    assert uploads == [(MAKE_MAC_ID, None, "assigned", CAPTURED),
+                       (MAKE_MAC_ID, "base", "success", CAPTURED),
+                       (MAKE_MAC_ID, "base", "success", CAPTURED)], f"{entries}\n{diag}"
+    assert [e.bytes for e in entries if e.operation == "upload"][1] == captured.stat().st_size
+    counters = boot.imgsrvd.wait_counters(lambda c: c.get("images_received", 0) >= 1)
+    assert counters["images_received"] == 1 and counters["failures"] == 0, counters

@@ -369,9 +369,14 @@ def test_auto_follows_the_rules(imgsrvd_factory, source_disk, tmp_path):
                  "--fact", "disk_mb=10")
     assert "no work" in result.stdout
     assert untouched.read_bytes() == bytes(DISK_SIZE)
+    # The log has the work each machine was assigned (named by its MAC: the query's facts) and
+    # then each download it did.
     assert wait_for(lambda: {(e.workstation, e.image_path) for e in server.results("download")
-                             if e.status == "success"} >= {("525400000001", "lab/big.img"),
-                                                           ("525400000002", "lab/small.img")})
+                             if e.status == "assigned"} == {("525400000001", "lab/big.img"),
+                                                            ("525400000002", "lab/small.img")})
+    assert wait_for(lambda: {e.image_path for e in server.results("download")
+                             if e.status == "success"} >= {"lab/big.img", "lab/small.img",
+                                                           "lab/apps.img"})
 
 
 def test_auto_follows_a_referral_to_another_server(imgsrvd_factory, source_disk, tmp_path):
