@@ -34,6 +34,7 @@ MARKER = "preboot-answer:"
 CHOICE_SETTING = "preboot-item"
 LOCAL_BIOS = "sanboot --no-describe --drive 0x80 || exit"
 LOCAL_EFI = "exit"
+INITRD_NAME = "initrd"      # the imaging initrd's image name in iPXE, and initrd= for the kernel
 # Platform unknown: decide on the machine. `iseq` fails on EFI, so `exit` runs; on BIOS a
 # failed sanboot falls through to `exit` as well.
 LOCAL_ANY = "iseq ${platform} pcbios && sanboot --no-describe --drive 0x80 || exit"
@@ -94,8 +95,10 @@ def imaging_lines(settings: Settings, work: str, action: Action | None, server: 
         args.append(f"preboot.mac={encode_arg(mac)}")
     kernel = _substitute(settings.imaging_kernel, server)
     initrd = _substitute(settings.imaging_initrd, server)
-    return [f"kernel {kernel} {' '.join(args)} || goto failed",
-            f"initrd {initrd} || goto failed",
+    # A UEFI kernel (EFI stub) finds its initrd only by the name on its command line (iPXE
+    # offers downloaded images by name); BIOS kernels ignore the argument.
+    return [f"kernel {kernel} initrd={INITRD_NAME} {' '.join(args)} || goto failed",
+            f"initrd --name {INITRD_NAME} {initrd} || goto failed",
             "boot || goto failed"]
 
 

@@ -16,7 +16,8 @@ asks imgsrvd, restores the image onto /dev/vda, reports the result, and the VM p
 Then the VM's disk file must hold the partition table and an ext4 with every file identical,
 and imgsrvd must have logged a successful download and counted one image sent.
 
-A second VM (SMBIOS product "Imaging Make E2E") has a disk with that ext4 on it and the policy
+A UEFI VM (OVMF's PXE client, our ipxe.efi) is imaged the same way by a `platform = efi` rule.
+A third VM (SMBIOS product "Imaging Make E2E") has a disk with that ext4 on it and the policy
 makes an image of it to lab/captured.img: the environment's partclone maps the used blocks, img
 uploads them, and the image on the server must store the ext4's used blocks only, verify, and
 restore on the host into a disk whose ext4 is fsck-clean with every file identical; the VM's
@@ -48,6 +49,8 @@ MAC_ID = MAC.replace(":", "").upper()          # how imgsrvd names a machine wit
 SMBIOS = "type=1,manufacturer=Preboot Lab,product=Imaging E2E,serial=IMG-0001"
 IMAGE = "lab/base.img"
 ADDON = "lab/drivers.add"
+UEFI_MAC = "52:54:00:ab:00:03"
+UEFI_SMBIOS = "type=1,manufacturer=Preboot Lab,product=Imaging UEFI E2E,serial=IMG-0003"
 MAKE_MAC = "52:54:00:ab:00:02"
 MAKE_MAC_ID = MAKE_MAC.replace(":", "").upper()
 MAKE_SMBIOS = "type=1,manufacturer=Preboot Lab,product=Imaging Make E2E,serial=IMG-0002"
@@ -81,6 +84,10 @@ filter = "product = 'Imaging E2E' and platform = pcbios"
 action = restore
 image = {IMAGE}
 addons = {ADDON}
+[[UEFI lab]]
+filter = "product = 'Imaging UEFI E2E' and platform = efi"
+action = restore
+image = {IMAGE}
 [[Capture lab]]
 filter = "product = 'Imaging Make E2E' and platform = pcbios"
 action = make
@@ -150,9 +157,11 @@ class ImagingBoot:
 
 def _boot_into_imaging(lab: netlab.Lab, tmp_path: Path, imaging_env: Path,
                        images: dict[str, bytes], image_root: Path, vm_disk: Path, mac: str,
-                       smbios: str, name: str) -> ImagingBoot:
-    """The whole stack in the lab (the policy above, `images` under ImageRoot), one BIOS VM
-    with vm_disk booted until its environment says done and powers off."""
+                       smbios: str, name: str, firmware: netlab.Firmware = "bios"
+                       ) -> ImagingBoot:
+    """The whole stack in the lab (the policy above, `images` under ImageRoot), one VM with
+    vm_disk booted until its environment says done and powers off. BIOS: SeaBIOS with qemu's
+    iPXE ROM; UEFI: OVMF's own PXE client (architecture 7), which loads our ipxe.efi."""
     root = tmp_path / "tftproot"
     netlab.stage_ipxe_binaries(root)
     imagingenv.stage_imaging_env(imaging_env, root)
@@ -175,8 +184,8 @@ def _boot_into_imaging(lab: netlab.Lab, tmp_path: Path, imaging_env: Path,
         "IPAddress": setup.server_ip, "Port": POLICY_PORT, "Directory": url,
         "KernelArgs": "console=ttyS0 quiet panic=-1"})
 
-    spec = netlab.VmSpec("bios", nic="virtio-net-pci", mac=mac, name=name, memory_mb=512,
-                         extra=("-smbios", smbios,
+    spec = netlab.VmSpec(firmware, nic="virtio-net-pci", nic_rom=firmware == "bios", mac=mac,
+                         name=name, memory_mb=512, extra=("-smbios", smbios,
                                 "-drive", f"file={vm_disk},if=virtio,format=raw"))
     vm = netlab.start_vm(lab, srv_ns, spec)
     result = netlab.wait_for_marker(vm, DONE, TIMEOUT)
@@ -229,6 +238,41 @@ def test_vm_is_imaged_by_the_imaging_environment(imaging_env: Path, base_image: 
     assert counters["failures"] == 0, counters
     policy_counters = boot.policyd.counters()
     assert policy_counters["work_assigned"] == 1, policy_counters
+
+
+def test_uefi_vm_is_imaged_by_the_imaging_environment(imaging_env: Path,
+                                                      base_image: tuple[Path, Path],
+                                                      lab: netlab.Lab, tmp_path: Path,
+                                                      record_boot_time):
+    """The same environment (Debian's kernel is an EFI stub) booted by OVMF -> ipxe.efi ->
+    policyd's script -> linux + initrd; the efi rule restores the base image."""
+    missing = [str(f) for f in netlab.firmware_files("uefi") if not Path(f).exists()]
+    if missing:
+        pytest.skip("e2e imaging UEFI: no " + ", ".join(missing))
+    image, _addon = base_image
+    vm_disk = tmp_path / "vm.disk"
+    with open(vm_disk, "wb") as f:
+        f.truncate(DISK_SIZE)
+    boot = _boot_into_imaging(lab, tmp_path, imaging_env, {IMAGE: image.read_bytes()},
+                              tmp_path / "images", vm_disk, UEFI_MAC, UEFI_SMBIOS, "uefi-imaging",
+                              firmware="uefi")
+    result, serial, diag = boot.result, boot.serial, boot.diag
+    assert result.ok, diag
+    record_boot_time(result.elapsed, f"(imaging env, UEFI) {result.match[0].strip()}")
+    answer = ANSWER.search(serial)
+    assert answer and answer["rest"].startswith(f"restore {IMAGE}"), diag
+    assert re.search(r"preboot-env: work restore lab/base\.img server 192\.168\.77\.2", serial), \
+        diag
+    assert result.match["code"] == "0", diag
+    assert boot.exit_status is not None, f"the VM did not power off after the imaging\n{diag}"
+    imagingenv.check_restored_disk(vm_disk, FILES, PART, tmp_path)
+    policy_log = netlab.read_text(boot.policyd.log)
+    assert "(efi): imaging; rule 'UEFI lab'" in policy_log, diag
+    entries = imagingenv.results(lab)
+    reported = [(e.workstation, e.status, e.image_path) for e in entries
+                if e.operation == "download" and e.image_type == "base"]
+    assert reported == [(UEFI_MAC.replace(":", "").upper(), "success", IMAGE)], \
+        f"{entries}\n{diag}"
 
 
 MAKE_MARKERS = (

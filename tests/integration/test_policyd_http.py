@@ -176,10 +176,10 @@ def test_answers_follow_the_directory(policyd):
     body = policyd.policy(**DELL)             # the very next query sees the change
     assert marker(body) == "preboot-answer: imaging restore dell/base.zmg + add-ons dell/drv.zmg"
     assert kernel_line(body) == (
-        "kernel tftp://127.0.0.1/preboot/linux console=ttyS0 console=tty0 quiet "
+        "kernel tftp://127.0.0.1/preboot/linux initrd=initrd console=ttyS0 console=tty0 quiet "
         "preboot.server=127.0.0.1 preboot.work=restore preboot.image=dell/base.zmg "
         f"preboot.addons=dell/drv.zmg preboot.mac={MAC_NORM} || goto failed")
-    assert "initrd tftp://127.0.0.1/preboot/initrd || goto failed" in body
+    assert "initrd --name initrd tftp://127.0.0.1/preboot/initrd || goto failed" in body
 
     # efi, and too little RAM for the rule: local, the UEFI way
     body = policyd.policy(**{**DELL, "platform": "efi", "arch": "x86_64", "ram_mb": "2048"})
@@ -410,7 +410,7 @@ def test_sighup_reload_applies_new_settings(policyd, workdir):
     policyd.signal(signal.SIGHUP)
     assert wait_for(lambda: "configuration reloaded" in policyd.log())
     line = kernel_line(policyd.policy(**DELL))
-    assert line.startswith("kernel http://127.0.0.1/linux quiet preboot.server=127.0.0.1 ")
+    assert line.startswith("kernel http://127.0.0.1/linux initrd=initrd quiet preboot.server=127.0.0.1 ")
     assert "preboot.image=b.zmg" in line
     assert policyd.status()["pid"] == pid
     # a bad config on reload keeps the running one

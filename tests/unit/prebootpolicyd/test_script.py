@@ -50,6 +50,7 @@ class Machine:
     choice: str | None = None          # None: choose times out (its default); "ESC": cancelled
     failing: frozenset = frozenset()   # commands that fail: kernel, initrd, boot, sanboot, chain
     effects: list = field(default_factory=list)
+    initrd_names: list = field(default_factory=list)   # initrd --name NAME, in order
     expanded: set = field(default_factory=set)
     settings: dict = field(default_factory=dict)
     items: list = field(default_factory=list)
@@ -148,6 +149,9 @@ class Machine:
             self.effects.append(("choose", chosen, int(options.get("--timeout", "0"))))
             return 0, None
         if name in ("kernel", "initrd"):
+            if args[:1] == ["--name"]:           # initrd --name NAME URI
+                self.initrd_names.append(args[1])
+                args = args[2:]
             self.effects.append((name, args[0], args[1:]))
             return fails, None
         if name in ("boot", "sanboot", "exit", "chain"):
@@ -184,16 +188,21 @@ def markers(m: Machine) -> list[str]:
 
 
 def kernel(m: Machine) -> tuple[str, dict[str, str], list[str]]:
-    """The kernel URL, its preboot.* arguments (decoded) and the other arguments."""
+    """The kernel URL, its preboot.* arguments (decoded) and the other arguments. The initrd=
+    arguments must name exactly the initrds the script loaded (a UEFI kernel finds its initrd
+    only that way)."""
     found = [effect for effect in m.effects if effect[0] == "kernel"]
     assert len(found) == 1, m.effects
-    preboot, other = {}, []
+    preboot, other, initrds = {}, [], []
     for arg in found[0][2]:
-        if arg.startswith("preboot."):
+        if arg.startswith("initrd="):
+            initrds.append(arg[len("initrd="):])
+        elif arg.startswith("preboot."):
             key, _, value = arg.partition("=")
             preboot[key[len("preboot."):]] = value
         else:
             other.append(arg)
+    assert initrds == m.initrd_names == ["initrd"], (initrds, m.initrd_names)
     return found[0][1], preboot, other
 
 
