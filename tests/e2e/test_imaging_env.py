@@ -198,6 +198,21 @@ def _boot_into_imaging(lab: netlab.Lab, tmp_path: Path, imaging_env: Path,
     return ImagingBoot(result, exit_status, result.serial_text(), diag, imgsrvd, policyd)
 
 
+def _check_boot(boot: ImagingBoot, record_boot_time, label: str, answer: str,
+                markers: tuple[re.Pattern[str], ...]) -> None:
+    """The VM got `answer` from policyd, its console showed every marker, img exited 0 and
+    the VM powered itself off."""
+    result, diag = boot.result, boot.diag
+    assert result.ok, diag
+    record_boot_time(result.elapsed, f"({label}) {result.match[0].strip()}")
+    found = ANSWER.search(boot.serial)
+    assert found and found["rest"].startswith(answer), diag
+    for marker in markers:
+        assert marker.search(boot.serial), f"no {marker.pattern!r} on the console\n{diag}"
+    assert result.match["code"] == "0", diag
+    assert boot.exit_status is not None, f"the VM did not power off after the imaging\n{diag}"
+
+
 def test_vm_is_imaged_by_the_imaging_environment(imaging_env: Path, base_image: tuple[Path, Path],
                                                  lab: netlab.Lab, tmp_path: Path,
                                                  record_boot_time):
@@ -208,16 +223,8 @@ def test_vm_is_imaged_by_the_imaging_environment(imaging_env: Path, base_image: 
     boot = _boot_into_imaging(lab, tmp_path, imaging_env,
                               {IMAGE: image.read_bytes(), ADDON: addon.read_bytes()},
                               tmp_path / "images", vm_disk, MAC, SMBIOS, "imaging")
-    result, serial, diag = boot.result, boot.serial, boot.diag
-    assert result.ok, diag
-    record_boot_time(result.elapsed, f"(imaging env) {result.match[0].strip()}")
-
-    answer = ANSWER.search(serial)
-    assert answer and answer["rest"].startswith(f"restore {IMAGE}"), diag
-    for marker in ENV_MARKERS:
-        assert marker.search(serial), f"no {marker.pattern!r} on the console\n{diag}"
-    assert result.match["code"] == "0", diag
-    assert boot.exit_status is not None, f"the VM did not power off after the imaging\n{diag}"
+    _check_boot(boot, record_boot_time, "imaging env", f"restore {IMAGE}", ENV_MARKERS)
+    diag = boot.diag
 
     imagingenv.check_restored_disk(vm_disk, {**FILES, **ADDON_FILES}, PART, tmp_path)
 
@@ -256,15 +263,9 @@ def test_uefi_vm_is_imaged_by_the_imaging_environment(imaging_env: Path,
     boot = _boot_into_imaging(lab, tmp_path, imaging_env, {IMAGE: image.read_bytes()},
                               tmp_path / "images", vm_disk, UEFI_MAC, UEFI_SMBIOS, "uefi-imaging",
                               firmware="uefi")
-    result, serial, diag = boot.result, boot.serial, boot.diag
-    assert result.ok, diag
-    record_boot_time(result.elapsed, f"(imaging env, UEFI) {result.match[0].strip()}")
-    answer = ANSWER.search(serial)
-    assert answer and answer["rest"].startswith(f"restore {IMAGE}"), diag
-    assert re.search(r"preboot-env: work restore lab/base\.img server 192\.168\.77\.2", serial), \
-        diag
-    assert result.match["code"] == "0", diag
-    assert boot.exit_status is not None, f"the VM did not power off after the imaging\n{diag}"
+    _check_boot(boot, record_boot_time, "imaging env, UEFI", f"restore {IMAGE}",
+                (re.compile(r"preboot-env: work restore lab/base\.img server 192\.168\.77\.2"),))
+    diag = boot.diag
     imagingenv.check_restored_disk(vm_disk, FILES, PART, tmp_path)
     policy_log = netlab.read_text(boot.policyd.log)
     assert "(efi): imaging; rule 'UEFI lab'" in policy_log, diag
@@ -291,15 +292,9 @@ def test_vm_disk_is_captured_by_the_imaging_environment(imaging_env: Path, lab: 
     image_root = tmp_path / "images"
     boot = _boot_into_imaging(lab, tmp_path, imaging_env, {}, image_root, vm_disk, MAKE_MAC,
                               MAKE_SMBIOS, "capture")
-    result, serial, diag = boot.result, boot.serial, boot.diag
-    assert result.ok, diag
-    record_boot_time(result.elapsed, f"(imaging env, make) {result.match[0].strip()}")
-    answer = ANSWER.search(serial)
-    assert answer and answer["rest"].startswith(f"make an image to {CAPTURED}"), diag
-    for marker in MAKE_MARKERS:
-        assert marker.search(serial), f"no {marker.pattern!r} on the console\n{diag}"
-    assert result.match["code"] == "0", diag
-    assert boot.exit_status is not None, f"the VM did not power off after the imaging\n{diag}"
+    _check_boot(boot, record_boot_time, "imaging env, make", f"make an image to {CAPTURED}",
+                MAKE_MARKERS)
+    diag = boot.diag
     assert hashlib.sha256(vm_disk.read_bytes()).hexdigest() == before, \
         "making an image changed the VM's disk"
 
