@@ -209,7 +209,11 @@ class ReadTransfer(Transfer):
             self.release()
             return True
         if acked < self.next - 1:
-            self.next = acked + 1  # the client lost a block inside the window: restart after it
+            # The client lost a block inside the window: restart after it. The blocks already
+            # sent that this window sends again are resent blocks, as after a timeout.
+            end = min(acked + self.window, self.last_block)
+            self.counters.blocks_resent += min(self.next - 1, end) - acked
+            self.next = acked + 1
         self._send_window()
         return True
 

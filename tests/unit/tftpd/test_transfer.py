@@ -50,6 +50,11 @@ def test_window_and_partial_ack_restart():
     sent.clear()
     transfer.on_datagram(packet.encode_ack(2))  # the client lost block 3
     assert [b for b, _ in data_blocks(sent)] == [3, 4, 5, 6]
+    assert transfer.counters.blocks_resent == 2     # 3 and 4 went twice; 5 and 6 are new
+    sent.clear()
+    transfer.on_datagram(packet.encode_ack(6))      # the whole window arrived: nothing resent
+    assert [b for b, _ in data_blocks(sent)] == [7, 8, 9, 10]
+    assert transfer.counters.blocks_resent == 2
 
 
 def test_oack_then_ack_zero_starts_the_data():
