@@ -20,6 +20,7 @@ from dataclasses import dataclass
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _ZEROS = bytes(1 << 20)
+SYNC_STEP_BYTES = 64 << 20     # how much a restore writes between two syncs behind
 # The C library Python itself runs on (find_library would run ldconfig at every start).
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -111,7 +112,7 @@ class SyncBehind:
     a write error once per open file, so it must not be dropped here). close() stops the thread;
     use it as a context manager."""
 
-    def __init__(self, disk: Disk, step_bytes: int = 64 << 20):
+    def __init__(self, disk: Disk, step_bytes: int = SYNC_STEP_BYTES):
         self.disk = disk
         self.step_bytes = step_bytes
         self.syncs = 0

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from img.disk import SYNC_STEP_BYTES
 from machineinfo import machine
 
 from . import ceiling, diskgen, profiling
@@ -28,9 +29,8 @@ from .sysutil import (MiB, REPO, Usage, cpu_busy, drop_caches, log, machine_busy
 TOOLS = ("partclone.ext4", "partclone.dd", "zstd", "socat", "sgdisk", "sfdisk", "losetup",
          "mkfs.ext4", "e2fsck", "dumpe2fs", "mount", "umount", "dd")
 OTHER_LIMIT = 0.10
-SYNC_STEP = 64 << 20            # what img's SyncBehind uses
 WRITE_CEILINGS = (("ceiling decompress+write", 0),
-                  ("ceiling decompress+write, synced behind", SYNC_STEP))
+                  ("ceiling decompress+write, synced behind", SYNC_STEP_BYTES))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

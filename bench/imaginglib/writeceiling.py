@@ -1,7 +1,8 @@
 """The decompress-and-write ceiling's work, as a process of its own (bench/imaginglib/ceiling.py
 runs it): the image's chunks read from the file, decompressed with zstandard on `threads`
 threads and written to a blank disk file at their places, fsynced, optionally with an
-fdatasync thread every sync_step bytes. No network, no checksums, no partition table work.
+fdatasync thread every sync_step bytes (img's own SyncBehind). No network, no checksums, no
+partition table work.
 
 It imports only what that work needs, so its process start is as light as a restore tool's can
 be: `python -m imaginglib.writeceiling IMAGE DISK THREADS SYNC_STEP` prints
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import json
 import os
 import sys
@@ -23,24 +25,28 @@ import zstandard
 
 from common.imagefile import ImageReader
 from common.imageformat import CHUNK_HEADER, ChunkKind
+from img.disk import Disk, SyncBehind
+
+
+class _NoSync:
+    """The one-fsync ceiling: nothing synced before the end."""
+
+    def wrote(self, length: int) -> None:
+        pass
 
 
 def decompress_to_disk(image: Path, disk: Path, threads: int, sync_step: int = 0
                        ) -> tuple[float, int]:
-    """Seconds, bytes written. sync_step > 0: fdatasync on a thread of its own after every
-    sync_step bytes written."""
+    """Seconds, bytes written. sync_step > 0: img's own SyncBehind (an fdatasync thread after
+    every sync_step bytes written)."""
     started = time.perf_counter()
     local = threading.local()
-    due = threading.Semaphore(0)
-    stopping = threading.Event()
-    pending = [0]
-    pending_lock = threading.Lock()
-    with open(image, "rb") as handle:
+    with open(image, "rb") as handle, Disk.open(str(disk), writable=True) as target:
         fd_in = handle.fileno()
         reader = ImageReader(handle, str(image))
         offsets = {s["number"]: int(s["disk_offset"]) for s in reader.metadata["streams"]}
         entries = sorted(reader.entries(), key=lambda e: e.position)
-        fd_out = os.open(disk, os.O_WRONLY)
+        behind = SyncBehind(target, sync_step) if sync_step else contextlib.nullcontext(_NoSync())
 
         def work(entry) -> int:
             if entry.kind is ChunkKind.ZERO:
@@ -53,51 +59,21 @@ def decompress_to_disk(image: Path, disk: Path, threads: int, sync_step: int = 0
                 data = decompressor.decompress(payload, max_output_size=entry.length)
             else:
                 data = payload
-            view, where = memoryview(data), offsets[entry.stream] + entry.offset
-            while view:
-                n = os.pwrite(fd_out, view, where)
-                view, where = view[n:], where + n
-            if sync_step:
-                with pending_lock:
-                    pending[0] += len(data)
-                    if pending[0] >= sync_step:
-                        pending[0] = 0
-                        due.release()
+            target.write(offsets[entry.stream] + entry.offset, data)
+            syncer.wrote(len(data))
             return len(data)
 
-        def sync_behind() -> None:
-            while True:
-                due.acquire()
-                if stopping.is_set():
-                    return
-                os.fdatasync(fd_out)
-
-        syncer = threading.Thread(target=sync_behind, daemon=True) if sync_step else None
-        if syncer:
-            syncer.start()
         written = 0
-        try:
-            with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-                window: collections.deque = collections.deque()
-                for entry in entries:
-                    window.append(pool.submit(work, entry))
-                    if len(window) > 2 * threads:
-                        written += window.popleft().result()
-                while window:
+        with behind as syncer, concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+            window: collections.deque = collections.deque()
+            for entry in entries:
+                window.append(pool.submit(work, entry))
+                if len(window) > 2 * threads:
                     written += window.popleft().result()
-            if syncer:
-                stopping.set()
-                due.release()
-                syncer.join()
-            os.fsync(fd_out)
-        finally:
-            if syncer and syncer.is_alive():
-                stopping.set()
-                due.release()
-                syncer.join()
-            os.close(fd_out)
+            while window:
+                written += window.popleft().result()
+        target.sync()
     return time.perf_counter() - started, written
-
 
 if __name__ == "__main__":
     work_s, total = decompress_to_disk(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]),
