@@ -20,7 +20,6 @@ import asyncio
 import logging
 import os
 import socket
-import struct
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -358,6 +357,10 @@ class TftpServer:
         if transfer.failure is not None and transfer.failure.kind == "size_probe":
             self.stats.size_probes += 1
             log.debug("size probe of %r by %s:%d", active.filename, *active.key)
+        elif transfer.failure is not None and transfer.failure.kind == "unconfirmed":
+            self.stats.transfers_unconfirmed += 1
+            log.info("sent %r to %s:%d, but its final ACK never came: the client may have it",
+                     active.filename, *active.key)
         elif transfer.failure is None:
             self.stats.transfers_completed += 1
             log.info("sent %r to %s:%d" if isinstance(transfer, ReadTransfer)

@@ -14,6 +14,7 @@ class TftpCounters:
     transfers_started: int = 0
     transfers_completed: int = 0
     transfers_failed: int = 0
+    transfers_unconfirmed: int = 0  # every block sent, the final ACK never came: may have arrived
     size_probes: int = 0       # OACK read, then cancelled by the client (UEFI asks tsize first)
     bytes_sent: int = 0
     bytes_received: int = 0

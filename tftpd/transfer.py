@@ -148,9 +148,13 @@ class Transfer:
             return
         self.retries_left -= 1
         if self.retries_left < 0:
-            self.fail("timeout", "Timeout: no answer from the client", packet.ERR_UNDEFINED)
+            self.fail(self._timeout_kind(), "Timeout: no answer from the client",
+                      packet.ERR_UNDEFINED)
             return
         self.resend()
+
+    def _timeout_kind(self) -> str:
+        return "timeout"
 
     def resend(self) -> None:
         raise NotImplementedError
@@ -168,6 +172,7 @@ class ReadTransfer(Transfer):
         self.last_block = source.size // opts.blksize + 1  # a short (maybe empty) block ends it
         self.acked = 0
         self.next = 1
+        self.sent_last_block = False
         self.waiting_oack_ack = oack is not None
 
     def start(self) -> None:
@@ -180,6 +185,12 @@ class ReadTransfer(Transfer):
         # UEFI firmware asks for tsize, reads the OACK and cancels (error 8) before it
         # downloads for real: a size probe, not a failed transfer.
         return "size_probe" if self.waiting_oack_ack else "client_error"
+
+    def _timeout_kind(self) -> str:
+        # Every block went out and only the final ACK is missing. A client that got the last
+        # block may exit without waiting for a repeat (tftp-hpa and atftp do), so a lost final
+        # ACK looks exactly like this: the file may well have arrived (RFC 1350 section 6).
+        return "unconfirmed" if self.sent_last_block else "timeout"
 
     def on_datagram(self, datagram: bytes) -> bool:
         """Handle one packet; True when it moved the transfer forward."""
@@ -230,6 +241,7 @@ class ReadTransfer(Transfer):
         except OSError as exc:
             if exc.errno not in LOSS_ERRNOS:
                 self.next = block
+                self.sent_last_block |= block > self.last_block
                 self.counters.bytes_sent += sent_bytes
                 self.fail("io_error", f"Read or send error: {exc.strerror}",
                           packet.ERR_UNDEFINED)
@@ -237,6 +249,7 @@ class ReadTransfer(Transfer):
             # A full socket buffer, a local firewall drop or a pending ICMP error: the block
             # is lost like any other, and the next ACK or the timeout sends it again.
         self.next = block
+        self.sent_last_block |= block > self.last_block
         self.counters.bytes_sent += sent_bytes
 
     def resend(self) -> None:

@@ -563,7 +563,8 @@ class Bench:
             L.extend(notes)
         oc = meta.get("ours_counters")
         if oc:
-            keys = ("transfers_started", "transfers_completed", "transfers_failed", "size_probes",
+            keys = ("transfers_started", "transfers_completed", "transfers_failed",
+                    "transfers_unconfirmed", "size_probes",
                     "blocks_resent", "malformed_packets", "refused_busy")
             L.append("")
             L.append("ours, status counters at the end: "

@@ -566,7 +566,7 @@ def _netns_available() -> bool:
 class LossyNamespace:
     """A fresh network namespace whose loopback drops a share of UDP packets (nftables)."""
 
-    def __init__(self, hook: str, rules: list[str]):
+    def __init__(self, hook: str, rules: dict[str, str]):
         self.name = f"pbtest-{os.getpid()}-{time.monotonic_ns() % 100000}"
         self.hook = hook
         self.rules = rules
@@ -577,7 +577,8 @@ class LossyNamespace:
             pytest.skip(f"cannot create a network namespace: {tc.output_of(result)}")
         try:
             self.exec(["ip", "link", "set", "lo", "up"], check=True)
-            rules = "".join(f"  {rule} counter drop\n" for rule in self.rules)
+            rules = "".join(f'  {rule} counter drop comment "{name}"\n'
+                            for name, rule in self.rules.items())
             ruleset = (f"table inet pbloss {{\n chain c {{\n  type filter hook {self.hook} "
                        f"priority 0; policy accept;\n{rules} }}\n}}\n")
             result = tc.run(["ip", "netns", "exec", self.name, "nft", "-f", "-"], 20,
@@ -598,17 +599,19 @@ class LossyNamespace:
     def popen(self, cmd: list[str], **kwargs) -> subprocess.Popen:
         return subprocess.Popen(["ip", "netns", "exec", self.name, *cmd], **kwargs)
 
-    def dropped(self) -> int:
+    def dropped(self, rule: str | None = None) -> int:
+        """Datagrams dropped by every rule, or by the one named."""
         text = self.exec(["nft", "list", "ruleset"], 20).stdout
         return sum(int(line.split("counter packets")[1].split()[0])
-                   for line in text.splitlines() if "counter packets" in line)
+                   for line in text.splitlines() if "counter packets" in line
+                   and (rule is None or f'comment "{rule}"' in line))
 
     def __exit__(self, *exc) -> None:
         tc.run(["ip", "netns", "del", self.name], 20)
 
 
-def _start_in_namespace(ns: LossyNamespace, folder: Path, root: Path):
-    values = tc.daemon_config(folder, root, Timeout=1, Retries=10, LogLevel="INFO")
+def _start_in_namespace(ns: LossyNamespace, folder: Path, root: Path, retries: int = 10):
+    values = tc.daemon_config(folder, root, Timeout=1, Retries=retries, LogLevel="INFO")
     config = tc.write_config(folder / "tftpd.conf", values)
     daemon = tc.DaemonProcess("tftpd", config, values["StatusSocket"], Path(values["LogFile"]))
     env = dict(os.environ, PYTHONPATH=str(tc.REPO))
@@ -631,10 +634,17 @@ def _answers(daemon) -> bool:
         return False
 
 
-LOSS_RULES = [
-    "udp length > 100 @th,64,16 3 numgen random mod 100 < 5",                   # DATA
-    "udp length 12 @th,64,16 4 @th,80,16 != 0 numgen random mod 100 < 5",      # ACK n > 0
-]
+def _loss_rules(final_block: int) -> dict[str, str]:
+    """5% of DATA and of ACK n > 0; the ACK of the final block has a rule of its own, so a test
+    knows whether the server could have seen the end of the transfer."""
+    final = final_block % 65536
+    return {
+        "data": "udp length > 100 @th,64,16 3 numgen random mod 100 < 5",
+        "ack": f"udp length 12 @th,64,16 4 @th,80,16 != {{ 0, {final} }} "
+               "numgen random mod 100 < 5",
+        "final-ack": f"udp length 12 @th,64,16 4 @th,80,16 {final} numgen random mod 100 < 5",
+    }
+
 
 LOSSY_DOWNLOADS = {     # options, file size (about 160 and 290 droppable datagrams)
     "blksize65464": ({"blksize": 65464}, 5 * 1024 * 1024),
@@ -649,12 +659,17 @@ LOSSY_DOWNLOADS = {     # options, file size (about 160 and 290 droppable datagr
 def test_download_survives_5_percent_loss(tmp_path, options):
     """5% of the DATA and ACK datagrams dropped on arrival (the sender sees no error, as on a real
     wire). The request, the OACK and ACK 0 are spared: atftp gives up ('unexpected OACK') when
-    the daemon's OACK retransmission answers its own retried RRQ, a client weakness."""
+    the daemon's OACK retransmission answers its own retried RRQ, a client weakness.
+
+    When the final ACK is the one dropped, atftp has already exited with the whole file, so the
+    daemon cannot tell whether it arrived: that transfer must count as unconfirmed, never as
+    completed or failed."""
     root = tmp_path / "root"
     (root / "upload").mkdir(parents=True)
     opts, size = LOSSY_DOWNLOADS[options]
     digest = tc.make_file(root / "five.bin", size)
-    with LossyNamespace("input", LOSS_RULES) as ns:
+    final_block = size // opts["blksize"] + 1
+    with LossyNamespace("input", _loss_rules(final_block)) as ns:
         daemon = _start_in_namespace(ns, tmp_path, root)
         try:
             out = tmp_path / "five.out"
@@ -666,7 +681,42 @@ def test_download_survives_5_percent_loss(tmp_path, options):
             assert dropped > 0, "nothing was dropped: the loss rule did not work"
             counters = tc.wait_counters(daemon, lambda c: c["active_transfers"] == 0)
             assert counters["blocks_resent"] > 0
-            assert counters["transfers_completed"] == 1, counters
+            assert counters["transfers_failed"] == 0, counters
+            if ns.dropped("final-ack"):
+                # atftp may still re-ACK the repeated last block if it has not exited yet
+                assert counters["transfers_completed"] + counters["transfers_unconfirmed"] == 1
+            else:
+                assert counters["transfers_completed"] == 1, counters
+        finally:
+            daemon.stop()
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not _netns_available(), reason="needs root, ip, nft and atftp")
+@pytest.mark.parametrize("options", [{}, {"blksize": 1024, "windowsize": 4}])
+def test_a_lost_final_ack_counts_as_unconfirmed(tmp_path, options):
+    """Every final ACK dropped: the client has the file and has exited; the daemon resends the
+    last block, gives up, and says it cannot know rather than calling it completed or failed."""
+    root = tmp_path / "root"
+    (root / "upload").mkdir(parents=True)
+    size = 10 * 1024 + 100
+    digest = tc.make_file(root / "last.bin", size)
+    final = size // options.get("blksize", 512) + 1
+    rule = f"udp length 12 @th,64,16 4 @th,80,16 {final}"
+    with LossyNamespace("input", {"final-ack": rule}) as ns:
+        daemon = _start_in_namespace(ns, tmp_path, root, retries=2)
+        try:
+            out = tmp_path / "last.out"
+            result = ns.exec(tc.atftp_cmd(daemon.port, "-g", "last.bin", out, options,
+                                          ["--tftp-timeout", "1"]), 60)
+            assert result.returncode == 0, tc.output_of(result)[-2000:]
+            assert tc.sha256(out) == digest
+            counters = tc.wait_counters(daemon, lambda c: c["active_transfers"] == 0, 30)
+            assert ns.dropped("final-ack") >= 1
+            assert (counters["transfers_unconfirmed"], counters["transfers_completed"],
+                    counters["transfers_failed"]) == (1, 0, 0), counters
+            assert counters["errors"].get("unconfirmed") is None, counters
+            assert "its final ACK never came" in daemon.log_file.read_text()
         finally:
             daemon.stop()
 
@@ -680,7 +730,7 @@ def test_download_survives_local_send_errors(tmp_path):
     (root / "upload").mkdir(parents=True)
     digest = tc.make_file(root / "five.bin", 1024 * 1024)
     rule = "udp length > 1000 numgen random mod 100 < 5"   # only DATA, never the client's ACKs
-    with LossyNamespace("output", [rule]) as ns:
+    with LossyNamespace("output", {"data-out": rule}) as ns:
         daemon = _start_in_namespace(ns, tmp_path, root)
         try:
             out = tmp_path / "five.out"

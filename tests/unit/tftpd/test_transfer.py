@@ -88,6 +88,27 @@ def test_timeout_resends_then_gives_up():
     assert sent[-1][:2] == b"\x00\x05"
 
 
+@pytest.mark.parametrize("window", [1, 4])
+def test_silence_after_the_last_block_is_unconfirmed_not_a_timeout(window):
+    """A lost final ACK: the client may have exited with the whole file."""
+    transfer, sent = make_read(b"abcdefghij", window=window, retries=1)
+    if window == 1:
+        transfer.on_datagram(packet.encode_ack(1))
+        transfer.on_datagram(packet.encode_ack(2))
+    assert data_blocks(sent)[-1] == (3, b"ij")
+    transfer.on_timeout()
+    transfer.on_timeout()
+    assert transfer.failure is not None and transfer.failure.kind == "unconfirmed"
+
+
+def test_silence_before_the_last_block_went_out_is_a_timeout():
+    transfer, sent = make_read(b"abcdefghij", retries=1)
+    transfer.on_datagram(packet.encode_ack(1))
+    transfer.on_timeout()
+    transfer.on_timeout()
+    assert transfer.failure.kind == "timeout"
+
+
 def test_client_error_ends_quietly_and_garbage_gets_an_error():
     transfer, sent = make_read(b"abcdefghij")
     transfer.on_datagram(packet.encode_error(0, "cancelled"))
