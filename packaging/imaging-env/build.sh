@@ -7,9 +7,12 @@
 # This script owns what goes into the environment:
 #   - Debian's stock kernel (linux-image-amd64's current image, `apt-get download`, never
 #     installed) and only the modules a PC or VM needs to image a disk: NICs (virtio-net, e1000,
-#     e1000e), disks (virtio-blk, ata_piix, ahci, sd), loop and ext4 for add-on images;
+#     e1000e), disks (virtio-blk, ata_piix, ahci, sd), loop, ext4, fuse, xfs and btrfs for
+#     add-on images;
 #   - busybox (busybox-static) with every applet linked, and the host's util-linux losetup,
-#     mount, umount and mtools (what img runs for add-on images);
+#     mount, umount, mtools and ntfs-3g (what img runs for add-on images);
+#   - the host's e2fsck, resize2fs, ntfsresize, ntfsfix, fatresize and fsck.fat (what
+#     `img restore --shrink` runs);
 #   - partclone's programs for ext2/3/4, FAT, NTFS, XFS and btrfs (what img runs to learn a
 #     partition's used blocks when it makes an image);
 #   - the host's Debian /usr/bin/python3.11 with its shared libraries and a pruned stdlib (with
@@ -37,18 +40,26 @@ FORCE=0
 PYTHON=/usr/bin/python3.11
 PYVER=3.11
 BUSYBOX=/bin/busybox
-# Modules wanted (dependencies are added from modules.dep): NICs, disks, raw packet sockets,
-# and loop + ext4 (+ the crc32c it asks the crypto API for) to apply add-on images.
+# Modules loaded at boot (dependencies are added from modules.dep): NICs, disks, raw packet
+# sockets, loop + ext4 (+ the crc32c it asks the crypto API for) to apply add-on images, and fuse
+# so that /dev/fuse exists for ntfs-3g (NTFS add-on targets).
 MODULES=(af_packet virtio_pci virtio_net e1000 e1000e virtio_blk virtio_scsi ata_piix ahci sd_mod
-         loop ext4 crc32c_generic)
-# Where in the kernel package MODULES and their dependencies are (tar wildcards under kernel/).
+         loop ext4 crc32c_generic fuse)
+# Installed but loaded only when img mounts one (the kernel asks /sbin/modprobe for the fs-xfs
+# alias): the other add-on targets. btrfs's RAID6 self-benchmark would slow every boot.
+ONDEMAND_MODULES=(xfs btrfs)
+# Where in the kernel package the modules and their dependencies are (tar wildcards under kernel/).
 MODULE_GLOBS=('drivers/ata/*' 'drivers/block/*' 'drivers/net/*' 'drivers/scsi/*' 'drivers/virtio/*'
               'net/core/*' 'net/packet/*' 'lib/*' 'fs/ext4/*' 'fs/jbd2/*' 'fs/mbcache.ko'
-              'crypto/crc32c_generic.ko')
+              'fs/fuse/*' 'fs/xfs/*' 'fs/btrfs/*' 'crypto/*')
 # Host programs img runs to apply add-on images (busybox's losetup and umount lack the options
-# it uses): util-linux's losetup, mount, umount, and mtools for FAT. Copied with their libraries
-# when present; name -> folder in the initramfs.
-HOST_TOOLS=(/usr/sbin/losetup /usr/bin/mount /usr/bin/umount /usr/bin/mtools)
+# it uses): util-linux's losetup, mount, umount, mtools for FAT and ntfs-3g for NTFS. Copied with
+# their libraries when present, at the same path in the initramfs.
+HOST_TOOLS=(/usr/sbin/losetup /usr/bin/mount /usr/bin/umount /usr/bin/mtools /usr/bin/ntfs-3g)
+# What `img restore --shrink` runs (img/shrink.py): e2fsprogs, ntfs-3g's ntfsresize and ntfsfix,
+# fatresize and dosfstools' fsck.fat.
+SHRINK_TOOLS=(/usr/sbin/e2fsck /usr/sbin/resize2fs /usr/sbin/ntfsresize /usr/bin/ntfsfix
+              /usr/sbin/fatresize /usr/sbin/fsck.fat)
 MTOOLS_LINKS=(mcopy mmd mdir mattrib)
 # partclone's programs for the filesystems whose used blocks img maps (img/usedblocks.py), so an
 # image made in the environment stores used blocks only, not whole partitions; and the names
@@ -151,7 +162,7 @@ build_key() {
     sha256sum "$HERE/build.sh" "$HERE/init" "$PYTHON" "$BUSYBOX"
     (cd "$REPO" && sha256sum "${ENGINE_FILES[@]}")
     dpkg-query -W python3.11 libpython3.11-stdlib libpython3.11-minimal libc6 busybox-static \
-      util-linux mount mtools partclone 2>/dev/null || true
+      util-linux mount mtools partclone ntfs-3g e2fsprogs fatresize dosfstools 2>/dev/null || true
     basename "$KERNEL_DEB"; basename "$ZSTD_DEB"
   } | sha256sum | cut -d' ' -f1
 }
@@ -180,10 +191,13 @@ extract_kernel() {
 # Copy MODULES and everything they depend on (modules.dep lists dependencies transitively),
 # then index them for busybox modprobe.
 install_modules() {
-  local root=$1 mdir=$KDIR/lib/modules/$KVER want=() files
-  for m in "${MODULES[@]}"; do
+  local root=$1 mdir=$KDIR/lib/modules/$KVER want=() boot=() files
+  for m in "${MODULES[@]}" "${ONDEMAND_MODULES[@]}"; do
     if grep -qE "/$m\.ko$" "$mdir/modules.builtin"; then continue; fi   # built into the kernel
     want+=("$m")
+  done
+  for m in "${MODULES[@]}"; do
+    grep -qE "/$m\.ko$" "$mdir/modules.builtin" || boot+=("$m")
   done
   files=$(for m in "${want[@]}"; do
             grep -E "(^|/)$m\.ko:" "$mdir/modules.dep" || die "module $m not in the kernel package"
@@ -194,7 +208,7 @@ install_modules() {
   done
   cp "$mdir/modules.builtin" "$mdir/modules.order" "$root/lib/modules/$KVER/"
   timeout 60 "$BUSYBOX" depmod -b "$root" "$KVER"
-  echo "${want[*]}" >"$root/etc/preboot-modules"
+  echo "${boot[*]}" >"$root/etc/preboot-modules"
 }
 
 install_busybox() {
@@ -211,22 +225,16 @@ install_busybox() {
 install_host_tools() {
   local root=$1 tool
   for tool in "${HOST_TOOLS[@]}"; do
-    if [ ! -x "$tool" ]; then log "warning: $tool missing: add-on images that need it will fail"; continue; fi
-    mkdir -p "$root$(dirname "$tool")"
-    cp "$tool" "$root$tool"
-    chmod 755 "$root$tool"
-    copy_libs "$root" "$tool"
+    install_tool "$root" "$tool" "add-on images that need it will fail"
+  done
+  for tool in "${SHRINK_TOOLS[@]}"; do
+    install_tool "$root" "$tool" "img restore --shrink will refuse that filesystem"
   done
   if [ -x "$root/usr/bin/mtools" ]; then
     for tool in "${MTOOLS_LINKS[@]}"; do ln -s mtools "$root/usr/bin/$tool"; done
   fi
   for tool in "${PARTCLONE_TOOLS[@]}"; do
-    if [ ! -x "$tool" ]; then
-      log "warning: $tool missing: images made in the environment store that filesystem whole"
-      continue
-    fi
-    cp "$tool" "$root$tool"
-    copy_libs "$root" "$tool"
+    install_tool "$root" "$tool" "images made in the environment store that filesystem whole"
   done
   # glibc loads libgcc_s at run time (dlopen, so ldd does not list it) for pthread_exit and
   # thread cancellation; partclone's threads end that way, and abort without it.
@@ -244,6 +252,16 @@ install_host_tools() {
     [ -x "$root/usr/sbin/${link#*:}" ] && ln -s "${link#*:}" "$root/usr/sbin/${link%%:*}"
   done
   return 0
+}
+
+# Copy the program TOOL and its libraries into ROOT at the same path, or warn with CONSEQUENCE.
+install_tool() {
+  local root=$1 tool=$2 consequence=$3
+  if [ ! -x "$tool" ]; then log "warning: $tool missing: $consequence"; return 0; fi
+  mkdir -p "$root$(dirname "$tool")"
+  cp "$tool" "$root$tool"
+  chmod 755 "$root$tool"
+  copy_libs "$root" "$tool"
 }
 
 # Copy the shared libraries FILE needs (ldd) into ROOT at the same paths.
@@ -322,34 +340,72 @@ compile_added() {
 self_test() {
   local root=$1
   if [ "$(id -u)" = 0 ]; then
-    local imports
-    imports=$(printf '%s, ' "${ENGINE_MODULES[@]}")
-    timeout 60 chroot "$root" /usr/bin/python3 -c "import sys; sys.path.insert(0, '/usr/lib/preboot')
-import zstandard, hashlib, ctypes, ${imports%, }; hashlib.blake2b(b'')" \
-      || die "python in the initramfs cannot import the engine"
-    if [ -x "$root/usr/sbin/losetup" ]; then
-      timeout 30 chroot "$root" /usr/sbin/losetup --version >/dev/null \
-        || die "losetup in the initramfs does not start"
-    fi
-    local tool
-    for tool in "$root"/usr/sbin/partclone.*; do
-      [ -e "$tool" ] || continue
-      timeout 30 chroot "$root" "${tool#$root}" -v >/dev/null \
-        || die "${tool#$root} in the initramfs does not start"
-    done
-    # A real map, as img makes one: partclone's threads must be able to end (libgcc_s).
-    if [ -x "$root/usr/sbin/partclone.extfs" ] && command -v mkfs.ext4 >/dev/null; then
-      mkdir -p "$root/tmp"
-      truncate -s 4M "$root/tmp/self-test.ext4"
-      timeout 60 mkfs.ext4 -q -F "$root/tmp/self-test.ext4"
-      timeout 60 chroot "$root" /usr/sbin/partclone.extfs -D -s /tmp/self-test.ext4 \
-          -o /tmp/self-test.domain -L /tmp/self-test.log -q >/dev/null 2>&1 \
-        || die "partclone.extfs in the initramfs cannot map an ext4: $(tail -2 "$root/tmp/self-test.log" 2>/dev/null)"
-      rm -f "$root"/tmp/self-test.*
-    fi
+    # e2fsprogs and ntfsresize refuse to work without /etc/mtab (-> /proc/mounts), as in the VM
+    mount -t proc proc "$root/proc" || die "cannot mount /proc in the initramfs tree"
+    self_test_tools "$root"
+    umount "$root/proc" || die "cannot unmount $root/proc"
   else
     log "not root: skipping the chroot import check"
   fi
+}
+
+# The self-test proper, run as root with /proc mounted in the tree.
+self_test_tools() {
+  local root=$1
+  local imports
+  imports=$(printf '%s, ' "${ENGINE_MODULES[@]}")
+  timeout 60 chroot "$root" /usr/bin/python3 -c "import sys; sys.path.insert(0, '/usr/lib/preboot')
+import zstandard, hashlib, ctypes, ${imports%, }; hashlib.blake2b(b'')" \
+    || die "python in the initramfs cannot import the engine"
+  if [ -x "$root/usr/sbin/losetup" ]; then
+    timeout 30 chroot "$root" /usr/sbin/losetup --version >/dev/null \
+      || die "losetup in the initramfs does not start"
+  fi
+  local tool
+  for tool in "$root"/usr/sbin/partclone.*; do
+    [ -e "$tool" ] || continue
+    timeout 30 chroot "$root" "${tool#$root}" -v >/dev/null \
+      || die "${tool#$root} in the initramfs does not start"
+  done
+  # A real map, as img makes one: partclone's threads must be able to end (libgcc_s).
+  if [ -x "$root/usr/sbin/partclone.extfs" ] && command -v mkfs.ext4 >/dev/null; then
+    mkdir -p "$root/tmp"
+    truncate -s 4M "$root/tmp/self-test.ext4"
+    timeout 60 mkfs.ext4 -q -F "$root/tmp/self-test.ext4"
+    timeout 60 chroot "$root" /usr/sbin/partclone.extfs -D -s /tmp/self-test.ext4 \
+        -o /tmp/self-test.domain -L /tmp/self-test.log -q >/dev/null 2>&1 \
+      || die "partclone.extfs in the initramfs cannot map an ext4: $(tail -2 "$root/tmp/self-test.log" 2>/dev/null)"
+    # What --shrink runs on an ext4: a forced check and the minimum size.
+    if [ -x "$root/usr/sbin/resize2fs" ]; then
+      in_chroot "$root" "e2fsck cannot check an ext4" /usr/sbin/e2fsck -fn /tmp/self-test.ext4
+      in_chroot "$root" "resize2fs cannot size an ext4" /usr/sbin/resize2fs -P /tmp/self-test.ext4
+    fi
+    rm -f "$root"/tmp/self-test.*
+  fi
+  if [ -x "$root/usr/sbin/ntfsresize" ] && command -v mkntfs >/dev/null; then
+    truncate -s 8M "$root/tmp/self-test.ntfs"
+    timeout 60 mkntfs -q -F -Q "$root/tmp/self-test.ntfs" >/dev/null 2>&1
+    in_chroot "$root" "ntfsresize cannot size an NTFS" \
+      /usr/sbin/ntfsresize --info --no-progress-bar /tmp/self-test.ntfs
+    in_chroot "$root" "ntfsfix cannot read an NTFS" /usr/bin/ntfsfix -n /tmp/self-test.ntfs
+    rm -f "$root"/tmp/self-test.*
+  fi
+  if [ -x "$root/usr/sbin/fsck.fat" ] && command -v mkfs.vfat >/dev/null; then
+    truncate -s 8M "$root/tmp/self-test.fat"
+    timeout 60 mkfs.vfat "$root/tmp/self-test.fat" >/dev/null
+    in_chroot "$root" "fsck.fat cannot check a FAT" /usr/sbin/fsck.fat -n /tmp/self-test.fat
+    rm -f "$root"/tmp/self-test.*
+  fi
+  for tool in /usr/bin/ntfs-3g /usr/sbin/fatresize; do
+    [ -x "$root$tool" ] && in_chroot "$root" "$tool does not start" "$tool" --version
+  done
+}
+
+# Run a command inside ROOT (output kept only for the message), or die saying WHAT.
+in_chroot() {
+  local root=$1 what=$2 output
+  shift 2
+  output=$(timeout 60 chroot "$root" "$@" 2>&1) || die "in the initramfs, $what: $(echo "$output" | tail -2)"
 }
 
 make_initrd() {
@@ -369,6 +425,9 @@ write_manifest() {
     echo "busybox: $(dpkg-query -W -f='${Version}' busybox-static 2>/dev/null)"
     echo "partclone: $(dpkg-query -W -f='${Version}' partclone 2>/dev/null)" \
       "($(cd "$root/usr/sbin" && ls partclone.* 2>/dev/null | tr '\n' ' '))"
+    echo "on demand: ${ONDEMAND_MODULES[*]}"
+    echo "add-on and shrink tools: $(for t in "${HOST_TOOLS[@]}" "${SHRINK_TOOLS[@]}"; do
+      [ -x "$root$t" ] && printf '%s ' "$(basename "$t")"; done)"
     echo "engine: ${ENGINE_FILES[*]}"
     echo "tree: $(du -sh "$root" | cut -f1)"
   } >"$file"
@@ -415,7 +474,8 @@ main() {
   fi
   extract_kernel
   WORK=$(mktemp -d "$CACHE/build.XXXXXX")
-  trap 'rm -rf "$WORK"' EXIT
+  # --one-file-system: never into a /proc the self-test left mounted
+  trap 'umount "$WORK/root/proc" 2>/dev/null || true; rm -rf --one-file-system "$WORK"' EXIT
   local work=$WORK root=$WORK/root
   mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,run,tmp,etc,mnt,root}
   ln -s /proc/mounts "$root/etc/mtab"

@@ -15,6 +15,7 @@ This module owns the pieces around the network lab (netlab.py) that imaging need
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import netlab
 
@@ -95,6 +96,84 @@ def make_source_disk(path: Path, files: Mapping[str, bytes], disk_size: int,
     fs.unlink()
     shutil.rmtree(work)
     return path
+
+
+# The add-on targets besides ext4 (made here; ext4 is make_source_disk's): the MBR type of their
+# partition, how the host makes one on a device, and a read-only check of one.
+OTHER_FILESYSTEMS = {
+    "ntfs": ("7", ["mkntfs", "-q", "-F", "-Q"], ["ntfsfix", "--no-action"]),
+    "xfs": ("83", ["mkfs.xfs", "-q", "-f"], ["xfs_repair", "-n"]),
+    "btrfs": ("83", ["mkfs.btrfs", "-q", "-f"], ["btrfs", "check", "--readonly"]),
+}
+# the smallest each will make (mkfs.xfs: 300 MB), plus room for the files
+MIN_PARTITION = {"ntfs": 16 * MiB, "xfs": 320 * MiB, "btrfs": 128 * MiB}
+
+
+def filesystem_tools(filesystem: str) -> tuple[str, ...]:
+    _type, mkfs, check = OTHER_FILESYSTEMS[filesystem]
+    return (mkfs[0], check[0], "ntfs-3g" if filesystem == "ntfs" else "mount")
+
+
+@contextlib.contextmanager
+def partition_device(disk: Path, part: tuple[int, int], writable: bool) -> Iterator[str]:
+    """A loop device showing just one partition of a disk file."""
+    device = run_checked(["losetup", "--find", "--show", *([] if writable else ["--read-only"]),
+                          "--offset", str(part[0]), "--sizelimit", str(part[1]), str(disk)],
+                         60).stdout.strip()
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "--detach", device], capture_output=True, timeout=60)
+
+
+@contextlib.contextmanager
+def mounted_partition(disk: Path, part: tuple[int, int], filesystem: str, where: Path,
+                      writable: bool = False) -> Iterator[Path]:
+    """The partition's filesystem mounted on `where` (ntfs-3g for NTFS, the kernel otherwise)."""
+    where.mkdir(parents=True, exist_ok=True)
+    options = "rw" if writable else "ro"
+    with partition_device(disk, part, writable) as device:
+        command = (["ntfs-3g", "-o", options, device, str(where)] if filesystem == "ntfs"
+                   else ["mount", "-t", filesystem, "-o", options, device, str(where)])
+        run_checked(command, 60)
+        try:
+            yield where
+        finally:
+            subprocess.run(["sync"], timeout=60)
+            run_checked(["umount", str(where)], 60)
+
+
+def make_filesystem_disk(path: Path, filesystem: str, files: Mapping[str, bytes],
+                         disk_size: int, part: tuple[int, int]) -> Path:
+    """An MBR disk file with one partition (offset, size) holding a `filesystem` (ntfs, xfs or
+    btrfs, made by its own mkfs) with `files` written through a real mount."""
+    part_type, mkfs, _check = OTHER_FILESYSTEMS[filesystem]
+    with open(path, "wb") as f:
+        f.truncate(disk_size)
+    run_checked(["sfdisk", "-q", str(path)], 60, input=(
+        f"label: dos\nstart={part[0] // 512}, size={part[1] // 512}, type={part_type}\n"))
+    with partition_device(path, part, writable=True) as device:
+        run_checked([*mkfs, device], 120)
+    mount_point = path.parent / (path.name + ".mnt")
+    with mounted_partition(path, part, filesystem, mount_point, writable=True) as root:
+        for name, data in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(data)
+    mount_point.rmdir()
+    return path
+
+
+def check_filesystem_disk(disk: Path, filesystem: str, files: Mapping[str, bytes],
+                          part: tuple[int, int], scratch: Path) -> None:
+    """Assert the disk has the one partition, its filesystem passes its own read-only check,
+    and every file in `files` reads back identical through a read-only mount."""
+    part_type, _mkfs, check = OTHER_FILESYSTEMS[filesystem]
+    assert partition_table(disk) == [(part[0], part[1], part_type)], partition_table(disk)
+    with partition_device(disk, part, writable=False) as device:
+        run_checked([*check, device], 120)
+    with mounted_partition(disk, part, filesystem, scratch / f"check-{filesystem}") as root:
+        for name, data in files.items():
+            assert (root / name).read_bytes() == data, f"{name} differs on the {filesystem}"
 
 
 def make_image(disk: Path, image: Path) -> str:

@@ -22,6 +22,11 @@ makes an image of it to lab/captured.img: the environment's partclone maps the u
 uploads them, and the image on the server must store the ext4's used blocks only, verify, and
 restore on the host into a disk whose ext4 is fsck-clean with every file identical; the VM's
 disk must be unchanged.
+
+Three more BIOS VMs restore a base image whose one partition is NTFS (the Windows case), XFS or
+btrfs, and lay the same add-on onto it: ntfs-3g (FUSE) and the kernel's xfs and btrfs modules,
+loaded on demand, in the environment. The partition must pass its own checker (ntfsfix -n,
+xfs_repair -n, btrfs check) with the base files and the add-on's identical.
 """
 
 from __future__ import annotations
@@ -93,6 +98,20 @@ filter = "product = 'Imaging Make E2E' and platform = pcbios"
 action = make
 image = {CAPTURED}
 """
+
+# Add-on targets other than ext4, one VM each (machines told apart by SMBIOS product).
+OTHER_TARGETS = tuple(imagingenv.OTHER_FILESYSTEMS)
+TARGET_FILES = {
+    "readme.txt": b"Preboot add-on target e2e\n" * 50,
+    "etc/hostname": b"imaged-by-preboot\n",
+    "Windows/System32/config.bin": random.Random(9).randbytes(200_000),
+}
+POLICY += "".join(f"""[[{fs} lab]]
+filter = "product = 'Imaging {fs} E2E' and platform = pcbios"
+action = restore
+image = lab/{fs}.img
+addons = {ADDON}
+""" for fs in OTHER_TARGETS)
 
 # Complete lines only: the serial log is read while the VM writes it.
 ANSWER = re.compile(r"preboot-answer: imaging (?P<rest>[^\r\n]*)[\r\n]")
@@ -274,6 +293,45 @@ def test_uefi_vm_is_imaged_by_the_imaging_environment(imaging_env: Path,
                 if e.operation == "download" and e.image_type == "base"]
     assert reported == [(UEFI_MAC.replace(":", "").upper(), "success", IMAGE)], \
         f"{entries}\n{diag}"
+
+
+@pytest.mark.parametrize("filesystem", OTHER_TARGETS)
+def test_addon_is_laid_onto_ntfs_xfs_and_btrfs_in_the_environment(
+        filesystem: str, imaging_env: Path, base_image: tuple[Path, Path], lab: netlab.Lab,
+        tmp_path: Path, record_boot_time):
+    missing = imagingenv.missing_tools(imagingenv.filesystem_tools(filesystem))
+    if missing:
+        pytest.skip(f"e2e imaging {filesystem}: " + "; ".join(missing))
+    _image, addon = base_image
+    part = (1 * MiB, imagingenv.MIN_PARTITION[filesystem])
+    disk_size = part[0] + part[1] + 1 * MiB
+    source = imagingenv.make_filesystem_disk(tmp_path / "source.disk", filesystem,
+                                             TARGET_FILES, disk_size, part)
+    image_path = f"lab/{filesystem}.img"
+    image = tmp_path / f"{filesystem}.img"
+    imagingenv.make_image(source, image)
+    source.unlink()
+    vm_disk = tmp_path / "vm.disk"
+    with open(vm_disk, "wb") as f:
+        f.truncate(disk_size)
+    mac = f"52:54:00:ab:01:{OTHER_TARGETS.index(filesystem):02x}"
+    smbios = (f"type=1,manufacturer=Preboot Lab,product=Imaging {filesystem} E2E,"
+              f"serial=IMG-1{OTHER_TARGETS.index(filesystem)}")
+    boot = _boot_into_imaging(lab, tmp_path, imaging_env,
+                              {image_path: image.read_bytes(), ADDON: addon.read_bytes()},
+                              tmp_path / "images", vm_disk, mac, smbios, f"imaging-{filesystem}")
+    markers = (
+        re.compile(rf"preboot-env: work restore lab/{filesystem}\.img addons lab/drivers\.add "),
+        re.compile(rf"preboot-env: disk /dev/vda {disk_size // MiB} MiB"),
+        re.compile(rf"applied add-on //\S+/lab/drivers\.add onto /dev/vda partition 1 "
+                   rf"\({filesystem}\): {len(ADDON_FILES)} files"),
+    )
+    _check_boot(boot, record_boot_time, f"imaging env, {filesystem} add-on",
+                f"restore {image_path}", markers)
+    imagingenv.check_filesystem_disk(vm_disk, filesystem, {**TARGET_FILES, **ADDON_FILES},
+                                     part, tmp_path)
+    counters = boot.imgsrvd.wait_counters(lambda c: c.get("images_sent", 0) >= 2)
+    assert (counters["images_sent"], counters["failures"]) == (2, 0), f"{counters}\n{boot.diag}"
 
 
 MAKE_MARKERS = (
