@@ -626,6 +626,16 @@ def _start_in_namespace(ns: LossyNamespace, folder: Path, root: Path, retries: i
     return daemon
 
 
+def _atftp_get_intact(ns: LossyNamespace, port: int, served: Path, digest: str,
+                      options: dict, timeout_s: float) -> None:
+    """atftp (1 s timeout) in the namespace fetches `served`; it must succeed, byte for byte."""
+    out = served.parent.parent / (served.name + ".out")
+    result = ns.exec(tc.atftp_cmd(port, "-g", served.name, out, options,
+                                  ["--tftp-timeout", "1"]), timeout_s)
+    assert result.returncode == 0, tc.output_of(result)[-2000:]
+    assert tc.sha256(out) == digest
+
+
 def _answers(daemon) -> bool:
     try:
         return bool(daemon.status().get("ok"))
@@ -672,11 +682,7 @@ def test_download_survives_5_percent_loss(tmp_path, options):
     with LossyNamespace("input", _loss_rules(final_block)) as ns:
         daemon = _start_in_namespace(ns, tmp_path, root)
         try:
-            out = tmp_path / "five.out"
-            result = ns.exec(tc.atftp_cmd(daemon.port, "-g", "five.bin", out, opts,
-                                          ["--tftp-timeout", "1"]), 150)
-            assert result.returncode == 0, tc.output_of(result)[-2000:]
-            assert tc.sha256(out) == digest
+            _atftp_get_intact(ns, daemon.port, root / "five.bin", digest, opts, 150)
             dropped = ns.dropped()
             assert dropped > 0, "nothing was dropped: the loss rule did not work"
             counters = tc.wait_counters(daemon, lambda c: c["active_transfers"] == 0)
@@ -706,11 +712,7 @@ def test_a_lost_final_ack_counts_as_unconfirmed(tmp_path, options):
     with LossyNamespace("input", {"final-ack": rule}) as ns:
         daemon = _start_in_namespace(ns, tmp_path, root, retries=2)
         try:
-            out = tmp_path / "last.out"
-            result = ns.exec(tc.atftp_cmd(daemon.port, "-g", "last.bin", out, options,
-                                          ["--tftp-timeout", "1"]), 60)
-            assert result.returncode == 0, tc.output_of(result)[-2000:]
-            assert tc.sha256(out) == digest
+            _atftp_get_intact(ns, daemon.port, root / "last.bin", digest, options, 60)
             counters = tc.wait_counters(daemon, lambda c: c["active_transfers"] == 0, 30)
             assert ns.dropped("final-ack") >= 1
             assert (counters["transfers_unconfirmed"], counters["transfers_completed"],
