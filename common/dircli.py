@@ -4,7 +4,7 @@
     preboot-dir import FILE [--check]         replace the store with a file (or only validate)
     preboot-dir rules list
     preboot-dir rules add NAME --action restore --image IMG [--filter F] [--addon A]... [--force]
-                                   [--disabled] [--position N]
+                                   [--shrink] [--disabled] [--position N]
     preboot-dir rules set NAME [--filter F] [--action ...] [--image ...] [--addon ...] ...
     preboot-dir rules remove|enable|disable NAME
     preboot-dir rules move NAME POSITION
@@ -138,10 +138,14 @@ def _action_from(args: argparse.Namespace, base: Action | None) -> Action:
     image = base.image if args.image is None else args.image
     addons = base.addons if args.addon is None else tuple(args.addon)
     session = base.session if args.session is None else args.session
+    # add: a flag (True/False); set: yes/no, or None to keep the rule's
+    shrink = base.shrink if args.shrink is None else args.shrink in (True, "yes")
     if kind is not ActionKind.RESTORE and args.addon is None:
         addons = ()
+    if kind is not ActionKind.RESTORE and args.shrink is None:
+        shrink = False
     try:
-        return Action(kind, image, addons, session)
+        return Action(kind, image, addons, session, shrink)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -366,10 +370,13 @@ def _parser() -> argparse.ArgumentParser:
         if name == "add":
             sub.add_argument("--force", action="store_true",
                              help="send the image even to machines that already have it")
+            sub.add_argument("--shrink", action="store_true",
+                             help="restore: onto a smaller disk, shrink filesystems to fit")
             sub.add_argument("--disabled", action="store_true")
             sub.add_argument("--position", type=int, help="1 = first (default: last)")
         else:
             sub.add_argument("--force", choices=["yes", "no"])
+            sub.add_argument("--shrink", choices=["yes", "no"])
         sub.set_defaults(run=run)
     for name, run in (("remove", cmd_rules_remove),
                       ("enable", lambda a: cmd_rules_enable(a, True)),

@@ -230,6 +230,7 @@ def work_answer(assignment: WorkAssignment, mode: str, own_names: tuple[str, ...
         "work": action.kind.value,
         "image": action.image,
         "addons": list(action.addons),
+        "shrink": action.shrink,
         "session": action.session,
         "reason": assignment.reason,
         "rule": assignment.rule,

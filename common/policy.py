@@ -38,6 +38,7 @@ class Action:
     image: str = ""                  # restore: the base image; make: the path to store to
     addons: tuple[str, ...] = ()     # restore: add-on images laid on after the base image
     session: str = ""                # multicast: the session name
+    shrink: bool = False             # restore: onto a smaller disk, shrink filesystems to fit
 
     def __post_init__(self) -> None:
         problem = self.problem()
@@ -51,6 +52,8 @@ class Action:
             return "action multicast needs a session name"
         if self.addons and self.kind is not ActionKind.RESTORE:
             return "add-on images go only with action restore"
+        if self.shrink and self.kind is not ActionKind.RESTORE:
+            return "shrink goes only with action restore"
         for value in (self.image, self.session, *self.addons):
             if _UNSAFE.search(value):
                 # They travel in a kernel command line and in the policy file's lists.
@@ -62,7 +65,8 @@ class Action:
     def describe(self) -> str:
         if self.kind is ActionKind.RESTORE:
             extra = f" + add-ons {', '.join(self.addons)}" if self.addons else ""
-            return f"restore {self.image}{extra}"
+            fit = " (shrunk to fit a smaller disk)" if self.shrink else ""
+            return f"restore {self.image}{extra}{fit}"
         if self.kind is ActionKind.MAKE:
             return f"make an image to {self.image}"
         if self.kind is ActionKind.MULTICAST:

@@ -17,6 +17,7 @@ identical bytes and `diff` shows only real changes. Errors name the file, line, 
     image = dell/base.img
     addons = dell/drivers.add, dell/office.add
     force = no
+    shrink = yes                # restore: onto a smaller disk, shrink filesystems to fit
     [workstations]
     [[00C04FDC2AB5]]
     name = lab-01
@@ -52,7 +53,7 @@ _TRUE = {"yes", "true", "on", "1"}
 _FALSE = {"no", "false", "off", "0"}
 _NAME_FORBIDDEN = re.compile(r'[\[\]"\x00-\x1f\x7f]')
 
-RULE_KEYS = ("enabled", "filter", "action", "image", "addons", "session", "force")
+RULE_KEYS = ("enabled", "filter", "action", "image", "addons", "session", "force", "shrink")
 STATION_KEYS = ("name", "image_on_next_boot", "image", "menu")
 SESSION_KEYS = ("image", "clients", "timeout_min", "enabled", "delete_after")
 MENU_KEYS = ("display", "timeout_s")
@@ -123,6 +124,8 @@ def _rule_values(rule: Rule) -> dict[str, Any]:
     if rule.action.session:
         values["session"] = rule.action.session
     values["force"] = _yes(rule.force)
+    if rule.action.shrink:
+        values["shrink"] = "yes"
     return values
 
 
@@ -310,8 +313,9 @@ def _rule(reader: _Reader, name: str, section: Any) -> Rule:
                    if a.strip())
     image = _value(reader, where, section, "image", "", _text).strip()
     session = _value(reader, where, section, "session", "", _text).strip()
+    shrink = _value(reader, where, section, "shrink", False, _flag)
     try:
-        action = Action(action_kind, image, addons, session)
+        action = Action(action_kind, image, addons, session, shrink)
     except ValueError as exc:
         raise reader.fail(where, "action", str(exc)) from None
     return Rule(name, filter_, action,

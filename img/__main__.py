@@ -242,13 +242,17 @@ def _make_remote(server: str, path: str, disk: str, facts: dict[str, Any], level
 
 
 def _server_operation(kind: str, args: argparse.Namespace, server: str, path: str,
-                      facts: dict[str, Any], mode: str, report_to: str) -> int:
+                      facts: dict[str, Any], mode: str, report_to: str,
+                      shrink: bool = False) -> int:
+    """A restore or make with the server; shrink: the work answer asks a restore to shrink
+    filesystems to fit a smaller disk (as --shrink does by hand)."""
     workstation, _ = _identity(facts)
     operation = "download" if kind == "restore" else "upload"
     try:
         if kind == "restore":
             label = _restore_remote(server, path, args.disk, args.grow, args.threads,
-                                    workstation, mode, shrink=getattr(args, "shrink", False),
+                                    workstation, mode,
+                                    shrink=shrink or getattr(args, "shrink", False),
                                     scratch=getattr(args, "scratch", None))
         else:
             label = _make_remote(server, path, args.disk, facts, args.level, args.threads,
@@ -314,6 +318,7 @@ def cmd_auto(args: argparse.Namespace) -> int:
         return 1
     work, reason = answer.get("work"), answer.get("reason", "")
     image = answer.get("image", "")
+    shrink = answer.get("shrink") is True
     if work == "referral":
         action, other, path = answer.get("action"), answer.get("server"), answer.get("path")
         print(f"{server}: referral: {action} //{other}/{path} ({reason})")
@@ -321,17 +326,20 @@ def cmd_auto(args: argparse.Namespace) -> int:
             print(f"img: {server} sent a referral img cannot follow ({answer}); the disk "
                   "was not changed", file=sys.stderr)
             return 1
-        status = _server_operation(action, args, other, path, facts, "auto", args.server)
+        status = _server_operation(action, args, other, path, facts, "auto", args.server,
+                                   shrink)
         if status or action != "restore":
             return status
         return _apply_addons_remote(other, _addon_paths(answer), args.disk, None, args.threads,
                                     facts, "auto", args.server)
-    print(f"{server}: {work}{' ' + image if image else ''} ({reason})")
+    fit = " (shrink to fit)" if shrink else ""
+    print(f"{server}: {work}{' ' + image if image else ''}{fit} ({reason})")
     if work == "none":
         print(f"no work for this machine: {reason}")
         return 0
     if work == "restore":
-        status = _server_operation("restore", args, server, image, facts, "auto", args.server)
+        status = _server_operation("restore", args, server, image, facts, "auto", args.server,
+                                   shrink)
         if status:
             return status
         return _apply_addons_remote(server, _addon_paths(answer), args.disk, None, args.threads,
@@ -558,6 +566,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="override a machine fact (mac, ram_mb, manufacturer, ...)")
     auto.add_argument("--grow", action="store_true",
                       help="on a restore, grow the last partition to fill a larger disk")
+    auto.add_argument("--scratch", metavar="DIR",
+                      help="where a restore the server asks to shrink keeps its scratch files "
+                           "(default: the temporary directory)")
     auto.add_argument("--level", type=int, default=DEFAULT_LEVEL)
     auto.add_argument("--threads", type=int, default=2)
     auto.set_defaults(run=cmd_auto)

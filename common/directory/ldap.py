@@ -86,7 +86,8 @@ OC_SESSION = "prebootMulticastSession"
 # The attributes each kind of entry carries that we manage; anything else (description, ...)
 # is the administrator's and is left alone on writes.
 RULE_ATTRS = ("cn", "prebootRuleOrder", "prebootEnabled", "prebootFilter", "prebootAction",
-              "prebootImage", "prebootAddonImage", "prebootSession", "prebootForce")
+              "prebootImage", "prebootAddonImage", "prebootSession", "prebootForce",
+              "prebootShrink")
 WORKSTATION_ATTRS = ("prebootMAC", "cn", "prebootImageOnNextBoot", "prebootImage",
                      "prebootMenuDisplay")
 SESSION_ATTRS = ("cn", "prebootSessionOrder", "prebootImage", "prebootSessionClients",
@@ -873,6 +874,8 @@ def _rule_attrs(rule: Rule, order: int) -> Attrs:
         "prebootAddonImage": [f"{{{i}}}{addon}".encode() for i, addon in enumerate(action.addons)],
         "prebootSession": [action.session.encode()] if action.session else [],
         "prebootForce": [_bool(rule.force)],
+        # only when set: a server whose schema predates prebootShrink still takes the rest
+        "prebootShrink": [_bool(True)] if action.shrink else [],
     }
 
 
@@ -900,7 +903,8 @@ def _rule(dn: str, raw: Attrs, known: dict[str, Filter] | None = None,
                               "maintenance or none)") from None
         action = Action(kind, _text(attrs, "prebootImage") or "",
                         _addons(attrs.get("prebootaddonimage", [])),
-                        _text(attrs, "prebootSession") or "")
+                        _text(attrs, "prebootSession") or "",
+                        _flag(attrs, "prebootShrink", False))
         rule = Rule(name, flt, action, _flag(attrs, "prebootEnabled", True),
                     _flag(attrs, "prebootForce", False))
     except ValueError as exc:     # _EntryError, FilterSyntaxError, Action's own checks

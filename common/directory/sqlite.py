@@ -65,6 +65,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER menu_upd AFTER UPDATE ON menu BEGIN {_BUMP} END;
     CREATE TRIGGER menu_del AFTER DELETE ON menu BEGIN {_BUMP} END;
     """,
+    # 2: restore rules that shrink filesystems to fit a smaller disk.
+    "ALTER TABLE rules ADD COLUMN shrink INTEGER NOT NULL DEFAULT 0;",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -204,7 +206,8 @@ class SqliteDirectory(Directory):
             conn.execute("BEGIN")
             try:
                 rows = conn.execute("SELECT name, enabled, filter, action, image, addons, "
-                                    "session, force FROM rules ORDER BY position").fetchall()
+                                    "session, force, shrink FROM rules ORDER BY position"
+                                    ).fetchall()
                 menu_rows = conn.execute("SELECT display, timeout_s FROM menu "
                                          "WHERE id = 1").fetchall()
             finally:
@@ -221,9 +224,10 @@ class SqliteDirectory(Directory):
         return ImagingPolicy(rules, menu)
 
     def _rule(self, row: tuple) -> Rule:
-        name, enabled, filter_text, action, image, addons, session, force = row
+        name, enabled, filter_text, action, image, addons, session, force, shrink = row
         try:
-            act = Action(ActionKind(action), image, tuple(json.loads(addons)), session)
+            act = Action(ActionKind(action), image, tuple(json.loads(addons)), session,
+                         bool(shrink))
             return Rule(name, parse_filter(filter_text), act, bool(enabled), bool(force))
         except (ValueError, TypeError) as exc:  # FilterSyntaxError and JSON errors included
             # Refuse the whole policy: silently skipping a rule could image a machine wrongly.
@@ -234,10 +238,10 @@ class SqliteDirectory(Directory):
         for position, rule in enumerate(policy.rules, 1):
             statements.append((
                 "INSERT INTO rules (position, name, enabled, filter, action, image, addons, "
-                "session, force) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "session, force, shrink) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (position, rule.name, int(rule.enabled), rule.filter.canonical(),
                  rule.action.kind.value, rule.action.image, json.dumps(list(rule.action.addons)),
-                 rule.action.session, int(rule.force))))
+                 rule.action.session, int(rule.force), int(rule.action.shrink))))
         statements.append(("INSERT OR REPLACE INTO menu (id, display, timeout_s) VALUES (1, ?, ?)",
                            (policy.menu.display.value, policy.menu.timeout_s)))
         self._write(statements)

@@ -27,6 +27,10 @@ Three more BIOS VMs restore a base image whose one partition is NTFS (the Window
 btrfs, and lay the same add-on onto it: ntfs-3g (FUSE) and the kernel's xfs and btrfs modules,
 loaded on demand, in the environment. The partition must pass its own checker (ntfsfix -n,
 xfs_repair -n, btrfs check) with the base files and the add-on's identical.
+
+One more BIOS VM has a disk smaller than the base image's, and its rule says `shrink = yes`: the
+environment's e2fsck and resize2fs shrink the ext4 (its scratch copy in the VM's RAM) and the
+partition must end within the disk, fsck-clean, with every file identical.
 """
 
 from __future__ import annotations
@@ -93,6 +97,11 @@ addons = {ADDON}
 filter = "product = 'Imaging UEFI E2E' and platform = efi"
 action = restore
 image = {IMAGE}
+[[Shrink lab]]
+filter = "product = 'Imaging Shrink E2E' and platform = pcbios"
+action = restore
+image = {IMAGE}
+shrink = yes
 [[Capture lab]]
 filter = "product = 'Imaging Make E2E' and platform = pcbios"
 action = make
@@ -332,6 +341,36 @@ def test_addon_is_laid_onto_ntfs_xfs_and_btrfs_in_the_environment(
                                      part, tmp_path)
     counters = boot.imgsrvd.wait_counters(lambda c: c.get("images_sent", 0) >= 2)
     assert (counters["images_sent"], counters["failures"]) == (2, 0), f"{counters}\n{boot.diag}"
+
+
+SHRINK_MAC = "52:54:00:ab:00:04"
+SHRINK_SMBIOS = "type=1,manufacturer=Preboot Lab,product=Imaging Shrink E2E,serial=IMG-0004"
+SMALL_DISK = 24 * MiB                            # the image's ext4 ends at 33 MiB
+
+
+def test_vm_with_a_smaller_disk_is_shrunk_to_fit_as_its_rule_says(
+        imaging_env: Path, base_image: tuple[Path, Path], lab: netlab.Lab, tmp_path: Path,
+        record_boot_time):
+    image, _addon = base_image
+    vm_disk = tmp_path / "vm.disk"
+    with open(vm_disk, "wb") as f:
+        f.truncate(SMALL_DISK)
+    boot = _boot_into_imaging(lab, tmp_path, imaging_env, {IMAGE: image.read_bytes()},
+                              tmp_path / "images", vm_disk, SHRINK_MAC, SHRINK_SMBIOS,
+                              "imaging-shrink")
+    new_size = SMALL_DISK - PART[0]                # cut at the disk's end, on a MiB boundary
+    markers = (
+        re.compile(r"preboot-env: disk /dev/vda 24 MiB"),
+        re.compile(r"192\.168\.77\.2\S*: restore lab/base\.img \(shrink to fit\)"),
+        re.compile(rf"shrunk partition 1 \(ext4\): {PART[1] // MiB} MiB -> "
+                   rf"{new_size // MiB} MiB"),
+    )
+    _check_boot(boot, record_boot_time, "imaging env, shrink", f"restore {IMAGE}", markers)
+    imagingenv.check_restored_disk(vm_disk, FILES, (PART[0], new_size), tmp_path)
+    entries = imagingenv.results(lab)
+    reported = [(e.status, e.image_path) for e in entries
+                if e.operation == "download" and e.image_type == "base"]
+    assert reported == [("success", IMAGE)], f"{entries}\n{boot.diag}"
 
 
 MAKE_MARKERS = (

@@ -93,6 +93,22 @@ def test_rules_are_listed_added_changed_moved_disabled_and_removed(cli, tmp_path
     assert "exists" in cli("rules", "add", "Dell lab", "--action", "none", expect=65).stderr
 
 
+def test_a_restore_rule_is_told_to_shrink_and_back(cli, tmp_path):
+    (tmp_path / "p.conf").write_text(POLICY)
+    cli("import", str(tmp_path / "p.conf"))
+    cli("rules", "add", "Thin clients", "--filter", "disk_mb < 64GB", "--action", "restore",
+        "--image", "thin.img", "--position", "1", "--shrink")
+    cli("rules", "set", "Dell lab", "--shrink", "yes")
+    exported = cli("export").stdout
+    assert exported.count("shrink = yes") == 2, exported
+    assert "(shrunk to fit a smaller disk)" in cli("rules", "list").stdout
+    cli("rules", "set", "Thin clients", "--shrink", "no")
+    cli("rules", "set", "Dell lab", "--action", "make", "--image", "up.img")  # drops shrink
+    assert "shrink" not in cli("export").stdout
+    assert "shrink goes only with action restore" in cli(
+        "rules", "set", "Small disks", "--shrink", "yes", expect=65).stderr
+
+
 def test_next_boot_flag_and_explain(cli, tmp_path):
     (tmp_path / "p.conf").write_text(POLICY)
     cli("import", str(tmp_path / "p.conf"))

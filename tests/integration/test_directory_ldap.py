@@ -24,6 +24,7 @@ from common.directory import DirectoryError, WouldBlock, open_directory
 from common.directory.ldap import LdapDirectory
 from common.policy import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings, Rule,
                            Workstation)
+from common.rules import parse_filter
 
 import ldapserver
 
@@ -394,6 +395,40 @@ def test_schema_file_loads_into_a_running_server_over_ldapi(tmp_path) -> None:
                                                   MenuDisplay.ALWAYS))
             assert names(directory.policy()) == ["first", "second", "last"]
             assert directory.workstation("00C04FDC2AB5").menu is MenuDisplay.ALWAYS
+
+
+def test_a_server_with_the_schema_before_prebootshrink_still_takes_rules(tmp_path) -> None:
+    """prebootShrink is written only when a rule sets it, so a server that loaded the schema
+    of an earlier release keeps working; a shrink rule there is a clear error, nothing half
+    written."""
+    old = ldapserver.PREBOOT_SCHEMA.read_text()
+    start = old.index("olcAttributeTypes: ( 2.25.234366858605174732241861539369627074419.1.18")
+    end = old.index("olcObjectClasses:", start)
+    old = old[:start] + old[end:]
+    old = old.replace("prebootForce $ prebootShrink $ description", "prebootForce $ description")
+    assert "prebootShrink" not in old
+    (tmp_path / "old.ldif").write_text(old)
+    shrinking = Rule("shrinking", parse_filter(""),
+                     Action(ActionKind.RESTORE, "lab/base.img", shrink=True))
+    with ldapserver.Slapd(schema=False) as server:
+        server.ldapadd_config(tmp_path / "old.ldif")
+        credentials = str(server.write_credentials(tmp_path / "c"))
+        with open_directory(server.url, credentials, timeout_s=TIMEOUT_S) as directory:
+            directory.replace_policy(POLICY)
+            assert directory.policy() == POLICY
+            with pytest.raises(DirectoryError, match="prebootShrink"):
+                directory.replace_policy(ImagingPolicy((*POLICY.rules, shrinking)))
+            assert directory.policy() == POLICY
+
+
+def test_shrink_rule_round_trips(directory) -> None:
+    shrinking = Rule("shrinking", parse_filter("disk_mb < 100000"),
+                     Action(ActionKind.RESTORE, "lab/base.img", ("lab/a.add",), shrink=True))
+    policy = ImagingPolicy((*POLICY.rules, shrinking))
+    directory.replace_policy(policy)
+    assert directory.policy() == policy
+    directory.replace_policy(POLICY)          # unset again: the attribute goes
+    assert directory.policy() == POLICY
 
 
 def test_example_base_ldif_loads(server) -> None:

@@ -4,7 +4,9 @@ partition of an MBR disk) or NTFS (on GPT) restored onto a disk about 40% smalle
 Checked with the filesystems' own tools: e2fsck / ntfsfix clean, every file byte for byte
 (debugfs, ntfscat), the table entry shrunk and aligned, the table valid (sfdisk --verify,
 sgdisk -v). Refusals (no --shrink, too small even shrunk, XFS) leave the target disk's bytes
-exactly as they were. One test restores from a real imgsrvd (--server).
+exactly as they were. One test restores from a real imgsrvd (--server); another has
+`img auto` do it because the imgsrvd policy's rule says `shrink = yes`, and refuse it (disk
+untouched) for a machine whose rule does not.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from common.policy import Action, ActionKind, Rule
 from tests.integration.test_img_server_modes import imgsrvd_factory  # noqa: F401 (fixture)
 from tests.support import REPO
 
@@ -150,26 +153,44 @@ def check_files(kind: str, fs: Path, tmp: Path) -> None:
             assert out.read_bytes() == data, f"vfat {name}"
 
 
-def shrink_and_check(tmp: Path, label: str, kinds: tuple[str, str], server: str | None = None,
-                     disk_mib: int = DISK_MIB, small_mib: int = SMALL_MIB) -> None:
+def shrink_and_check(tmp: Path, label: str, kinds: tuple[str, str], server=None,
+                     disk_mib: int = DISK_MIB, small_mib: int = SMALL_MIB,
+                     by_policy: bool = False) -> None:
+    """Refused without shrinking, then shrunk: by hand (--shrink), or, by_policy, by img auto
+    as server's rules say (a 2 GB machine's rule does not shrink, an 8 GB one's does)."""
     disk = build(tmp, label, kinds, disk_mib)
     if server:
-        img("make", "--disk", str(disk), "--server", server, "shrink/base.img")
-        source = ["--server", server, "shrink/base.img"]
+        img("make", "--disk", str(disk), "--server", server.address, "shrink/base.img")
+        source = ["--server", server.address, "shrink/base.img"]
     else:
         img("make", "--disk", str(disk), str(tmp / f"{label}.pbimg"))
         source = [str(tmp / f"{label}.pbimg")]
+    if by_policy:
+        server.set_policy(
+            Rule.from_text("plain", "ram_mb < 4096",
+                           Action(ActionKind.RESTORE, "shrink/base.img")),
+            Rule.from_text("fit", "ram_mb >= 4096",
+                           Action(ActionKind.RESTORE, "shrink/base.img", shrink=True)))
     small = blank(tmp / "small.disk", small_mib, b"OLD CONTENTS")
     before = digest(small)
 
-    refused = img("restore", "--disk", str(small), *source, expect=1)
+    if by_policy:
+        refused = img("auto", "--disk", str(small), "--server", server.address,
+                      "--fact", "mac=52:54:00:00:00:01", "--fact", "ram_mb=2048", expect=1)
+    else:
+        refused = img("restore", "--disk", str(small), *source, expect=1)
     last = data_partitions(disk)[-1]["node"][-1]
     assert "would fit" in refused.stderr and f"use --shrink to shrink partition {last}" \
         in refused.stderr, refused.stderr
     assert "nothing was written" in refused.stderr or "disk was not changed" in refused.stderr
     assert digest(small) == before, "a refused restore must not touch the disk"
 
-    done = img("restore", "--disk", str(small), "--shrink", "--scratch", str(tmp), *source)
+    if by_policy:
+        done = img("auto", "--disk", str(small), "--server", server.address, "--scratch",
+                   str(tmp), "--fact", "mac=52:54:00:00:00:02", "--fact", "ram_mb=8192")
+        assert "restore shrink/base.img (shrink to fit) (rule 'fit'" in done.stdout, done.stdout
+    else:
+        done = img("restore", "--disk", str(small), "--shrink", "--scratch", str(tmp), *source)
     assert f"shrunk partition {last} ({kinds[1]}): " in done.stdout, done.stdout
     assert not list(tmp.glob("img-shrink-*")), "scratch files removed"
     if label == "gpt":
@@ -205,8 +226,11 @@ def test_shrink_a_fat32_partition_at_the_end_of_a_gpt_disk(tmp_path: Path) -> No
 
 
 def test_shrink_when_restoring_from_an_imaging_server(imgsrvd_factory, tmp_path: Path) -> None:
-    server = imgsrvd_factory()
-    shrink_and_check(tmp_path, "mbr", ("ext4", "ext4"), server=server.address)
+    shrink_and_check(tmp_path, "mbr", ("ext4", "ext4"), server=imgsrvd_factory())
+
+
+def test_auto_shrinks_where_the_rule_says_so(imgsrvd_factory, tmp_path: Path) -> None:
+    shrink_and_check(tmp_path, "gpt", ("vfat", "ntfs"), server=imgsrvd_factory(), by_policy=True)
 
 
 def test_too_small_even_shrunk_is_refused_before_any_write(tmp_path: Path) -> None:

@@ -164,3 +164,24 @@ def test_lookup_nowait_turns_a_busy_store_into_would_block(tmp_path):
         directory._nowait = Busy()    # what a lock looks like with busy_timeout 0
         with pytest.raises(WouldBlock):
             directory.lookup_nowait("001122334455")
+
+
+def test_a_store_of_schema_1_is_migrated_and_keeps_its_rules(tmp_path):
+    """A store written before rules could shrink: version 2 adds the column, shrink off."""
+    from common.directory.sqlite import MIGRATIONS
+    conn = sqlite3.connect(tmp_path / "dir.db")
+    conn.executescript(MIGRATIONS[0])
+    conn.execute("INSERT INTO rules (position, name, filter, action, image) "
+                 "VALUES (1, 'lab', '', 'restore', 'lab/base.img')")
+    conn.execute("PRAGMA user_version=1")
+    conn.commit()
+    conn.close()
+    with open_directory(_url(tmp_path)) as directory:
+        (rule,) = directory.policy().rules
+        assert rule.action == Action(ActionKind.RESTORE, "lab/base.img")
+        shrinking = Rule.from_text("lab", "", Action(ActionKind.RESTORE, "lab/base.img",
+                                                     shrink=True))
+        directory.replace_policy(ImagingPolicy((shrinking,)))
+        assert directory.policy().rules[0].action.shrink is True
+    conn = sqlite3.connect(tmp_path / "dir.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2

@@ -102,8 +102,11 @@ def _assignment(image: str, kind=ActionKind.RESTORE) -> WorkAssignment:
 def test_work_answer_local_and_referral():
     answer, remote = work_answer(_assignment("a.img"), "auto")
     assert remote is None
-    assert answer == {"work": "restore", "image": "a.img", "addons": [], "session": "",
-                      "reason": "because", "rule": "r"}
+    assert answer == {"work": "restore", "image": "a.img", "addons": [], "shrink": False,
+                      "session": "", "reason": "because", "rule": "r"}
+    shrinking = WorkAssignment(Action(ActionKind.RESTORE, "a.img", shrink=True), "rule 'r'",
+                               "because", "r")
+    assert work_answer(shrinking, "auto")[0]["shrink"] is True
     answer, remote = work_answer(_assignment("//other/b.img", ActionKind.MAKE), "auto")
     assert remote == RemotePath("other", "b.img")
     assert (answer["work"], answer["action"], answer["server"], answer["path"]) == \

@@ -118,3 +118,12 @@ def test_facts_from_text_accept_only_ascii_digits_and_hex():
     facts, problems = facts_from_strings({"ram_mb": "²", "mac": "00c04fdc2ab5", "ip": "10.0.0.1"})
     assert problems == ["ram_mb: '²' is not a whole number"]
     assert facts.mac == "00C04FDC2AB5" and facts.ip == "10.0.0.1" and facts.ram_mb is None
+
+
+def test_shrink_goes_only_with_a_restore_and_shows_in_the_description():
+    action = Action(ActionKind.RESTORE, "lab/base.img", ("lab/a.add",), shrink=True)
+    assert action.describe() == ("restore lab/base.img + add-ons lab/a.add "
+                                 "(shrunk to fit a smaller disk)")
+    for kind in (ActionKind.MAKE, ActionKind.NONE):
+        with pytest.raises(ValueError, match="shrink goes only with action restore"):
+            Action(kind, "x.img" if kind is ActionKind.MAKE else "", shrink=True)

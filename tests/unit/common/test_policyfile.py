@@ -126,7 +126,9 @@ def _documents(draw):
         image = draw(_path) if kind in (ActionKind.RESTORE, ActionKind.MAKE) else ""
         addons = tuple(draw(st.lists(_path, max_size=3))) if kind is ActionKind.RESTORE else ()
         session = draw(_name) if kind is ActionKind.MULTICAST else ""
-        rules.append(Rule.from_text(name, draw(_filter_text), Action(kind, image, addons, session),
+        shrink = kind is ActionKind.RESTORE and draw(st.booleans())
+        rules.append(Rule.from_text(name, draw(_filter_text),
+                                    Action(kind, image, addons, session, shrink),
                                     draw(st.booleans()), draw(st.booleans())))
     macs = draw(st.lists(st.text("0123456789ABCDEF", min_size=12, max_size=12), max_size=4,
                          unique=True))
@@ -155,3 +157,19 @@ def test_any_document_round_trips(doc):
     back = load_policy(text)
     assert _comparable(back) == _comparable(doc)
     assert dump_policy(back) == text
+
+
+def test_shrink_is_read_and_written_only_when_set():
+    text = SAMPLE.replace("addons = dell/a.add", "shrink = yes\naddons = dell/a.add")
+    doc = load_policy(text)
+    dell, hp, _rest = doc.policy.rules
+    assert dell.action.shrink is True and hp.action.shrink is False
+    out = dump_policy(doc)
+    assert out.count("shrink = yes") == 1 and "shrink = no" not in out
+    assert dump_policy(load_policy(SAMPLE)).count("shrink") == 0     # older files unchanged
+
+
+def test_shrink_on_a_rule_that_does_not_restore_names_the_rule():
+    text = SAMPLE.replace("force = yes", "force = yes\nshrink = yes")
+    with pytest.raises(PolicyFileError, match="shrink goes only with action restore"):
+        load_policy(text, "site.conf")
