@@ -72,9 +72,13 @@ def test_a_bad_file_is_refused_with_file_and_line_and_the_store_is_untouched(cli
     assert "OK" in cli("import", "--check", str(good)).stdout
 
 
-def test_rules_are_listed_added_changed_moved_disabled_and_removed(cli, tmp_path):
+def _import_policy(cli, tmp_path) -> None:
     (tmp_path / "p.conf").write_text(POLICY)
     cli("import", str(tmp_path / "p.conf"))
+
+
+def test_rules_are_listed_added_changed_moved_disabled_and_removed(cli, tmp_path):
+    _import_policy(cli, tmp_path)
     cli("rules", "add", "HP", "--filter", "manufacturer startswith HP", "--action", "restore",
         "--image", "hp.img", "--position", "1", "--force")
     cli("rules", "set", "Dell lab", "--filter", "manufacturer contains dell")
@@ -94,8 +98,7 @@ def test_rules_are_listed_added_changed_moved_disabled_and_removed(cli, tmp_path
 
 
 def test_a_restore_rule_is_told_to_shrink_and_back(cli, tmp_path):
-    (tmp_path / "p.conf").write_text(POLICY)
-    cli("import", str(tmp_path / "p.conf"))
+    _import_policy(cli, tmp_path)
     cli("rules", "add", "Thin clients", "--filter", "disk_mb < 64GB", "--action", "restore",
         "--image", "thin.img", "--position", "1", "--shrink")
     cli("rules", "set", "Dell lab", "--shrink", "yes")
@@ -110,8 +113,7 @@ def test_a_restore_rule_is_told_to_shrink_and_back(cli, tmp_path):
 
 
 def test_next_boot_flag_and_explain(cli, tmp_path):
-    (tmp_path / "p.conf").write_text(POLICY)
-    cli("import", str(tmp_path / "p.conf"))
+    _import_policy(cli, tmp_path)
     dell = ["--mac", "52-54-00-00-00-02", "--manufacturer", "Dell Inc.", "--ram-mb", "8192",
             "--disk-mb", "512000", "--serial", "SN1"]
     out = cli("explain", *dell).stdout
