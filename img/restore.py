@@ -100,7 +100,7 @@ def _too_small(path: str, size: int, needed: int, plan: _ShrinkPlan, shrink: boo
     room = sum(j.new_size for j in plan.jobs)
     parts = ", ".join(str(j.partition) for j in plan.jobs)
     return (f"{head}; the used data ({-(-used // MiB)} MiB) would fit in {room // MiB} MiB: "
-            f"use --shrink to shrink partition {parts}")
+            f"use --shrink to shrink partition {parts} (img auto: a rule with shrink = yes)")
 
 
 def _target_layout(reader: ImageReader, disk: Disk, grow: bool, shrink: bool = False

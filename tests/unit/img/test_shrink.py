@@ -66,7 +66,8 @@ def test_plan_shrinks_the_logical_partition_at_the_end():
     message = _too_small("/dev/x", 40 * MiB, 64 * MiB, plan, shrink=False)
     assert message == ("/dev/x is 40 MiB (41943040 bytes); the image needs at least 64 MiB "
                        "(67108864 bytes, for its partitions and table); the used data (10 MiB) "
-                       "would fit in 22 MiB: use --shrink to shrink partition 5")
+                       "would fit in 22 MiB: use --shrink to shrink partition 5 (img auto: a "
+                       "rule with shrink = yes)")
 
 
 @pytest.mark.parametrize("filesystem, why", [
