@@ -591,7 +591,8 @@ def test_lookup_async_frozen_server_times_out_then_recovers(server, directory) -
         finally:
             os.kill(server.proc.pid, signal.SIGCONT)
         for outcome, took in outcomes:
-            assert outcome is DirectoryError and TIMEOUT_S * 0.9 < took < TIMEOUT_S * 1.5
+            # waited its timeout, and did not hang (the bound leaves room for a loaded machine)
+            assert outcome is DirectoryError and TIMEOUT_S * 0.9 < took < TIMEOUT_S * 2.5
         assert names((await settled(directory, "00C04FDC2AB5"))[0]) == names(POLICY)
     asyncio.run(main())
 
@@ -641,7 +642,8 @@ def test_lookup_async_silent_server_never_holds_the_loop() -> None:
                 until = time.monotonic() + TIMEOUT_S * 2.5
                 while time.monotonic() < until:
                     outcome, took = await timed_lookup(directory, "00C04FDC2AB5")
-                    assert outcome is WouldBlock and took < 0.1
+                    # at once: well under the connect timeout it would otherwise wait
+                    assert outcome is WouldBlock and took < TIMEOUT_S / 4
                     connecting = [t for t in threading.enumerate()
                                   if t.name == "ldap-loop-connect"]
                     assert len(connecting) <= 1
