@@ -46,11 +46,13 @@ from typing import Any, BinaryIO, Callable, Iterable, Mapping
 __all__ = [
     "DiskLayoutError", "Partition", "DiskLayout", "parse_layout", "table_writes", "read_layout",
     "HEAD_BYTES", "TAIL_BYTES", "head_bytes", "tail_bytes", "apply_writes",
+    "SECTOR_SIZES", "device_sector_size",
 ]
 
 ReadAt = Callable[[int, int], bytes]
 
 MBR_SIZE = 512
+SECTOR_SIZES = (512, 4096)          # logical sector sizes of real disks: 512n/512e and 4Kn
 BOOT_CODE_SIZE = 440
 GPT_ENTRY_SIZE = 128
 GPT_DEFAULT_ENTRIES = 128
@@ -285,6 +287,34 @@ class DiskLayout:
         shrunk = dataclasses.replace(self, partitions=tuple(parts))
         return shrunk.relocated(target_size)
 
+    def converted(self, sector_size: int) -> DiskLayout:
+        """The same table in LBAs of another logical sector size (a 512-byte disk's image put
+        on a 4Kn disk, or the other way round).
+
+        Every partition keeps its byte offsets, so alignment and the data's place are kept;
+        only the numbers in the table change. A partition that does not start and end on a
+        boundary of the new sector size cannot be converted exactly, and raises DiskLayoutError
+        naming it, as does a table the new size cannot hold (an MBR beyond its 32-bit LBAs, a
+        partition inside the GPT's own tables). GPT: the first usable LBA is the old one's byte
+        offset rounded up, at least past a 128-entry array (UEFI 2.x 5.3.1); the backup goes to
+        the end of the disk as relocated() puts it. Warnings are dropped: they described the
+        source disk.
+        """
+        if sector_size == self.sector_size:
+            return self
+        _check_sector_size(sector_size)
+        if self.disk_size % sector_size:
+            raise DiskLayoutError(f"the disk's {self.disk_size} bytes are not a whole number of "
+                                  f"{sector_size}-byte sectors")
+        parts = tuple(_converted_partition(p, self.sector_size, sector_size)
+                      for p in self.partitions)
+        new = dataclasses.replace(self, sector_size=sector_size, partitions=parts, warnings=())
+        if self.kind == "gpt":
+            new = _converted_gpt(self, new)
+        if self.kind != "none":
+            table_writes(new)          # raises what the new sector size cannot hold
+        return new
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict; from_dict(to_dict()) gives back an identical layout."""
         return {
@@ -317,6 +347,37 @@ class DiskLayout:
         if layout["sector_size"] < MBR_SIZE:
             raise DiskLayoutError(f"layout: sector size {layout['sector_size']} below 512")
         return cls(**layout)
+
+
+def _check_sector_size(sector_size: int) -> None:
+    if sector_size < MBR_SIZE or sector_size & (sector_size - 1):
+        raise DiskLayoutError(f"unsupported sector size {sector_size}")
+
+
+def _converted_partition(part: Partition, old: int, new: int) -> Partition:
+    start, size = part.start_bytes(old), part.size_bytes(old)
+    if start % new or size % new:
+        raise DiskLayoutError(
+            f"partition {part.number} (bytes {start}..{start + size}) does not start and end "
+            f"on a {new}-byte sector boundary, so its table cannot be converted exactly")
+    return dataclasses.replace(part, start_lba=start // new, size_lba=size // new)
+
+
+def _converted_gpt(old: DiskLayout, new: DiskLayout) -> DiskLayout:
+    """first/last usable LBAs of a converted GPT (see DiskLayout.converted())."""
+    ss = new.sector_size
+    highest = max((p.number for p in new.partitions), default=0)
+    entry_sectors = -(-max(GPT_DEFAULT_ENTRIES, highest) * GPT_ENTRY_SIZE // ss)
+    first_usable = max(-(-old.first_usable_lba * old.sector_size // ss), 2 + entry_sectors)
+    for part in new.partitions:
+        if part.start_lba < first_usable:
+            raise DiskLayoutError(
+                f"partition {part.number} starts at byte {part.start_bytes(ss)}, inside the "
+                f"tables of a GPT with {ss}-byte sectors (first usable byte "
+                f"{first_usable * ss}); its table cannot be converted")
+    new = dataclasses.replace(new, first_usable_lba=first_usable)
+    last_usable = _gpt_last_usable(new.sectors, _gpt_entry_sectors(new))
+    return dataclasses.replace(new, last_usable_lba=last_usable)
 
 
 def _mib(count: int, up: bool = False) -> int:
@@ -388,8 +449,7 @@ def parse_layout(head: bytes, tail: bytes, disk_size: int, sector_size: int = 51
     away from their usual place. An MBR without the 0x55AA signature, or with boot indicators
     other than 0x00/0x80, or a FAT/NTFS/exFAT boot sector, is no table: kind "none".
     """
-    if sector_size < MBR_SIZE or sector_size & (sector_size - 1):
-        raise DiskLayoutError(f"unsupported sector size {sector_size}")
+    _check_sector_size(sector_size)
     if disk_size < 0:
         raise DiskLayoutError(f"negative disk size {disk_size}")
     if disk_size < sector_size:
@@ -687,8 +747,7 @@ def table_writes(layout: DiskLayout, boot_code: bytes = b"") -> list[tuple[int, 
     """
     if layout.kind == "none":
         return []
-    if layout.sector_size < MBR_SIZE or layout.sector_size & (layout.sector_size - 1):
-        raise DiskLayoutError(f"unsupported sector size {layout.sector_size}")
+    _check_sector_size(layout.sector_size)
     boot = bytes(boot_code[:BOOT_CODE_SIZE]).ljust(BOOT_CODE_SIZE, b"\0")
     if layout.kind == "mbr":
         return _mbr_writes(layout, boot)
@@ -908,7 +967,10 @@ def read_layout(path_or_file: str | os.PathLike[str] | BinaryIO,
     fileobj = path_or_file
     size = fileobj.seek(0, os.SEEK_END)
     if sector_size is None:
-        sector_size = _device_sector_size(fileobj)
+        try:
+            sector_size = device_sector_size(fileobj.fileno()) or 512
+        except (AttributeError, OSError, ValueError):      # a file object without a descriptor
+            sector_size = 512
 
     def read_at(offset: int, length: int) -> bytes:
         fileobj.seek(offset)
@@ -920,15 +982,17 @@ def read_layout(path_or_file: str | os.PathLike[str] | BinaryIO,
     return parse_layout(head, tail, size, sector_size, read_at)
 
 
-def _device_sector_size(fileobj: BinaryIO) -> int:
+def device_sector_size(fd: int) -> int | None:
+    """A block device's logical sector size (the BLKSSZGET ioctl), None for anything else:
+    a disk image file has no sector size of its own to ask for."""
     try:
-        if stat.S_ISBLK(os.fstat(fileobj.fileno()).st_mode):
+        if stat.S_ISBLK(os.fstat(fd).st_mode):
             import fcntl
             blksszget = 0x1268
-            return struct.unpack("i", fcntl.ioctl(fileobj.fileno(), blksszget, b"\0" * 4))[0]
-    except (OSError, AttributeError, ValueError):
+            return struct.unpack("i", fcntl.ioctl(fd, blksszget, b"\0" * 4))[0]
+    except (OSError, ValueError):
         pass
-    return 512
+    return None
 
 
 def apply_writes(writes: Iterable[tuple[int, bytes]], fileobj: BinaryIO) -> None:

@@ -15,7 +15,10 @@
     img dump --disk DISK                the partition table and each partition's filesystem
     img info                            what this machine reports to the imaging server
 
-DISK is a block device or a disk image file. Exit status: 0 done, 1 failed (the message says
+DISK is a block device or a disk image file. A device's partition table counts in its own
+logical sectors (512 or 4096 bytes, asked of the kernel); a disk image file has none to ask for:
+`--sector-size 512|4096` says it (default 512). A restore onto a disk whose sectors differ from
+the image's converts the table where it can and refuses, writing nothing, where it cannot. Exit status: 0 done, 1 failed (the message says
 why and whether the disk was changed), 2 usage.
 """
 
@@ -28,13 +31,13 @@ import os
 import sys
 from typing import Any, Iterator
 
-from common.disklayout import DiskLayoutError, read_layout
+from common.disklayout import SECTOR_SIZES, DiskLayoutError
 from common.machine import ATTRIBUTE_KINDS, normalize_mac
 from common.imagefile import DEFAULT_LEVEL, ImageReader
 from common.imageformat import ImageFormatError
 
 from .client import ImagingClient, Referral, ServerError, split_server
-from .errors import AddonError, RestoreError
+from .errors import AddonError, DiskError, RestoreError
 from .hardware import machine_facts
 from .remote import RemoteImage
 from .progress import Progress
@@ -53,7 +56,7 @@ def cmd_make(args: argparse.Namespace) -> int:
         return 1
     stats, meta = make_image_file(args.disk, args.image, source=machine_facts(),
                                   level=args.level, threads=args.threads,
-                                  progress=Progress("img make"))
+                                  progress=Progress("img make"), sector_size=args.sector_size)
     used = sum(s.get("used_bytes", 0) for s in meta["streams"])
     print(f"made {args.image}: {len(meta['streams'])} streams, {used} bytes used, "
           f"{stats.bytes_out} bytes stored, {stats.chunks} chunks, {stats.seconds:.1f} s")
@@ -68,16 +71,16 @@ def cmd_restore(args: argparse.Namespace) -> int:
         try:
             result = restore_image(reader, args.disk, grow=args.grow, threads=args.threads,
                                    shrink=args.shrink, scratch=args.scratch,
-                                   progress=Progress("img restore"))
+                                   progress=Progress("img restore"),
+                                   sector_size=args.sector_size)
         except (ImageFormatError, OSError) as exc:
             print(f"img: restore of {args.disk} FAILED part-way: {exc}. The disk is "
                   "incomplete and has no valid partition table; restore again.", file=sys.stderr)
             return 1
-    grown = " (last partition grown to fill the disk)" if result.grown else ""
     print(f"restored {args.image} onto {args.disk}: {result.bytes_written} bytes in "
-          f"{result.chunks} chunks{grown}")
+          f"{result.chunks} chunks{_how(result)}")
     _print_shrunk(result)
-    return _apply_addons_local(args.addon, args.disk, None, args.threads)
+    return _apply_addons_local(args.addon, args.disk, None, args.threads, args.sector_size)
 
 
 # ------------------------------------------------------------------ server modes
@@ -140,6 +143,17 @@ def _report(server: str, facts: dict[str, Any], operation: str, image: str, erro
         print(f"img: warning: result not reported: {exc}", file=sys.stderr)
 
 
+def _how(result: Any) -> str:
+    """What a restore did to the table besides writing it: grown, converted."""
+    notes = []
+    if result.grown:
+        notes.append("last partition grown to fill the disk")
+    if result.converted_from:
+        notes.append(f"partition table converted from {result.converted_from}- to "
+                     f"{result.layout.sector_size}-byte sectors")
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
 def _print_shrunk(result: Any) -> None:
     """What --shrink cut: one line per partition, old size -> new size."""
     for job in result.shrunk:
@@ -174,7 +188,7 @@ def _remote_image(server: str, path: str, workstation: str, mode: str, what: str
 
 def _restore_remote(server: str, path: str, disk: str, grow: bool, threads: int,
                     workstation: str, mode: str, shrink: bool = False,
-                    scratch: str | None = None) -> str:
+                    scratch: str | None = None, sector_size: int | None = None) -> str:
     """Restore //server/path onto disk, following 307 referrals; returns where the image came
     from (//server/path). Raises Failure."""
     with _remote_image(server, path, workstation, mode, "restore of") as (label, remote, reader):
@@ -182,17 +196,16 @@ def _restore_remote(server: str, path: str, disk: str, grow: bool, threads: int,
         try:
             result = restore_image(reader, disk, grow=grow, threads=threads,
                                    progress=Progress("img restore"), shrink=shrink,
-                                   scratch=scratch)
+                                   scratch=scratch, sector_size=sector_size)
         except RestoreError as exc:
             raise Failure(f"restore of {label}: {exc}; the disk was not changed") from None
         except (ServerError, ImageFormatError, OSError) as exc:
             raise Failure(f"restore of {label} onto {disk} FAILED part-way: {exc}. The "
                           "disk was changed: it is incomplete and has no valid partition "
                           "table; restore again.") from None
-    grown = " (last partition grown to fill the disk)" if result.grown else ""
     retried = f", {remote.retried} retried" if remote.retried else ""
     print(f"restored {label} onto {disk}: {result.bytes_written} bytes in {result.chunks} "
-          f"chunks, {remote.requests} requests in {batches} batches{retried}{grown}")
+          f"chunks, {remote.requests} requests in {batches} batches{retried}{_how(result)}")
     _print_shrunk(result)
     return label
 
@@ -224,16 +237,17 @@ def _server_upload(server: str, path: str, workstation: str, mode: str, unchange
 
 
 def _make_remote(server: str, path: str, disk: str, facts: dict[str, Any], level: int,
-                 threads: int, workstation: str, mode: str) -> str:
+                 threads: int, workstation: str, mode: str, sector_size: int | None = None
+                 ) -> str:
     """Make an image of disk straight onto //server/path (chunked PUT); raises Failure."""
     from .make import make_image
     unchanged = " (the disk was not changed)"
     with _server_upload(server, path, workstation, mode, unchanged) as (label, upload):
         try:
             stats, meta = make_image(disk, upload, source=facts, level=level, threads=threads,
-                                     progress=Progress("img make"))
+                                     progress=Progress("img make"), sector_size=sector_size)
             answer = upload.finish()
-        except ServerError as exc:
+        except (ServerError, DiskError, DiskLayoutError) as exc:
             raise Failure(f"make onto {label} failed: {exc}{unchanged}") from None
     print(f"made {label}: {len(meta['streams'])} streams, {stats.bytes_out} bytes sent, "
           f"{stats.chunks} chunks, {stats.seconds:.1f} s; the server stored "
@@ -253,10 +267,11 @@ def _server_operation(kind: str, args: argparse.Namespace, server: str, path: st
             label = _restore_remote(server, path, args.disk, args.grow, args.threads,
                                     workstation, mode,
                                     shrink=shrink or getattr(args, "shrink", False),
-                                    scratch=getattr(args, "scratch", None))
+                                    scratch=getattr(args, "scratch", None),
+                                    sector_size=args.sector_size)
         else:
             label = _make_remote(server, path, args.disk, facts, args.level, args.threads,
-                                 workstation, mode)
+                                 workstation, mode, args.sector_size)
     except Failure as exc:
         print(f"img: {exc}", file=sys.stderr)
         _report(report_to, facts, operation, path if server == report_to
@@ -286,7 +301,7 @@ def cmd_restore_remote(args: argparse.Namespace) -> int:
     if status:
         return status
     return _apply_addons_remote(args.server, args.addon, args.disk, None, args.threads, facts,
-                                "manual", args.server)
+                                "manual", args.server, args.sector_size)
 
 
 def cmd_make_remote(args: argparse.Namespace) -> int:
@@ -331,7 +346,7 @@ def cmd_auto(args: argparse.Namespace) -> int:
         if status or action != "restore":
             return status
         return _apply_addons_remote(other, _addon_paths(answer), args.disk, None, args.threads,
-                                    facts, "auto", args.server)
+                                    facts, "auto", args.server, args.sector_size)
     fit = " (shrink to fit)" if shrink else ""
     print(f"{server}: {work}{' ' + image if image else ''}{fit} ({reason})")
     if work == "none":
@@ -343,7 +358,7 @@ def cmd_auto(args: argparse.Namespace) -> int:
         if status:
             return status
         return _apply_addons_remote(server, _addon_paths(answer), args.disk, None, args.threads,
-                                    facts, "auto", args.server)
+                                    facts, "auto", args.server, args.sector_size)
     if work == "make":
         return _server_operation("make", args, server, image, facts, "auto", args.server)
     print(f"img: {server} asks for '{work}', which this engine does not do yet; the disk "
@@ -359,12 +374,12 @@ def _addon_paths(answer: dict[str, Any]) -> list[str]:
 
 
 def _apply(reader: ImageReader, label: str, disk: str, partition: int | None,
-           threads: int) -> None:
+           threads: int, sector_size: int | None) -> None:
     """apply_addon with every failure turned into a one-line Failure saying whether the
     disk was changed."""
     from .addon import apply_addon
     try:
-        result = apply_addon(reader, disk, partition, threads=threads)
+        result = apply_addon(reader, disk, partition, threads=threads, sector_size=sector_size)
     except AddonError as exc:
         if exc.changed:
             raise Failure(f"add-on {label} onto {disk} FAILED part-way: {exc}. The partition "
@@ -377,11 +392,11 @@ def _apply(reader: ImageReader, label: str, disk: str, partition: int | None,
 
 
 def _apply_addons_local(images: list[str], disk: str, partition: int | None,
-                        threads: int) -> int:
+                        threads: int, sector_size: int | None) -> int:
     for image in images:
         try:
             with open(image, "rb") as handle:
-                _apply(ImageReader(handle, image), image, disk, partition, threads)
+                _apply(ImageReader(handle, image), image, disk, partition, threads, sector_size)
         except Failure as exc:
             print(f"img: {exc}", file=sys.stderr)
             return 1
@@ -392,23 +407,25 @@ def _apply_addons_local(images: list[str], disk: str, partition: int | None,
 
 
 def _apply_remote(server: str, path: str, disk: str, partition: int | None, threads: int,
-                  workstation: str, mode: str) -> str:
+                  workstation: str, mode: str, sector_size: int | None) -> str:
     """Apply the add-on //server/path, following 307 referrals; returns where it came from."""
     with _remote_image(server, path, workstation, mode, "add-on") as (label, remote, reader):
         remote.plan(reader.entries())
-        _apply(reader, label, disk, partition, threads)
+        _apply(reader, label, disk, partition, threads, sector_size)
     return label
 
 
 def _apply_addons_remote(server: str, paths: list[str], disk: str, partition: int | None,
-                         threads: int, facts: dict[str, Any], mode: str, report_to: str) -> int:
+                         threads: int, facts: dict[str, Any], mode: str, report_to: str,
+                         sector_size: int | None = None) -> int:
     """Apply each add-on in order from server (a //other/path is fetched there), reporting
     each to report_to; the first failure stops the rest."""
     workstation, _ = _identity(facts)
     for path in paths:
         shown = path if server == report_to or path.startswith("//") else f"//{server}/{path}"
         try:
-            label = _apply_remote(server, path, disk, partition, threads, workstation, mode)
+            label = _apply_remote(server, path, disk, partition, threads, workstation, mode,
+                                  sector_size)
         except Failure as exc:
             print(f"img: {exc}", file=sys.stderr)
             _report(report_to, facts, "download", shown, str(exc), image_type="addon")
@@ -461,7 +478,8 @@ def cmd_addon_make(args: argparse.Namespace) -> int:
 
 def cmd_addon_apply(args: argparse.Namespace) -> int:
     if not args.server:
-        return _apply_addons_local([args.image], args.disk, args.partition, args.threads)
+        return _apply_addons_local([args.image], args.disk, args.partition, args.threads,
+                                   args.sector_size)
     try:
         _check_server(args.server)
         facts = _facts(args.disk, [])
@@ -469,7 +487,7 @@ def cmd_addon_apply(args: argparse.Namespace) -> int:
         print(f"img: {exc}", file=sys.stderr)
         return 1
     return _apply_addons_remote(args.server, [args.image], args.disk, args.partition,
-                                args.threads, facts, "manual", args.server)
+                                args.threads, facts, "manual", args.server, args.sector_size)
 
 
 def _image_arguments(parser: argparse.ArgumentParser, making: bool = False) -> None:
@@ -482,6 +500,14 @@ def _image_arguments(parser: argparse.ArgumentParser, making: bool = False) -> N
         parser.add_argument("--overwrite", action="store_true")
 
 
+def _disk_arguments(parser: argparse.ArgumentParser) -> None:
+    """--disk and, for a disk image file, the logical sector size its table counts in."""
+    parser.add_argument("--disk", required=True, help="a block device or a disk image file")
+    parser.add_argument("--sector-size", type=int, choices=SECTOR_SIZES, metavar="512|4096",
+                        help="a disk image file's logical sector size (default 512); a block "
+                             "device's own is asked of the kernel")
+
+
 def _addon_parser(commands: Any) -> None:
     addon = commands.add_parser("addon", help="make or apply add-on images")
     actions = addon.add_subparsers(dest="addon_command", required=True)
@@ -490,7 +516,7 @@ def _addon_parser(commands: Any) -> None:
     _image_arguments(make, making=True)
     make.set_defaults(run=cmd_addon_make)
     apply = actions.add_parser("apply", help="lay an add-on image onto a partition of a disk")
-    apply.add_argument("--disk", required=True)
+    _disk_arguments(apply)
     apply.add_argument("--partition", type=int, metavar="N",
                        help="the partition (default: the first one whose filesystem img "
                             "can write)")
@@ -507,22 +533,37 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if problems:
         return 1
     from .addon import describe
-    kind = f"{describe(reader.metadata)}; " if reader.metadata.get("type") == "addon" else ""
+    if reader.metadata.get("type") == "addon":
+        kind = f"{describe(reader.metadata)}; "
+    else:
+        disk = reader.metadata.get("disk") or {}
+        kind = (f"base image of a {disk.get('size', '?')}-byte disk with "
+                f"{disk.get('sector_size', '?')}-byte sectors; ")
     print(f"{args.image}: {kind}{len(reader.index.entries)} chunks, all sound")
     return 0
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
+    from .disk import Disk
+    from .sectors import table_mismatch
     from .usedblocks import used_map
-    layout = read_layout(args.disk)
+    with Disk.open(args.disk, sector_size=args.sector_size) as disk:
+        layout = disk.read_layout()
+        mismatch = table_mismatch(disk, layout)
+    kind = "block device" if disk.is_device else "disk image file"
     print(f"{args.disk}: {layout.kind} table, {layout.disk_size} bytes, "
-          f"sector {layout.sector_size}, id {layout.disk_id}")
+          f"sector {layout.sector_size} ({kind}), id {layout.disk_id}")
+    for warning in layout.warnings:
+        print(f"  warning: {warning}")
     for part in layout.partitions:
         offset, size = part.start_lba * layout.sector_size, part.size_lba * layout.sector_size
         mapped = used_map(args.disk, offset, size)
         name = f" '{part.name}'" if part.name else ""
         print(f"  {part.number}: start {offset} size {size} type {part.type}{name} "
               f"fs {mapped.filesystem}, {mapped.used_bytes()} bytes used ({mapped.reason})")
+    if mismatch:
+        print(f"img: warning: {mismatch}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -540,11 +581,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="img", description="the imaging engine")
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("make", help="take a base image of a disk")
-    make.add_argument("--disk", required=True)
+    _disk_arguments(make)
     _image_arguments(make, making=True)
     make.set_defaults(run=cmd_make)
     restore = commands.add_parser("restore", help="put a base image down on a disk")
-    restore.add_argument("--disk", required=True)
+    _disk_arguments(restore)
     _image_arguments(restore)
     restore.add_argument("--grow", action="store_true",
                          help="grow the last partition's table entry to fill a larger disk")
@@ -560,7 +601,7 @@ def _parser() -> argparse.ArgumentParser:
     restore.set_defaults(run=cmd_restore)
     _addon_parser(commands)
     auto = commands.add_parser("auto", help="ask an imaging server what to do, and do it")
-    auto.add_argument("--disk", required=True)
+    _disk_arguments(auto)
     auto.add_argument("--server", required=True, help="HOST[:PORT] (port 998)")
     auto.add_argument("--fact", action="append", default=[], metavar="KEY=VALUE",
                       help="override a machine fact (mac, ram_mb, manufacturer, ...)")
@@ -577,7 +618,7 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--threads", type=int, default=2)
     verify.set_defaults(run=cmd_verify)
     dump = commands.add_parser("dump", help="disks and partitions")
-    dump.add_argument("--disk", required=True)
+    _disk_arguments(dump)
     dump.set_defaults(run=cmd_dump)
     info = commands.add_parser("info", help="the hardware this machine reports")
     info.add_argument("--json", action="store_true")
@@ -592,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     except RestoreError as exc:
         print(f"img: {exc} (nothing was written)", file=sys.stderr)
         return 1
-    except AddonError as exc:
+    except (AddonError, DiskError) as exc:
         print(f"img: {exc}", file=sys.stderr)
         return 1
     except (ImageFormatError, DiskLayoutError) as exc:

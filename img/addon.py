@@ -30,12 +30,12 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Iterator
 
 from common import __version__
-from common.disklayout import read_layout
 from common.imagefile import DEFAULT_LEVEL, ImageReader, ImageWriter, WriteStats
 from common.imageformat import DEFAULT_CHUNK_SIZE, ImageFormatError, IndexEntry
 
 from .disk import Disk
-from .errors import AddonError
+from .errors import AddonError, DiskError
+from .sectors import table_mismatch
 from .usedblocks import PROBE_BYTES, detect_filesystem
 
 FILES_ROLE = "files"
@@ -438,6 +438,7 @@ class Target:
     offset: int
     size: int
     filesystem: str          # as img.usedblocks.detect_filesystem names it, or "unknown"
+    sector_size: int = 512   # the disk's logical sectors; the loop device shows the same
 
     @property
     def writable(self) -> bool:
@@ -452,20 +453,28 @@ def _detect(disk: Disk, offset: int, size: int) -> str:
     return detect_filesystem(probe) or "unknown"
 
 
-def disk_targets(disk_path: str) -> list[Target]:
-    """Every data partition of the disk with its filesystem, in partition-number order."""
-    layout = read_layout(disk_path)
-    sector = layout.sector_size
-    with Disk.open(disk_path) as disk:
+def disk_targets(disk_path: str, sector_size: int | None = None) -> list[Target]:
+    """Every data partition of the disk with its filesystem, in partition-number order.
+    sector_size: a disk image file's logical sector size (Disk.open)."""
+    try:
+        disk = Disk.open(disk_path, sector_size=sector_size)
+    except DiskError as exc:
+        raise AddonError(str(exc)) from None
+    with disk:
+        layout = disk.read_layout()
+        mismatch = table_mismatch(disk, layout)
+        if mismatch:
+            raise AddonError(mismatch)
+        sector = layout.sector_size
         if not layout.partitions:
-            return [Target(disk_path, 0, 0, disk.size, _detect(disk, 0, disk.size))]
+            return [Target(disk_path, 0, 0, disk.size, _detect(disk, 0, disk.size), sector)]
         targets = []
         for part in sorted(layout.partitions, key=lambda p: p.number):
             if part.is_extended:
                 continue
             offset, size = part.start_lba * sector, part.size_lba * sector
             targets.append(Target(disk_path, part.number, offset, size,
-                                  _detect(disk, offset, size)))
+                                  _detect(disk, offset, size), sector))
         return targets
 
 
@@ -489,10 +498,11 @@ def refuse_mounted(disk_path: str) -> None:
             raise AddonError(f"{source} is mounted; unmount the disk's partitions first")
 
 
-def choose_target(disk_path: str, partition: int | None = None) -> Target:
+def choose_target(disk_path: str, partition: int | None = None,
+                  sector_size: int | None = None) -> Target:
     """--partition N, else the first partition with a filesystem we can write."""
     refuse_mounted(disk_path)
-    targets = disk_targets(disk_path)
+    targets = disk_targets(disk_path, sector_size)
     if partition is not None:
         for target in targets:
             if target.partition == partition:
@@ -525,7 +535,8 @@ def _run(command: list[str], what: str, timeout: float = TOOL_TIMEOUT) -> str:
 @contextlib.contextmanager
 def _loop_device(target: Target) -> Iterator[str]:
     device = _run(["losetup", "--find", "--show", "--offset", str(target.offset),
-                   "--sizelimit", str(target.size), target.disk],
+                   "--sizelimit", str(target.size), "--sector-size", str(target.sector_size),
+                   target.disk],
                   f"{target}: cannot attach a loop device")
     try:
         yield device
@@ -597,11 +608,12 @@ class ApplyResult:
 
 
 def apply_addon(reader: ImageReader, disk_path: str, partition: int | None = None,
-                threads: int = 2) -> ApplyResult:
-    """Lay the add-on image onto the chosen partition of disk_path. Raises AddonError (with
-    `changed` set once the partition may have been written) or ImageFormatError."""
+                threads: int = 2, sector_size: int | None = None) -> ApplyResult:
+    """Lay the add-on image onto the chosen partition of disk_path (sector_size: a disk image
+    file's logical sector size). Raises AddonError (with `changed` set once the partition may
+    have been written) or ImageFormatError."""
     files_stream(reader)
-    target = choose_target(disk_path, partition)
+    target = choose_target(disk_path, partition, sector_size)
     allow_symlinks = WRITERS[target.filesystem] != "mtools"
     scan = scan_addon(reader, allow_symlinks, threads)
     if WRITERS[target.filesystem] == "mtools":
@@ -617,7 +629,7 @@ def apply_addon(reader: ImageReader, disk_path: str, partition: int | None = Non
                 raise AddonError(str(exc), changed=True) from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        with Disk.open(disk_path, writable=True) as disk:
+        with Disk.open(disk_path, writable=True, sector_size=sector_size) as disk:
             disk.sync()
     else:
         with mounted(target) as root:

@@ -1,6 +1,8 @@
 """The disk the engine works on: a block device or a disk image file, opened once.
 
-Block devices report their size by seeking to the end; files by stat. Writes go through
+Block devices report their size by seeking to the end; files by stat. The logical sector size,
+in which the partition table counts, comes from the device (BLKSSZGET); a disk image file has
+none to ask for, so it is what the caller says (`--sector-size`), 512 by default. Writes go through
 os.pwrite; `punch` gives zeros back to a sparse file cheaply (fallocate PUNCH_HOLE) and falls
 back to writing zeros on devices, where BLKZEROOUT would need root and a real device.
 
@@ -17,6 +19,10 @@ import stat
 import threading
 from dataclasses import dataclass
 
+from common.disklayout import SECTOR_SIZES, DiskLayout, device_sector_size, read_layout
+
+from .errors import DiskError
+
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _ZEROS = bytes(1 << 20)
@@ -31,9 +37,14 @@ class Disk:
     fd: int
     size: int
     is_device: bool
+    sector_size: int = 512
 
     @classmethod
-    def open(cls, path: str, writable: bool = False) -> "Disk":
+    def open(cls, path: str, writable: bool = False, sector_size: int | None = None
+             ) -> "Disk":
+        """sector_size: for a disk image file, the logical sector size its table counts in
+        (default 512); for a block device None, or the device's own (anything else is a
+        DiskError: the device knows better)."""
         flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
         fd = os.open(path, flags)
         try:
@@ -42,10 +53,16 @@ class Disk:
             if not (is_device or stat.S_ISREG(info.st_mode)):
                 raise OSError(f"{path}: neither a block device nor a disk image file")
             size = os.lseek(fd, 0, os.SEEK_END) if is_device else info.st_size
+            logical = _sector_size(path, device_sector_size(fd) if is_device else None,
+                                   sector_size)
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, size, is_device)
+        return cls(path, fd, size, is_device, logical)
+
+    def read_layout(self) -> DiskLayout:
+        """The disk's partition table, read in its logical sector size."""
+        return read_layout(self.path, self.sector_size)
 
     def read(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
@@ -99,6 +116,19 @@ class Disk:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _sector_size(path: str, device: int | None, requested: int | None) -> int:
+    if requested is not None and requested not in SECTOR_SIZES:
+        raise DiskError(f"--sector-size {requested}: expected one of "
+                        f"{', '.join(map(str, SECTOR_SIZES))}")
+    if device is None:
+        return requested or 512
+    if requested is not None and requested != device:
+        raise DiskError(f"{path} is a block device with {device}-byte logical sectors; "
+                        f"--sector-size {requested} is for disk image files, which have no "
+                        "sector size to ask for")
+    return device
 
 
 class SyncBehind:

@@ -16,3 +16,8 @@ class AddonError(Exception):
     def __init__(self, message: str, changed: bool = False):
         super().__init__(message)
         self.changed = changed
+
+
+class DiskError(Exception):
+    """A disk img cannot use as asked (a --sector-size a block device contradicts, a partition
+    table written for another sector size); nothing was written."""

@@ -52,9 +52,13 @@ def disks() -> list[dict[str, Any]]:
     for name in names:
         if name.startswith(("loop", "ram", "zram", "dm-", "sr", "fd")):
             continue
+        # /sys/block/*/size counts 512-byte units whatever the disk's sectors (the kernel's
+        # sector_t); the logical sector size the partition table counts in is told apart.
         sectors = _read(base / name / "size")
+        logical = _read(base / name / "queue" / "logical_block_size")
         if sectors and sectors.isdigit() and int(sectors) > 0:
             found.append({"name": name, "size_mb": int(sectors) * 512 // (1 << 20),
+                          "sector_size": int(logical) if logical and logical.isdigit() else 512,
                           "model": _read(base / name / "device" / "model") or ""})
     return found
 

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable
 
 from common import __version__
-from common.disklayout import DiskLayout, read_layout
+from common.disklayout import DiskLayout
 from common.imagefile import DEFAULT_LEVEL, ImageWriter, WriteStats
 from common.imageformat import DEFAULT_CHUNK_SIZE
 
 from .disk import Disk
+from .errors import DiskError
+from .sectors import table_mismatch
 from .usedblocks import Extent, UsedMap, used_map
 
 JOIN_GAP = 1 << 20          # join used extents closer than this
@@ -88,12 +90,17 @@ def _partition_plan(number: int, role: str, offset: int, mapped: UsedMap,
 
 def make_image(disk_path: str, out: BinaryIO, source: dict[str, Any] | None = None,
                level: int = DEFAULT_LEVEL, threads: int = 2,
-               chunk_size: int = DEFAULT_CHUNK_SIZE, progress: Progress | None = None
-               ) -> tuple[WriteStats, dict[str, Any]]:
+               chunk_size: int = DEFAULT_CHUNK_SIZE, progress: Progress | None = None,
+               sector_size: int | None = None) -> tuple[WriteStats, dict[str, Any]]:
     """Write a base image of `disk_path` to `out` (a file or a stream). Returns the writer's
-    statistics and the metadata written."""
-    with Disk.open(disk_path) as disk:
-        layout = read_layout(disk_path, sector_size=512)
+    statistics and the metadata written. sector_size: a disk image file's logical sector size
+    (a device says its own; see Disk.open). A table that reads right only in the other sector
+    size is a DiskError: an image of the wrong bytes must never be made."""
+    with Disk.open(disk_path, sector_size=sector_size) as disk:
+        layout = disk.read_layout()
+        mismatch = table_mismatch(disk, layout)
+        if mismatch:
+            raise DiskError(mismatch)
         plans = plan_streams(disk, layout)
         metadata = {
             "format": 1, "type": "base",

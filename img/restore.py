@@ -22,12 +22,13 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from common.disklayout import DiskLayout, DiskLayoutError, table_writes
+from common.disklayout import MBR_SIZE, DiskLayout, DiskLayoutError, table_writes
 from common.imagefile import ImageReader
 from common.imageformat import ChunkKind, IndexEntry
 
 from .disk import Disk, SyncBehind
-from .errors import RestoreError
+from .errors import DiskError, RestoreError
+from .sectors import convert_for
 from .shrink import (Scratch, ShrinkError, ShrinkJob, check_filesystem, check_space,
                      copy_prefix, create_scratch, minimum_size, missing_tools, refusal,
                      scratch_needed, shrink_filesystem)
@@ -43,6 +44,7 @@ class RestoreResult:
     layout: DiskLayout
     grown: bool
     shrunk: tuple[ShrinkJob, ...] = ()
+    converted_from: int | None = None     # the image's sector size, when the table was converted
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ def _too_small(path: str, size: int, needed: int, plan: _ShrinkPlan, shrink: boo
 def _target_layout(reader: ImageReader, disk: Disk, grow: bool, shrink: bool = False
                    ) -> tuple[DiskLayout, bool, tuple[ShrinkJob, ...]]:
     """The layout to write, whether it was grown, and the partitions to shrink first."""
-    layout = DiskLayout.from_dict(reader.metadata["disk"]["layout"])
+    layout = _layout_for_sectors(reader, disk)
     source_size = int(reader.metadata["disk"]["size"])
     needed = layout.min_disk_size() if layout.partitions else source_size
     if disk.size < needed:
@@ -127,10 +129,28 @@ def _target_layout(reader: ImageReader, disk: Disk, grow: bool, shrink: bool = F
         raise RestoreError(f"{disk.path}: {exc}") from None
 
 
+def _layout_for_sectors(reader: ImageReader, disk: Disk) -> DiskLayout:
+    """The image's table in the target disk's logical sectors, converted where it can be
+    (img/sectors.py); a RestoreError with the reason where it cannot, before any write."""
+    layout = DiskLayout.from_dict(reader.metadata["disk"]["layout"])
+    if layout.sector_size == disk.sector_size:
+        return layout
+    new, why = convert_for(reader, layout, disk.sector_size)
+    if new is None:
+        raise RestoreError(
+            f"{disk.path} has {disk.sector_size}-byte logical sectors but the image's disk had "
+            f"{layout.sector_size}-byte ones, and its table cannot be converted: {why}")
+    return new
+
+
 def restore_image(reader: ImageReader, disk_path: str, grow: bool = False, threads: int = 2,
                   progress: Progress | None = None, shrink: bool = False,
-                  scratch: str | None = None) -> RestoreResult:
+                  scratch: str | None = None, sector_size: int | None = None) -> RestoreResult:
     """Restore reader's base image onto disk_path.
+
+    sector_size: a disk image file's logical sector size (a device says its own; Disk.open);
+    where it differs from the image's, the table is converted or the restore refused
+    (_layout_for_sectors).
 
     shrink: on a disk smaller than where the partitions end, shrink the partitions at the end
     (img/shrink.py says which filesystems can be) in scratch files under scratch (default: the
@@ -139,12 +159,18 @@ def restore_image(reader: ImageReader, disk_path: str, grow: bool = False, threa
     meta = reader.metadata
     if meta.get("type") != "base":
         raise RestoreError(f"{reader.name} is not a base image (its type is {meta.get('type')})")
-    with Disk.open(disk_path, writable=True) as disk:
+    try:
+        disk = Disk.open(disk_path, writable=True, sector_size=sector_size)
+    except DiskError as exc:
+        raise RestoreError(str(exc)) from None
+    with disk:
         layout, grown, jobs = _target_layout(reader, disk, grow, shrink)
         with _scratch_dir(jobs, scratch) as work:
             shrunk_files = _shrink_in_scratch(reader, jobs, work, threads)
             written, chunks = _write_disk(reader, disk, layout, shrunk_files, threads, progress)
-    return RestoreResult(written, chunks, layout, grown, jobs)
+    source = int(meta["disk"]["layout"]["sector_size"])
+    return RestoreResult(written, chunks, layout, grown, jobs,
+                         source if source != layout.sector_size else None)
 
 
 def _write_disk(reader: ImageReader, disk: Disk, layout: DiskLayout,
@@ -183,6 +209,11 @@ def _write_disk(reader: ImageReader, disk: Disk, layout: DiskLayout,
                 threads, done)
     _zero_uncovered(disk, streams, entries)
     if layout.partitions:
+        source = DiskLayout.from_dict(meta["disk"]["layout"])
+        if layout.kind == "gpt" and source.sector_size != layout.sector_size:
+            # The head holds the GPT as the image's sector size put it: clear it, so no stale
+            # header is found where a reader with the old size would look.
+            disk.zero(MBR_SIZE, layout.first_usable_lba * layout.sector_size - MBR_SIZE)
         disk.sync()
         head = [s for s in meta["streams"] if s["role"] == "disk-head"]
         boot_code = disk.read(0, 440) if head else b""

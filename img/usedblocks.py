@@ -6,7 +6,8 @@ ddrescue "domain log" (`partclone.X -D`), which lists the filesystem's used bloc
 
 The module has a pure half and an I/O half:
 
-- pure: `detect_filesystem` (first bytes -> name), `parse_domain_log` (domain log text -> extents),
+- pure: `detect_filesystem` (first bytes -> name), `filesystem_unit` (first bytes -> its sector
+  or block size), `parse_domain_log` (domain log text -> extents),
   `merge_extents`, `safety_extents` (areas we keep whatever partclone says) and `raw_map`;
 - I/O: `used_map` reads the probe, attaches a read-only loop device when the partition sits inside
   a bigger file, runs partclone and always detaches the loop device again.
@@ -195,6 +196,27 @@ def detect_filesystem(first_bytes: bytes) -> str | None:
         name = detector(first_bytes)
         if name:
             return name
+    return None
+
+
+def filesystem_unit(first_bytes: bytes) -> int | None:
+    """The filesystem's own sector or block size in bytes, from its first `PROBE_BYTES`; None
+    when the filesystem is unknown.
+
+    It is the largest logical sector size of a disk the filesystem can live on: Linux mounts no
+    filesystem whose unit is smaller than the device's logical sector (ext's block size, FAT's
+    and NTFS's bytes per sector in the boot sector, XFS's sb_sectsize, btrfs's sectorsize), and
+    neither does Windows. Restoring onto a disk with other sectors checks it.
+    """
+    name = detect_filesystem(first_bytes)
+    if name in ("ntfs", "vfat"):
+        return struct.unpack_from("<H", first_bytes, 11)[0]
+    if name == "xfs":
+        return struct.unpack_from(">H", first_bytes, 102)[0]
+    if name == "btrfs":
+        return struct.unpack_from("<I", first_bytes, 0x10000 + 0x90)[0]
+    if name in ("ext2", "ext3", "ext4"):
+        return 1024 << struct.unpack_from("<I", first_bytes, _EXT_SUPERBLOCK + 0x18)[0]
     return None
 
 
