@@ -557,8 +557,12 @@ def cmd_dump(args: argparse.Namespace) -> int:
         print(f"  warning: {warning}")
     for part in layout.partitions:
         offset, size = part.start_lba * layout.sector_size, part.size_lba * layout.sector_size
-        mapped = used_map(args.disk, offset, size)
         name = f" '{part.name}'" if part.name else ""
+        if part.is_extended:
+            print(f"  {part.number}: start {offset} size {size} type {part.type} extended "
+                  "(holds the logical partitions)")
+            continue
+        mapped = used_map(args.disk, offset, size)
         print(f"  {part.number}: start {offset} size {size} type {part.type}{name} "
               f"fs {mapped.filesystem}, {mapped.used_bytes()} bytes used ({mapped.reason})")
     if mismatch:

@@ -209,15 +209,46 @@ def filesystem_unit(first_bytes: bytes) -> int | None:
     neither does Windows. Restoring onto a disk with other sectors checks it.
     """
     name = detect_filesystem(first_bytes)
-    if name in ("ntfs", "vfat"):
-        return struct.unpack_from("<H", first_bytes, 11)[0]
-    if name == "xfs":
-        return struct.unpack_from(">H", first_bytes, 102)[0]
-    if name == "btrfs":
-        return struct.unpack_from("<I", first_bytes, 0x10000 + 0x90)[0]
-    if name in ("ext2", "ext3", "ext4"):
-        return 1024 << struct.unpack_from("<I", first_bytes, _EXT_SUPERBLOCK + 0x18)[0]
-    return None
+    where = {"ntfs": ("<H", 11), "vfat": ("<H", 11), "xfs": (">H", 102),
+             "btrfs": ("<I", 0x10000 + 0x90), "ext2": ("<I", _EXT_SUPERBLOCK + 0x18)}
+    field = where.get("ext2" if name in ("ext3", "ext4") else name or "")
+    if field is None or len(first_bytes) < field[1] + struct.calcsize(field[0]):
+        return None
+    (value,) = struct.unpack_from(field[0], first_bytes, field[1])
+    return 1024 << value if field == where["ext2"] else value
+
+
+FAT12_MAX_CLUSTERS = 4084
+"""Fewer clusters than 4085 make a FAT FAT12 (Microsoft's FAT specification, "FAT type
+determination"): the cluster count alone decides, not the type string."""
+
+
+def fat_cluster_count(first_bytes: bytes) -> int | None:
+    """The number of data clusters of a FAT from its BIOS Parameter Block; None when it is no FAT
+    (the computation of Microsoft's FAT specification)."""
+    if detect_filesystem(first_bytes) != "vfat":
+        return None
+    bytes_per_sector, per_cluster, reserved, fats, root_entries, total16, _media, fat16 = \
+        struct.unpack_from("<HBHBHHBH", first_bytes, 11)
+    total32, fat32 = struct.unpack_from("<II", first_bytes, 32)
+    root_sectors = -(-root_entries * 32 // bytes_per_sector)
+    data = (total16 or total32) - (reserved + fats * (fat16 or fat32) + root_sectors)
+    return max(0, data) // per_cluster
+
+
+def partclone_distrusted(filesystem: str, first_bytes: bytes) -> str:
+    """Why partclone's map of this filesystem must not be trusted, or "".
+
+    partclone.fat (0.3.x) maps FAT12 short: it leaves out clusters in use (a FAT12 with 6 MB of
+    files mapped as 4.6 MB), so an image made from its map loses files. FAT12 volumes are small
+    (at most 4084 clusters), so they are stored whole instead.
+    """
+    if filesystem == "vfat":
+        clusters = fat_cluster_count(first_bytes)
+        if clusters is not None and clusters <= FAT12_MAX_CLUSTERS:
+            return (f"FAT12 ({clusters} clusters): partclone.fat maps FAT12 short, so it is "
+                    "stored whole; raw")
+    return ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,6 +454,9 @@ def used_map(path: str, offset: int = 0, size: int | None = None, filesystem: st
         filesystem = detect_filesystem(probe)
     if filesystem not in FILESYSTEMS:
         return raw_map(size, f"unknown filesystem: {filesystem or 'not recognised'}; raw")
+    distrusted = partclone_distrusted(filesystem, probe)
+    if distrusted:
+        return UsedMap(filesystem, size, merge_extents([Extent(0, size)], size), distrusted)
     whole_file = offset == 0 and size == file_size
     try:
         return _partclone_map(path, offset, size, whole_file, filesystem, probe, timeout_s)

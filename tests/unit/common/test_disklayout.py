@@ -387,6 +387,13 @@ def test_unwritable_gpt_layouts(change, match):
         table_writes(dataclasses.replace(gpt_layout(), **change))
 
 
+def test_a_partition_ending_on_the_last_usable_512_byte_lba_does_not_convert():
+    # sgdisk's and parted's "to the end of the disk" ends 17 KiB before it, off a 4 KiB boundary
+    with pytest.raises(DiskLayoutError, match="partition 3 .* does not start and end on a "
+                                              "4096-byte sector boundary"):
+        gpt_layout().converted(4096)
+
+
 @pytest.mark.parametrize("part, match", [
     (Partition(4, 10, 100, LINUX), "outside the usable"),
     (Partition(4, 200000, 100, "zzz"), "type"),
@@ -765,3 +772,124 @@ def test_random_layouts_grow_and_still_round_trip(layout, extra_sectors):
     assert written(grown).parse(layout.sector_size) == grown
     assert written(layout.relocated(target)).parse(layout.sector_size).partitions == \
         layout.partitions
+
+
+# --- converted to another logical sector size (4Kn <-> 512) --------------------------------------
+
+def _byte_spans(layout: DiskLayout) -> list[tuple[int, int, int, str]]:
+    ss = layout.sector_size
+    return [(p.number, p.start_bytes(ss), p.size_bytes(ss), p.type) for p in layout.partitions]
+
+
+def aligned_gpt_layout() -> DiskLayout:
+    """gpt_layout() with its last partition ending on a 4 KiB boundary."""
+    layout = gpt_layout()
+    last = layout.partition(3)
+    return dataclasses.replace(layout, partitions=layout.partitions[:2] + (
+        dataclasses.replace(last, size_lba=last.size_lba // 8 * 8),))
+
+
+@pytest.mark.parametrize("make", [mbr_layout, aligned_gpt_layout], ids=["mbr", "gpt"])
+def test_converted_to_4096_and_back_keeps_every_byte_offset(make):
+    layout = make()
+    big = layout.converted(4096)
+    assert big.sector_size == 4096 and big.disk_size == layout.disk_size
+    assert _byte_spans(big) == _byte_spans(layout)
+    assert written(big).parse(4096) == big, "the converted table reads back as written"
+    back = big.converted(512)
+    assert _byte_spans(back) == _byte_spans(layout)
+    assert written(back).parse(512) == back
+    assert layout.converted(512) is layout
+
+
+def test_converted_gpt_usable_lbas_follow_the_new_sectors():
+    big = aligned_gpt_layout().converted(4096)
+    # 128 entries of 128 bytes fill 4 sectors of 4096: the first usable LBA is 6 (24 KiB),
+    # the backup array and header take the last 5 sectors
+    assert (big.first_usable_lba, big.last_usable_lba) == (6, big.sectors - 6)
+    small = gpt_layout(sector_size=4096).converted(512)
+    assert (small.first_usable_lba, small.last_usable_lba) == (48, small.sectors - 34)
+    assert written(small).parse(512) == small
+
+
+def test_converted_mbr_logical_partitions_keep_their_ebr_gap():
+    big = mbr_layout().converted(4096)
+    disk = written(big)
+    assert big.partition(5).start_lba == 36864 // 8
+    # the EBR of logical 5 sits at the start of the extended partition, in 4096-byte LBAs
+    ebr = disk.read(big.partition(3).start_lba * 4096, 512)
+    assert ebr[510:] == b"\x55\xaa"
+    assert struct.unpack_from("<I", ebr, 446 + 8)[0] == (36864 - 34816) // 8
+
+
+def test_a_partition_ending_on_the_last_usable_512_byte_lba_does_not_convert():
+    # sgdisk's and parted's "to the end of the disk" ends 17 KiB before it, off a 4 KiB boundary
+    with pytest.raises(DiskLayoutError, match="partition 3 .* does not start and end on a "
+                                              "4096-byte sector boundary"):
+        gpt_layout().converted(4096)
+
+
+@pytest.mark.parametrize("part, match", [
+    (Partition(1, 2049, 16384, "0x83"), "partition 1 .* does not start and end on a 4096-byte"),
+    (Partition(1, 2048, 16383, "0x83"), "partition 1 .* does not start and end on a 4096-byte"),
+])
+def test_converting_a_misaligned_partition_is_refused(part, match):
+    layout = DiskLayout("mbr", 512, 64 * MiB, "0x1234abcd", (part,))
+    with pytest.raises(DiskLayoutError, match=match):
+        layout.converted(4096)
+
+
+def test_converting_a_gpt_partition_inside_the_new_tables_is_refused():
+    # sgdisk -a 8 can start a partition at LBA 40 (20 KiB): 4096-byte sectors need 24 KiB
+    layout = DiskLayout("gpt", 512, 64 * MiB, DISK_GUID, (Partition(1, 40, 2048, LINUX),),
+                        34, 64 * MiB // 512 - 34)
+    with pytest.raises(DiskLayoutError, match="partition 1 starts at byte 20480, inside the "
+                                              "tables of a GPT with 4096-byte sectors"):
+        layout.converted(4096)
+
+
+def test_converting_beyond_the_32_bit_mbr_limit_is_refused():
+    # 4 TiB of 4096-byte sectors fit an MBR; in 512-byte sectors they do not
+    size = 4 << 40
+    layout = DiskLayout("mbr", 4096, size, "0x00000001",
+                        (Partition(1, 256, size // 4096 - 256, "0x83"),))
+    with pytest.raises(DiskLayoutError, match="does not fit a 32-bit MBR record"):
+        layout.converted(512)
+
+
+@pytest.mark.parametrize("sector_size, match", [(1000, "unsupported sector size"),
+                                                (256, "unsupported sector size")])
+def test_converting_to_a_bad_sector_size_is_refused(sector_size, match):
+    with pytest.raises(DiskLayoutError, match=match):
+        mbr_layout().converted(sector_size)
+
+
+def test_converting_a_disk_that_is_no_whole_number_of_sectors_is_refused():
+    layout = DiskLayout("mbr", 512, 64 * MiB + 512, "0x1234abcd",
+                        (Partition(1, 2048, 2048, "0x83"),))
+    with pytest.raises(DiskLayoutError, match="not a whole number of 4096-byte sectors"):
+        layout.converted(4096)
+
+
+def test_a_4kn_table_read_with_512_byte_sectors_is_an_error_not_raw():
+    # GPT: the protective MBR is there, the header is at byte 4096, not at LBA 1 of 512
+    disk = written(gpt_layout(sector_size=4096))
+    with pytest.raises(DiskLayoutError, match="protective MBR but no valid GPT.*4096-byte"):
+        disk.parse(512)
+    # MBR: partitions of a 512-byte disk read as 4096-byte LBAs end beyond the disk
+    primaries = dataclasses.replace(mbr_layout(), partitions=mbr_layout().partitions[:2])
+    with pytest.raises(DiskLayoutError, match="ends at LBA .* beyond the disk"):
+        written(primaries).parse(4096)
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(gpt_layouts(), mbr_layouts()))
+def test_random_layouts_convert_exactly_or_say_why(layout):
+    other = 4096 if layout.sector_size == 512 else 512
+    try:
+        new = layout.converted(other)
+    except DiskLayoutError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return
+    assert _byte_spans(new) == _byte_spans(layout)
+    assert written(new).parse(other) == new

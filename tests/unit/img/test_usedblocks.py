@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from img.usedblocks import (
-    PROBE_BYTES, Extent, UsedMap, detect_filesystem, format_map, merge_extents, parse_domain_log,
-    raw_map, safety_extents,
+    PROBE_BYTES, Extent, UsedMap, detect_filesystem, fat_cluster_count, filesystem_unit,
+    format_map, merge_extents, parse_domain_log, partclone_distrusted, raw_map, safety_extents,
 )
 
 MiB = 1024 * 1024
@@ -53,6 +53,56 @@ def make_probe(tmp_path: Path, size_mib: int, command: list[str]) -> bytes:
                          [m[1:] for m in MKFS], ids=[m[0] for m in MKFS])
 def test_detects_real_filesystems(tmp_path, expected, size_mib, command):
     assert detect_filesystem(make_probe(tmp_path, size_mib, command)) == expected
+
+
+# (id, the filesystem's own sector or block size, size in MiB, mkfs command)
+UNITS = [
+    ("ext4-1k", 1024, 16, ["mkfs.ext4", "-q", "-F", "-b", "1024"]),
+    ("ext4-4k", 4096, 16, ["mkfs.ext4", "-q", "-F", "-b", "4096"]),
+    ("fat-512", 512, 64, ["mkfs.vfat", "-F", "32", "-S", "512"]),
+    ("fat-4096", 4096, 64, ["mkfs.vfat", "-F", "32", "-S", "4096"]),
+    ("ntfs-512", 512, 16, ["mkntfs", "-F", "-Q", "-q", "-s", "512"]),
+    ("ntfs-4096", 4096, 16, ["mkntfs", "-F", "-Q", "-q", "-s", "4096"]),
+    ("xfs-512", 512, 300, ["mkfs.xfs", "-q", "-f", "-s", "size=512"]),
+    ("xfs-4096", 4096, 300, ["mkfs.xfs", "-q", "-f", "-s", "size=4096"]),
+    ("btrfs", 4096, 256, ["mkfs.btrfs", "-q", "-f"]),
+]
+
+
+@pytest.mark.parametrize("unit,size_mib,command", [u[1:] for u in UNITS], ids=[u[0] for u in UNITS])
+def test_filesystem_unit_of_real_filesystems(tmp_path, unit, size_mib, command):
+    assert filesystem_unit(make_probe(tmp_path, size_mib, command)) == unit
+
+
+@pytest.mark.parametrize("data", [b"", bytes(PROBE_BYTES), b"\xff" * PROBE_BYTES])
+def test_filesystem_unit_of_no_filesystem_is_none(data):
+    assert filesystem_unit(data) is None
+
+
+@pytest.mark.parametrize("command, size_mib, fat12", [
+    (["mkfs.vfat", "-F", "12"], 8, True),
+    (["mkfs.vfat", "-F", "12", "-S", "4096"], 32, True),
+    (["mkfs.vfat", "-F", "16"], 32, False),
+    (["mkfs.vfat", "-F", "32"], 64, False),
+], ids=["fat12", "fat12-4096", "fat16", "fat32"])
+def test_fat12_is_not_left_to_partclone(tmp_path, command, size_mib, fat12):
+    probe = make_probe(tmp_path, size_mib, command)
+    clusters = fat_cluster_count(probe)
+    assert clusters is not None and (clusters <= 4084) == fat12
+    reason = partclone_distrusted("vfat", probe)
+    assert bool(reason) == fat12 and ("FAT12" in reason) == fat12
+
+
+def test_fat_cluster_count_of_no_fat_is_none():
+    assert fat_cluster_count(bytes(PROBE_BYTES)) is None
+    assert partclone_distrusted("ext4", bytes(PROBE_BYTES)) == ""
+
+
+@settings(max_examples=300)
+@given(st.sampled_from([b"XFSB", b"\xebX\x90NTFS    ", b""]), st.binary(max_size=200))
+def test_filesystem_unit_never_raises(start, rest):
+    unit = filesystem_unit(start + rest)
+    assert unit is None or unit >= 0
 
 
 @pytest.mark.parametrize("command", [["mkfs.ext4", "-q", "-F"], ["mkfs.vfat", "-F", "32"]])
