@@ -112,6 +112,16 @@ def _facts(disk_path: str, overrides: list[str]) -> dict[str, Any]:
     return facts
 
 
+def _print_disk(path: str, sector_size: int | None) -> None:
+    """The disk as img sees it, for the console of an unattended machine."""
+    from .disk import Disk
+    try:
+        with Disk.open(path, sector_size=sector_size) as disk:
+            print(f"disk {path}: {disk.size} bytes, {disk.sector_size}-byte logical sectors")
+    except (OSError, DiskError) as exc:
+        print(f"img: warning: disk {path}: {exc}", file=sys.stderr)
+
+
 def _where(server: str, path: str) -> str:
     """An image's name in messages: //server/path, or the path itself when it already names
     its server (a //other/path the server will refer or deny)."""
@@ -322,6 +332,7 @@ def cmd_auto(args: argparse.Namespace) -> int:
     except Failure as exc:
         print(f"img: {exc}", file=sys.stderr)
         return 1
+    _print_disk(args.disk, args.sector_size)
     workstation, _ = _identity(facts)
     server = args.server
     try:

@@ -31,10 +31,17 @@ xfs_repair -n, btrfs check) with the base files and the add-on's identical.
 One more BIOS VM has a disk smaller than the base image's, and its rule says `shrink = yes`: the
 environment's e2fsck and resize2fs shrink the ext4 (its scratch copy in the VM's RAM) and the
 partition must end within the disk, fsck-clean, with every file identical.
+
+And one BIOS VM's disk has 4096-byte logical sectors (a 4Kn disk: virtio-blk with
+logical_block_size=4096): it restores an image made on the host from a 4Kn disk (a loop device
+with 4096-byte sectors; MBR, an ext4 and a FAT in a logical partition). img in the environment
+must ask the disk its sector size, and the disk, read back through a 4Kn loop device, must hold
+the same table, fsck-clean filesystems and every file identical.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import random
@@ -48,6 +55,7 @@ import pytest
 
 import imagingenv
 import netlab
+from tests import sectordisks
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.slow]
 
@@ -106,6 +114,13 @@ shrink = yes
 filter = "product = 'Imaging Make E2E' and platform = pcbios"
 action = make
 image = {CAPTURED}
+"""
+
+FOURKN_IMAGE = "lab/4kn.img"
+POLICY += f"""[[4Kn lab]]
+filter = "product = 'Imaging 4Kn E2E' and platform = pcbios"
+action = restore
+image = {FOURKN_IMAGE}
 """
 
 # Add-on targets other than ext4, one VM each (machines told apart by SMBIOS product).
@@ -185,8 +200,8 @@ class ImagingBoot:
 
 def _boot_into_imaging(lab: netlab.Lab, tmp_path: Path, imaging_env: Path,
                        images: dict[str, bytes], image_root: Path, vm_disk: Path, mac: str,
-                       smbios: str, name: str, firmware: netlab.Firmware = "bios"
-                       ) -> ImagingBoot:
+                       smbios: str, name: str, firmware: netlab.Firmware = "bios",
+                       sector_size: int = 512) -> ImagingBoot:
     """The whole stack in the lab (the policy above, `images` under ImageRoot), one VM with
     vm_disk booted until its environment says done and powers off. BIOS: SeaBIOS with qemu's
     iPXE ROM; UEFI: OVMF's own PXE client (architecture 7), which loads our ipxe.efi."""
@@ -215,6 +230,12 @@ def _boot_into_imaging(lab: netlab.Lab, tmp_path: Path, imaging_env: Path,
     spec = netlab.VmSpec(firmware, nic="virtio-net-pci", nic_rom=firmware == "bios", mac=mac,
                          name=name, memory_mb=512, extra=("-smbios", smbios,
                                 "-drive", f"file={vm_disk},if=virtio,format=raw"))
+    if sector_size != 512:       # the same virtio disk, telling the guest its logical sectors
+        spec = dataclasses.replace(spec, extra=("-smbios", smbios, "-drive",
+                                                f"file={vm_disk},if=none,id=disk0,format=raw",
+                                                "-device", "virtio-blk-pci,drive=disk0,"
+                                                f"logical_block_size={sector_size},"
+                                                f"physical_block_size={sector_size}"))
     vm = netlab.start_vm(lab, srv_ns, spec)
     result = netlab.wait_for_marker(vm, DONE, TIMEOUT)
     exit_status = imagingenv.wait_for_exit(vm, 30) if result.ok else None
@@ -427,3 +448,37 @@ def test_vm_disk_is_captured_by_the_imaging_environment(imaging_env: Path, lab: 
     assert [e.bytes for e in entries if e.operation == "upload"][1] == captured.stat().st_size
     counters = boot.imgsrvd.wait_counters(lambda c: c.get("images_received", 0) >= 1)
     assert counters["images_received"] == 1 and counters["failures"] == 0, counters
+
+
+FOURKN_MAC = "52:54:00:ab:00:05"
+FOURKN_SMBIOS = "type=1,manufacturer=Preboot Lab,product=Imaging 4Kn E2E,serial=IMG-0005"
+FOURKN_DISK = sectordisks.DiskSpec("mbr", 4096, 64, (
+    sectordisks.Part("ext4", 1, 32), sectordisks.Part("vfat", 34, 24)))
+
+
+def test_vm_with_a_4kn_disk_is_imaged_by_the_imaging_environment(
+        imaging_env: Path, lab: netlab.Lab, tmp_path: Path, record_boot_time):
+    if os.geteuid() != 0 or imagingenv.missing_tools(sectordisks.TOOLS):
+        pytest.skip("e2e 4Kn: needs root and " + ", ".join(sectordisks.TOOLS))
+    source = sectordisks.build_disk(tmp_path / "4kn-source.disk", FOURKN_DISK, FILES)
+    image = tmp_path / "4kn.img"
+    with sectordisks.loop(source, 4096, read_only=True) as device:
+        imagingenv.make_image(Path(device), image)
+    assert imagingenv.image_metadata(image)["disk"]["sector_size"] == 4096
+    vm_disk = sectordisks.blank_disk(tmp_path / "vm.disk", FOURKN_DISK.size)
+    boot = _boot_into_imaging(lab, tmp_path, imaging_env, {FOURKN_IMAGE: image.read_bytes()},
+                              tmp_path / "images", vm_disk, FOURKN_MAC, FOURKN_SMBIOS,
+                              "imaging-4kn", sector_size=4096)
+    markers = (
+        re.compile(r"preboot-env: running img auto --disk /dev/vda --server 192\.168\.77\.2"),
+        re.compile(r"disk /dev/vda: 67108864 bytes, 4096-byte logical sectors"),
+        re.compile(r"restored //\S+/lab/4kn\.img onto /dev/vda: \d+ bytes in \d+ chunks"),
+    )
+    _check_boot(boot, record_boot_time, "imaging env, 4Kn disk", f"restore {FOURKN_IMAGE}",
+                markers)
+    assert "converted" not in boot.serial, boot.diag
+    sectordisks.check_disk(vm_disk, FOURKN_DISK, FILES)
+    entries = imagingenv.results(lab)
+    reported = [(e.status, e.image_path) for e in entries
+                if e.operation == "download" and e.image_type == "base"]
+    assert reported == [("success", FOURKN_IMAGE)], f"{entries}\n{boot.diag}"
