@@ -175,6 +175,11 @@ def _ntfs_minimum(path: str, timeout_s: float) -> int:
 
 
 def _fat_minimum(scratch: Scratch, timeout_s: float) -> int:
+    sector_size = _fat_sector_size(scratch)
+    if sector_size != 512:
+        # libparted reads a file as 512-byte sectors and fails on such a FAT ("part(start=...")
+        raise ShrinkError(f"this FAT has {sector_size}-byte sectors (made on a 4Kn disk), and "
+                          "fatresize (libparted) shrinks only FAT with 512-byte sectors")
     done = _run(["fatresize", "--info", "-n", "1", scratch.path], timeout_s)
     match = re.search(r"Min size:\s*(\d+)", done.stdout)
     if not match:
@@ -182,15 +187,23 @@ def _fat_minimum(scratch: Scratch, timeout_s: float) -> int:
     return int(match.group(1))
 
 
-def _fat_size(scratch: Scratch) -> int:
-    """The FAT filesystem's own size in bytes, from its boot sector (BPB total sectors)."""
+def _fat_boot_sector(scratch: Scratch) -> bytes:
     with open(scratch.path, "rb") as handle:
         handle.seek(scratch.lead)
-        boot = handle.read(512)
-    (sector_size,) = struct.unpack_from("<H", boot, 11)
+        return handle.read(512)
+
+
+def _fat_sector_size(scratch: Scratch) -> int:
+    """The FAT's bytes per sector (BPB)."""
+    return struct.unpack_from("<H", _fat_boot_sector(scratch), 11)[0]
+
+
+def _fat_size(scratch: Scratch) -> int:
+    """The FAT filesystem's own size in bytes, from its boot sector (BPB total sectors)."""
+    boot = _fat_boot_sector(scratch)
     (small_total,) = struct.unpack_from("<H", boot, 19)
     (large_total,) = struct.unpack_from("<I", boot, 32)
-    return (small_total or large_total) * sector_size
+    return (small_total or large_total) * _fat_sector_size(scratch)
 
 
 def _fat_shrink(scratch: Scratch, new_size: int, timeout_s: float) -> None:

@@ -245,3 +245,20 @@ def test_4kn_image_is_shrunk_onto_a_smaller_4kn_disk(images, tmp_path):
     shrunk = sd.DiskSpec("mbr", 4096, 86, spec.parts[:2] + (
         sd.Part("ntfs", 67, parts[6][1] // MiB),))
     sd.check_disk(target, shrunk, FILES)
+
+
+def test_a_4kn_fat_at_the_end_is_refused_a_shrink_with_the_reason(tmp_path):
+    """fatresize (libparted) shrinks only FAT with 512-byte sectors: refused, disk untouched."""
+    # 72 MiB: a FAT16 (FAT12, stored whole, would be refused for its size before any tool)
+    spec = sd.DiskSpec("mbr", 4096, 108, (sd.Part("ext4", 1, 32), sd.Part("vfat", 34, 72)))
+    source = sd.build_disk(tmp_path / "fat-last.disk", spec, FILES)
+    image = tmp_path / "fat-last.img"
+    with sd.loop(source, 4096, read_only=True) as device:
+        img("make", "--disk", device, str(image))
+    target = sd.blank_disk(tmp_path / "target.disk", 90 * MiB, fill=b"UNTOUCHED")
+    before = sd.digest(target)
+    result = restore_onto_loop(image, target, 4096, "--shrink", "--scratch", str(tmp_path),
+                               expect=1)
+    assert "partition 5 (vfat): shrink failed: this FAT has 4096-byte sectors" in \
+        result.stderr, result.stderr
+    assert sd.digest(target) == before
