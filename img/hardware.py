@@ -42,9 +42,10 @@ def _ram_mb() -> int | None:
     return None
 
 
-def disks() -> list[dict[str, Any]]:
+def disks(base: Path = Path("/sys/block")) -> list[dict[str, Any]]:
+    """The machine's disks (not loop, RAM, device-mapper or optical ones): name, size in MiB,
+    logical sector size, model."""
     found = []
-    base = Path("/sys/block")
     try:
         names = sorted(os.listdir(base))
     except OSError:

@@ -262,3 +262,21 @@ def test_a_4kn_fat_at_the_end_is_refused_a_shrink_with_the_reason(tmp_path):
     assert "partition 5 (vfat): shrink failed: this FAT has 4096-byte sectors" in \
         result.stderr, result.stderr
     assert sd.digest(target) == before
+
+
+def test_512_image_with_a_raw_partition_is_refused_on_a_4kn_disk(tmp_path):
+    """A partition without a filesystem img knows: nobody can say it works on 4096-byte
+    sectors, so it is refused (going to 512-byte sectors it would be converted)."""
+    source = sd.blank_disk(tmp_path / "raw.disk", 40 * MiB)
+    sd.run(["sfdisk", "-q", str(source)], input="label: dos\nstart=2048, size=40960, type=da\n")
+    with open(source, "r+b") as disk:
+        disk.seek(MiB)
+        disk.write(os.urandom(2 * MiB))
+    image = tmp_path / "raw.img"
+    img("make", "--disk", str(source), str(image))
+    target = sd.blank_disk(tmp_path / "target.disk", 40 * MiB, fill=b"UNTOUCHED")
+    before = sd.digest(target)
+    result = restore_onto_loop(image, target, 4096, expect=1)
+    assert "partition 1 (unknown filesystem) has no unit img knows" in result.stderr, \
+        result.stderr
+    assert sd.digest(target) == before
