@@ -22,10 +22,12 @@ results_logged     result reports (POST /v1/results) received
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+
+from common.counters import StatusCounters
+
 
 @dataclass
-class ImagingCounters:
+class ImagingCounters(StatusCounters):
     update_requests: int = 0
     images_sent: int = 0
     images_received: int = 0
@@ -37,6 +39,3 @@ class ImagingCounters:
     busy_refusals: int = 0
     directory_errors: int = 0
     results_logged: int = 0
-
-    def snapshot(self) -> dict[str, Any]:
-        return dict(vars(self))
