@@ -29,6 +29,7 @@ from typing import Sequence
 import configobj
 
 from .directory import Directory, DirectoryError, open_directory
+from .fileio import atomic_file
 from .machine import ATTRIBUTE_KINDS, facts_from_strings, normalize_mac
 from .policy import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings, Rule,
                      Workstation, assign_work, explain_rules, menu_for)
@@ -79,17 +80,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.file in (None, "-"):
         sys.stdout.write(text)
     else:
-        _write_atomically(args.file, text)
+        with atomic_file(args.file) as handle:
+            handle.write(text.encode("utf-8"))
     return 0
-
-
-def _write_atomically(path: str, text: str) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def cmd_import(args: argparse.Namespace) -> int:

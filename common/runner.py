@@ -27,21 +27,22 @@ from .errors import (EX_CONFIG, EX_FAILURE, EX_OK, EX_SOFTWARE, AlreadyRunning, 
 from .logsetup import setup_logging
 from .pidfile import LockedPidFile
 from .sdnotify import notify
+from .services import Service
 from .statussock import StatusServer, bind_tcp, bind_unix
 
 log = logging.getLogger("preboot.runner")
 
 STOP_GRACE_S = 4.0
-RUN_DIR = "/run/preboot"
 
 
-def common_keys(name: str, status_port: int) -> tuple[Key, ...]:
-    """Keys every daemon has; defaults follow the daemon's name (docs/daemon-contract.md)."""
+def common_keys(service: Service) -> tuple[Key, ...]:
+    """Keys every daemon has; defaults from the registry of services (common.services) and
+    the daemon's name (docs/daemon-contract.md)."""
     return (
-        Key("PidFile", "path", f"{RUN_DIR}/{name}.pid", "Locked pidfile."),
-        Key("StatusSocket", "path", f"{RUN_DIR}/{name}.sock",
+        Key("PidFile", "path", service.pid_file(), "Locked pidfile."),
+        Key("StatusSocket", "path", service.status_socket(),
             "Local Unix socket for status (everyone) and control (root)."),
-        Key("StatusPort", "integer(min=0, max=65535)", str(status_port),
+        Key("StatusPort", "integer(min=0, max=65535)", str(service.status_port),
             "Read-only TCP status port for 'zmgmcast -status -i HOST'; 0 disables."),
         Key("LogLevel", "loglevel", "INFO", "DEBUG, INFO, WARNING or ERROR."),
         Key("LogFile", "path", "",
@@ -76,9 +77,7 @@ class Service(Protocol):
 
 @dataclass(frozen=True)
 class DaemonSpec:
-    name: str                       # "tftpd"
-    program: str                    # "preboot-tftpd"
-    service_name: str               # "Preboot TFTP Service"
+    service: Service                # its entry in common.services: name, display name, ...
     schema: Schema
     status_address: Callable[[Any], str]
     make_settings: Callable[[dict[str, Any], CommonSettings], Any]
@@ -89,8 +88,20 @@ class DaemonSpec:
     event_loop: str = "uvloop"
 
     @property
+    def name(self) -> str:              # "tftpd"
+        return self.service.name
+
+    @property
+    def program(self) -> str:           # "preboot-tftpd"
+        return self.service.program
+
+    @property
+    def service_name(self) -> str:      # "Preboot TFTP Service"
+        return self.service.display_name
+
+    @property
     def default_config(self) -> str:
-        return f"/etc/preboot/{self.name}.conf"
+        return self.service.config_file()
 
 
 def _load(spec: DaemonSpec, path: str) -> tuple[Any, CommonSettings]:

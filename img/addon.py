@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Iterator
 
 from common import __version__
+from common.fileio import atomic_file
 from common.imagefile import DEFAULT_LEVEL, ImageReader, ImageWriter, WriteStats
 from common.imageformat import DEFAULT_CHUNK_SIZE, ImageFormatError, IndexEntry
 
@@ -297,24 +298,8 @@ def make_addon_file(source_dir: str, image_path: str, **kwargs: Any
                     ) -> tuple[WriteStats, dict[str, Any]]:
     """make_addon into a local file under a temporary name, fsynced, then renamed: an
     interrupted run never leaves a partial image under the final name."""
-    folder = os.path.dirname(os.path.abspath(image_path))
-    temporary = os.path.join(folder, f".{os.path.basename(image_path)}.part-{os.getpid()}")
-    try:
-        with open(temporary, "xb") as out:
-            result = make_addon(source_dir, out, **kwargs)
-            out.flush()
-            os.fsync(out.fileno())
-        os.rename(temporary, image_path)
-        directory = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(directory)          # the rename itself survives a power cut
-        finally:
-            os.close(directory)
-        return result
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    with atomic_file(image_path) as out:
+        return make_addon(source_dir, out, **kwargs)
 
 
 # -------------------------------------------------------------------------- reading the tar

@@ -10,12 +10,12 @@ chunks that compress well; the bytes in between are free space and harmless to s
 from __future__ import annotations
 
 import datetime
-import os
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable
 
 from common import __version__
 from common.disklayout import DiskLayout
+from common.fileio import atomic_file
 from common.imagefile import DEFAULT_LEVEL, ImageWriter, WriteStats
 from common.imageformat import DEFAULT_CHUNK_SIZE
 
@@ -135,23 +135,5 @@ def make_image_file(disk_path: str, image_path: str, **kwargs: Any
                     ) -> tuple[WriteStats, dict[str, Any]]:
     """make_image into a local file: written under a temporary name, fsynced, then renamed,
     so an interrupted run never leaves a partial image under the final name."""
-    folder = os.path.dirname(os.path.abspath(image_path))
-    temporary = os.path.join(folder, f".{os.path.basename(image_path)}.part-{os.getpid()}")
-    try:
-        with open(temporary, "xb") as out:
-            result = make_image(disk_path, out, **kwargs)
-            out.flush()
-            os.fsync(out.fileno())
-        os.rename(temporary, image_path)
-        directory = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-        return result
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_file(image_path) as out:
+        return make_image(disk_path, out, **kwargs)

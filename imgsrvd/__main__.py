@@ -5,14 +5,13 @@ from __future__ import annotations
 import sys
 
 from common.runner import DaemonSpec, run
+from common.services import IMGSRVD
 
 from .config import SCHEMA, make_settings
 from .server import ImagingServer
 
 SPEC = DaemonSpec(
-    name="imgsrvd",
-    program="preboot-imgsrvd",
-    service_name="Preboot Imaging Service",
+    service=IMGSRVD,
     schema=SCHEMA,
     status_address=lambda settings: settings.ip_address,
     make_settings=make_settings,

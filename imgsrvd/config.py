@@ -11,10 +11,11 @@ from common.config import Key, Schema
 from common.directory.settings import DirectorySettings, directory_keys, directory_settings
 from common.errors import SettingError
 from common.runner import CommonSettings, common_keys
+from common.services import IMGSRVD
 
 from common.imagingprotocol import BadPath, clean_relative
 
-STATUS_PORT = 9998
+STATUS_PORT = IMGSRVD.status_port
 
 SCHEMA = Schema((
     Key("IPAddress", "ip_addr", "0.0.0.0",
@@ -43,7 +44,7 @@ SCHEMA = Schema((
     Key("ServerName", "string", "",
         "How other imaging servers and the directory name this server in //server/path "
         "image paths; empty: this host's name."),
-) + common_keys("imgsrvd", STATUS_PORT))
+) + common_keys(IMGSRVD))
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,8 @@ from xml.etree import ElementTree as ET
 from xml.parsers import expat
 from xml.sax.saxutils import quoteattr
 
+from common.fileio import fsync_parent
+
 __all__ = [
     "CorruptLogError", "ImageType", "NotAResultsLogError", "Operation", "RecoveryReport",
     "ResultEntry", "ResultsLog", "ResultsLogError", "Status", "read_entries", "sanitize",
@@ -460,14 +462,6 @@ def _refuse_if_intact_entries_follow(mm: mmap.mmap, pos: int, size: int, path: s
         pos = end
 
 
-def _fsync_dir(path: str) -> None:
-    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 def _open_or_create(path: str) -> tuple[int, bool]:
     """Open PATH read-write, creating it (mode 0640, O_EXCL) if missing. Returns (fd, created)."""
     flags = os.O_RDWR | os.O_CLOEXEC
@@ -542,7 +536,7 @@ class ResultsLog:
                 os.close(fd)
                 raise
             if created or report.quarantined_to:
-                _fsync_dir(self.path)
+                fsync_parent(self.path)
             self._fd = fd
             return report
 
@@ -638,7 +632,7 @@ class ResultsLog:
             os.close(fd)
             self._fd = new_fd
             if created:
-                _fsync_dir(self.path)
+                fsync_parent(self.path)
 
     def _ensure_complete(self, fd: int) -> int:
         """With the lock held: repair a tail torn by a writer that died; return the size."""
@@ -687,7 +681,7 @@ class ResultsLog:
         except BaseException:
             os.close(new_fd)
             raise
-        _fsync_dir(self.path)
+        fsync_parent(self.path)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
         self._fd = new_fd

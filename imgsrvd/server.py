@@ -19,16 +19,16 @@ import logging
 import os
 import socket
 import time
-from typing import Any, Callable
+from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from common import imagingprotocol as protocol
 from common.directory.holder import DirectoryHolder, describe
+from common.httpdaemon import (HttpListener, address_change_warnings, error_middleware,
+                               quiet_bad_requests)
 from common.imagingprotocol import BadPath, BadRequest, LocalPath, RemotePath
 from common.policy import assign_work
-from common.tcplisten import bind_listener
 from common.workerpool import DaemonThreadPool
 
 from . import store
@@ -46,17 +46,7 @@ RETRY_AFTER_S = 5
 JSON_MAX = 64 * 1024
 
 
-class _BadRequestsQuietly(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            log.debug("unreadable HTTP request: %s", " ".join(str(exc.message).split())[:200])
-            return False
-        return True
-
-
-http_log = logging.getLogger("preboot.imgsrvd.http")
-http_log.addFilter(_BadRequestsQuietly())
+http_log = quiet_bad_requests("preboot.imgsrvd.http", log)
 
 
 class _ImageFileResponse(web.FileResponse):
@@ -87,8 +77,8 @@ class ImagingServer:
         self.settings = settings
         self.stats = ImagingCounters()
         self._downloads = DownloadTracker()   # ranged downloads -> Images Sent
-        self._sock: socket.socket | None = None
-        self._runner: web.AppRunner | None = None
+        self._http = HttpListener(http_log, keepalive_s=KEEPALIVE_S,
+                                  shutdown_timeout_s=SHUTDOWN_TIMEOUT_S, backlog=LISTEN_BACKLOG)
         self._pool: DaemonThreadPool | None = None
         self._log_pool: DaemonThreadPool | None = None
         self._directory = DirectoryHolder(self._worker_pool, "work queries are answered 503")
@@ -98,11 +88,9 @@ class ImagingServer:
     # ---- lifecycle (common.runner.Service) ----------------------------------------------
 
     def bind(self) -> list[socket.socket]:
-        self._sock = bind_listener(self.settings.ip_address, self.settings.port, LISTEN_BACKLOG)
-        return [self._sock]
+        return [self._http.bind(self.settings.ip_address, self.settings.port)]
 
     async def start(self) -> None:
-        assert self._sock is not None, "bind() first"
         self._pool = DaemonThreadPool(4, "imgsrvd-dir")
         self._log_pool = DaemonThreadPool(1, "imgsrvd-log")
         root = self.settings.image_root
@@ -115,27 +103,21 @@ class ImagingServer:
             log.warning("removed %s, left by an upload that did not finish", path)
         await self._open_results(self.settings)
         await self._directory.configure(self.settings.directory)
-        app = web.Application(middlewares=[self._errors], client_max_size=JSON_MAX)
+        errors = error_middleware(self._not_found, self._internal_error,
+                                  passthrough=(ConnectionError, asyncio.CancelledError))
+        app = web.Application(middlewares=[errors], client_max_size=JSON_MAX)
         app.router.add_route("PUT", "/v1/images/{path:.+}", self._put,
                              expect_handler=self._expect)
         app.router.add_get("/v1/images/{path:.+}", self._get)   # and HEAD
         app.router.add_post("/v1/work", self._work)
         app.router.add_post("/v1/results", self._result)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                     shutdown_timeout=SHUTDOWN_TIMEOUT_S, logger=http_log,
-                                     keepalive_timeout=KEEPALIVE_S)
-        await self._runner.setup()
-        site = web.SockSite(self._runner, self._sock, backlog=LISTEN_BACKLOG)
-        await site.start()
+        await self._http.start(app)
         where = self.listen()[0]
         log.info("imaging service answering on http://%s:%d/v1/ (images in %s, server name %s)",
                  where["address"], where["port"], root, self.settings.server_name)
 
     async def apply(self, settings: Settings) -> list[str]:
-        warnings = []
-        if (settings.ip_address, settings.port) != (self.settings.ip_address,
-                                                    self.settings.port):
-            warnings.append("IPAddress and Port changes need a restart; kept the old address")
+        warnings = address_change_warnings(self.settings, settings)
         old = self.settings
         self.settings = settings
         if settings.results_log != old.results_log:
@@ -144,9 +126,7 @@ class ImagingServer:
         return warnings
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await self._http.stop()
         for upload in list(self._uploads):
             upload.abort()
         for pool in (self._pool, self._log_pool):
@@ -158,14 +138,10 @@ class ImagingServer:
                 self._results.close()
             except Exception:  # closing a log on the way out: nothing more to do
                 pass
-        if self._sock is not None:
-            self._sock.close()
+        self._http.close()
 
     def listen(self) -> list[dict[str, Any]]:
-        if self._sock is None or self._sock.fileno() < 0:
-            return []
-        address, port = self._sock.getsockname()[:2]
-        return [{"proto": "tcp", "address": address, "port": port}]
+        return self._http.listen()
 
     def counters(self) -> dict[str, Any]:
         return self.stats.snapshot()
@@ -231,22 +207,14 @@ class ImagingServer:
 
     # ---- HTTP ------------------------------------------------------------------------------
 
-    @web.middleware
-    async def _errors(self, request: web.Request, handler: Callable) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except web.HTTPNotFound:
-            return _error(404, f"not found: {request.path[:200]} (this service answers "
-                               "/v1/images/<path>, /v1/work and /v1/results)")
-        except web.HTTPException:
-            raise
-        except (ConnectionError, asyncio.CancelledError):
-            raise
-        except Exception:  # never a traceback to the client; the log has it
-            log.exception("internal error answering %s %s", request.method,
-                          request.path_qs[:300])
-            self.stats.failures += 1
-            return _error(500, "internal error (see the imaging server's log)")
+    def _not_found(self, request: web.Request) -> web.Response:
+        return _error(404, f"not found: {request.path[:200]} (this service answers "
+                           "/v1/images/<path>, /v1/work and /v1/results)")
+
+    def _internal_error(self, request: web.Request) -> web.Response:
+        log.exception("internal error answering %s %s", request.method, request.path_qs[:300])
+        self.stats.failures += 1
+        return _error(500, "internal error (see the imaging server's log)")
 
     def _own_names(self) -> tuple[str, ...]:
         names = [self.settings.server_name, socket.gethostname()]

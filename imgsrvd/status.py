@@ -1,6 +1,8 @@
 """imgsrvd's status counters: what `zmgmcast -status` shows. All start at zero.
 
-The first four are the original's imaging statistics (DOMAIN.md, "Imaging statistics"):
+The first four are the original's imaging statistics (DOMAIN.md, "Imaging statistics"); zmgmcast
+shows them first and under the original's names, as the registry of services says
+(common.services.IMGSRVD: counter_order, counter_labels):
 
 update_requests    imaging requests of any kind (store, retrieve, work query, result), including
                    those that failed, were denied or were referred to another server
@@ -20,19 +22,12 @@ results_logged     result reports (POST /v1/results) received
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-# zmgmcast shows these first, with these names (the original's).
-LABELS = {
-    "update_requests": "Update Requests",
-    "images_sent": "Images Sent",
-    "images_received": "Images Received",
-    "client_referrals": "Client Referrals",
-}
+from common.counters import StatusCounters
 
 
 @dataclass
-class ImagingCounters:
+class ImagingCounters(StatusCounters):
     update_requests: int = 0
     images_sent: int = 0
     images_received: int = 0
@@ -44,6 +39,3 @@ class ImagingCounters:
     busy_refusals: int = 0
     directory_errors: int = 0
     results_logged: int = 0
-
-    def snapshot(self) -> dict[str, Any]:
-        return dict(vars(self))

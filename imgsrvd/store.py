@@ -10,8 +10,9 @@ hidden name no client can ask for), checked as a complete image (the header and 
 checksum as they arrive, then the index and trailer: common.imageformat.StreamChecker),
 fsynced, and only then given its final name:
 os.link when overwriting is off (atomic: an image that appeared meanwhile is never replaced,
-the link fails instead) or os.rename when it is on; then the folder is fsynced. Whatever goes
-wrong (a client gone, a bad image, a full disk, a crash) leaves nothing under the final name;
+the link fails instead) or a rename when it is on; then the folder is fsynced (both steps:
+common.fileio.publish). Whatever goes wrong (a client gone, a bad image, a full disk, a crash)
+leaves nothing under the final name;
 a crash can leave a `.part-` file, which clean_partials() removes when the server starts.
 """
 
@@ -25,6 +26,7 @@ import secrets
 import shutil
 from dataclasses import dataclass
 
+from common.fileio import publish
 from common.imagefile import ImageReader
 from common.imageformat import ImageFormatError, StreamChecker
 
@@ -97,14 +99,6 @@ def open_for_reading(root: str, relative: str) -> tuple[str, int]:
 
 def disk_full_message(folder: str) -> str:
     return f"no space left on the image store ({folder}); the upload was discarded"
-
-
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(eq=False)
@@ -191,16 +185,11 @@ class Upload:
                 raise BadImage(str(exc)) from None
             os.close(self.fd)
             self.closed = True
-            if self.overwrite:
-                os.rename(self.temp, self.final)
-            else:
-                try:
-                    os.link(self.temp, self.final)
-                except FileExistsError:
-                    raise Exists(f"{self.relative}: the image exists and overwriting is not "
-                                 "allowed (AllowOverwrite = NO)") from None
-                os.unlink(self.temp)
-            _fsync_dir(os.path.dirname(self.final))
+            try:
+                publish(self.temp, self.final, replace=self.overwrite)
+            except FileExistsError:
+                raise Exists(f"{self.relative}: the image exists and overwriting is not "
+                             "allowed (AllowOverwrite = NO)") from None
             return self.written
         except BaseException:
             self.abort()

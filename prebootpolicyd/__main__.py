@@ -5,14 +5,13 @@ from __future__ import annotations
 import sys
 
 from common.runner import DaemonSpec, run
+from common.services import POLICYD
 
 from .config import SCHEMA, make_settings
 from .server import PolicyServer
 
 SPEC = DaemonSpec(
-    name="policyd",
-    program="preboot-policyd",
-    service_name="Preboot Policy Service",
+    service=POLICYD,
     schema=SCHEMA,
     status_address=lambda settings: settings.ip_address,
     make_settings=make_settings,

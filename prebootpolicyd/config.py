@@ -10,8 +10,9 @@ from common.config import Key, Schema
 from common.directory.settings import DirectorySettings, directory_keys, directory_settings
 from common.errors import SettingError
 from common.runner import CommonSettings, common_keys
+from common.services import POLICYD
 
-STATUS_PORT = 9980
+STATUS_PORT = POLICYD.status_port
 FALLBACKS = ("local", "maintenance")
 
 SCHEMA = Schema((
@@ -39,7 +40,7 @@ SCHEMA = Schema((
         "(iPXE cannot see Ctrl+Alt held, the original's hot key)."),
     Key("Workers", "integer(min=1, max=64)", "8",
         "Threads for directory queries (a slow directory never blocks the service)."),
-) + common_keys("policyd", STATUS_PORT))
+) + common_keys(POLICYD))
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,15 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from typing import Any, Callable
+from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from common.directory.holder import DirectoryHolder, describe
+from common.httpdaemon import (HttpListener, address_change_warnings, error_middleware,
+                               quiet_bad_requests)
 from common.machine import MachineFacts
 from common.policy import assign_work, menu_for
-from common.tcplisten import bind_listener
 from common.workerpool import DaemonThreadPool
 
 from . import script
@@ -44,22 +44,7 @@ LISTEN_BACKLOG = 1024
 KEEPALIVE_S = 15.0               # an idle client connection is closed after this long
 
 
-class _BadRequestsQuietly(logging.Filter):
-    """aiohttp logs a request it cannot parse (a line over 8190 bytes, broken framing) with a
-    traceback at ERROR. A client's garbage is not our error: one DEBUG line instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("unreadable HTTP request: %s",
-                          " ".join(str(exc.message).split())[:200])
-            return False
-        return True
-
-
-http_log = logging.getLogger("preboot.policyd.http")
-http_log.addFilter(_BadRequestsQuietly())
+http_log = quiet_bad_requests("preboot.policyd.http", log)
 
 
 class RateLimitedWarning:
@@ -91,8 +76,8 @@ class PolicyServer:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.stats = PolicyCounters()
-        self._sock: socket.socket | None = None
-        self._runner: web.AppRunner | None = None
+        self._http = HttpListener(http_log, keepalive_s=KEEPALIVE_S,
+                                  shutdown_timeout_s=SHUTDOWN_TIMEOUT_S, backlog=LISTEN_BACKLOG)
         self._pool: DaemonThreadPool | None = None
         self._directory = DirectoryHolder(self._worker_pool, "answering FallbackAnswer")
         self._warn = RateLimitedWarning(log)
@@ -100,31 +85,22 @@ class PolicyServer:
     # ---- lifecycle (common.runner.Service) ----------------------------------------------
 
     def bind(self) -> list[socket.socket]:
-        self._sock = bind_listener(self.settings.ip_address, self.settings.port, LISTEN_BACKLOG)
-        return [self._sock]
+        return [self._http.bind(self.settings.ip_address, self.settings.port)]
 
     async def start(self) -> None:
-        assert self._sock is not None, "bind() first"
         self._pool = DaemonThreadPool(self.settings.workers, "policyd-dir")
         await self._directory.configure(self.settings.directory)
-        app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024)
+        errors = error_middleware(self._not_found, self._internal_error)
+        app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
         app.router.add_get("/boot.ipxe", self._boot_ipxe)
         app.router.add_get("/policy", self._policy)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                     shutdown_timeout=SHUTDOWN_TIMEOUT_S, logger=http_log,
-                                     keepalive_timeout=KEEPALIVE_S)
-        await self._runner.setup()
-        site = web.SockSite(self._runner, self._sock, backlog=LISTEN_BACKLOG)
-        await site.start()
+        await self._http.start(app)
         where = self.listen()[0]
         log.info("policy service answering on http://%s:%d (boot script /boot.ipxe)",
                  where["address"], where["port"])
 
     async def apply(self, settings: Settings) -> list[str]:
-        warnings = []
-        if (settings.ip_address, settings.port) != (self.settings.ip_address,
-                                                    self.settings.port):
-            warnings.append("IPAddress and Port changes need a restart; kept the old address")
+        warnings = address_change_warnings(self.settings, settings)
         old = self.settings
         self.settings = settings
         if settings.workers != old.workers and self._pool is not None:
@@ -134,20 +110,14 @@ class PolicyServer:
         return warnings
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()       # stops listening, lets in-flight answers finish
-            self._runner = None
+        await self._http.stop()                # stops listening, lets in-flight answers finish
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self._directory.close()
-        if self._sock is not None:
-            self._sock.close()
+        self._http.close()
 
     def listen(self) -> list[dict[str, Any]]:
-        if self._sock is None or self._sock.fileno() < 0:
-            return []
-        address, port = self._sock.getsockname()[:2]
-        return [{"proto": "tcp", "address": address, "port": port}]
+        return self._http.listen()
 
     def counters(self) -> dict[str, Any]:
         return self.stats.snapshot()
@@ -158,18 +128,15 @@ class PolicyServer:
 
     # ---- HTTP ------------------------------------------------------------------------------
 
-    @web.middleware
-    async def _errors(self, request: web.Request, handler: Callable) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except web.HTTPNotFound:
-            return web.Response(status=404, text=f"not found: {request.path[:200]}\n"
-                                "(this service answers /boot.ipxe and /policy)\n")
-        except web.HTTPException:
-            raise                              # 405 and the like, as aiohttp words them
-        except Exception:  # never a traceback to the client; the log has it
-            log.exception("internal error answering %s", request.path_qs[:300])
-            return web.Response(status=500, text="internal error (see the service's log)\n")
+    @staticmethod
+    def _not_found(request: web.Request) -> web.Response:
+        return web.Response(status=404, text=f"not found: {request.path[:200]}\n"
+                            "(this service answers /boot.ipxe and /policy)\n")
+
+    @staticmethod
+    def _internal_error(request: web.Request) -> web.Response:
+        log.exception("internal error answering %s", request.path_qs[:300])
+        return web.Response(status=500, text="internal error (see the service's log)\n")
 
     def _where(self, request: web.Request) -> str:
         """host[:port] the client reached us by."""

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+
+from common.counters import StatusCounters
 
 PLATFORMS = frozenset({"pcbios", "efi"})
 ARCHES = frozenset({"i386", "x86_64", "arm32", "arm64", "riscv32", "riscv64", "loong64"})
@@ -31,7 +32,7 @@ def bounded(value: str | None, known: frozenset[str]) -> str:
 
 
 @dataclass
-class PolicyCounters:
+class PolicyCounters(StatusCounters):
     queries: int = 0
     script_requests: int = 0
     work_assigned: int = 0
@@ -43,9 +44,3 @@ class PolicyCounters:
     by_platform: Counter = field(default_factory=Counter)
     by_arch: Counter = field(default_factory=Counter)
     by_action: Counter = field(default_factory=Counter)
-
-    def snapshot(self) -> dict[str, Any]:
-        data: dict[str, Any] = {}
-        for name, value in vars(self).items():
-            data[name] = dict(sorted(value.items())) if isinstance(value, Counter) else value
-        return data

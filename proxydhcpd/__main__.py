@@ -6,6 +6,7 @@ import sys
 
 from common.errors import EX_SOFTWARE
 from common.runner import DaemonSpec, run
+from common.services import PROXYDHCPD
 
 from .config import SCHEMA, make_settings
 
@@ -16,9 +17,7 @@ except (ImportError, OSError) as exc:  # scapy missing, or its import blocked (n
     sys.exit(EX_SOFTWARE)
 
 SPEC = DaemonSpec(
-    name="proxydhcpd",
-    program="preboot-proxydhcpd",
-    service_name="Preboot Proxy DHCP Service",
+    service=PROXYDHCPD,
     schema=SCHEMA,
     status_address=lambda settings: settings.ip_address,
     make_settings=make_settings,

@@ -9,10 +9,11 @@ from typing import Any
 from common.config import Key, Schema
 from common.errors import SettingError
 from common.runner import CommonSettings, common_keys
+from common.services import PROXYDHCPD
 
 from .decide import BootFiles, BootMenu, Policy, menu_options
 
-STATUS_PORT = 9967
+STATUS_PORT = PROXYDHCPD.status_port
 
 SCHEMA = Schema((
     Key("IPAddress", "ipv4_addr", "0.0.0.0",
@@ -47,7 +48,7 @@ SCHEMA = Schema((
     Key("AllowedMACs", "strings", "",
         "Answer only these MAC addresses (hex pairs, with or without separators); empty: all."),
     Key("DeniedMACs", "strings", "", "Never answer these MAC addresses."),
-) + common_keys("proxydhcpd", STATUS_PORT))
+) + common_keys(PROXYDHCPD))
 
 
 @dataclass(frozen=True)

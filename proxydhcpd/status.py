@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+
+from common.counters import StatusCounters
 
 
 @dataclass
-class ProxyCounters:
+class ProxyCounters(StatusCounters):
     requests: Counter = field(default_factory=Counter)          # by DHCP message type
     architectures: Counter = field(default_factory=Counter)     # by client firmware
     offers_sent: int = 0
@@ -19,9 +20,3 @@ class ProxyCounters:
     no_boot_file: int = 0
     malformed: int = 0
     send_errors: int = 0
-
-    def snapshot(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["requests"] = dict(sorted(self.requests.items()))
-        data["architectures"] = dict(sorted(self.architectures.items()))
-        return data

@@ -5,14 +5,13 @@ from __future__ import annotations
 import sys
 
 from common.runner import DaemonSpec, run
+from common.services import TFTPD
 
 from .config import SCHEMA, make_settings
 from .server import TftpServer
 
 SPEC = DaemonSpec(
-    name="tftpd",
-    program="preboot-tftpd",
-    service_name="Preboot TFTP Service",
+    service=TFTPD,
     schema=SCHEMA,
     status_address=lambda settings: settings.ip_address,
     make_settings=make_settings,

@@ -9,8 +9,9 @@ from typing import Any
 from common.config import Key, Schema
 from common.errors import SettingError
 from common.runner import CommonSettings, common_keys
+from common.services import TFTPD
 
-STATUS_PORT = 9969
+STATUS_PORT = TFTPD.status_port
 
 SCHEMA = Schema((
     Key("IPAddress", "ipv4_addr", "0.0.0.0",
@@ -33,7 +34,7 @@ SCHEMA = Schema((
     Key("MaxUploadSize", "integer(min=0)", "0", "Largest upload in bytes; 0 means no limit."),
     Key("CaseInsensitive", "boolean", "NO",
         "Find 'PXELINUX.0' when only 'pxelinux.0' exists."),
-) + common_keys("tftpd", STATUS_PORT))
+) + common_keys(TFTPD))
 
 
 @dataclass(frozen=True)

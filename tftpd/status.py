@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
+
+from common.counters import StatusCounters
 
 
 @dataclass
-class TftpCounters:
+class TftpCounters(StatusCounters):
     requests_read: int = 0
     requests_write: int = 0
     transfers_started: int = 0
@@ -28,8 +30,7 @@ class TftpCounters:
     def error(self, kind: str) -> None:
         self.errors[kind] += 1
 
-    def snapshot(self, active_transfers: int) -> dict[str, Any]:
-        data = asdict(self)
-        data["errors"] = dict(sorted(self.errors.items()))
+    def snapshot(self, active_transfers: int) -> dict[str, Any]:  # type: ignore[override]
+        data = super().snapshot()
         data["active_transfers"] = active_transfers
         return data

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import secrets
 
+from common.fileio import publish
+
 from .netascii import Decoder
 
 TEMP_PREFIX = ".tftp-upload-"
@@ -43,12 +45,8 @@ class AtomicUpload:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
-            if self.allow_overwrite:
-                os.replace(self.temp_path, self.final_path)
-            else:
-                os.link(self.temp_path, self.final_path)   # EEXIST instead of replacing
-                os.unlink(self.temp_path)
-            _fsync_folder(os.path.dirname(self.final_path))
+            # without AllowOverwrite: link, EEXIST instead of replacing
+            publish(self.temp_path, self.final_path, replace=self.allow_overwrite)
         except BaseException:
             self.abort()
             raise
@@ -61,11 +59,3 @@ class AtomicUpload:
             os.unlink(self.temp_path)
         except FileNotFoundError:
             pass
-
-
-def _fsync_folder(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -18,52 +18,30 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from common import services
+from common.services import SERVICES, Service
 from common.statussock import query_tcp, query_unix
 
-CONFIG_DIR = os.environ.get("PREBOOT_CONFIG_DIR", "/etc/preboot")
-RUN_DIR = os.environ.get("PREBOOT_RUN_DIR", "/run/preboot")
+CONFIG_DIR = os.environ.get("PREBOOT_CONFIG_DIR", services.CONFIG_DIR)
+RUN_DIR = os.environ.get("PREBOOT_RUN_DIR", services.RUN_DIR)
 
 
-@dataclass(frozen=True)
-class KnownDaemon:
-    name: str
-    service: str
-    status_port: int
-    # Counters shown first, in this order (the status reply sorts its keys); the rest follow.
-    counter_order: tuple[str, ...] = ()
-
-
-DAEMONS = (
-    KnownDaemon("proxydhcpd", "Preboot Proxy DHCP Service", 9967),
-    KnownDaemon("tftpd", "Preboot TFTP Service", 9969),
-    KnownDaemon("policyd", "Preboot Policy Service", 9980,
-                ("queries", "script_requests", "work_assigned", "no_work", "menus_shown",
-                 "fallback_answers", "directory_errors", "bad_requests")),
-    KnownDaemon("imgsrvd", "Preboot Imaging Service", 9998,
-                ("update_requests", "images_sent", "images_received", "client_referrals",
-                 "bytes_sent", "bytes_received", "active_transfers", "failures")),
-)
-
-# Counters shown with the original's names (the imaging statistics, DOMAIN.md).
-LABELS = {
-    "update_requests": "Update Requests",
-    "images_sent": "Images Sent",
-    "images_received": "Images Received",
-    "client_referrals": "Client Referrals",
-}
+def unknown(display_name: str, status_port: int = 0) -> Service:
+    """A daemon asked by socket path or port before its reply says which one it is."""
+    return Service("unknown", display_name, status_port)
 
 
 @dataclass
 class DaemonReport:
-    daemon: KnownDaemon
+    daemon: Service
     state: str                      # running / not running / not reachable / error
     reply: dict[str, Any] | None = None
     detail: str = ""
 
 
-def _configured(daemon: KnownDaemon, key: str) -> str | None:
+def _configured(daemon: Service, key: str) -> str | None:
     """A key from the daemon's config file, read leniently (the daemon validates it)."""
-    path = os.path.join(CONFIG_DIR, f"{daemon.name}.conf")
+    path = daemon.config_file(CONFIG_DIR)
     try:
         with open(path, encoding="utf-8") as handle:
             for line in handle:
@@ -76,11 +54,11 @@ def _configured(daemon: KnownDaemon, key: str) -> str | None:
     return None
 
 
-def socket_path(daemon: KnownDaemon) -> str:
-    return _configured(daemon, "StatusSocket") or os.path.join(RUN_DIR, f"{daemon.name}.sock")
+def socket_path(daemon: Service) -> str:
+    return _configured(daemon, "StatusSocket") or daemon.status_socket(RUN_DIR)
 
 
-def ask_local(daemon: KnownDaemon, path: str | None = None) -> DaemonReport:
+def ask_local(daemon: Service, path: str | None = None) -> DaemonReport:
     path = path or socket_path(daemon)
     try:
         reply = query_unix(path)
@@ -94,7 +72,7 @@ def ask_local(daemon: KnownDaemon, path: str | None = None) -> DaemonReport:
                         reply.get("error", ""))
 
 
-def ask_remote(daemon: KnownDaemon, host: str, port: int | None = None) -> DaemonReport:
+def ask_remote(daemon: Service, host: str, port: int | None = None) -> DaemonReport:
     port = port or daemon.status_port
     try:
         reply = query_tcp(host, port)
@@ -131,24 +109,20 @@ def _size(count: int) -> str:
     return f"{count} B"
 
 
-def _label(key: str) -> str:
-    if key in LABELS:
-        return LABELS[key]
-    return key.replace("_", " ").capitalize()
-
-
-def format_counters(counters: dict[str, Any], order: tuple[str, ...] = ()) -> list[str]:
+def format_counters(counters: dict[str, Any], daemon: Service) -> list[str]:
+    """The counter rows: the registry's counter_order first, then the rest as replied, each
+    under its label (common.services)."""
     lines = []
-    first = [key for key in order if key in counters]
+    first = [key for key in daemon.counter_order if key in counters]
     for key in first + [key for key in counters if key not in first]:
         value = counters[key]
         if isinstance(value, dict):
             if value:
                 inner = ", ".join(f"{k} {v}" for k, v in value.items())
-                lines.append(f"    {_label(key)}: {inner}")
+                lines.append(f"    {daemon.label(key)}: {inner}")
             continue
         shown = _size(value) if key.startswith("bytes") and isinstance(value, int) else value
-        lines.append(f"    {_label(key):<28}{shown}")
+        lines.append(f"    {daemon.label(key):<28}{shown}")
     return lines
 
 
@@ -159,19 +133,19 @@ def format_reports(reports: list[DaemonReport], where: str) -> str:
         reply = report.reply or {}
         pid = str(reply.get("pid", "")) if report.state == "running" else ""
         uptime = _uptime(reply["uptime_s"]) if "uptime_s" in reply else ""
-        out.append(f"{report.daemon.service:<30}{report.state:<15}{pid:>8}  {uptime:>12}")
+        out.append(f"{report.daemon.display_name:<30}{report.state:<15}{pid:>8}  {uptime:>12}")
     for report in reports:
         if report.state != "running":
             if report.detail:
-                out += ["", f"{report.daemon.service}: {report.detail}"]
+                out += ["", f"{report.daemon.display_name}: {report.detail}"]
             continue
         reply = report.reply or {}
-        out += ["", f"{report.daemon.service} (pid {reply.get('pid')}, "
+        out += ["", f"{report.daemon.display_name} (pid {reply.get('pid')}, "
                     f"version {reply.get('version', '?')})"]
         for endpoint in reply.get("listen", []):
             out.append(f"    Listening on {endpoint.get('proto')} "
                        f"{endpoint.get('address')}:{endpoint.get('port')}")
-        out += format_counters(reply.get("counters", {}), report.daemon.counter_order)
+        out += format_counters(reply.get("counters", {}), report.daemon)
     return "\n".join(out)
 
 
@@ -193,21 +167,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def collect(args: argparse.Namespace) -> tuple[list[DaemonReport], str]:
     if args.host:
         if args.port:
-            by_port = {d.status_port: d for d in DAEMONS}
-            daemon = by_port.get(args.port, KnownDaemon("unknown", f"Port {args.port}", args.port))
+            daemon = services.by_status_port(args.port) or \
+                unknown(f"Port {args.port}", args.port)
             report = ask_remote(daemon, args.host, args.port)
             if report.reply and report.reply.get("daemon"):
-                name = report.reply["daemon"]
-                report.daemon = next((d for d in DAEMONS if d.name == name), daemon)
+                report.daemon = services.by_name(report.reply["daemon"]) or daemon
             return [report], args.host
-        return [ask_remote(d, args.host) for d in DAEMONS], args.host
+        return [ask_remote(d, args.host) for d in SERVICES], args.host
     if args.socket:
-        report = ask_local(KnownDaemon("unknown", args.socket, 0), args.socket)
+        report = ask_local(unknown(args.socket), args.socket)
         if report.reply and report.reply.get("daemon"):
-            report.daemon = next((d for d in DAEMONS if d.name == report.reply["daemon"]),
-                                 report.daemon)
+            report.daemon = services.by_name(report.reply["daemon"]) or report.daemon
         return [report], "this host"
-    return [ask_local(d) for d in DAEMONS], "this host"
+    return [ask_local(d) for d in SERVICES], "this host"
 
 
 def main(argv: list[str] | None = None) -> int:
