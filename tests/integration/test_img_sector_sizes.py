@@ -22,15 +22,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from common.policy import Action, ActionKind, Rule
 from tests import sectordisks as sd
-from tests.integration.test_img_server_modes import Imgsrvd, imgsrvd_factory  # noqa: F401
-from tests.support import REPO
+from tests.integration.test_img_server_modes import Imgsrvd, img, imgsrvd_factory  # noqa: F401
 
 pytestmark = [
     pytest.mark.root, pytest.mark.slow,
@@ -53,14 +51,6 @@ SPECS = {
         sd.Part("ext4", 1, 32, ("-b", "1024")), sd.Part("vfat", 34, 32, ("-S", "512")))),
 }
 FILES = sd.files_for(11)
-
-
-def img(*args: str, expect: int = 0) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "img", *args], capture_output=True, text=True,
-                            timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO)
-    assert result.returncode == expect, \
-        f"img {' '.join(args)}: exit {result.returncode}\n{result.stdout}{result.stderr}"
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -90,22 +80,13 @@ def restore_onto_loop(image: Path, target: Path, sector_size: int, *extra: str,
         return img("restore", "--disk", device, str(image), *extra, expect=expect)
 
 
-@pytest.mark.parametrize("name", ["4kn-gpt", "4kn-mbr"])
-def test_4kn_disk_round_trips_onto_a_4kn_disk(name, images, tmp_path):
+@pytest.mark.parametrize("name", list(SPECS))
+def test_disk_round_trips_onto_a_disk_with_its_own_sectors(name, images, tmp_path):
     spec = SPECS[name]
     info = img("verify", str(images[name])).stdout
-    assert "with 4096-byte sectors" in info, info
+    assert f"with {spec.sector_size}-byte sectors" in info, info
     target = sd.blank_disk(tmp_path / "target.disk", spec.size)
-    out = restore_onto_loop(images[name], target, 4096).stdout
-    assert "converted" not in out, out
-    sd.check_disk(target, spec, FILES)
-
-
-@pytest.mark.parametrize("name", ["512-gpt-4k-units", "512-mbr-small-units"])
-def test_512_disk_round_trips_onto_a_512_byte_disk(name, images, tmp_path):
-    spec = SPECS[name]
-    target = sd.blank_disk(tmp_path / "target.disk", spec.size)
-    out = img("restore", "--disk", str(target), str(images[name])).stdout
+    out = restore_onto_loop(images[name], target, spec.sector_size).stdout
     assert "converted" not in out, out
     sd.check_disk(target, spec, FILES)
 
