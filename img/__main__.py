@@ -31,10 +31,10 @@ import os
 import sys
 from typing import Any, Iterator
 
-from common.disklayout import SECTOR_SIZES, DiskLayoutError
+from img.disklayout import SECTOR_SIZES, DiskLayoutError
 from common.machine import ATTRIBUTE_KINDS, normalize_mac
-from common.imagefile import DEFAULT_LEVEL, ImageReader
-from common.imageformat import ImageFormatError
+from common.imaging.imagefile import DEFAULT_LEVEL, ImageReader
+from common.imaging.imageformat import ImageFormatError
 
 from .client import ImagingClient, Referral, ServerError, split_server
 from .errors import AddonError, DiskError, RestoreError

@@ -19,7 +19,7 @@ import stat
 import threading
 from dataclasses import dataclass
 
-from common.disklayout import SECTOR_SIZES, DiskLayout, device_sector_size, read_layout
+from img.disklayout import SECTOR_SIZES, DiskLayout, device_sector_size, read_layout
 
 from .errors import DiskError
 

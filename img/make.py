@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable
 
 from common import __version__
-from common.disklayout import DiskLayout
+from img.disklayout import DiskLayout
 from common.fileio import atomic_file
-from common.imagefile import DEFAULT_LEVEL, ImageWriter, WriteStats
-from common.imageformat import DEFAULT_CHUNK_SIZE
+from common.imaging.imagefile import DEFAULT_LEVEL, ImageWriter, WriteStats
+from common.imaging.imageformat import DEFAULT_CHUNK_SIZE
 
 from .disk import Disk
 from .errors import DiskError

@@ -22,9 +22,9 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from common.disklayout import MBR_SIZE, DiskLayout, DiskLayoutError, table_writes
-from common.imagefile import ImageReader
-from common.imageformat import ChunkKind, IndexEntry
+from img.disklayout import MBR_SIZE, DiskLayout, DiskLayoutError, table_writes
+from common.imaging.imagefile import ImageReader
+from common.imaging.imageformat import ChunkKind, IndexEntry
 
 from .disk import Disk, SyncBehind
 from .errors import DiskError, RestoreError

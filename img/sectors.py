@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.disklayout import DiskLayout, DiskLayoutError, Partition, read_layout
-from common.imagefile import ImageReader
+from img.disklayout import DiskLayout, DiskLayoutError, Partition, read_layout
+from common.imaging.imagefile import ImageReader
 
 from .disk import Disk
 from .usedblocks import PROBE_BYTES, detect_filesystem, filesystem_unit
