@@ -26,9 +26,8 @@ import struct
 import subprocess
 from dataclasses import dataclass
 
-from img.disklayout import DiskLayout, Partition, apply_writes, table_writes
-
 from .disk import Disk
+from .disklayout import DiskLayout, Partition, apply_writes, table_writes
 
 TIMEOUT_S = 1800.0          # resizing moves data: generous, but never unbounded
 SCRATCH_SLACK = 16 << 20    # tool logs, journals replayed, rounding
