@@ -15,13 +15,15 @@ three wings, plus the `preboot-dir` program.
                        (protocol.py).
     common/dircli/     the `preboot-dir` program (python -m common.dircli), not a library.
 
-Who may import whom (tests/unit/test_import_rules.py enforces this table; change both together):
+Who may import whom. tests/unit/test_import_rules.py reads this table and checks every import
+of the product against it (ast, nothing imported): change the table, the code and the test's
+list of parts together. Each part may also import itself; "-" is nothing of the project.
 
     part                 may import
-    foundation           the foundation only (common, common.errors, common.fileio, ...)
+    foundation           -  (nothing else of the project)
     common.daemon        foundation
-    common.policy        foundation, common.daemon (the directory settings are config keys)
-    common.imaging       foundation
+    common.policy        foundation, common.daemon  (the directory settings are config keys)
+    common.imaging       foundation  (never the policy or the directory: img carries no rules)
     common.dircli        foundation, common.daemon, common.policy
     tftpd, proxydhcpd    foundation, common.daemon
     prebootpolicyd       foundation, common.daemon, common.policy
@@ -29,8 +31,10 @@ Who may import whom (tests/unit/test_import_rules.py enforces this table; change
     img                  foundation, common.imaging
     zmgmcast             foundation, common.daemon
 
-Each part may also import itself. Nothing under common/ imports a daemon, img or zmgmcast, and
-the daemons never import each other: they share only common/.
+"foundation" is common itself and its top-level modules (common.errors, common.fileio,
+common.machine). So nothing under common/ imports a daemon, img or zmgmcast, and the daemons
+never import each other: they share only common/. Exceptions (none today) are listed here
+with their reason and in the test's EXCEPTIONS.
 """
 
 __version__ = "0.1.0"
