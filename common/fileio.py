@@ -13,7 +13,7 @@ removed and the final name is left as it was.
 
 Used by the daemons (tftpd uploads, imgsrvd's image store and results log), the imaging engine
 (img make, img addon) and the `preboot-dir` program. Standard library only; it imports nothing
-else of the project, so it can move with the daemon plumbing or the imaging code as a whole.
+else of the project: it is part of the foundation of common/, which every wing may import.
 """
 
 from __future__ import annotations

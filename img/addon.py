@@ -2,7 +2,7 @@
 partition of a disk after its base image has been restored.
 
 An add-on image has one stream, role `files`: a pax tar of the tree. Making streams the tar into
-common.imagefile.ImageWriter in chunk-size pieces, so no add-on is ever held in memory.
+common.imaging.imagefile.ImageWriter in chunk-size pieces, so no add-on is ever held in memory.
 
 Applying reads the chunks back in order (ImageReader verifies each one) and goes over the tar
 twice: first every member is checked (`check_member`) without writing anything, so a hostile or
@@ -31,8 +31,8 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 from common import __version__
 from common.fileio import atomic_file
-from common.imagefile import DEFAULT_LEVEL, ImageReader, ImageWriter, WriteStats
-from common.imageformat import DEFAULT_CHUNK_SIZE, ImageFormatError, IndexEntry
+from common.imaging.imagefile import DEFAULT_LEVEL, ImageReader, ImageWriter, WriteStats
+from common.imaging.imageformat import DEFAULT_CHUNK_SIZE, ImageFormatError, IndexEntry
 
 from .disk import Disk
 from .errors import AddonError, DiskError

@@ -1,4 +1,5 @@
-"""The engine's side of the imaging protocol (docs/imaging-protocol.md), on http.client.
+"""The engine's HTTP client of the imaging protocol (docs/imaging-protocol.md), on http.client.
+The protocol itself (paths, URLs, headers, referrals, refusals) is common.imaging.protocol.
 
 Every socket has a timeout; every failure is a ServerError whose message names the server and
 what failed. One ImagingClient holds one keep-alive connection per thread.
@@ -12,10 +13,10 @@ import select
 import socket
 import threading
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
 
-from common.imagingprotocol import (DEFAULT_PORT, ERROR_HEADER, IMAGES_PREFIX, MODE_HEADER,
-                                     WORKSTATION_HEADER)
+from common.imaging.protocol import (ERROR_HEADER, MODE_HEADER, WORKSTATION_HEADER,
+                                     error_reason as _reason, image_url, referral_target,
+                                     split_server)
 
 TIMEOUT = 30.0
 UPLOAD_BUFFER = 1 << 20
@@ -44,52 +45,11 @@ class Referral(ServerError):
 
 
 def _referral(client_server: str, what: str, location: str | None) -> Referral | None:
-    if not location:
+    target = referral_target(location)
+    if target is None:
         return None
-    parts = urlsplit(location)
-    if not parts.netloc or not parts.path.startswith(IMAGES_PREFIX):
-        return None
-    path = unquote(parts.path[len(IMAGES_PREFIX):])
-    return Referral(f"{client_server}: {what}: referred to //{parts.netloc}/{path}",
-                    parts.netloc, path)
-
-
-def split_server(server: str) -> tuple[str, int]:
-    """'host', 'host:port', '[v6]', '[v6]:port' -> (host, port)."""
-    text = server.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif text.count(":") == 1:
-        host, _, port = text.partition(":")
-    else:
-        host, port = text, ""
-    if not host:
-        raise ValueError(f"'{server}' is not a server name")
-    try:
-        number = int(port) if port else DEFAULT_PORT
-    except ValueError:
-        raise ValueError(f"'{server}': bad port '{port}'") from None
-    if not 0 < number < 65536:
-        raise ValueError(f"'{server}': bad port {number}")
-    return host, number
-
-
-def image_url(path: str) -> str:
-    """/v1/images/<path>, each folder percent-encoded; //server/path keeps its two slashes."""
-    if path.startswith("//"):
-        return IMAGES_PREFIX + "/" + quote(path[2:], safe="/:[]")
-    return IMAGES_PREFIX + quote(path.lstrip("/"), safe="/")
-
-
-def _reason(body: bytes) -> str:
-    try:
-        answer = json.loads(body)
-        if isinstance(answer, dict) and "error" in answer:
-            return str(answer["error"])
-    except ValueError:
-        pass
-    return body.decode("utf-8", "replace").strip()[:300] or "no reason given"
+    server, path = target
+    return Referral(f"{client_server}: {what}: referred to //{server}/{path}", server, path)
 
 
 class ImagingClient:

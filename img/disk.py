@@ -19,8 +19,7 @@ import stat
 import threading
 from dataclasses import dataclass
 
-from common.disklayout import SECTOR_SIZES, DiskLayout, device_sector_size, read_layout
-
+from .disklayout import SECTOR_SIZES, DiskLayout, device_sector_size, read_layout
 from .errors import DiskError
 
 _FALLOC_FL_KEEP_SIZE = 0x01

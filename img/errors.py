@@ -21,3 +21,8 @@ class AddonError(Exception):
 class DiskError(Exception):
     """A disk img cannot use as asked (a --sector-size a block device contradicts, a partition
     table written for another sector size); nothing was written."""
+
+
+class Failure(Exception):
+    """A server-mode operation that failed; str() is the one-line message (server, what failed,
+    whether the disk was changed)."""

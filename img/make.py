@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable
 
 from common import __version__
-from common.disklayout import DiskLayout
 from common.fileio import atomic_file
-from common.imagefile import DEFAULT_LEVEL, ImageWriter, WriteStats
-from common.imageformat import DEFAULT_CHUNK_SIZE
+from common.imaging.imagefile import DEFAULT_LEVEL, ImageWriter, WriteStats
+from common.imaging.imageformat import DEFAULT_CHUNK_SIZE
 
 from .disk import Disk
+from .disklayout import DiskLayout
 from .errors import DiskError
 from .sectors import table_mismatch
 from .usedblocks import Extent, UsedMap, used_map

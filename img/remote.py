@@ -1,4 +1,4 @@
-"""An image on an imaging server as a positional reader for common.imagefile.ImageReader:
+"""An image on an imaging server as a positional reader for common.imaging.imagefile.ImageReader:
 `pread(length, offset)` becomes an HTTP Range request.
 
 Restores read the image's chunks in a known order: plan() groups neighbouring chunks into
@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Callable, Iterable
 
-from common.imageformat import CHUNK_HEADER, IndexEntry
+from common.imaging.imageformat import CHUNK_HEADER, IndexEntry
 
 from .client import ConnectionLost, ImagingClient, ServerError
 

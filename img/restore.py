@@ -22,11 +22,11 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from common.disklayout import MBR_SIZE, DiskLayout, DiskLayoutError, table_writes
-from common.imagefile import ImageReader
-from common.imageformat import ChunkKind, IndexEntry
+from common.imaging.imagefile import ImageReader
+from common.imaging.imageformat import ChunkKind, IndexEntry
 
 from .disk import Disk, SyncBehind
+from .disklayout import MBR_SIZE, DiskLayout, DiskLayoutError, table_writes
 from .errors import DiskError, RestoreError
 from .sectors import convert_for
 from .shrink import (Scratch, ShrinkError, ShrinkJob, check_filesystem, check_space,

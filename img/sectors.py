@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.disklayout import DiskLayout, DiskLayoutError, Partition, read_layout
-from common.imagefile import ImageReader
+from common.imaging.imagefile import ImageReader
 
 from .disk import Disk
+from .disklayout import DiskLayout, DiskLayoutError, Partition, read_layout
 from .usedblocks import PROBE_BYTES, detect_filesystem, filesystem_unit
 
 

@@ -5,7 +5,7 @@ cannot (`refusal`), the scratch space check, each tool's minimum size, the shrin
 check afterwards, and copying the shrunk filesystem's first bytes onto the disk. It works on a
 scratch file (a sparse copy of the partition as the image holds it), never on the target disk,
 so everything here happens before the restore writes its first byte. Where partitions go is
-DiskLayout.shrunk()'s business (common/disklayout.py); the order of disk writes is
+DiskLayout.shrunk()'s business (img/disklayout.py); the order of disk writes is
 img/restore.py's.
 
 Shrinkable: ext2/3/4 (resize2fs, `resize2fs -P` for the minimum), NTFS (ntfsresize, `--info`
@@ -26,9 +26,8 @@ import struct
 import subprocess
 from dataclasses import dataclass
 
-from common.disklayout import DiskLayout, Partition, apply_writes, table_writes
-
 from .disk import Disk
+from .disklayout import DiskLayout, Partition, apply_writes, table_writes
 
 TIMEOUT_S = 1800.0          # resizing moves data: generous, but never unbounded
 SCRATCH_SLACK = 16 << 20    # tool logs, journals replayed, rounding

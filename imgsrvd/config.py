@@ -7,13 +7,13 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from common.config import Key, Schema
-from common.directory.settings import DirectorySettings, directory_keys, directory_settings
+from common.daemon.config import Key, Schema
+from common.policy.directory.settings import DirectorySettings, directory_keys, directory_settings
 from common.errors import SettingError
-from common.runner import CommonSettings, common_keys
-from common.services import IMGSRVD
+from common.daemon.runner import CommonSettings, common_keys
+from common.daemon.services import IMGSRVD
 
-from common.imagingprotocol import BadPath, clean_relative
+from common.imaging.protocol import BadPath, clean_relative
 
 STATUS_PORT = IMGSRVD.status_port
 

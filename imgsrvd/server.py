@@ -23,13 +23,13 @@ from typing import Any
 
 from aiohttp import web
 
-from common import imagingprotocol as protocol
-from common.directory.holder import DirectoryHolder, describe
-from common.httpdaemon import (HttpListener, address_change_warnings, error_middleware,
-                               quiet_bad_requests)
-from common.imagingprotocol import BadPath, BadRequest, LocalPath, RemotePath
-from common.policy import assign_work
-from common.workerpool import DaemonThreadPool
+from common.imaging import protocol
+from common.policy.directory.holder import DirectoryHolder, describe
+from common.daemon.httpdaemon import (HttpListener, address_change_warnings, error_middleware,
+                                      quiet_bad_requests)
+from common.imaging.protocol import BadPath, BadRequest, LocalPath, RemotePath
+from common.policy.model import assign_work
+from common.daemon.workerpool import DaemonThreadPool
 
 from . import store
 from .config import Settings
@@ -85,7 +85,7 @@ class ImagingServer:
         self._results = None          # resultslog.ResultsLog, when it opened
         self._uploads: set[store.Upload] = set()
 
-    # ---- lifecycle (common.runner.Service) ----------------------------------------------
+    # ---- lifecycle (common.daemon.runner.Service) ---------------------------------------
 
     def bind(self) -> list[socket.socket]:
         return [self._http.bind(self.settings.ip_address, self.settings.port)]

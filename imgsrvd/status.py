@@ -2,7 +2,7 @@
 
 The first four are the original's imaging statistics (DOMAIN.md, "Imaging statistics"); zmgmcast
 shows them first and under the original's names, as the registry of services says
-(common.services.IMGSRVD: counter_order, counter_labels):
+(common.daemon.services.IMGSRVD: counter_order, counter_labels):
 
 update_requests    imaging requests of any kind (store, retrieve, work query, result), including
                    those that failed, were denied or were referred to another server
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.counters import StatusCounters
+from common.daemon.counters import StatusCounters
 
 
 @dataclass

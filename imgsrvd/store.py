@@ -7,7 +7,7 @@ with realpath: a symlink anywhere on the way that leads out of the root is refus
 
 An upload is written to a temporary name in the image's own folder (`.NAME.part-<random>`, a
 hidden name no client can ask for), checked as a complete image (the header and every chunk's
-checksum as they arrive, then the index and trailer: common.imageformat.StreamChecker),
+checksum as they arrive, then the index and trailer: common.imaging.imageformat.StreamChecker),
 fsynced, and only then given its final name:
 os.link when overwriting is off (atomic: an image that appeared meanwhile is never replaced,
 the link fails instead) or a rename when it is on; then the folder is fsynced (both steps:
@@ -27,8 +27,8 @@ import shutil
 from dataclasses import dataclass
 
 from common.fileio import publish
-from common.imagefile import ImageReader
-from common.imageformat import ImageFormatError, StreamChecker
+from common.imaging.imagefile import ImageReader
+from common.imaging.imageformat import ImageFormatError, StreamChecker
 
 log = logging.getLogger("preboot.imgsrvd.store")
 

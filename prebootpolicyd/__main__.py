@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from common.runner import DaemonSpec, run
-from common.services import POLICYD
+from common.daemon.runner import DaemonSpec, run
+from common.daemon.services import POLICYD
 
 from .config import SCHEMA, make_settings
 from .server import PolicyServer

@@ -6,11 +6,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from common.config import Key, Schema
-from common.directory.settings import DirectorySettings, directory_keys, directory_settings
+from common.daemon.config import Key, Schema
+from common.policy.directory.settings import DirectorySettings, directory_keys, directory_settings
 from common.errors import SettingError
-from common.runner import CommonSettings, common_keys
-from common.services import POLICYD
+from common.daemon.runner import CommonSettings, common_keys
+from common.daemon.services import POLICYD
 
 STATUS_PORT = POLICYD.status_port
 FALLBACKS = ("local", "maintenance")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.policy import Action, ActionKind, MenuDisplay, MenuSettings, WorkAssignment
+from common.policy.model import Action, ActionKind, MenuDisplay, MenuSettings, WorkAssignment
 
 from .config import Settings
 

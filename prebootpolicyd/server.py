@@ -4,10 +4,10 @@ GET /boot.ipxe   the static first script (script.boot_script), pointing back at 
 GET /policy      the answer for one machine: query.parse_query -> the directory (policy and the
                  workstation record, on the loop when the backend can answer there without
                  blocking, else on worker threads; bounded by DirectoryTimeout) ->
-                 common.policy.assign_work -> script.answer_script
+                 common.policy.model.assign_work -> script.answer_script
 anything else    404 (405 for another method on a known path)
 
-The directory is held by common.directory.holder.DirectoryHolder (opened in start() on a
+The directory is held by common.policy.directory.holder.DirectoryHolder (opened in start() on a
 worker thread, reopened after a failure at most every REOPEN_S seconds, swapped on reload).
 When it cannot be opened or read, the query is answered with FallbackAnswer at once, counted,
 and logged (rate-limited). Directory calls run on a small pool of daemon threads owned by the
@@ -24,12 +24,12 @@ from typing import Any
 
 from aiohttp import web
 
-from common.directory.holder import DirectoryHolder, describe
-from common.httpdaemon import (HttpListener, address_change_warnings, error_middleware,
-                               quiet_bad_requests)
+from common.policy.directory.holder import DirectoryHolder, describe
+from common.daemon.httpdaemon import (HttpListener, address_change_warnings, error_middleware,
+                                      quiet_bad_requests)
 from common.machine import MachineFacts
-from common.policy import assign_work, menu_for
-from common.workerpool import DaemonThreadPool
+from common.policy.model import assign_work, menu_for
+from common.daemon.workerpool import DaemonThreadPool
 
 from . import script
 from .config import Settings
@@ -82,7 +82,7 @@ class PolicyServer:
         self._directory = DirectoryHolder(self._worker_pool, "answering FallbackAnswer")
         self._warn = RateLimitedWarning(log)
 
-    # ---- lifecycle (common.runner.Service) ----------------------------------------------
+    # ---- lifecycle (common.daemon.runner.Service) ---------------------------------------
 
     def bind(self) -> list[socket.socket]:
         return [self._http.bind(self.settings.ip_address, self.settings.port)]

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from common.counters import StatusCounters
+from common.daemon.counters import StatusCounters
 
 PLATFORMS = frozenset({"pcbios", "efi"})
 ARCHES = frozenset({"i386", "x86_64", "arm32", "arm64", "riscv32", "riscv64", "loong64"})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 from common.errors import EX_SOFTWARE
-from common.runner import DaemonSpec, run
-from common.services import PROXYDHCPD
+from common.daemon.runner import DaemonSpec, run
+from common.daemon.services import PROXYDHCPD
 
 from .config import SCHEMA, make_settings
 

@@ -6,10 +6,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from common.config import Key, Schema
+from common.daemon.config import Key, Schema
 from common.errors import SettingError
-from common.runner import CommonSettings, common_keys
-from common.services import PROXYDHCPD
+from common.daemon.runner import CommonSettings, common_keys
+from common.daemon.services import PROXYDHCPD
 
 from .decide import BootFiles, BootMenu, Policy, menu_options
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from common.counters import StatusCounters
+from common.daemon.counters import StatusCounters
 
 
 @dataclass

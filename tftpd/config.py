@@ -6,10 +6,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from common.config import Key, Schema
+from common.daemon.config import Key, Schema
 from common.errors import SettingError
-from common.runner import CommonSettings, common_keys
-from common.services import TFTPD
+from common.daemon.runner import CommonSettings, common_keys
+from common.daemon.services import TFTPD
 
 STATUS_PORT = TFTPD.status_port
 

@@ -59,7 +59,7 @@ class TftpServer:
         self._listener: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    # ---- lifecycle (common.runner.Service) ----------------------------------------------
+    # ---- lifecycle (common.daemon.runner.Service) ---------------------------------------
 
     def bind(self) -> list[socket.socket]:
         if ":" in self.settings.ip_address:

@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.counters import StatusCounters
+from common.daemon.counters import StatusCounters
 
 
 @dataclass

@@ -18,9 +18,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from common import services
-from common.services import SERVICES, Service
-from common.statussock import query_tcp, query_unix
+from common.daemon import services
+from common.daemon.services import SERVICES, Service
+from common.daemon.statussock import query_tcp, query_unix
 
 CONFIG_DIR = os.environ.get("PREBOOT_CONFIG_DIR", services.CONFIG_DIR)
 RUN_DIR = os.environ.get("PREBOOT_RUN_DIR", services.RUN_DIR)
@@ -111,7 +111,7 @@ def _size(count: int) -> str:
 
 def format_counters(counters: dict[str, Any], daemon: Service) -> list[str]:
     """The counter rows: the registry's counter_order first, then the rest as replied, each
-    under its label (common.services)."""
+    under its label (common.daemon.services)."""
     lines = []
     first = [key for key in daemon.counter_order if key in counters]
     for key in first + [key for key in counters if key not in first]:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import zstandard
 
-from common.imagefile import ImageReader
-from common.imageformat import CHUNK_HEADER, ChunkKind
+from common.imaging.imagefile import ImageReader
+from common.imaging.imageformat import CHUNK_HEADER, ChunkKind
 from img.disk import Disk, SyncBehind
 
 

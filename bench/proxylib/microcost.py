@@ -77,8 +77,8 @@ def loopback(settings_for, data: bytes, batch: int = 2000, rounds: int = 5) -> f
 
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
-    from common.config import load_config
-    from common.runner import CommonSettings
+    from common.daemon.config import load_config
+    from common.daemon.runner import CommonSettings
     from proxydhcpd import config, decide, packet, reply, server
 
     logging.getLogger("preboot").setLevel(logging.WARNING)

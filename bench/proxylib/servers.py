@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 
-from common.statussock import query_unix  # the project's own status client
+from common.daemon.statussock import query_unix  # the project's own status client
 
 from . import netns
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from common.statussock import query_unix  # the project's own status client
+from common.daemon.statussock import query_unix  # the project's own status client
 
 from .cpu import Meter, PsutilMeter
 from .probe import probe_options

@@ -196,9 +196,9 @@ def make_addon(tree: Mapping[str, bytes], folder: Path, image: Path) -> str:
 
 
 def image_metadata(image: Path) -> dict:
-    """The metadata of an image file (common/imagefile.py's reader)."""
+    """The metadata of an image file (common/imaging/imagefile.py's reader)."""
     sys.path.insert(0, str(netlab.REPO_ROOT))
-    from common.imagefile import ImageReader
+    from common.imaging.imagefile import ImageReader
 
     with open(image, "rb") as handle:
         return ImageReader(handle, str(image)).metadata

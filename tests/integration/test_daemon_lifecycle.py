@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tftpclients as tc  # noqa: E402
 from tftpclients import OP_DATA, OP_ERROR, OP_OACK, RawClient  # noqa: E402
 
-from common.statussock import query_tcp  # noqa: E402
+from common.daemon.statussock import query_tcp  # noqa: E402
 
 EX_CONFIG = 78
 PROGRAM = "preboot-tftpd"

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from common.directory import Directory, DirectoryError, open_directory
+from common.policy.directory import Directory, DirectoryError, open_directory
 from common.machine import normalize_mac
-from common.policy import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
-                           MulticastSession, PolicyDocument, Rule, Workstation)
+from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
+                                 MulticastSession, PolicyDocument, Rule, Workstation)
 
 import ldapserver
 

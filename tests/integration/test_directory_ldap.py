@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from common.directory import DirectoryError, WouldBlock, open_directory
-from common.directory.ldap import LdapDirectory
-from common.policy import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings, Rule,
-                           Workstation)
-from common.rules import parse_filter
+from common.policy.directory import DirectoryError, WouldBlock, open_directory
+from common.policy.directory.ldap import LdapDirectory
+from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings, Rule,
+                                 Workstation)
+from common.policy.rules import parse_filter
 
 import ldapserver
 

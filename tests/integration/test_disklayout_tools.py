@@ -1,4 +1,4 @@
-"""common/disklayout.py against real partitioning tools: sfdisk (util-linux) and sgdisk (gdisk).
+"""img/disklayout.py against real partitioning tools: sfdisk (util-linux) and sgdisk (gdisk).
 
 Tables made by the tools are parsed and compared with `sfdisk --json`; tables we write (grown onto
 a larger blank image) are read back by the tools, which must agree and find no problems.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from common.disklayout import DiskLayout, apply_writes, read_layout, table_writes
+from img.disklayout import DiskLayout, apply_writes, read_layout, table_writes
 
 MiB = 1024 * 1024
 ESP = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from common.imagefile import ImageWriter
-from common.policy import Action, ActionKind, Rule
+from common.imaging.imagefile import ImageWriter
+from common.policy.model import Action, ActionKind, Rule
 from img.addon import AddonError, TreeCount, addon_metadata, choose_target
 from tests.integration.test_img_roundtrip import build_disk, img, partition, run
 from tests.integration.test_img_server_modes import (  # noqa: F401 (fixtures)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from common.policy import Action, ActionKind, Rule
+from common.policy.model import Action, ActionKind, Rule
 from tests import sectordisks as sd
 from tests.integration.test_img_server_modes import Imgsrvd, img, imgsrvd_factory  # noqa: F401
 

@@ -22,8 +22,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from common.directory import open_directory
-from common.policy import Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings, Rule
+from common.policy.directory import open_directory
+from common.policy.model import Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings, Rule
 from tests.support import REPO, DaemonProcess, write_config
 
 TOOLS = ("sfdisk", "mkfs.ext4", "debugfs", "e2fsck", "partclone.ext4", "losetup")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from common.policy import Action, ActionKind, Rule
+from common.policy.model import Action, ActionKind, Rule
 from tests.integration.test_img_server_modes import imgsrvd_factory  # noqa: F401 (fixture)
 from tests.support import REPO
 

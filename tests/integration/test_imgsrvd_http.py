@@ -1,5 +1,5 @@
 """imgsrvd end to end: the real daemon on 127.0.0.1 (free port), real images made with
-common.imagefile.ImageWriter, curl as the HTTP client (store, retrieve, resume), a SQLite
+common.imaging.imagefile.ImageWriter, curl as the HTTP client (store, retrieve, resume), a SQLite
 directory filled through the Directory API, the status socket and zmgmcast.
 """
 
@@ -21,10 +21,10 @@ from typing import Any, Iterator
 
 import pytest
 
-from common.directory import open_directory
-from common.imagefile import ImageWriter
-from common.policy import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings, Rule,
-                           Workstation)
+from common.policy.directory import open_directory
+from common.imaging.imagefile import ImageWriter
+from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings, Rule,
+                                 Workstation)
 from support import REPO, DaemonProcess, write_config
 
 pytestmark = pytest.mark.skipif(not shutil.which("curl"), reason="curl not installed")

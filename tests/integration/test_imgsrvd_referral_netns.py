@@ -40,8 +40,8 @@ from xml.etree import ElementTree as ET
 
 import pytest
 
-from common.directory import open_directory
-from common.policy import Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings, Rule
+from common.policy.directory import open_directory
+from common.policy.model import Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings, Rule
 from tests.e2e import netlab
 from tests.support import REPO
 
@@ -363,7 +363,7 @@ def test_auto_follows_a_referral_to_the_other_namespace(net: Net, image_on_b: st
 
 
 def test_manual_mode_referral_is_denied(net: Net, image_on_b: str):
-    from common.imagingprotocol import MANUAL_REFERRAL_ERROR
+    from common.imaging.protocol import MANUAL_REFERRAL_ERROR
 
     a, b = net.a, net.b
     before_a, before_b = net.counters(a), net.counters(b)

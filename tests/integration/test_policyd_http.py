@@ -25,9 +25,9 @@ from typing import Any, Iterator
 import aiohttp
 import pytest
 
-from common.directory import open_directory
-from common.policy import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings, Rule,
-                           Workstation)
+from common.policy.directory import open_directory
+from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings, Rule,
+                                 Workstation)
 from support import REPO, DaemonProcess, query_status, write_config
 
 pytestmark = pytest.mark.skipif(not shutil.which("curl"), reason="curl not installed")

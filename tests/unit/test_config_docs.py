@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import defaults, load_config, render_reference
+from common.daemon.config import defaults, load_config, render_reference
 
 REPO = Path(__file__).resolve().parents[2]
 DAEMONS = ["tftpd", "proxydhcpd", "policyd", "imgsrvd"]

@@ -1,10 +1,10 @@
-"""common.config: the shared config syntax and its one-line errors."""
+"""common.daemon.config: the shared config syntax and its one-line errors."""
 
 from pathlib import Path
 
 import pytest
 
-from common.config import Key, Schema, defaults, load_config, render_reference
+from common.daemon.config import Key, Schema, defaults, load_config, render_reference
 from common.errors import ConfigError
 
 SCHEMA = Schema((

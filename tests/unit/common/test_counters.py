@@ -1,11 +1,11 @@
-"""common.counters: the snapshot every daemon's status counters give the status reply."""
+"""common.daemon.counters: the snapshot every daemon's status counters give the status reply."""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
 
-from common.counters import StatusCounters
+from common.daemon.counters import StatusCounters
 from imgsrvd.status import ImagingCounters
 from prebootpolicyd.status import PolicyCounters
 from proxydhcpd.status import ProxyCounters

@@ -1,4 +1,4 @@
-"""common.directory.holder.DirectoryHolder with real SQLite stores and a real thread pool."""
+"""common.policy.directory.holder.DirectoryHolder with real SQLite stores and a real thread pool."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from common.directory import DirectoryError
-from common.directory.holder import DirectoryHolder, describe
-from common.directory.settings import directory_settings
+from common.policy.directory import DirectoryError
+from common.policy.directory.holder import DirectoryHolder, describe
+from common.policy.directory.settings import directory_settings
 
 
 def settings_for(url: str, timeout: int = 2):

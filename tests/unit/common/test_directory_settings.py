@@ -1,10 +1,10 @@
-"""common.directory.settings: the directory keys every directory-reading daemon shares."""
+"""common.policy.directory.settings: the directory keys every directory-reading daemon shares."""
 
 from __future__ import annotations
 
 import pytest
 
-from common.directory.settings import DirectorySettings, directory_keys, directory_settings
+from common.policy.directory.settings import DirectorySettings, directory_keys, directory_settings
 from common.errors import SettingError
 from imgsrvd.config import SCHEMA as IMGSRVD_SCHEMA
 from prebootpolicyd.config import SCHEMA as POLICYD_SCHEMA

@@ -1,4 +1,4 @@
-"""SQLite backend specifics (common/directory/sqlite.py): schema versions, change marker,
+"""SQLite backend specifics (common/policy/directory/sqlite.py): schema versions, change marker,
 refusing bad data. The behaviour both backends share is in tests/integration/
 test_directory_backends.py."""
 
@@ -7,9 +7,10 @@ import sqlite3
 
 import pytest
 
-from common.directory import DirectoryError, open_directory, parse_directory_url, read_credentials
-from common.directory.sqlite import SCHEMA_VERSION
-from common.policy import Action, ActionKind, ImagingPolicy, Rule, Workstation
+from common.policy.directory import (DirectoryError, open_directory, parse_directory_url,
+                                     read_credentials)
+from common.policy.directory.sqlite import SCHEMA_VERSION
+from common.policy.model import Action, ActionKind, ImagingPolicy, Rule, Workstation
 
 
 def _url(tmp_path):
@@ -135,7 +136,7 @@ def test_credentials_must_be_private(tmp_path):
 
 
 def test_lookup_nowait_answers_only_from_a_current_cached_policy(tmp_path):
-    from common.directory import WouldBlock
+    from common.policy.directory import WouldBlock
     with open_directory(_url(tmp_path)) as directory:
         directory.replace_policy(ImagingPolicy((Rule.from_text("a", "", Action()),)))
         directory.put_workstation(Workstation("001122334455", "ws"))
@@ -153,7 +154,7 @@ def test_lookup_nowait_answers_only_from_a_current_cached_policy(tmp_path):
 
 
 def test_lookup_nowait_turns_a_busy_store_into_would_block(tmp_path):
-    from common.directory import WouldBlock
+    from common.policy.directory import WouldBlock
 
     class Busy:
         def execute(self, *args):
@@ -168,7 +169,7 @@ def test_lookup_nowait_turns_a_busy_store_into_would_block(tmp_path):
 
 def test_a_store_of_schema_1_is_migrated_and_keeps_its_rules(tmp_path):
     """A store written before rules could shrink: version 2 adds the column, shrink off."""
-    from common.directory.sqlite import MIGRATIONS
+    from common.policy.directory.sqlite import MIGRATIONS
     conn = sqlite3.connect(tmp_path / "dir.db")
     conn.executescript(MIGRATIONS[0])
     conn.execute("INSERT INTO rules (position, name, filter, action, image) "

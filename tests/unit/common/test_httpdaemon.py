@@ -1,4 +1,4 @@
-"""common.httpdaemon: the listener an HTTP daemon serves on, its error middleware, its quiet
+"""common.daemon.httpdaemon: the listener an HTTP daemon serves on, its error middleware, its quiet
 logging of unparsable requests, and the address-change warning."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 
-from common.httpdaemon import (RESTART_WARNING, HttpListener, address_change_warnings,
-                               error_middleware, quiet_bad_requests)
+from common.daemon.httpdaemon import (RESTART_WARNING, HttpListener, address_change_warnings,
+                                      error_middleware, quiet_bad_requests)
 
 
 def test_listener_serves_an_app_and_reports_where():

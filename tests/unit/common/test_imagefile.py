@@ -1,4 +1,5 @@
-"""The image file format (common/imageformat.py) and its reader and writer (common/imagefile.py)."""
+"""The image file format (common/imaging/imageformat.py) and its reader and writer
+(common/imaging/imagefile.py)."""
 
 import io
 import os
@@ -9,10 +10,10 @@ import threading
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from common.imagefile import ImageReader, ImageWriter
-from common.imageformat import (CHUNK_HEADER, TRAILER, ChunkKind, ImageFormatError,
-                                decode_chunk_header, decode_header, decode_index, decode_trailer,
-                                encode_header)
+from common.imaging.imagefile import ImageReader, ImageWriter
+from common.imaging.imageformat import (CHUNK_HEADER, TRAILER, ChunkKind, ImageFormatError,
+                                        decode_chunk_header, decode_header, decode_index,
+                                        decode_trailer, encode_header)
 
 CHUNK = 64 * 1024
 META = {"format": 1, "type": "base", "streams": [{"number": 0, "role": "partition"}]}
@@ -130,8 +131,8 @@ def test_a_frame_without_content_checksum_is_still_checked_by_blake2b(tmp_path):
     """A zstd payload whose frame does not carry a checksum (the flag is ours to trust only
     when set) falls back to the BLAKE2b, which catches a damaged payload."""
     import zstandard
-    from common.imageformat import encode_chunk_header
-    from common.imagefile import _has_content_checksum
+    from common.imaging.imageformat import encode_chunk_header
+    from common.imaging.imagefile import _has_content_checksum
     bare = zstandard.ZstdCompressor(level=1, write_checksum=False).compress(b"q" * 5000)
     assert not _has_content_checksum(bare)
     assert _has_content_checksum(zstandard.ZstdCompressor(write_checksum=True).compress(b"q"))
@@ -247,7 +248,7 @@ def _small_image() -> bytes:
 
 
 def _stream_check(data: bytes, step: int) -> str | None:
-    from common.imageformat import StreamChecker
+    from common.imaging.imageformat import StreamChecker
     checker = StreamChecker("up.img")
     try:
         for start in range(0, len(data), step):
@@ -286,7 +287,7 @@ def test_stream_checker_refuses_an_image_cut_short(cut):
 def test_stream_checker_refuses_bytes_between_chunks():
     data = _small_image()
     # bytes slipped in after the header: where a chunk should start
-    from common.imageformat import header_length
+    from common.imaging.imageformat import header_length
     at = header_length(data[:32])
     assert _stream_check(data[:at] + b"junk" + data[at:], 100)
 

@@ -1,11 +1,11 @@
-"""common.imagingprotocol: image paths (traversal, referrals), request bodies, work answers."""
+"""common.imaging.protocol: image paths (traversal, referrals), request bodies, work answers."""
 
 import pytest
 
-from common.policy import Action, ActionKind, WorkAssignment
-from common.imagingprotocol import (BadPath, BadRequest, LocalPath, RemotePath, clean_relative,
-                              parse_image_path, parse_result, parse_work_request, path_from_url,
-                              upload_allowed, work_answer)
+from common.policy.model import Action, ActionKind, WorkAssignment
+from common.imaging.protocol import (BadPath, BadRequest, LocalPath, RemotePath, clean_relative,
+                                     parse_image_path, parse_result, parse_work_request,
+                                     path_from_url, upload_allowed, work_answer)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -126,5 +126,5 @@ def test_work_answer_local_and_referral():
     ("x" * 600, "x" * 512),
 ])
 def test_error_header_value_is_one_printable_ascii_line(message, expected):
-    from common.imagingprotocol import error_header_value
+    from common.imaging.protocol import error_header_value
     assert error_header_value(message) == expected

@@ -1,11 +1,11 @@
-"""common.pidfile: the lock, not the file, says 'running'."""
+"""common.daemon.pidfile: the lock, not the file, says 'running'."""
 
 import os
 
 import pytest
 
 from common.errors import AlreadyRunning
-from common.pidfile import LockedPidFile, read_pid
+from common.daemon.pidfile import LockedPidFile, read_pid
 
 
 def test_writes_our_pid_and_removes_the_file_on_release(tmp_path):

@@ -1,11 +1,11 @@
-"""The work decision (common/policy.py): first match, registered workstations, forcing."""
+"""The work decision (common/policy/model.py): first match, registered workstations, forcing."""
 
 import pytest
 
 from common.machine import MachineFacts
-from common.policy import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings, Rule,
-                           Workstation, assign_work, explain_rules, first_matching_rule,
-                           menu_for)
+from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings, Rule,
+                                 Workstation, assign_work, explain_rules, first_matching_rule,
+                                 menu_for)
 
 DELL = Action(ActionKind.RESTORE, "dell/base.img", ("dell/drivers.add",))
 HP = Action(ActionKind.RESTORE, "hp/base.img")

@@ -1,13 +1,13 @@
-"""The policy file (common/policyfile.py): canonical round trips and located errors."""
+"""The policy file (common/policy/policyfile.py): canonical round trips and located errors."""
 
 import string
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from common.policy import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
-                           MulticastSession, PolicyDocument, Rule, Workstation)
-from common.policyfile import PolicyFileError, check_name, dump_policy, load_policy
+from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
+                                 MulticastSession, PolicyDocument, Rule, Workstation)
+from common.policy.policyfile import PolicyFileError, check_name, dump_policy, load_policy
 
 SAMPLE = """\
 format = 1

@@ -1,10 +1,10 @@
-"""The compiled first-match search (common/rulematch.py) means what Filter.evaluate means."""
+"""The compiled first-match search (common/policy/rulematch.py) means what Filter.evaluate means."""
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from common.machine import MachineFacts
-from common.rulematch import compile_matcher
-from common.rules import parse_filter
+from common.policy.rulematch import compile_matcher
+from common.policy.rules import parse_filter
 from tests.unit.common.test_rules import expressions, machine_facts
 
 

@@ -1,4 +1,4 @@
-"""common.rules: the rule-filter language (parse, evaluate, explain, canonical text)."""
+"""common.policy.rules: the rule-filter language (parse, evaluate, explain, canonical text)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.machine import ATTRIBUTE_KINDS, AttributeKind, MachineFacts, normalize_mac
-from common.rules import (
+from common.policy.rules import (
     ALIASES, MAX_NESTING, Chain, Condition, Filter, FilterResult, FilterSyntaxError, Group, Not,
     parse_filter,
 )

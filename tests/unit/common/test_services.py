@@ -1,11 +1,11 @@
-"""common.services: the registry the daemons and zmgmcast both read."""
+"""common.daemon.services: the registry the daemons and zmgmcast both read."""
 
 from __future__ import annotations
 
 import pytest
 
-from common import services
-from common.config import defaults
+from common.daemon import services
+from common.daemon.config import defaults
 from imgsrvd.__main__ import SPEC as IMGSRVD_SPEC
 from imgsrvd.status import ImagingCounters
 from prebootpolicyd.__main__ import SPEC as POLICYD_SPEC

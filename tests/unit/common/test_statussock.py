@@ -1,4 +1,5 @@
-"""common.statussock: request parsing and the read-only rule, over a real Unix socket pair."""
+"""common.daemon.statussock: request parsing and the read-only rule, over a real Unix socket
+pair."""
 
 import asyncio
 import json
@@ -7,7 +8,8 @@ import socket
 
 import pytest
 
-from common.statussock import StatusServer, bind_tcp, bind_unix, parse_request, query_tcp, query_unix
+from common.daemon.statussock import (StatusServer, bind_tcp, bind_unix, parse_request, query_tcp,
+                                      query_unix)
 
 
 @pytest.mark.parametrize("line,verb", [(b'{"cmd": "status"}\n', "status"), (b"status\n", "status"),

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from common.imagefile import ImageReader, ImageWriter
-from common.imageformat import ImageFormatError
+from common.imaging.imagefile import ImageReader, ImageWriter
+from common.imaging.imageformat import ImageFormatError
 from img.addon import (AddonError, MemberChecker, RefusedMember, TreeCount, addon_metadata,
                        check_member, extract_addon, files_stream, make_addon, scan_addon)
 

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from common.imagefile import ImageReader, ImageWriter
+from common.imaging.imagefile import ImageReader, ImageWriter
 from img.client import ConnectionLost
 from img.remote import RemoteImage
 

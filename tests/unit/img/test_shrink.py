@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from common.disklayout import DiskLayout, Partition
+from img.disklayout import DiskLayout, Partition
 from img.disk import Disk
 from img.restore import RestoreError, _plan_shrink, _shrink_file, _too_small
 from img.shrink import (FAT_LEAD, Scratch, ShrinkError, ShrinkJob, check_filesystem,

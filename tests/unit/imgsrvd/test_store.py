@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common.imagefile import ImageWriter
+from common.imaging.imagefile import ImageWriter
 from imgsrvd import store
 
 CHUNK = 4096

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from common.config import defaults
+from common.daemon.config import defaults
 from common.errors import ConfigError
-from common.runner import CommonSettings, _load
+from common.daemon.runner import CommonSettings, _load
 from prebootpolicyd.__main__ import SPEC
 from prebootpolicyd.config import SCHEMA, STATUS_PORT, Settings, make_settings, parse_hot_key
 

@@ -17,10 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.config import defaults
-from common.policy import (NO_WORK, Action, ActionKind, MenuDisplay, MenuSettings,
-                           WorkAssignment)
-from common.runner import CommonSettings
+from common.daemon.config import defaults
+from common.policy.model import (NO_WORK, Action, ActionKind, MenuDisplay, MenuSettings,
+                                 WorkAssignment)
+from common.daemon.runner import CommonSettings
 from prebootpolicyd import script
 from prebootpolicyd.config import SCHEMA, Settings, make_settings
 

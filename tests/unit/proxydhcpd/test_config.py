@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from common.config import defaults, load_config
+from common.daemon.config import defaults, load_config
 from common.errors import ConfigError, SettingError
-from common.runner import CommonSettings, _load
+from common.daemon.runner import CommonSettings, _load
 from proxydhcpd.__main__ import SPEC
 from proxydhcpd.config import SCHEMA, STATUS_PORT, Settings, make_settings, parse_mac
 

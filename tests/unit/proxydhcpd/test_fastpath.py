@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.config import defaults
-from common.runner import CommonSettings
+from common.daemon.config import defaults
+from common.daemon.runner import CommonSettings
 from proxydhcpd import decide, fastpath, packet, reply, server
 from proxydhcpd.config import SCHEMA, make_settings
 

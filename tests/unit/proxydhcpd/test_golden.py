@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import defaults
-from common.runner import CommonSettings
+from common.daemon.config import defaults
+from common.daemon.runner import CommonSettings
 from proxydhcpd import decide, packet, reply
 from proxydhcpd.config import SCHEMA, make_settings
 

@@ -1,6 +1,6 @@
-"""A real status server for zmgmcast's unit tests: common.statussock.StatusServer on a Unix
+"""A real status server for zmgmcast's unit tests: common.daemon.statussock.StatusServer on a Unix
 socket and/or a TCP port (port 0), on its own event loop in a thread, answering with a status
-reply shaped like the runner's (common.runner.Lifecycle.status)."""
+reply shaped like the runner's (common.daemon.runner.Lifecycle.status)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import pytest
 
-from common.statussock import StatusServer, bind_tcp, bind_unix
+from common.daemon.statussock import StatusServer, bind_tcp, bind_unix
 
 
 class FakeDaemon:

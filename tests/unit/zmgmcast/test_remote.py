@@ -1,4 +1,4 @@
-"""zmgmcast against a real status server (common.statussock on a Unix socket and a TCP port,
+"""zmgmcast against a real status server (common.daemon.statussock on a Unix socket and a TCP port,
 served in the test): remote and local reads, a daemon down, and the JSON output. The end-to-end
 runs against a real tftpd are tests/integration/test_zmgmcast.py."""
 
@@ -11,7 +11,7 @@ import socket
 import pytest
 
 import zmgmcast.__main__ as zmg
-from common import services
+from common.daemon import services
 
 NOT_RUNNING = 3
 IMAGING = {"active_transfers": 0, "bytes_sent": 2048, "client_referrals": 1, "failures": 0,

@@ -1,12 +1,12 @@
 """zmgmcast's table: the service rows, and each daemon's counters in the registry's order and
-under its labels (common.services)."""
+under its labels (common.daemon.services)."""
 
 from __future__ import annotations
 
 import re
 
 import zmgmcast.__main__ as zmg
-from common import services
+from common.daemon import services
 
 
 def running(service, counters, pid=101, uptime_s=3723.9, **extra):

@@ -9,9 +9,9 @@ For each daemon one Service entry holds
     counter_labels  counters shown under another name than their key (the original's names)
 and SERVICES lists them in the order `zmgmcast -status` shows them.
 
-Read by the daemons (their DaemonSpec and config defaults, common.runner) and by zmgmcast, so a
-name, a port or a label is written once. Data only: it imports nothing of the project (nothing
-in common/ imports a daemon), so it can move with the daemon plumbing as a whole.
+Read by the daemons (their DaemonSpec and config defaults, common.daemon.runner) and by
+zmgmcast, so a name, a port or a label is written once. Data only: it imports nothing of the
+project (nothing in common/ imports a daemon).
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ one `if` per rule, each attribute read and normalised once per query (casefolded
 IPv4 networks tested as integer ranges, and every value compared as a prepared constant, which makes a rule cost a fraction of a
 microsecond.
 
-The generated code means exactly what Filter.evaluate() means (common/rules.py): unknown values
-are false under every operator, and/or apply pairwise left to right (emitted with explicit
+The generated code means exactly what Filter.evaluate() means (common/policy/rules.py): unknown
+values are false under every operator, and/or apply pairwise left to right (emitted with explicit
 parentheses). Values never appear in the source text: each is a named constant in the function's
 namespace, so no filter can inject code. What the generator does not handle inline (IP address
 and network tests, very long chains) calls the filter's own compiled evaluator instead.
@@ -21,7 +21,8 @@ import ipaddress
 import socket
 from typing import Any, Callable, Sequence
 
-from .machine import ATTRIBUTE_KINDS, AttributeKind, MachineFacts, normalize_mac
+from common.machine import ATTRIBUTE_KINDS, AttributeKind, MachineFacts, normalize_mac
+
 from .rules import Chain, Condition, Filter, Group, Node, Not, parse_megabytes
 
 Matcher = Callable[[MachineFacts], int]

@@ -1,4 +1,4 @@
-"""The partition table codec (common/disklayout.py): MBR, EBR chains, GPT, growth, robustness."""
+"""The partition table codec (img/disklayout.py): MBR, EBR chains, GPT, growth, robustness."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import zlib
 import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-from common.disklayout import (
+from img.disklayout import (
     HEAD_BYTES, TAIL_BYTES, DiskLayout, DiskLayoutError, Partition, head_bytes, parse_layout,
     read_layout, table_writes, tail_bytes,
 )

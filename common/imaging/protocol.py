@@ -1,6 +1,8 @@
-"""The imaging protocol's pure parts (docs/imaging-protocol.md), shared by imgsrvd (the server)
-and img (the client): image paths, request bodies, answers, header names. No sockets, no files:
-strings and dicts in, typed values or a reason out.
+"""The imaging protocol's pure parts (docs/imaging-protocol.md), both halves: imgsrvd (the
+server) and img (the client, img/client.py) import them. Image paths, request bodies, answers,
+header names; the client's side of them too (server names, image URLs, referrals and refusals
+as the client reads them). No sockets, no files: strings and dicts in, typed values or a reason
+out.
 
 Image paths are relative to ImageRoot and written with '/'. A path of the form //server/path
 names an image on another imaging server (the original's referral form); parse_image_path tells
@@ -9,15 +11,13 @@ the two apart, and refers a //server/path naming this server back to a local pat
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
 
 from common.machine import ATTRIBUTE_KINDS, MachineFacts, facts_from_strings
-
-if TYPE_CHECKING:             # the engine imports this module; the rule engine is the server's
-    from common.policy import WorkAssignment
 
 VERSION = 1
 IMAGES_PREFIX = "/v1/images/"
@@ -220,11 +220,19 @@ def parse_result(body: Any) -> ResultReport:
                         fields["error_message"])
 
 
-def work_answer(assignment: WorkAssignment, mode: str, own_names: tuple[str, ...] = ()
+# The kinds of work (common.policy.model.ActionKind's values, as the answer's "work" carries
+# them) that name an image, and so may name one on another server.
+IMAGE_WORK = ("restore", "make")
+
+
+def work_answer(assignment: Any, mode: str, own_names: tuple[str, ...] = ()
                 ) -> tuple[dict[str, Any], RemotePath | None]:
     """The JSON answer to a work query, and the other server when the answer is a referral.
-    In manual mode an image on another server raises BadPath with the original's denial."""
-    from common.policy import ActionKind
+    In manual mode an image on another server raises BadPath with the original's denial.
+
+    `assignment` is the policy's decision (common.policy.model.WorkAssignment), read here by
+    its fields only: the imaging wing does not import the policy wing (the engine imports this
+    module, and the rule engine is the server's)."""
     action = assignment.action
     answer: dict[str, Any] = {
         "work": action.kind.value,
@@ -235,7 +243,7 @@ def work_answer(assignment: WorkAssignment, mode: str, own_names: tuple[str, ...
         "reason": assignment.reason,
         "rule": assignment.rule,
     }
-    if action.kind in (ActionKind.RESTORE, ActionKind.MAKE) and action.image.startswith("//"):
+    if action.kind.value in IMAGE_WORK and action.image.startswith("//"):
         where = parse_image_path(action.image, own_names)
         if isinstance(where, LocalPath):
             answer["image"] = where.path
@@ -253,3 +261,55 @@ def error_header_value(message: str) -> str:
     newline would end the header), at most 512 characters."""
     text = "".join(c if " " <= c <= "~" else "?" for c in message)
     return text[:512]
+
+
+# ---------------------------------------------------------------------- the client's half
+
+def split_server(server: str) -> tuple[str, int]:
+    """'host', 'host:port', '[v6]', '[v6]:port' -> (host, port)."""
+    text = server.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, ""
+    if not host:
+        raise ValueError(f"'{server}' is not a server name")
+    try:
+        number = int(port) if port else DEFAULT_PORT
+    except ValueError:
+        raise ValueError(f"'{server}': bad port '{port}'") from None
+    if not 0 < number < 65536:
+        raise ValueError(f"'{server}': bad port {number}")
+    return host, number
+
+
+def image_url(path: str) -> str:
+    """/v1/images/<path>, each folder percent-encoded; //server/path keeps its two slashes."""
+    if path.startswith("//"):
+        return IMAGES_PREFIX + "/" + quote(path[2:], safe="/:[]")
+    return IMAGES_PREFIX + quote(path.lstrip("/"), safe="/")
+
+
+def referral_target(location: str | None) -> tuple[str, str] | None:
+    """The (server, path) a 307's Location names (http://server/v1/images/<path>), or None
+    when it names no image on another server."""
+    if not location:
+        return None
+    parts = urlsplit(location)
+    if not parts.netloc or not parts.path.startswith(IMAGES_PREFIX):
+        return None
+    return parts.netloc, unquote(parts.path[len(IMAGES_PREFIX):])
+
+
+def error_reason(body: bytes) -> str:
+    """The reason in a refusal's body ({"error": reason}), or the body's first characters."""
+    try:
+        answer = json.loads(body)
+        if isinstance(answer, dict) and "error" in answer:
+            return str(answer["error"])
+    except ValueError:
+        pass
+    return body.decode("utf-8", "replace").strip()[:300] or "no reason given"

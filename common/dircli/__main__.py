@@ -28,13 +28,13 @@ from typing import Sequence
 
 import configobj
 
-from .directory import Directory, DirectoryError, open_directory
-from .fileio import atomic_file
-from .machine import ATTRIBUTE_KINDS, facts_from_strings, normalize_mac
-from .policy import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings, Rule,
-                     Workstation, assign_work, explain_rules, menu_for)
-from .policyfile import PolicyFileError, check_name, dump_policy, load_policy
-from .rules import FilterSyntaxError, parse_filter
+from common.fileio import atomic_file
+from common.machine import ATTRIBUTE_KINDS, facts_from_strings, normalize_mac
+from common.policy.directory import Directory, DirectoryError, open_directory
+from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings, Rule,
+                                 Workstation, assign_work, explain_rules, menu_for)
+from common.policy.policyfile import PolicyFileError, check_name, dump_policy, load_policy
+from common.policy.rules import FilterSyntaxError, parse_filter
 
 PROGRAM = "preboot-dir"
 DEFAULT_CONFIG = "/etc/preboot/policyd.conf"

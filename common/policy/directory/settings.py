@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from common.config import Key
+from common.daemon.config import Key
 from common.errors import SettingError
 
 from .base import Directory, DirectoryURL, parse_directory_url, read_credentials

@@ -4,7 +4,7 @@ A daemon declares its counters as fields of a dataclass that extends StatusCount
 integers, and collections.Counter fields for counts by kind. snapshot() is what the status reply
 carries under "counters" (and `zmgmcast -status` shows): every field in declaration order, a
 Counter as a plain dict sorted by key. How zmgmcast orders and names them is in the registry of
-services (common.services). Standard library only.
+services (common.daemon.services). Standard library only.
 """
 
 from __future__ import annotations

@@ -15,10 +15,11 @@ import os
 import sqlite3
 import threading
 
-from ..machine import normalize_mac
-from ..policy import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
-                      MulticastSession, Rule, Workstation)
-from ..rules import parse_filter
+from common.machine import normalize_mac
+from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
+                                 MulticastSession, Rule, Workstation)
+from common.policy.rules import parse_filter
+
 from .base import Directory, DirectoryError, DirectoryURL, PolicyCache, WouldBlock
 
 log = logging.getLogger("preboot.directory")

@@ -11,7 +11,7 @@
     error_middleware(not_found, internal_error)   # 404 and 500 in the daemon's words
 
 The application itself (routes, middlewares, handlers) stays in the daemon. This module knows
-aiohttp and common.tcplisten only; nothing in it is specific to one daemon.
+aiohttp and common.daemon.tcplisten only; nothing in it is specific to one daemon.
 """
 
 from __future__ import annotations

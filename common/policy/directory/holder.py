@@ -23,7 +23,8 @@ import time
 from concurrent.futures import Executor
 from typing import Any, Callable
 
-from ..policy import ImagingPolicy, Workstation
+from common.policy.model import ImagingPolicy, Workstation
+
 from .base import Directory, DirectoryError, WouldBlock
 from .settings import DirectorySettings
 

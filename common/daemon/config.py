@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping
 import configobj
 import validate
 
-from .errors import ConfigError
+from common.errors import ConfigError
 
 
 @dataclass(frozen=True)

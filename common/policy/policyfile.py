@@ -42,9 +42,10 @@ from typing import Any, Callable
 
 import configobj
 
-from . import __version__
-from .machine import normalize_mac
-from .policy import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
+from common import __version__
+from common.machine import normalize_mac
+
+from .model import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
                      MulticastSession, PolicyDocument, Rule, Workstation)
 from .rules import FilterSyntaxError, parse_filter
 

@@ -20,10 +20,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from . import __version__
+from common import __version__
+from common.errors import (EX_CONFIG, EX_FAILURE, EX_OK, EX_SOFTWARE, AlreadyRunning, ConfigError,
+                           SettingError)
+
 from .config import Key, Schema, line_of_key, load_config
-from .errors import (EX_CONFIG, EX_FAILURE, EX_OK, EX_SOFTWARE, AlreadyRunning, ConfigError,
-                     SettingError)
 from .logsetup import setup_logging
 from .pidfile import LockedPidFile
 from .sdnotify import notify
@@ -36,7 +37,7 @@ STOP_GRACE_S = 4.0
 
 
 def common_keys(service: Service) -> tuple[Key, ...]:
-    """Keys every daemon has; defaults from the registry of services (common.services) and
+    """Keys every daemon has; defaults from the registry of services (common.daemon.services) and
     the daemon's name (docs/daemon-contract.md)."""
     return (
         Key("PidFile", "path", service.pid_file(), "Locked pidfile."),
@@ -77,7 +78,7 @@ class Service(Protocol):
 
 @dataclass(frozen=True)
 class DaemonSpec:
-    service: Service                # its entry in common.services: name, display name, ...
+    service: Service                # its entry in common.daemon.services: name, display name, ...
     schema: Schema
     status_address: Callable[[Any], str]
     make_settings: Callable[[dict[str, Any], CommonSettings], Any]

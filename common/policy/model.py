@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from enum import Enum
 
-from .machine import MachineFacts
+from common.machine import MachineFacts
+
 from .rulematch import Matcher, compile_matcher
 from .rules import Filter, parse_filter
 

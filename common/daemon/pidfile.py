@@ -10,7 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 
-from .errors import AlreadyRunning
+from common.errors import AlreadyRunning
 
 
 class LockedPidFile:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import unquote, urlsplit
 
-from ..policy import ImagingPolicy, MulticastSession, PolicyDocument, Workstation
+from common.policy.model import ImagingPolicy, MulticastSession, PolicyDocument, Workstation
 
 DEFAULT_TIMEOUT_S = 3.0
 

@@ -53,10 +53,11 @@ import ldap.dn
 import ldap.filter
 from ldap.ldapobject import LDAPObject
 
-from ..machine import normalize_mac
-from ..policy import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
-                      MulticastSession, Rule, Workstation)
-from ..rules import Filter, parse_filter
+from common.machine import normalize_mac
+from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
+                                 MulticastSession, Rule, Workstation)
+from common.policy.rules import Filter, parse_filter
+
 from .base import (DEFAULT_TIMEOUT_S, Credentials, Directory, DirectoryError, DirectoryURL,
                    PolicyCache, WouldBlock)
 

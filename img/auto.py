@@ -1,0 +1,85 @@
+"""img auto: ask the imaging server what this machine should do (POST /v1/work with its
+facts), and do it: restore a base image and its add-on images, make an image, follow a
+referral to another server, or nothing. What the imaging environment runs at boot; the console
+of an unattended machine shows what it printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from .client import ImagingClient, ServerError
+from .errors import DiskError, Failure
+from .results import identity, server_facts
+from .serverops import apply_addons_remote, check_server, server_operation
+
+
+def run(args: argparse.Namespace) -> int:
+    """img auto --disk DISK --server HOST[:PORT] [--fact KEY=VALUE ...]."""
+    try:
+        check_server(args.server)
+        facts = server_facts(args.disk, args.fact)
+    except Failure as exc:
+        print(f"img: {exc}", file=sys.stderr)
+        return 1
+    print_disk(args.disk, args.sector_size)
+    workstation, _ = identity(facts)
+    server = args.server
+    try:
+        with ImagingClient(server, workstation, "auto") as client:
+            answer = client.work(facts, "auto")
+    except ServerError as exc:
+        print(f"img: work request to {server} failed: {exc}; the disk was not changed",
+              file=sys.stderr)
+        return 1
+    work, reason = answer.get("work"), answer.get("reason", "")
+    image = answer.get("image", "")
+    shrink = answer.get("shrink") is True
+    if work == "referral":
+        action, other, path = answer.get("action"), answer.get("server"), answer.get("path")
+        print(f"{server}: referral: {action} //{other}/{path} ({reason})")
+        if action not in ("restore", "make") or not other or not path:
+            print(f"img: {server} sent a referral img cannot follow ({answer}); the disk "
+                  "was not changed", file=sys.stderr)
+            return 1
+        status = server_operation(action, args, other, path, facts, "auto", args.server,
+                                  shrink)
+        if status or action != "restore":
+            return status
+        return apply_addons_remote(other, addon_paths(answer), args.disk, None, args.threads,
+                                   facts, "auto", args.server, args.sector_size)
+    fit = " (shrink to fit)" if shrink else ""
+    print(f"{server}: {work}{' ' + image if image else ''}{fit} ({reason})")
+    if work == "none":
+        print(f"no work for this machine: {reason}")
+        return 0
+    if work == "restore":
+        status = server_operation("restore", args, server, image, facts, "auto", args.server,
+                                  shrink)
+        if status:
+            return status
+        return apply_addons_remote(server, addon_paths(answer), args.disk, None, args.threads,
+                                   facts, "auto", args.server, args.sector_size)
+    if work == "make":
+        return server_operation("make", args, server, image, facts, "auto", args.server)
+    print(f"img: {server} asks for '{work}', which this engine does not do yet; the disk "
+          "was not changed", file=sys.stderr)
+    return 1
+
+
+def print_disk(path: str, sector_size: int | None) -> None:
+    """The disk as img sees it, for the console of an unattended machine."""
+    from .disk import Disk
+    try:
+        with Disk.open(path, sector_size=sector_size) as disk:
+            print(f"disk {path}: {disk.size} bytes, {disk.sector_size}-byte logical sectors")
+    except (OSError, DiskError) as exc:
+        print(f"img: warning: disk {path}: {exc}", file=sys.stderr)
+
+
+def addon_paths(answer: dict[str, Any]) -> list[str]:
+    """The add-on images a work answer lists, in order."""
+    addons = answer.get("addons") or []
+    return [str(addon) for addon in addons] if isinstance(addons, list) else []

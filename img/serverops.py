@@ -1,0 +1,276 @@
+"""img with an imaging server: open an image there following 307 referrals (at most MAX_HOPS),
+restore from it, make onto it, make and apply add-on images there, and report each result.
+The manual-mode commands (`img make|restore|addon ... --server`) are here; `img auto`
+(auto.py) runs the same operations in auto mode.
+
+Every failure is a Failure whose one-line message names the server, what failed and whether
+the disk was changed; the commands print it, report it, and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from typing import Any, Iterator
+
+from common.imaging.imagefile import ImageReader
+from common.imaging.imageformat import ImageFormatError
+from common.imaging.protocol import split_server
+
+from .client import ImagingClient, Referral, ServerError
+from .disklayout import DiskLayoutError
+from .errors import AddonError, DiskError, Failure, RestoreError
+from .local import apply_one, print_shrunk, restore_notes
+from .progress import Progress
+from .remote import RemoteImage
+from .restore import restore_image
+from .results import identity, report, server_facts
+
+MAX_HOPS = 3
+
+
+def check_server(server: str) -> None:
+    """A HOST[:PORT] img can connect to, or Failure."""
+    try:
+        split_server(server)
+    except ValueError as exc:
+        raise Failure(str(exc)) from None
+
+
+def where(server: str, path: str) -> str:
+    """An image's name in messages: //server/path, or the path itself when it already names
+    its server (a //other/path the server will refer or deny)."""
+    return path if path.startswith("//") else f"//{server}/{path}"
+
+
+@contextlib.contextmanager
+def remote_image(server: str, path: str, workstation: str, mode: str, what: str
+                 ) -> Iterator[tuple[str, RemoteImage, ImageReader]]:
+    """The image //server/path open for reading, following 307 referrals (at most MAX_HOPS):
+    (where it is, the remote file, its reader). Raises Failure when it cannot be opened."""
+    for _hop in range(MAX_HOPS + 1):
+        label = where(server, path)
+        with ImagingClient(server, workstation, mode) as client:
+            try:
+                remote = RemoteImage(client, path, log=lambda m: print(m, file=sys.stderr))
+                reader = ImageReader(remote, label)
+            except Referral as exc:
+                print(f"img: {exc}")
+                server, path = exc.server, exc.path
+                continue
+            except (ServerError, ImageFormatError) as exc:
+                raise Failure(f"{what} {label} failed: {exc}; the disk was not "
+                              "changed") from None
+            with remote:
+                yield label, remote, reader
+            return
+    raise Failure(f"{what} {path}: more than {MAX_HOPS} referrals; the disk was not changed")
+
+
+@contextlib.contextmanager
+def server_upload(server: str, path: str, workstation: str, mode: str, unchanged: str
+                  ) -> Iterator[tuple[str, Any]]:
+    """A store onto //server/path under way, following 307 referrals: (where, the upload to
+    write the image into). Any exception from the body aborts the upload (the server keeps
+    nothing). `unchanged` ends the messages of failures before the first byte."""
+    for _hop in range(MAX_HOPS + 1):
+        label = where(server, path)
+        client = ImagingClient(server, workstation, mode)
+        try:
+            upload = client.upload(path)
+        except Referral as exc:
+            print(f"img: {exc}")
+            server, path = exc.server, exc.path
+            continue
+        except ServerError as exc:
+            raise Failure(f"make onto {label} failed: {exc}{unchanged}") from None
+        try:
+            yield label, upload
+        except BaseException:
+            upload.abort()
+            raise
+        return
+    raise Failure(f"make onto {path}: more than {MAX_HOPS} referrals{unchanged}")
+
+
+# ------------------------------------------------------------------ base images
+
+def restore_remote(server: str, path: str, disk: str, grow: bool, threads: int,
+                   workstation: str, mode: str, shrink: bool = False,
+                   scratch: str | None = None, sector_size: int | None = None) -> str:
+    """Restore //server/path onto disk, following 307 referrals; returns where the image came
+    from (//server/path). Raises Failure."""
+    with remote_image(server, path, workstation, mode, "restore of") as (label, remote, reader):
+        batches = remote.plan(reader.entries())
+        try:
+            result = restore_image(reader, disk, grow=grow, threads=threads,
+                                   progress=Progress("img restore"), shrink=shrink,
+                                   scratch=scratch, sector_size=sector_size)
+        except RestoreError as exc:
+            raise Failure(f"restore of {label}: {exc}; the disk was not changed") from None
+        except (ServerError, ImageFormatError, OSError) as exc:
+            raise Failure(f"restore of {label} onto {disk} FAILED part-way: {exc}. The "
+                          "disk was changed: it is incomplete and has no valid partition "
+                          "table; restore again.") from None
+    retried = f", {remote.retried} retried" if remote.retried else ""
+    print(f"restored {label} onto {disk}: {result.bytes_written} bytes in {result.chunks} "
+          f"chunks, {remote.requests} requests in {batches} batches{retried}"
+          f"{restore_notes(result)}")
+    print_shrunk(result)
+    return label
+
+
+def make_remote(server: str, path: str, disk: str, facts: dict[str, Any], level: int,
+                threads: int, workstation: str, mode: str, sector_size: int | None = None
+                ) -> str:
+    """Make an image of disk straight onto //server/path (chunked PUT); raises Failure."""
+    from .make import make_image
+    unchanged = " (the disk was not changed)"
+    with server_upload(server, path, workstation, mode, unchanged) as (label, upload):
+        try:
+            stats, meta = make_image(disk, upload, source=facts, level=level, threads=threads,
+                                     progress=Progress("img make"), sector_size=sector_size)
+            answer = upload.finish()
+        except (ServerError, DiskError, DiskLayoutError) as exc:
+            raise Failure(f"make onto {label} failed: {exc}{unchanged}") from None
+    print(f"made {label}: {len(meta['streams'])} streams, {stats.bytes_out} bytes sent, "
+          f"{stats.chunks} chunks, {stats.seconds:.1f} s; the server stored "
+          f"{answer.get('size', '?')} bytes")
+    return label
+
+
+def server_operation(kind: str, args: argparse.Namespace, server: str, path: str,
+                     facts: dict[str, Any], mode: str, report_to: str,
+                     shrink: bool = False) -> int:
+    """A restore or make with the server, its result reported to report_to; shrink: the work
+    answer asks a restore to shrink filesystems to fit a smaller disk (as --shrink does by
+    hand)."""
+    workstation, _ = identity(facts)
+    operation = "download" if kind == "restore" else "upload"
+    try:
+        if kind == "restore":
+            label = restore_remote(server, path, args.disk, args.grow, args.threads,
+                                   workstation, mode,
+                                   shrink=shrink or getattr(args, "shrink", False),
+                                   scratch=getattr(args, "scratch", None),
+                                   sector_size=args.sector_size)
+        else:
+            label = make_remote(server, path, args.disk, facts, args.level, args.threads,
+                                workstation, mode, args.sector_size)
+    except Failure as exc:
+        print(f"img: {exc}", file=sys.stderr)
+        report(report_to, facts, operation, path if server == report_to
+               else where(server, path), str(exc))
+        return 1
+    report(report_to, facts, operation, label if server != report_to or
+           not label.startswith(f"//{report_to}/") else path, "")
+    return 0
+
+
+# ------------------------------------------------------------------ add-on images
+
+def apply_remote(server: str, path: str, disk: str, partition: int | None, threads: int,
+                 workstation: str, mode: str, sector_size: int | None) -> str:
+    """Apply the add-on //server/path, following 307 referrals; returns where it came from."""
+    with remote_image(server, path, workstation, mode, "add-on") as (label, remote, reader):
+        remote.plan(reader.entries())
+        apply_one(reader, label, disk, partition, threads, sector_size)
+    return label
+
+
+def apply_addons_remote(server: str, paths: list[str], disk: str, partition: int | None,
+                        threads: int, facts: dict[str, Any], mode: str, report_to: str,
+                        sector_size: int | None = None) -> int:
+    """Apply each add-on in order from server (a //other/path is fetched there), reporting
+    each to report_to; the first failure stops the rest."""
+    workstation, _ = identity(facts)
+    for path in paths:
+        shown = path if server == report_to or path.startswith("//") else f"//{server}/{path}"
+        try:
+            label = apply_remote(server, path, disk, partition, threads, workstation, mode,
+                                 sector_size)
+        except Failure as exc:
+            print(f"img: {exc}", file=sys.stderr)
+            report(report_to, facts, "download", shown, str(exc), image_type="addon")
+            return 1
+        at = label if not label.startswith(f"//{report_to}/") else shown
+        report(report_to, facts, "download", at, "", image_type="addon")
+    return 0
+
+
+def make_addon_remote(server: str, path: str, source_dir: str, facts: dict[str, Any],
+                      level: int, threads: int, workstation: str) -> str:
+    """An add-on image of source_dir straight onto //server/path; raises Failure."""
+    from .addon import make_addon
+    with server_upload(server, path, workstation, "manual", "") as (label, upload):
+        try:
+            stats, meta = make_addon(source_dir, upload, source=facts, level=level,
+                                     threads=threads)
+            answer = upload.finish()
+        except (ServerError, AddonError) as exc:
+            raise Failure(f"make onto {label} failed: {exc}") from None
+    print(f"made add-on {label}: {meta['files']['count']} files, "
+          f"{meta['files']['bytes']} bytes, {stats.bytes_out} bytes sent; the server "
+          f"stored {answer.get('size', '?')} bytes")
+    return label
+
+
+# ------------------------------------------------------------------ the manual-mode commands
+
+def _manual_facts(server: str, disk: str) -> dict[str, Any] | None:
+    """The facts a manual-mode command reports with; None (the message printed) when the
+    server name is bad."""
+    try:
+        check_server(server)
+        return server_facts(disk, [])
+    except Failure as exc:
+        print(f"img: {exc}", file=sys.stderr)
+        return None
+
+
+def restore(args: argparse.Namespace) -> int:
+    """img restore --disk DISK --server HOST[:PORT] PATH [--addon PATH ...]."""
+    facts = _manual_facts(args.server, args.disk)
+    if facts is None:
+        return 1
+    status = server_operation("restore", args, args.server, args.image, facts, "manual",
+                              args.server)
+    if status:
+        return status
+    return apply_addons_remote(args.server, args.addon, args.disk, None, args.threads, facts,
+                               "manual", args.server, args.sector_size)
+
+
+def make(args: argparse.Namespace) -> int:
+    """img make --disk DISK --server HOST[:PORT] PATH."""
+    facts = _manual_facts(args.server, args.disk)
+    if facts is None:
+        return 1
+    return server_operation("make", args, args.server, args.image, facts, "manual",
+                            args.server)
+
+
+def addon_make(args: argparse.Namespace) -> int:
+    """img addon make --from DIR --server HOST[:PORT] PATH."""
+    try:
+        check_server(args.server)
+        facts = server_facts("", [])
+        workstation, _ = identity(facts)
+        label = make_addon_remote(args.server, args.image, args.source, facts, args.level,
+                                  args.threads, workstation)
+    except Failure as exc:
+        print(f"img: {exc}", file=sys.stderr)
+        return 1
+    shown = args.image if label.startswith(f"//{args.server}/") else label
+    report(args.server, facts, "upload", shown, "", image_type="addon")
+    return 0
+
+
+def addon_apply(args: argparse.Namespace) -> int:
+    """img addon apply --disk DISK [--partition N] --server HOST[:PORT] PATH."""
+    facts = _manual_facts(args.server, args.disk)
+    if facts is None:
+        return 1
+    return apply_addons_remote(args.server, [args.image], args.disk, args.partition,
+                               args.threads, facts, "manual", args.server, args.sector_size)
