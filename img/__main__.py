@@ -32,7 +32,7 @@ from common.imaging.imageformat import ImageFormatError
 
 from . import auto, local, results, serverops
 from .disklayout import SECTOR_SIZES, DiskLayoutError
-from .errors import AddonError, DiskError, RestoreError
+from .errors import AddonError, DiskError, Failure, RestoreError
 
 # Only arguments here: each command runs a workflow (local.py on files, serverops.py with a
 # server, auto.py, results.py). Each workflow imports the modules only it needs (make, add-ons,
@@ -59,10 +59,19 @@ def _image_arguments(parser: argparse.ArgumentParser, making: bool = False) -> N
     """The arguments every command that reads or writes one image takes."""
     parser.add_argument("image", help="an image file, or with --server the image's path there")
     parser.add_argument("--server", help="HOST[:PORT] of an imaging server (port 998)")
+    _token_arguments(parser)
     parser.add_argument("--threads", type=int, default=2)
     if making:
         parser.add_argument("--level", type=int, default=DEFAULT_LEVEL, help="zstd level (1-19)")
         parser.add_argument("--overwrite", action="store_true")
+
+
+def _token_arguments(parser: argparse.ArgumentParser) -> None:
+    """The capability img presents to an imaging server (docs/security.md)."""
+    parser.add_argument("--token", help="a capability (an operator's, from `preboot-dir token`); "
+                                        "default: --token-file, else $PREBOOT_TOKEN")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="a file whose first line is the capability")
 
 
 def _disk_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     ask = commands.add_parser("auto", help="ask an imaging server what to do, and do it")
     _disk_arguments(ask)
     ask.add_argument("--server", required=True, help="HOST[:PORT] (port 998)")
+    _token_arguments(ask)
     ask.add_argument("--fact", action="append", default=[], metavar="KEY=VALUE",
                      help="override a machine fact (mac, ram_mb, manufacturer, ...)")
     ask.add_argument("--grow", action="store_true",
@@ -145,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     except RestoreError as exc:
         print(f"img: {exc} (nothing was written)", file=sys.stderr)
         return 1
-    except (AddonError, DiskError) as exc:
+    except (AddonError, DiskError, Failure) as exc:
         print(f"img: {exc}", file=sys.stderr)
         return 1
     except (ImageFormatError, DiskLayoutError) as exc:

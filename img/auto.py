@@ -13,7 +13,7 @@ from typing import Any
 from .client import ImagingClient, ServerError
 from .errors import DiskError, Failure
 from .results import identity, server_facts
-from .serverops import apply_addons_remote, check_server, server_operation
+from .serverops import apply_addons_remote, check_server, operator_token, server_operation
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,6 +21,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_server(args.server)
         facts = server_facts(args.disk, args.fact)
+        token = operator_token(args)
     except Failure as exc:
         print(f"img: {exc}", file=sys.stderr)
         return 1
@@ -28,12 +29,14 @@ def run(args: argparse.Namespace) -> int:
     workstation, _ = identity(facts)
     server = args.server
     try:
-        with ImagingClient(server, workstation, "auto") as client:
+        with ImagingClient(server, workstation, "auto", token=token) as client:
             answer = client.work(facts, "auto")
     except ServerError as exc:
         print(f"img: work request to {server} failed: {exc}; the disk was not changed",
               file=sys.stderr)
         return 1
+    # The work answer's capability allows exactly that work; without one, keep presenting ours.
+    token = str(answer.get("token") or "") or token
     work, reason = answer.get("work"), answer.get("reason", "")
     image = answer.get("image", "")
     shrink = answer.get("shrink") is True
@@ -45,11 +48,11 @@ def run(args: argparse.Namespace) -> int:
                   "was not changed", file=sys.stderr)
             return 1
         status = server_operation(action, args, other, path, facts, "auto", args.server,
-                                  shrink)
+                                  shrink, token)
         if status or action != "restore":
             return status
         return apply_addons_remote(other, addon_paths(answer), args.disk, None, args.threads,
-                                   facts, "auto", args.server, args.sector_size)
+                                   facts, "auto", args.server, args.sector_size, token)
     fit = " (shrink to fit)" if shrink else ""
     print(f"{server}: {work}{' ' + image if image else ''}{fit} ({reason})")
     if work == "none":
@@ -57,13 +60,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if work == "restore":
         status = server_operation("restore", args, server, image, facts, "auto", args.server,
-                                  shrink)
+                                  shrink, token)
         if status:
             return status
         return apply_addons_remote(server, addon_paths(answer), args.disk, None, args.threads,
-                                   facts, "auto", args.server, args.sector_size)
+                                   facts, "auto", args.server, args.sector_size, token)
     if work == "make":
-        return server_operation("make", args, server, image, facts, "auto", args.server)
+        return server_operation("make", args, server, image, facts, "auto", args.server,
+                                token=token)
     print(f"img: {server} asks for '{work}', which this engine does not do yet; the disk "
           "was not changed", file=sys.stderr)
     return 1

@@ -54,11 +54,14 @@ def _referral(client_server: str, what: str, location: str | None) -> Referral |
 
 class ImagingClient:
     def __init__(self, server: str, workstation: str = "", mode: str = "manual",
-                 timeout: float = TIMEOUT):
+                 timeout: float = TIMEOUT, token: str | None = None):
+        """token: the capability presented on every request (Authorization: Bearer, RFC 6750
+        section 2.1; docs/security.md)."""
         self.server = server
         self.host, self.port = split_server(server)
         self.workstation = workstation
         self.mode = mode
+        self.token = token
         self.timeout = timeout
         self._local = threading.local()
         self._all: list[http.client.HTTPConnection] = []
@@ -97,6 +100,8 @@ class ImagingClient:
         headers = {MODE_HEADER: self.mode}
         if self.workstation:
             headers[WORKSTATION_HEADER] = self.workstation
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         headers.update(extra or {})
         return headers
 

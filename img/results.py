@@ -46,7 +46,7 @@ def identity(facts: dict[str, Any]) -> tuple[str, str]:
 
 
 def report(server: str, facts: dict[str, Any], operation: str, image: str, error: str,
-           image_type: str = "base") -> None:
+           image_type: str = "base", token: str | None = None) -> None:
     """POST /v1/results; a failure to report is a warning, not a failed operation."""
     workstation, mac = identity(facts)
     if not workstation and not mac:
@@ -57,7 +57,7 @@ def report(server: str, facts: dict[str, Any], operation: str, image: str, error
             "image_type": image_type, "image_path": image,
             "status": "failure" if error else "success", "error_message": error[:4000]}
     try:
-        with ImagingClient(server, workstation, timeout=15) as client:
+        with ImagingClient(server, workstation, timeout=15, token=token) as client:
             answer = client.result(body)
         if answer.get("cleared"):
             print(f"{server}: the workstation's 'image on next boot' flag was cleared")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from typing import Any, Iterator
 
@@ -45,13 +46,13 @@ def where(server: str, path: str) -> str:
 
 
 @contextlib.contextmanager
-def remote_image(server: str, path: str, workstation: str, mode: str, what: str
-                 ) -> Iterator[tuple[str, RemoteImage, ImageReader]]:
+def remote_image(server: str, path: str, workstation: str, mode: str, what: str,
+                 token: str | None = None) -> Iterator[tuple[str, RemoteImage, ImageReader]]:
     """The image //server/path open for reading, following 307 referrals (at most MAX_HOPS):
     (where it is, the remote file, its reader). Raises Failure when it cannot be opened."""
     for _hop in range(MAX_HOPS + 1):
         label = where(server, path)
-        with ImagingClient(server, workstation, mode) as client:
+        with ImagingClient(server, workstation, mode, token=token) as client:
             try:
                 remote = RemoteImage(client, path, log=lambda m: print(m, file=sys.stderr))
                 reader = ImageReader(remote, label)
@@ -69,14 +70,14 @@ def remote_image(server: str, path: str, workstation: str, mode: str, what: str
 
 
 @contextlib.contextmanager
-def server_upload(server: str, path: str, workstation: str, mode: str, unchanged: str
-                  ) -> Iterator[tuple[str, Any]]:
+def server_upload(server: str, path: str, workstation: str, mode: str, unchanged: str,
+                  token: str | None = None) -> Iterator[tuple[str, Any]]:
     """A store onto //server/path under way, following 307 referrals: (where, the upload to
     write the image into). Any exception from the body aborts the upload (the server keeps
     nothing). `unchanged` ends the messages of failures before the first byte."""
     for _hop in range(MAX_HOPS + 1):
         label = where(server, path)
-        client = ImagingClient(server, workstation, mode)
+        client = ImagingClient(server, workstation, mode, token=token)
         try:
             upload = client.upload(path)
         except Referral as exc:
@@ -98,10 +99,12 @@ def server_upload(server: str, path: str, workstation: str, mode: str, unchanged
 
 def restore_remote(server: str, path: str, disk: str, grow: bool, threads: int,
                    workstation: str, mode: str, shrink: bool = False,
-                   scratch: str | None = None, sector_size: int | None = None) -> str:
+                   scratch: str | None = None, sector_size: int | None = None,
+                   token: str | None = None) -> str:
     """Restore //server/path onto disk, following 307 referrals; returns where the image came
     from (//server/path). Raises Failure."""
-    with remote_image(server, path, workstation, mode, "restore of") as (label, remote, reader):
+    with remote_image(server, path, workstation, mode, "restore of", token) as (
+            label, remote, reader):
         batches = remote.plan(reader.entries())
         try:
             result = restore_image(reader, disk, grow=grow, threads=threads,
@@ -122,12 +125,12 @@ def restore_remote(server: str, path: str, disk: str, grow: bool, threads: int,
 
 
 def make_remote(server: str, path: str, disk: str, facts: dict[str, Any], level: int,
-                threads: int, workstation: str, mode: str, sector_size: int | None = None
-                ) -> str:
+                threads: int, workstation: str, mode: str, sector_size: int | None = None,
+                token: str | None = None) -> str:
     """Make an image of disk straight onto //server/path (chunked PUT); raises Failure."""
     from .make import make_image
     unchanged = " (the disk was not changed)"
-    with server_upload(server, path, workstation, mode, unchanged) as (label, upload):
+    with server_upload(server, path, workstation, mode, unchanged, token) as (label, upload):
         try:
             stats, meta = make_image(disk, upload, source=facts, level=level, threads=threads,
                                      progress=Progress("img make"), sector_size=sector_size)
@@ -142,7 +145,7 @@ def make_remote(server: str, path: str, disk: str, facts: dict[str, Any], level:
 
 def server_operation(kind: str, args: argparse.Namespace, server: str, path: str,
                      facts: dict[str, Any], mode: str, report_to: str,
-                     shrink: bool = False) -> int:
+                     shrink: bool = False, token: str | None = None) -> int:
     """A restore or make with the server, its result reported to report_to; shrink: the work
     answer asks a restore to shrink filesystems to fit a smaller disk (as --shrink does by
     hand)."""
@@ -154,26 +157,28 @@ def server_operation(kind: str, args: argparse.Namespace, server: str, path: str
                                    workstation, mode,
                                    shrink=shrink or getattr(args, "shrink", False),
                                    scratch=getattr(args, "scratch", None),
-                                   sector_size=args.sector_size)
+                                   sector_size=args.sector_size, token=token)
         else:
             label = make_remote(server, path, args.disk, facts, args.level, args.threads,
-                                workstation, mode, args.sector_size)
+                                workstation, mode, args.sector_size, token)
     except Failure as exc:
         print(f"img: {exc}", file=sys.stderr)
         report(report_to, facts, operation, path if server == report_to
-               else where(server, path), str(exc))
+               else where(server, path), str(exc), token=token)
         return 1
     report(report_to, facts, operation, label if server != report_to or
-           not label.startswith(f"//{report_to}/") else path, "")
+           not label.startswith(f"//{report_to}/") else path, "", token=token)
     return 0
 
 
 # ------------------------------------------------------------------ add-on images
 
 def apply_remote(server: str, path: str, disk: str, partition: int | None, threads: int,
-                 workstation: str, mode: str, sector_size: int | None) -> str:
+                 workstation: str, mode: str, sector_size: int | None,
+                 token: str | None = None) -> str:
     """Apply the add-on //server/path, following 307 referrals; returns where it came from."""
-    with remote_image(server, path, workstation, mode, "add-on") as (label, remote, reader):
+    with remote_image(server, path, workstation, mode, "add-on", token) as (
+            label, remote, reader):
         remote.plan(reader.entries())
         apply_one(reader, label, disk, partition, threads, sector_size)
     return label
@@ -181,7 +186,7 @@ def apply_remote(server: str, path: str, disk: str, partition: int | None, threa
 
 def apply_addons_remote(server: str, paths: list[str], disk: str, partition: int | None,
                         threads: int, facts: dict[str, Any], mode: str, report_to: str,
-                        sector_size: int | None = None) -> int:
+                        sector_size: int | None = None, token: str | None = None) -> int:
     """Apply each add-on in order from server (a //other/path is fetched there), reporting
     each to report_to; the first failure stops the rest."""
     workstation, _ = identity(facts)
@@ -189,21 +194,23 @@ def apply_addons_remote(server: str, paths: list[str], disk: str, partition: int
         shown = path if server == report_to or path.startswith("//") else f"//{server}/{path}"
         try:
             label = apply_remote(server, path, disk, partition, threads, workstation, mode,
-                                 sector_size)
+                                 sector_size, token)
         except Failure as exc:
             print(f"img: {exc}", file=sys.stderr)
-            report(report_to, facts, "download", shown, str(exc), image_type="addon")
+            report(report_to, facts, "download", shown, str(exc), image_type="addon",
+                   token=token)
             return 1
         at = label if not label.startswith(f"//{report_to}/") else shown
-        report(report_to, facts, "download", at, "", image_type="addon")
+        report(report_to, facts, "download", at, "", image_type="addon", token=token)
     return 0
 
 
 def make_addon_remote(server: str, path: str, source_dir: str, facts: dict[str, Any],
-                      level: int, threads: int, workstation: str) -> str:
+                      level: int, threads: int, workstation: str,
+                      token: str | None = None) -> str:
     """An add-on image of source_dir straight onto //server/path; raises Failure."""
     from .addon import make_addon
-    with server_upload(server, path, workstation, "manual", "") as (label, upload):
+    with server_upload(server, path, workstation, "manual", "", token) as (label, upload):
         try:
             stats, meta = make_addon(source_dir, upload, source=facts, level=level,
                                      threads=threads)
@@ -217,6 +224,22 @@ def make_addon_remote(server: str, path: str, source_dir: str, facts: dict[str, 
 
 
 # ------------------------------------------------------------------ the manual-mode commands
+
+def operator_token(args: argparse.Namespace) -> str | None:
+    """The capability img presents: --token, else the first line of --token-file, else the
+    PREBOOT_TOKEN environment variable (the imaging environment's), else none. Raises Failure
+    when the file cannot be read."""
+    if getattr(args, "token", None):
+        return args.token.strip()
+    token_file = getattr(args, "token_file", None)
+    if token_file:
+        try:
+            with open(token_file, encoding="ascii", errors="replace") as handle:
+                return handle.readline(8192).strip() or None
+        except OSError as exc:
+            raise Failure(f"--token-file {token_file}: {exc.strerror}") from None
+    return os.environ.get("PREBOOT_TOKEN", "").strip() or None
+
 
 def _manual_facts(server: str, disk: str) -> dict[str, Any] | None:
     """The facts a manual-mode command reports with; None (the message printed) when the
@@ -234,12 +257,13 @@ def restore(args: argparse.Namespace) -> int:
     facts = _manual_facts(args.server, args.disk)
     if facts is None:
         return 1
+    token = operator_token(args)
     status = server_operation("restore", args, args.server, args.image, facts, "manual",
-                              args.server)
+                              args.server, token=token)
     if status:
         return status
     return apply_addons_remote(args.server, args.addon, args.disk, None, args.threads, facts,
-                               "manual", args.server, args.sector_size)
+                               "manual", args.server, args.sector_size, token)
 
 
 def make(args: argparse.Namespace) -> int:
@@ -248,7 +272,7 @@ def make(args: argparse.Namespace) -> int:
     if facts is None:
         return 1
     return server_operation("make", args, args.server, args.image, facts, "manual",
-                            args.server)
+                            args.server, token=operator_token(args))
 
 
 def addon_make(args: argparse.Namespace) -> int:
@@ -257,13 +281,14 @@ def addon_make(args: argparse.Namespace) -> int:
         check_server(args.server)
         facts = server_facts("", [])
         workstation, _ = identity(facts)
+        token = operator_token(args)
         label = make_addon_remote(args.server, args.image, args.source, facts, args.level,
-                                  args.threads, workstation)
+                                  args.threads, workstation, token)
     except Failure as exc:
         print(f"img: {exc}", file=sys.stderr)
         return 1
     shown = args.image if label.startswith(f"//{args.server}/") else label
-    report(args.server, facts, "upload", shown, "", image_type="addon")
+    report(args.server, facts, "upload", shown, "", image_type="addon", token=token)
     return 0
 
 
@@ -273,4 +298,5 @@ def addon_apply(args: argparse.Namespace) -> int:
     if facts is None:
         return 1
     return apply_addons_remote(args.server, [args.image], args.disk, args.partition,
-                               args.threads, facts, "manual", args.server, args.sector_size)
+                               args.threads, facts, "manual", args.server, args.sector_size,
+                               operator_token(args))

@@ -12,6 +12,7 @@ from common.policy.directory.settings import DirectorySettings, directory_keys, 
 from common.errors import SettingError
 from common.daemon.runner import CommonSettings, common_keys
 from common.daemon.services import IMGSRVD
+from common.policy.trust import TrustSettings, trust_keys, trust_settings
 
 from common.imaging.protocol import BadPath, clean_relative
 
@@ -44,6 +45,8 @@ SCHEMA = Schema((
     Key("ServerName", "string", "",
         "How other imaging servers and the directory name this server in //server/path "
         "image paths; empty: this host's name."),
+    *trust_keys(43200, "with every work answer: retrieve or store the work's images and "
+                       "report its result; long enough for the largest restore"),
 ) + common_keys(IMGSRVD))
 
 
@@ -59,6 +62,7 @@ class Settings:
     max_clients: int
     transfer_timeout_s: float
     server_name: str
+    trust: TrustSettings
     common: CommonSettings
 
 
@@ -85,5 +89,6 @@ def make_settings(values: dict[str, Any], common: CommonSettings) -> Settings:
         max_clients=values["MaxClients"],
         transfer_timeout_s=float(values["TransferTimeout"]),
         server_name=server_name,
+        trust=trust_settings(values),
         common=common,
     )

@@ -29,9 +29,11 @@ from common.daemon.httpdaemon import (HttpListener, address_change_warnings, err
                                       quiet_bad_requests)
 from common.imaging.protocol import BadPath, BadRequest, LocalPath, RemotePath
 from common.policy.model import assign_work
+from common.policy.trust import Gate, Refused
 from common.daemon.workerpool import DaemonThreadPool
 
 from . import store
+from .access import work_grant
 from .config import Settings
 from .downloads import DownloadTracker
 from .status import ImagingCounters
@@ -84,6 +86,7 @@ class ImagingServer:
         self._directory = DirectoryHolder(self._worker_pool, "work queries are answered 503")
         self._results = None          # resultslog.ResultsLog, when it opened
         self._uploads: set[store.Upload] = set()
+        self._gate = Gate(settings.trust)
 
     # ---- lifecycle (common.daemon.runner.Service) ---------------------------------------
 
@@ -103,9 +106,12 @@ class ImagingServer:
             log.warning("removed %s, left by an upload that did not finish", path)
         await self._open_results(self.settings)
         await self._directory.configure(self.settings.directory)
+        for warning in await asyncio.to_thread(self._gate.prepare):
+            log.warning("%s", warning)
         errors = error_middleware(self._not_found, self._internal_error,
                                   passthrough=(ConnectionError, asyncio.CancelledError))
-        app = web.Application(middlewares=[errors], client_max_size=JSON_MAX)
+        app = web.Application(middlewares=[errors, self._allowed_clients],
+                              client_max_size=JSON_MAX)
         app.router.add_route("PUT", "/v1/images/{path:.+}", self._put,
                              expect_handler=self._expect)
         app.router.add_get("/v1/images/{path:.+}", self._get)   # and HEAD
@@ -123,7 +129,8 @@ class ImagingServer:
         if settings.results_log != old.results_log:
             await self._open_results(settings)
         await self._directory.configure(settings.directory)
-        return warnings
+        self._gate.configure(settings.trust)
+        return warnings + await asyncio.to_thread(self._gate.prepare)
 
     async def stop(self) -> None:
         await self._http.stop()
@@ -216,6 +223,20 @@ class ImagingServer:
         self.stats.failures += 1
         return _error(500, "internal error (see the imaging server's log)")
 
+    @web.middleware
+    async def _allowed_clients(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            self._gate.check_client(request.remote)
+        except Refused as exc:
+            return self._deny(request, exc.status, exc.reason, "log")
+        return await handler(request)
+
+    def _authorize(self, request: web.Request, operation: str, image: str | None = None,
+                   mac: str | None = None) -> Any:
+        """The request's capability for operation (None in the open mode); Refused if none."""
+        return self._gate.authorize(request.headers.get("Authorization"), operation,
+                                    time.time(), image, mac)
+
     def _own_names(self) -> tuple[str, ...]:
         names = [self.settings.server_name, socket.gethostname()]
         where = self.listen()
@@ -269,6 +290,10 @@ class ImagingServer:
         if isinstance(where, RemotePath) or self._busy() or \
                 not protocol.upload_allowed(where.path, settings.allowed_upload_dirs):
             return None
+        try:
+            self._authorize(request, "store", where.path)
+        except Refused:
+            return None
         if not settings.allow_overwrite:
             target = os.path.join(settings.image_root, where.path)
             if await asyncio.to_thread(os.path.lexists, target):
@@ -289,6 +314,10 @@ class ImagingServer:
         if isinstance(where, RemotePath):
             return self._remote(request, where, "upload")
         path = where.path
+        try:
+            self._authorize(request, "store", path)
+        except Refused as exc:
+            return self._deny(request, exc.status, exc.reason, "upload", path)
         if not protocol.upload_allowed(path, settings.allowed_upload_dirs):
             folder = os.path.dirname(path) or "/"
             return self._deny(request, 403, f"uploads to {folder} are not allowed "
@@ -380,6 +409,10 @@ class ImagingServer:
             return self._remote(request, where, "download")
         path = where.path
         try:
+            self._authorize(request, "retrieve", path)
+        except Refused as exc:
+            return self._deny(request, exc.status, exc.reason, "download", path)
+        try:
             file_path, size = await asyncio.to_thread(store.open_for_reading,
                                                       settings.image_root, path)
         except store.StoreError as exc:
@@ -445,6 +478,10 @@ class ImagingServer:
         facts = query.facts
         assert facts.mac is not None
         try:
+            self._authorize(request, "work", mac=facts.mac)
+        except Refused as exc:
+            return self._deny(request, exc.status, exc.reason, "log")
+        try:
             policy, station = await self._directory.lookup(facts.mac)
         except Exception as exc:  # DirectoryError, timeout, anything a backend lets through
             self.stats.directory_errors += 1
@@ -466,6 +503,11 @@ class ImagingServer:
         else:
             self._record(request, facts.mac, operation, "assigned", answer["image"])
         log.info("%s (%s mode): %s", facts.mac, query.mode, assignment.describe())
+        grant = work_grant(answer)
+        if grant is not None:
+            token = await asyncio.to_thread(self._gate.issue, facts.mac, *grant, time.time())
+            if token:
+                answer["token"] = token
         return web.json_response(answer)
 
     async def _result(self, request: web.Request) -> web.Response:
@@ -474,6 +516,11 @@ class ImagingServer:
             report = protocol.parse_result(await self._read_json(request))
         except BadRequest as exc:
             return self._deny(request, 400, str(exc), "log", verdict="failure")
+        try:
+            self._authorize(request, "result", mac=report.mac or "")
+        except Refused as exc:
+            return self._deny(request, exc.status, exc.reason, report.operation,
+                              report.image_path)
         self.stats.results_logged += 1
         self._record(request, report.workstation, report.operation, report.status,
                      report.image_path, report.error_message, report.image_type)

@@ -11,6 +11,7 @@ from common.policy.directory.settings import DirectorySettings, directory_keys, 
 from common.errors import SettingError
 from common.daemon.runner import CommonSettings, common_keys
 from common.daemon.services import POLICYD
+from common.policy.trust import TrustSettings, trust_keys, trust_settings
 
 STATUS_PORT = POLICYD.status_port
 FALLBACKS = ("local", "maintenance")
@@ -40,6 +41,8 @@ SCHEMA = Schema((
         "(iPXE cannot see Ctrl+Alt held, the original's hot key)."),
     Key("Workers", "integer(min=1, max=64)", "8",
         "Threads for directory queries (a slow directory never blocks the service)."),
+    *trust_keys(1800, "the imaging environment asks the imaging server for the machine's "
+                      "work with it, within minutes of the answer", checks=False),
 ) + common_keys(POLICYD))
 
 
@@ -65,6 +68,7 @@ class Settings:
     kernel_args: str
     hot_key: HotKey
     workers: int
+    trust: TrustSettings
     common: CommonSettings
 
 
@@ -127,5 +131,6 @@ def make_settings(values: dict[str, Any], common: CommonSettings) -> Settings:
         kernel_args=_kernel_args(values["KernelArgs"]),
         hot_key=hot_key,
         workers=values["Workers"],
+        trust=trust_settings(values),
         common=common,
     )

@@ -80,8 +80,9 @@ def _substitute(template: str, server: str) -> str:
 
 
 def imaging_lines(settings: Settings, work: str, action: Action | None, server: str,
-                  mac: str | None) -> list[str]:
-    """kernel + initrd + boot for the imaging environment; on failure, to :failed."""
+                  mac: str | None, token: str | None = None) -> list[str]:
+    """kernel + initrd + boot for the imaging environment; on failure, to :failed. token: the
+    machine's capability to ask the imaging server for its work (preboot.token)."""
     imaging_server = _substitute(settings.imaging_server, server) or server
     args = [settings.kernel_args] if settings.kernel_args else []
     args += [f"preboot.server={encode_arg(imaging_server)}", f"preboot.work={encode_arg(work)}"]
@@ -93,6 +94,8 @@ def imaging_lines(settings: Settings, work: str, action: Action | None, server: 
         args.append(f"preboot.session={encode_arg(action.session)}")
     if mac:
         args.append(f"preboot.mac={encode_arg(mac)}")
+    if token:
+        args.append(f"preboot.token={encode_arg(token)}")
     kernel = _substitute(settings.imaging_kernel, server)
     initrd = _substitute(settings.imaging_initrd, server)
     # A UEFI kernel (EFI stub) finds its initrd only by the name on its command line (iPXE
@@ -109,26 +112,27 @@ def _failed_lines(platform: str | None) -> list[str]:
 
 
 def _direct_lines(settings: Settings, assignment: WorkAssignment, platform: str | None,
-                  server: str, mac: str | None) -> list[str]:
+                  server: str, mac: str | None, token: str | None) -> list[str]:
     """The answer without a menu: the imaging environment, or the local disk."""
     if assignment.has_work:
         action = assignment.action
         return ([f"echo {MARKER} imaging {encode_text(action.describe())}"]
-                + imaging_lines(settings, action.kind.value, action, server, mac))
+                + imaging_lines(settings, action.kind.value, action, server, mac, token))
     return [f"echo {MARKER} local {encode_text(assignment.reason)}", local_boot(platform)]
 
 
 def _menu_lines(settings: Settings, assignment: WorkAssignment, menu: MenuSettings,
-                platform: str | None, server: str, mac: str | None) -> list[str]:
+                platform: str | None, server: str, mac: str | None, token: str | None
+                ) -> list[str]:
     default = "start" if assignment.has_work else "local"
     timeout = f" --timeout {menu.timeout_s * 1000}" if menu.timeout_s else ""
     if assignment.has_work:
         action = assignment.action
         start = ([f"echo Preboot menu: {encode_text(action.describe())}"]
-                 + imaging_lines(settings, action.kind.value, action, server, mac))
+                 + imaging_lines(settings, action.kind.value, action, server, mac, token))
     else:
         start = (["echo Preboot menu: imaging, as the imaging server decides"]
-                 + imaging_lines(settings, "auto", None, server, mac))
+                 + imaging_lines(settings, "auto", None, server, mac, token))
     return ([f"echo {MARKER} menu",
              "menu Preboot Menu",
              "item start Start Imaging",
@@ -138,7 +142,7 @@ def _menu_lines(settings: Settings, assignment: WorkAssignment, menu: MenuSettin
              f"goto ${{{CHOICE_SETTING}}}",
              ":start"] + start
             + [":maintenance", "echo Preboot menu: imaging maintenance"]
-            + imaging_lines(settings, ActionKind.MAINTENANCE.value, None, server, mac)
+            + imaging_lines(settings, ActionKind.MAINTENANCE.value, None, server, mac, token)
             + [":local", "echo Preboot menu: booting the local disk", local_boot(platform)])
 
 
@@ -150,32 +154,35 @@ def _script(lines: list[str], platform: str | None) -> str:
 
 
 def answer_script(settings: Settings, assignment: WorkAssignment, menu: MenuSettings,
-                  platform: str | None, server: str, mac: str | None) -> Answer:
-    """The answer to a /policy query. `server` is the host iPXE reached us on ({server})."""
+                  platform: str | None, server: str, mac: str | None,
+                  token: str | None = None) -> Answer:
+    """The answer to a /policy query. `server` is the host iPXE reached us on ({server});
+    token goes on every kernel line of the imaging environment (preboot.token)."""
     if menu.display is MenuDisplay.ALWAYS:
-        lines = _menu_lines(settings, assignment, menu, platform, server, mac)
+        lines = _menu_lines(settings, assignment, menu, platform, server, mac, token)
         return Answer("menu", _script(lines, platform))
     if menu.display is MenuDisplay.HOTKEY and menu.timeout_s > 0:
         key = settings.hot_key
         prompt = (f"prompt --key {key.ipxe} --timeout {menu.timeout_s * 1000} "
                   f"Press {key.label} for the Preboot menu... && goto menu || goto answer")
         lines = ([prompt, ":answer"]
-                 + _direct_lines(settings, assignment, platform, server, mac)
-                 + [":menu"] + _menu_lines(settings, assignment, menu, platform, server, mac))
+                 + _direct_lines(settings, assignment, platform, server, mac, token)
+                 + [":menu"] + _menu_lines(settings, assignment, menu, platform, server, mac,
+                                           token))
         return Answer("hotkey", _script(lines, platform))
     # NEVER, or a hot-key prompt of zero seconds (nobody could press the key): no menu.
-    lines = _direct_lines(settings, assignment, platform, server, mac)
+    lines = _direct_lines(settings, assignment, platform, server, mac, token)
     return Answer("imaging" if assignment.has_work else "local", _script(lines, platform))
 
 
 def fallback_script(settings: Settings, reason: str, platform: str | None, server: str,
-                    mac: str | None) -> Answer:
+                    mac: str | None, token: str | None = None) -> Answer:
     """The answer when the directory cannot be read (FallbackAnswer), without any menu."""
     if settings.fallback == "maintenance":
         action = Action(ActionKind.MAINTENANCE)
         lines = ([f"echo {MARKER} imaging {encode_text(action.describe())}",
                   f"echo Preboot: {encode_text(reason)}"]
-                 + imaging_lines(settings, action.kind.value, action, server, mac))
+                 + imaging_lines(settings, action.kind.value, action, server, mac, token))
         return Answer("imaging", _script(lines, platform))
     lines = [f"echo {MARKER} local {encode_text(reason)}", local_boot(platform)]
     return Answer("local", _script(lines, platform))

@@ -28,7 +28,8 @@ from common.policy.directory.holder import DirectoryHolder, describe
 from common.daemon.httpdaemon import (HttpListener, address_change_warnings, error_middleware,
                                       quiet_bad_requests)
 from common.machine import MachineFacts
-from common.policy.model import assign_work, menu_for
+from common.policy.model import WorkAssignment, assign_work, menu_for
+from common.policy.trust import Gate, Refused
 from common.daemon.workerpool import DaemonThreadPool
 
 from . import script
@@ -81,6 +82,7 @@ class PolicyServer:
         self._pool: DaemonThreadPool | None = None
         self._directory = DirectoryHolder(self._worker_pool, "answering FallbackAnswer")
         self._warn = RateLimitedWarning(log)
+        self._gate = Gate(settings.trust)
 
     # ---- lifecycle (common.daemon.runner.Service) ---------------------------------------
 
@@ -90,8 +92,11 @@ class PolicyServer:
     async def start(self) -> None:
         self._pool = DaemonThreadPool(self.settings.workers, "policyd-dir")
         await self._directory.configure(self.settings.directory)
+        for warning in self._gate.prepare():
+            log.warning("%s", warning)
         errors = error_middleware(self._not_found, self._internal_error)
-        app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
+        app = web.Application(middlewares=[errors, self._allowed_clients],
+                              client_max_size=64 * 1024)
         app.router.add_get("/boot.ipxe", self._boot_ipxe)
         app.router.add_get("/policy", self._policy)
         await self._http.start(app)
@@ -107,7 +112,8 @@ class PolicyServer:
             retired, self._pool = self._pool, DaemonThreadPool(settings.workers, "policyd-dir")
             retired.shutdown(wait=False)       # queued calls still run; then its threads end
         await self._directory.configure(settings.directory)
-        return warnings
+        self._gate.configure(settings.trust)
+        return warnings + self._gate.prepare()
 
     async def stop(self) -> None:
         await self._http.stop()                # stops listening, lets in-flight answers finish
@@ -127,6 +133,16 @@ class PolicyServer:
         return self._pool
 
     # ---- HTTP ------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _allowed_clients(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            self._gate.check_client(request.remote)
+        except Refused as exc:
+            self.stats.bad_requests += 1
+            log.warning("refused %s: %s", request.remote, exc.reason)
+            return web.Response(status=exc.status, text=f"refused: {exc.reason}\n")
+        return await handler(request)
 
     @staticmethod
     def _not_found(request: web.Request) -> web.Response:
@@ -172,7 +188,8 @@ class PolicyServer:
         try:
             assignment = assign_work(policy, station, facts)
             answer = script.answer_script(settings, assignment, menu_for(policy, station),
-                                          facts.platform, server, facts.mac)
+                                          facts.platform, server, facts.mac,
+                                          self._work_token(facts.mac, assignment))
         except Exception as exc:  # a bug or bad data must still boot the machine somehow
             log.exception("cannot decide for %s", facts.mac)
             return self._fallback(settings, facts, server, f"cannot decide: {exc}")
@@ -192,6 +209,13 @@ class PolicyServer:
                  assignment.reason)
         return _script_response(answer.script)
 
+    def _work_token(self, mac: str, assignment: WorkAssignment) -> str | None:
+        """The machine's capability to ask the imaging server for its work (the imaging server
+        then issues one for exactly that work); it names the images only for the record."""
+        action = assignment.action
+        images = (action.image, *action.addons) if assignment.has_work and action.image else ()
+        return self._gate.issue(mac, ("work",), images, time.time())
+
     def _fallback(self, settings: Settings, facts: MachineFacts, server: str,
                   problem: str) -> web.Response:
         self.stats.fallback_answers += 1
@@ -199,5 +223,7 @@ class PolicyServer:
                            settings.directory.text, problem, facts.mac, settings.fallback)
         # The client sees only that; the details (hosts, paths) stay in the log.
         reason = "directory unavailable"
-        answer = script.fallback_script(settings, reason, facts.platform, server, facts.mac)
+        token = self._gate.issue(facts.mac, ("work",), (), time.time()) if facts.mac else None
+        answer = script.fallback_script(settings, reason, facts.platform, server, facts.mac,
+                                        token)
         return _script_response(answer.script)

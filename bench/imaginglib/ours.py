@@ -38,6 +38,7 @@ class OurServer:
             "ResultsLog": str(workdir / "results.xml"), "ServerName": "bench.test",
             "StatusSocket": str(workdir / "s.sock"), "PidFile": str(workdir / "s.pid"),
             "LogLevel": "WARNING", "LogFile": str(workdir / "s.log"),
+            "AllowAnonymous": True, "TokenKeyFile": str(workdir / "imaging.key"),
             "AllowOverwrite": True, "TransferTimeout": 600,
         }
         config = write_config(workdir / "imgsrvd.conf", values)

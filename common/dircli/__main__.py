@@ -28,6 +28,7 @@ from typing import Sequence
 
 import configobj
 
+from common.dircli import keys
 from common.fileio import atomic_file
 from common.machine import ATTRIBUTE_KINDS, facts_from_strings, normalize_mac
 from common.policy.directory import Directory, DirectoryError, open_directory
@@ -417,6 +418,7 @@ def _parser() -> argparse.ArgumentParser:
     for name in ATTRIBUTE_KINDS:
         explain.add_argument(f"--{name.replace('_', '-')}", dest=name)
     explain.set_defaults(run=cmd_explain)
+    keys.add_commands(commands)
     return parser
 
 

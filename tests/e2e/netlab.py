@@ -542,6 +542,9 @@ def start_preboot_daemon(
         "LogLevel": "DEBUG",
         "LogFile": wd / f"{package}.log",
     }
+    if package in ("prebootpolicyd", "imgsrvd"):
+        # one capability key per lab: policyd issues, imgsrvd checks (docs/security.md)
+        conf_settings["TokenKeyFile"] = wd / "imaging.key"
     conf_settings.update(settings)
     config = write_config(wd / f"{package}.conf", conf_settings)
     sock = Path(str(conf_settings["StatusSocket"]))

@@ -164,6 +164,8 @@ def imgsrvd_factory() -> Iterator:
             "ResultsLog": str(workdir / "results.xml"), "ServerName": f"imgsrv{len(started)}.test",
             "StatusSocket": str(workdir / "s.sock"), "PidFile": str(workdir / "s.pid"),
             "LogLevel": "DEBUG", "LogFile": str(workdir / "s.log"),
+            # img's server modes as such; capabilities: tests/integration/test_trust.py
+            "AllowAnonymous": True, "TokenKeyFile": str(workdir / "imaging.key"),
         }
         values.update(overrides)
         config = write_config(workdir / "imgsrvd.conf", values)

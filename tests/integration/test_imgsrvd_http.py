@@ -116,6 +116,8 @@ def imgsrvd_factory(workdir: Path):
             "ResultsLog": str(workdir / "results.xml"), "ServerName": "imgsrv.test",
             "StatusSocket": str(workdir / f"i{n}.sock"), "PidFile": str(workdir / f"i{n}.pid"),
             "LogLevel": "DEBUG", "LogFile": str(workdir / f"i{n}.log"),
+            # the protocol as such; capabilities: tests/integration/test_trust.py
+            "AllowAnonymous": True, "TokenKeyFile": str(workdir / "imaging.key"),
         }
         values.update(overrides)
         config = write_config(workdir / (config_name or f"imgsrvd{n}.conf"), values)

@@ -176,6 +176,8 @@ def start_imgsrvd(lab: netlab.Lab, name: str, ns: netlab.Netns, ip: str) -> Serv
         "ResultsLog": workdir / "results.xml", "ServerName": f"{name}.referral.test",
         "StatusSocket": workdir / "imgsrvd.sock", "PidFile": workdir / "imgsrvd.pid",
         "LogLevel": "DEBUG", "LogFile": workdir / "imgsrvd.log",
+        # referrals between servers without capabilities: tests/integration/test_trust.py
+        "AllowAnonymous": True, "TokenKeyFile": workdir / "imaging.key",
     }
     config = netlab.write_config(workdir / "imgsrvd.conf", settings)
     proc = lab.spawn(f"imgsrvd-{name}", ns, [sys.executable, "-m", "imgsrvd", "--config",

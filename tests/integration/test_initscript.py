@@ -191,11 +191,13 @@ class Setup:
                            "ClientPort": str(client), "Interfaces": "lo"})
         elif self.d is POLICYD:
             values.update({"IPAddress": "127.0.0.1", "Port": "0",
-                           "Directory": f"sqlite://{self.dir}/directory.db"})
+                           "Directory": f"sqlite://{self.dir}/directory.db",
+                           "TokenKeyFile": str(self.dir / "imaging.key")})
         elif self.d is IMGSRVD:
             values.update({"IPAddress": "127.0.0.1", "Port": "0", "ImageRoot": str(self.root),
                            "Directory": f"sqlite://{self.dir}/directory.db",
-                           "ResultsLog": str(self.dir / "results.xml")})
+                           "ResultsLog": str(self.dir / "results.xml"),
+                           "TokenKeyFile": str(self.dir / "imaging.key")})
         values.update(extra)
         text = "# written by test_initscript.py\n" + "".join(
             f"{key} = {value}\n" for key, value in values.items())

@@ -108,6 +108,7 @@ def policyd_factory(workdir: Path):
             "DirectoryTimeout": 1, "StatusPort": 0,
             "StatusSocket": str(workdir / f"p{n}.sock"), "PidFile": str(workdir / f"p{n}.pid"),
             "LogLevel": "DEBUG", "LogFile": str(workdir / f"p{n}.log"),
+            "TokenKeyFile": str(workdir / "imaging.key"),
         }
         values.update(overrides)
         config = write_config(workdir / f"policyd{n}.conf", values)

@@ -68,7 +68,7 @@ def test_ldapmodify_changes_take_effect_on_the_next_query(slapd: Slapd, workdir:
         "IPAddress": "127.0.0.1", "Port": 0, "Directory": slapd.url,
         "DirectoryCredentials": credentials, "DirectoryTimeout": 3, "StatusPort": 0,
         "StatusSocket": workdir / "p.sock", "PidFile": workdir / "p.pid", "LogLevel": "DEBUG",
-        "LogFile": workdir / "p.log"})
+        "LogFile": workdir / "p.log", "TokenKeyFile": workdir / "imaging.key"})
     daemon = DaemonProcess("prebootpolicyd", config, str(workdir / "p.sock"),
                            workdir / "p.log").start(timeout_s=20)
     try:
@@ -115,7 +115,8 @@ def test_ldaps_with_a_trusted_ca_works_and_an_untrusted_one_falls_back(workdir: 
                 "IPAddress": "127.0.0.1", "Port": 0, "Directory": server.ldaps_url,
                 "DirectoryCredentials": credentials, "DirectoryTimeout": 3, "StatusPort": 0,
                 "StatusSocket": workdir / f"{name}.sock", "PidFile": workdir / f"{name}.pid",
-                "LogLevel": "DEBUG", "LogFile": workdir / f"{name}.log"})
+                "LogLevel": "DEBUG", "LogFile": workdir / f"{name}.log",
+                "TokenKeyFile": workdir / "imaging.key"})
             # libldap takes the CA from the environment (or TLS_CACERT in /etc/ldap/ldap.conf)
             env = {"LDAPTLS_CACERT": str(server.ca_file)} if trusted else {
                 "LDAPTLS_CACERT": "/nonexistent-ca.pem"}
