@@ -207,17 +207,19 @@ class ProxyDhcpServer:
         if scanned is None:  # overload or options in pieces: only the full parser reads those
             self._on_request_full(sock, port, datagram, source, ifindex)
             return
-        arrival = self._arrival(ifindex)
-        if arrival.server is None:
+        # The batch's memo first, then _arrival: a method call per packet shows on this path.
+        arrival = self._arrivals.get(ifindex) or self._arrival(ifindex)
+        _, server, control = arrival
+        if server is None:
             self._refuse(arrival, datagram)
             return
         port_role = 67 if port == self.settings.dhcp_port else 4011
-        outcome, reply = self._fast.answer(datagram, scanned, port_role, arrival.server)
+        outcome, reply = self._fast.answer(datagram, scanned, port_role, server)
         self.stats.requests[outcome.kind] += 1
         if reply is None:
             self._ignore(outcome.kind, outcome.ignore, datagram, source)
             return
-        self._send(sock, reply, outcome.plan, datagram, port_role, source, arrival)
+        self._send(sock, reply, outcome.plan, datagram, port_role, source, control)
 
     def _on_request_full(self, sock: socket.socket, port: int, datagram: bytes,
                          source: tuple[str, int], ifindex: int | None) -> None:
@@ -230,7 +232,7 @@ class ProxyDhcpServer:
             log.debug("malformed packet from %s:%d: %s", *source, exc)
             return
         arrival = self._arrival(ifindex)
-        server = arrival.server
+        name, server, control = arrival
         if server is None:
             self._refuse(arrival, datagram)
             return
@@ -245,7 +247,11 @@ class ProxyDhcpServer:
         if plan.to_boot_server:
             next_server = server
         reply = self.replies.build(plan, request, server, next_server)
-        self._send(sock, reply, plan, datagram, port_role, source, arrival)
+        destination = self._send(sock, reply, plan, datagram, port_role, source, control)
+        if destination is not None and log.isEnabledFor(logging.DEBUG):
+            log.debug("%s to %s via %s:%d on %s: %s, file %r",
+                      packet.MESSAGE_NAMES[plan.message_type], request.mac_text, *destination,
+                      name, plan.reason, plan.boot_file)
 
     # ---- after the decision: one path for both --------------------------------------------
 
@@ -292,29 +298,28 @@ class ProxyDhcpServer:
                     *source, ignore.reason)
 
     def _send(self, sock: socket.socket, reply: bytes, plan: ProxyReply, datagram: bytes,
-              port_role: int, source: tuple[str, int], arrival: Arrival) -> None:
+              port_role: int, source: tuple[str, int],
+              control: tuple) -> tuple[str, int] | None:
         """Send `reply` to where RFC 2131 section 4.1 says (destination.py), from our address on
-        the arrival interface, and count it."""
+        the arrival interface (`control`: Arrival.control), and count it. Returns where it went,
+        or None when the send failed."""
         stats = self.stats
         stats.architectures[plan.firmware] += 1
         settings = self.settings
         destination = reply_destination(datagram, port_role, source, settings.dhcp_port,
                                         settings.client_port)
         try:
-            sock.sendmsg((reply,), arrival.control, 0, destination)
+            sock.sendmsg((reply,), control, 0, destination)
         except OSError as exc:
             stats.send_errors += 1
             log.warning("cannot send to %s:%d for %s: %s", *destination,
                         packet.format_mac(datagram), exc)
-            return
+            return None
         if plan.message_type == packet.OFFER:
             stats.offers_sent += 1
         else:
             stats.acks_sent += 1
-        if log.isEnabledFor(logging.DEBUG):  # the MAC text costs microseconds: only when shown
-            log.debug("%s to %s via %s:%d on %s: %s, file %r",
-                      packet.MESSAGE_NAMES[plan.message_type], packet.format_mac(datagram),
-                      *destination, arrival.name, plan.reason, plan.boot_file)
+        return destination
 
     def _pktinfo(self, ifindex: int, server: str) -> tuple[int, int, bytes]:
         """The IP_PKTINFO control message choosing interface and source address, cached."""
