@@ -6,15 +6,14 @@ reply is sent with an IP_PKTINFO control message naming that interface and our a
 a server on several segments answers each from the right address (what pixiecore does with
 golang.org/x/net/ipv4 control messages).
 
-Where a reply goes, RFC 2131 section 4.1: to the relay (giaddr, server port) when relayed; to
-ciaddr when the client has an address; otherwise broadcast on the arrival interface, because a
-proxyDHCP never gives the client an address to unicast to. Boot server replies (4011) go back to
-the address and port the request came from.
-
 Each request takes the fast path (fastpath.py: a lean scan of the options, the outcome cached per
 kind of request, the reply filled in from the request's bytes), unless the log is at DEBUG or
 the packet has overloaded or split options: then the full path (packet.parse, decide.decide,
-ReplyBuilder.build) answers it and logs every step. Both count the same (tests/unit/proxydhcpd/
+ReplyBuilder.build) answers it and logs every step. The two differ only in how they reach a
+decision; what follows it is one path that both take: the arrival interface (Interfaces filter,
+our address there: _arrival, _refuse), an ignored request counted and logged (_ignore), and a
+reply sent (_send: where it goes is destination.reply_destination, the RFC 2131 section 4.1
+rule; then the counters). So both count and send the same (tests/unit/proxydhcpd/
 test_fastpath.py holds them to it). One receive wakeup reads up to RECV_BURST datagrams;
 recvmmsg through ctypes measured slower per datagram than socket.recvmsg here (filling and
 reading its structures from Python costs more than the system calls it saves), so there is none.
@@ -28,13 +27,14 @@ import logging
 import socket
 import struct
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
 
 from . import packet
 from .config import Settings
-from .decide import Ignore, decide
+from .decide import Ignore, ProxyReply, decide
+from .destination import reply_destination
 from .fastpath import FastPath
 from .reply import ReplyBuilder
 from .status import ProxyCounters
@@ -45,8 +45,6 @@ IP_PKTINFO = 8                    # linux/in.h
 RECV_BURST = 256                  # datagrams per wakeup: a lab powering on arrives in bursts
 RCVBUF_BYTES = 8 << 20
 ADDRESS_CACHE_S = 10.0
-BROADCAST = "255.255.255.255"
-NO_ADDRESS = bytes(4)
 RECV_SIZE = packet.MAX_LEN + 1    # one more than the longest packet: longer ones are rejected
 CMSG_SIZE = socket.CMSG_SPACE(12)  # struct in_pktinfo
 _IPPROTO_IP = socket.IPPROTO_IP
@@ -87,6 +85,15 @@ def _pktinfo(ancillary: list[tuple[int, int, bytes]]) -> int | None:
     return None
 
 
+class Arrival(NamedTuple):
+    """Where a request came in and how to answer there."""
+
+    name: str                  # the interface, for log lines
+    server: str | None         # our address to answer from; None: do not answer
+    control: tuple | None      # sendmsg's IP_PKTINFO message; None: Interfaces leaves the
+                               # interface out, (): it has no IPv4 address
+
+
 class ProxyDhcpServer:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -96,7 +103,7 @@ class ProxyDhcpServer:
         self.addresses = InterfaceAddresses()
         self._sockets: dict[int, socket.socket] = {}   # port -> socket
         self._pktinfo_cache: dict[tuple[int, str], tuple[int, int, bytes]] = {}
-        self._arrivals: dict[int | None, tuple[str | None, tuple | None]] = {}
+        self._arrivals: dict[int | None, Arrival] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- lifecycle (common.runner.Service) ----------------------------------------------
@@ -200,62 +207,19 @@ class ProxyDhcpServer:
         if scanned is None:  # overload or options in pieces: only the full parser reads those
             self._on_request_full(sock, port, datagram, source, ifindex)
             return
-        arrival = self._arrivals.get(ifindex)
-        if arrival is None:
-            arrival = self._arrivals[ifindex] = self._arrival(ifindex)
-        server, control = arrival
+        # The batch's memo first, then _arrival: a method call per packet shows on this path.
+        arrival = self._arrivals.get(ifindex) or self._arrival(ifindex)
+        _, server, control = arrival
         if server is None:
-            if control is None:  # not in Interfaces
-                self.stats.ignored_other += 1
-            else:                # no address to answer from: counts and warns
-                self._on_request_full(sock, port, datagram, source, ifindex)
+            self._refuse(arrival, datagram)
             return
-        settings = self.settings
-        port_role = 67 if port == settings.dhcp_port else 4011
+        port_role = 67 if port == self.settings.dhcp_port else 4011
         outcome, reply = self._fast.answer(datagram, scanned, port_role, server)
-        stats = self.stats
-        stats.requests[outcome.kind] += 1
+        self.stats.requests[outcome.kind] += 1
         if reply is None:
-            ignore = outcome.ignore
-            setattr(stats, ignore.counter, getattr(stats, ignore.counter) + 1)
-            if ignore.counter == "no_boot_file" and log.isEnabledFor(logging.INFO):
-                log.info("ignored %s from %s (%s:%d): %s", outcome.kind,
-                         packet.format_mac(datagram), *source, ignore.reason)
+            self._ignore(outcome.kind, outcome.ignore, datagram, source)
             return
-        stats.architectures[outcome.plan.firmware] += 1
-        giaddr = datagram[24:28]
-        if giaddr != NO_ADDRESS:
-            destination = (socket.inet_ntoa(giaddr), settings.dhcp_port)
-        elif port_role == 4011 and source[0] != "0.0.0.0":
-            destination = source
-        elif datagram[12:16] != NO_ADDRESS:
-            destination = (socket.inet_ntoa(datagram[12:16]), settings.client_port)
-        else:
-            destination = (BROADCAST, settings.client_port)
-        try:
-            sock.sendmsg((reply,), control, 0, destination)
-        except OSError as exc:
-            stats.send_errors += 1
-            log.warning("cannot send to %s:%d for %s: %s", *destination,
-                        packet.format_mac(datagram), exc)
-            return
-        if outcome.offer:
-            stats.offers_sent += 1
-        else:
-            stats.acks_sent += 1
-
-    def _arrival(self, ifindex: int | None) -> tuple[str | None, tuple | None]:
-        """For requests that came in on `ifindex`: (our address there, the IP_PKTINFO control
-        messages to answer with); (None, None) when Interfaces leaves it out, (None, ()) when it
-        has no IPv4 address. _on_request keeps these for one batch of datagrams."""
-        settings = self.settings
-        name, interface_address = self.addresses.lookup(ifindex) if ifindex else ("?", None)
-        if settings.interfaces and name not in settings.interfaces:
-            return None, None
-        server = settings.ip_address if settings.ip_address != "0.0.0.0" else interface_address
-        if server is None:
-            return None, ()
-        return server, (self._pktinfo(ifindex or 0, server),)
+        self._send(sock, reply, outcome.plan, datagram, port_role, source, control)
 
     def _on_request_full(self, sock: socket.socket, port: int, datagram: bytes,
                          source: tuple[str, int], ifindex: int | None) -> None:
@@ -267,48 +231,95 @@ class ProxyDhcpServer:
             self.stats.malformed += 1
             log.debug("malformed packet from %s:%d: %s", *source, exc)
             return
-        name, interface_address = self.addresses.lookup(ifindex) if ifindex else ("?", None)
-        if settings.interfaces and name not in settings.interfaces:
-            self.stats.ignored_other += 1
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("ignored %s: interface %s is not in Interfaces", request.mac_text, name)
-            return
-        server = settings.ip_address if settings.ip_address != "0.0.0.0" else interface_address
+        arrival = self._arrival(ifindex)
+        name, server, control = arrival
         if server is None:
-            self.stats.ignored_other += 1
-            log.warning("no IPv4 address on %s to answer %s from", name, request.mac_text)
+            self._refuse(arrival, datagram)
             return
         kind = packet.MESSAGE_NAMES.get(request.message_type or 0, "other")
         self.stats.requests[kind] += 1
         port_role = 67 if port == settings.dhcp_port else 4011
         plan = decide(request, port_role, settings.policy, server)
         if isinstance(plan, Ignore):
-            setattr(self.stats, plan.counter, getattr(self.stats, plan.counter) + 1)
-            level = logging.INFO if plan.counter == "no_boot_file" else logging.DEBUG
-            if log.isEnabledFor(level):
-                log.log(level, "ignored %s from %s (%s:%d): %s", kind, request.mac_text,
-                        *source, plan.reason)
+            self._ignore(kind, plan, datagram, source)
             return
-        self.stats.architectures[plan.firmware] += 1
         next_server = settings.next_server if settings.next_server != "0.0.0.0" else server
         if plan.to_boot_server:
             next_server = server
         reply = self.replies.build(plan, request, server, next_server)
-        destination = self._destination(request, port_role, source)
-        try:
-            sock.sendmsg([reply], [self._pktinfo(ifindex or 0, server)], 0, destination)
-        except OSError as exc:
-            self.stats.send_errors += 1
-            log.warning("cannot send to %s:%d for %s: %s", *destination, request.mac_text, exc)
-            return
-        if plan.message_type == packet.OFFER:
-            self.stats.offers_sent += 1
-        else:
-            self.stats.acks_sent += 1
-        if log.isEnabledFor(logging.DEBUG):  # mac_text costs microseconds: only when shown
+        destination = self._send(sock, reply, plan, datagram, port_role, source, control)
+        if destination is not None and log.isEnabledFor(logging.DEBUG):
             log.debug("%s to %s via %s:%d on %s: %s, file %r",
                       packet.MESSAGE_NAMES[plan.message_type], request.mac_text, *destination,
                       name, plan.reason, plan.boot_file)
+
+    # ---- after the decision: one path for both --------------------------------------------
+
+    def _arrival(self, ifindex: int | None) -> Arrival:
+        """How to answer a request that came in on `ifindex`, kept for one batch of datagrams
+        (_on_readable clears it): reading the interface table per packet would cost more than
+        deciding."""
+        arrival = self._arrivals.get(ifindex)
+        if arrival is None:
+            arrival = self._arrivals[ifindex] = self._read_arrival(ifindex)
+        return arrival
+
+    def _read_arrival(self, ifindex: int | None) -> Arrival:
+        settings = self.settings
+        name, interface_address = self.addresses.lookup(ifindex) if ifindex else ("?", None)
+        if settings.interfaces and name not in settings.interfaces:
+            return Arrival(name, None, None)
+        # A fixed IPAddress wins; otherwise each segment is answered from our address on it.
+        server = settings.ip_address if settings.ip_address != "0.0.0.0" else interface_address
+        if server is None:
+            return Arrival(name, None, ())
+        return Arrival(name, server, (self._pktinfo(ifindex or 0, server),))
+
+    def _refuse(self, arrival: Arrival, datagram: bytes) -> None:
+        """A request we do not answer because of where it came in."""
+        self.stats.ignored_other += 1
+        if arrival.control is None:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("ignored %s: interface %s is not in Interfaces",
+                          packet.format_mac(datagram), arrival.name)
+        else:  # an interface we should serve but cannot answer from: the admin must know
+            log.warning("no IPv4 address on %s to answer %s from", arrival.name,
+                        packet.format_mac(datagram))
+
+    def _ignore(self, kind: str, ignore: Ignore, datagram: bytes,
+                source: tuple[str, int]) -> None:
+        """A request the decision ignores: its counter, and a log line. A missing boot file is
+        a configuration gap, so it shows at INFO; the other reasons are normal traffic."""
+        stats = self.stats
+        setattr(stats, ignore.counter, getattr(stats, ignore.counter) + 1)
+        level = logging.INFO if ignore.counter == "no_boot_file" else logging.DEBUG
+        if log.isEnabledFor(level):
+            log.log(level, "ignored %s from %s (%s:%d): %s", kind, packet.format_mac(datagram),
+                    *source, ignore.reason)
+
+    def _send(self, sock: socket.socket, reply: bytes, plan: ProxyReply, datagram: bytes,
+              port_role: int, source: tuple[str, int],
+              control: tuple) -> tuple[str, int] | None:
+        """Send `reply` to where RFC 2131 section 4.1 says (destination.py), from our address on
+        the arrival interface (`control`: Arrival.control), and count it. Returns where it went,
+        or None when the send failed."""
+        stats = self.stats
+        stats.architectures[plan.firmware] += 1
+        settings = self.settings
+        destination = reply_destination(datagram, port_role, source, settings.dhcp_port,
+                                        settings.client_port)
+        try:
+            sock.sendmsg((reply,), control, 0, destination)
+        except OSError as exc:
+            stats.send_errors += 1
+            log.warning("cannot send to %s:%d for %s: %s", *destination,
+                        packet.format_mac(datagram), exc)
+            return None
+        if plan.message_type == packet.OFFER:
+            stats.offers_sent += 1
+        else:
+            stats.acks_sent += 1
+        return destination
 
     def _pktinfo(self, ifindex: int, server: str) -> tuple[int, int, bytes]:
         """The IP_PKTINFO control message choosing interface and source address, cached."""
@@ -321,13 +332,3 @@ class ProxyDhcpServer:
                        struct.pack("=i4s4s", ifindex, socket.inet_aton(server), bytes(4)))
             self._pktinfo_cache[key] = message
         return message
-
-    def _destination(self, request: packet.DhcpPacket, port_role: int,
-                     source: tuple[str, int]) -> tuple[str, int]:
-        if request.giaddr != "0.0.0.0":
-            return request.giaddr, self.settings.dhcp_port
-        if port_role == 4011 and source[0] != "0.0.0.0":
-            return source
-        if request.ciaddr != "0.0.0.0":
-            return request.ciaddr, self.settings.client_port
-        return BROADCAST, self.settings.client_port

@@ -1,1 +1,2 @@
-"""bench/imaging: make and restore of a disk image through imgsrvd vs partclone | zstd | TCP."""
+"""bench/run-imaging-bench: make and restore of a disk image through imgsrvd vs
+partclone | zstd | TCP."""

@@ -1,4 +1,4 @@
-"""bench/imaging: orchestration, the table and the JSON."""
+"""bench/run-imaging-bench: orchestration, the table and the JSON."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ WRITE_CEILINGS = (("ceiling decompress+write", 0),
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="bench/imaging",
+        prog="bench/run-imaging-bench",
         description="Make and restore of a GPT disk image (ext4 with files, zeros, random data, "
                     "and a raw partition) through our imgsrvd on loopback, against partclone | "
                     "zstd | plain TCP (socat), and against the loopback sendfile and the "
@@ -444,7 +444,7 @@ class Bench:
         lay = self.layout
         m = meta["machine"]
         return [
-            f"bench/imaging {meta['date']}  {m['nproc']} CPUs ({m['cpu_model']}), "
+            f"bench/run-imaging-bench {meta['date']}  {m['nproc']} CPUs ({m['cpu_model']}), "
             f"{m['memory']}, {m['kernel']}, Python {m['python']}",
             f"work folder on {meta['work_fs']}; page cache dropped (sync; echo 3 > "
             f"/proc/sys/vm/drop_caches) before every measured step: "
@@ -480,12 +480,13 @@ def socat_version() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if os.geteuid() != 0:
-        print("bench/imaging: needs root (loop devices, mount, drop_caches)", file=sys.stderr)
+        print("bench/run-imaging-bench: needs root (loop devices, mount, drop_caches)",
+              file=sys.stderr)
         return 2
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
-        print(f"bench/imaging: missing tools: {', '.join(missing)} (apt-get install partclone "
-              f"zstd socat gdisk e2fsprogs)", file=sys.stderr)
+        print(f"bench/run-imaging-bench: missing tools: {', '.join(missing)} (apt-get install "
+              f"partclone zstd socat gdisk e2fsprogs)", file=sys.stderr)
         return 2
 
     def on_term(signum, frame):
@@ -501,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "bench": "imaging", "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "machine": machine(), "busy_before": cpu_busy(),
-        "command": " ".join(shlex.quote(x) for x in ["bench/imaging", *sys.argv[1:]]),
+        "command": " ".join(shlex.quote(x) for x in ["bench/run-imaging-bench", *sys.argv[1:]]),
         "work_fs": filesystem_of(args.dir), "size": bench.size,
         "ours": f"img make/restore --server -> imgsrvd (aiohttp) on 127.0.0.1, git {git}"
                 f"{' + local changes in img/imgsrvd/common' if dirty else ''}",

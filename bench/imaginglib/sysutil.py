@@ -1,4 +1,4 @@
-"""Processes, loop devices, the page cache and machine quietness for bench/imaging."""
+"""Processes, loop devices, the page cache and machine quietness for bench/run-imaging-bench."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ MiB = 1 << 20
 
 
 def log(message: str) -> None:
-    print(f"bench/imaging: {message}", file=sys.stderr, flush=True)
+    print(f"bench/run-imaging-bench: {message}", file=sys.stderr, flush=True)
 
 
 def run(*args: str, input: str | None = None, timeout: float = 600) -> str:

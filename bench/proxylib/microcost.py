@@ -7,8 +7,9 @@ decide.decide, reply.ReplyBuilder.build, the fast path's packet.scan and FastPat
 whole ProxyDhcpServer._on_request (fast path) and _on_request_full (full parse, as at DEBUG)
 with a socket whose sendmsg does nothing (so: everything but the two system calls), and the
 receive handler with its real system calls on loopback (loopback_us); reports microseconds of
-CPU (time.process_time) per call: the unprofiled counterpart of `bench/proxydhcp --profile`.
-It runs in a subprocess of the bench so that it uses the daemon's interpreter and checkout.
+CPU (time.process_time) per call: the unprofiled counterpart of
+`bench/run-proxydhcp-bench --profile`. It runs in a subprocess of the bench so that it uses the
+daemon's interpreter and checkout.
 """
 
 import json

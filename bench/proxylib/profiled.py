@@ -4,7 +4,8 @@
 
 The clock is time.process_time, so time the daemon spends blocked in epoll (idle) is not
 counted and the figures are the daemon's own CPU time (with the profiler's overhead on every
-Python call: read them as shares, not as absolute speed). bench/proxydhcp --profile uses it.
+Python call: read them as shares, not as absolute speed). bench/run-proxydhcp-bench --profile
+uses it.
 """
 
 import cProfile

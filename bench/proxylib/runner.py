@@ -1,4 +1,5 @@
-"""bench/proxydhcp: our proxyDHCP daemon against dnsmasq in proxy mode, side by side, as ratios.
+"""bench/run-proxydhcp-bench: our proxyDHCP daemon against dnsmasq in proxy mode, side by side,
+as ratios.
 
 One run: make two network namespaces joined by a veth pair (netns.py), measure the load
 generator alone (no server listening: the flat-out send rate of 1 and 2 sender processes), then
@@ -148,7 +149,7 @@ def pctl(values: list[float], q: float) -> float | None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="bench/proxydhcp",
+        prog="bench/run-proxydhcp-bench",
         description="Our proxyDHCP daemon against dnsmasq in proxy mode, side by side on a veth "
                     "pair between two network namespaces: PXE DHCPDISCOVERs from distinct "
                     "MACs at rising rates, and a burst of 1,000 clients at once. Needs root.")
@@ -952,11 +953,12 @@ def fmt_int(v) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if os.geteuid() != 0:
-        print("bench/proxydhcp: needs root (network namespaces, port 67)", file=sys.stderr)
+        print("bench/run-proxydhcp-bench: needs root (network namespaces, port 67)",
+              file=sys.stderr)
         return 2
     for tool in ("ip", "ss") + (("dnsmasq",) if "dnsmasq" in args.server_names else ()):
         if not shutil.which(tool):
-            print(f"bench/proxydhcp: {tool} not found", file=sys.stderr)
+            print(f"bench/run-proxydhcp-bench: {tool} not found", file=sys.stderr)
             return 2
 
     def on_term(signum, frame):
@@ -969,12 +971,13 @@ def main(argv: list[str] | None = None) -> int:
         while quiet < 5 and time.monotonic() < deadline:
             busy = cpu_busy(1.0)
             quiet = quiet + 1 if busy is not None and busy < 0.10 else 0
-        print(f"bench/proxydhcp: machine {'quiet' if quiet >= 5 else 'still busy'} after "
+        print(f"bench/run-proxydhcp-bench: machine {'quiet' if quiet >= 5 else 'still busy'} after "
               f"waiting up to {args.wait_quiet:g} s", file=sys.stderr)
     bench = Bench(args)
     meta = {"bench": "proxydhcp", "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "machine": machine(), "busy_before": cpu_busy(),
-            "command": " ".join(shlex.quote(x) for x in ["bench/proxydhcp", *sys.argv[1:]]),
+            "command": " ".join(shlex.quote(x)
+                                for x in ["bench/run-proxydhcp-bench", *sys.argv[1:]]),
             "ours_source": git_info(args.main_dir)}
     status = 0
     try:

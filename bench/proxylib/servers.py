@@ -221,7 +221,7 @@ class Ours(Server):
         if not (self.main_dir / "proxydhcpd" / "__main__.py").exists():
             raise ServerError(f"{self.main_dir}/proxydhcpd/__main__.py does not exist")
         self.conf_path.write_text(
-            "# written by bench/proxydhcp\n"
+            "# written by bench/run-proxydhcp-bench\n"
             f"StatusSocket = {self.sock_path}\n"
             f"PidFile = {self.workdir / 'proxydhcpd.pid'}\n"
             "StatusPort = 0\n"

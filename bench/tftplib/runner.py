@@ -1,4 +1,5 @@
-"""bench/tftp: our tftpd against tftpd-hpa and dnsmasq, side by side in one run, as ratios."""
+"""bench/run-tftp-bench: our tftpd against tftpd-hpa and dnsmasq, side by side in one run, as
+ratios."""
 
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ class Cell:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="bench/tftp",
+        prog="bench/run-tftp-bench",
         description="Download throughput of our tftpd, tftpd-hpa and dnsmasq, side by side on "
                     "loopback, as MB/s and ratios to tftpd-hpa. Every download is verified "
                     "byte for byte (size + sha256).")
@@ -167,7 +168,7 @@ class Bench:
             want = {c.strip() for c in args.cases.split(",") if c.strip()}
             unknown = want - {c.key for c in self.cases}
             if unknown:
-                raise SystemExit(f"bench/tftp: unknown case(s) {sorted(unknown)}; "
+                raise SystemExit(f"bench/run-tftp-bench: unknown case(s) {sorted(unknown)}; "
                                  f"known: {', '.join(c.key for c in self.cases)}")
             self.cases = [c for c in self.cases if c.key in want]
         self.servers = {}
@@ -670,12 +671,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for tool in ("curl", "atftp"):
         if not shutil.which(tool):
-            print(f"bench/tftp: {tool} not found (apt-get install {tool})", file=sys.stderr)
+            print(f"bench/run-tftp-bench: {tool} not found (apt-get install {tool})",
+                  file=sys.stderr)
             return 2
     try:
         import psutil  # noqa: F401
     except ImportError:
-        print("bench/tftp: needs psutil (pip install psutil)", file=sys.stderr)
+        print("bench/run-tftp-bench: needs psutil (pip install psutil)", file=sys.stderr)
         return 2
 
     def on_term(signum, frame):
@@ -688,12 +690,12 @@ def main(argv: list[str] | None = None) -> int:
         while quiet < 5 and time.monotonic() < deadline:
             busy = cpu_busy(1.0)
             quiet = quiet + 1 if busy is not None and busy < 0.10 else 0
-        print(f"bench/tftp: machine {'quiet' if quiet >= 5 else 'still busy'} after waiting "
-              f"up to {args.wait_quiet:g} s", file=sys.stderr)
+        print(f"bench/run-tftp-bench: machine {'quiet' if quiet >= 5 else 'still busy'} after "
+              f"waiting up to {args.wait_quiet:g} s", file=sys.stderr)
     bench = Bench(args)
     meta = {"bench": "tftp", "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "machine": machine(), "busy_before": cpu_busy(),
-            "command": " ".join(shlex.quote(x) for x in ["bench/tftp", *sys.argv[1:]])}
+            "command": " ".join(shlex.quote(x) for x in ["bench/run-tftp-bench", *sys.argv[1:]])}
     if "ours" in args.server_names:
         try:
             meta["ours_src"] = source_digest(Path(args.main_dir))

@@ -185,7 +185,7 @@ class Ours(Server):
             raise ServerError(f"{self.main_dir}/tftpd/__main__.py does not exist yet")
         self.port = free_udp_port()
         self.conf_path.write_text(
-            "# written by bench/tftp\n"
+            "# written by bench/run-tftp-bench\n"
             f"IPAddress = {HOST}\n"
             f"Port = {self.port}\n"
             f"Root = {self.root}\n"
