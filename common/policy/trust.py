@@ -128,12 +128,12 @@ class Gate:
 
     def authorize(self, authorization: str | None, operation: str, now: float,
                   image: str | None = None, mac: str | None = None) -> Capability | None:
-        """The capability that allows operation (on image, for machine mac), or None when the
-        request carries none and AllowAnonymous is on; Refused otherwise."""
+        """The capability that allows operation (on image, for machine mac), or None when
+        AllowAnonymous is on (whatever the request carries); Refused otherwise."""
+        if self.settings.allow_anonymous:
+            return None            # the open mode: anything goes, a capability or not
         token = bearer(authorization)
         if token is None:
-            if self.settings.allow_anonymous:
-                return None
             raise Refused(401, f"'{operation}' needs a capability (Authorization: Bearer ...): "
                                "PXE-booted machines get one with their work, operators from "
                                "`preboot-dir token`")

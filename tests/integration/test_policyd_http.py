@@ -28,6 +28,8 @@ import pytest
 from common.policy.directory import open_directory
 from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings, Rule,
                                  Workstation)
+from common.policy.capability import decode
+from common.policy.keyring import read_keys
 from support import REPO, DaemonProcess, query_status, write_config
 
 pytestmark = pytest.mark.skipif(not shutil.which("curl"), reason="curl not installed")
@@ -176,10 +178,17 @@ def test_answers_follow_the_directory(policyd):
                               Action(ActionKind.RESTORE, "dell/base.zmg", ("dell/drv.zmg",))))
     body = policyd.policy(**DELL)             # the very next query sees the change
     assert marker(body) == "preboot-answer: imaging restore dell/base.zmg + add-ons dell/drv.zmg"
-    assert kernel_line(body) == (
+    line, _, work_token = kernel_line(body).rpartition(" preboot.token=")
+    assert line == (
         "kernel tftp://127.0.0.1/preboot/linux initrd=initrd console=ttyS0 console=tty0 quiet "
         "preboot.server=127.0.0.1 preboot.work=restore preboot.image=dell/base.zmg "
-        f"preboot.addons=dell/drv.zmg preboot.mac={MAC_NORM} || goto failed")
+        f"preboot.addons=dell/drv.zmg preboot.mac={MAC_NORM}")
+    # the machine's capability to ask the imaging server for its work (docs/security.md)
+    assert work_token.endswith(" || goto failed")
+    keys = read_keys(str(policyd.workdir / "imaging.key")).accepted
+    capability = decode(work_token.split()[0], keys, time.time())
+    assert (capability.subject, capability.operations, capability.images) == (
+        MAC_NORM, {"work"}, ("dell/base.zmg", "dell/drv.zmg"))
     assert "initrd --name initrd tftp://127.0.0.1/preboot/initrd || goto failed" in body
 
     # efi, and too little RAM for the rule: local, the UEFI way
