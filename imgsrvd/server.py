@@ -35,6 +35,7 @@ from . import store
 from .config import Settings
 from .downloads import DownloadTracker
 from .status import ImagingCounters
+from .transfers import ProgressWatch, SlotTable, TransferStalled
 
 log = logging.getLogger("preboot.imgsrvd")
 
@@ -58,10 +59,48 @@ class _ImageFileResponse(web.FileResponse):
     reconnect for each batch of chunks.
     """
 
+    def __init__(self, path: str, watch: ProgressWatch, **kwargs: Any):
+        super().__init__(path, **kwargs)
+        self._watch = watch
+
     async def prepare(self, request: web.BaseRequest) -> Any:
         if self.prepared:
             return None
         return await super().prepare(request)
+
+    async def _sendfile(self, request: web.BaseRequest, fobj: Any, offset: int,
+                        count: int) -> Any:
+        """sendfile in pieces, each watched: a client that stops taking the image (or takes
+        it too slowly) is cut off and its slot freed; aiohttp's own sendfile waits forever."""
+        writer = await web.StreamResponse.prepare(self, request)
+        loop, transport = asyncio.get_running_loop(), request.transport
+        if transport is None:
+            raise ConnectionResetError("Connection lost")
+        while count > 0:
+            piece = min(count, self._watch.piece_bytes)
+            await _watched(loop.sendfile(transport, fobj, offset, piece), self._watch,
+                           transport)
+            self._watch.add(piece)
+            offset, count = offset + piece, count - piece
+        await web.StreamResponse.write_eof(self)
+        return writer
+
+
+async def _watched(work: Any, watch: ProgressWatch, transport: Any) -> None:
+    """Await `work` while `watch` allows; when it does not, cut the connection (the work,
+    a sendfile, cannot be left half done on a connection that stays open)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=watch.wait_s())
+            if done:
+                task.result()
+                return
+            watch.tick()
+    except BaseException:
+        task.cancel()
+        transport.abort()
+        raise
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
@@ -84,6 +123,7 @@ class ImagingServer:
         self._directory = DirectoryHolder(self._worker_pool, "work queries are answered 503")
         self._results = None          # resultslog.ResultsLog, when it opened
         self._uploads: set[store.Upload] = set()
+        self._slots = SlotTable()
 
     # ---- lifecycle (common.daemon.runner.Service) ---------------------------------------
 
@@ -266,7 +306,7 @@ class ImagingServer:
             where = self._image_path(request)
         except BadPath:
             return None
-        if isinstance(where, RemotePath) or self._busy() or \
+        if isinstance(where, RemotePath) or self._slot_refusal(request) or \
                 not protocol.upload_allowed(where.path, settings.allowed_upload_dirs):
             return None
         if not settings.allow_overwrite:
@@ -276,8 +316,23 @@ class ImagingServer:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
         return None
 
-    def _busy(self) -> bool:
-        return self.stats.active_transfers >= self.settings.max_clients
+    def _slot_refusal(self, request: web.Request) -> str | None:
+        settings = self.settings
+        return self._slots.refusal(request.remote or "?", settings.max_clients,
+                                   settings.max_transfers_per_client)
+
+    def _take_slot(self, request: web.Request) -> None:
+        self._slots.take(request.remote or "?")
+        self.stats.active_transfers = self._slots.total
+
+    def _give_back_slot(self, request: web.Request) -> None:
+        self._slots.give_back(request.remote or "?")
+        self.stats.active_transfers = self._slots.total
+
+    def _watch(self) -> ProgressWatch:
+        settings = self.settings
+        return ProgressWatch(settings.transfer_timeout_s, settings.min_transfer_rate_bps,
+                             settings.max_transfer_time_s)
 
     async def _put(self, request: web.Request) -> web.StreamResponse:
         self.stats.update_requests += 1
@@ -294,12 +349,12 @@ class ImagingServer:
             return self._deny(request, 403, f"uploads to {folder} are not allowed "
                               f"(AllowedUploadDirs: {', '.join(settings.allowed_upload_dirs)})",
                               "upload", path)
-        if self._busy():
+        busy = self._slot_refusal(request)
+        if busy:
             self.stats.busy_refusals += 1
-            return self._deny(request, 503, f"busy: {settings.max_clients} transfers in "
-                              "progress (MaxClients); try again later", "upload", path,
+            return self._deny(request, 503, f"{busy}; try again later", "upload", path,
                               "failure")
-        self.stats.active_transfers += 1
+        self._take_slot(request)
         started = time.monotonic()
         upload: store.Upload | None = None
         try:
@@ -312,11 +367,16 @@ class ImagingServer:
                                   if exc.status >= 500 else "denied")
             self._uploads.add(upload)
             buffer = bytearray()
+            watch = self._watch()
             while True:
-                chunk = await asyncio.wait_for(request.content.readany(),
-                                               settings.transfer_timeout_s)
+                try:
+                    chunk = await asyncio.wait_for(request.content.readany(), watch.wait_s())
+                except asyncio.TimeoutError:
+                    watch.tick()               # TransferStalled when too slow or too long
+                    continue
                 if not chunk:
                     break
+                watch.add(len(chunk))
                 self.stats.bytes_received += len(chunk)
                 buffer += chunk
                 if len(buffer) >= READ_CHUNK:
@@ -333,12 +393,11 @@ class ImagingServer:
                 upload.abort()
             return self._deny(request, exc.status, str(exc), "upload", path,
                               "failure")
-        except asyncio.TimeoutError:
+        except TransferStalled as exc:
             assert upload is not None
             upload.abort()
-            return self._deny(request, 408, f"no data for {settings.transfer_timeout_s:.0f} s "
-                              "(TransferTimeout); the upload was discarded", "upload", path,
-                              "failure")
+            return self._deny(request, 408, f"too slow: {exc}; the upload was discarded",
+                              "upload", path, "failure")
         except BaseException as exc:  # client gone, cancelled, I/O error: nothing is kept
             if upload is not None:
                 upload.abort()
@@ -357,7 +416,7 @@ class ImagingServer:
             # The client is most likely gone; if not, it learns why.
             return _error(400, f"upload aborted ({what}); nothing was stored")
         finally:
-            self.stats.active_transfers -= 1
+            self._give_back_slot(request)
             if upload is not None:
                 self._uploads.discard(upload)
         self.stats.images_received += 1
@@ -387,18 +446,18 @@ class ImagingServer:
         if head:
             response = web.FileResponse(file_path)
             return response
-        if self._busy():
+        busy = self._slot_refusal(request)
+        if busy:
             self.stats.busy_refusals += 1
-            return self._deny(request, 503, f"busy: {settings.max_clients} transfers in "
-                              "progress (MaxClients); try again later", "download", path,
+            return self._deny(request, 503, f"{busy}; try again later", "download", path,
                               "failure")
-        self.stats.active_transfers += 1
+        self._take_slot(request)
         try:
             try:
                 start = request.http_range.start
             except ValueError:                 # a bad Range: FileResponse answers 416
                 start = None
-            response = _ImageFileResponse(file_path, chunk_size=READ_CHUNK)
+            response = _ImageFileResponse(file_path, self._watch(), chunk_size=READ_CHUNK)
             try:
                 await response.prepare(request)
                 await response.write_eof()
@@ -424,7 +483,7 @@ class ImagingServer:
                 self.stats.failures += 1
             return response
         finally:
-            self.stats.active_transfers -= 1
+            self._give_back_slot(request)
 
     async def _read_json(self, request: web.Request) -> Any:
         try:
