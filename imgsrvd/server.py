@@ -86,6 +86,14 @@ class _ImageFileResponse(web.FileResponse):
         return writer
 
 
+def _zero_suffix_range(value: str) -> bool:
+    """Whether a Range header asks for the last 0 bytes (`bytes=-0`), which is unsatisfiable."""
+    unit, _, ranges = value.partition("=")
+    spec = ranges.strip()
+    return unit.strip().lower() == "bytes" and spec.startswith("-") and \
+        spec[1:].strip().isdigit() and int(spec[1:]) == 0
+
+
 async def _watched(work: Any, watch: ProgressWatch, transport: Any) -> None:
     """Await `work` while `watch` allows; when it does not, cut the connection (the work,
     a sendfile, cannot be left half done on a connection that stays open)."""
@@ -288,7 +296,9 @@ class ImagingServer:
         self.stats.client_referrals += 1
         server = where.server if ":" in where.server.rsplit("]", 1)[-1] \
             else f"{where.server}:{protocol.DEFAULT_PORT}"
-        location = f"http://{server}{protocol.IMAGES_PREFIX}{where.path}"
+        # encoded again: the path arrived decoded, and a name with '%', '?' or '#' must reach
+        # the other server as the same name
+        location = f"http://{server}{protocol.image_url(where.path)}"
         self._record(request, self._workstation(request), operation, "referred", str(where),
                      server=where.server)
         return web.json_response(
@@ -361,7 +371,8 @@ class ImagingServer:
             try:
                 upload = await asyncio.to_thread(store.Upload.begin, settings.image_root, path,
                                                  settings.allow_overwrite,
-                                                 request.content_length)
+                                                 request.content_length,
+                                                 settings.allowed_upload_dirs)
             except store.StoreError as exc:
                 return self._deny(request, exc.status, str(exc), "upload", path, "failure"
                                   if exc.status >= 500 else "denied")
@@ -446,6 +457,11 @@ class ImagingServer:
         if head:
             response = web.FileResponse(file_path)
             return response
+        if _zero_suffix_range(request.headers.get("Range", "")):
+            # aiohttp reads "-0" as "from byte 0" and answers 206 with the whole file; RFC 9110
+            # 14.1.1: a suffix of length 0 is unsatisfiable
+            self.stats.failures += 1
+            return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
         busy = self._slot_refusal(request)
         if busy:
             self.stats.busy_refusals += 1

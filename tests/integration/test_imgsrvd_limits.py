@@ -166,3 +166,23 @@ def test_a_retrieve_nobody_reads_loses_its_slot(imgsrvd_factory):
     finally:
         sock.close()
     assert daemon.counters()["failures"] >= 1
+
+
+def test_a_zero_suffix_range_is_416_not_206(imgsrvd_factory, workdir):
+    daemon = imgsrvd_factory()
+    daemon.root.mkdir(parents=True, exist_ok=True)
+    (daemon.root / "r.img").write_bytes(b"0123456789")
+    code, _ = daemon.curl("-H", "Range: bytes=-0", path="/v1/images/r.img")
+    assert code == 416
+    code, body = daemon.curl("-H", "Range: bytes=-3", path="/v1/images/r.img")
+    assert (code, body) == (206, "789")
+
+
+def test_the_referral_location_is_percent_encoded(imgsrvd_factory):
+    daemon = imgsrvd_factory()
+    code, body = daemon.curl("-i", "-H", "X-Preboot-Mode: auto",
+                             path="/v1/images//other.example/a%20b%3Fc%23d.img")
+    assert code == 307
+    location = next(line for line in body.splitlines() if line.lower().startswith("location:"))
+    assert location.split(":", 1)[1].strip() == \
+        "http://other.example:998/v1/images/a%20b%3Fc%23d.img"
