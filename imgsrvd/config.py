@@ -40,8 +40,17 @@ SCHEMA = Schema((
     Key("MaxClients", "integer(min=1, max=10000)", "64",
         "Image transfers (stores and retrievals) served at once; more are answered 503 with "
         "Retry-After."),
+    Key("MaxTransfersPerClient", "integer(min=1, max=10000)", "8",
+        "Image transfers one client address may hold at once (at most MaxClients); more are "
+        "answered 503 with Retry-After, so one host cannot take every slot."),
     Key("TransferTimeout", "integer(min=5, max=3600)", "120",
-        "Seconds an upload may go without receiving data before it is aborted."),
+        "Seconds of the progress window: an upload that receives, or a retrieve whose client "
+        "takes, fewer than MinTransferRate x TransferTimeout bytes (nothing, with a rate of 0) "
+        "in a window is aborted and its slot freed."),
+    Key("MinTransferRate", "integer(min=0, max=1073741824)", "16384",
+        "Bytes per second a transfer must average over each TransferTimeout window."),
+    Key("MaxTransferTime", "integer(min=60, max=604800)", "43200",
+        "Seconds one transfer request (a store, or one retrieve request) may take in all."),
     Key("ServerName", "string", "",
         "How other imaging servers and the directory name this server in //server/path "
         "image paths; empty: this host's name."),
@@ -60,7 +69,10 @@ class Settings:
     directory: DirectorySettings
     results_log: str
     max_clients: int
-    transfer_timeout_s: float
+    max_transfers_per_client: int
+    transfer_timeout_s: float               # the progress window
+    min_transfer_rate_bps: int
+    max_transfer_time_s: float
     server_name: str
     trust: TrustSettings
     common: CommonSettings
@@ -78,6 +90,8 @@ def make_settings(values: dict[str, Any], common: CommonSettings) -> Settings:
         except BadPath as exc:
             raise SettingError("AllowedUploadDirs", f"'{text}': {exc}") from None
     server_name = values["ServerName"].strip() or socket.gethostname()
+    if values["MaxTransferTime"] < values["TransferTimeout"]:
+        raise SettingError("MaxTransferTime", "must not be shorter than TransferTimeout")
     return Settings(
         ip_address=values["IPAddress"],
         port=values["Port"],
@@ -87,7 +101,11 @@ def make_settings(values: dict[str, Any], common: CommonSettings) -> Settings:
         directory=directory,
         results_log=values["ResultsLog"],
         max_clients=values["MaxClients"],
+        # more than MaxClients would never be reached: MaxClients alone limits then
+        max_transfers_per_client=min(values["MaxTransfersPerClient"], values["MaxClients"]),
         transfer_timeout_s=float(values["TransferTimeout"]),
+        min_transfer_rate_bps=values["MinTransferRate"],
+        max_transfer_time_s=float(values["MaxTransferTime"]),
         server_name=server_name,
         trust=trust_settings(values),
         common=common,

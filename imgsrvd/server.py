@@ -37,6 +37,7 @@ from .access import work_grant
 from .config import Settings
 from .downloads import DownloadTracker
 from .status import ImagingCounters
+from .transfers import ProgressWatch, SlotTable, TransferStalled
 
 log = logging.getLogger("preboot.imgsrvd")
 
@@ -60,10 +61,56 @@ class _ImageFileResponse(web.FileResponse):
     reconnect for each batch of chunks.
     """
 
+    def __init__(self, path: str, watch: ProgressWatch, **kwargs: Any):
+        super().__init__(path, **kwargs)
+        self._watch = watch
+
     async def prepare(self, request: web.BaseRequest) -> Any:
         if self.prepared:
             return None
         return await super().prepare(request)
+
+    async def _sendfile(self, request: web.BaseRequest, fobj: Any, offset: int,
+                        count: int) -> Any:
+        """sendfile in pieces, each watched: a client that stops taking the image (or takes
+        it too slowly) is cut off and its slot freed; aiohttp's own sendfile waits forever."""
+        writer = await web.StreamResponse.prepare(self, request)
+        loop, transport = asyncio.get_running_loop(), request.transport
+        if transport is None:
+            raise ConnectionResetError("Connection lost")
+        while count > 0:
+            piece = min(count, self._watch.piece_bytes)
+            await _watched(loop.sendfile(transport, fobj, offset, piece), self._watch,
+                           transport)
+            self._watch.add(piece)
+            offset, count = offset + piece, count - piece
+        await web.StreamResponse.write_eof(self)
+        return writer
+
+
+def _zero_suffix_range(value: str) -> bool:
+    """Whether a Range header asks for the last 0 bytes (`bytes=-0`), which is unsatisfiable."""
+    unit, _, ranges = value.partition("=")
+    spec = ranges.strip()
+    return unit.strip().lower() == "bytes" and spec.startswith("-") and \
+        spec[1:].strip().isdigit() and int(spec[1:]) == 0
+
+
+async def _watched(work: Any, watch: ProgressWatch, transport: Any) -> None:
+    """Await `work` while `watch` allows; when it does not, cut the connection (the work,
+    a sendfile, cannot be left half done on a connection that stays open)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=watch.wait_s())
+            if done:
+                task.result()
+                return
+            watch.tick()
+    except BaseException:
+        task.cancel()
+        transport.abort()
+        raise
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
@@ -87,6 +134,7 @@ class ImagingServer:
         self._results = None          # resultslog.ResultsLog, when it opened
         self._uploads: set[store.Upload] = set()
         self._gate = Gate(settings.trust)
+        self._slots = SlotTable()
 
     # ---- lifecycle (common.daemon.runner.Service) ---------------------------------------
 
@@ -269,7 +317,9 @@ class ImagingServer:
         self.stats.client_referrals += 1
         server = where.server if ":" in where.server.rsplit("]", 1)[-1] \
             else f"{where.server}:{protocol.DEFAULT_PORT}"
-        location = f"http://{server}{protocol.IMAGES_PREFIX}{where.path}"
+        # encoded again: the path arrived decoded, and a name with '%', '?' or '#' must reach
+        # the other server as the same name
+        location = f"http://{server}{protocol.image_url(where.path)}"
         self._record(request, self._workstation(request), operation, "referred", str(where),
                      server=where.server)
         return web.json_response(
@@ -287,7 +337,7 @@ class ImagingServer:
             where = self._image_path(request)
         except BadPath:
             return None
-        if isinstance(where, RemotePath) or self._busy() or \
+        if isinstance(where, RemotePath) or self._slot_refusal(request) or \
                 not protocol.upload_allowed(where.path, settings.allowed_upload_dirs):
             return None
         try:
@@ -301,8 +351,23 @@ class ImagingServer:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
         return None
 
-    def _busy(self) -> bool:
-        return self.stats.active_transfers >= self.settings.max_clients
+    def _slot_refusal(self, request: web.Request) -> str | None:
+        settings = self.settings
+        return self._slots.refusal(request.remote or "?", settings.max_clients,
+                                   settings.max_transfers_per_client)
+
+    def _take_slot(self, request: web.Request) -> None:
+        self._slots.take(request.remote or "?")
+        self.stats.active_transfers = self._slots.total
+
+    def _give_back_slot(self, request: web.Request) -> None:
+        self._slots.give_back(request.remote or "?")
+        self.stats.active_transfers = self._slots.total
+
+    def _watch(self) -> ProgressWatch:
+        settings = self.settings
+        return ProgressWatch(settings.transfer_timeout_s, settings.min_transfer_rate_bps,
+                             settings.max_transfer_time_s)
 
     async def _put(self, request: web.Request) -> web.StreamResponse:
         self.stats.update_requests += 1
@@ -323,29 +388,35 @@ class ImagingServer:
             return self._deny(request, 403, f"uploads to {folder} are not allowed "
                               f"(AllowedUploadDirs: {', '.join(settings.allowed_upload_dirs)})",
                               "upload", path)
-        if self._busy():
+        busy = self._slot_refusal(request)
+        if busy:
             self.stats.busy_refusals += 1
-            return self._deny(request, 503, f"busy: {settings.max_clients} transfers in "
-                              "progress (MaxClients); try again later", "upload", path,
+            return self._deny(request, 503, f"{busy}; try again later", "upload", path,
                               "failure")
-        self.stats.active_transfers += 1
+        self._take_slot(request)
         started = time.monotonic()
         upload: store.Upload | None = None
         try:
             try:
                 upload = await asyncio.to_thread(store.Upload.begin, settings.image_root, path,
                                                  settings.allow_overwrite,
-                                                 request.content_length)
+                                                 request.content_length,
+                                                 settings.allowed_upload_dirs)
             except store.StoreError as exc:
                 return self._deny(request, exc.status, str(exc), "upload", path, "failure"
                                   if exc.status >= 500 else "denied")
             self._uploads.add(upload)
             buffer = bytearray()
+            watch = self._watch()
             while True:
-                chunk = await asyncio.wait_for(request.content.readany(),
-                                               settings.transfer_timeout_s)
+                try:
+                    chunk = await asyncio.wait_for(request.content.readany(), watch.wait_s())
+                except asyncio.TimeoutError:
+                    watch.tick()               # TransferStalled when too slow or too long
+                    continue
                 if not chunk:
                     break
+                watch.add(len(chunk))
                 self.stats.bytes_received += len(chunk)
                 buffer += chunk
                 if len(buffer) >= READ_CHUNK:
@@ -362,12 +433,11 @@ class ImagingServer:
                 upload.abort()
             return self._deny(request, exc.status, str(exc), "upload", path,
                               "failure")
-        except asyncio.TimeoutError:
+        except TransferStalled as exc:
             assert upload is not None
             upload.abort()
-            return self._deny(request, 408, f"no data for {settings.transfer_timeout_s:.0f} s "
-                              "(TransferTimeout); the upload was discarded", "upload", path,
-                              "failure")
+            return self._deny(request, 408, f"too slow: {exc}; the upload was discarded",
+                              "upload", path, "failure")
         except BaseException as exc:  # client gone, cancelled, I/O error: nothing is kept
             if upload is not None:
                 upload.abort()
@@ -386,7 +456,7 @@ class ImagingServer:
             # The client is most likely gone; if not, it learns why.
             return _error(400, f"upload aborted ({what}); nothing was stored")
         finally:
-            self.stats.active_transfers -= 1
+            self._give_back_slot(request)
             if upload is not None:
                 self._uploads.discard(upload)
         self.stats.images_received += 1
@@ -420,18 +490,23 @@ class ImagingServer:
         if head:
             response = web.FileResponse(file_path)
             return response
-        if self._busy():
+        if _zero_suffix_range(request.headers.get("Range", "")):
+            # aiohttp reads "-0" as "from byte 0" and answers 206 with the whole file; RFC 9110
+            # 14.1.1: a suffix of length 0 is unsatisfiable
+            self.stats.failures += 1
+            return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
+        busy = self._slot_refusal(request)
+        if busy:
             self.stats.busy_refusals += 1
-            return self._deny(request, 503, f"busy: {settings.max_clients} transfers in "
-                              "progress (MaxClients); try again later", "download", path,
+            return self._deny(request, 503, f"{busy}; try again later", "download", path,
                               "failure")
-        self.stats.active_transfers += 1
+        self._take_slot(request)
         try:
             try:
                 start = request.http_range.start
             except ValueError:                 # a bad Range: FileResponse answers 416
                 start = None
-            response = _ImageFileResponse(file_path, chunk_size=READ_CHUNK)
+            response = _ImageFileResponse(file_path, self._watch(), chunk_size=READ_CHUNK)
             try:
                 await response.prepare(request)
                 await response.write_eof()
@@ -457,7 +532,7 @@ class ImagingServer:
                 self.stats.failures += 1
             return response
         finally:
-            self.stats.active_transfers -= 1
+            self._give_back_slot(request)
 
     async def _read_json(self, request: web.Request) -> Any:
         try:

@@ -19,6 +19,7 @@ a crash can leave a `.part-` file, which clean_partials() removes when the serve
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import re
@@ -27,6 +28,7 @@ import shutil
 from dataclasses import dataclass
 
 from common.fileio import publish
+from common.imaging.protocol import upload_allowed
 from common.imaging.imagefile import ImageReader
 from common.imaging.imageformat import ImageFormatError, StreamChecker
 
@@ -34,6 +36,39 @@ log = logging.getLogger("preboot.imgsrvd.store")
 
 PART_RE = re.compile(r"^\..+\.part-[0-9a-f]{16}$")
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+NAME_MAX = 255                    # bytes of one name (Linux file systems)
+PART_SUFFIX_BYTES = len(".part-") + 16
+
+
+def temp_name(name: str) -> str:
+    """The hidden name an upload is written to: `.NAME.part-<16 hex>`; a name too long to
+    take 23 more bytes is replaced by its hash (the final name is what the client sees)."""
+    stem = name
+    if 1 + len(name.encode()) + PART_SUFFIX_BYTES > NAME_MAX:
+        stem = hashlib.blake2b(name.encode(), digest_size=16).hexdigest()
+    return f".{stem}.part-{secrets.token_hex(8)}"
+
+
+def _missing_folders(folder: str) -> list[str]:
+    """The folders makedirs(folder) would create, deepest first."""
+    missing = []
+    while folder and not os.path.lexists(folder):
+        missing.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return missing
+
+
+def remove_folders(folders: list[str]) -> None:
+    """Remove folders an upload created (deepest first), unless something else is in them
+    meanwhile (another upload's, for example)."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
 
 
 class StoreError(Exception):
@@ -114,11 +149,27 @@ class Upload:
     written: int = 0
     closed: bool = False
     image_type: str | None = None           # the stored image's metadata type, once checked
+    created: tuple[str, ...] = ()            # folders this upload made, deepest first
 
     @classmethod
     def begin(cls, root: str, relative: str, overwrite: bool,
-              expected_size: int | None = None) -> "Upload":
+              expected_size: int | None = None, allowed_dirs: tuple[str, ...] = ()
+              ) -> "Upload":
+        """The upload's temporary file, after every check that can refuse it; a refusal
+        leaves no folder behind."""
         final = resolve(root, relative)
+        created = _missing_folders(os.path.dirname(final))
+        try:
+            return cls._begin(root, relative, final, overwrite, expected_size, allowed_dirs,
+                              created)
+        except BaseException:
+            remove_folders(created)
+            raise
+
+    @classmethod
+    def _begin(cls, root: str, relative: str, final: str, overwrite: bool,
+               expected_size: int | None, allowed_dirs: tuple[str, ...],
+               created: list[str]) -> "Upload":
         folder, name = os.path.split(final)
         real_root = os.path.realpath(root)
         try:
@@ -132,8 +183,15 @@ class Upload:
                 raise DiskFull(disk_full_message(real_root)) from None
             raise
         # makedirs may have followed a link made meanwhile: check again where we landed.
-        if not _inside(real_root, os.path.realpath(folder)):
+        real_folder = os.path.realpath(folder)
+        if not _inside(real_root, real_folder):
             raise Forbidden(f"{relative}: leads outside the image root (symbolic link)")
+        # AllowedUploadDirs names where images land, so it is checked where the links lead
+        real_relative = os.path.relpath(os.path.join(real_folder, name), real_root)
+        if not upload_allowed(real_relative, allowed_dirs):
+            raise Forbidden(f"uploads to {os.path.dirname(real_relative) or '/'} are not "
+                            f"allowed (AllowedUploadDirs: {', '.join(allowed_dirs)}; "
+                            f"{relative} leads there through a symbolic link)")
         if os.path.isdir(final):
             raise Forbidden(f"{relative}: is a folder")
         if not overwrite and os.path.lexists(final):
@@ -144,9 +202,10 @@ class Upload:
             if expected_size > usage.free:
                 raise DiskFull(f"no space left on the image store ({real_root}): the image "
                                f"is {expected_size} bytes, {usage.free} are free")
-        temp = os.path.join(folder, f".{name}.part-{secrets.token_hex(8)}")
+        temp = os.path.join(folder, temp_name(name))
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        return cls(relative, final, temp, fd, overwrite, StreamChecker(relative))
+        return cls(relative, final, temp, fd, overwrite, StreamChecker(relative),
+                   created=tuple(created))
 
     def write(self, data: bytes) -> None:
         """Check and append the next bytes. A damaged image is refused (BadImage) at the first
@@ -208,6 +267,7 @@ class Upload:
             pass
         except OSError as exc:
             log.warning("cannot remove %s: %s", self.temp, exc.strerror)
+        remove_folders(list(self.created))       # only the empty ones this upload made
 
 
 def check_image(path: str, name: str) -> str | None:

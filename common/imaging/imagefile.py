@@ -23,7 +23,7 @@ from .imageformat import (CHUNK_HEADER, DEFAULT_CHUNK_SIZE, TRAILER, ChunkKind, 
                           IndexEntry, ImageFormatError, check_index_bytes, check_payload,
                           decode_chunk_header, decode_header, decode_index, decode_trailer, digest,
                           encode_chunk_header, encode_header, encode_index, encode_trailer,
-                          header_length)
+                          header_length, index_length_limit)
 
 DEFAULT_LEVEL = 1          # fast: the disk or the network, not the compressor, should limit
 
@@ -194,6 +194,10 @@ class ImageReader:
             raise ImageFormatError(f"{name}: incomplete image: no trailer")
         trailer = decode_trailer(self._pread(TRAILER.size, self.size - TRAILER.size),
                                  self.size)
+        if trailer.index_length > index_length_limit(trailer.chunk_count):
+            # checked before the index is read: a server cannot make a restore hold more
+            raise ImageFormatError(f"{name}: index: longer than {trailer.chunk_count} chunks "
+                                   "allow")
         index_bytes = self._pread(trailer.index_length, trailer.index_offset)
         check_index_bytes(trailer, index_bytes)
         self.index: Index = decode_index(index_bytes, self.header.chunk_size,

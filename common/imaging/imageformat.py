@@ -25,7 +25,7 @@ TRAILER = struct.Struct("<8sQIII4x")                 # 32 bytes
 TRAILER_MAGIC = b"PBIMGEND"
 DEFAULT_CHUNK_SIZE = 4 << 20
 MAX_CHUNK_SIZE = 64 << 20
-MAX_METADATA = 16 << 20
+MAX_METADATA = 1 << 20           # held while an upload's header arrives; ours are KiB
 MAX_INDEX = 256 << 20
 DIGEST_SIZE = 16
 
@@ -191,31 +191,169 @@ def encode_index(entries: list[IndexEntry], summary: dict[str, Any]) -> bytes:
 
 
 def decode_index(data: bytes, chunk_size: int, data_end: int) -> Index:
-    """Parse and check an index: every entry well-formed, inside the chunk area, and each
-    stream's ranges in increasing, non-overlapping order."""
+    """Parse and check an index: every entry well-formed, inside the chunk area, listed in file
+    order, and each stream's ranges in increasing, non-overlapping order. The same parser
+    (IndexParser) checks an upload's index as it arrives, so both accept the same indexes."""
+    parser = IndexParser(chunk_size, data_end)
+    entries = list(parser.feed(data))
+    return Index(tuple(entries), parser.finish())
+
+
+# The index's layout, as ImageWriter writes it (json.dumps with compact separators). Parsing
+# this layout row by row is what lets an upload's index be checked in bounded memory.
+INDEX_OPEN = b'{"chunks":['
+INDEX_SUMMARY = b',"summary":'
+ROW_MAX = 128                    # bytes of one row: 7 numbers and 32 hex digits fit in ~110
+MAX_SUMMARY = 256 << 10          # our summaries are a few hundred bytes
+MAX_STREAMS = 4096               # a stream per partition (GPT has 128) plus the disk head
+_ROW_RECORD = struct.Struct("<QIQQBI16s")       # what the index and the chunk headers share
+
+
+def index_length_limit(chunk_count: int) -> int:
+    """The longest index that can list `chunk_count` chunks: checked before an index is read
+    or held, so a client or a server cannot make the other side hold more than its chunks
+    warrant."""
+    return (len(INDEX_OPEN) + chunk_count * (ROW_MAX + 1) + len(INDEX_SUMMARY) + MAX_SUMMARY
+            + 2)
+
+
+def chunk_record(position: int, chunk: "ChunkHeader | IndexEntry") -> bytes:
+    """A chunk as the index describes it, packed: hashed in file order on both sides."""
     try:
-        document = json.loads(data.decode("utf-8"))
-        rows, summary = document["chunks"], document.get("summary", {})
-        entries = tuple(IndexEntry(int(s), int(o), int(n), ChunkKind(int(k)), int(p), int(pl),
-                                   bytes.fromhex(c))
-                        for s, o, n, k, p, pl, c in rows)
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise ImageFormatError(f"index: not readable: {exc}") from None
-    last_end: dict[int, int] = {}
-    for number, entry in enumerate(entries):
-        if not 0 < entry.length <= chunk_size or entry.offset < 0:
+        return _ROW_RECORD.pack(position, chunk.stream, chunk.offset, chunk.length,
+                                int(chunk.kind), chunk.payload_length, chunk.checksum)
+    except struct.error:
+        raise ImageFormatError(f"index: the chunk at byte {position} has a field out of "
+                               "range") from None
+
+
+class IndexParser:
+    """The index, parsed as its bytes arrive, in bounded memory: one row (at most ROW_MAX
+    bytes) at a time, then the summary (at most MAX_SUMMARY bytes). feed() yields the entries
+    its bytes complete; finish() checks the end and returns the summary."""
+
+    def __init__(self, chunk_size: int, data_end: int):
+        self._chunk_size = chunk_size
+        self._data_end = data_end
+        self._state = "open"
+        self._buf = bytearray()
+        self.count = 0
+        self._last_end: dict[int, int] = {}
+        self._file_end = 0                       # where the previous chunk ends in the file
+
+    def feed(self, data: bytes | bytearray | memoryview):
+        self._buf += data
+        while True:
+            entry = self._step()
+            if entry is None:
+                break
+            if entry is not _NOTHING:
+                yield entry
+
+    def finish(self) -> dict[str, Any]:
+        if self._state == "summary":
+            text = bytes(self._buf)
+            if not text.endswith(b"}"):
+                raise ImageFormatError("index: cut short")
+            try:
+                summary = json.loads(text[:-1].decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise ImageFormatError(f"index: summary not readable: {exc}") from None
+            if not isinstance(summary, dict):
+                raise ImageFormatError("index: summary is not an object")
+            return summary
+        if self._state != "done" or self._buf:
+            raise ImageFormatError("index: cut short or not readable")
+        return {}
+
+    def _step(self) -> Any:
+        """Consume one piece of the buffer: an entry, _NOTHING (progress), None (need more)."""
+        buf, state = self._buf, self._state
+        if state == "open":
+            return self._expect(INDEX_OPEN, "first_row")
+        if state in ("first_row", "row"):
+            if state == "first_row" and buf[:1] == b"]":
+                del buf[:1]
+                self._state = "after_rows"
+                return _NOTHING
+            return self._row()
+        if state == "after_row":
+            if not buf:
+                return None
+            separator = buf[0]
+            del buf[:1]
+            if separator == ord(","):
+                self._state = "row"
+            elif separator == ord("]"):
+                self._state = "after_rows"
+            else:
+                raise ImageFormatError("index: not readable (after a row)")
+            return _NOTHING
+        if state == "after_rows":
+            if buf[:1] == b"}":
+                del buf[:1]
+                self._state = "done"
+                return _NOTHING
+            return self._expect(INDEX_SUMMARY, "summary")
+        if state == "summary":
+            if len(buf) > MAX_SUMMARY + 1:
+                raise ImageFormatError(f"index: summary longer than {MAX_SUMMARY} bytes")
+            return None
+        if buf:                                   # done: nothing may follow
+            raise ImageFormatError("index: bytes after its end")
+        return None
+
+    def _expect(self, literal: bytes, then: str) -> Any:
+        have = bytes(self._buf[:len(literal)])
+        if not literal.startswith(have):
+            raise ImageFormatError("index: not readable (not an index)")
+        if len(have) < len(literal):
+            return None
+        del self._buf[:len(literal)]
+        self._state = then
+        return _NOTHING
+
+    def _row(self) -> Any:
+        end = self._buf.find(b"]", 0, ROW_MAX)
+        if end < 0:
+            if len(self._buf) >= ROW_MAX or self._buf[:1] not in (b"", b"["):
+                raise ImageFormatError(f"index: chunk {self.count} is not a row of at most "
+                                       f"{ROW_MAX} bytes")
+            return None
+        text = bytes(self._buf[:end + 1])
+        del self._buf[:end + 1]
+        self._state = "after_row"
+        entry = self._entry(text)
+        self.count += 1
+        return entry
+
+    def _entry(self, text: bytes) -> IndexEntry:
+        number = self.count
+        try:
+            s, o, n, k, p, pl, c = json.loads(text.decode("utf-8"))
+            entry = IndexEntry(int(s), int(o), int(n), ChunkKind(int(k)), int(p), int(pl),
+                               bytes.fromhex(c))
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise ImageFormatError(f"index: chunk {number} not readable: {exc}") from None
+        if not 0 < entry.length <= self._chunk_size or entry.offset < 0:
             raise ImageFormatError(f"index: chunk {number} has a bad range")
-        if entry.position < 0 or entry.position + CHUNK_HEADER.size + entry.payload_length > data_end:
-            raise ImageFormatError(f"index: chunk {number} lies outside the chunk area")
-        if entry.offset < last_end.get(entry.stream, 0):
+        end = entry.position + CHUNK_HEADER.size + entry.payload_length
+        if entry.position < self._file_end or entry.payload_length < 0 or end > self._data_end:
+            raise ImageFormatError(f"index: chunk {number} lies outside the chunk area or out "
+                                   "of file order")
+        if entry.offset < self._last_end.get(entry.stream, 0):
             raise ImageFormatError(f"index: chunk {number} overlaps or goes back in stream "
                                    f"{entry.stream}")
         if len(entry.checksum) != DIGEST_SIZE:
             raise ImageFormatError(f"index: chunk {number} has a bad checksum field")
-        last_end[entry.stream] = entry.end
-    if not isinstance(summary, dict):
-        raise ImageFormatError("index: summary is not an object")
-    return Index(entries, summary)
+        if entry.stream not in self._last_end and len(self._last_end) >= MAX_STREAMS:
+            raise ImageFormatError(f"index: more than {MAX_STREAMS} streams")
+        self._last_end[entry.stream] = entry.end
+        self._file_end = end
+        return entry
+
+
+_NOTHING = object()
 
 
 @dataclass(frozen=True)
@@ -253,6 +391,15 @@ class StreamChecker:
     header, then every chunk (header decoded, payload hashed piece by piece as it comes), then
     the index and trailer, which must list exactly the chunks seen, where they were seen.
 
+    Memory is bounded whatever the client sends: the chunks seen are kept only as a count and
+    a running BLAKE2b of their headers in file order; the index is parsed row by row as it
+    arrives (IndexParser, the parser every reader uses) and its rows hashed the same way, so
+    the two digests agree exactly when the index lists the chunks seen, in file order (as
+    ImageWriter writes it, and as decode_index requires of every index). The index may be no
+    longer than the chunks seen warrant (index_length_limit), checked as its bytes arrive;
+    the last TRAILER.size bytes are held back, since they may be the trailer. Held at most:
+    the header (MAX_METADATA), one row, the summary (MAX_SUMMARY), the trailer.
+
     It accepts only what a full check of the finished file accepts (every index entry's chunk
     header and payload checksum), and is stricter in one way: bytes between chunks that no
     index entry names are refused, since our writer never leaves any. The imaging server feeds
@@ -268,9 +415,14 @@ class StreamChecker:
         self._chunk_at = 0
         self._left = 0                       # payload bytes of the current chunk still to come
         self._hasher: Any = None
-        self._seen: dict[int, ChunkHeader] = {}
+        self._seen_count = 0
+        self._seen_digest = hashlib.blake2b(digest_size=32)   # chunk_record()s in file order
         self._tail_at = -1                   # where the index starts, once chunks are over
-        self._tail = bytearray()
+        self._tail_length = 0
+        self._held = b""                     # the last TRAILER.size bytes: maybe the trailer
+        self._index: IndexParser | None = None
+        self._index_crc = 0
+        self._index_digest = hashlib.blake2b(digest_size=32)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Take the next bytes; ImageFormatError as soon as they cannot be a sound image."""
@@ -286,14 +438,36 @@ class StreamChecker:
         self.position += len(view)
         while view:
             if self._tail_at >= 0:
-                if len(self._tail) + len(view) > MAX_INDEX + TRAILER.size:
-                    raise ImageFormatError(f"{self.name}: index: implausibly long")
-                self._tail += view
+                self._take_tail(view)
                 return
             if self._left:
                 view = self._take_payload(view)
                 continue
             view = self._take_header_bytes(view)
+
+    def _begin_tail(self, at: int, first: bytes) -> None:
+        assert self._header is not None
+        self._tail_at = at
+        self._index = IndexParser(self._header.chunk_size, at)
+        self._take_tail(memoryview(first))
+
+    def _take_tail(self, view: memoryview) -> None:
+        """Index bytes: length checked before anything is held, then parsed and hashed; the
+        last TRAILER.size bytes wait, since the trailer is not part of the index."""
+        assert self._index is not None
+        self._tail_length += len(view)
+        limit = index_length_limit(self._seen_count)
+        if self._tail_length > limit + TRAILER.size:
+            raise ImageFormatError(f"index: longer than {self._seen_count} chunks allow "
+                                   f"({limit} bytes)")
+        data = self._held + bytes(view)
+        ready, self._held = data[:-TRAILER.size], data[-TRAILER.size:]
+        if len(data) <= TRAILER.size:
+            ready, self._held = b"", data
+        if ready:
+            self._index_crc = zlib.crc32(ready, self._index_crc)
+            for entry in self._index.feed(ready):
+                self._index_digest.update(chunk_record(entry.position, entry))
 
     def finish(self) -> Header:
         """The image is complete and sound (ImageFormatError says why not); its header."""
@@ -310,26 +484,23 @@ class StreamChecker:
         if self._left or (self._tail_at < 0 and self._pending):
             raise self._error(self._chunk_at, "cut short (an interrupted upload?)")
         tail_at = self._tail_at if self._tail_at >= 0 else self.position
-        tail = bytes(self._tail)
-        trailer = decode_trailer(tail[-TRAILER.size:] if len(tail) >= TRAILER.size else b"",
+        trailer = decode_trailer(self._held if len(self._held) == TRAILER.size else b"",
                                  self.position)
-        if trailer.index_offset != tail_at:
+        if trailer.index_offset != tail_at or self._index is None:
             raise ImageFormatError(f"{self.name}: the index does not start where the chunks "
                                    f"end (byte {tail_at})")
-        index_bytes = tail[:-TRAILER.size]
-        check_index_bytes(trailer, index_bytes)
-        index = decode_index(index_bytes, self._header.chunk_size, tail_at)
-        if len(index.entries) != trailer.chunk_count or len(index.entries) != len(self._seen):
-            raise ImageFormatError(f"{self.name}: the index lists {len(index.entries)} chunks, "
+        if self._index_crc != trailer.index_crc:
+            raise ImageFormatError("index: checksum mismatch (damaged index)")
+        self._index.finish()
+        listed = self._index.count
+        if listed != trailer.chunk_count or listed != self._seen_count:
+            raise ImageFormatError(f"{self.name}: the index lists {listed} chunks, "
                                    f"the trailer {trailer.chunk_count}, the file holds "
-                                   f"{len(self._seen)}")
-        for entry in index.entries:
-            seen = self._seen.get(entry.position)
-            if seen is None or (seen.stream, seen.offset, seen.length, seen.kind,
-                                seen.payload_length, seen.checksum) != (
-                    entry.stream, entry.offset, entry.length, entry.kind, entry.payload_length,
-                    entry.checksum):
-                raise self._error(entry.position, "does not match its index entry")
+                                   f"{self._seen_count}")
+        if self._index_digest.digest() != self._seen_digest.digest():
+            raise ImageFormatError(f"{self.name}: the index does not list the chunks the file "
+                                   "holds, where they are (a chunk does not match its index "
+                                   "entry)")
         return self._header
 
     def _take_header_bytes(self, view: memoryview) -> memoryview:
@@ -352,9 +523,9 @@ class StreamChecker:
             return view
         if need == len(CHUNK_MAGIC):
             if bytes(self._pending) != CHUNK_MAGIC:      # the index begins here
-                self._tail_at = at
-                self._tail += self._pending
+                first = bytes(self._pending)
                 self._pending.clear()
+                self._begin_tail(at, first)
             return view
         self._start_chunk(decode_chunk_header(bytes(self._pending), self._header.chunk_size,
                                               at), at)
@@ -382,7 +553,8 @@ class StreamChecker:
             raise self._error(self._chunk_at, f"(stream {self._chunk.stream}, offset "
                                               f"{self._chunk.offset}): checksum mismatch: the "
                                               "image is damaged")
-        self._seen[self._chunk_at] = self._chunk
+        self._seen_count += 1
+        self._seen_digest.update(chunk_record(self._chunk_at, self._chunk))
         self._chunk = None
 
     def _error(self, at: int, what: str) -> ImageFormatError:
