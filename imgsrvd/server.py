@@ -14,8 +14,10 @@ event loop nor hold up the 5 s SIGTERM contract.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -34,6 +36,7 @@ from common.daemon.workerpool import DaemonThreadPool
 from . import store
 from .config import Settings
 from .downloads import DownloadTracker
+from .resultsadmission import HostRateLimit, LogQueue
 from .status import ImagingCounters
 
 log = logging.getLogger("preboot.imgsrvd")
@@ -64,11 +67,12 @@ class _ImageFileResponse(web.FileResponse):
         return await super().prepare(request)
 
 
-def _error(status: int, message: str, **extra: Any) -> web.Response:
+def _error(status: int, message: str, retry_after_s: float = RETRY_AFTER_S,
+           **extra: Any) -> web.Response:
     body = {"error": message, **extra}
     headers = {protocol.ERROR_HEADER: protocol.error_header_value(message)}
-    if status == 503:
-        headers["Retry-After"] = str(RETRY_AFTER_S)
+    if status in (429, 503):
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
     return web.json_response(body, status=status, headers=headers)
 
 
@@ -83,6 +87,8 @@ class ImagingServer:
         self._log_pool: DaemonThreadPool | None = None
         self._directory = DirectoryHolder(self._worker_pool, "work queries are answered 503")
         self._results = None          # resultslog.ResultsLog, when it opened
+        self._report_limit = HostRateLimit(settings.results_per_minute)
+        self._log_queue = LogQueue(settings.results_queue_entries)
         self._uploads: set[store.Upload] = set()
 
     # ---- lifecycle (common.daemon.runner.Service) ---------------------------------------
@@ -120,8 +126,13 @@ class ImagingServer:
         warnings = address_change_warnings(self.settings, settings)
         old = self.settings
         self.settings = settings
+        self._report_limit.per_minute = settings.results_per_minute
+        self._log_queue.max_pending = settings.results_queue_entries
         if settings.results_log != old.results_log:
             await self._open_results(settings)
+        elif self._results is not None:   # read by the writer under its lock, per append
+            self._results.max_bytes = settings.results_log_max_bytes
+            self._results.keep = settings.results_log_keep
         await self._directory.configure(settings.directory)
         return warnings
 
@@ -156,7 +167,8 @@ class ImagingServer:
         old, self._results = self._results, None
         if old is not None:
             await asyncio.to_thread(old.close)
-        results = ResultsLog(settings.results_log)
+        results = ResultsLog(settings.results_log, settings.results_log_max_bytes,
+                             settings.results_log_keep)
         try:
             await asyncio.to_thread(os.makedirs, os.path.dirname(settings.results_log) or ".",
                                     0o755, True)
@@ -173,7 +185,21 @@ class ImagingServer:
     def _record(self, request: web.Request, workstation: str, operation: str, status: str,
                 image_path: str = "", error: str = "", image_type: str | None = None,
                 size: int | None = None, server: str | None = None) -> None:
-        """One results log entry (and one line in the daemon log) per imaging request."""
+        """One results log entry (and one line in the daemon log) per imaging request; dropped
+        (counted) when ResultsQueue entries are already waiting."""
+        future = self._log_entry(request, workstation, operation, status, image_path, error,
+                                 image_type, size, server)
+        if future is None and self._results is not None:
+            self.stats.results_dropped += 1
+            log.warning("results log: %d entries waiting (ResultsQueue); this one was dropped",
+                        self._log_queue.max_pending)
+
+    def _log_entry(self, request: web.Request, workstation: str, operation: str, status: str,
+                   image_path: str = "", error: str = "", image_type: str | None = None,
+                   size: int | None = None, server: str | None = None
+                   ) -> concurrent.futures.Future | None:
+        """Queue one entry; the future completes when it is durable. None: not queued (no log,
+        or the queue is full)."""
         who = workstation or request.remote or "unknown"
         line = f"{request.remote} {who}: {operation} {image_path or '-'}: {status}"
         if error:
@@ -184,20 +210,22 @@ class ImagingServer:
             log.warning("%s", line)
         results = self._results
         if results is None or self._log_pool is None:
-            return
+            return None
         from .resultslog import ResultEntry
         try:
             entry = ResultEntry(workstation=who, operation=operation, status=status,
                                 image_type=image_type, image_path=image_path or None,
                                 error_message=error or None,
                                 requesting_address=request.remote, server=server, bytes=size)
-            future = self._log_pool.submit(results.append, entry)
+            future = self._log_queue.submit(self._log_pool, results.append, entry)
         except Exception as exc:  # a bad entry or a pool shut down: the daemon log has it
             log.error("results log: %s", exc)
-            return
-        future.add_done_callback(
-            lambda f: f.cancelled() or f.exception() is None or
-            log.error("results log %s: %s", results.path, f.exception()))
+            return None
+        if future is not None:
+            future.add_done_callback(
+                lambda f: f.cancelled() or f.exception() is None or
+                log.error("results log %s: %s", results.path, f.exception()))
+        return future
 
     # ---- the directory ----------------------------------------------------------------------
 
@@ -470,14 +498,17 @@ class ImagingServer:
 
     async def _result(self, request: web.Request) -> web.Response:
         self.stats.update_requests += 1
+        limited = self._rate_limited(request)
+        if limited is not None:
+            return limited
         try:
             report = protocol.parse_result(await self._read_json(request))
         except BadRequest as exc:
             return self._deny(request, 400, str(exc), "log", verdict="failure")
-        self.stats.results_logged += 1
-        self._record(request, report.workstation, report.operation, report.status,
-                     report.image_path, report.error_message, report.image_type)
-        answer: dict[str, Any] = {"logged": True, "cleared": False}
+        refusal = await self._log_report(request, report)
+        if refusal is not None:
+            return refusal
+        answer: dict[str, Any] = {"logged": self._results is not None, "cleared": False}
         if report.operation == "download" and report.status == "success" and report.mac:
             mac = report.mac
             try:
@@ -493,3 +524,38 @@ class ImagingServer:
             if answer["cleared"]:
                 log.info("%s: image-on-next-boot flag cleared", mac)
         return web.json_response(answer)
+
+    def _rate_limited(self, request: web.Request) -> web.Response | None:
+        """429 when this host has sent more than ResultsPerMinute reports (checked before the
+        body is read: a flood costs no parsing and leaves no entries)."""
+        host = request.remote or "?"
+        wait_s = self._report_limit.wait_s(host)
+        if not wait_s:
+            return None
+        self.stats.results_rate_limited += 1
+        log.debug("%s: result refused: more than %d per minute (ResultsPerMinute)", host,
+                  self._report_limit.per_minute)
+        return _error(429, f"too many results from {host}: at most "
+                           f"{self._report_limit.per_minute} per minute (ResultsPerMinute); "
+                           "try again later", retry_after_s=wait_s)
+
+    async def _log_report(self, request: web.Request, report: protocol.ResultReport
+                          ) -> web.Response | None:
+        """Write the engine's report and wait until it is durable (the log's contract: an
+        entry is on disk when append returns), so "logged" is never said of a lost entry.
+        None when written (or there is no log: the daemon log has it); else the 503."""
+        future = self._log_entry(request, report.workstation, report.operation, report.status,
+                                 report.image_path, report.error_message, report.image_type)
+        if future is None:
+            if self._results is None:
+                return None
+            self.stats.results_queue_full += 1
+            return _error(503, f"the results log is busy ({self._log_queue.max_pending} "
+                               "entries waiting to be written, ResultsQueue); report again later")
+        try:
+            await asyncio.wrap_future(future)
+        except Exception as exc:  # disk full, I/O error: not logged, the engine may retry
+            self.stats.failures += 1
+            return _error(503, f"the result could not be written to the results log ({exc})")
+        self.stats.results_logged += 1
+        return None

@@ -16,7 +16,10 @@ active_transfers   uploads and downloads in progress now
 failures           requests that failed: refused, bad, aborted, disk full, directory errors
 busy_refusals      transfers refused with 503 because MaxClients were in progress
 directory_errors   work queries or results the directory could not answer
-results_logged     result reports (POST /v1/results) received
+results_logged     result reports (POST /v1/results) logged
+results_rate_limited  result reports refused (429) by ResultsPerMinute
+results_queue_full    result reports refused (503) because ResultsQueue entries were waiting
+results_dropped    the server's own entries not logged because the queue was full
 """
 
 from __future__ import annotations
@@ -39,3 +42,6 @@ class ImagingCounters(StatusCounters):
     busy_refusals: int = 0
     directory_errors: int = 0
     results_logged: int = 0
+    results_rate_limited: int = 0
+    results_queue_full: int = 0
+    results_dropped: int = 0
