@@ -4,9 +4,11 @@ The first four are the original's imaging statistics (DOMAIN.md, "Imaging statis
 shows them first and under the original's names, as the registry of services says
 (common.daemon.services.IMGSRVD: counter_order, counter_labels):
 
-update_requests    imaging requests of any kind (store, retrieve, work query, result), including
-                   those that failed, were denied or were referred to another server
-images_sent        images sent to clients (a complete GET, or the range that ends the file)
+update_requests    imaging operations of any kind (store, retrieve, work query, referral, a
+                   report of an operation served elsewhere), including those that failed, were
+                   denied or were referred; a retrieve's many Range requests are one
+                   (imgsrvd/operations.py)
+images_sent        images sent to clients (retrieves that sent every byte of the image)
 images_received    images received and stored here
 client_referrals   auto-imaging requests referred to another imaging server
 
