@@ -201,3 +201,16 @@ def _well_formed(files: list[Path]) -> None:
         assert result.returncode == 0, result.stderr
     for f in files:
         list(read_entries(f))
+
+
+def test_a_reload_applies_the_limits_and_rotation(imgsrvd_factory):
+    daemon = imgsrvd_factory(ResultsPerMinute=2)
+    path = results_path(daemon)
+    assert [post_result(daemon, REPORT)[0] for _ in range(3)] == [200, 200, 429]
+    text = daemon.config.read_text().replace("ResultsPerMinute = 2", "ResultsPerMinute = 0")
+    daemon.config.write_text(text + "ResultsLogMaxSize = 1\nResultsLogKeep = 1\n")
+    daemon.signal(signal.SIGHUP)
+    assert wait_for(lambda: "configuration reloaded" in daemon.log())
+    assert [post_result(daemon, REPORT)[0] for _ in range(6)] == [200] * 6
+    assert Path(f"{path}.1").exists() and not Path(f"{path}.2").exists()
+    _well_formed([path, Path(f"{path}.1")])
