@@ -9,16 +9,28 @@ from __future__ import annotations
 
 import http.client
 import json
+import secrets
 import select
 import socket
 import threading
 from typing import Any
 
-from common.imaging.protocol import (ERROR_HEADER, MODE_HEADER, WORKSTATION_HEADER,
-                                     error_reason as _reason, image_url, referral_target,
-                                     split_server)
+from common.imaging.protocol import (ERROR_HEADER, MODE_HEADER, REPORTS_HEADER,
+                                     SESSION_HEADER, WORKSTATION_HEADER, error_reason as _reason, image_url,
+                                     referral_target, split_server)
 
 TIMEOUT = 30.0
+# This run's X-Preboot-Session (docs/imaging-protocol.md, "Operations"): the server counts the
+# many Range requests of a restore as one retrieve and joins its record with our report.
+SESSION = secrets.token_hex(8)
+_report_server = ""         # where this run reports its results (reports_to)
+
+
+def reports_to(server: str) -> None:
+    """This run reports its results to `server`: requests to it say so (X-Preboot-Reports),
+    so that server joins its record of each operation with the report."""
+    global _report_server
+    _report_server = server
 UPLOAD_BUFFER = 1 << 20
 
 
@@ -97,7 +109,9 @@ class ImagingClient:
         self.close()
 
     def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        headers = {MODE_HEADER: self.mode}
+        headers = {MODE_HEADER: self.mode, SESSION_HEADER: SESSION}
+        if self.server == _report_server:
+            headers[REPORTS_HEADER] = "yes"
         if self.workstation:
             headers[WORKSTATION_HEADER] = self.workstation
         if self.token:

@@ -12,7 +12,7 @@ from typing import Any
 
 from common.machine import ATTRIBUTE_KINDS, normalize_mac
 
-from .client import ImagingClient, ServerError
+from .client import SESSION, ImagingClient, ServerError
 from .errors import Failure
 from .hardware import machine_facts
 
@@ -55,7 +55,8 @@ def report(server: str, facts: dict[str, Any], operation: str, image: str, error
         return
     body = {"workstation": workstation, "mac": mac, "operation": operation,
             "image_type": image_type, "image_path": image,
-            "status": "failure" if error else "success", "error_message": error[:4000]}
+            "status": "failure" if error else "success", "error_message": error[:4000],
+            "session": SESSION}
     try:
         with ImagingClient(server, workstation, timeout=15, token=token) as client:
             answer = client.result(body)

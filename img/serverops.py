@@ -19,7 +19,7 @@ from common.imaging.imagefile import ImageReader
 from common.imaging.imageformat import ImageFormatError
 from common.imaging.protocol import split_server
 
-from .client import ImagingClient, Referral, ServerError
+from .client import ImagingClient, Referral, ServerError, reports_to
 from .disklayout import DiskLayoutError
 from .errors import AddonError, DiskError, Failure, RestoreError
 from .local import apply_one, print_shrunk, restore_notes
@@ -150,6 +150,7 @@ def server_operation(kind: str, args: argparse.Namespace, server: str, path: str
     answer asks a restore to shrink filesystems to fit a smaller disk (as --shrink does by
     hand)."""
     workstation, _ = identity(facts)
+    reports_to(report_to)
     operation = "download" if kind == "restore" else "upload"
     try:
         if kind == "restore":
@@ -190,6 +191,7 @@ def apply_addons_remote(server: str, paths: list[str], disk: str, partition: int
     """Apply each add-on in order from server (a //other/path is fetched there), reporting
     each to report_to; the first failure stops the rest."""
     workstation, _ = identity(facts)
+    reports_to(report_to)
     for path in paths:
         shown = path if server == report_to or path.startswith("//") else f"//{server}/{path}"
         try:
@@ -282,6 +284,7 @@ def addon_make(args: argparse.Namespace) -> int:
         facts = server_facts("", [])
         workstation, _ = identity(facts)
         token = operator_token(args)
+        reports_to(args.server)
         label = make_addon_remote(args.server, args.image, args.source, facts, args.level,
                                   args.threads, workstation, token)
     except Failure as exc:

@@ -37,6 +37,18 @@ SCHEMA = Schema((
                     "then boots the local disk)."),
     Key("ResultsLog", "path", "/var/log/preboot/imgsrvd-results.xml",
         "Well-formed XML log of every imaging request (the original's Zimglog.xml)."),
+    Key("ResultsLogMaxSize", "integer(min=0, max=16777216)", "65536",
+        "KiB the results log may reach before it is rotated (renamed ResultsLog.1, the older "
+        "ones shifted to .2 ...); 0: never rotated."),
+    Key("ResultsLogKeep", "integer(min=0, max=1000)", "5",
+        "Rotated results logs kept (ResultsLog.1 ... ResultsLog.N); the oldest beyond them is "
+        "deleted."),
+    Key("ResultsPerMinute", "integer(min=0, max=1000000)", "60",
+        "Results (POST /v1/results) one host may report per minute (that many at once, then one "
+        "every 60/N s); more are answered 429 with Retry-After. 0: no limit."),
+    Key("ResultsQueue", "integer(min=1, max=100000)", "256",
+        "Results log entries that may wait to be written; when that many are waiting, a report "
+        "is answered 503 with Retry-After (and the server's own entries are dropped, counted)."),
     Key("MaxClients", "integer(min=1, max=10000)", "64",
         "Image transfers (stores and retrievals) served at once; more are answered 503 with "
         "Retry-After."),
@@ -68,6 +80,10 @@ class Settings:
     allow_overwrite: bool
     directory: DirectorySettings
     results_log: str
+    results_log_max_bytes: int              # 0: never rotated
+    results_log_keep: int
+    results_per_minute: int                 # per host; 0: no limit
+    results_queue_entries: int
     max_clients: int
     max_transfers_per_client: int
     transfer_timeout_s: float               # the progress window
@@ -100,6 +116,10 @@ def make_settings(values: dict[str, Any], common: CommonSettings) -> Settings:
         allow_overwrite=values["AllowOverwrite"],
         directory=directory,
         results_log=values["ResultsLog"],
+        results_log_max_bytes=values["ResultsLogMaxSize"] * 1024,
+        results_log_keep=values["ResultsLogKeep"],
+        results_per_minute=values["ResultsPerMinute"],
+        results_queue_entries=values["ResultsQueue"],
         max_clients=values["MaxClients"],
         # more than MaxClients would never be reached: MaxClients alone limits then
         max_transfers_per_client=min(values["MaxTransfersPerClient"], values["MaxClients"]),

@@ -14,8 +14,10 @@ event loop nor hold up the 5 s SIGTERM contract.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -35,7 +37,8 @@ from common.daemon.workerpool import DaemonThreadPool
 from . import store
 from .access import work_grant
 from .config import Settings
-from .downloads import DownloadTracker
+from .operations import Operation, OperationTable
+from .resultsadmission import HostRateLimit, LogQueue
 from .status import ImagingCounters
 from .transfers import ProgressWatch, SlotTable, TransferStalled
 
@@ -47,6 +50,8 @@ SHUTDOWN_TIMEOUT_S = 2.0
 READ_CHUNK = 1 << 20             # bytes handed to a worker thread per write
 RETRY_AFTER_S = 5
 JSON_MAX = 64 * 1024
+SWEEP_S = 30.0                   # how often unfinished and unreported operations are settled
+STOP_FLUSH_S = 1.5               # what stop() waits for their entries to be written
 
 
 http_log = quiet_bad_requests("preboot.imgsrvd.http", log)
@@ -113,11 +118,12 @@ async def _watched(work: Any, watch: ProgressWatch, transport: Any) -> None:
         raise
 
 
-def _error(status: int, message: str, **extra: Any) -> web.Response:
+def _error(status: int, message: str, retry_after_s: float = RETRY_AFTER_S,
+           **extra: Any) -> web.Response:
     body = {"error": message, **extra}
     headers = {protocol.ERROR_HEADER: protocol.error_header_value(message)}
-    if status == 503:
-        headers["Retry-After"] = str(RETRY_AFTER_S)
+    if status in (429, 503):
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
     return web.json_response(body, status=status, headers=headers)
 
 
@@ -125,13 +131,16 @@ class ImagingServer:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.stats = ImagingCounters()
-        self._downloads = DownloadTracker()   # ranged downloads -> Images Sent
+        self._operations = OperationTable()   # stores and retrieves, as the log counts them
+        self._sweeper: asyncio.Task | None = None
         self._http = HttpListener(http_log, keepalive_s=KEEPALIVE_S,
                                   shutdown_timeout_s=SHUTDOWN_TIMEOUT_S, backlog=LISTEN_BACKLOG)
         self._pool: DaemonThreadPool | None = None
         self._log_pool: DaemonThreadPool | None = None
         self._directory = DirectoryHolder(self._worker_pool, "work queries are answered 503")
         self._results = None          # resultslog.ResultsLog, when it opened
+        self._report_limit = HostRateLimit(settings.results_per_minute)
+        self._log_queue = LogQueue(settings.results_queue_entries)
         self._uploads: set[store.Upload] = set()
         self._gate = Gate(settings.trust)
         self._slots = SlotTable()
@@ -166,6 +175,7 @@ class ImagingServer:
         app.router.add_post("/v1/work", self._work)
         app.router.add_post("/v1/results", self._result)
         await self._http.start(app)
+        self._sweeper = asyncio.create_task(self._sweep_operations())
         where = self.listen()[0]
         log.info("imaging service answering on http://%s:%d/v1/ (images in %s, server name %s)",
                  where["address"], where["port"], root, self.settings.server_name)
@@ -174,14 +184,20 @@ class ImagingServer:
         warnings = address_change_warnings(self.settings, settings)
         old = self.settings
         self.settings = settings
+        self._report_limit.per_minute = settings.results_per_minute
+        self._log_queue.max_pending = settings.results_queue_entries
         if settings.results_log != old.results_log:
             await self._open_results(settings)
+        elif self._results is not None:   # read by the writer under its lock, per append
+            self._results.max_bytes = settings.results_log_max_bytes
+            self._results.keep = settings.results_log_keep
         await self._directory.configure(settings.directory)
         self._gate.configure(settings.trust)
         return warnings + await asyncio.to_thread(self._gate.prepare)
 
     async def stop(self) -> None:
         await self._http.stop()
+        await self._flush_operations()
         for upload in list(self._uploads):
             upload.abort()
         for pool in (self._pool, self._log_pool):
@@ -211,7 +227,8 @@ class ImagingServer:
         old, self._results = self._results, None
         if old is not None:
             await asyncio.to_thread(old.close)
-        results = ResultsLog(settings.results_log)
+        results = ResultsLog(settings.results_log, settings.results_log_max_bytes,
+                             settings.results_log_keep)
         try:
             await asyncio.to_thread(os.makedirs, os.path.dirname(settings.results_log) or ".",
                                     0o755, True)
@@ -228,7 +245,26 @@ class ImagingServer:
     def _record(self, request: web.Request, workstation: str, operation: str, status: str,
                 image_path: str = "", error: str = "", image_type: str | None = None,
                 size: int | None = None, server: str | None = None) -> None:
-        """One results log entry (and one line in the daemon log) per imaging request."""
+        """One results log entry (and one line in the daemon log) per imaging request; dropped
+        (counted) when ResultsQueue entries are already waiting."""
+        if request.method in ("PUT", "GET", "HEAD") and operation in ("upload", "download") \
+                and status in ("success", "failure", "denied"):
+            self._log_line(request, workstation, operation, status, image_path, error)
+            self._end_operation(request, workstation, operation, status, image_path, error,
+                                image_type, size)
+            return
+        future = self._log_entry(request, workstation, operation, status, image_path, error,
+                                 image_type, size, server)
+        self._count_dropped(future)
+
+    def _count_dropped(self, future: concurrent.futures.Future | None) -> None:
+        if future is None and self._results is not None:
+            self.stats.results_dropped += 1
+            log.warning("results log: %d entries waiting (ResultsQueue); this one was dropped",
+                        self._log_queue.max_pending)
+
+    def _log_line(self, request: web.Request, workstation: str, operation: str, status: str,
+                  image_path: str, error: str) -> None:
         who = workstation or request.remote or "unknown"
         line = f"{request.remote} {who}: {operation} {image_path or '-'}: {status}"
         if error:
@@ -237,22 +273,131 @@ class ImagingServer:
             log.info("%s", line)
         else:
             log.warning("%s", line)
+
+    def _log_entry(self, request: web.Request, workstation: str, operation: str, status: str,
+                   image_path: str = "", error: str = "", image_type: str | None = None,
+                   size: int | None = None, server: str | None = None
+                   ) -> concurrent.futures.Future | None:
+        """Queue one entry; the future completes when it is durable. None: not queued (no log,
+        or the queue is full)."""
+        self._log_line(request, workstation, operation, status, image_path, error)
+        return self._submit_entry(
+            workstation=workstation or request.remote or "unknown", operation=operation,
+            status=status, image_type=image_type, image_path=image_path or None,
+            error_message=error or None, requesting_address=request.remote, server=server,
+            bytes=size)
+
+    def _submit_entry(self, **fields: Any) -> concurrent.futures.Future | None:
         results = self._results
         if results is None or self._log_pool is None:
-            return
+            return None
         from .resultslog import ResultEntry
         try:
-            entry = ResultEntry(workstation=who, operation=operation, status=status,
-                                image_type=image_type, image_path=image_path or None,
-                                error_message=error or None,
-                                requesting_address=request.remote, server=server, bytes=size)
-            future = self._log_pool.submit(results.append, entry)
+            entry = ResultEntry(**fields)
+            future = self._log_queue.submit(self._log_pool, results.append, entry)
         except Exception as exc:  # a bad entry or a pool shut down: the daemon log has it
             log.error("results log: %s", exc)
-            return
-        future.add_done_callback(
-            lambda f: f.cancelled() or f.exception() is None or
-            log.error("results log %s: %s", results.path, f.exception()))
+            return None
+        if future is not None:
+            future.add_done_callback(
+                lambda f: f.cancelled() or f.exception() is None or
+                log.error("results log %s: %s", results.path, f.exception()))
+        return future
+
+    # ---- operations: one entry and one Update Request per store or retrieve ----------------
+
+    def _client(self, request: web.Request) -> tuple[str, bool]:
+        """(who the operation's requests come from, whether that engine reports it itself):
+        the run's X-Preboot-Session, else the requesting address (imgsrvd/operations.py)."""
+        session = protocol.clean_session(request.headers.get(protocol.SESSION_HEADER, ""))
+        if not session:
+            return f"address {request.remote}", False
+        reports = request.headers.get(protocol.REPORTS_HEADER, "").strip().lower() == "yes"
+        return f"session {session}", reports
+
+    def _retrieve(self, request: web.Request, path: str, size: int) -> Operation:
+        """The retrieve this GET belongs to; its first GET counts an Update Request."""
+        client, reports = self._client(request)
+        op = self._operations.live_retrieve(client, path)
+        if op is not None and op.size == size:
+            self._operations.touch(op)
+            return op
+        self.stats.update_requests += 1
+        op = self._operations.begin(client, "download", path, self._workstation(request),
+                                    request.remote or "", reports, size)
+        self._write_due()
+        return op
+
+    def _retrieve_sent(self, op: Operation, first: int, last: int, sent: int) -> None:
+        op.sent_bytes += sent
+        if op.cover(first, last):            # sent whole: an Image Sent, the retrieve is over
+            self.stats.images_sent += 1
+            self._operations.finish(op, "success")
+            self._write_due()
+
+    def _end_operation(self, request: web.Request, workstation: str, kind: str, status: str,
+                       path: str, error: str, image_type: str | None, size: int | None) -> None:
+        """A store or retrieve ends (stored, refused, failed): its entry now, or with the
+        engine's report when it sends one. A refused GET or HEAD outside a retrieve is an
+        operation of its own (a PUT counted itself)."""
+        client, reports = self._client(request)
+        op = self._operations.live_retrieve(client, path) if kind == "download" else None
+        if op is None:
+            if kind == "download":
+                self.stats.update_requests += 1
+            op = self._operations.begin(client, kind, path, workstation, request.remote or "",
+                                        reports)
+        self._operations.finish(op, status, error, image_type, size)
+        self._write_due()
+
+    def _reported_operation(self, report: protocol.ResultReport) -> Operation | None:
+        """The store or retrieve (of this server) the engine's report is about, if any."""
+        if not report.session:
+            return None
+        try:
+            where = protocol.parse_image_path(report.image_path, self._own_names())
+        except BadPath:
+            return None
+        path = str(where) if isinstance(where, RemotePath) else where.path   # as recorded
+        return self._operations.report(f"session {report.session}", report.operation, path)
+
+    def _write_due(self) -> None:
+        for op in self._operations.take_due():
+            self._count_dropped(self._write_operation(op))
+
+    def _write_operation(self, op: Operation, report: protocol.ResultReport | None = None
+                         ) -> concurrent.futures.Future | None:
+        """The operation's one entry: the server's record, with the engine's report if any.
+        A refusal keeps the server's verdict and reason (the engine only saw it fail); a
+        transfer the server completed takes the engine's status (it also saw the disk)."""
+        size = op.stored_bytes if op.kind == "upload" else op.sent_bytes
+        status, error, image_type, who = op.status, op.error, op.image_type, op.workstation
+        if report is not None:
+            if op.status in ("success", "reported"):
+                status, error = report.status, report.error_message
+            image_type = report.image_type
+            who = report.workstation or op.workstation
+        return self._submit_entry(
+            workstation=who or op.address or "unknown", operation=op.kind, status=status,
+            image_type=image_type, image_path=op.path or None, error_message=error or None,
+            requesting_address=op.address or None, bytes=size or None)
+
+    async def _sweep_operations(self) -> None:
+        """Settle retrieves that stopped and records whose report never came."""
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            self._operations.expire()
+            self._write_due()
+
+    async def _flush_operations(self) -> None:
+        """Stopping: write what is still waiting (briefly: the stop has a deadline)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self._operations.settle_all()
+        futures = [f for op in self._operations.take_due()
+                   if (f := self._write_operation(op)) is not None]
+        if futures:
+            await asyncio.wait([asyncio.wrap_future(f) for f in futures], timeout=STOP_FLUSH_S)
 
     # ---- the directory ----------------------------------------------------------------------
 
@@ -315,6 +460,8 @@ class ImagingServer:
                               protocol.MANUAL_REFERRAL_ERROR.format(server=where.server),
                               operation, str(where))
         self.stats.client_referrals += 1
+        if request.method != "PUT":          # a store counted itself
+            self.stats.update_requests += 1
         server = where.server if ":" in where.server.rsplit("]", 1)[-1] \
             else f"{where.server}:{protocol.DEFAULT_PORT}"
         # encoded again: the path arrived decoded, and a name with '%', '?' or '#' must reach
@@ -467,9 +614,7 @@ class ImagingServer:
                                   "seconds": round(seconds, 3)}, status=201)
 
     async def _get(self, request: web.Request) -> web.StreamResponse:
-        head = request.method == "HEAD"
-        if not head:
-            self.stats.update_requests += 1
+        head = request.method == "HEAD"      # counted with the retrieve (operations.py)
         settings = self.settings
         try:
             where = self._image_path(request)
@@ -500,6 +645,7 @@ class ImagingServer:
             self.stats.busy_refusals += 1
             return self._deny(request, 503, f"{busy}; try again later", "download", path,
                               "failure")
+        op = self._retrieve(request, path, size)
         self._take_slot(request)
         try:
             try:
@@ -511,9 +657,8 @@ class ImagingServer:
                 await response.prepare(request)
                 await response.write_eof()
             except BaseException as exc:
-                self.stats.failures += 1
-                self._record(request, self._workstation(request), "download", "failure", path,
-                             f"transfer aborted: {type(exc).__name__}")
+                self.stats.failures += 1   # the retrieve may resume; it ends when it stops
+                op.error = f"last transfer aborted: {type(exc).__name__}"
                 raise
             sent = response.content_length or 0
             if response.status in (200, 206):
@@ -524,10 +669,7 @@ class ImagingServer:
                     first = start if start is None or start >= 0 else size + start
                     first = first or 0
                     last = first + sent
-                if self._downloads.served(request.remote or "?", path, size, first, last):
-                    self.stats.images_sent += 1
-                    self._record(request, self._workstation(request), "download", "success",
-                                 path, size=sent)
+                self._retrieve_sent(op, first, last, sent)
             elif response.status >= 400:
                 self.stats.failures += 1
             return response
@@ -586,20 +728,28 @@ class ImagingServer:
         return web.json_response(answer)
 
     async def _result(self, request: web.Request) -> web.Response:
-        self.stats.update_requests += 1
+        limited = self._rate_limited(request)
+        if limited is not None:
+            self.stats.update_requests += 1
+            return limited
         try:
             report = protocol.parse_result(await self._read_json(request))
         except BadRequest as exc:
+            self.stats.update_requests += 1
             return self._deny(request, 400, str(exc), "log", verdict="failure")
         try:
             self._authorize(request, "result", mac=report.mac or "")
         except Refused as exc:
+            self.stats.update_requests += 1
             return self._deny(request, exc.status, exc.reason, report.operation,
                               report.image_path)
-        self.stats.results_logged += 1
-        self._record(request, report.workstation, report.operation, report.status,
-                     report.image_path, report.error_message, report.image_type)
-        answer: dict[str, Any] = {"logged": True, "cleared": False}
+        op = self._reported_operation(report)
+        if op is None:                   # an operation served elsewhere: a request of its own
+            self.stats.update_requests += 1
+        refusal = await self._log_report(request, report, op)
+        if refusal is not None:
+            return refusal
+        answer: dict[str, Any] = {"logged": self._results is not None, "cleared": False}
         if report.operation == "download" and report.status == "success" and report.mac:
             mac = report.mac
             try:
@@ -615,3 +765,45 @@ class ImagingServer:
             if answer["cleared"]:
                 log.info("%s: image-on-next-boot flag cleared", mac)
         return web.json_response(answer)
+
+    def _rate_limited(self, request: web.Request) -> web.Response | None:
+        """429 when this host has sent more than ResultsPerMinute reports (checked before the
+        body is read: a flood costs no parsing and leaves no entries)."""
+        host = request.remote or "?"
+        wait_s = self._report_limit.wait_s(host)
+        if not wait_s:
+            return None
+        self.stats.results_rate_limited += 1
+        log.debug("%s: result refused: more than %d per minute (ResultsPerMinute)", host,
+                  self._report_limit.per_minute)
+        return _error(429, f"too many results from {host}: at most "
+                           f"{self._report_limit.per_minute} per minute (ResultsPerMinute); "
+                           "try again later", retry_after_s=wait_s)
+
+    async def _log_report(self, request: web.Request, report: protocol.ResultReport,
+                          op: Operation | None = None) -> web.Response | None:
+        """Write the engine's report and wait until it is durable (the log's contract: an
+        entry is on disk when append returns), so "logged" is never said of a lost entry.
+        None when written (or there is no log: the daemon log has it); else the 503. With the
+        server's record of the operation (op), the two are one entry."""
+        if op is not None:
+            self._log_line(request, report.workstation, report.operation, report.status,
+                           report.image_path, report.error_message)
+            future = self._write_operation(op, report)
+        else:
+            future = self._log_entry(request, report.workstation, report.operation,
+                                     report.status, report.image_path, report.error_message,
+                                     report.image_type)
+        if future is None:
+            if self._results is None:
+                return None
+            self.stats.results_queue_full += 1
+            return _error(503, f"the results log is busy ({self._log_queue.max_pending} "
+                               "entries waiting to be written, ResultsQueue); report again later")
+        try:
+            await asyncio.wrap_future(future)
+        except Exception as exc:  # disk full, I/O error: not logged, the engine may retry
+            self.stats.failures += 1
+            return _error(503, f"the result could not be written to the results log ({exc})")
+        self.stats.results_logged += 1
+        return None

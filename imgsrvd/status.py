@@ -4,9 +4,11 @@ The first four are the original's imaging statistics (DOMAIN.md, "Imaging statis
 shows them first and under the original's names, as the registry of services says
 (common.daemon.services.IMGSRVD: counter_order, counter_labels):
 
-update_requests    imaging requests of any kind (store, retrieve, work query, result), including
-                   those that failed, were denied or were referred to another server
-images_sent        images sent to clients (a complete GET, or the range that ends the file)
+update_requests    imaging operations of any kind (store, retrieve, work query, referral, a
+                   report of an operation served elsewhere), including those that failed, were
+                   denied or were referred; a retrieve's many Range requests are one
+                   (imgsrvd/operations.py)
+images_sent        images sent to clients (retrieves that sent every byte of the image)
 images_received    images received and stored here
 client_referrals   auto-imaging requests referred to another imaging server
 
@@ -16,7 +18,10 @@ active_transfers   uploads and downloads in progress now
 failures           requests that failed: refused, bad, aborted, disk full, directory errors
 busy_refusals      transfers refused with 503 because MaxClients were in progress
 directory_errors   work queries or results the directory could not answer
-results_logged     result reports (POST /v1/results) received
+results_logged     result reports (POST /v1/results) logged
+results_rate_limited  result reports refused (429) by ResultsPerMinute
+results_queue_full    result reports refused (503) because ResultsQueue entries were waiting
+results_dropped    the server's own entries not logged because the queue was full
 """
 
 from __future__ import annotations
@@ -39,3 +44,6 @@ class ImagingCounters(StatusCounters):
     busy_refusals: int = 0
     directory_errors: int = 0
     results_logged: int = 0
+    results_rate_limited: int = 0
+    results_queue_full: int = 0
+    results_dropped: int = 0

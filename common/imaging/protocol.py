@@ -29,6 +29,14 @@ STATUSES = ("success", "failure")
 IMAGE_TYPES = ("base", "addon")
 WORKSTATION_HEADER = "X-Preboot-Workstation"
 MODE_HEADER = "X-Preboot-Mode"
+# One value per img run, on every request and in its result reports: the server tells the
+# requests of one retrieve apart from another client's, and joins its record of a store or
+# retrieve with the engine's report of it (one results log entry per operation).
+SESSION_HEADER = "X-Preboot-Session"
+MAX_SESSION = 64
+# "yes": this run reports its result to this server (it reports to the one it was pointed at,
+# not to one a referral sent it to), so the server's record of the operation waits for it.
+REPORTS_HEADER = "X-Preboot-Reports"
 # A refusal's reason also goes in this header: a HEAD answer has no body to carry it.
 ERROR_HEADER = "X-Preboot-Error"
 DEFAULT_PORT = 998                 # a //server/path without a port names this port
@@ -182,6 +190,15 @@ class ResultReport:
     image_path: str
     status: str
     error_message: str
+    session: str = ""       # the X-Preboot-Session of the run that did the operation
+
+
+def clean_session(value: str) -> str:
+    """A session as sent (printable ASCII, at most MAX_SESSION characters), else ''."""
+    value = value.strip()
+    if len(value) > MAX_SESSION or not value.isascii() or not value.isprintable():
+        return ""
+    return value
 
 
 def parse_result(body: Any) -> ResultReport:
@@ -191,7 +208,7 @@ def parse_result(body: Any) -> ResultReport:
         raise BadRequest("the body must be a JSON object")
     fields = {}
     for name in ("workstation", "mac", "operation", "image_type", "image_path", "status",
-                 "error_message"):
+                 "error_message", "session"):
         value = body.get(name, "")
         if not isinstance(value, str):
             raise BadRequest(f"{name}: must be a string")
@@ -215,9 +232,11 @@ def parse_result(body: Any) -> ResultReport:
     image_type = fields["image_type"] or "base"
     if image_type not in IMAGE_TYPES:
         raise BadRequest(f"image_type: '{image_type}' is not base or addon")
+    if fields["session"] and not clean_session(fields["session"]):
+        raise BadRequest(f"session: not printable ASCII of at most {MAX_SESSION} characters")
     return ResultReport(fields["workstation"] or (mac or ""), mac, fields["operation"],
                         image_type, fields["image_path"], fields["status"],
-                        fields["error_message"])
+                        fields["error_message"], fields["session"])
 
 
 # The kinds of work (common.policy.model.ActionKind's values, as the answer's "work" carries

@@ -336,7 +336,10 @@ def test_make_refused_by_the_server(imgsrvd_factory, source_disk):
     assert "409" in result.stderr and "overwriting is not allowed" in result.stderr
     assert server.address in result.stderr and "not changed" in result.stderr
     assert server.counters()["images_received"] == 1
-    assert wait_for(lambda: any(e.status == "failure" for e in server.results("upload")))
+    # one entry for the refused store (issue 13): the server's verdict, joined with the report
+    assert wait_for(lambda: len(server.results("upload")) == 2)
+    refused = server.results("upload")[1]
+    assert refused.status == "denied" and "overwriting" in refused.error_message, refused
 
 
 def test_auto_follows_the_rules(imgsrvd_factory, source_disk, tmp_path):

@@ -291,8 +291,8 @@ def image_on_b(net: Net, source_disk: Path) -> str:
     assert f"made //{net.b.ip}/{IMAGE}" in made.stdout, made.stdout
     assert (net.b.root / IMAGE).is_file() and not (net.a.root / IMAGE).exists()
     counters = net.counters(net.b)
-    # the PUT and the result img reported to B are its Update Requests so far
-    assert (counters["images_received"], counters["update_requests"]) == (1, 2), counters
+    # the store (one entry with the result img reported of it) is B's one Update Request
+    assert (counters["images_received"], counters["update_requests"]) == (1, 1), counters
     net.a.set_policy(Rule.from_text(
         "elsewhere", "", Action(ActionKind.RESTORE, f"//{net.b.ip}/{IMAGE}")))
     return f"//{net.b.ip}/{IMAGE}"
@@ -318,8 +318,10 @@ def test_auto_follows_a_referral_to_the_other_namespace(net: Net, image_on_b: st
     assert counters_a["update_requests"] == 2, counters_a
     assert counters_b["images_sent"] == 1 and counters_b["client_referrals"] == 0, counters_b
     requests = int(out.split(" requests in ")[0].rsplit(" ", 1)[1])
-    # every ranged GET is an Update Request (the HEAD is not); no result is sent to B
-    assert counters_b["update_requests"] == before_b["update_requests"] + requests, \
+    # the HEAD, the header probe and every ranged GET are one retrieve: one Update Request
+    # (issue 13: they were one each); no result is sent to B
+    assert requests > 1, out
+    assert counters_b["update_requests"] == before_b["update_requests"] + 1, \
         (before_b, counters_b, out)
     assert counters_b["bytes_sent"] >= (b.root / IMAGE).stat().st_size
     assert counters_a["failures"] == 0 and counters_b["failures"] == 0
