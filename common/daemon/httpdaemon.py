@@ -9,6 +9,7 @@
     listener.close()                 # and, last, close the socket
     address_change_warnings(old, new)   # in Service.apply: the address needs a restart
     error_middleware(not_found, internal_error)   # 404 and 500 in the daemon's words
+    body = await read_json_body(request, JsonLimits(...))   # BadJsonBody: answer 400
 
 The application itself (routes, middlewares, handlers) stays in the daemon. This module knows
 aiohttp and common.daemon.tcplisten only; nothing in it is specific to one daemon.
@@ -16,8 +17,11 @@ aiohttp and common.daemon.tcplisten only; nothing in it is specific to one daemo
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import socket
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -85,6 +89,109 @@ def error_middleware(not_found: Answer, internal_error: Answer,
             return internal_error(request)
 
     return errors
+
+
+class BadJsonBody(ValueError):
+    """A request body that is not a bounded JSON object; str() is the reason for the 400."""
+
+
+@dataclass(frozen=True)
+class JsonLimits:
+    """What a JSON request body may be. Every bound keeps one request's cost (memory, time,
+    recursion) small whatever the client sends."""
+
+    max_bytes: int = 64 * 1024
+    timeout_s: float = 30.0          # the whole body, not each read
+    max_depth: int = 32              # nested arrays and objects
+    max_number_chars: int = 64       # digits, sign, point and exponent of one number
+
+
+async def read_json_body(request: web.Request, limits: JsonLimits) -> dict[str, Any]:
+    """The request's body as a JSON object, or BadJsonBody with the reason: too large, too
+    slow, not UTF-8, nested too deep, a number too long, not JSON, not an object."""
+    raw = await _read_bounded(request, limits)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadJsonBody(f"the body is not UTF-8 (byte {exc.start})") from None
+    return parse_json_object(text, limits)
+
+
+def parse_json_object(text: str, limits: JsonLimits) -> dict[str, Any]:
+    """TEXT as a JSON object within LIMITS (depth, number length); BadJsonBody otherwise."""
+    _check_depth(text, limits.max_depth)
+    try:
+        value = json.loads(text, parse_int=_number(int, limits), parse_float=_number(
+            float, limits), parse_constant=_no_constant)
+    except BadJsonBody:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise BadJsonBody(f"the body is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadJsonBody(f"the body must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+async def _read_bounded(request: web.Request, limits: JsonLimits) -> bytes:
+    declared = request.content_length
+    if declared is not None and declared > limits.max_bytes:
+        raise BadJsonBody(f"the body is larger than {limits.max_bytes} bytes")
+    try:
+        return await asyncio.wait_for(_read_at_most(request, limits.max_bytes),
+                                      limits.timeout_s)
+    except asyncio.TimeoutError:
+        raise BadJsonBody(f"the body did not arrive within {limits.timeout_s:g} s") from None
+
+
+async def _read_at_most(request: web.Request, max_bytes: int) -> bytes:
+    # Read ourselves rather than request.read(): its bound is the application's
+    # client_max_size (an upload's is unbounded) and its error is a 413 with aiohttp's text.
+    body = bytearray()
+    while True:
+        chunk = await request.content.readany()
+        if not chunk:
+            return bytes(body)
+        body += chunk
+        if len(body) > max_bytes:
+            raise BadJsonBody(f"the body is larger than {max_bytes} bytes")
+
+
+def _check_depth(text: str, max_depth: int) -> None:
+    """Refuse nesting deeper than MAX_DEPTH before json.loads recurses into it (100,000 '['
+    would end in RecursionError, deep enough ones in a crash)."""
+    depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > max_depth:
+                raise BadJsonBody(f"the body is nested deeper than {max_depth} levels")
+        elif char in "]}":
+            depth -= 1
+
+
+def _number(kind: Callable[[str], Any], limits: JsonLimits) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        # A 5,000-digit integer costs quadratic time to convert, and str() of one over 4,300
+        # digits raises ValueError wherever it is later formatted.
+        if len(text) > limits.max_number_chars:
+            raise BadJsonBody(f"a number in the body is longer than "
+                              f"{limits.max_number_chars} characters")
+        return kind(text)
+    return parse
+
+
+def _no_constant(name: str) -> Any:
+    raise BadJsonBody(f"the body is not JSON: {name} is not a JSON value")
 
 
 class HttpListener:

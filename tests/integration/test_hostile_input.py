@@ -1,0 +1,53 @@
+"""Hostile input to the HTTP daemons (issue 13, the lesser items): malformed JSON bodies get a
+400 with a reason, never a 500 with a traceback; text a client chose cannot forge a line in the
+daemon log; a client that never reads is disconnected. The real daemons on 127.0.0.1, with the
+fixtures of test_imgsrvd_http.py and test_policyd_http.py.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # --import-mode=importlib
+from test_imgsrvd_http import imgsrvd, imgsrvd_factory, workdir  # noqa: F401 (fixtures)
+from test_policyd_http import policyd, policyd_factory  # noqa: F401 (fixtures)
+
+MALFORMED = {
+    "a 5,000-digit number": b'{"mac": "525400000001", "ram_mb": ' + b"9" * 5000 + b"}",
+    "a 5,000-digit number as mode": b'{"mode": ' + b"9" * 5000 + b"}",
+    "60,000 [": b"[" * 60_000,          # under the 64 KiB bound: the parser must cope
+    "100,000 [": b"[" * 100_000,
+    "deep objects": b'{"a": ' * 5000 + b"1" + b"}" * 5000,
+    "not UTF-8": b'{"mac": "\xff\xfe"}',
+    "not an object": b"[1, 2, 3]",
+    "a bare string": b'"525400000001"',
+    "NaN": b'{"ram_mb": NaN}',
+    "oversize": b'{"x": "' + b"a" * 200_000 + b'"}',
+}
+
+
+def post_raw(port: int, path: str, body: bytes) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("path", ["/v1/work", "/v1/results"])
+@pytest.mark.parametrize("what", list(MALFORMED))
+def test_imgsrvd_malformed_json_is_400_with_a_reason(imgsrvd, path, what):
+    code, answer = post_raw(imgsrvd.port, path, MALFORMED[what])
+    assert code == 400, (what, answer)
+    assert answer["error"]
+    log = imgsrvd.log()
+    assert "Traceback" not in log and "internal error" not in log
