@@ -51,3 +51,35 @@ def test_imgsrvd_malformed_json_is_400_with_a_reason(imgsrvd, path, what):
     assert answer["error"]
     log = imgsrvd.log()
     assert "Traceback" not in log and "internal error" not in log
+
+
+FORGED = "\nFORGED preboot-imgsrvd[1]: INFO 525400000009: restore lab/x.img: success"
+
+
+def forged_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if line.startswith("FORGED")]
+
+
+def test_imgsrvd_newlines_in_client_fields_cannot_forge_a_log_line(imgsrvd):
+    code, answer = post_raw(imgsrvd.port, "/v1/results", json.dumps({
+        "workstation": "lab-1" + FORGED, "operation": "upload", "status": "failure",
+        "image_path": "lab/a.img\r" + FORGED, "error_message": "disk full\x1b[2J" + FORGED,
+    }).encode())
+    assert code == 200, answer
+    code, answer = post_raw(imgsrvd.port, "/v1/work", json.dumps(
+        {"mac": "52540000000z" + FORGED}).encode())
+    assert code == 400
+    log = imgsrvd.log()
+    assert forged_lines(log) == []
+    assert "lab-1\\x0aFORGED" in log and "\\x1b[2J" in log and "\x1b" not in log
+
+
+def test_policyd_a_bad_mac_cannot_forge_a_log_line(policyd):
+    code, _ctype, body = policyd.curl("/policy", params={"mac": "00c04f" + FORGED})
+    assert code == 400, body
+    code, _ctype, body = policyd.curl("/policy", params={
+        "mac": "00:c0:4f:dc:2a:b5", "platform": "efi" + FORGED, "manufacturer": "x" + FORGED})
+    assert code in (200, 400), body
+    time.sleep(0.2)
+    log = policyd.log()
+    assert forged_lines(log) == [], log
