@@ -83,3 +83,26 @@ def test_policyd_a_bad_mac_cannot_forge_a_log_line(policyd):
     time.sleep(0.2)
     log = policyd.log()
     assert forged_lines(log) == [], log
+
+
+# ---- a missing SQLite directory is an error, not an empty policy -------------------------------
+
+def test_imgsrvd_missing_directory_file_is_a_directory_error(imgsrvd_factory, workdir):
+    missing = workdir / "typo" / "directory.db"
+    daemon = imgsrvd_factory(Directory=f"sqlite://{missing}")
+    code, answer = post_raw(daemon.port, "/v1/work", b'{"mac": "525400000001"}')
+    assert code == 503, answer
+    assert "no such database file" in answer["error"]
+    assert daemon.counters()["directory_errors"] == 1
+    assert not missing.parent.exists()
+
+
+def test_policyd_missing_directory_file_answers_fallback(policyd_factory, workdir):
+    missing = workdir / "typo.db"
+    daemon = policyd_factory(Directory=f"sqlite://{missing}")
+    body = daemon.policy(mac="00:c0:4f:dc:2a:b5")
+    assert "preboot-answer: local directory unavailable" in body
+    counters = daemon.counters()
+    assert counters["directory_errors"] == 1 and counters["no_work"] == 0
+    assert not missing.exists()
+    assert "no such database file" in daemon.log()

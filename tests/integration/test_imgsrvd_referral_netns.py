@@ -170,6 +170,7 @@ def start_imgsrvd(lab: netlab.Lab, name: str, ns: netlab.Netns, ip: str) -> Serv
     root = workdir / "images"
     root.mkdir(parents=True)
     db = workdir / "directory.db"
+    open_directory(f"sqlite://{db}", create=True).close()   # as preboot-dir init does
     settings = {
         "IPAddress": ip, "Port": IMG_PORT, "StatusPort": STATUS_PORT,
         "ImageRoot": root, "Directory": f"sqlite://{db}", "DirectoryTimeout": 2,

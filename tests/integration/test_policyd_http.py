@@ -103,6 +103,8 @@ def policyd_factory(workdir: Path):
     def start(**overrides: Any) -> Policyd:
         n = len(started)
         db = workdir / "directory.db"
+        if not db.exists():                 # as preboot-dir init does
+            open_directory(f"sqlite://{db}", create=True).close()
         values: dict[str, Any] = {
             "IPAddress": "127.0.0.1", "Port": 0, "Directory": f"sqlite://{db}",
             "DirectoryTimeout": 1, "StatusPort": 0,
@@ -314,7 +316,7 @@ def test_sqlite_directory_that_cannot_be_created_gets_maintenance(policyd_factor
 
 def test_locked_sqlite_directory_recovers_when_released(policyd_factory, workdir):
     db = workdir / "directory.db"
-    with open_directory(f"sqlite://{db}") as directory:
+    with open_directory(f"sqlite://{db}", create=True) as directory:
         directory.replace_policy(ImagingPolicy(
             (Rule.from_text("all", "", Action(ActionKind.RESTORE, "all.zmg")),), NEVER))
     # another program holds the database exclusively while the daemon starts
@@ -399,7 +401,7 @@ def test_sighup_reload_applies_new_settings(policyd, workdir):
     set_policy(policyd, Rule.from_text("all", "", Action(ActionKind.RESTORE, "a.zmg")))
     assert "preboot.image=a.zmg" in kernel_line(policyd.policy(**DELL))
     other = workdir / "other.db"
-    with open_directory(f"sqlite://{other}") as directory:
+    with open_directory(f"sqlite://{other}", create=True) as directory:
         directory.replace_policy(ImagingPolicy(
             (Rule.from_text("all", "", Action(ActionKind.RESTORE, "b.zmg")),), NEVER))
     text = policyd.config.read_text()
