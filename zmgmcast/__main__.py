@@ -126,6 +126,12 @@ def format_counters(counters: dict[str, Any], daemon: Service) -> list[str]:
     return lines
 
 
+def _identity(reply: dict[str, Any]) -> str:
+    """' (pid N, version V)' from a local socket; a remote status port says neither."""
+    said = [f"{key} {reply[key]}" for key in ("pid", "version") if key in reply]
+    return f" ({', '.join(said)})" if said else ""
+
+
 def format_reports(reports: list[DaemonReport], where: str) -> str:
     out = [f"Preboot Services status on {where}", ""]
     out.append(f"{'Service':<30}{'State':<15}{'PID':>8}  {'Uptime':>12}")
@@ -140,8 +146,7 @@ def format_reports(reports: list[DaemonReport], where: str) -> str:
                 out += ["", f"{report.daemon.display_name}: {report.detail}"]
             continue
         reply = report.reply or {}
-        out += ["", f"{report.daemon.display_name} (pid {reply.get('pid')}, "
-                    f"version {reply.get('version', '?')})"]
+        out += ["", report.daemon.display_name + _identity(reply)]
         for endpoint in reply.get("listen", []):
             out.append(f"    Listening on {endpoint.get('proto')} "
                        f"{endpoint.get('address')}:{endpoint.get('port')}")

@@ -1,7 +1,8 @@
 """The status socket every daemon answers on, and the client `zmgmcast` uses to ask it.
 
 Protocol (docs/daemon-contract.md): one JSON object per line each way. `status` is open to
-everyone on the local Unix socket and on the optional TCP port; control verbs (`reload`, `stop`)
+everyone on the local Unix socket and on the optional TCP port (without the pid, version and
+config path there); control verbs (`reload`, `stop`)
 are accepted only on the Unix socket from a peer whose uid is 0, checked with SO_PEERCRED,
 because the TCP port must stay read-only.
 """
@@ -21,6 +22,9 @@ log = logging.getLogger("preboot.status")
 
 MAX_REQUEST_BYTES = 4096
 IDLE_TIMEOUT_S = 10.0
+# Said only on the local socket: on the TCP port they would tell anyone on the network which
+# process to aim at, which release to look up exploits for and where the config lives.
+LOCAL_ONLY_FIELDS = ("pid", "version", "config")
 
 StatusProvider = Callable[[], dict[str, Any]]
 ControlVerb = Callable[[], Awaitable[dict[str, Any]]]
@@ -158,7 +162,10 @@ class StatusServer:
         except ValueError as exc:
             return {"ok": False, "error": str(exc)}
         if verb == "status":
-            return {"ok": True, **self.provider()}
+            status = self.provider()
+            if not local:
+                status = {k: v for k, v in status.items() if k not in LOCAL_ONLY_FIELDS}
+            return {"ok": True, **status}
         if verb not in self.controls:
             return {"ok": False, "error": f"unknown command {verb!r}"}
         if not local:

@@ -106,3 +106,35 @@ def test_policyd_missing_directory_file_answers_fallback(policyd_factory, workdi
     assert counters["directory_errors"] == 1 and counters["no_work"] == 0
     assert not missing.exists()
     assert "no such database file" in daemon.log()
+
+
+# ---- the TCP status port: loopback unless configured, and no pid, version or config ------------
+
+def free_tcp_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def listening_tcp(pid: int) -> set[tuple[str, int]]:
+    psutil = pytest.importorskip("psutil")
+    return {(c.laddr.ip, c.laddr.port) for c in psutil.Process(pid).net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN}
+
+
+def test_status_port_is_on_loopback_even_when_the_service_is_on_every_address(imgsrvd_factory):
+    status_port = free_tcp_port()
+    daemon = imgsrvd_factory(IPAddress="0.0.0.0", StatusPort=status_port)
+    assert ("127.0.0.1", status_port) in listening_tcp(daemon.pid)
+    assert ("0.0.0.0", status_port) not in listening_tcp(daemon.pid)
+    with socket.create_connection(("127.0.0.1", status_port), timeout=5) as sock:
+        sock.sendall(b'{"cmd": "status"}\n')
+        reply = json.loads(sock.makefile("rb").readline())
+    assert reply["ok"] and reply["daemon"] == "imgsrvd"
+    assert not {"pid", "version", "config"} & set(reply), reply
+
+
+def test_status_address_opens_the_status_port_wider_when_asked(imgsrvd_factory):
+    status_port = free_tcp_port()
+    daemon = imgsrvd_factory(StatusPort=status_port, StatusAddress="0.0.0.0")
+    assert ("0.0.0.0", status_port) in listening_tcp(daemon.pid)

@@ -51,11 +51,17 @@ def test_every_handler_of_setup_logging_escapes(tmp_path, monkeypatch, mode):
     else:
         monkeypatch.delenv("JOURNAL_STREAM", raising=False)
     log_file = str(tmp_path / "d.log") if mode == "file" else ""
-    logger = logsetup.setup_logging("preboot-test", "INFO", log_file, foreground=True)
+    logger = logging.getLogger(logsetup.ROOT_LOGGER)
+    saved = logger.level, logger.propagate, list(logger.handlers)
     try:
+        logsetup.setup_logging("preboot-test", "INFO", log_file, foreground=True)
         assert logger.handlers
         assert all(isinstance(h.formatter, SafeFormatter) for h in logger.handlers)
     finally:
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
             handler.close()
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        for handler in saved[2]:
+            logger.addHandler(handler)
