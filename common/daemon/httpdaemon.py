@@ -1,7 +1,8 @@
 """The aiohttp plumbing that an HTTP daemon (prebootpolicyd, imgsrvd) runs its application on.
 
     http_log = quiet_bad_requests("preboot.<daemon>.http", log)
-    listener = HttpListener(http_log, keepalive_s=..., shutdown_timeout_s=...)
+    listener = HttpListener(http_log, keepalive_s=..., shutdown_timeout_s=...,
+                            send_timeout_s=...)   # a peer that takes none of our output
     listener.bind(address, port)     # in Service.bind, before the daemon detaches
     await listener.start(app)        # in Service.start: an AppRunner and a SockSite on it
     listener.listen()                # for the status reply: [{"proto": "tcp", ...}]
@@ -28,6 +29,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from .tcplisten import LISTEN_BACKLOG, bind_listener
+
+log = logging.getLogger("preboot.http")
 
 RESTART_WARNING = "IPAddress and Port changes need a restart; kept the old address"
 
@@ -194,15 +197,88 @@ def _no_constant(name: str) -> Any:
     raise BadJsonBody(f"the body is not JSON: {name} is not a JSON value")
 
 
+class _SendDeadline(asyncio.Protocol):
+    """aiohttp's protocol for one connection, with a send deadline: when the peer has taken
+    none of our output for send_timeout_s (the transport's buffer stays above its high-water
+    mark), the connection is aborted. aiohttp has no such timeout, and its keep-alive timer
+    does not run while an answer waits to drain, so a client that pipelines requests and never
+    reads would hold its connection (and the answers queued for it) for ever."""
+
+    def __init__(self, inner: asyncio.Protocol, send_timeout_s: float):
+        self._inner = inner
+        self._send_timeout_s = send_timeout_s
+        self._transport: asyncio.BaseTransport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._send_timeout_s,
+                                                                 self._expired)
+
+    def resume_writing(self) -> None:
+        self._disarm()
+        self._inner.resume_writing()
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expired(self) -> None:
+        self._timer = None
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            peer = transport.get_extra_info("peername")
+            log.info("closed the connection of %s: it took none of our output for %g s",
+                     peer[0] if peer else "a client", self._send_timeout_s)
+            transport.abort()
+
+
+class _Site(web.SockSite):
+    """aiohttp's SockSite, with each connection's protocol under a send deadline."""
+
+    def __init__(self, runner: web.AppRunner, sock: socket.socket, *, backlog: int,
+                 send_timeout_s: float | None):
+        super().__init__(runner, sock, backlog=backlog)
+        self._send_timeout_s = send_timeout_s
+
+    async def start(self) -> None:
+        if self._send_timeout_s is None:
+            return await super().start()
+        await web.BaseSite.start(self)        # SockSite.start, with the factory wrapped
+        factory = self._runner.server
+        assert factory is not None
+        timeout_s = self._send_timeout_s
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _SendDeadline(factory(), timeout_s), sock=self._sock,
+            backlog=self._backlog)
+
+
 class HttpListener:
     """The listening TCP socket of an HTTP daemon and the aiohttp runner serving on it."""
 
     def __init__(self, logger: logging.Logger, *, keepalive_s: float, shutdown_timeout_s: float,
-                 backlog: int = LISTEN_BACKLOG):
+                 backlog: int = LISTEN_BACKLOG, send_timeout_s: float | None = None):
         self.logger = logger
         self.keepalive_s = keepalive_s
         self.shutdown_timeout_s = shutdown_timeout_s
         self.backlog = backlog
+        self.send_timeout_s = send_timeout_s
         self._sock: socket.socket | None = None
         self._runner: web.AppRunner | None = None
 
@@ -216,7 +292,8 @@ class HttpListener:
                                      shutdown_timeout=self.shutdown_timeout_s,
                                      logger=self.logger, keepalive_timeout=self.keepalive_s)
         await self._runner.setup()
-        site = web.SockSite(self._runner, self._sock, backlog=self.backlog)
+        site = _Site(self._runner, self._sock, backlog=self.backlog,
+                     send_timeout_s=self.send_timeout_s)
         await site.start()
 
     async def stop(self) -> None:

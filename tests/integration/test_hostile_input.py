@@ -138,3 +138,44 @@ def test_status_address_opens_the_status_port_wider_when_asked(imgsrvd_factory):
     status_port = free_tcp_port()
     daemon = imgsrvd_factory(StatusPort=status_port, StatusAddress="0.0.0.0")
     assert ("0.0.0.0", status_port) in listening_tcp(daemon.pid)
+
+
+# ---- a client that never reads ------------------------------------------------------------------
+
+def connections_from(pid: int, local_port: int) -> list:
+    psutil = pytest.importorskip("psutil")
+    return [c for c in psutil.Process(pid).net_connections("tcp")
+            if c.raddr and c.raddr.port == local_port]
+
+
+def stuff_without_reading(port: int) -> socket.socket:
+    """Pipeline requests and never read the answers, until the server stops taking them."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.settimeout(2.0)
+    request = b"GET /boot.ipxe HTTP/1.1\r\nHost: x\r\n\r\n" * 200
+    try:
+        for _ in range(10_000):
+            sock.sendall(request)
+    except socket.timeout:
+        pass                                  # the server stopped reading: it is stuck on us
+    return sock
+
+
+def test_policyd_closes_a_client_that_never_reads(policyd):
+    from prebootpolicyd import server
+    KEEPALIVE_S, SEND_TIMEOUT_S = server.KEEPALIVE_S, getattr(server, "SEND_TIMEOUT_S", 10.0)
+    sock = stuff_without_reading(policyd.port)
+    local_port = sock.getsockname()[1]
+    try:
+        assert connections_from(policyd.pid, local_port), "the connection should be open now"
+        deadline = time.monotonic() + max(KEEPALIVE_S, SEND_TIMEOUT_S) + 8
+        while connections_from(policyd.pid, local_port) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert connections_from(policyd.pid, local_port) == [], \
+            "a client that never reads still holds its connection"
+        # and the service still answers everyone else
+        assert policyd.curl("/boot.ipxe")[0] == 200
+    finally:
+        sock.close()
