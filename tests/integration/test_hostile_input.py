@@ -179,3 +179,18 @@ def test_policyd_closes_a_client_that_never_reads(policyd):
         assert policyd.curl("/boot.ipxe")[0] == 200
     finally:
         sock.close()
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+@pytest.mark.parametrize("what", list(MALFORMED))
+def test_policyd_malformed_bodies_are_never_a_500(policyd, method, what):
+    """policyd reads no body (GET only): whatever one holds, a 4xx or the answer, no 500."""
+    conn = http.client.HTTPConnection("127.0.0.1", policyd.port, timeout=20)
+    try:
+        conn.request(method, "/policy?mac=00:c0:4f:dc:2a:b5", body=MALFORMED[what],
+                     headers={"Content-Type": "application/json"})
+        status = conn.getresponse().status
+    finally:
+        conn.close()
+    assert status in (200, 400, 405, 413), status
+    assert "Traceback" not in policyd.log()
