@@ -13,7 +13,6 @@ from .server import ImagingServer
 SPEC = DaemonSpec(
     service=IMGSRVD,
     schema=SCHEMA,
-    status_address=lambda settings: settings.ip_address,
     make_settings=make_settings,
     make_service=ImagingServer,
     event_loop="asyncio",        # image downloads go out with sendfile(2)

@@ -20,7 +20,7 @@ STATUS_PORT = IMGSRVD.status_port
 
 SCHEMA = Schema((
     Key("IPAddress", "ip_addr", "0.0.0.0",
-        "Address the imaging service (and the status port) listens on; 0.0.0.0: every IPv4 "
+        "Address the imaging service listens on; 0.0.0.0: every IPv4 "
         "interface."),
     Key("Port", "integer(min=0, max=65535)", "998",
         "TCP port of the imaging protocol (HTTP/1.1, docs/imaging-protocol.md); 0 picks a "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import logging
 import math
 import os
@@ -27,8 +26,9 @@ from aiohttp import web
 
 from common.imaging import protocol
 from common.policy.directory.holder import DirectoryHolder, describe
-from common.daemon.httpdaemon import (HttpListener, address_change_warnings, error_middleware,
-                                      quiet_bad_requests)
+from common.daemon.httpdaemon import (BadJsonBody, HttpListener, JsonLimits,
+                                      address_change_warnings, error_middleware,
+                                      quiet_bad_requests, read_json_body)
 from common.imaging.protocol import BadPath, BadRequest, LocalPath, RemotePath
 from common.policy.model import assign_work
 from common.policy.trust import Gate, Refused
@@ -678,13 +678,10 @@ class ImagingServer:
 
     async def _read_json(self, request: web.Request) -> Any:
         try:
-            text = await asyncio.wait_for(request.text(), self.settings.transfer_timeout_s)
-        except web.HTTPRequestEntityTooLarge:
-            raise BadRequest(f"the body is larger than {JSON_MAX} bytes") from None
-        try:
-            return json.loads(text)
-        except ValueError as exc:
-            raise BadRequest(f"the body is not JSON: {exc}") from None
+            return await read_json_body(request, JsonLimits(
+                max_bytes=JSON_MAX, timeout_s=self.settings.transfer_timeout_s))
+        except BadJsonBody as exc:
+            raise BadRequest(str(exc)) from None
 
     async def _work(self, request: web.Request) -> web.Response:
         self.stats.update_requests += 1

@@ -13,7 +13,6 @@ from .server import PolicyServer
 SPEC = DaemonSpec(
     service=POLICYD,
     schema=SCHEMA,
-    status_address=lambda settings: settings.ip_address,
     make_settings=make_settings,
     make_service=PolicyServer,
 )

@@ -18,7 +18,7 @@ FALLBACKS = ("local", "maintenance")
 
 SCHEMA = Schema((
     Key("IPAddress", "ip_addr", "0.0.0.0",
-        "Address the HTTP service (and the status port) listens on; 0.0.0.0: every IPv4 "
+        "Address the HTTP service listens on; 0.0.0.0: every IPv4 "
         "interface."),
     Key("Port", "integer(min=0, max=65535)", "8090",
         "HTTP port iPXE asks on (proxydhcpd's IPXEScriptURL names it); 0 picks a free one."),

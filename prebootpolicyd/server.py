@@ -43,6 +43,7 @@ WARN_EVERY_S = 10.0              # directory warnings: one line per this many se
 SHUTDOWN_TIMEOUT_S = 2.0         # in-flight HTTP requests at stop
 LISTEN_BACKLOG = 1024
 KEEPALIVE_S = 15.0               # an idle client connection is closed after this long
+SEND_TIMEOUT_S = 10.0            # ... and one that takes none of our answers after this long
 
 
 http_log = quiet_bad_requests("preboot.policyd.http", log)
@@ -78,7 +79,8 @@ class PolicyServer:
         self.settings = settings
         self.stats = PolicyCounters()
         self._http = HttpListener(http_log, keepalive_s=KEEPALIVE_S,
-                                  shutdown_timeout_s=SHUTDOWN_TIMEOUT_S, backlog=LISTEN_BACKLOG)
+                                  shutdown_timeout_s=SHUTDOWN_TIMEOUT_S, backlog=LISTEN_BACKLOG,
+                                  send_timeout_s=SEND_TIMEOUT_S)
         self._pool: DaemonThreadPool | None = None
         self._directory = DirectoryHolder(self._worker_pool, "answering FallbackAnswer")
         self._warn = RateLimitedWarning(log)

@@ -19,7 +19,6 @@ except (ImportError, OSError) as exc:  # scapy missing, or its import blocked (n
 SPEC = DaemonSpec(
     service=PROXYDHCPD,
     schema=SCHEMA,
-    status_address=lambda settings: settings.ip_address,
     make_settings=make_settings,
     make_service=ProxyDhcpServer,
 )

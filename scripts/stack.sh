@@ -53,6 +53,9 @@ case "$action" in
         echo "stack: the imaging environment could not be built; starting without it" >&2
       fi
     fi
+    # The daemons never create the directory (a missing one is an error, not an empty
+    # policy): make the embedded one empty on first start, as the packages do.
+    PYTHONPATH="$repo" python3 -m common.dircli --config "$conf_dir/policyd.conf" init
     for d in "${DAEMONS[@]}"; do
       PREBOOT_CONFIG="$conf_dir/$d.conf" PREBOOT_DAEMON="python3 -m $(module_of "$d")" \
         PYTHONPATH="$repo" PREBOOT_NO_SYSTEMCTL=1 sh "packaging/init.d/preboot-$d" start

@@ -13,7 +13,6 @@ from .server import TftpServer
 SPEC = DaemonSpec(
     service=TFTPD,
     schema=SCHEMA,
-    status_address=lambda settings: settings.ip_address,
     make_settings=make_settings,
     make_service=TftpServer,
 )

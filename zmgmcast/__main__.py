@@ -5,7 +5,9 @@
     zmgmcast -status --json          the raw replies, for scripts
 
 The original's single-dash long options (`-status`, `-i`) are kept as users type them.
-A daemon that is not running is reported as such, never as a traceback.
+A daemon that is not running is reported as such, never as a traceback; a reply of the wrong
+shape is "bad reply from HOST" (zmgmcast/reply.py), and everything printed from a reply is
+escaped (no remote escape sequences on the terminal).
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from typing import Any
 
 from common.daemon import services
 from common.daemon.services import SERVICES, Service
+from common.daemon.logsetup import escape_control
 from common.daemon.statussock import query_tcp, query_unix
+
+from .reply import BadReply, checked
 
 CONFIG_DIR = os.environ.get("PREBOOT_CONFIG_DIR", services.CONFIG_DIR)
 RUN_DIR = os.environ.get("PREBOOT_RUN_DIR", services.RUN_DIR)
@@ -68,8 +73,7 @@ def ask_local(daemon: Service, path: str | None = None) -> DaemonReport:
         return DaemonReport(daemon, "error", detail=f"permission denied on {path}")
     except (OSError, ValueError) as exc:
         return DaemonReport(daemon, "error", detail=str(exc))
-    return DaemonReport(daemon, "running" if reply.get("ok") else "error", reply,
-                        reply.get("error", ""))
+    return _report(daemon, reply, path)
 
 
 def ask_remote(daemon: Service, host: str, port: int | None = None) -> DaemonReport:
@@ -82,11 +86,24 @@ def ask_remote(daemon: Service, host: str, port: int | None = None) -> DaemonRep
         return DaemonReport(daemon, "not reachable", detail=f"{host}:{port} timed out")
     except socket.gaierror as exc:
         return DaemonReport(daemon, "not reachable", detail=f"{host}: {exc.strerror}")
-    except (OSError, ValueError) as exc:
+    except ValueError as exc:                  # too long, not JSON, not an object
+        return DaemonReport(daemon, "error", detail=f"bad reply from {host}:{port}: {exc}")
+    except OSError as exc:
         return DaemonReport(daemon, "not reachable", detail=str(exc))
-    if daemon.name != "unknown" and reply.get("daemon") not in (None, daemon.name):
+    report = _report(daemon, reply, f"{host}:{port}")
+    if report.reply and daemon.name != "unknown" and \
+            report.reply.get("daemon") not in (None, daemon.name):
         return DaemonReport(daemon, "error",
-                            detail=f"{host}:{port} answers as {reply.get('daemon')}")
+                            detail=f"{host}:{port} answers as {report.reply.get('daemon')}")
+    return report
+
+
+def _report(daemon: Service, reply: dict[str, Any], source: str) -> DaemonReport:
+    """The report of a reply from SOURCE: its strings escaped, or an error if misshapen."""
+    try:
+        reply = checked(reply)
+    except BadReply as exc:
+        return DaemonReport(daemon, "error", detail=f"bad reply from {source}: {exc}")
     return DaemonReport(daemon, "running" if reply.get("ok") else "error", reply,
                         reply.get("error", ""))
 
@@ -126,6 +143,12 @@ def format_counters(counters: dict[str, Any], daemon: Service) -> list[str]:
     return lines
 
 
+def _identity(reply: dict[str, Any]) -> str:
+    """' (pid N, version V)' from a local socket; a remote status port says neither."""
+    said = [f"{key} {reply[key]}" for key in ("pid", "version") if key in reply]
+    return f" ({', '.join(said)})" if said else ""
+
+
 def format_reports(reports: list[DaemonReport], where: str) -> str:
     out = [f"Preboot Services status on {where}", ""]
     out.append(f"{'Service':<30}{'State':<15}{'PID':>8}  {'Uptime':>12}")
@@ -140,13 +163,13 @@ def format_reports(reports: list[DaemonReport], where: str) -> str:
                 out += ["", f"{report.daemon.display_name}: {report.detail}"]
             continue
         reply = report.reply or {}
-        out += ["", f"{report.daemon.display_name} (pid {reply.get('pid')}, "
-                    f"version {reply.get('version', '?')})"]
+        out += ["", report.daemon.display_name + _identity(reply)]
         for endpoint in reply.get("listen", []):
             out.append(f"    Listening on {endpoint.get('proto')} "
                        f"{endpoint.get('address')}:{endpoint.get('port')}")
         out += format_counters(reply.get("counters", {}), report.daemon)
-    return "\n".join(out)
+    # Belt and braces: whatever reached a line, the terminal gets no control character.
+    return "\n".join(escape_control(line) for line in out)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -1,7 +1,8 @@
 """The aiohttp plumbing that an HTTP daemon (prebootpolicyd, imgsrvd) runs its application on.
 
     http_log = quiet_bad_requests("preboot.<daemon>.http", log)
-    listener = HttpListener(http_log, keepalive_s=..., shutdown_timeout_s=...)
+    listener = HttpListener(http_log, keepalive_s=..., shutdown_timeout_s=...,
+                            send_timeout_s=...)   # a peer that takes none of our output
     listener.bind(address, port)     # in Service.bind, before the daemon detaches
     await listener.start(app)        # in Service.start: an AppRunner and a SockSite on it
     listener.listen()                # for the status reply: [{"proto": "tcp", ...}]
@@ -9,6 +10,7 @@
     listener.close()                 # and, last, close the socket
     address_change_warnings(old, new)   # in Service.apply: the address needs a restart
     error_middleware(not_found, internal_error)   # 404 and 500 in the daemon's words
+    body = await read_json_body(request, JsonLimits(...))   # BadJsonBody: answer 400
 
 The application itself (routes, middlewares, handlers) stays in the daemon. This module knows
 aiohttp and common.daemon.tcplisten only; nothing in it is specific to one daemon.
@@ -16,14 +18,19 @@ aiohttp and common.daemon.tcplisten only; nothing in it is specific to one daemo
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import socket
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from .tcplisten import LISTEN_BACKLOG, bind_listener
+
+log = logging.getLogger("preboot.http")
 
 RESTART_WARNING = "IPAddress and Port changes need a restart; kept the old address"
 
@@ -87,15 +94,191 @@ def error_middleware(not_found: Answer, internal_error: Answer,
     return errors
 
 
+class BadJsonBody(ValueError):
+    """A request body that is not a bounded JSON object; str() is the reason for the 400."""
+
+
+@dataclass(frozen=True)
+class JsonLimits:
+    """What a JSON request body may be. Every bound keeps one request's cost (memory, time,
+    recursion) small whatever the client sends."""
+
+    max_bytes: int = 64 * 1024
+    timeout_s: float = 30.0          # the whole body, not each read
+    max_depth: int = 32              # nested arrays and objects
+    max_number_chars: int = 64       # digits, sign, point and exponent of one number
+
+
+async def read_json_body(request: web.Request, limits: JsonLimits) -> dict[str, Any]:
+    """The request's body as a JSON object, or BadJsonBody with the reason: too large, too
+    slow, not UTF-8, nested too deep, a number too long, not JSON, not an object."""
+    raw = await _read_bounded(request, limits)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadJsonBody(f"the body is not UTF-8 (byte {exc.start})") from None
+    return parse_json_object(text, limits)
+
+
+def parse_json_object(text: str, limits: JsonLimits) -> dict[str, Any]:
+    """TEXT as a JSON object within LIMITS (depth, number length); BadJsonBody otherwise."""
+    _check_depth(text, limits.max_depth)
+    try:
+        value = json.loads(text, parse_int=_number(int, limits), parse_float=_number(
+            float, limits), parse_constant=_no_constant)
+    except BadJsonBody:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise BadJsonBody(f"the body is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadJsonBody(f"the body must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+async def _read_bounded(request: web.Request, limits: JsonLimits) -> bytes:
+    declared = request.content_length
+    if declared is not None and declared > limits.max_bytes:
+        raise BadJsonBody(f"the body is larger than {limits.max_bytes} bytes")
+    try:
+        return await asyncio.wait_for(_read_at_most(request, limits.max_bytes),
+                                      limits.timeout_s)
+    except asyncio.TimeoutError:
+        raise BadJsonBody(f"the body did not arrive within {limits.timeout_s:g} s") from None
+
+
+async def _read_at_most(request: web.Request, max_bytes: int) -> bytes:
+    # Read ourselves rather than request.read(): its bound is the application's
+    # client_max_size (an upload's is unbounded) and its error is a 413 with aiohttp's text.
+    body = bytearray()
+    while True:
+        chunk = await request.content.readany()
+        if not chunk:
+            return bytes(body)
+        body += chunk
+        if len(body) > max_bytes:
+            raise BadJsonBody(f"the body is larger than {max_bytes} bytes")
+
+
+def _check_depth(text: str, max_depth: int) -> None:
+    """Refuse nesting deeper than MAX_DEPTH before json.loads recurses into it (100,000 '['
+    would end in RecursionError, deep enough ones in a crash)."""
+    depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > max_depth:
+                raise BadJsonBody(f"the body is nested deeper than {max_depth} levels")
+        elif char in "]}":
+            depth -= 1
+
+
+def _number(kind: Callable[[str], Any], limits: JsonLimits) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        # A 5,000-digit integer costs quadratic time to convert, and str() of one over 4,300
+        # digits raises ValueError wherever it is later formatted.
+        if len(text) > limits.max_number_chars:
+            raise BadJsonBody(f"a number in the body is longer than "
+                              f"{limits.max_number_chars} characters")
+        return kind(text)
+    return parse
+
+
+def _no_constant(name: str) -> Any:
+    raise BadJsonBody(f"the body is not JSON: {name} is not a JSON value")
+
+
+class _SendDeadline(asyncio.Protocol):
+    """aiohttp's protocol for one connection, with a send deadline: when the peer has taken
+    none of our output for send_timeout_s (the transport's buffer stays above its high-water
+    mark), the connection is aborted. aiohttp has no such timeout, and its keep-alive timer
+    does not run while an answer waits to drain, so a client that pipelines requests and never
+    reads would hold its connection (and the answers queued for it) for ever."""
+
+    def __init__(self, inner: asyncio.Protocol, send_timeout_s: float):
+        self._inner = inner
+        self._send_timeout_s = send_timeout_s
+        self._transport: asyncio.BaseTransport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._send_timeout_s,
+                                                                 self._expired)
+
+    def resume_writing(self) -> None:
+        self._disarm()
+        self._inner.resume_writing()
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expired(self) -> None:
+        self._timer = None
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            peer = transport.get_extra_info("peername")
+            log.info("closed the connection of %s: it took none of our output for %g s",
+                     peer[0] if peer else "a client", self._send_timeout_s)
+            transport.abort()
+
+
+class _Site(web.SockSite):
+    """aiohttp's SockSite, with each connection's protocol under a send deadline."""
+
+    def __init__(self, runner: web.AppRunner, sock: socket.socket, *, backlog: int,
+                 send_timeout_s: float | None):
+        super().__init__(runner, sock, backlog=backlog)
+        self._send_timeout_s = send_timeout_s
+
+    async def start(self) -> None:
+        if self._send_timeout_s is None:
+            return await super().start()
+        await web.BaseSite.start(self)        # SockSite.start, with the factory wrapped
+        factory = self._runner.server
+        assert factory is not None
+        timeout_s = self._send_timeout_s
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _SendDeadline(factory(), timeout_s), sock=self._sock,
+            backlog=self._backlog)
+
+
 class HttpListener:
     """The listening TCP socket of an HTTP daemon and the aiohttp runner serving on it."""
 
     def __init__(self, logger: logging.Logger, *, keepalive_s: float, shutdown_timeout_s: float,
-                 backlog: int = LISTEN_BACKLOG):
+                 backlog: int = LISTEN_BACKLOG, send_timeout_s: float | None = None):
         self.logger = logger
         self.keepalive_s = keepalive_s
         self.shutdown_timeout_s = shutdown_timeout_s
         self.backlog = backlog
+        self.send_timeout_s = send_timeout_s
         self._sock: socket.socket | None = None
         self._runner: web.AppRunner | None = None
 
@@ -109,7 +292,8 @@ class HttpListener:
                                      shutdown_timeout=self.shutdown_timeout_s,
                                      logger=self.logger, keepalive_timeout=self.keepalive_s)
         await self._runner.setup()
-        site = web.SockSite(self._runner, self._sock, backlog=self.backlog)
+        site = _Site(self._runner, self._sock, backlog=self.backlog,
+                     send_timeout_s=self.send_timeout_s)
         await site.start()
 
     async def stop(self) -> None:

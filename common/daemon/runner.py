@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -45,6 +46,9 @@ def common_keys(service: Service) -> tuple[Key, ...]:
             "Local Unix socket for status (everyone) and control (root)."),
         Key("StatusPort", "integer(min=0, max=65535)", str(service.status_port),
             "Read-only TCP status port for 'zmgmcast -status -i HOST'; 0 disables."),
+        Key("StatusAddress", "ip_addr", "127.0.0.1",
+            "Address of the TCP status port: this host only unless set (0.0.0.0 or an "
+            "address of this host for 'zmgmcast -status -i HOST' from elsewhere)."),
         Key("LogLevel", "loglevel", "INFO", "DEBUG, INFO, WARNING or ERROR."),
         Key("LogFile", "path", "",
             "Empty: stderr in the foreground (journald), syslog when detached."),
@@ -58,11 +62,12 @@ class CommonSettings:
     status_port: int
     log_level: str
     log_file: str
+    status_address: str = "127.0.0.1"
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> "CommonSettings":
         return cls(values["PidFile"], values["StatusSocket"], values["StatusPort"],
-                   values["LogLevel"], values["LogFile"])
+                   values["LogLevel"], values["LogFile"], values["StatusAddress"])
 
 
 class Service(Protocol):
@@ -80,7 +85,6 @@ class Service(Protocol):
 class DaemonSpec:
     service: Service                # its entry in common.daemon.services: name, display name, ...
     schema: Schema
-    status_address: Callable[[Any], str]
     make_settings: Callable[[dict[str, Any], CommonSettings], Any]
     make_service: Callable[[Any], Service]
     # "uvloop" where it is installed (cheap wakeups: packet daemons), or "asyncio": the
@@ -218,8 +222,7 @@ class Lifecycle:
         self.sockets = self.service.bind()
         self.unix_sock = bind_unix(self.common.status_socket)
         if self.common.status_port:
-            self.tcp_sock = bind_tcp(self.spec.status_address(self.settings),
-                                     self.common.status_port)
+            self.tcp_sock = bind_tcp(self.common.status_address, self.common.status_port)
 
     def detach(self) -> None:
         import daemon  # python-daemon; imported here so foreground runs never need it loaded
@@ -305,15 +308,17 @@ class Lifecycle:
             notify("READY=1")
             return {"ok": False, "error": str(exc)}
         warnings = await self.service.apply(settings)
-        if (common.status_socket, common.status_port, common.pid_file) != (
-                self.common.status_socket, self.common.status_port, self.common.pid_file):
-            warnings.append("StatusSocket, StatusPort and PidFile changes need a restart")
+        if (common.status_socket, common.status_port, common.status_address,
+                common.pid_file) != (self.common.status_socket, self.common.status_port,
+                                     self.common.status_address, self.common.pid_file):
+            warnings.append("StatusSocket, StatusPort, StatusAddress and PidFile changes need "
+                            "a restart")
         if common.log_level != self.common.log_level or common.log_file != self.common.log_file:
             setup_logging(self.spec.program, common.log_level, common.log_file,
                           foreground=self.foreground)
         self.settings = settings
-        self.common = CommonSettings(self.common.pid_file, self.common.status_socket,
-                                     self.common.status_port, common.log_level, common.log_file)
+        self.common = dataclasses.replace(self.common, log_level=common.log_level,
+                                          log_file=common.log_file)
         for warning in warnings:
             log.warning("reload: %s", warning)
         log.info("configuration reloaded from %s", self.config_path)

@@ -1,7 +1,8 @@
 """The status socket every daemon answers on, and the client `zmgmcast` uses to ask it.
 
 Protocol (docs/daemon-contract.md): one JSON object per line each way. `status` is open to
-everyone on the local Unix socket and on the optional TCP port; control verbs (`reload`, `stop`)
+everyone on the local Unix socket and on the optional TCP port (without the pid, version and
+config path there); control verbs (`reload`, `stop`)
 are accepted only on the Unix socket from a peer whose uid is 0, checked with SO_PEERCRED,
 because the TCP port must stay read-only.
 """
@@ -14,6 +15,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -21,6 +23,9 @@ log = logging.getLogger("preboot.status")
 
 MAX_REQUEST_BYTES = 4096
 IDLE_TIMEOUT_S = 10.0
+# Said only on the local socket: on the TCP port they would tell anyone on the network which
+# process to aim at, which release to look up exploits for and where the config lives.
+LOCAL_ONLY_FIELDS = ("pid", "version", "config")
 
 StatusProvider = Callable[[], dict[str, Any]]
 ControlVerb = Callable[[], Awaitable[dict[str, Any]]]
@@ -158,7 +163,10 @@ class StatusServer:
         except ValueError as exc:
             return {"ok": False, "error": str(exc)}
         if verb == "status":
-            return {"ok": True, **self.provider()}
+            status = self.provider()
+            if not local:
+                status = {k: v for k, v in status.items() if k not in LOCAL_ONLY_FIELDS}
+            return {"ok": True, **status}
         if verb not in self.controls:
             return {"ok": False, "error": f"unknown command {verb!r}"}
         if not local:
@@ -171,15 +179,31 @@ class StatusServer:
 
 # ---- client side (zmgmcast, tests, init scripts) ----------------------------------------------
 
-def _exchange(sock: socket.socket, verb: str) -> dict[str, Any]:
+# A status reply is a few KiB; a peer sending more (or trickling it) is not a daemon of ours.
+MAX_REPLY_BYTES = 1 << 20
+
+
+def _exchange(sock: socket.socket, verb: str, timeout_s: float) -> dict[str, Any]:
+    """Send VERB, read one reply line: at most MAX_REPLY_BYTES, within timeout_s in all
+    (socket.timeout), else ValueError / ConnectionError."""
+    deadline = time.monotonic() + timeout_s
     sock.sendall(json.dumps({"cmd": verb}).encode() + b"\n")
-    buffer = b""
+    buffer = bytearray()
     while not buffer.endswith(b"\n"):
+        left_s = deadline - time.monotonic()
+        if left_s <= 0:
+            raise socket.timeout(f"no full reply within {timeout_s:g} s")
+        sock.settimeout(left_s)
         chunk = sock.recv(65536)
         if not chunk:
             raise ConnectionError("connection closed before a full reply")
         buffer += chunk
-    reply = json.loads(buffer)
+        if len(buffer) > MAX_REPLY_BYTES:
+            raise ValueError(f"reply longer than {MAX_REPLY_BYTES} bytes")
+    try:
+        reply = json.loads(bytes(buffer))
+    except (ValueError, RecursionError):
+        raise ValueError("reply is not JSON") from None
     if not isinstance(reply, dict):
         raise ValueError("reply is not a JSON object")
     return reply
@@ -189,10 +213,9 @@ def query_unix(path: str, verb: str = "status", timeout_s: float = 3.0) -> dict[
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout_s)
         sock.connect(path)
-        return _exchange(sock, verb)
+        return _exchange(sock, verb, timeout_s)
 
 
 def query_tcp(host: str, port: int, verb: str = "status", timeout_s: float = 3.0) -> dict[str, Any]:
     with socket.create_connection((host, port), timeout=timeout_s) as sock:
-        sock.settimeout(timeout_s)
-        return _exchange(sock, verb)
+        return _exchange(sock, verb, timeout_s)

@@ -1,5 +1,6 @@
 """preboot-dir: the administrator's tool for the directory (either backend).
 
+    preboot-dir init                          create an empty directory (SQLite) if missing
     preboot-dir export [FILE]                 the whole policy as one readable file
     preboot-dir import FILE [--check]         replace the store with a file (or only validate)
     preboot-dir rules list
@@ -14,7 +15,8 @@
     preboot-dir explain --mac MAC [--serial S] [--manufacturer M] [--ram-mb N] ...
 
 The store is the `Directory =` of prebootpolicyd's config (--config, default
-/etc/preboot/policyd.conf), or --directory URL. Exit status: 0 done, 1 the directory failed,
+/etc/preboot/policyd.conf), or --directory URL. Only the writing commands (init, import, add,
+set, ...) create a missing SQLite file; the daemons never do. Exit status: 0 done, 1 the directory failed,
 2 usage error, 65 a bad policy file or value.
 """
 
@@ -73,7 +75,14 @@ def _open(args: argparse.Namespace, create: bool) -> Directory:
         raise UsageError(str(exc)) from None
 
 
-# -- export / import ----------------------------------------------------------------------------
+# -- init / export / import ---------------------------------------------------------------------
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Create the directory empty (no rules, no workstations) unless it exists: first start."""
+    with _open(args, create=True) as directory:
+        print(f"directory {directory.url.redacted()} ready")
+    return 0
+
 
 def cmd_export(args: argparse.Namespace) -> int:
     with _open(args, create=False) as directory:
@@ -342,6 +351,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="give up on the directory after this long (default 10)")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    commands.add_parser("init", help="create an empty directory if there is none").set_defaults(
+        run=cmd_init)
     export = commands.add_parser("export", help="write the whole policy as one file")
     export.add_argument("file", nargs="?", help="output file (default stdout)")
     export.set_defaults(run=cmd_export)

@@ -161,3 +161,14 @@ def test_the_directory_comes_from_the_policy_service_config(tmp_path):
                           env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "from-config.db").exists()
+
+
+def test_init_creates_an_empty_directory_once_and_readers_never_create(cli, tmp_path):
+    result = cli("rules", "list", expect=1)
+    assert "no such database file" in result.stderr
+    assert not (tmp_path / "dir.db").exists()
+    assert "ready" in cli("init").stdout
+    assert "no rules" in cli("rules", "list").stdout
+    cli("workstations", "add", "00:c0:4f:dc:2a:b5")
+    cli("init")                                        # again: the store is kept as it is
+    assert "00C04FDC2AB5" in cli("workstations", "list").stdout

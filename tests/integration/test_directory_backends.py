@@ -61,7 +61,7 @@ def make_store(tmp_path: Path, request) -> Iterator[Callable[[str], Store]]:
         n = len(stores)
         if kind == "sqlite":
             url = f"sqlite:///{tmp_path}/dir{n}.db"
-            store = Store(kind, lambda: open_directory(url))
+            store = Store(kind, lambda: open_directory(url, create=True))
         else:
             server: ldapserver.Slapd = request.getfixturevalue("slapd")
             base = f"ou=t{uuid.uuid4().hex[:12]},{server.suffix}"

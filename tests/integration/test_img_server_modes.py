@@ -158,6 +158,7 @@ def imgsrvd_factory() -> Iterator:
         dirs.append(workdir)
         root, db = workdir / "images", workdir / "directory.db"
         root.mkdir()
+        open_directory(f"sqlite://{db}", create=True).close()   # as preboot-dir init does
         values: dict[str, Any] = {
             "IPAddress": "127.0.0.1", "Port": 0, "ImageRoot": str(root),
             "Directory": f"sqlite://{db}", "DirectoryTimeout": 2, "StatusPort": 0,

@@ -110,6 +110,8 @@ def imgsrvd_factory(workdir: Path):
         n = len(started)
         root = workdir / "images"
         db = workdir / "directory.db"
+        if not db.exists():                 # as preboot-dir init does
+            open_directory(f"sqlite://{db}", create=True).close()
         values: dict[str, Any] = {
             "IPAddress": "127.0.0.1", "Port": 0, "ImageRoot": str(root),
             "Directory": f"sqlite://{db}", "DirectoryTimeout": 2, "StatusPort": 0,

@@ -170,8 +170,9 @@ def start_imgsrvd(lab: netlab.Lab, name: str, ns: netlab.Netns, ip: str) -> Serv
     root = workdir / "images"
     root.mkdir(parents=True)
     db = workdir / "directory.db"
+    open_directory(f"sqlite://{db}", create=True).close()   # as preboot-dir init does
     settings = {
-        "IPAddress": ip, "Port": IMG_PORT, "StatusPort": STATUS_PORT,
+        "IPAddress": ip, "Port": IMG_PORT, "StatusPort": STATUS_PORT, "StatusAddress": ip,
         "ImageRoot": root, "Directory": f"sqlite://{db}", "DirectoryTimeout": 2,
         "ResultsLog": workdir / "results.xml", "ServerName": f"{name}.referral.test",
         "StatusSocket": workdir / "imgsrvd.sock", "PidFile": workdir / "imgsrvd.pid",

@@ -105,6 +105,8 @@ def policyd_factory(workdir: Path):
     def start(**overrides: Any) -> Policyd:
         n = len(started)
         db = workdir / "directory.db"
+        if not db.exists():                 # as preboot-dir init does
+            open_directory(f"sqlite://{db}", create=True).close()
         values: dict[str, Any] = {
             "IPAddress": "127.0.0.1", "Port": 0, "Directory": f"sqlite://{db}",
             "DirectoryTimeout": 1, "StatusPort": 0,
@@ -324,7 +326,7 @@ def test_sqlite_directory_that_cannot_be_created_gets_maintenance(policyd_factor
 
 def test_locked_sqlite_directory_recovers_when_released(policyd_factory, workdir):
     db = workdir / "directory.db"
-    with open_directory(f"sqlite://{db}") as directory:
+    with open_directory(f"sqlite://{db}", create=True) as directory:
         directory.replace_policy(ImagingPolicy(
             (Rule.from_text("all", "", Action(ActionKind.RESTORE, "all.zmg")),), NEVER))
     # another program holds the database exclusively while the daemon starts
@@ -409,7 +411,7 @@ def test_sighup_reload_applies_new_settings(policyd, workdir):
     set_policy(policyd, Rule.from_text("all", "", Action(ActionKind.RESTORE, "a.zmg")))
     assert "preboot.image=a.zmg" in kernel_line(policyd.policy(**DELL))
     other = workdir / "other.db"
-    with open_directory(f"sqlite://{other}") as directory:
+    with open_directory(f"sqlite://{other}", create=True) as directory:
         directory.replace_policy(ImagingPolicy(
             (Rule.from_text("all", "", Action(ActionKind.RESTORE, "b.zmg")),), NEVER))
     text = policyd.config.read_text()
@@ -450,7 +452,8 @@ def test_status_and_zmgmcast(policyd_factory):
                                 capture_output=True, text=True, timeout=60, cwd=str(REPO))
         assert result.returncode == 0, result.stderr
         out = result.stdout
-        assert f"Preboot Policy Service (pid {daemon.pid}" in out
+        local = args[0] == "--socket"             # the TCP port does not say the pid
+        assert (f"Preboot Policy Service (pid {daemon.pid}" in out) is local
         assert f"Listening on tcp 127.0.0.1:{daemon.port}" in out
         for label, value in (("Queries", "2"), ("Script requests", "1"), ("No work", "1"),
                              ("Bad requests", "1"), ("Directory errors", "0")):

@@ -11,10 +11,11 @@ __all__ = ["Credentials", "Directory", "DirectoryError", "DirectoryURL", "WouldB
 
 
 def open_directory(url: str | DirectoryURL, credentials_file: str = "",
-                   timeout_s: float = DEFAULT_TIMEOUT_S, create: bool = True) -> Directory:
+                   timeout_s: float = DEFAULT_TIMEOUT_S, create: bool = False) -> Directory:
     """Open the store a `Directory =` URL names. ValueError for a bad URL or credentials file;
-    DirectoryError when the store cannot be opened. create=False refuses to create a missing
-    SQLite file (readers should not invent an empty policy from a typo)."""
+    DirectoryError when the store cannot be opened, a missing SQLite file included: only
+    preboot-dir's writing commands pass create=True (the daemons must not invent an empty
+    policy from a typo, and answer every machine "no work" from it)."""
     parsed = url if isinstance(url, DirectoryURL) else parse_directory_url(url)
     if parsed.scheme == "sqlite":
         from .sqlite import SqliteDirectory

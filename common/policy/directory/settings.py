@@ -23,8 +23,8 @@ def directory_keys(when_slow: str) -> tuple[Key, ...]:
     return (
         # "strings": the commas of an LDAP base DN need no quotes; directory_settings joins them.
         Key("Directory", "strings", DEFAULT_URL,
-            "Where policy and workstation records live: sqlite:///path (embedded, created if "
-            "missing), ldap://host[:port]/base-dn or ldaps://... (no quotes needed)."),
+            "Where policy and workstation records live: sqlite:///path (embedded; "
+            "preboot-dir creates it, a missing file is a directory error), ldap://host[:port]/base-dn or ldaps://... (no quotes needed)."),
         Key("DirectoryCredentials", "path", "",
             "LDAP only: file of 'BindDN = ...' and 'Password = ...' lines, readable by its "
             "owner only (mode 0600); empty binds anonymously."),
@@ -47,10 +47,10 @@ class DirectorySettings:
         """The URL for messages and logs, without any secret."""
         return self.url.redacted()
 
-    def open(self, create: bool = True) -> Directory:
+    def open(self) -> Directory:
+        """The daemons' way in: never creates a SQLite file (preboot-dir does)."""
         from . import open_directory        # the package imports this module
-        return open_directory(self.url, self.credentials, timeout_s=self.timeout_s,
-                              create=create)
+        return open_directory(self.url, self.credentials, timeout_s=self.timeout_s)
 
 
 def directory_settings(values: dict[str, Any]) -> DirectorySettings:

@@ -14,6 +14,7 @@ import logging
 import os
 import sqlite3
 import threading
+import urllib.parse
 
 from common.machine import normalize_mac
 from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
@@ -73,18 +74,20 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class SqliteDirectory(Directory):
-    def __init__(self, url: DirectoryURL, timeout_s: float = 3.0, create: bool = True):
+    def __init__(self, url: DirectoryURL, timeout_s: float = 3.0, create: bool = False):
+        """create=True (preboot-dir's writing commands only) makes a missing file and its
+        folder; otherwise a missing file is a DirectoryError: a daemon must not answer every
+        machine "no work" from an empty directory it invented out of a typo."""
         self.url = url
         self.path = url.path
         self.timeout_s = timeout_s
+        self.create = create
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._cache = PolicyCache()
         self._nowait: sqlite3.Connection | None = None   # lookup_nowait's, one caller thread
         self._closed = False
-        if not create and not os.path.exists(self.path):
-            raise DirectoryError(f"directory {url.redacted()}: no such database file")
         self._migrate(self._connection())
 
     # -- connections ------------------------------------------------------------------------
@@ -97,11 +100,17 @@ class SqliteDirectory(Directory):
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             return conn
+        if not self.create and not os.path.exists(self.path):
+            raise DirectoryError(f"directory {self.url.redacted()}: no such database file "
+                                 "(preboot-dir import or preboot-dir init creates it)")
         try:
             folder = os.path.dirname(self.path)
-            if folder and not os.path.isdir(folder):
+            if self.create and folder and not os.path.isdir(folder):
                 os.makedirs(folder, mode=0o750, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None,
+            # mode=rw: never create the file here, even if it vanished since the check above.
+            mode = "rwc" if self.create else "rw"
+            conn = sqlite3.connect(f"file://{urllib.parse.quote(self.path)}?mode={mode}",
+                                   uri=True, timeout=self.timeout_s, isolation_level=None,
                                    check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")

@@ -8,12 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from common.policy.directory import DirectoryError
+from common.policy.directory import DirectoryError, open_directory
 from common.policy.directory.holder import DirectoryHolder, describe
 from common.policy.directory.settings import directory_settings
 
 
-def settings_for(url: str, timeout: int = 2):
+def settings_for(url: str, timeout: int = 2, made: bool = True):
+    """The settings naming URL; a SQLite file there is made first (by preboot-dir, in life)
+    unless made=False, or its folder cannot hold one."""
+    path = Path(url[len("sqlite://"):])
+    if made and path.parent.is_dir():
+        open_directory(url, create=True).close()
     return directory_settings({"Directory": [url], "DirectoryCredentials": "",
                                "DirectoryTimeout": timeout})
 
@@ -42,9 +47,9 @@ def test_a_directory_that_cannot_open_is_retried_only_after_reopen_s(tmp_path: P
     opens = []
     original = type(bad).open
 
-    def counting_open(self, create=True):
+    def counting_open(self):
         opens.append(self.text)
-        return original(self, create)
+        return original(self)
     monkeypatch.setattr(type(bad), "open", counting_open)
 
     async def run():
@@ -81,6 +86,18 @@ def test_reload_to_another_store_swaps_it_and_a_failed_one_is_retried_at_once(tm
     a, b, same = asyncio.run(run())
     assert a is not b and same is b
     assert (tmp_path / "a.db").exists() and (tmp_path / "b.db").exists()
+
+
+def test_a_missing_sqlite_file_is_an_error_and_is_not_created(tmp_path, pool):
+    async def run():
+        held = DirectoryHolder(lambda: pool, "answering 503")
+        await held.configure(settings_for(f"sqlite://{tmp_path}/d.db", made=False))
+        with pytest.raises(DirectoryError, match="no such database file") as raised:
+            await held.lookup("52:54:00:00:00:01")
+        held.close()
+        return str(raised.value)
+    assert "preboot-dir" in asyncio.run(run())
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_describe_says_what_went_wrong():

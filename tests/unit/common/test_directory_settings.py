@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from common.policy.directory.settings import DirectorySettings, directory_keys, directory_settings
+from common.policy.directory import DirectoryError, open_directory
 from common.errors import SettingError
 from imgsrvd.config import SCHEMA as IMGSRVD_SCHEMA
 from prebootpolicyd.config import SCHEMA as POLICYD_SCHEMA
@@ -60,14 +61,18 @@ def test_equal_settings_keep_the_directory_open_and_any_change_reopens_it():
     assert isinstance(a, DirectorySettings) and a.timeout_s == 3.0
 
 
-def test_open_creates_a_sqlite_store(tmp_path):
+def test_open_never_creates_a_sqlite_store(tmp_path):
+    """The daemons' way in: a missing file is an error (preboot-dir creates it)."""
     settings = directory_settings(values(f"sqlite://{tmp_path}/dir.db"))
+    with pytest.raises(DirectoryError, match="no such database file"):
+        settings.open()
+    assert not (tmp_path / "dir.db").exists()
+    open_directory(f"sqlite://{tmp_path}/dir.db", create=True).close()
     directory = settings.open()
     try:
         assert directory.policy().rules == ()
     finally:
         directory.close()
-    assert (tmp_path / "dir.db").exists()
 
 
 def test_keys_document_themselves():

@@ -18,7 +18,7 @@ def _url(tmp_path):
 
 
 def test_a_new_file_gets_the_current_schema_in_wal_mode(tmp_path):
-    with open_directory(_url(tmp_path)):
+    with open_directory(_url(tmp_path), create=True):
         pass
     conn = sqlite3.connect(tmp_path / "dir.db")
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
@@ -36,11 +36,11 @@ def test_a_store_from_a_newer_release_is_refused(tmp_path):
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     conn.close()
     with pytest.raises(DirectoryError, match="newer than this release"):
-        open_directory(_url(tmp_path))
+        open_directory(_url(tmp_path), create=True)
 
 
 def test_an_edit_by_another_program_shows_on_the_next_query(tmp_path):
-    with open_directory(_url(tmp_path)) as directory:
+    with open_directory(_url(tmp_path), create=True) as directory:
         directory.replace_policy(ImagingPolicy((Rule.from_text("a", "", Action()),)))
         assert [r.name for r in directory.policy().rules] == ["a"]
         first = directory.policy()
@@ -52,7 +52,7 @@ def test_an_edit_by_another_program_shows_on_the_next_query(tmp_path):
 
 
 def test_a_rule_with_a_bad_filter_refuses_the_whole_policy(tmp_path):
-    with open_directory(_url(tmp_path)) as directory:
+    with open_directory(_url(tmp_path), create=True) as directory:
         directory.replace_policy(ImagingPolicy((Rule.from_text("ok", "", Action()),)))
         conn = sqlite3.connect(tmp_path / "dir.db")
         conn.execute("INSERT INTO rules (position, name, filter, action) "
@@ -65,30 +65,30 @@ def test_a_rule_with_a_bad_filter_refuses_the_whole_policy(tmp_path):
 def test_an_unreadable_store_is_a_directory_error(tmp_path):
     (tmp_path / "dir.db").write_bytes(b"this is not a database" * 100)
     with pytest.raises(DirectoryError, match="sqlite://"):
-        open_directory(_url(tmp_path)).policy()
+        open_directory(_url(tmp_path), create=True).policy()
 
 
 def _writer(url, count):
-    with open_directory(url) as directory:
+    with open_directory(url, create=True) as directory:
         for n in range(count):
             directory.put_workstation(Workstation(f"{n:012X}", f"w{n}"))
 
 
 def test_several_processes_write_and_read_at_once(tmp_path):
     url = _url(tmp_path)
-    open_directory(url).close()
+    open_directory(url, create=True).close()
     procs = [multiprocessing.get_context("spawn").Process(target=_writer, args=(url, 50))
              for _ in range(3)]
     for proc in procs:
         proc.start()
-    with open_directory(url) as reader:
+    with open_directory(url, create=True) as reader:
         while any(p.is_alive() for p in procs):
             reader.policy()
             reader.workstations()
     for proc in procs:
         proc.join()
         assert proc.exitcode == 0
-    with open_directory(url) as directory:
+    with open_directory(url, create=True) as directory:
         assert len(directory.workstations()) == 50
 
 
@@ -137,7 +137,7 @@ def test_credentials_must_be_private(tmp_path):
 
 def test_lookup_nowait_answers_only_from_a_current_cached_policy(tmp_path):
     from common.policy.directory import WouldBlock
-    with open_directory(_url(tmp_path)) as directory:
+    with open_directory(_url(tmp_path), create=True) as directory:
         directory.replace_policy(ImagingPolicy((Rule.from_text("a", "", Action()),)))
         directory.put_workstation(Workstation("001122334455", "ws"))
         with pytest.raises(WouldBlock):       # nothing loaded yet: the reload is blocking work
@@ -160,7 +160,7 @@ def test_lookup_nowait_turns_a_busy_store_into_would_block(tmp_path):
         def execute(self, *args):
             raise sqlite3.OperationalError("database is locked")
 
-    with open_directory(_url(tmp_path)) as directory:
+    with open_directory(_url(tmp_path), create=True) as directory:
         directory.policy()
         directory._nowait = Busy()    # what a lock looks like with busy_timeout 0
         with pytest.raises(WouldBlock):
@@ -177,7 +177,7 @@ def test_a_store_of_schema_1_is_migrated_and_keeps_its_rules(tmp_path):
     conn.execute("PRAGMA user_version=1")
     conn.commit()
     conn.close()
-    with open_directory(_url(tmp_path)) as directory:
+    with open_directory(_url(tmp_path), create=True) as directory:
         (rule,) = directory.policy().rules
         assert rule.action == Action(ActionKind.RESTORE, "lab/base.img")
         shrinking = Rule.from_text("lab", "", Action(ActionKind.RESTORE, "lab/base.img",
@@ -186,3 +186,14 @@ def test_a_store_of_schema_1_is_migrated_and_keeps_its_rules(tmp_path):
         assert directory.policy().rules[0].action.shrink is True
     conn = sqlite3.connect(tmp_path / "dir.db")
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+
+
+def test_a_missing_file_is_an_error_unless_created(tmp_path):
+    with pytest.raises(DirectoryError, match="no such database file"):
+        open_directory(_url(tmp_path))
+    with pytest.raises(DirectoryError, match="no such database file"):
+        open_directory(f"sqlite:///{tmp_path}/new/dir.db")
+    assert list(tmp_path.iterdir()) == []              # neither the file nor its folder
+    open_directory(f"sqlite:///{tmp_path}/new/dir.db", create=True).close()
+    with open_directory(f"sqlite:///{tmp_path}/new/dir.db") as directory:
+        assert directory.policy().rules == ()
