@@ -7,29 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from common.imaging.imagefile import ImageWriter
 from imgsrvd import store
-
-
-def image_bytes(tmp_path: Path) -> bytes:
-    path = tmp_path / "src.img"
-    with open(path, "wb") as out:
-        writer = ImageWriter(out, {"format": 1, "type": "base", "streams": []},
-                             chunk_size=4096)
-        writer.add(0, 0, os.urandom(4096))
-        writer.close()
-    return path.read_bytes()
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    path = tmp_path / "images"
-    path.mkdir()
-    return path
-
-
-def parts(root: Path) -> list[Path]:
-    return list(root.rglob(".*.part-*"))
+from tests.unit.imgsrvd.test_store import image_bytes, parts, root  # noqa: F401 (fixture)
 
 
 def test_a_refused_upload_to_a_deep_path_leaves_no_folders(root, tmp_path):
