@@ -2,7 +2,6 @@
 folders, names of 233-255 bytes are stored (the temporary name is shorter), AllowedUploadDirs
 is checked where symbolic links lead."""
 
-import os
 from pathlib import Path
 
 import pytest
