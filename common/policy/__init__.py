@@ -2,7 +2,9 @@
 workstations, menu, assign_work), the rule-filter language (rules.py) and its compiled matcher
 (rulematch.py), the policy file (policyfile.py), and the directory that stores it all
 (directory/: the interface, SQLite and LDAP backends, the holder the daemons use, the
-`Directory =` settings).
+`Directory =` settings), and who may ask for the work it decides: work capabilities
+(capability.py, a pure codec), their key file (keyring.py) and the trust settings and the
+Gate policyd and imgsrvd decide each request with (trust.py; docs/security.md).
 
 May import: the foundation and common.daemon (the directory settings are config keys); never
 common.imaging, never a daemon.
