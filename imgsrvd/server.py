@@ -83,12 +83,15 @@ class _ImageFileResponse(web.FileResponse):
         loop, transport = asyncio.get_running_loop(), request.transport
         if transport is None:
             raise ConnectionResetError("Connection lost")
+        size = self._watch.piece_bytes
         while count > 0:
-            piece = min(count, self._watch.piece_bytes)
+            piece = min(count, size)
+            started = loop.time()
             await _watched(loop.sendfile(transport, fobj, offset, piece), self._watch,
                            transport)
             self._watch.add(piece)
             offset, count = offset + piece, count - piece
+            size = self._watch.next_piece_bytes(piece, loop.time() - started)
         await web.StreamResponse.write_eof(self)
         return writer
 

@@ -67,6 +67,14 @@ class ProgressWatch:
         a piece still under way."""
         return min(16 << 20, max(64 << 10, self.required_bytes // 4))
 
+    def next_piece_bytes(self, moved_bytes: int, seconds: float) -> int:
+        """The next piece for a client that just took moved_bytes in seconds: what it would
+        take in a quarter window at that rate, between piece_bytes and 16 MiB. A fast client
+        gets few large pieces (each costs a task and a timer; 480 KiB pieces cost a restore
+        ~20 %), a slow one keeps pieces it can finish within the window."""
+        rate_bps = moved_bytes / max(seconds, 1e-6)
+        return max(self.piece_bytes, min(16 << 20, int(rate_bps * self.window_s / 4)))
+
     def wait_s(self) -> float:
         """How long to wait for progress before tick() must judge it."""
         return max(0.0, min(self._window_end, self._deadline) - self._clock())
