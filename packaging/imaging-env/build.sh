@@ -128,7 +128,7 @@ fetch_deb() {
 kernel_package() {
   local name
   name=$(timeout 60 apt-cache depends linux-image-amd64 2>/dev/null \
-         | awk '/Depends: linux-image-[0-9]/{print $2; exit}' || true)
+         | awk '/Depends: linux-image-[0-9]/ && !n++ {print $2}' || true)
   if [ -z "$name" ]; then
     name=$(ls "$CACHE"/linux-image-[0-9]*.deb 2>/dev/null | sort -V | tail -1 \
            | sed 's|.*/||; s|_.*||' || true)
@@ -180,12 +180,12 @@ extract_kernel() {
     log "extracting $(basename "$KERNEL_DEB")"
     rm -rf "$dir"; mkdir -p "$dir"
     dpkg-deb --fsys-tarfile "$KERNEL_DEB" | timeout 300 tar -x -C "$dir" --wildcards "${patterns[@]}"
-    KVER=$(ls "$dir/lib/modules" | head -1)
+    KVER=$(ls "$dir/lib/modules" | sort -V | tail -1)
     timeout 120 "$BUSYBOX" depmod -b "$dir" "$KVER"
     echo "${patterns[*]}" >"$dir/.complete"
   fi
   KDIR=$dir
-  KVER=$(ls "$dir/lib/modules" | head -1)
+  KVER=$(ls "$dir/lib/modules" | sort -V | tail -1)
 }
 
 # Copy MODULES and everything they depend on (modules.dep lists dependencies transitively),
@@ -239,7 +239,9 @@ install_host_tools() {
   # glibc loads libgcc_s at run time (dlopen, so ldd does not list it) for pthread_exit and
   # thread cancellation; partclone's threads end that way, and abort without it.
   local gcc_s
-  gcc_s=$(ldconfig -p | awk '/libgcc_s\.so\.1 .*x86-64/ {print $NF; exit}')
+  # (awk reads to the end: with pipefail, a reader that exits early fails the build with
+  # SIGPIPE, 141, whenever ldconfig has more to write)
+  gcc_s=$(ldconfig -p | awk '/libgcc_s\.so\.1 .*x86-64/ && !n++ {print $NF}')
   if [ -n "$gcc_s" ]; then
     mkdir -p "$root$(dirname "$gcc_s")"
     cp -L "$gcc_s" "$root$gcc_s"
