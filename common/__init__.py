@@ -3,7 +3,8 @@ three wings, plus the `preboot-dir` program.
 
     common/*.py        the foundation: errors.py (exit codes, PrebootError, ConfigError, ...),
                        fileio.py (fsync a folder, atomic file), machine.py (the machine facts
-                       rules match and the protocols carry). Standard library only.
+                       rules match and the protocols carry), tlspin.py (certificate pins).
+                       Standard library only.
     common/daemon/     daemon plumbing: config syntax, the one lifecycle path (runner), logging,
                        pidfile, sd_notify, status socket, TCP listener, worker pool, the registry
                        of services, counters, the aiohttp daemon plumbing.
@@ -32,7 +33,7 @@ list of parts together. Each part may also import itself; "-" is nothing of the 
     zmgmcast             foundation, common.daemon
 
 "foundation" is common itself and its top-level modules (common.errors, common.fileio,
-common.machine). So nothing under common/ imports a daemon, img or zmgmcast, and the daemons
+common.machine, common.tlspin). So nothing under common/ imports a daemon, img or zmgmcast, and the daemons
 never import each other: they share only common/. Exceptions (none today) are listed here
 with their reason and in the test's EXCEPTIONS.
 """

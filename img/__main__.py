@@ -18,8 +18,13 @@
 DISK is a block device or a disk image file. A device's partition table counts in its own
 logical sectors (512 or 4096 bytes, asked of the kernel); a disk image file has none to ask for:
 `--sector-size 512|4096` says it (default 512). A restore onto a disk whose sectors differ from
-the image's converts the table where it can and refuses, writing nothing, where it cannot. Exit status: 0 done, 1 failed (the message says
-why and whether the disk was changed), 2 usage.
+the image's converts the table where it can and refuses, writing nothing, where it cannot.
+
+With --server: --token, --token-file or $PREBOOT_TOKEN is the capability img presents;
+--server-pin SHA256 (or $PREBOOT_SERVER_PIN) or --server-ca FILE makes it talk TLS and trust only
+that certificate, or certificates that CA signed (docs/security.md).
+
+Exit status: 0 done, 1 failed (the message says why and whether the disk was changed), 2 usage.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from common.imaging.imagefile import DEFAULT_LEVEL
 from common.imaging.imageformat import ImageFormatError
 
 from . import auto, local, results, serverops
+from .credentials import access_arguments
 from .disklayout import SECTOR_SIZES, DiskLayoutError
 from .errors import AddonError, DiskError, Failure, RestoreError
 
@@ -59,19 +65,11 @@ def _image_arguments(parser: argparse.ArgumentParser, making: bool = False) -> N
     """The arguments every command that reads or writes one image takes."""
     parser.add_argument("image", help="an image file, or with --server the image's path there")
     parser.add_argument("--server", help="HOST[:PORT] of an imaging server (port 998)")
-    _token_arguments(parser)
+    access_arguments(parser)
     parser.add_argument("--threads", type=int, default=2)
     if making:
         parser.add_argument("--level", type=int, default=DEFAULT_LEVEL, help="zstd level (1-19)")
         parser.add_argument("--overwrite", action="store_true")
-
-
-def _token_arguments(parser: argparse.ArgumentParser) -> None:
-    """The capability img presents to an imaging server (docs/security.md)."""
-    parser.add_argument("--token", help="a capability (an operator's, from `preboot-dir token`); "
-                                        "default: --token-file, else $PREBOOT_TOKEN")
-    parser.add_argument("--token-file", metavar="FILE",
-                        help="a file whose first line is the capability")
 
 
 def _disk_arguments(parser: argparse.ArgumentParser) -> None:
@@ -124,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     ask = commands.add_parser("auto", help="ask an imaging server what to do, and do it")
     _disk_arguments(ask)
     ask.add_argument("--server", required=True, help="HOST[:PORT] (port 998)")
-    _token_arguments(ask)
+    access_arguments(ask)
     ask.add_argument("--fact", action="append", default=[], metavar="KEY=VALUE",
                      help="override a machine fact (mac, ram_mb, manufacturer, ...)")
     ask.add_argument("--grow", action="store_true",

@@ -13,7 +13,8 @@ from typing import Any
 from .client import ImagingClient, ServerError
 from .errors import DiskError, Failure
 from .results import identity, server_facts
-from .serverops import apply_addons_remote, check_server, operator_token, server_operation
+from .credentials import server_access
+from .serverops import apply_addons_remote, check_server, server_operation
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_server(args.server)
         facts = server_facts(args.disk, args.fact)
-        token = operator_token(args)
+        access = server_access(args)
     except Failure as exc:
         print(f"img: {exc}", file=sys.stderr)
         return 1
@@ -29,14 +30,14 @@ def run(args: argparse.Namespace) -> int:
     workstation, _ = identity(facts)
     server = args.server
     try:
-        with ImagingClient(server, workstation, "auto", token=token) as client:
+        with ImagingClient(server, workstation, "auto", access=access) as client:
             answer = client.work(facts, "auto")
     except ServerError as exc:
         print(f"img: work request to {server} failed: {exc}; the disk was not changed",
               file=sys.stderr)
         return 1
     # The work answer's capability allows exactly that work; without one, keep presenting ours.
-    token = str(answer.get("token") or "") or token
+    access = access.with_token(str(answer.get("token") or ""))
     work, reason = answer.get("work"), answer.get("reason", "")
     image = answer.get("image", "")
     shrink = answer.get("shrink") is True
@@ -48,11 +49,11 @@ def run(args: argparse.Namespace) -> int:
                   "was not changed", file=sys.stderr)
             return 1
         status = server_operation(action, args, other, path, facts, "auto", args.server,
-                                  shrink, token)
+                                  shrink, access)
         if status or action != "restore":
             return status
         return apply_addons_remote(other, addon_paths(answer), args.disk, None, args.threads,
-                                   facts, "auto", args.server, args.sector_size, token)
+                                   facts, "auto", args.server, args.sector_size, access)
     fit = " (shrink to fit)" if shrink else ""
     print(f"{server}: {work}{' ' + image if image else ''}{fit} ({reason})")
     if work == "none":
@@ -60,14 +61,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if work == "restore":
         status = server_operation("restore", args, server, image, facts, "auto", args.server,
-                                  shrink, token)
+                                  shrink, access)
         if status:
             return status
         return apply_addons_remote(server, addon_paths(answer), args.disk, None, args.threads,
-                                   facts, "auto", args.server, args.sector_size, token)
+                                   facts, "auto", args.server, args.sector_size, access)
     if work == "make":
         return server_operation("make", args, server, image, facts, "auto", args.server,
-                                token=token)
+                                access=access)
     print(f"img: {server} asks for '{work}', which this engine does not do yet; the disk "
           "was not changed", file=sys.stderr)
     return 1

@@ -7,17 +7,23 @@ what failed. One ImagingClient holds one keep-alive connection per thread.
 
 from __future__ import annotations
 
+import hmac
 import http.client
+import io
 import json
 import secrets
 import select
-import socket
+import ssl
 import threading
 from typing import Any
+
+from common.tlspin import fingerprint
 
 from common.imaging.protocol import (ERROR_HEADER, MODE_HEADER, REPORTS_HEADER,
                                      SESSION_HEADER, WORKSTATION_HEADER, error_reason as _reason, image_url,
                                      referral_target, split_server)
+
+from .credentials import ServerAccess, TlsTrust
 
 TIMEOUT = 30.0
 # This run's X-Preboot-Session (docs/imaging-protocol.md, "Operations"): the server counts the
@@ -32,6 +38,35 @@ def reports_to(server: str) -> None:
     global _report_server
     _report_server = server
 UPLOAD_BUFFER = 1 << 20
+MAX_HEAD = 64 * 1024       # an answer's status line and headers, read before its body
+
+
+class _HeadThenSocket:
+    """What http.client.HTTPResponse reads a response from: the head already taken off the
+    socket, then the socket."""
+
+    def __init__(self, head: bytes, sock: Any):
+        self._raw = _HeadThenRaw(head, sock)
+
+    def makefile(self, mode: str, *args: Any, **kwargs: Any) -> io.BufferedReader:
+        return io.BufferedReader(self._raw)
+
+
+class _HeadThenRaw(io.RawIOBase):
+    def __init__(self, head: bytes, sock: Any):
+        self._head = memoryview(head)
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._head:
+            count = min(len(buffer), len(self._head))
+            buffer[:count] = self._head[:count]
+            self._head = self._head[count:]
+            return count
+        return self._sock.recv_into(buffer)
 
 
 class ServerError(Exception):
@@ -64,16 +99,50 @@ def _referral(client_server: str, what: str, location: str | None) -> Referral |
     return Referral(f"{client_server}: {what}: referred to //{server}/{path}", server, path)
 
 
+class _TrustedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS whose every connect (http.client reconnects by itself) checks the server before a
+    byte of a request, and so the capability, is sent: the certificate's SHA-256 against the
+    pin, or the CA's verdict. A server that fails is a ServerError, never retried."""
+
+    def __init__(self, host: str, port: int, timeout: float, tls: TlsTrust):
+        super().__init__(host, port, timeout=timeout, context=tls.context())
+        self._tls = tls
+
+    def connect(self) -> None:
+        try:
+            super().connect()
+        except ssl.SSLCertVerificationError as exc:
+            raise ServerError(f"{self.host}:{self.port}: the server's certificate is not "
+                              f"trusted ({exc.verify_message}; {self._tls.describe()}); "
+                              "nothing was sent") from None
+        if self._tls.pin:
+            der = self.sock.getpeercert(binary_form=True) or b""
+            got = fingerprint(der)
+            if not hmac.compare_digest(got, self._tls.pin):
+                self.close()
+                raise ServerError(f"{self.host}:{self.port}: the server's certificate "
+                                  f"(sha256:{got}) is not the pinned one (sha256:"
+                                  f"{self._tls.pin}); nothing was sent")
+
+
+def open_connection(host: str, port: int, timeout: float,
+                    tls: TlsTrust | None) -> http.client.HTTPConnection:
+    if tls is None:
+        return http.client.HTTPConnection(host, port, timeout=timeout)
+    return _TrustedHTTPSConnection(host, port, timeout, tls)
+
+
 class ImagingClient:
     def __init__(self, server: str, workstation: str = "", mode: str = "manual",
-                 timeout: float = TIMEOUT, token: str | None = None):
-        """token: the capability presented on every request (Authorization: Bearer, RFC 6750
-        section 2.1; docs/security.md)."""
+                 timeout: float = TIMEOUT, access: ServerAccess = ServerAccess()):
+        """access: the capability presented on every request (Authorization: Bearer, RFC 6750
+        section 2.1) and the TLS trust demanded of the server (docs/security.md)."""
         self.server = server
         self.host, self.port = split_server(server)
         self.workstation = workstation
         self.mode = mode
-        self.token = token
+        self.access = access
+        self.token = access.token
         self.timeout = timeout
         self._local = threading.local()
         self._all: list[http.client.HTTPConnection] = []
@@ -83,7 +152,7 @@ class ImagingClient:
     def _connection(self) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            conn = open_connection(self.host, self.port, self.timeout, self.access.tls)
             self._local.conn = conn
             with self._lock:
                 self._all.append(conn)
@@ -233,7 +302,7 @@ class Upload:
         self._buffer = bytearray()
         self._refused: tuple[http.client.HTTPResponse, bytes] | None = None
         self.sent = 0
-        conn = http.client.HTTPConnection(client.host, client.port, timeout=client.timeout)
+        conn = open_connection(client.host, client.port, client.timeout, client.access.tls)
         self._conn = conn
         what = f"PUT {path}"
         try:
@@ -251,21 +320,23 @@ class Upload:
             self._raise_refusal()
 
     def _await_continue(self, conn: http.client.HTTPConnection, wait: float = 5.0) -> None:
-        """Read the 100 Continue (or an early refusal) the server answers to Expect."""
+        """Read the 100 Continue (or an early refusal) the server answers to Expect. The head
+        is read a byte at a time (a TLS socket cannot peek), so nothing after it is taken."""
         sock = conn.sock
-        readable, _, _ = select.select([sock], [], [], wait)
-        if not readable:
+        pending = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+        if not pending and not select.select([sock], [], [], wait)[0]:
             return                        # a server that ignores Expect: send anyway
-        peek = sock.recv(64, socket.MSG_PEEK)
-        if peek.startswith(b"HTTP/1.1 100") or peek.startswith(b"HTTP/1.0 100"):
-            data = b""
-            while not data.endswith(b"\r\n\r\n"):
-                byte = sock.recv(1)
-                if not byte:
-                    break
-                data += byte
+        head = bytearray()
+        while not head.endswith(b"\r\n\r\n") and len(head) < MAX_HEAD:
+            byte = sock.recv(1)
+            if not byte:
+                break
+            head += byte
+        if head.startswith((b"HTTP/1.1 100", b"HTTP/1.0 100")):
             return
-        response = conn.getresponse()
+        response = http.client.HTTPResponse(_HeadThenSocket(bytes(head), sock),  # type: ignore
+                                            method="PUT")
+        response.begin()
         self._refused = (response, response.read())
 
     def _raise_refusal(self) -> None:

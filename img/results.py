@@ -13,6 +13,7 @@ from typing import Any
 from common.machine import ATTRIBUTE_KINDS, normalize_mac
 
 from .client import SESSION, ImagingClient, ServerError
+from .credentials import NO_ACCESS, ServerAccess
 from .errors import Failure
 from .hardware import machine_facts
 
@@ -46,7 +47,7 @@ def identity(facts: dict[str, Any]) -> tuple[str, str]:
 
 
 def report(server: str, facts: dict[str, Any], operation: str, image: str, error: str,
-           image_type: str = "base", token: str | None = None) -> None:
+           image_type: str = "base", access: ServerAccess = NO_ACCESS) -> None:
     """POST /v1/results; a failure to report is a warning, not a failed operation."""
     workstation, mac = identity(facts)
     if not workstation and not mac:
@@ -58,7 +59,7 @@ def report(server: str, facts: dict[str, Any], operation: str, image: str, error
             "status": "failure" if error else "success", "error_message": error[:4000],
             "session": SESSION}
     try:
-        with ImagingClient(server, workstation, timeout=15, token=token) as client:
+        with ImagingClient(server, workstation, timeout=15, access=access) as client:
             answer = client.result(body)
         if answer.get("cleared"):
             print(f"{server}: the workstation's 'image on next boot' flag was cleared")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 from typing import Any, Iterator
 
@@ -20,6 +19,7 @@ from common.imaging.imageformat import ImageFormatError
 from common.imaging.protocol import split_server
 
 from .client import ImagingClient, Referral, ServerError, reports_to
+from .credentials import NO_ACCESS, ServerAccess, server_access
 from .disklayout import DiskLayoutError
 from .errors import AddonError, DiskError, Failure, RestoreError
 from .local import apply_one, print_shrunk, restore_notes
@@ -47,12 +47,13 @@ def where(server: str, path: str) -> str:
 
 @contextlib.contextmanager
 def remote_image(server: str, path: str, workstation: str, mode: str, what: str,
-                 token: str | None = None) -> Iterator[tuple[str, RemoteImage, ImageReader]]:
+                 access: ServerAccess = NO_ACCESS
+                 ) -> Iterator[tuple[str, RemoteImage, ImageReader]]:
     """The image //server/path open for reading, following 307 referrals (at most MAX_HOPS):
     (where it is, the remote file, its reader). Raises Failure when it cannot be opened."""
     for _hop in range(MAX_HOPS + 1):
         label = where(server, path)
-        with ImagingClient(server, workstation, mode, token=token) as client:
+        with ImagingClient(server, workstation, mode, access=access) as client:
             try:
                 remote = RemoteImage(client, path, log=lambda m: print(m, file=sys.stderr))
                 reader = ImageReader(remote, label)
@@ -71,13 +72,13 @@ def remote_image(server: str, path: str, workstation: str, mode: str, what: str,
 
 @contextlib.contextmanager
 def server_upload(server: str, path: str, workstation: str, mode: str, unchanged: str,
-                  token: str | None = None) -> Iterator[tuple[str, Any]]:
+                  access: ServerAccess = NO_ACCESS) -> Iterator[tuple[str, Any]]:
     """A store onto //server/path under way, following 307 referrals: (where, the upload to
     write the image into). Any exception from the body aborts the upload (the server keeps
     nothing). `unchanged` ends the messages of failures before the first byte."""
     for _hop in range(MAX_HOPS + 1):
         label = where(server, path)
-        client = ImagingClient(server, workstation, mode, token=token)
+        client = ImagingClient(server, workstation, mode, access=access)
         try:
             upload = client.upload(path)
         except Referral as exc:
@@ -100,10 +101,10 @@ def server_upload(server: str, path: str, workstation: str, mode: str, unchanged
 def restore_remote(server: str, path: str, disk: str, grow: bool, threads: int,
                    workstation: str, mode: str, shrink: bool = False,
                    scratch: str | None = None, sector_size: int | None = None,
-                   token: str | None = None) -> str:
+                   access: ServerAccess = NO_ACCESS) -> str:
     """Restore //server/path onto disk, following 307 referrals; returns where the image came
     from (//server/path). Raises Failure."""
-    with remote_image(server, path, workstation, mode, "restore of", token) as (
+    with remote_image(server, path, workstation, mode, "restore of", access) as (
             label, remote, reader):
         batches = remote.plan(reader.entries())
         try:
@@ -126,11 +127,11 @@ def restore_remote(server: str, path: str, disk: str, grow: bool, threads: int,
 
 def make_remote(server: str, path: str, disk: str, facts: dict[str, Any], level: int,
                 threads: int, workstation: str, mode: str, sector_size: int | None = None,
-                token: str | None = None) -> str:
+                access: ServerAccess = NO_ACCESS) -> str:
     """Make an image of disk straight onto //server/path (chunked PUT); raises Failure."""
     from .make import make_image
     unchanged = " (the disk was not changed)"
-    with server_upload(server, path, workstation, mode, unchanged, token) as (label, upload):
+    with server_upload(server, path, workstation, mode, unchanged, access) as (label, upload):
         try:
             stats, meta = make_image(disk, upload, source=facts, level=level, threads=threads,
                                      progress=Progress("img make"), sector_size=sector_size)
@@ -145,7 +146,7 @@ def make_remote(server: str, path: str, disk: str, facts: dict[str, Any], level:
 
 def server_operation(kind: str, args: argparse.Namespace, server: str, path: str,
                      facts: dict[str, Any], mode: str, report_to: str,
-                     shrink: bool = False, token: str | None = None) -> int:
+                     shrink: bool = False, access: ServerAccess = NO_ACCESS) -> int:
     """A restore or make with the server, its result reported to report_to; shrink: the work
     answer asks a restore to shrink filesystems to fit a smaller disk (as --shrink does by
     hand)."""
@@ -158,17 +159,17 @@ def server_operation(kind: str, args: argparse.Namespace, server: str, path: str
                                    workstation, mode,
                                    shrink=shrink or getattr(args, "shrink", False),
                                    scratch=getattr(args, "scratch", None),
-                                   sector_size=args.sector_size, token=token)
+                                   sector_size=args.sector_size, access=access)
         else:
             label = make_remote(server, path, args.disk, facts, args.level, args.threads,
-                                workstation, mode, args.sector_size, token)
+                                workstation, mode, args.sector_size, access)
     except Failure as exc:
         print(f"img: {exc}", file=sys.stderr)
         report(report_to, facts, operation, path if server == report_to
-               else where(server, path), str(exc), token=token)
+               else where(server, path), str(exc), access=access)
         return 1
     report(report_to, facts, operation, label if server != report_to or
-           not label.startswith(f"//{report_to}/") else path, "", token=token)
+           not label.startswith(f"//{report_to}/") else path, "", access=access)
     return 0
 
 
@@ -176,9 +177,9 @@ def server_operation(kind: str, args: argparse.Namespace, server: str, path: str
 
 def apply_remote(server: str, path: str, disk: str, partition: int | None, threads: int,
                  workstation: str, mode: str, sector_size: int | None,
-                 token: str | None = None) -> str:
+                 access: ServerAccess = NO_ACCESS) -> str:
     """Apply the add-on //server/path, following 307 referrals; returns where it came from."""
-    with remote_image(server, path, workstation, mode, "add-on", token) as (
+    with remote_image(server, path, workstation, mode, "add-on", access) as (
             label, remote, reader):
         remote.plan(reader.entries())
         apply_one(reader, label, disk, partition, threads, sector_size)
@@ -187,7 +188,8 @@ def apply_remote(server: str, path: str, disk: str, partition: int | None, threa
 
 def apply_addons_remote(server: str, paths: list[str], disk: str, partition: int | None,
                         threads: int, facts: dict[str, Any], mode: str, report_to: str,
-                        sector_size: int | None = None, token: str | None = None) -> int:
+                        sector_size: int | None = None,
+                        access: ServerAccess = NO_ACCESS) -> int:
     """Apply each add-on in order from server (a //other/path is fetched there), reporting
     each to report_to; the first failure stops the rest."""
     workstation, _ = identity(facts)
@@ -196,23 +198,23 @@ def apply_addons_remote(server: str, paths: list[str], disk: str, partition: int
         shown = path if server == report_to or path.startswith("//") else f"//{server}/{path}"
         try:
             label = apply_remote(server, path, disk, partition, threads, workstation, mode,
-                                 sector_size, token)
+                                 sector_size, access)
         except Failure as exc:
             print(f"img: {exc}", file=sys.stderr)
             report(report_to, facts, "download", shown, str(exc), image_type="addon",
-                   token=token)
+                   access=access)
             return 1
         at = label if not label.startswith(f"//{report_to}/") else shown
-        report(report_to, facts, "download", at, "", image_type="addon", token=token)
+        report(report_to, facts, "download", at, "", image_type="addon", access=access)
     return 0
 
 
 def make_addon_remote(server: str, path: str, source_dir: str, facts: dict[str, Any],
                       level: int, threads: int, workstation: str,
-                      token: str | None = None) -> str:
+                      access: ServerAccess = NO_ACCESS) -> str:
     """An add-on image of source_dir straight onto //server/path; raises Failure."""
     from .addon import make_addon
-    with server_upload(server, path, workstation, "manual", "", token) as (label, upload):
+    with server_upload(server, path, workstation, "manual", "", access) as (label, upload):
         try:
             stats, meta = make_addon(source_dir, upload, source=facts, level=level,
                                      threads=threads)
@@ -227,28 +229,13 @@ def make_addon_remote(server: str, path: str, source_dir: str, facts: dict[str, 
 
 # ------------------------------------------------------------------ the manual-mode commands
 
-def operator_token(args: argparse.Namespace) -> str | None:
-    """The capability img presents: --token, else the first line of --token-file, else the
-    PREBOOT_TOKEN environment variable (the imaging environment's), else none. Raises Failure
-    when the file cannot be read."""
-    if getattr(args, "token", None):
-        return args.token.strip()
-    token_file = getattr(args, "token_file", None)
-    if token_file:
-        try:
-            with open(token_file, encoding="ascii", errors="replace") as handle:
-                return handle.readline(8192).strip() or None
-        except OSError as exc:
-            raise Failure(f"--token-file {token_file}: {exc.strerror}") from None
-    return os.environ.get("PREBOOT_TOKEN", "").strip() or None
-
-
-def _manual_facts(server: str, disk: str) -> dict[str, Any] | None:
-    """The facts a manual-mode command reports with; None (the message printed) when the
-    server name is bad."""
+def _manual_start(args: argparse.Namespace, disk: str
+                  ) -> tuple[dict[str, Any], ServerAccess] | None:
+    """The facts a manual-mode command reports with and the run's ServerAccess; None (the
+    message printed) when the server name or an access option is bad."""
     try:
-        check_server(server)
-        return server_facts(disk, [])
+        check_server(args.server)
+        return server_facts(disk, []), server_access(args)
     except Failure as exc:
         print(f"img: {exc}", file=sys.stderr)
         return None
@@ -256,25 +243,26 @@ def _manual_facts(server: str, disk: str) -> dict[str, Any] | None:
 
 def restore(args: argparse.Namespace) -> int:
     """img restore --disk DISK --server HOST[:PORT] PATH [--addon PATH ...]."""
-    facts = _manual_facts(args.server, args.disk)
-    if facts is None:
+    started = _manual_start(args, args.disk)
+    if started is None:
         return 1
-    token = operator_token(args)
+    facts, access = started
     status = server_operation("restore", args, args.server, args.image, facts, "manual",
-                              args.server, token=token)
+                              args.server, access=access)
     if status:
         return status
     return apply_addons_remote(args.server, args.addon, args.disk, None, args.threads, facts,
-                               "manual", args.server, args.sector_size, token)
+                               "manual", args.server, args.sector_size, access)
 
 
 def make(args: argparse.Namespace) -> int:
     """img make --disk DISK --server HOST[:PORT] PATH."""
-    facts = _manual_facts(args.server, args.disk)
-    if facts is None:
+    started = _manual_start(args, args.disk)
+    if started is None:
         return 1
+    facts, access = started
     return server_operation("make", args, args.server, args.image, facts, "manual",
-                            args.server, token=operator_token(args))
+                            args.server, access=access)
 
 
 def addon_make(args: argparse.Namespace) -> int:
@@ -283,23 +271,24 @@ def addon_make(args: argparse.Namespace) -> int:
         check_server(args.server)
         facts = server_facts("", [])
         workstation, _ = identity(facts)
-        token = operator_token(args)
+        access = server_access(args)
         reports_to(args.server)
         label = make_addon_remote(args.server, args.image, args.source, facts, args.level,
-                                  args.threads, workstation, token)
+                                  args.threads, workstation, access)
     except Failure as exc:
         print(f"img: {exc}", file=sys.stderr)
         return 1
     shown = args.image if label.startswith(f"//{args.server}/") else label
-    report(args.server, facts, "upload", shown, "", image_type="addon", token=token)
+    report(args.server, facts, "upload", shown, "", image_type="addon", access=access)
     return 0
 
 
 def addon_apply(args: argparse.Namespace) -> int:
     """img addon apply --disk DISK [--partition N] --server HOST[:PORT] PATH."""
-    facts = _manual_facts(args.server, args.disk)
-    if facts is None:
+    started = _manual_start(args, args.disk)
+    if started is None:
         return 1
+    facts, access = started
     return apply_addons_remote(args.server, [args.image], args.disk, args.partition,
                                args.threads, facts, "manual", args.server, args.sector_size,
-                               operator_token(args))
+                               access)

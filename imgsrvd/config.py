@@ -13,6 +13,7 @@ from common.errors import SettingError
 from common.daemon.runner import CommonSettings, common_keys
 from common.daemon.services import IMGSRVD
 from common.policy.trust import TrustSettings, trust_keys, trust_settings
+from common.daemon.tls import TlsSettings, tls_keys, tls_settings
 
 from common.imaging.protocol import BadPath, clean_relative
 
@@ -68,6 +69,8 @@ SCHEMA = Schema((
         "image paths; empty: this host's name."),
     *trust_keys(43200, "with every work answer: retrieve or store the work's images and "
                        "report its result; long enough for the largest restore"),
+    *tls_keys("img: the imaging environment pins it when policyd's ImagingServerCertificate "
+              "names this certificate; operators use img --server-pin or --server-ca"),
 ) + common_keys(IMGSRVD))
 
 
@@ -91,6 +94,7 @@ class Settings:
     max_transfer_time_s: float
     server_name: str
     trust: TrustSettings
+    tls: TlsSettings | None                 # None: plain HTTP
     common: CommonSettings
 
 
@@ -128,5 +132,6 @@ def make_settings(values: dict[str, Any], common: CommonSettings) -> Settings:
         max_transfer_time_s=float(values["MaxTransferTime"]),
         server_name=server_name,
         trust=trust_settings(values),
+        tls=tls_settings(values),
         common=common,
     )

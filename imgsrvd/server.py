@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import socket
+import ssl
 import time
 from typing import Any
 
@@ -32,6 +33,7 @@ from common.daemon.httpdaemon import (BadJsonBody, HttpListener, JsonLimits,
 from common.imaging.protocol import BadPath, BadRequest, LocalPath, RemotePath
 from common.policy.model import assign_work
 from common.policy.trust import Gate, Refused
+from common.daemon.tls import reload_tls, server_context
 from common.daemon.workerpool import DaemonThreadPool
 
 from . import store
@@ -147,6 +149,7 @@ class ImagingServer:
         self._uploads: set[store.Upload] = set()
         self._gate = Gate(settings.trust)
         self._slots = SlotTable()
+        self._tls_context: ssl.SSLContext | None = None
 
     # ---- lifecycle (common.daemon.runner.Service) ---------------------------------------
 
@@ -177,11 +180,14 @@ class ImagingServer:
         app.router.add_get("/v1/images/{path:.+}", self._get)   # and HEAD
         app.router.add_post("/v1/work", self._work)
         app.router.add_post("/v1/results", self._result)
-        await self._http.start(app)
+        tls = self.settings.tls
+        self._tls_context = server_context(tls) if tls else None
+        await self._http.start(app, self._tls_context)
         self._sweeper = asyncio.create_task(self._sweep_operations())
         where = self.listen()[0]
-        log.info("imaging service answering on http://%s:%d/v1/ (images in %s, server name %s)",
-                 where["address"], where["port"], root, self.settings.server_name)
+        log.info("imaging service answering on %s://%s:%d/v1/ (images in %s, server name %s)%s",
+                 self._http.scheme, where["address"], where["port"], root,
+                 self.settings.server_name, f"; certificate sha256:{tls.pin}" if tls else "")
 
     async def apply(self, settings: Settings) -> list[str]:
         warnings = address_change_warnings(self.settings, settings)
@@ -196,6 +202,7 @@ class ImagingServer:
             self._results.keep = settings.results_log_keep
         await self._directory.configure(settings.directory)
         self._gate.configure(settings.trust)
+        warnings += reload_tls(self._tls_context, old.tls, settings.tls)
         return warnings + await asyncio.to_thread(self._gate.prepare)
 
     async def stop(self) -> None:

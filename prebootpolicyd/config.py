@@ -12,6 +12,8 @@ from common.errors import SettingError
 from common.daemon.runner import CommonSettings, common_keys
 from common.daemon.services import POLICYD
 from common.policy.trust import TrustSettings, trust_keys, trust_settings
+from common.daemon.tls import TlsSettings, tls_keys, tls_settings
+from common.tlspin import PinError, pem_fingerprint
 
 STATUS_PORT = POLICYD.status_port
 FALLBACKS = ("local", "maintenance")
@@ -29,6 +31,10 @@ SCHEMA = Schema((
     Key("ImagingServer", "string", "",
         "Imaging server the imaging environment talks to (preboot.server=); empty: {server}, "
         "the address iPXE reached this service on."),
+    Key("ImagingServerCertificate", "path", "",
+        "The certificate the imaging server presents (its TLSCertificate, PEM): the imaging "
+        "environment then talks TLS to it and accepts only this certificate (its SHA-256 goes on "
+        "the kernel line as preboot.serverpin=). Empty: plain HTTP. Reload after replacing it."),
     Key("ImagingKernel", "string", "tftp://{server}/preboot/linux",
         "URL of the imaging environment's kernel; {server} is replaced by the address iPXE "
         "reached this service on."),
@@ -43,6 +49,8 @@ SCHEMA = Schema((
         "Threads for directory queries (a slow directory never blocks the service)."),
     *trust_keys(1800, "the imaging environment asks the imaging server for the machine's "
                       "work with it, within minutes of the answer", checks=False),
+    *tls_keys("iPXE: only a build with HTTPS that trusts this certificate (iPXE's TRUST= build "
+              "option); the stock iPXE binaries cannot, so keep it empty for them"),
 ) + common_keys(POLICYD))
 
 
@@ -63,12 +71,14 @@ class Settings:
     directory: DirectorySettings
     fallback: str                    # "local" or "maintenance"
     imaging_server: str              # may hold {server}
+    imaging_server_pin: str          # SHA-256 of its certificate; "": plain HTTP
     imaging_kernel: str
     imaging_initrd: str
     kernel_args: str
     hot_key: HotKey
     workers: int
     trust: TrustSettings
+    tls: TlsSettings | None          # None: plain HTTP
     common: CommonSettings
 
 
@@ -110,6 +120,18 @@ def _kernel_args(value: str) -> str:
     return " ".join(words)
 
 
+def _server_pin(path: str) -> str:
+    """The pin of the imaging server's certificate file, or "" when none is named."""
+    if not path:
+        return ""
+    try:
+        return pem_fingerprint(path)
+    except OSError as exc:
+        raise SettingError("ImagingServerCertificate", f"{path}: {exc.strerror}") from None
+    except PinError as exc:
+        raise SettingError("ImagingServerCertificate", str(exc)) from None
+
+
 def make_settings(values: dict[str, Any], common: CommonSettings) -> Settings:
     directory = directory_settings(values)
     fallback = values["FallbackAnswer"].strip().lower()
@@ -126,11 +148,13 @@ def make_settings(values: dict[str, Any], common: CommonSettings) -> Settings:
         directory=directory,
         fallback=fallback,
         imaging_server=_script_word("ImagingServer", values["ImagingServer"], required=False),
+        imaging_server_pin=_server_pin(values["ImagingServerCertificate"]),
         imaging_kernel=_script_word("ImagingKernel", values["ImagingKernel"]),
         imaging_initrd=_script_word("ImagingInitrd", values["ImagingInitrd"]),
         kernel_args=_kernel_args(values["KernelArgs"]),
         hot_key=hot_key,
         workers=values["Workers"],
         trust=trust_settings(values),
+        tls=tls_settings(values),
         common=common,
     )

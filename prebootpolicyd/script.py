@@ -96,6 +96,8 @@ def imaging_lines(settings: Settings, work: str, action: Action | None, server: 
         args.append(f"preboot.mac={encode_arg(mac)}")
     if token:
         args.append(f"preboot.token={encode_arg(token)}")
+    if settings.imaging_server_pin:
+        args.append(f"preboot.serverpin={settings.imaging_server_pin}")
     kernel = _substitute(settings.imaging_kernel, server)
     initrd = _substitute(settings.imaging_initrd, server)
     # A UEFI kernel (EFI stub) finds its initrd only by the name on its command line (iPXE
@@ -188,9 +190,9 @@ def fallback_script(settings: Settings, reason: str, platform: str | None, serve
     return Answer("local", _script(lines, platform))
 
 
-def boot_script(authority: str) -> str:
+def boot_script(authority: str, scheme: str = "http") -> str:
     """boot.ipxe: the static first script. It sends what iPXE knows about the machine to
-    /policy on the same host:port and runs the answer in its place; if that fails, it says so
+    /policy on the same scheme, host and port and runs the answer in its place; if that fails, it says so
     and boots the local disk.
 
     String settings are sent with the :uristring type (older iPXE encodes them with it; newer
@@ -200,7 +202,7 @@ def boot_script(authority: str) -> str:
     ${memsize} is empty on builds without memory map settings; the service takes that as
     unknown.
     """
-    base = f"http://{authority}/policy"
+    base = f"{scheme}://{authority}/policy"
     params = [
         ("mac", "${netX/mac:hexhyp}"),
         ("uuid", "${uuid}"),

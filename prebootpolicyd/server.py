@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import time
 from typing import Any
 
@@ -30,6 +31,7 @@ from common.daemon.httpdaemon import (HttpListener, address_change_warnings, err
 from common.machine import MachineFacts
 from common.policy.model import WorkAssignment, assign_work, menu_for
 from common.policy.trust import Gate, Refused
+from common.daemon.tls import reload_tls, server_context
 from common.daemon.workerpool import DaemonThreadPool
 
 from . import script
@@ -85,6 +87,7 @@ class PolicyServer:
         self._directory = DirectoryHolder(self._worker_pool, "answering FallbackAnswer")
         self._warn = RateLimitedWarning(log)
         self._gate = Gate(settings.trust)
+        self._tls_context: ssl.SSLContext | None = None
 
     # ---- lifecycle (common.daemon.runner.Service) ---------------------------------------
 
@@ -101,10 +104,13 @@ class PolicyServer:
                               client_max_size=64 * 1024)
         app.router.add_get("/boot.ipxe", self._boot_ipxe)
         app.router.add_get("/policy", self._policy)
-        await self._http.start(app)
+        tls = self.settings.tls
+        self._tls_context = server_context(tls) if tls else None
+        await self._http.start(app, self._tls_context)
         where = self.listen()[0]
-        log.info("policy service answering on http://%s:%d (boot script /boot.ipxe)",
-                 where["address"], where["port"])
+        log.info("policy service answering on %s://%s:%d (boot script /boot.ipxe)%s",
+                 self._http.scheme, where["address"], where["port"],
+                 f"; certificate sha256:{tls.pin}" if tls else "")
 
     async def apply(self, settings: Settings) -> list[str]:
         warnings = address_change_warnings(self.settings, settings)
@@ -115,6 +121,7 @@ class PolicyServer:
             retired.shutdown(wait=False)       # queued calls still run; then its threads end
         await self._directory.configure(settings.directory)
         self._gate.configure(settings.trust)
+        warnings += reload_tls(self._tls_context, old.tls, settings.tls)
         return warnings + self._gate.prepare()
 
     async def stop(self) -> None:
@@ -167,7 +174,7 @@ class PolicyServer:
 
     async def _boot_ipxe(self, request: web.Request) -> web.Response:
         self.stats.script_requests += 1
-        return _script_response(script.boot_script(self._where(request)))
+        return _script_response(script.boot_script(self._where(request), self._http.scheme))
 
     async def _policy(self, request: web.Request) -> web.Response:
         self.stats.queries += 1

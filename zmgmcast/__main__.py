@@ -166,7 +166,8 @@ def format_reports(reports: list[DaemonReport], where: str) -> str:
         out += ["", report.daemon.display_name + _identity(reply)]
         for endpoint in reply.get("listen", []):
             out.append(f"    Listening on {endpoint.get('proto')} "
-                       f"{endpoint.get('address')}:{endpoint.get('port')}")
+                       f"{endpoint.get('address')}:{endpoint.get('port')}"
+                       f"{' (TLS)' if endpoint.get('tls') is True else ''}")
         out += format_counters(reply.get("counters", {}), report.daemon)
     # Belt and braces: whatever reached a line, the terminal gets no control character.
     return "\n".join(escape_control(line) for line in out)

@@ -4,7 +4,8 @@
     listener = HttpListener(http_log, keepalive_s=..., shutdown_timeout_s=...,
                             send_timeout_s=...)   # a peer that takes none of our output
     listener.bind(address, port)     # in Service.bind, before the daemon detaches
-    await listener.start(app)        # in Service.start: an AppRunner and a SockSite on it
+    await listener.start(app, tls)   # in Service.start: an AppRunner and a SockSite on it
+                                     # (tls: an ssl.SSLContext from common.daemon.tls, or None)
     listener.listen()                # for the status reply: [{"proto": "tcp", ...}]
     await listener.stop()            # in Service.stop: stop listening, let answers finish
     listener.close()                 # and, last, close the socket
@@ -22,6 +23,7 @@ import asyncio
 import json
 import logging
 import socket
+import ssl
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -29,6 +31,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from .tcplisten import LISTEN_BACKLOG, bind_listener
+from .tls import HANDSHAKE_TIMEOUT_S
 
 log = logging.getLogger("preboot.http")
 
@@ -253,8 +256,8 @@ class _Site(web.SockSite):
     """aiohttp's SockSite, with each connection's protocol under a send deadline."""
 
     def __init__(self, runner: web.AppRunner, sock: socket.socket, *, backlog: int,
-                 send_timeout_s: float | None):
-        super().__init__(runner, sock, backlog=backlog)
+                 send_timeout_s: float | None, ssl_context: ssl.SSLContext | None):
+        super().__init__(runner, sock, backlog=backlog, ssl_context=ssl_context)
         self._send_timeout_s = send_timeout_s
 
     async def start(self) -> None:
@@ -264,9 +267,12 @@ class _Site(web.SockSite):
         factory = self._runner.server
         assert factory is not None
         timeout_s = self._send_timeout_s
+        # With TLS, the deadline sees the application's writes: asyncio's SSL protocol passes
+        # its own pause_writing and resume_writing on to the protocol it wraps.
         self._server = await asyncio.get_running_loop().create_server(
             lambda: _SendDeadline(factory(), timeout_s), sock=self._sock,
-            backlog=self._backlog)
+            backlog=self._backlog, ssl=self._ssl_context,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if self._ssl_context else None)
 
 
 class HttpListener:
@@ -281,19 +287,23 @@ class HttpListener:
         self.send_timeout_s = send_timeout_s
         self._sock: socket.socket | None = None
         self._runner: web.AppRunner | None = None
+        self._tls = False
 
     def bind(self, address: str, port: int) -> socket.socket:
         self._sock = bind_listener(address, port, self.backlog)
         return self._sock
 
-    async def start(self, app: web.Application) -> None:
+    async def start(self, app: web.Application, ssl_context: ssl.SSLContext | None = None
+                    ) -> None:
+        """Serve app on the bound socket; with ssl_context, TLS only (common.daemon.tls)."""
         assert self._sock is not None, "bind() first"
+        self._tls = ssl_context is not None
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                      shutdown_timeout=self.shutdown_timeout_s,
                                      logger=self.logger, keepalive_timeout=self.keepalive_s)
         await self._runner.setup()
         site = _Site(self._runner, self._sock, backlog=self.backlog,
-                     send_timeout_s=self.send_timeout_s)
+                     send_timeout_s=self.send_timeout_s, ssl_context=ssl_context)
         await site.start()
 
     async def stop(self) -> None:
@@ -310,4 +320,11 @@ class HttpListener:
         if self._sock is None or self._sock.fileno() < 0:
             return []
         address, port = self._sock.getsockname()[:2]
-        return [{"proto": "tcp", "address": address, "port": port}]
+        endpoint: dict[str, Any] = {"proto": "tcp", "address": address, "port": port}
+        if self._tls:
+            endpoint["tls"] = True
+        return [endpoint]
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self._tls else "http"

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import configobj
 
-from common.dircli import keys
+from common.dircli import keys, tls
 from common.fileio import atomic_file
 from common.machine import ATTRIBUTE_KINDS, facts_from_strings, normalize_mac
 from common.policy.directory import Directory, DirectoryError, open_directory
@@ -430,6 +430,7 @@ def _parser() -> argparse.ArgumentParser:
         explain.add_argument(f"--{name.replace('_', '-')}", dest=name)
     explain.set_defaults(run=cmd_explain)
     keys.add_commands(commands)
+    tls.add_commands(commands)
     return parser
 
 

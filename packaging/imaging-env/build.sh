@@ -72,8 +72,9 @@ PARTCLONE_LINKS=(partclone.ext2:partclone.extfs partclone.ext3:partclone.extfs
 STDLIB_EXCLUDES=(test idlelib tkinter turtledemo ensurepip lib2to3 pydoc_data distutils unittest
                  'config-3.11-*' site-packages dist-packages sqlite3 curses dbm venv
                  '*.opt-1.pyc' '*.opt-2.pyc')
-# Extension modules left out: test modules, and those needing libraries we do not ship.
-DYNLOAD_EXCLUDES='^(_test|_ctypes_test|_xx|xxlimited|_curses|_dbm|_sqlite3|_ssl|_hashlib|nis'
+# Extension modules left out: test modules, and those needing libraries we do not ship. _ssl
+# stays (with libssl and libcrypto): img talks TLS to an imaging server that has a certificate.
+DYNLOAD_EXCLUDES='^(_test|_ctypes_test|_xx|xxlimited|_curses|_dbm|_sqlite3|_hashlib|nis'
 DYNLOAD_EXCLUDES+='|ossaudiodev|readline|audioop|_tkinter)'
 
 usage() { sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 2; }
@@ -357,7 +358,7 @@ self_test_tools() {
   local imports
   imports=$(printf '%s, ' "${ENGINE_MODULES[@]}")
   timeout 60 chroot "$root" /usr/bin/python3 -c "import sys; sys.path.insert(0, '/usr/lib/preboot')
-import zstandard, hashlib, ctypes, ${imports%, }; hashlib.blake2b(b'')" \
+import zstandard, hashlib, ctypes, ssl, ${imports%, }; hashlib.blake2b(b''); ssl.create_default_context()" \
     || die "python in the initramfs cannot import the engine"
   if [ -x "$root/usr/sbin/losetup" ]; then
     timeout 30 chroot "$root" /usr/sbin/losetup --version >/dev/null \

@@ -232,13 +232,28 @@ def check_restored_disk(disk: Path, files: Mapping[str, bytes], part: tuple[int,
 
 
 def start_imgsrvd(lab: netlab.Lab, ns: netlab.Netns, address: str, image_root: Path,
-                  directory: str, port: int = 998) -> netlab.Daemon:
+                  directory: str, port: int = 998,
+                  extra: Mapping[str, object] | None = None) -> netlab.Daemon:
     """Our imaging server on address:port in `ns`, images under `image_root`, the policy from
-    `directory` (the one policyd reads); results log '<workdir>/imgsrvd-results.xml'."""
+    `directory` (the one policyd reads); results log '<workdir>/imgsrvd-results.xml'; `extra`:
+    more keys (TLS, AllowedClients)."""
     return netlab.start_preboot_daemon(lab, ns, "imgsrvd", {
         "IPAddress": address, "Port": port, "ImageRoot": image_root, "Directory": directory,
         "ResultsLog": lab.workdir / "imgsrvd-results.xml", "ServerName": "imgsrv.e2e",
+        **(extra or {}),
     })
+
+
+def make_tls_pair(lab: netlab.Lab, name: str) -> tuple[Path, Path, str]:
+    """A self-signed pair for the imaging server, made by `preboot-dir tls create` (openssl):
+    (certificate, key, pin)."""
+    cert, key = lab.workdir / "tls" / "server.crt", lab.workdir / "tls" / "server.key"
+    run_checked([sys.executable, "-m", "common.dircli", "tls", "create", "--cert", str(cert),
+                 "--key", str(key), "--name", name, "--force"], 60,
+                env=dict(os.environ, PYTHONPATH=str(netlab.REPO_ROOT)))
+    sys.path.insert(0, str(netlab.REPO_ROOT))
+    from common.tlspin import pem_fingerprint
+    return cert, key, pem_fingerprint(str(cert))
 
 
 def results(lab: netlab.Lab) -> list:

@@ -70,6 +70,8 @@ SMBIOS = "type=1,manufacturer=Preboot Lab,product=Imaging E2E,serial=IMG-0001"
 IMAGE = "lab/base.img"
 ADDON = "lab/drivers.add"
 UEFI_MAC = "52:54:00:ab:00:03"
+LAB_NETWORK = "192.168.77.0/24"     # imgsrvd's AllowedClients in the first VM's run
+OUTSIDE_ADDRESS = "10.99.0.1"       # a client of another network
 UEFI_SMBIOS = "type=1,manufacturer=Preboot Lab,product=Imaging UEFI E2E,serial=IMG-0003"
 MAKE_MAC = "52:54:00:ab:00:02"
 MAKE_MAC_ID = MAKE_MAC.replace(":", "").upper()
@@ -200,15 +202,19 @@ class ImagingBoot:
     imgsrvd: netlab.Daemon
     policyd: netlab.Daemon
     server_ns: netlab.Netns
+    pin: str | None = None         # imgsrvd's certificate, when it speaks TLS
 
 
 def _boot_into_imaging(lab: netlab.Lab, tmp_path: Path, imaging_env: Path,
                        images: dict[str, bytes], image_root: Path, vm_disk: Path, mac: str,
                        smbios: str, name: str, firmware: netlab.Firmware = "bios",
-                       sector_size: int = 512) -> ImagingBoot:
+                       sector_size: int = 512, tls: bool = False,
+                       imgsrvd_extra: dict[str, object] | None = None) -> ImagingBoot:
     """The whole stack in the lab (the policy above, `images` under ImageRoot), one VM with
     vm_disk booted until its environment says done and powers off. BIOS: SeaBIOS with qemu's
-    iPXE ROM; UEFI: OVMF's own PXE client (architecture 7), which loads our ipxe.efi."""
+    iPXE ROM; UEFI: OVMF's own PXE client (architecture 7), which loads our ipxe.efi. tls:
+    imgsrvd speaks TLS with a certificate `preboot-dir tls create` made, and policyd pins it
+    on the kernel line (ImagingServerCertificate)."""
     root = tmp_path / "tftproot"
     netlab.stage_ipxe_binaries(root)
     imagingenv.stage_imaging_env(imaging_env, root)
@@ -224,12 +230,18 @@ def _boot_into_imaging(lab: netlab.Lab, tmp_path: Path, imaging_env: Path,
     policy_file = tmp_path / "site-policy.conf"
     policy_file.write_text(POLICY)
     _preboot_dir(srv_ns, url, "import", str(policy_file))
-    imgsrvd = imagingenv.start_imgsrvd(lab, srv_ns, setup.server_ip, image_root, url)
+    extra, pinned, pin = dict(imgsrvd_extra or {}), {}, None
+    if tls:
+        cert, key, pin = imagingenv.make_tls_pair(lab, setup.server_ip)
+        extra.update(TLSCertificate=cert, TLSKey=key)
+        pinned = {"ImagingServerCertificate": cert}
+    imgsrvd = imagingenv.start_imgsrvd(lab, srv_ns, setup.server_ip, image_root, url,
+                                       extra=extra)
     # quiet: the kernel's messages over an emulated UART cost seconds; panic=-1: a failing
     # /init reboots, which -no-reboot turns into a qemu exit instead of a hang
     policyd = netlab.start_preboot_daemon(lab, srv_ns, "prebootpolicyd", {
         "IPAddress": setup.server_ip, "Port": POLICY_PORT, "Directory": url,
-        "KernelArgs": "console=ttyS0 quiet panic=-1"})
+        "KernelArgs": "console=ttyS0 quiet panic=-1", **pinned})
 
     spec = netlab.VmSpec(firmware, nic="virtio-net-pci", nic_rom=firmware == "bios", mac=mac,
                          name=name, memory_mb=512, extra=("-smbios", smbios,
@@ -248,7 +260,8 @@ def _boot_into_imaging(lab: netlab.Lab, tmp_path: Path, imaging_env: Path,
             f"\n--- policyd log ---\n{netlab.tail(policyd.log, 15)}"
             f"\n--- imgsrvd log ---\n{netlab.tail(imgsrvd.log, 25)}"
             f"\n--- tftpd log ---\n{netlab.tail(setup.tftpd.log, 10)}")
-    return ImagingBoot(result, exit_status, result.serial_text(), diag, imgsrvd, policyd, srv_ns)
+    return ImagingBoot(result, exit_status, result.serial_text(), diag, imgsrvd, policyd, srv_ns,
+                       pin)
 
 
 def _check_boot(boot: ImagingBoot, record_boot_time, label: str, answer: str,
@@ -275,7 +288,8 @@ def test_vm_is_imaged_by_the_imaging_environment(imaging_env: Path, base_image: 
         f.truncate(DISK_SIZE)
     boot = _boot_into_imaging(lab, tmp_path, imaging_env,
                               {IMAGE: image.read_bytes(), ADDON: addon.read_bytes()},
-                              tmp_path / "images", vm_disk, MAC, SMBIOS, "imaging")
+                              tmp_path / "images", vm_disk, MAC, SMBIOS, "imaging",
+                              imgsrvd_extra={"AllowedClients": LAB_NETWORK})
     _check_boot(boot, record_boot_time, "imaging env", f"restore {IMAGE}", ENV_MARKERS)
     diag = boot.diag
 
@@ -299,6 +313,22 @@ def test_vm_is_imaged_by_the_imaging_environment(imaging_env: Path, base_image: 
     policy_counters = boot.policyd.counters()
     assert policy_counters["work_assigned"] == 1, policy_counters
     _check_refusals(lab, boot)
+    _check_outside_allowed_clients(boot)
+
+
+def _check_outside_allowed_clients(boot: ImagingBoot) -> None:
+    """imgsrvd allows only the lab's network (AllowedClients), where the VM was served: a
+    client from another network (an address of 10.99.0.0/24 added in the server's namespace,
+    curl bound to it) is refused with the reason, even with a valid-looking request."""
+    boot.server_ns.run(["ip", "addr", "add", f"{OUTSIDE_ADDRESS}/24", "dev", "lo"])
+    done = subprocess.run(boot.server_ns.cmd(
+        ["curl", "-s", "-w", "\n%{http_code}", "--interface", OUTSIDE_ADDRESS,
+         f"http://192.168.77.2:998/v1/images/{IMAGE}"]),
+        capture_output=True, text=True, timeout=30)
+    body, _, code = done.stdout.rpartition("\n")
+    reason = f"{OUTSIDE_ADDRESS} is not in AllowedClients"
+    assert code == "403" and reason in body, done.stdout[-300:] + done.stderr[-300:]
+    assert reason in boot.imgsrvd.log.read_text(errors="replace")
 
 
 def _check_refusals(lab: netlab.Lab, boot: ImagingBoot) -> None:
@@ -347,10 +377,12 @@ def test_uefi_vm_is_imaged_by_the_imaging_environment(imaging_env: Path,
         f.truncate(DISK_SIZE)
     boot = _boot_into_imaging(lab, tmp_path, imaging_env, {IMAGE: image.read_bytes()},
                               tmp_path / "images", vm_disk, UEFI_MAC, UEFI_SMBIOS, "uefi-imaging",
-                              firmware="uefi")
-    _check_boot(boot, record_boot_time, "imaging env, UEFI", f"restore {IMAGE}",
-                (re.compile(r"preboot-env: work restore lab/base\.img server 192\.168\.77\.2"),))
+                              firmware="uefi", tls=True)
+    _check_boot(boot, record_boot_time, "imaging env, UEFI, TLS", f"restore {IMAGE}",
+                (re.compile(r"preboot-env: work restore lab/base\.img server 192\.168\.77\.2"),
+                 re.compile(re.escape(f"(TLS to the certificate sha256:{boot.pin})"))))
     diag = boot.diag
+    assert "answering on https://192.168.77.2:998/v1/" in netlab.read_text(boot.imgsrvd.log), diag
     imagingenv.check_restored_disk(vm_disk, FILES, PART, tmp_path)
     policy_log = netlab.read_text(boot.policyd.log)
     assert "(efi): imaging; rule 'UEFI lab'" in policy_log, diag
