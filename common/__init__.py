@@ -12,8 +12,8 @@ three wings, plus the `preboot-dir` program.
                        rule filters (rules.py, rulematch.py), the policy file, the directory
                        backends (directory/: SQLite, LDAP).
     common/imaging/    the imaging wire formats that img and imgsrvd both speak: the image format
-                       (imageformat.py, imagefile.py) and both halves of the imaging protocol
-                       (protocol.py).
+                       (imageformat.py, imagefile.py), both halves of the imaging protocol
+                       (protocol.py) and the multicast protocol's pure codec (multicast.py).
     common/dircli/     the `preboot-dir` program (python -m common.dircli), not a library.
 
 Who may import whom. tests/unit/test_import_rules.py reads this table and checks every import

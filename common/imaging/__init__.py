@@ -1,6 +1,8 @@
 """The imaging wire formats that both the engine (img) and the server (imgsrvd) speak: the
-image file format (imageformat.py: the pure codec; imagefile.py: reader and writer) and the
-imaging protocol, both halves (protocol.py: paths, requests, answers, headers, referrals).
+image file format (imageformat.py: the pure codec; imagefile.py: reader and writer), the
+imaging protocol, both halves (protocol.py: paths, requests, answers, headers, referrals), and
+the multicast protocol's pure codec (multicast.py: packets, the group address, the image
+digest; docs/multicast-protocol.md).
 
 May import: the foundation only; never common.policy or the directory (the engine carries no
 rule engine), never common.daemon, never a daemon.
