@@ -1,0 +1,12 @@
+"""imgsrvd's multicast sessions (docs/multicast-protocol.md): the fourth imaging service.
+
+    model.py     the contract between the two halves below: settings, session specs, join
+                 requests and their admission, the status zmgmcast shows (plain dataclasses)
+    engine.py    the data plane: the control socket (997/udp), each session's sender (pacing,
+                 NAK repair from the image file, round trips, lost and slow receivers), run on
+                 its own thread so the HTTP loop never waits for it
+    catalog.py   the control plane: which sessions exist (the directory's, client-initiated,
+                 manual), who may join which (capabilities), start and stop, results
+
+The codec both sides speak is common/imaging/multicast.py; img's receiver is img/mcreceive.py.
+"""
