@@ -42,7 +42,7 @@ from .config import Settings
 from .operations import Operation, OperationTable
 from .resultsadmission import HostRateLimit, LogQueue
 from .status import ImagingCounters
-from .transfers import ProgressWatch, SlotTable, TransferStalled
+from .transfers import ProgressWatch, Slot, SlotTable, TransferStalled
 
 log = logging.getLogger("preboot.imgsrvd")
 
@@ -513,12 +513,13 @@ class ImagingServer:
         return self._slots.refusal(request.remote or "?", settings.max_clients,
                                    settings.max_transfers_per_client)
 
-    def _take_slot(self, request: web.Request) -> None:
-        self._slots.take(request.remote or "?")
+    def _take_slot(self, request: web.Request) -> Slot:
+        slot = self._slots.take(request.remote or "?")
         self.stats.active_transfers = self._slots.total
+        return slot
 
-    def _give_back_slot(self, request: web.Request) -> None:
-        self._slots.give_back(request.remote or "?")
+    def _give_back_slot(self, slot: Slot) -> None:
+        slot.give_back()
         self.stats.active_transfers = self._slots.total
 
     def _watch(self) -> ProgressWatch:
@@ -550,7 +551,7 @@ class ImagingServer:
             self.stats.busy_refusals += 1
             return self._deny(request, 503, f"{busy}; try again later", "upload", path,
                               "failure")
-        self._take_slot(request)
+        slot = self._take_slot(request)
         started = time.monotonic()
         upload: store.Upload | None = None
         try:
@@ -613,7 +614,7 @@ class ImagingServer:
             # The client is most likely gone; if not, it learns why.
             return _error(400, f"upload aborted ({what}); nothing was stored")
         finally:
-            self._give_back_slot(request)
+            self._give_back_slot(slot)
             if upload is not None:
                 self._uploads.discard(upload)
         self.stats.images_received += 1
@@ -656,7 +657,7 @@ class ImagingServer:
             return self._deny(request, 503, f"{busy}; try again later", "download", path,
                               "failure")
         op = self._retrieve(request, path, size)
-        self._take_slot(request)
+        slot = self._take_slot(request)
         try:
             try:
                 start = request.http_range.start
@@ -684,7 +685,7 @@ class ImagingServer:
                 self.stats.failures += 1
             return response
         finally:
-            self._give_back_slot(request)
+            self._give_back_slot(slot)
 
     async def _read_json(self, request: web.Request) -> Any:
         try:

@@ -2,16 +2,17 @@
 imaging server's transfers (issue 13).
 
 SlotTable counts the transfers in progress, in all and per client address (MaxClients,
-MaxTransfersPerClient). ProgressWatch enforces, on one transfer, a minimum of progress per
-window of TransferTimeout seconds (MinTransferRate) and a total deadline (MaxTransferTime); the
-server asks it how long to wait for the next bytes and tells it what moved. Pure: no sockets;
-the clock is injected for tests.
+MaxTransfersPerClient); each transfer holds a Slot until it gives it back, once. ProgressWatch
+enforces, on one transfer, a minimum of progress per window of TransferTimeout seconds
+(MinTransferRate) and a total deadline (MaxTransferTime); the server asks it how long to wait
+for the next bytes and tells it what moved. Pure: no sockets; the clock is injected for tests.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable
 
 
@@ -25,6 +26,10 @@ class SlotTable:
         self.total = 0
         self._per_client: Counter[str] = Counter()
 
+    def __len__(self) -> int:
+        """How many clients hold slots: never more than the slots taken."""
+        return len(self._per_client)
+
     def refusal(self, client: str, max_total: int, max_per_client: int) -> str | None:
         """Why a new transfer from `client` may not start now, or None."""
         if self.total >= max_total:
@@ -34,15 +39,32 @@ class SlotTable:
                     "(MaxTransfersPerClient)")
         return None
 
-    def take(self, client: str) -> None:
+    def take(self, client: str) -> Slot:
+        """One slot for a transfer from `client` (after refusal() said None)."""
         self.total += 1
         self._per_client[client] += 1
+        return Slot(self, client)
 
-    def give_back(self, client: str) -> None:
+    def _free(self, client: str) -> None:
         self.total -= 1
         self._per_client[client] -= 1
         if self._per_client[client] <= 0:
             del self._per_client[client]        # the table holds only clients with transfers
+
+
+@dataclass(eq=False)
+class Slot:
+    """One transfer's slot; give_back() frees it once, however often it is called (an error
+    path that gives it back as well must not free another transfer's slot)."""
+
+    table: SlotTable
+    client: str
+    held: bool = True
+
+    def give_back(self) -> None:
+        if self.held:
+            self.held = False
+            self.table._free(self.client)
 
 
 class ProgressWatch:
