@@ -42,7 +42,7 @@ from .config import Settings
 from .operations import Operation, OperationTable
 from .resultsadmission import HostRateLimit, LogQueue
 from .status import ImagingCounters
-from .transfers import ProgressWatch, Slot, SlotTable, TransferStalled
+from .transfers import AckedBytes, ProgressWatch, Slot, SlotTable, TransferStalled
 
 log = logging.getLogger("preboot.imgsrvd")
 
@@ -89,9 +89,9 @@ class _ImageFileResponse(web.FileResponse):
         while count > 0:
             piece = min(count, size)
             started = loop.time()
-            await _watched(loop.sendfile(transport, fobj, offset, piece), self._watch,
-                           transport)
-            self._watch.add(piece)
+            credited = await _watched(loop.sendfile(transport, fobj, offset, piece),
+                                      self._watch, transport, piece)
+            self._watch.add(piece - credited)
             offset, count = offset + piece, count - piece
             size = self._watch.next_piece_bytes(piece, loop.time() - started)
         await web.StreamResponse.write_eof(self)
@@ -106,16 +106,24 @@ def _zero_suffix_range(value: str) -> bool:
         spec[1:].strip().isdigit() and int(spec[1:]) == 0
 
 
-async def _watched(work: Any, watch: ProgressWatch, transport: Any) -> None:
-    """Await `work` while `watch` allows; when it does not, cut the connection (the work,
-    a sendfile, cannot be left half done on a connection that stays open)."""
+async def _watched(work: Any, watch: ProgressWatch, transport: Any, piece: int) -> int:
+    """Await `work`, a sendfile of `piece` bytes, while `watch` allows; when it does not, cut
+    the connection (a sendfile cannot be left half done on a connection that stays open).
+    While it runs, what the client acknowledged is credited to the watch as it goes; returns
+    the bytes so credited (the caller adds the rest of the piece)."""
     task = asyncio.ensure_future(work)
+    acked = AckedBytes(transport.get_extra_info("socket"))
+    credited = 0
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=watch.wait_s())
             if done:
                 task.result()
-                return
+                return credited
+            progress = min(piece, acked.since_start())
+            if progress > credited:
+                watch.add(progress - credited)
+                credited = progress
             watch.tick()
     except BaseException:
         task.cancel()

@@ -10,6 +10,8 @@ for the next bytes and tells it what moved. Pure: no sockets; the clock is injec
 
 from __future__ import annotations
 
+import socket
+import struct
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -65,6 +67,44 @@ class Slot:
         if self.held:
             self.held = False
             self.table._free(self.client)
+
+
+# struct tcp_info's tcpi_bytes_acked (include/uapi/linux/tcp.h, Linux 4.2 and later; RFC 4898's
+# tcpEStatsAppHCThruOctetsAcked): what the peer has acknowledged, so far, on this connection.
+TCP_INFO_BYTES_ACKED = struct.Struct("=Q")
+TCP_INFO_BYTES_ACKED_OFFSET = 120
+
+
+class AckedBytes:
+    """How many bytes the client acknowledged since this was made: the progress of a sendfile
+    piece still under way, which only whole pieces would show otherwise (a client that slows
+    down mid-piece is then judged on what it took, not cut off for the piece). 0 where the
+    kernel does not say (not TCP, not Linux). Acknowledgements of the previous piece's bytes
+    still in the socket buffer count too: at most a socket buffer more, once, for a client
+    that then stops (the watch's next window sees nothing).
+    """
+
+    def __init__(self, sock: socket.socket | None):
+        self._sock = sock
+        self._start = self._read()
+
+    def _read(self) -> int | None:
+        if self._sock is None:
+            return None
+        try:
+            info = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        except (OSError, AttributeError):
+            return None
+        end = TCP_INFO_BYTES_ACKED_OFFSET + TCP_INFO_BYTES_ACKED.size
+        if len(info) < end:
+            return None
+        return TCP_INFO_BYTES_ACKED.unpack_from(info, TCP_INFO_BYTES_ACKED_OFFSET)[0]
+
+    def since_start(self) -> int:
+        now = self._read()
+        if now is None or self._start is None:
+            return 0
+        return max(0, now - self._start)
 
 
 class ProgressWatch:

@@ -5,6 +5,8 @@ a fake one the tests move."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from imgsrvd.transfers import ProgressWatch, SlotTable, TransferStalled
@@ -250,3 +252,32 @@ def test_next_piece_follows_the_rate_the_client_showed(moved, seconds, expected)
 ])
 def test_the_base_piece_is_bounded(rate_bps, expected):
     assert ProgressWatch(120.0, rate_bps, 43200.0, clock=lambda: 0.0).piece_bytes == expected
+
+
+def test_acked_bytes_counts_what_the_peer_acknowledged():
+    import socket as socketlib
+    from imgsrvd.transfers import AckedBytes
+    server = socketlib.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    client = socketlib.create_connection(server.getsockname(), timeout=5)
+    peer, _ = server.accept()
+    try:
+        client.sendall(b"a" * 1000)
+        got = 0
+        while got < 1000:
+            got += len(peer.recv(4096))
+        acked = AckedBytes(client)
+        client.sendall(b"b" * 50_000)
+        got = 0
+        while got < 50_000:
+            got += len(peer.recv(65536))
+        for _ in range(100):                   # the ACK may trail the data by a moment
+            if acked.since_start() >= 50_000:
+                break
+            time.sleep(0.01)
+        assert acked.since_start() == 50_000
+    finally:
+        for sock in (client, peer, server):
+            sock.close()
+    assert AckedBytes(None).since_start() == 0
