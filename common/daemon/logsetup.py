@@ -108,9 +108,24 @@ def setup_logging(name: str, level: str, log_file: str, foreground: bool) -> log
     else:
         handler = _syslog_or_file(name)
     logger.addHandler(handler)
+    _route_libraries(handler)
     # tftpy logs every packet at INFO and DEBUG; keep it quiet unless we debug.
     logging.getLogger("tftpy").setLevel(logging.WARNING if level != "DEBUG" else logging.INFO)
     return logger
+
+
+def _route_libraries(handler: logging.Handler) -> None:
+    """Libraries log to their own loggers, which reach only the root logger (asyncio's "Task
+    exception was never retrieved", aiohttp's, tftpy's warnings): without a handler there,
+    Python's last-resort handler would print them to stderr unescaped. The root logger gets
+    the same handler (WARNING and above), replacing the one an earlier call gave it."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "preboot_handler", False)]:
+        root.removeHandler(old)
+    setattr(handler, "preboot_handler", True)
+    root.addHandler(handler)
+    if root.level == logging.NOTSET:
+        root.setLevel(logging.WARNING)
 
 
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,

@@ -170,6 +170,27 @@ def test_a_log_file_gets_one_record_per_record(tmp_path):
     assert all(escape_control(line) == line for line in lines)
 
 
+def test_a_librarys_record_gets_the_same_handler_and_escaping(tmp_path):
+    """asyncio's 'Task exception was never retrieved' and the like reach only the root
+    logger: they go to the daemon's log, escaped, once, also after a second setup."""
+    logger, root = logging.getLogger(logsetup.ROOT_LOGGER), logging.getLogger()
+    saved = list(root.handlers)
+    try:
+        with _configured(logger):
+            logsetup.setup_logging("preboot-test", "INFO", str(tmp_path / "d.log"), False)
+            logsetup.setup_logging("preboot-test", "INFO", str(tmp_path / "d.log"), False)
+            _log_hostile_exception(logging.getLogger("asyncio"))
+            logging.getLogger("preboot.test").warning("ours")
+    finally:
+        for handler in [h for h in root.handlers if h not in saved]:
+            root.removeHandler(handler)
+    lines = (tmp_path / "d.log").read_text().splitlines()
+    records = [line for line in lines if RECORD_START.match(line)]
+    assert len(records) == 3 and "ERROR storing lab/x.img" in records[0], lines
+    assert records[2].endswith("WARNING ours")
+    assert all(escape_control(line) == line for line in lines)
+
+
 def test_the_journal_gets_a_priority_on_every_line(monkeypatch, capsys):
     monkeypatch.setenv("JOURNAL_STREAM", "1:1")
     logger = logging.getLogger(logsetup.ROOT_LOGGER)
