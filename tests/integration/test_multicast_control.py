@@ -7,9 +7,15 @@ server runs with whatever engine it has (NoEngine until imgsrvd/multicast/engine
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -24,6 +30,7 @@ from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay,
 from imgsrvd.multicast.images import read_image_facts
 from tests.integration.test_imgsrvd_http import (  # noqa: F401 (fixtures)
     Imgsrvd, image, imgsrvd_factory, wait_for, workdir)
+from tests.support import REPO
 
 pytestmark = pytest.mark.skipif(not shutil.which("curl"), reason="curl not installed")
 
@@ -31,6 +38,12 @@ MAC = "52:54:00:7a:00:01"
 OTHER = "52:54:00:7a:00:02"
 IMAGE = "lab/base.img"
 NEVER = MenuSettings(MenuDisplay.NEVER, 5)
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def token(server: Imgsrvd, subject: str, operations: tuple[str, ...],
@@ -63,9 +76,11 @@ def get(server: Imgsrvd, path: str, auth: str = "") -> tuple[int, dict[str, Any]
 
 @pytest.fixture
 def server(imgsrvd_factory, image) -> Imgsrvd:  # noqa: F811
-    """imgsrvd with capabilities on and a free multicast port, holding lab/base.img; a
+    """imgsrvd with capabilities on and a free multicast control port, holding lab/base.img; a
     directory session room-101 naming MAC, and a rule with action multicast for OTHER."""
-    daemon = imgsrvd_factory(AllowAnonymous=False, MulticastPort=0)
+    port = free_udp_port()
+    daemon = imgsrvd_factory(AllowAnonymous=False, MulticastPort=port)
+    daemon.multicast_port = port
     code, body = daemon.upload(image, IMAGE, *bearer(token(daemon, "operator:setup",
                                                            ("store",), ("lab/*",))))
     assert code == 201, body
@@ -92,7 +107,7 @@ def test_the_work_answer_sends_a_machine_into_its_session(server):
     assert code == 200, answer
     assert answer["work"] == "multicast" and answer["session"] == "room-101"
     assert answer["group"] == group_address("room-101")
-    assert answer["data_port"] == 997
+    assert answer["data_port"] == server.multicast_port       # MulticastPort: data too
     assert answer["control_port"] == server.status()["multicast"]["control_port"]
     assert (answer["image"], answer["digest"]) == (IMAGE, facts.digest_hex)
     assert f"names this machine (MAC {normalize_mac(MAC)})" in answer["reason"]
@@ -252,3 +267,109 @@ def test_zmgmcast_control_commands(server):
         assert wait_for(lambda: [s.name for s in directory.sessions()] == ["room-202"])
     answer = control(server, "mcast-delete", name="room-101")
     assert not answer["ok"] and "no multicast session" in answer["error"]
+
+
+# ---- img: the workstation's side (the receiver itself is replaced: the data plane's) ----------
+
+def address(server: Imgsrvd) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+def img_session(server: Imgsrvd, *words: str, stdin: str, auth: str,
+                expect: int = 0) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "img", "session", *words, "--server", address(server),
+         "--disk", "/dev/null", "--token", auth],
+        input=stdin, capture_output=True, text=True, timeout=120, cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == expect, result.stdout + result.stderr
+    return result
+
+
+def test_img_session_master_opens_starts_and_leaves(server):
+    operator = token(server, "operator:alice", ("retrieve", "result"), ("lab/*",))
+    done = img_session(server, "lab 9", "master", "--image", IMAGE, stdin="g\nq\n",
+                       auth=operator)
+    assert f"session 'lab 9' is open on {address(server)}: {IMAGE} to " \
+           f"{group_address('lab 9')}:{server.multicast_port}; press g to start it" \
+        in done.stdout
+    assert "session 'lab 9' starts now" in done.stdout
+    assert "goes on without this console" in done.stdout
+    sessions = {s["name"]: s for s in server.status()["multicast"]["sessions"]}
+    assert sessions["lab 9"]["origin"] == "client" and sessions["lab 9"]["start_clients"] == 0
+    # without master or client: m makes this one the master (clients=2: no g needed)
+    done = img_session(server, "lab 10", "clients=2", "t=5", "--image", IMAGE,
+                       stdin="m\nq\n", auth=operator)
+    assert "press m to become its master" in done.stdout
+    assert "it starts when 2 have joined or 5 min after the last join" in done.stdout
+    # a machine's capability cannot open a session
+    done = img_session(server, "lab 11", "master", "--image", IMAGE, stdin="q\n",
+                       auth=token(server, MAC, ("retrieve", "result"), (IMAGE,)), expect=1)
+    assert "operator's capability" in done.stderr
+
+
+def fake_receiver(monkeypatch, server: Imgsrvd, joined: list[dict[str, Any]],
+                  **changes: Any) -> None:
+    from img import session
+    facts = read_image_facts(str(server.root), IMAGE)
+
+    def receive(**arguments: Any) -> Any:
+        joined.append(arguments)
+        fields = {"ok": True, "digest": facts.digest, "chunks_verified": facts.chunks,
+                  "bytes_written": 65536, "path": "multicast", "error": "", "refusal": None}
+        fields.update(changes)
+        return session.reception_of(SimpleNamespace(**fields))
+    monkeypatch.setattr(session, "receive", receive)
+
+
+def test_img_session_client_joins_what_the_master_opened(server, monkeypatch):
+    from img import session
+    operator = token(server, "operator:alice", ("retrieve", "result"), ("lab/*",))
+    code, _ = post(server, "/v1/sessions", {"name": "lab 12", "image": IMAGE}, operator)
+    assert code == 201
+    joined: list[dict[str, Any]] = []
+    fake_receiver(monkeypatch, server, joined)
+    args = img_args(session_words=["client"], name="lab 12", server=address(server),
+                    token=operator)
+    read, write = os.pipe()
+    os.close(write)
+    with open(read, "rb", buffering=0) as stream:
+        assert session.run(args, session.Keys(stream)) == 0
+    (arguments,) = joined
+    assert arguments["session"] == "lab 12"
+    assert arguments["control"] == ("127.0.0.1", server.status()["multicast"]["control_port"])
+    assert arguments["digest"] == read_image_facts(str(server.root), IMAGE).digest
+    entries = [e for e in server_results(server) if e.session == "lab 12"]
+    assert [(e.status, e.transfer, e.workstation) for e in entries] == \
+        [("success", "multicast", "pc-lab12")]
+
+
+def test_img_auto_with_multicast_work(server, monkeypatch, tmp_path):
+    from img import auto
+    joined: list[dict[str, Any]] = []
+    fake_receiver(monkeypatch, server, joined)
+    disk = tmp_path / "disk"
+    disk.write_bytes(bytes(1 << 20))
+    args = img_args(disk=str(disk), server=address(server),
+                    token=token(server, MAC, ("work",)), fact=[f"mac={MAC}",
+                                                              "hostname=pc-auto"])
+    before = server.counters()["images_sent"]
+    assert auto.run(args) == 0
+    assert [a["session"] for a in joined] == ["room-101"]
+    assert joined[0]["mac"] == normalize_mac(MAC)
+    assert server.counters()["images_sent"] == before + 1
+    # the session began (the engine says so): the next machine is sent into no session now
+    fake_receiver(monkeypatch, server, joined, ok=False, refusal=5, path="failed",
+                  digest=b"", chunks_verified=0, bytes_written=0, error="imaging began")
+    assert auto.run(img_args(disk=str(disk), server=address(server),
+                             token=token(server, MAC, ("work",)),
+                             fact=[f"mac={MAC}"])) == 1
+    assert len(joined) == 1 + auto.MAX_WORK_ROUNDS
+
+
+def img_args(session_words: list[str] | None = None, **values: Any) -> argparse.Namespace:
+    defaults = {"name": "", "words": session_words or [], "disk": "/dev/null", "image": None,
+                "sector_size": None, "grow": False, "level": 3, "threads": 2,
+                "fact": ["hostname=pc-lab12"], "token": None, "token_file": None,
+                "server_pin": None, "server_ca": None}
+    return argparse.Namespace(**{**defaults, **values})
