@@ -373,3 +373,28 @@ def img_args(session_words: list[str] | None = None, **values: Any) -> argparse.
                 "fact": ["hostname=pc-lab12"], "token": None, "token_file": None,
                 "server_pin": None, "server_ca": None}
     return argparse.Namespace(**{**defaults, **values})
+
+
+def zmgmcast(*argv: str, expect: int = 0) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "zmgmcast", *argv], capture_output=True,
+                            text=True, timeout=60, cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == expect, result.stdout + result.stderr
+    return result
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="control verbs need root (SO_PEERCRED)")
+def test_zmgmcast_shows_and_controls_the_sessions(server):
+    sock = server.status_socket
+    done = zmgmcast("--socket", sock, "-start", "lab 20", "-image", IMAGE, "-clients", "3")
+    assert done.stdout.startswith("session 'lab 20' opened: lab/base.img to ")
+    work(server, MAC)
+    shown = zmgmcast("-status", "--socket", sock).stdout
+    assert f"    Multicast sessions (control port {server.multicast_port}/udp): 3" in shown
+    assert "      lab 20: waiting (manual), lab/base.img to " in shown
+    assert "        starts when 3 have joined (0 now); rate -; 0 B sent, repairs 0.0 %" in shown
+    assert "      room-101: waiting (directory)" in shown
+    assert zmgmcast("--socket", sock, "-stop", "lab 20").stdout == "session 'lab 20' stopped\n"
+    refused = zmgmcast("--socket", sock, "-stop", "lab 20", expect=1)
+    assert "no multicast session 'lab 20' is running" in refused.stderr
+    assert wait_for(lambda: "lab 20" not in zmgmcast("-status", "--socket", sock).stdout)
