@@ -47,6 +47,7 @@ from .access import work_grant
 from .config import Settings
 from .multicast.catalog import Catalog, CatalogSettings, Engine, NoEngine, ParticipantEntry
 from .multicast.decisions import ReceiverReport, Registration, registration_problem
+from .multicast.images import ImageFactsError, read_image_facts
 from .multicast.model import EngineSettings, SessionOrigin
 from .operations import Operation, OperationTable
 from .resultsadmission import HostRateLimit, LogQueue
@@ -247,7 +248,12 @@ class ImagingServer:
         self._http.close()
 
     def listen(self) -> list[dict[str, Any]]:
-        return self._http.listen()
+        listening = self._http.listen()
+        engine = self.settings.multicast
+        if self._catalog.enabled and engine is not None:
+            listening.append({"proto": "udp", "address": engine.control_address,
+                              "port": self._catalog.control_port()})
+        return listening
 
     def counters(self) -> dict[str, Any]:
         return self.stats.snapshot()
@@ -985,7 +991,7 @@ class ImagingServer:
         extra: dict[str, Any] = {}
         verified = False
         if report.multicast is not None:
-            report, extra, verified = self._multicast_report(report)
+            report, extra, verified = await self._multicast_report(report)
         refusal = await self._log_report(request, report, op, extra)
         if refusal is not None:
             return refusal
@@ -1014,16 +1020,23 @@ class ImagingServer:
                 log.info("%s: image-on-next-boot flag cleared", mac)
         return web.json_response(answer)
 
-    def _multicast_report(self, report: protocol.ResultReport
-                          ) -> tuple[protocol.ResultReport, dict[str, Any], bool]:
+    async def _multicast_report(self, report: protocol.ResultReport
+                                ) -> tuple[protocol.ResultReport, dict[str, Any], bool]:
         """A multicast receiver's report, judged (catalog.report): the report as it is logged
         (a success the report does not show on the disk is a failure, with the reason), the
         entry's multicast fields, and whether it counts as an Image Sent."""
         result = report.multicast
         assert result is not None and report.mac is not None
+        image = None
+        if not self._catalog.knows(result.session) and report.status == "success":
+            try:                   # a session from before a restart: judge by the image named
+                image = await asyncio.to_thread(read_image_facts, self.settings.image_root,
+                                                protocol.clean_relative(report.image_path))
+            except (ImageFactsError, BadPath):
+                image = None
         verdict = self._catalog.report(ReceiverReport(
             result.session, report.mac, report.status, result.digest, result.chunks_verified,
-            result.bytes_written, result.path, report.error_message))
+            result.bytes_written, result.path, report.error_message), image)
         judged = dataclasses.replace(report, status=verdict.status,
                                      error_message=verdict.error or report.error_message)
         extra = {"session": result.session, "transfer": result.path,

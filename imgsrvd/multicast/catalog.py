@@ -409,12 +409,19 @@ class Catalog:
 
     # ---- results ------------------------------------------------------------------------------
 
-    def report(self, report: ReceiverReport) -> Verdict:
+    def knows(self, session: str) -> bool:
+        """Whether the catalog has the image of this session (open, or ended not long ago)."""
+        key = session_key(session)
+        return key in self._open or key in self._ended
+
+    def report(self, report: ReceiverReport, image: ImageFacts | None = None) -> Verdict:
         """A receiver's report: its verdict (the caller writes the entry, counts an Image Sent
-        when verified). The receiver's entry from the sender's view is then not written."""
+        when verified). The receiver's entry from the sender's view is then not written.
+        image: the facts of the image the report names, for a session the catalog no longer
+        knows (imgsrvd restarted since): the report is then judged against that image."""
         key = session_key(report.session)
         entry = self._open.get(key)
-        facts = entry.facts if entry is not None else self._ended.get(key)
+        facts = entry.facts if entry is not None else self._ended.get(key, image)
         participant = None
         if entry is not None and entry.status is not None:
             participant = next((p for p in entry.status.participants if p.mac == report.mac),

@@ -398,3 +398,18 @@ def test_zmgmcast_shows_and_controls_the_sessions(server):
     refused = zmgmcast("--socket", sock, "-stop", "lab 20", expect=1)
     assert "no multicast session 'lab 20' is running" in refused.stderr
     assert wait_for(lambda: "lab 20" not in zmgmcast("-status", "--socket", sock).stdout)
+
+
+def test_a_report_of_a_session_from_before_a_restart_is_judged_by_its_image(server):
+    mine = token(server, MAC, ("result",))
+    code, answer = report(server, MAC, mine, multicast_session="before the restart")
+    assert code == 200 and answer["verified"] is True
+    code, answer = report(server, MAC, mine, multicast_session="before the restart",
+                          image_path="lab/missing.img")
+    assert code == 200 and answer["verified"] is False
+
+
+def test_the_status_lists_the_multicast_port(server):
+    listen = server.status()["listen"]
+    assert listen[0]["proto"] == "tcp"
+    assert {"proto": "udp", "address": "127.0.0.1", "port": server.multicast_port} in listen
