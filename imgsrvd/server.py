@@ -287,6 +287,10 @@ class ImagingServer:
                       exc.strerror or exc)
             await self._catalog.start(None, 0)
             return
+        except Exception:  # the engine's own failure must not take the imaging service down
+            log.exception("multicast: the engine did not start; multicast sessions are off")
+            await self._catalog.start(None, 0)
+            return
         log.info("multicast: sessions on %s:%d/udp, at most %d at once",
                  engine_settings.control_address, self._catalog.control_port(),
                  engine_settings.max_sessions)

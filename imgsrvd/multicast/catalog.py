@@ -387,6 +387,8 @@ class Catalog:
         """The engine's question about one JOIN. Runs on the engine's thread: reads only the
         snapshot and the Gate, never waits for the loop."""
         view = self._views.get(session_key(request.session))
+        if view is not None and view.name != request.session:
+            view = None          # on the wire names are exact (another case: another group)
         refusal = decisions.join_refusal(view, request, self._clock())
         if refusal is not None:
             return refusal

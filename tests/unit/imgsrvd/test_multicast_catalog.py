@@ -232,6 +232,8 @@ def test_joins_need_a_capability_for_the_image_and_machine(tmp_path):
              "does not name the image"),
             (join(world, world.machine_token(), session="nope"), Refusal.UNKNOWN_SESSION,
              "no multicast session 'nope'"),
+            (join(world, world.machine_token(), session="ROOM-101"), Refusal.UNKNOWN_SESSION,
+             "no multicast session 'ROOM-101'"),
             (join(world, world.machine_token(), digest=b"\x07" * 16), Refusal.WRONG_IMAGE,
              "not the image the join names"),
         ]
