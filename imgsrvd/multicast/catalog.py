@@ -169,6 +169,9 @@ class _Open:
 
 
 class Catalog:
+    """The control plane of one imaging server: start(engine), then sync / register /
+    start_now / stop_session / report from the loop, admit from the engine's thread."""
+
     def __init__(self, settings: CatalogSettings, gate: Gate, directory: DirectoryPort,
                  record: Callable[[ParticipantEntry], None],
                  clock: Callable[[], float] = time.monotonic):
