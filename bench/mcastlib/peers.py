@@ -356,15 +356,19 @@ class UftpSession(Session):
             for line in text.splitlines():
                 m = re.match(r"\s*Host:\s*(0x[0-9a-fA-F]+)\s+Status:\s*(\w+)", line)
                 if m and m.group(1).lower() == self.uid(host) and m.group(2) != "Completed":
-                    notes[i] = f"sender: status {m.group(2)}"
+                    notes[i] = f"status {m.group(2)}"
         return notes
 
     def receiver_notes(self, i: int) -> str:
         proc = self.receivers[i]
         text = netlab.read_text(proc.log) if proc else ""
         said = [ln.strip() for ln in text.splitlines()
-                if re.search(r"(?i)abort|drop|error|timeout|lost", ln)]
-        return "; ".join(said[-2:])
+                if re.search(r"(?i)abort|drop|error|timed out|lost", ln)]
+        left = [p for p in (self.outdirs[i] / "tmp").glob("*") if p.is_file()]
+        if left and not self.output(i).exists():
+            said.append(f"its temp folder holds {', '.join(p.name for p in left)} "
+                        f"({sum(p.stat().st_size for p in left)} bytes), never moved into place")
+        return "; ".join(said[-3:])
 
 
 class UftpPeer(Peer):
