@@ -190,7 +190,7 @@ def test_the_referral_location_is_percent_encoded(imgsrvd_factory):
 
 def test_a_retrieve_that_slows_down_mid_piece_is_not_cut_off(imgsrvd_factory):
     """A client that took the first megabytes fast gets large sendfile pieces (up to 16 MiB);
-    when it then slows to 4x MinTransferRate, one piece outlasts a progress window. Old: no
+    when it then slows to 8x MinTransferRate, one piece outlasts a progress window. Old: no
     whole piece in a window counted as no progress, and the client was cut off although it
     took more than the minimum. Now what it acknowledges (TCP_INFO) counts as it goes."""
     daemon = imgsrvd_factory(MaxClients=2, TransferTimeout=5, MinTransferRate=16384)
@@ -205,14 +205,14 @@ def test_a_retrieve_that_slows_down_mid_piece_is_not_cut_off(imgsrvd_factory):
             data = sock.recv(1 << 20)
             assert data, "cut off while reading fast"
             got += len(data)
-        slow_rate_bps = 4 * 16384
+        slow_rate_bps = 8 * 16384             # slow, yet 8x the minimum: a loaded machine may lag
         ends = time.monotonic() + 3 * 5 + 2     # three progress windows and some
         while time.monotonic() < ends:
             data = sock.recv(8192)
             assert data, f"cut off after {got} bytes while taking {slow_rate_bps} B/s"
             got += len(data)
             time.sleep(len(data) / slow_rate_bps)
-        assert daemon.counters()["active_transfers"] == 1
+        assert daemon.counters()["active_transfers"] == 1, daemon.log()[-3000:]
     finally:
         sock.close()
     assert "fewer than" not in daemon.log()
