@@ -886,6 +886,13 @@ class ImagingServer:
             try:
                 await response.prepare(request)
                 await response.write_eof()
+            except TransferStalled as exc:
+                # _watched cut the connection: say why once, as a client's doing (no
+                # traceback); the retrieve may resume
+                self.stats.failures += 1
+                op.error = f"last transfer cut off: {exc}"
+                log.info("cut off the retrieve of %s by %s: %s", path, request.remote, exc)
+                raise ConnectionResetError(f"cut off: {exc}") from None
             except BaseException as exc:
                 self.stats.failures += 1   # the retrieve may resume; it ends when it stops
                 op.error = f"last transfer aborted: {type(exc).__name__}"
