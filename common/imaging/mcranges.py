@@ -12,6 +12,7 @@ receivers (img: what arrived, what to NAK) both need. No sockets, no clock.
 from __future__ import annotations
 
 import bisect
+import functools
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -58,28 +59,33 @@ class RangeSet:
         if end <= start:
             return 0
         starts, ends = self._starts, self._ends
-        if ends and start == ends[-1]:                 # fast path: the stream continues
-            ends[-1] = end
-            self._bytes += end - start
-            return end - start
-        if not ends or start > ends[-1]:               # fast path: beyond everything
+        if not ends or start > ends[-1]:               # beyond everything: a new interval
             starts.append(start)
             ends.append(end)
             self._bytes += end - start
             return end - start
-        # first interval that ends at or after start (may touch), last that starts at or
-        # before end (may touch): all of them merge with [start, end)
-        i = bisect.bisect_left(ends, start)
-        j = bisect.bisect_right(starts, end)
-        if i == j:                                     # touches nothing: insert
+        i = bisect.bisect_left(ends, start)            # the first interval ending at/after start
+        if starts[i] <= start and end <= ends[i]:
+            return 0                                   # nothing new
+        if ends[i] == start and (i + 1 == len(ends) or end < starts[i + 1]):
+            ends[i] = end                              # a stream continuing: extend in place
+            self._bytes += end - start
+            return end - start
+        if end < starts[i]:                            # between two intervals, touching none
             starts.insert(i, start)
             ends.insert(i, end)
             self._bytes += end - start
             return end - start
-        covered = sum(min(ends[k], end) - max(starts[k], start) for k in range(i, j)
-                      if min(ends[k], end) > max(starts[k], start))
+        j = bisect.bisect_right(starts, end)           # past the last interval it touches
+        covered = 0
+        for k in range(i, j):
+            overlap = min(ends[k], end) - max(starts[k], start)
+            if overlap > 0:
+                covered += overlap
         new_start, new_end = min(start, starts[i]), max(end, ends[j - 1])
-        old = sum(ends[k] - starts[k] for k in range(i, j))
+        old = 0
+        for k in range(i, j):
+            old += ends[k] - starts[k]
         starts[i:j] = [new_start]
         ends[i:j] = [new_end]
         self._bytes += (new_end - new_start) - old
@@ -181,17 +187,24 @@ class PassOrder:
     header_bytes: int
     index_offset: int
 
-    @property
+    @functools.cached_property
     def regions(self) -> tuple[ByteRange, ByteRange, ByteRange]:
         return first_pass_ranges(self.image_bytes, self.header_bytes, self.index_offset)
 
+    @functools.cached_property
+    def _bases(self) -> tuple[tuple[int, int, int], ...]:
+        """(file start, file end, pass position of the start) per region."""
+        out, base = [], 0
+        for region in self.regions:
+            out.append((region.offset, region.end, base))
+            base += region.length
+        return tuple(out)
+
     def position_of(self, offset: int) -> int:
         """The pass position of the byte at `offset` of the file (where the pass sends it)."""
-        base = 0
-        for region in self.regions:
-            if region.offset <= offset < region.end:
-                return base + offset - region.offset
-            base += region.length
+        for start, end, base in self._bases:
+            if start <= offset < end:
+                return base + offset - start
         return self.image_bytes
 
     def position_after(self, offset: int, length: int) -> int:

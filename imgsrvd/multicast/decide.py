@@ -61,7 +61,8 @@ class ReceiverWindow:
     packets_lost: int
     bytes_gained: int            # distinct bytes of the file it got in the window
     bytes_missing: int           # what it still lacked at the window's start
-    bytes_sent: int              # what the sender sent to the group in the window
+    bytes_sent: int              # first-pass bytes the sender sent in the window (repairs are
+                                 # mostly others' and a finishing session sends no pass)
 
 
 def receiver_verdict(window: ReceiverWindow, group_median_loss: float,
@@ -70,9 +71,10 @@ def receiver_verdict(window: ReceiverWindow, group_median_loss: float,
 
     Too lossy: it lost more than max_receiver_loss over the window while the group's median
     did not (loss the whole group sees is the sending rate's, which pacing.rate_decision
-    lowers). Too slow: it gained less than min_receiver_rate_kbit_s although the sender sent it
-    at least twice that and it lacked at least as much (an almost done receiver waiting for a
-    last repair is not slow)."""
+    lowers). Too slow: it gained less than min_receiver_rate_kbit_s although the sender's first
+    pass sent it at least twice that and it lacked at least as much (an almost done receiver
+    waiting for a last repair is not slow, nor one whose pass was slowed by another's
+    repairs)."""
     if window.duration_s < VERDICT_WINDOW_S:
         return ""
     total = window.packets_received + window.packets_lost

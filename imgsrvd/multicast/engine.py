@@ -91,8 +91,11 @@ MAX_RUNS_PER_TURN = 16          # GSO sends per loop turn (then control gets a t
 MAX_WAIT_S = 0.05               # the loop wakes at least this often
 STATUS_EVERY_S = 0.25           # status() snapshots
 ABORT_REPEATS = 3               # ABORT to the group, like FINISH final, is sent three times
+REPAIR_SHARE_MAX = 0.5          # while the first pass runs, repairs take at most this share
 ENDED_KEPT = 16                 # ended sessions status() still shows
 SAMPLES_KEPT = 64               # STATUS samples kept per receiver (~16 s at P = 250 ms)
+PROBES_KEPT = 32                # PROBE times a STATUS may echo (a receiver answers late)
+RTT_MIN_KEPT = 32               # round-trip samples the least one is taken over
 U32 = 1 << 32
 _GONE = (ReceiverState.DONE, ReceiverState.FAILED, ReceiverState.LEFT, ReceiverState.LOST,
          ReceiverState.DROPPED)
@@ -195,8 +198,10 @@ class _Receiver:
         self.lost = _Counter()
         self.interval_mark = (0, 0)            # (received, lost) at the last rate interval
         self.samples: collections.deque[tuple[float, int, int, int, int]] = \
-            collections.deque(maxlen=SAMPLES_KEPT)  # (time, received, lost, bytes, sent)
+            collections.deque(maxlen=SAMPLES_KEPT)  # (time, received, lost, bytes, pass)
         self.window_loss = 0.0
+        self.echoed_us = 0
+        self.rtt_samples: collections.deque[float] = collections.deque(maxlen=RTT_MIN_KEPT)
         self.abort_sent_s = -1e9
         self.abort_reason = AbortReason.OTHER
         self.abort_text = ""
@@ -231,6 +236,7 @@ class _Session:
         self.next_announce_s = now_s
         self.next_probe_s: float | None = None
         self.probe_sent_us = 0
+        self.probes_sent: collections.deque[int] = collections.deque(maxlen=PROBES_KEPT)
         self.operator_start = False
         self.last_join_s: float | None = None
         self.started_s: float | None = None
@@ -253,6 +259,8 @@ class _Session:
         self.losses = LossHistory()
         self.next_rate_s = now_s
         self.interval_bytes = 0
+        self.interval_repair_bytes = 0
+        self.interval_pass_bytes = 0
         self.interval_start_s = now_s
         self.bytes_sent = 0
         self.repair_bytes = 0
@@ -703,6 +711,7 @@ class MulticastEngine:
         probe = probe_interval_s(grtt)
         session.next_probe_s = now_s + probe
         session.probe_sent_us = _us(now_s)
+        session.probes_sent.append(session.probe_sent_us)
         self._group_message(session, mc.Probe, sent_at_us=session.probe_sent_us,
                             grtt_us=min(int(grtt * 1e6), U32 - 1),
                             probe_interval_ms=max(1, int(probe * 1000)),
@@ -746,9 +755,14 @@ class MulticastEngine:
         if session.starts_left == START_REPEATS:
             return 0.0                   # the first START goes before any data
         for _ in range(MAX_RUNS_PER_TURN):
+            passing = session.state is SessionState.SENDING and \
+                session.pass_position < session.image.size
             repairing = bool(session.repair)
-            if not repairing and (session.state is not SessionState.SENDING or
-                                  session.pass_position >= session.image.size):
+            if repairing and passing and session.interval_repair_bytes > \
+                    REPAIR_SHARE_MAX * (session.interval_repair_bytes +
+                                        session.interval_pass_bytes):
+                repairing = False   # the pass goes on: one receiver's NAKs never stall it
+            if not repairing and not passing:
                 return None
             wait = session.bucket.wait_s(RUN_PACKETS * mc.MAX_DATAGRAM, now_s)
             if wait > 0:
@@ -781,9 +795,11 @@ class MulticastEngine:
             session.bytes_sent += length
             if repairing:
                 session.repair_bytes += length
+                session.interval_repair_bytes += length
                 session.repair.repaired(offset, length, now_s)
             else:
                 session.first_pass_bytes += length
+                session.interval_pass_bytes += length
                 session.pass_position += length
         return 0.0
 
@@ -806,8 +822,10 @@ class MulticastEngine:
         rate's decision, and the verdicts on slow receivers."""
         interval = max(1e-3, now_s - session.interval_start_s)
         session.next_rate_s = now_s + session.probe_s
-        window_losses, losses = {}, {}
+        window_losses, losses, queues = {}, {}, {}
         for receiver in session.active:
+            if len(receiver.rtt_samples) >= 2:
+                queues[receiver.id] = receiver.rtt_samples[-1] - min(receiver.rtt_samples)
             received, lost = receiver.received.total, receiver.lost.total
             old_received, old_lost = receiver.interval_mark
             receiver.interval_mark = (received, lost)
@@ -836,12 +854,13 @@ class MulticastEngine:
         share = session.interval_bytes / allowed if allowed else 1.0
         new, session.slow_start, why = rate_decision(session.rate_kbit_s, losses, share,
                                                      session.limits, frozenset(excluded),
-                                                     session.slow_start)
+                                                     session.slow_start, queues)
         if new != session.rate_kbit_s:
             log.debug("multicast: session %r: %s", session.spec.name, why)
             session.rate_kbit_s = new
             session.bucket.set_rate(new * 125, now_s)
         session.interval_bytes = 0
+        session.interval_repair_bytes = session.interval_pass_bytes = 0
         session.interval_start_s = now_s
 
     def _window(self, session: _Session, receiver: _Receiver, now_s: float
@@ -863,7 +882,7 @@ class MulticastEngine:
         window = ReceiverWindow(duration_s=t1 - t0, packets_received=received1 - received0,
                                 packets_lost=lost1 - lost0, bytes_gained=bytes1 - bytes0,
                                 bytes_missing=session.image.size - bytes0,
-                                bytes_sent=session.bytes_sent - sent0)
+                                bytes_sent=session.first_pass_bytes - sent0)
         total = window.packets_received + window.packets_lost
         receiver.window_loss = window.packets_lost / total if total else 0.0
         return window
@@ -964,15 +983,21 @@ class MulticastEngine:
 
     def _status(self, session: _Session, receiver: _Receiver, status: mc.Status,
                 now_s: float) -> None:
-        if status.echo_sent_at_us and status.echo_sent_at_us == session.probe_sent_us:
-            receiver.rtt.update(rtt_sample_s(now_s, status.echo_sent_at_us / 1e6,
-                                             status.echo_delay_us / 1e6))
+        if status.echo_sent_at_us and status.echo_sent_at_us in session.probes_sent and \
+                status.echo_sent_at_us > receiver.echoed_us:
+            # any recent PROBE of ours (a busy receiver answers one after the next went out:
+            # keeping only the newest's answers would keep only the quick ones), each once
+            receiver.echoed_us = status.echo_sent_at_us
+            sample = rtt_sample_s(now_s, status.echo_sent_at_us / 1e6,
+                                  status.echo_delay_us / 1e6)
+            receiver.rtt.update(sample)
+            receiver.rtt_samples.append(sample)
         receiver.status = status
         received = receiver.received.update(status.packets_received)
         lost = receiver.lost.update(status.packets_lost)
         if session.started_s is not None:
             receiver.samples.append((now_s, received, lost, status.bytes_received,
-                                     session.bytes_sent))
+                                     session.first_pass_bytes))
         if status.state is mc.ReceiverState.DONE:
             receiver.state = ReceiverState.DONE
             session.losses.forget(receiver.id)
