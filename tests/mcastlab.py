@@ -55,7 +55,8 @@ def make_base_image(path: Path, disk_bytes: int = 48 * MiB, seed: int = 14,
         writer = ImageWriter(out, meta, chunk_size=chunk_size, threads=2)
         head = bytearray(MiB)
         head[64 * 1024:64 * 1024 + 21] = b"BOOTLOADER-GAP-MARKER"
-        writer.add(0, 0, bytes(head))
+        for start in range(0, MiB, chunk_size):
+            writer.add(0, start, bytes(head[start:start + chunk_size]))
         offset = 0
         while offset < part_bytes:
             size = min(chunk_size, part_bytes - offset)
@@ -175,9 +176,12 @@ def start_sender(mlab: McastLab, image: Path, name: str, *extra: str):
 
 
 def start_receiver(mlab: McastLab, n: int, name: str, disk: Path, *extra: str,
-                   tag: str = ""):
+                   tag: str = "", by_name: bool = False):
+    """img's receiver in receiver namespace n; by_name: without --server, finding the
+    session by its ANNOUNCE."""
+    where = ["--interface", mlab.receiver_ip(n)] if by_name else ["--server", SENDER_IP]
     return mlab.lab.spawn(f"receiver{n}{tag}-{name}", mlab.receivers[n],
-                          python("img.mcreceive", "--server", SENDER_IP, "--session", name,
+                          python("img.mcreceive", *where, "--session", name,
                                  "--disk", str(disk), *extra), cwd=REPO, env=env())
 
 

@@ -903,6 +903,8 @@ class MulticastEngine:
 
     def _read_control(self) -> None:
         assert self._control is not None
+        # a command queued before these packets came (open_session, then a JOIN) goes first
+        self._run_commands(time.monotonic())
         for _ in range(MAX_CONTROL_PER_TURN):
             try:
                 size, address = self._control.recvfrom_into(self._buffer)

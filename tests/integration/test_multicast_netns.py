@@ -206,3 +206,30 @@ def test_a_sender_that_dies_is_lost_and_the_receivers_finish_over_unicast(lab, t
         assert result["ok"] and result["path"] == "multicast+unicast", result
         assert "silent" in result["reason"], result
         assert same_bytes(tmp_path / f"r{n}.disk", reference)
+
+
+def test_a_receiver_finds_a_session_by_its_name(lab, tmp_path, image):
+    """`img session NAME`'s way in: no server given, the session's ANNOUNCE on the name's
+    group says where to JOIN."""
+    path, reference = image
+    mlab = build_lab(lab, 1)
+    start_sender(mlab, path, "room-101", "--clients", "1")
+    proc = start_receiver(mlab, 0, "room-101", blank_disk(tmp_path / "r0.disk", DISK),
+                          by_name=True)
+    result = outcome(proc)
+    assert result["ok"] and result["path"] == "multicast", result
+    assert same_bytes(tmp_path / "r0.disk", reference)
+
+
+def test_another_image_than_expected_is_refused_before_a_byte_is_written(lab, tmp_path,
+                                                                        image):
+    path, _ = image
+    mlab = build_lab(lab, 1)
+    start_sender(mlab, path, "wrong", "--clients", "1")
+    proc = start_receiver(mlab, 0, "wrong", blank_disk(tmp_path / "r0.disk", DISK),
+                          "--digest", "ff" * 16)
+    result = outcome(proc)
+    assert result["path"] == "refused" and result["refusal"] == 7, result   # wrong image
+    assert not result["disk_changed"]
+    with open(tmp_path / "r0.disk", "rb") as disk:
+        assert not any(disk.read())
