@@ -79,6 +79,7 @@ LOSS_WINDOW_S = 5.0                  # the receiver's own judgement of its loss 
 MAX_LOSS = 0.5                       # ... falls back to unicast above this
 LOSS_MIN_PACKETS = 500
 WAIT_TICK_S = 0.25                   # pread's waits wake this often to look at the state
+STALL_S = 30.0                       # a chunk waited for that long without a byte: fallback
 U32 = 1 << 32
 IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)
 
@@ -474,6 +475,7 @@ class MulticastSource:
         while True:
             with self._cond:
                 window.demand[slot.index] += 1
+                progress, progress_s = -1, time.monotonic()
                 try:
                     while True:
                         if self._failure:
@@ -485,6 +487,16 @@ class MulticastSource:
                             data, state = None, None
                             break
                         window.want(slot)
+                        now = time.monotonic()
+                        behind = window.horizon > window.order.position_of(slot.end - 1)
+                        if slot.got != progress or not behind:
+                            # (a chunk the pass has not reached yet is not late)
+                            progress, progress_s = slot.got, now
+                        elif now - progress_s > STALL_S:
+                            # a sender that probes but never repairs what we wait for
+                            self._fall_back(f"the chunk at byte {slot.start} made no progress "
+                                            f"for {STALL_S:g} s")
+                            continue
                         self._next_nak_s = 0.0          # look at the holes now
                         self._cond.wait(WAIT_TICK_S)
                 finally:
@@ -1053,6 +1065,8 @@ def receive_session(server: str | None, session_name: str, token: str = "", mac:
             return failed("failed", f"{exc}; the disk was not changed")
         except Exception as exc:  # noqa: BLE001 - whatever failed, the outcome says it
             why = source.failure or str(exc) or type(exc).__name__
+            if source.failure is None and source.fallback_reason:
+                why = f"{source.fallback_reason}; then over unicast: {why}"
             source.finish(False, why)
             changed = written["started"]
             return failed("failed", f"{why}; " + ("the disk was changed: it is incomplete and "

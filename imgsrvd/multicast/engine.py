@@ -497,6 +497,7 @@ class MulticastEngine:
 
     def _shutdown(self) -> None:
         now = time.monotonic()
+        self._run_commands(now)         # a session opened just before stop(): its file closes
         for session in list(self._sessions.values()):
             self._end(session, EventKind.SESSION_ABORTED, AbortReason.SHUTDOWN,
                       "the imaging server is stopping", now)
