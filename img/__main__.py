@@ -7,6 +7,9 @@
     img make --disk DISK --server HOST[:PORT] PATH      ... onto an imaging server
     img restore --disk DISK --server HOST[:PORT] PATH [--grow]   ... from an imaging server
     img auto --disk DISK --server HOST[:PORT] [--fact KEY=VALUE ...]   ask the server what to do
+        (a multicast session's work included: join it, restore, report)
+    img session NAME [master|client] [clients=N [t=M]] --disk DISK --server HOST[:PORT]
+        a multicast session every workstation names alike (img/session.py, docs/multicast.md)
     img verify IMAGE                    check every chunk of an image
     img addon make --from DIR IMAGE     an add-on image of the files under DIR
     img addon apply --disk DISK [--partition N] IMAGE   lay an add-on image onto a partition
@@ -35,7 +38,7 @@ import sys
 from common.imaging.imagefile import DEFAULT_LEVEL
 from common.imaging.imageformat import ImageFormatError
 
-from . import auto, local, results, serverops
+from . import auto, local, results, serverops, session
 from .credentials import access_arguments
 from .disklayout import SECTOR_SIZES, DiskLayoutError
 from .errors import AddonError, DiskError, Failure, RestoreError
@@ -133,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--level", type=int, default=DEFAULT_LEVEL)
     ask.add_argument("--threads", type=int, default=2)
     ask.set_defaults(run=auto.run)
+    session.add_parser(commands)
     verify = commands.add_parser("verify", help="check every chunk of an image")
     verify.add_argument("image")
     verify.add_argument("--threads", type=int, default=2)

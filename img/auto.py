@@ -1,7 +1,11 @@
 """img auto: ask the imaging server what this machine should do (POST /v1/work with its
 facts), and do it: restore a base image and its add-on images, make an image, follow a
-referral to another server, or nothing. What the imaging environment runs at boot; the console
-of an unattended machine shows what it printed.
+referral to another server, join a multicast session (session.py), or nothing. What the
+imaging environment runs at boot; the console of an unattended machine shows what it printed.
+
+A multicast session that began before this machine joined refuses it; img then asks for work
+again (at most MAX_WORK_ROUNDS times): the server sends it into the next session it qualifies
+for, or gives it other work, or none.
 """
 
 from __future__ import annotations
@@ -10,11 +14,14 @@ import argparse
 import sys
 from typing import Any
 
+from . import session
 from .client import ImagingClient, ServerError
 from .errors import DiskError, Failure
 from .results import identity, server_facts
 from .credentials import server_access
 from .serverops import apply_addons_remote, check_server, server_operation
+
+MAX_WORK_ROUNDS = 3
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,6 +34,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"img: {exc}", file=sys.stderr)
         return 1
     print_disk(args.disk, args.sector_size)
+    for _round in range(MAX_WORK_ROUNDS):
+        status = _one_round(args, facts, access)
+        if status != session.ASK_AGAIN:
+            return status
+    print(f"img: {args.server} kept sending this machine into sessions that had begun; the "
+          "disk was not changed", file=sys.stderr)
+    return 1
+
+
+def _one_round(args: argparse.Namespace, facts: dict[str, Any], access: Any) -> int:
+    """Ask for work and do it: the exit status, or session.ASK_AGAIN."""
     workstation, _ = identity(facts)
     server = args.server
     try:
@@ -69,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     if work == "make":
         return server_operation("make", args, server, image, facts, "auto", args.server,
                                 access=access)
+    if work == "multicast":
+        return session.from_work(args, server, answer, facts, access)
     print(f"img: {server} asks for '{work}', which this engine does not do yet; the disk "
           "was not changed", file=sys.stderr)
     return 1

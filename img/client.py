@@ -267,10 +267,19 @@ class ImagingClient:
         return data
 
     def post_json(self, url: str, body: dict[str, Any], what: str) -> dict[str, Any]:
-        response, data = self._request("POST", url, what, json.dumps(body).encode(),
-                                       {"Content-Type": "application/json"})
-        assert data is not None
-        if response.status != 200:
+        return self.call_json("POST", url, body, what, ok=(200,))
+
+    def call_json(self, method: str, url: str, body: dict[str, Any] | None, what: str,
+                  ok: tuple[int, ...] = (200, 201)) -> dict[str, Any]:
+        """A JSON request answered with a JSON object and one of the `ok` statuses; else
+        ServerError with the server's reason and the status."""
+        payload = None if body is None else json.dumps(body).encode()
+        response, data = self._request(method, url, what, payload,
+                                       {"Content-Type": "application/json"} if body is not None
+                                       else None)
+        if data is None:                       # a GET answered 200: its body is still unread
+            data = response.read()
+        if response.status not in ok:
             raise ServerError(f"{self.server}: {what}: HTTP {response.status}: {_reason(data)}",
                               response.status)
         try:

@@ -47,24 +47,29 @@ def identity(facts: dict[str, Any]) -> tuple[str, str]:
 
 
 def report(server: str, facts: dict[str, Any], operation: str, image: str, error: str,
-           image_type: str = "base", access: ServerAccess = NO_ACCESS) -> None:
-    """POST /v1/results; a failure to report is a warning, not a failed operation."""
+           image_type: str = "base", access: ServerAccess = NO_ACCESS,
+           multicast: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """POST /v1/results (with a multicast receiver's fields: multicast_session, digest,
+    chunks_verified, bytes_written, path); a failure to report is a warning, not a failed
+    operation. The server's answer, None when there is none."""
     workstation, mac = identity(facts)
     if not workstation and not mac:
         print(f"img: warning: no workstation name or MAC to report the result to {server}",
               file=sys.stderr)
-        return
+        return None
     body = {"workstation": workstation, "mac": mac, "operation": operation,
             "image_type": image_type, "image_path": image,
             "status": "failure" if error else "success", "error_message": error[:4000],
-            "session": SESSION}
+            "session": SESSION, **(multicast or {})}
     try:
         with ImagingClient(server, workstation, timeout=15, access=access) as client:
             answer = client.result(body)
         if answer.get("cleared"):
             print(f"{server}: the workstation's 'image on next boot' flag was cleared")
+        return answer
     except (ServerError, ValueError) as exc:
         print(f"img: warning: result not reported: {exc}", file=sys.stderr)
+        return None
 
 
 def info(args: argparse.Namespace) -> int:

@@ -6,7 +6,10 @@ report it, and nothing else (docs/security.md).
 - make: store the image, report the result;
 - a referral: the same, for the image as the other server names it (the imaging servers that
   refer to each other share the capability keys);
-- anything else (none, maintenance, multicast): no capability.
+- multicast: retrieve the session's image (the JOIN presents it: the sender admits a machine
+  whose capability allows retrieving what the session sends; a receiver dropped from the
+  session finishes over unicast with it), report the result;
+- anything else (none, maintenance): no capability.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from typing import Any
 
 from common.imaging.protocol import BadPath, parse_image_path
 
-OPERATIONS = {"restore": ("retrieve", "result"), "make": ("store", "result")}
+OPERATIONS = {"restore": ("retrieve", "result"), "make": ("store", "result"),
+              "multicast": ("retrieve", "result")}
 
 
 def work_grant(answer: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass
@@ -15,9 +16,45 @@ from common.daemon.services import IMGSRVD
 from common.policy.trust import TrustSettings, trust_keys, trust_settings
 from common.daemon.tls import TlsSettings, tls_keys, tls_settings
 
+from common.imaging.multicast import CONTROL_PORT, DATA_PORT
 from common.imaging.protocol import BadPath, clean_relative
 
+from .multicast.model import EngineSettings
+
 STATUS_PORT = IMGSRVD.status_port
+
+# Multicast sessions (docs/multicast.md, docs/multicast-protocol.md): the keys the engine's
+# EngineSettings are made from. They take effect at start; a reload that changes them says so.
+MULTICAST_KEYS = (
+    Key("MulticastPort", "integer(min=0, max=65535)", str(CONTROL_PORT),
+        "UDP port of multicast sessions: receivers join on it at IPAddress (the control port), "
+        "and sessions that name no data port send to their group on it. 0: a free control port "
+        f"(data to port {DATA_PORT}). Below 1024 needs root or CAP_NET_BIND_SERVICE."),
+    Key("MulticastInterface", "string", "",
+        "IPv4 address of the interface sessions send their groups from; empty: IPAddress, or "
+        "the interface of the default route when IPAddress is 0.0.0.0."),
+    Key("MulticastTTL", "integer(min=1, max=255)", "1",
+        "Time to live of multicast packets: 1 keeps sessions on this network segment; more "
+        "crosses that many routers, which must route multicast."),
+    Key("MaxBitrate", "integer(min=0, max=100000000)", "0",
+        "Kilobits per second one session sends at most (its first pass and repairs); 0: no "
+        "limit but the adaptation to the receivers' loss."),
+    Key("MinReceiverRate", "integer(min=0, max=100000000)", "1000",
+        "Kilobits per second a receiver must keep up with; one slower than this for a while "
+        "is dropped from the session and finishes over unicast HTTP, so it does not hold the "
+        "others back. 0: none is dropped for being slow."),
+    Key("MaxReceiverLoss", "integer(min=1, max=100)", "20",
+        "Percent of packets a receiver may lose for a while; one losing more is dropped from "
+        "the session and finishes over unicast HTTP. 100: none is dropped for its loss."),
+    Key("MulticastFinishTimeout", "integer(min=10, max=86400)", "300",
+        "Seconds repairs go on after a session's first pass at most; receivers not done then "
+        "finish over unicast HTTP."),
+    Key("MaxSessions", "integer(min=0, max=1000)", "16",
+        "Multicast sessions at once (the directory's, workstations' and operators'); 0: no "
+        "multicast (the port is not opened)."),
+    Key("MaxSessionReceivers", "integer(min=1, max=10000)", "256",
+        "Receivers one session admits; more are refused (full) and restore over unicast."),
+)
 
 SCHEMA = Schema((
     Key("IPAddress", "ip_addr", "0.0.0.0",
@@ -67,6 +104,7 @@ SCHEMA = Schema((
     Key("ServerName", "string", "",
         "How other imaging servers and the directory name this server in //server/path "
         "image paths; empty: this host's name."),
+    *MULTICAST_KEYS,
     *trust_keys(43200, "with every work answer: retrieve or store the work's images and "
                        "report its result; long enough for the largest restore"),
     *tls_keys("img: the imaging environment pins it when policyd's ImagingServerCertificate "
@@ -93,6 +131,8 @@ class Settings:
     min_transfer_rate_bps: int
     max_transfer_time_s: float
     server_name: str
+    multicast: EngineSettings | None        # None: no multicast (MaxSessions = 0)
+    data_port: int                          # the data port of sessions that name none
     trust: TrustSettings
     tls: TlsSettings | None                 # None: plain HTTP
     common: CommonSettings
@@ -131,7 +171,38 @@ def make_settings(values: dict[str, Any], common: CommonSettings) -> Settings:
         min_transfer_rate_bps=values["MinTransferRate"],
         max_transfer_time_s=float(values["MaxTransferTime"]),
         server_name=server_name,
+        multicast=multicast_settings(values),
+        data_port=values["MulticastPort"] or DATA_PORT,
         trust=trust_settings(values),
         tls=tls_settings(values),
         common=common,
+    )
+
+
+def multicast_settings(values: dict[str, Any]) -> EngineSettings | None:
+    """The engine's settings from the multicast keys; None when MaxSessions is 0."""
+    if not values["MaxSessions"]:
+        return None
+    interface = values["MulticastInterface"].strip()
+    if interface:
+        try:
+            interface = str(ipaddress.IPv4Address(interface))
+        except ValueError:
+            raise SettingError("MulticastInterface", f"'{interface}' is not an IPv4 address "
+                                                     "(multicast is IPv4 only)") from None
+    address = values["IPAddress"]
+    control = address if ":" not in address else "0.0.0.0"   # version 1 is IPv4 only
+    if not interface and control != "0.0.0.0":
+        interface = control
+    return EngineSettings(
+        control_address=control,
+        control_port=values["MulticastPort"],
+        interface_address=interface,
+        ttl=values["MulticastTTL"],
+        max_bitrate_kbit_s=values["MaxBitrate"],
+        min_receiver_rate_kbit_s=values["MinReceiverRate"],
+        max_receiver_loss=values["MaxReceiverLoss"] / 100,
+        finish_timeout_s=float(values["MulticastFinishTimeout"]),
+        max_sessions=values["MaxSessions"],
+        max_receivers=values["MaxSessionReceivers"],
     )

@@ -157,10 +157,14 @@ def _now() -> datetime:
 
 
 _TEXT_FIELDS = ("workstation", "tree", "operation", "image_type", "image_path", "status",
-                "error_message", "requesting_address", "server")
+                "error_message", "requesting_address", "server", "session", "image_digest",
+                "transfer")
+# Whole numbers, when present (a multicast receiver's: docs/multicast.md, "Results").
+_COUNT_FIELDS = ("bytes", "chunks_verified", "bytes_written")
 # Attribute order on disk: the time first, as the original did, then who/what/result.
 _ATTR_ORDER = ("workstation", "tree", "operation", "image_type", "image_path", "status",
-               "error_message", "requesting_address", "server", "bytes", "duration_s")
+               "error_message", "requesting_address", "server", "bytes", "duration_s",
+               "session", "transfer", "image_digest", "chunks_verified", "bytes_written")
 _REQUIRED = ("workstation", "operation", "status", "timestamp")
 
 
@@ -185,6 +189,13 @@ class ResultEntry:
     bytes: int | None = None
     duration_s: float | None = None
     timestamp: datetime = field(default_factory=_now)
+    # a multicast receiver's: its session, the path it took (multicast, multicast+unicast,
+    # failed), the image digest it restored (hex), chunks verified and bytes written
+    session: str | None = None
+    transfer: str | None = None
+    image_digest: str | None = None
+    chunks_verified: int | None = None
+    bytes_written: int | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -199,11 +210,14 @@ class ResultEntry:
                 set_(self, name, value)
             if _FORBIDDEN.search(value) is not None:
                 set_(self, name, sanitize(value))
-        if self.bytes is not None:
-            if isinstance(self.bytes, bool) or not isinstance(self.bytes, int):
-                raise TypeError("results log entry: bytes must be an int or None")
-            if self.bytes < 0:
-                raise ValueError("results log entry: bytes must not be negative")
+        for name in _COUNT_FIELDS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"results log entry: {name} must be an int or None")
+            if value < 0:
+                raise ValueError(f"results log entry: {name} must not be negative")
         if self.duration_s is not None:
             if isinstance(self.duration_s, bool) or not isinstance(self.duration_s, (int, float)):
                 raise TypeError("results log entry: duration_s must be a number or None")
@@ -249,12 +263,12 @@ class ResultEntry:
             raise ValueError(f"results log entry lacks {', '.join(missing)}")
         try:
             timestamp = datetime.fromisoformat(a["timestamp"])
-            size = int(a["bytes"]) if "bytes" in a else None
+            counts = {name: int(a[name]) if name in a else None for name in _COUNT_FIELDS}
             duration = float(a["duration_s"]) if "duration_s" in a else None
         except ValueError as exc:
             raise ValueError(f"results log entry: bad value: {exc}") from None
         kwargs: dict[str, Any] = {name: a.get(name) for name in _TEXT_FIELDS}
-        return cls(**kwargs, bytes=size, duration_s=duration, timestamp=timestamp)
+        return cls(**kwargs, **counts, duration_s=duration, timestamp=timestamp)
 
     def summary(self) -> str:
         """One human line for the daemon log."""

@@ -4,17 +4,22 @@ PUT  /v1/images/<path>   store an image (streamed to a temporary file, checked, 
 GET  /v1/images/<path>   retrieve an image (sendfile; Range for resume); HEAD: its size only
 POST /v1/work            auto-imaging: what the directory says this machine should do
 POST /v1/results         log an imaging result; a successful restore clears the next-boot flag
+POST /v1/sessions        open a multicast session a workstation master (or an operator) asks
+                         for; GET, POST .../start and DELETE /v1/sessions/<name> (docs/multicast.md)
 
 docs/imaging-protocol.md is the specification. File work (writes, fsync, the image check, the
 rename) runs on asyncio's worker threads; directory calls run on a small pool of daemon threads
 owned by the server, bounded by DirectoryTimeout, so a hung directory can neither block the
-event loop nor hold up the 5 s SIGTERM contract.
+event loop nor hold up the 5 s SIGTERM contract. Multicast sessions (997/udp) are the
+multicast package's: the control plane (multicast/catalog.py) on this loop, the engine on a
+thread of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import math
 import os
@@ -31,7 +36,8 @@ from common.daemon.httpdaemon import (BadJsonBody, HttpListener, JsonLimits,
                                       address_change_warnings, error_middleware,
                                       quiet_bad_requests, read_json_body)
 from common.imaging.protocol import BadPath, BadRequest, LocalPath, RemotePath
-from common.policy.model import assign_work
+from common.policy.model import NO_WORK, ActionKind, MulticastSession, WorkAssignment
+from common.policy.sessions import work_for
 from common.policy.trust import Gate, Refused
 from common.daemon.tls import reload_tls, server_context
 from common.daemon.workerpool import DaemonThreadPool
@@ -39,10 +45,14 @@ from common.daemon.workerpool import DaemonThreadPool
 from . import store
 from .access import work_grant
 from .config import Settings
+from .multicast.catalog import Catalog, CatalogSettings, Engine, NoEngine, ParticipantEntry
+from .multicast.decisions import ReceiverReport, Registration, registration_problem
+from .multicast.images import ImageFactsError, read_image_facts
+from .multicast.model import EngineSettings, SessionOrigin
 from .operations import Operation, OperationTable
 from .resultsadmission import HostRateLimit, LogQueue
-from .status import ImagingCounters
-from .transfers import ProgressWatch, SlotTable, TransferStalled
+from .status import ImagingCounters, multicast_status
+from .transfers import AckedBytes, ProgressWatch, Slot, SlotTable, TransferStalled
 
 log = logging.getLogger("preboot.imgsrvd")
 
@@ -89,9 +99,9 @@ class _ImageFileResponse(web.FileResponse):
         while count > 0:
             piece = min(count, size)
             started = loop.time()
-            await _watched(loop.sendfile(transport, fobj, offset, piece), self._watch,
-                           transport)
-            self._watch.add(piece)
+            credited = await _watched(loop.sendfile(transport, fobj, offset, piece),
+                                      self._watch, transport, piece)
+            self._watch.add(piece - credited)
             offset, count = offset + piece, count - piece
             size = self._watch.next_piece_bytes(piece, loop.time() - started)
         await web.StreamResponse.write_eof(self)
@@ -106,16 +116,24 @@ def _zero_suffix_range(value: str) -> bool:
         spec[1:].strip().isdigit() and int(spec[1:]) == 0
 
 
-async def _watched(work: Any, watch: ProgressWatch, transport: Any) -> None:
-    """Await `work` while `watch` allows; when it does not, cut the connection (the work,
-    a sendfile, cannot be left half done on a connection that stays open)."""
+async def _watched(work: Any, watch: ProgressWatch, transport: Any, piece: int) -> int:
+    """Await `work`, a sendfile of `piece` bytes, while `watch` allows; when it does not, cut
+    the connection (a sendfile cannot be left half done on a connection that stays open).
+    While it runs, what the client acknowledged is credited to the watch as it goes; returns
+    the bytes so credited (the caller adds the rest of the piece)."""
     task = asyncio.ensure_future(work)
+    acked = AckedBytes(transport.get_extra_info("socket"))
+    credited = 0
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=watch.wait_s())
             if done:
                 task.result()
-                return
+                return credited
+            progress = min(piece, acked.since_start())
+            if progress > credited:
+                watch.add(progress - credited)
+                credited = progress
             watch.tick()
     except BaseException:
         task.cancel()
@@ -150,6 +168,12 @@ class ImagingServer:
         self._gate = Gate(settings.trust)
         self._slots = SlotTable()
         self._tls_context: ssl.SSLContext | None = None
+        self._catalog_directory = _DirectorySessions(self)
+        self._catalog = Catalog(CatalogSettings(settings.image_root, settings.data_port,
+                                                settings.multicast.control_port
+                                                if settings.multicast else 0,
+                                                min(settings.max_transfer_time_s, 3600.0)),
+                                self._gate, self._catalog_directory, self._record_receiver)
 
     # ---- lifecycle (common.daemon.runner.Service) ---------------------------------------
 
@@ -180,9 +204,14 @@ class ImagingServer:
         app.router.add_get("/v1/images/{path:.+}", self._get)   # and HEAD
         app.router.add_post("/v1/work", self._work)
         app.router.add_post("/v1/results", self._result)
+        app.router.add_post("/v1/sessions", self._register_session)
+        app.router.add_get("/v1/sessions/{name}", self._session_info)
+        app.router.add_post("/v1/sessions/{name}/start", self._start_session)
+        app.router.add_delete("/v1/sessions/{name}", self._stop_session)
         tls = self.settings.tls
         self._tls_context = server_context(tls) if tls else None
         await self._http.start(app, self._tls_context)
+        await self._start_multicast()
         self._sweeper = asyncio.create_task(self._sweep_operations())
         where = self.listen()[0]
         log.info("imaging service answering on %s://%s:%d/v1/ (images in %s, server name %s)%s",
@@ -203,10 +232,15 @@ class ImagingServer:
         await self._directory.configure(settings.directory)
         self._gate.configure(settings.trust)
         warnings += reload_tls(self._tls_context, old.tls, settings.tls)
+        if (settings.multicast, settings.data_port, settings.image_root) != \
+                (old.multicast, old.data_port, old.image_root):
+            warnings.append("the multicast keys and ImageRoot take effect for multicast "
+                            "sessions at the next start")
         return warnings + await asyncio.to_thread(self._gate.prepare)
 
     async def stop(self) -> None:
         await self._http.stop()
+        await self._catalog.stop()
         await self._flush_operations()
         for upload in list(self._uploads):
             upload.abort()
@@ -222,10 +256,194 @@ class ImagingServer:
         self._http.close()
 
     def listen(self) -> list[dict[str, Any]]:
-        return self._http.listen()
+        listening = self._http.listen()
+        engine = self.settings.multicast
+        if self._catalog.enabled and engine is not None:
+            listening.append({"proto": "udp", "address": engine.control_address,
+                              "port": self._catalog.control_port()})
+        return listening
 
     def counters(self) -> dict[str, Any]:
         return self.stats.snapshot()
+
+    def status_fields(self) -> dict[str, Any]:
+        """The status reply's multicast sessions and receivers (zmgmcast -status)."""
+        catalog = self._catalog
+        return {"multicast": multicast_status(catalog.enabled, catalog.control_port(),
+                                              catalog.statuses())}
+
+    def control_verbs(self) -> dict[str, Any]:
+        """zmgmcast's multicast commands (root, on the Unix status socket)."""
+        return {"mcast-start": self._control_start, "mcast-stop": self._control_stop,
+                "mcast-delete": self._control_delete}
+
+    # ---- multicast ---------------------------------------------------------------------------
+
+    async def _start_multicast(self) -> None:
+        engine_settings = self.settings.multicast
+        if engine_settings is None:
+            log.info("multicast: off (MaxSessions = 0)")
+            await self._catalog.start(None, 0)
+            return
+        engine = _make_engine(engine_settings, self._catalog.admit)
+        try:
+            await self._catalog.start(engine, engine_settings.max_sessions)
+        except OSError as exc:
+            log.error("multicast: cannot open %s:%d/udp (MulticastPort): %s; multicast "
+                      "sessions are off, the rest of the imaging service runs on",
+                      engine_settings.control_address, engine_settings.control_port,
+                      exc.strerror or exc)
+            await self._catalog.start(None, 0)
+            return
+        except Exception:  # the engine's own failure must not take the imaging service down
+            log.exception("multicast: the engine did not start; multicast sessions are off")
+            await self._catalog.start(None, 0)
+            return
+        log.info("multicast: sessions on %s:%d/udp, at most %d at once",
+                 engine_settings.control_address, self._catalog.control_port(),
+                 engine_settings.max_sessions)
+        await self._catalog.sync()
+
+    def _record_receiver(self, entry: ParticipantEntry) -> None:
+        """A multicast receiver's entry from the sender's view (no report of its own came):
+        one Update Request, one entry; never an Image Sent."""
+        self.stats.update_requests += 1
+        self.stats.multicast_receivers += 1
+        participant = entry.participant
+        who = entry.mac or (participant.address if participant else "") or "unknown"
+        log.warning("multicast session '%s': %s: %s", entry.session, who, entry.verdict.error)
+        self._count_dropped(self._submit_entry(
+            workstation=who, operation="download", status=entry.verdict.status,
+            image_type="base", image_path=entry.image or None,
+            error_message=entry.verdict.error or None,
+            requesting_address=entry.address or None, session=entry.session,
+            transfer="failed" if entry.verdict.status != "success" else None,
+            chunks_verified=participant.chunks_verified if participant else None,
+            bytes_written=participant.bytes_written if participant else None,
+            bytes=participant.bytes_received if participant else None))
+
+    def _operator(self, request: web.Request, image: str) -> Any:
+        """The operator capability that allows retrieving `image` (None in the open mode);
+        Refused otherwise: a session sends an image to every machine that joins it, which only
+        an operator may ask for."""
+        capability = self._authorize(request, "retrieve", image)
+        if capability is not None and not capability.is_operator:
+            raise Refused(403, "a multicast session is opened with an operator's capability "
+                               "(preboot-dir token --operator NAME --allow retrieve)")
+        return capability
+
+    async def _register_session(self, request: web.Request) -> web.Response:
+        """POST /v1/sessions {name, image, clients, t}: `img session NAME master` (or an
+        operator) opens a session of its own; again with the same image: its join fields."""
+        try:
+            body = await self._read_json(request)
+        except BadRequest as exc:
+            return _error(400, str(exc))
+        if not isinstance(body, dict):
+            return _error(400, "the body must be a JSON object {name, image, clients, t}")
+        unknown = sorted(set(body) - {"name", "image", "clients", "t"})
+        name, image = body.get("name"), body.get("image")
+        clients, wait_min = body.get("clients", 0), body.get("t", 0)
+        problem = (f"{unknown[0]}: not a session field" if unknown else
+                   registration_problem(name, image, clients, wait_min))
+        if problem:
+            return _error(400, problem)
+        try:
+            image = protocol.clean_relative(image)
+        except BadPath as exc:
+            return _error(403, str(exc))
+        try:
+            self._operator(request, image)
+        except Refused as exc:
+            log.warning("%s: multicast session '%s' refused: %s", request.remote,
+                        str(name)[:100], exc.reason)
+            return _error(exc.status, exc.reason)
+        status, answer = await self._catalog.register(
+            Registration(name, image, clients, wait_min, SessionOrigin.CLIENT))
+        if status >= 400:
+            log.warning("%s: multicast session '%s' refused: %s", request.remote, name,
+                        answer.get("error"))
+            return _error(status, answer["error"])
+        return web.json_response(answer, status=status)
+
+    async def _session_info(self, request: web.Request) -> web.Response:
+        """GET /v1/sessions/<name>: where to join it, its state (the master shows it)."""
+        name = request.match_info["name"]
+        info = self._catalog.join_info(name)
+        if info is None:
+            return _error(404, f"no multicast session '{name[:100]}' on this server")
+        try:
+            self._authorize(request, "retrieve", info.image)
+        except Refused as exc:
+            return _error(exc.status, exc.reason)
+        receivers = next((len(s.participants) for s in self._catalog.statuses()
+                          if s.name == info.session), 0)
+        return web.json_response({**info.answer(), "receivers": receivers})
+
+    async def _start_session(self, request: web.Request) -> web.Response:
+        """POST /v1/sessions/<name>/start: the master's g (a session of a workstation only)."""
+        return await self._session_verb(request, start=True)
+
+    async def _stop_session(self, request: web.Request) -> web.Response:
+        """DELETE /v1/sessions/<name>: the master gives up (a session of a workstation only)."""
+        return await self._session_verb(request, start=False)
+
+    async def _session_verb(self, request: web.Request, start: bool) -> web.Response:
+        name = request.match_info["name"]
+        view = self._catalog.view(name)
+        if view is None:
+            return _error(404, f"no multicast session '{name[:100]}' on this server")
+        try:
+            self._operator(request, view.image)
+        except Refused as exc:
+            return _error(exc.status, exc.reason)
+        if start:
+            ok, message = self._catalog.start_now(name, (SessionOrigin.CLIENT,))
+        else:
+            ok, message = await self._catalog.stop_session(name, False, (SessionOrigin.CLIENT,))
+        if not ok:
+            return _error(409, message)
+        return web.json_response({"session": view.name, "message": message})
+
+    async def _control_start(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """mcast-start {name[, image, clients, t]}: with an image, open a manual session; without,
+        start the waiting session NAME now."""
+        name = fields.get("name")
+        if not isinstance(name, str) or not name:
+            return {"ok": False, "error": "mcast-start needs a session name"}
+        if "image" not in fields:
+            ok, message = self._catalog.start_now(name)
+            return {"ok": ok, ("message" if ok else "error"): message}
+        image, clients, wait_min = fields.get("image"), fields.get("clients", 0), \
+            fields.get("t", 0)
+        problem = registration_problem(name, image, clients, wait_min)
+        if problem:
+            return {"ok": False, "error": problem}
+        try:
+            image = protocol.clean_relative(image)
+        except BadPath as exc:
+            return {"ok": False, "error": str(exc)}
+        status, answer = await self._catalog.register(
+            Registration(name, image, clients, wait_min, SessionOrigin.MANUAL))
+        if status >= 400:
+            return {"ok": False, "error": answer["error"]}
+        what = "opened" if answer.get("created") else "already open"
+        return {"ok": True, "message": f"session '{answer['session']}' {what}: {image} to "
+                                       f"{answer['group']}:{answer['data_port']}",
+                "session": answer}
+
+    async def _control_stop(self, fields: dict[str, Any]) -> dict[str, Any]:
+        return await self._control_end(fields, delete=False)
+
+    async def _control_delete(self, fields: dict[str, Any]) -> dict[str, Any]:
+        return await self._control_end(fields, delete=True)
+
+    async def _control_end(self, fields: dict[str, Any], delete: bool) -> dict[str, Any]:
+        name = fields.get("name")
+        if not isinstance(name, str) or not name:
+            return {"ok": False, "error": "a session name is needed"}
+        ok, message = await self._catalog.stop_session(name, delete)
+        return {"ok": ok, ("message" if ok else "error"): message}
 
     # ---- results log ----------------------------------------------------------------------
 
@@ -286,8 +504,8 @@ class ImagingServer:
 
     def _log_entry(self, request: web.Request, workstation: str, operation: str, status: str,
                    image_path: str = "", error: str = "", image_type: str | None = None,
-                   size: int | None = None, server: str | None = None
-                   ) -> concurrent.futures.Future | None:
+                   size: int | None = None, server: str | None = None,
+                   extra: dict[str, Any] | None = None) -> concurrent.futures.Future | None:
         """Queue one entry; the future completes when it is durable. None: not queued (no log,
         or the queue is full)."""
         self._log_line(request, workstation, operation, status, image_path, error)
@@ -295,7 +513,7 @@ class ImagingServer:
             workstation=workstation or request.remote or "unknown", operation=operation,
             status=status, image_type=image_type, image_path=image_path or None,
             error_message=error or None, requesting_address=request.remote, server=server,
-            bytes=size)
+            bytes=size, **(extra or {}))
 
     def _submit_entry(self, **fields: Any) -> concurrent.futures.Future | None:
         results = self._results
@@ -375,7 +593,8 @@ class ImagingServer:
         for op in self._operations.take_due():
             self._count_dropped(self._write_operation(op))
 
-    def _write_operation(self, op: Operation, report: protocol.ResultReport | None = None
+    def _write_operation(self, op: Operation, report: protocol.ResultReport | None = None,
+                         extra: dict[str, Any] | None = None
                          ) -> concurrent.futures.Future | None:
         """The operation's one entry: the server's record, with the engine's report if any.
         A refusal keeps the server's verdict and reason (the engine only saw it fail); a
@@ -390,7 +609,7 @@ class ImagingServer:
         return self._submit_entry(
             workstation=who or op.address or "unknown", operation=op.kind, status=status,
             image_type=image_type, image_path=op.path or None, error_message=error or None,
-            requesting_address=op.address or None, bytes=size or None)
+            requesting_address=op.address or None, bytes=size or None, **(extra or {}))
 
     async def _sweep_operations(self) -> None:
         """Settle retrieves that stopped and records whose report never came."""
@@ -513,12 +732,13 @@ class ImagingServer:
         return self._slots.refusal(request.remote or "?", settings.max_clients,
                                    settings.max_transfers_per_client)
 
-    def _take_slot(self, request: web.Request) -> None:
-        self._slots.take(request.remote or "?")
+    def _take_slot(self, request: web.Request) -> Slot:
+        slot = self._slots.take(request.remote or "?")
         self.stats.active_transfers = self._slots.total
+        return slot
 
-    def _give_back_slot(self, request: web.Request) -> None:
-        self._slots.give_back(request.remote or "?")
+    def _give_back_slot(self, slot: Slot) -> None:
+        slot.give_back()
         self.stats.active_transfers = self._slots.total
 
     def _watch(self) -> ProgressWatch:
@@ -550,7 +770,7 @@ class ImagingServer:
             self.stats.busy_refusals += 1
             return self._deny(request, 503, f"{busy}; try again later", "upload", path,
                               "failure")
-        self._take_slot(request)
+        slot = self._take_slot(request)
         started = time.monotonic()
         upload: store.Upload | None = None
         try:
@@ -613,7 +833,7 @@ class ImagingServer:
             # The client is most likely gone; if not, it learns why.
             return _error(400, f"upload aborted ({what}); nothing was stored")
         finally:
-            self._give_back_slot(request)
+            self._give_back_slot(slot)
             if upload is not None:
                 self._uploads.discard(upload)
         self.stats.images_received += 1
@@ -656,7 +876,7 @@ class ImagingServer:
             return self._deny(request, 503, f"{busy}; try again later", "download", path,
                               "failure")
         op = self._retrieve(request, path, size)
-        self._take_slot(request)
+        slot = self._take_slot(request)
         try:
             try:
                 start = request.http_range.start
@@ -684,7 +904,7 @@ class ImagingServer:
                 self.stats.failures += 1
             return response
         finally:
-            self._give_back_slot(request)
+            self._give_back_slot(slot)
 
     async def _read_json(self, request: web.Request) -> Any:
         try:
@@ -707,19 +927,25 @@ class ImagingServer:
             return self._deny(request, exc.status, exc.reason, "log")
         try:
             policy, station = await self._directory.lookup(facts.mac)
+            sessions = await self._catalog_directory.sessions()
         except Exception as exc:  # DirectoryError, timeout, anything a backend lets through
             self.stats.directory_errors += 1
             problem = describe(exc)
             log.warning("directory %s: %s", self.settings.directory.text, problem)
             return self._deny(request, 503, f"the directory cannot be read ({problem}); "
                               "boot the local disk", "log", verdict="failure")
-        assignment = assign_work(policy, station, facts)
+        assignment = await self._decide(policy, station, facts, sessions)
         try:
             answer, remote = protocol.work_answer(assignment, query.mode, self._own_names())
         except BadPath as exc:
             return self._deny(request, 403, str(exc), "log", assignment.action.image)
-        operation = {"restore": "download", "make": "upload"}.get(assignment.action.kind.value,
-                                                                  "log")
+        if assignment.action.kind is ActionKind.MULTICAST:
+            info = self._catalog.join_info(assignment.action.session)
+            assert info is not None               # _decide made sure
+            answer.update(info.answer())
+            answer["image"] = info.image
+        operation = {"restore": "download", "make": "upload",
+                     "multicast": "download"}.get(assignment.action.kind.value, "log")
         if remote is not None:
             self.stats.client_referrals += 1
             self._record(request, facts.mac, operation, "referred", str(remote),
@@ -733,6 +959,28 @@ class ImagingServer:
             if token:
                 answer["token"] = token
         return web.json_response(answer)
+
+    async def _decide(self, policy: Any, station: Any, facts: Any,
+                      sessions: list[MulticastSession]) -> WorkAssignment:
+        """work_for, with the sessions that began passed over; multicast work only for a
+        session that is open on the engine now (else no work, and why)."""
+        catalog = self._catalog
+        assignment = work_for(policy, station, facts, sessions, catalog.started_keys())
+        if assignment.action.kind is not ActionKind.MULTICAST:
+            return assignment
+        await catalog.sync(sessions)
+        # it may have begun, or ended, meanwhile: decide again on what the catalog knows now
+        assignment = work_for(policy, station, facts, sessions, catalog.started_keys())
+        name = assignment.action.session
+        if assignment.action.kind is not ActionKind.MULTICAST or catalog.join_info(name):
+            return assignment
+        if not catalog.enabled:
+            why = "multicast is off on this server"
+        else:
+            why = catalog.unavailable(name) or "MaxSessions sessions are running"
+        return WorkAssignment(NO_WORK, assignment.source,
+                              f"{assignment.reason}, but session '{name}' cannot run: {why}",
+                              assignment.rule)
 
     async def _result(self, request: web.Request) -> web.Response:
         limited = self._rate_limited(request)
@@ -753,10 +1001,22 @@ class ImagingServer:
         op = self._reported_operation(report)
         if op is None:                   # an operation served elsewhere: a request of its own
             self.stats.update_requests += 1
-        refusal = await self._log_report(request, report, op)
+        extra: dict[str, Any] = {}
+        verified = False
+        if report.multicast is not None:
+            report, extra, verified = await self._multicast_report(report)
+        refusal = await self._log_report(request, report, op, extra)
         if refusal is not None:
             return refusal
+        if report.multicast is not None:
+            self.stats.multicast_receivers += 1
+            if verified:
+                self.stats.multicast_verified += 1
+                if op is None or op.status != "success":   # a whole retrieve counted itself
+                    self.stats.images_sent += 1
         answer: dict[str, Any] = {"logged": self._results is not None, "cleared": False}
+        if report.multicast is not None:
+            answer["verified"] = verified
         if report.operation == "download" and report.status == "success" and report.mac:
             mac = report.mac
             try:
@@ -773,6 +1033,31 @@ class ImagingServer:
                 log.info("%s: image-on-next-boot flag cleared", mac)
         return web.json_response(answer)
 
+    async def _multicast_report(self, report: protocol.ResultReport
+                                ) -> tuple[protocol.ResultReport, dict[str, Any], bool]:
+        """A multicast receiver's report, judged (catalog.report): the report as it is logged
+        (a success the report does not show on the disk is a failure, with the reason), the
+        entry's multicast fields, and whether it counts as an Image Sent."""
+        result = report.multicast
+        assert result is not None and report.mac is not None
+        image = None
+        if not self._catalog.knows(result.session) and report.status == "success":
+            try:                   # a session from before a restart: judge by the image named
+                image = await asyncio.to_thread(read_image_facts, self.settings.image_root,
+                                                protocol.clean_relative(report.image_path))
+            except (ImageFactsError, BadPath):
+                image = None
+        verdict = self._catalog.report(ReceiverReport(
+            result.session, report.mac, report.status, result.digest, result.chunks_verified,
+            result.bytes_written, result.path, report.error_message), image)
+        judged = dataclasses.replace(report, status=verdict.status,
+                                     error_message=verdict.error or report.error_message)
+        extra = {"session": result.session, "transfer": result.path,
+                 "image_digest": result.digest or None,
+                 "chunks_verified": result.chunks_verified,
+                 "bytes_written": result.bytes_written}
+        return judged, extra, verdict.verified
+
     def _rate_limited(self, request: web.Request) -> web.Response | None:
         """429 when this host has sent more than ResultsPerMinute reports (checked before the
         body is read: a flood costs no parsing and leaves no entries)."""
@@ -788,7 +1073,8 @@ class ImagingServer:
                            "try again later", retry_after_s=wait_s)
 
     async def _log_report(self, request: web.Request, report: protocol.ResultReport,
-                          op: Operation | None = None) -> web.Response | None:
+                          op: Operation | None = None, extra: dict[str, Any] | None = None
+                          ) -> web.Response | None:
         """Write the engine's report and wait until it is durable (the log's contract: an
         entry is on disk when append returns), so "logged" is never said of a lost entry.
         None when written (or there is no log: the daemon log has it); else the 503. With the
@@ -796,11 +1082,11 @@ class ImagingServer:
         if op is not None:
             self._log_line(request, report.workstation, report.operation, report.status,
                            report.image_path, report.error_message)
-            future = self._write_operation(op, report)
+            future = self._write_operation(op, report, extra)
         else:
             future = self._log_entry(request, report.workstation, report.operation,
                                      report.status, report.image_path, report.error_message,
-                                     report.image_type)
+                                     report.image_type, extra=extra)
         if future is None:
             if self._results is None:
                 return None
@@ -814,3 +1100,40 @@ class ImagingServer:
             return _error(503, f"the result could not be written to the results log ({exc})")
         self.stats.results_logged += 1
         return None
+
+
+def _make_engine(settings: EngineSettings, admit: Any) -> Engine:
+    """The data plane (multicast/engine.py), or NoEngine while it is not installed."""
+    try:
+        from .multicast.engine import MulticastEngine
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.multicast.engine":
+            raise
+        log.warning("multicast: the engine (imgsrvd/multicast/engine.py) is not installed: "
+                    "sessions are listed, nothing is sent")
+        return NoEngine()
+    return MulticastEngine(settings, admit)
+
+
+class _DirectorySessions:
+    """The directory's multicast sessions as the catalog reaches them: on the server's worker
+    pool, bounded by DirectoryTimeout."""
+
+    def __init__(self, server: ImagingServer):
+        self._server = server
+
+    async def sessions(self) -> list[MulticastSession]:
+        holder = self._server._directory
+        directory = await holder.current()
+        return await holder.in_pool(directory.sessions,
+                                    timeout_s=self._server.settings.directory.timeout_s)
+
+    async def change_sessions(self, change: Any) -> None:
+        def run(directory: Any) -> None:
+            sessions = directory.sessions()
+            changed = change(sessions)
+            if changed is not None:
+                directory.replace_sessions(changed)
+        holder = self._server._directory
+        directory = await holder.current()
+        await holder.in_pool(run, directory, timeout_s=self._server.settings.directory.timeout_s)

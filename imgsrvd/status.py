@@ -22,13 +22,27 @@ results_logged     result reports (POST /v1/results) logged
 results_rate_limited  result reports refused (429) by ResultsPerMinute
 results_queue_full    result reports refused (503) because ResultsQueue entries were waiting
 results_dropped    the server's own entries not logged because the queue was full
+multicast_receivers   multicast receivers whose result was logged (reported or not)
+multicast_verified    ... of which verified: the session's image on their disk (these, and only
+                      these, count as Images Sent)
+
+The status reply also carries "multicast" (multicast_status below): each session (state, the
+start trigger's countdown, rate, repair share) and its receivers (MAC, address, progress,
+loss, round trip, state), bounded, for `zmgmcast -status`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Iterable
 
 from common.daemon.counters import StatusCounters
+
+from .multicast.model import ParticipantStatus, SessionStatus
+
+# A status reply must stay far below what zmgmcast reads (1 MiB): a few hundred bytes each.
+MAX_STATUS_SESSIONS = 100
+MAX_STATUS_PARTICIPANTS = 1000
 
 
 @dataclass
@@ -47,3 +61,44 @@ class ImagingCounters(StatusCounters):
     results_rate_limited: int = 0
     results_queue_full: int = 0
     results_dropped: int = 0
+    multicast_receivers: int = 0
+    multicast_verified: int = 0
+
+
+def multicast_status(enabled: bool, control_port: int,
+                     sessions: Iterable[SessionStatus]) -> dict[str, Any]:
+    """The reply's "multicast" field: sessions and their receivers, at most
+    MAX_STATUS_SESSIONS and MAX_STATUS_PARTICIPANTS (the rest counted as omitted)."""
+    listed: list[dict[str, Any]] = []
+    omitted_sessions = 0
+    room = MAX_STATUS_PARTICIPANTS
+    for status in sorted(sessions, key=lambda item: item.name):
+        if len(listed) >= MAX_STATUS_SESSIONS:
+            omitted_sessions += 1
+            continue
+        shown = status.participants[:room]
+        room -= len(shown)
+        listed.append({
+            "name": status.name, "image": status.image, "group": status.group,
+            "origin": status.origin.value, "state": status.state.value,
+            "start_clients": status.start_clients,
+            "start_in_s": None if status.start_in_s is None else round(status.start_in_s, 1),
+            "rate_kbit_s": status.rate_kbit_s, "bytes_sent": status.bytes_sent,
+            "repair_bytes": status.repair_bytes, "repair_share": round(status.repair_share, 4),
+            "image_bytes": status.image_bytes, "receivers": len(status.participants),
+            "participants": [_participant(p, status.image_bytes) for p in shown],
+            "participants_omitted": len(status.participants) - len(shown),
+        })
+    return {"enabled": enabled, "control_port": control_port, "sessions": listed,
+            "sessions_omitted": omitted_sessions}
+
+
+def _participant(participant: ParticipantStatus, image_bytes: int) -> dict[str, Any]:
+    progress = participant.bytes_received / image_bytes if image_bytes else 0.0
+    return {"mac": participant.mac, "address": participant.address,
+            "state": participant.state.value, "progress": round(min(progress, 1.0), 4),
+            "bytes_received": participant.bytes_received,
+            "bytes_written": participant.bytes_written,
+            "chunks_verified": participant.chunks_verified,
+            "loss": round(participant.loss_fraction, 4),
+            "srtt_ms": None if participant.srtt_ms is None else round(participant.srtt_ms, 2)}

@@ -14,6 +14,11 @@ the link fails instead) or a rename when it is on; then the folder is fsynced (b
 common.fileio.publish). Whatever goes wrong (a client gone, a bad image, a full disk, a crash)
 leaves nothing under the final name;
 a crash can leave a `.part-` file, which clean_partials() removes when the server starts.
+
+Folders: an upload makes the image's missing folders; an upload that is refused or fails
+removes them again when empty, unless another upload in progress still works in them
+(FolderClaims: made and removed under one lock, so concurrent uploads into a new folder never
+see it vanish under them).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import os
 import re
 import secrets
 import shutil
+import threading
 from dataclasses import dataclass
 
 from common.fileio import publish
@@ -61,14 +67,78 @@ def _missing_folders(folder: str) -> list[str]:
     return missing
 
 
-def remove_folders(folders: list[str]) -> None:
-    """Remove folders an upload created (deepest first), unless something else is in them
-    meanwhile (another upload's, for example)."""
-    for folder in folders:
+class FolderClaims:
+    """The folders uploads made and that no image holds yet, with the uploads in progress
+    under each; and the one lock under which folders are made, used and removed.
+
+    Making an upload's folders and creating its temporary file in them is one step under the
+    lock, and so is removing folders: a refused upload can no longer remove a folder between
+    another upload making (or finding) it and creating its file there (that upload's file
+    then failed with ENOENT: a 500). A folder an upload made belongs to every upload in
+    progress under it: the last one to end removes it if no image landed there, whichever of
+    them made it; one that stores its image makes its folders ordinary folders, never
+    removed. Folders that existed before (an operator's) are never claimed. One lock per
+    process: one imgsrvd owns an ImageRoot.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._uploads: dict[str, int] = {}        # folder an upload made -> uploads under it
+
+    def __len__(self) -> int:
+        """How many folders are claimed (0 when no upload is in progress)."""
+        return len(self._uploads)
+
+    def make(self, folder: str, top: str) -> tuple[str, ...]:
+        """Make `folder` (under the lock); the folders from it up to `top` (excluded) that
+        uploads made, deepest first, claimed for one more upload."""
+        made = _missing_folders(folder)
         try:
-            os.rmdir(folder)
-        except OSError:
-            return
+            os.makedirs(folder, mode=0o755, exist_ok=True)
+        except BaseException:            # a full disk, a file on the way: none of them stays
+            for made_folder in made:
+                if not _remove_empty(made_folder):
+                    break
+            raise
+        claimed = []
+        while _inside(top, folder) and folder != top:
+            if folder in made or folder in self._uploads:
+                self._uploads[folder] = self._uploads.get(folder, 0) + 1
+                claimed.append(folder)
+            folder = os.path.dirname(folder)
+        return tuple(claimed)
+
+    def release(self, claimed: tuple[str, ...], stored: bool) -> None:
+        """An upload under `claimed` (deepest first) ended, its temporary file gone (under the
+        lock): a stored image keeps its folders for good; otherwise the folders no other
+        upload uses are removed, deepest first, as far as they are empty."""
+        removable = True
+        for folder in claimed:
+            users = self._uploads.get(folder)
+            if users is None:                  # an image was stored under it: kept
+                removable = False
+                continue
+            if users > 1 and not stored:
+                self._uploads[folder] = users - 1
+                removable = False
+                continue
+            del self._uploads[folder]
+            if removable and not stored:
+                removable = _remove_empty(folder)
+
+
+def _remove_empty(folder: str) -> bool:
+    """rmdir `folder`; False when it is not empty (or cannot be removed)."""
+    try:
+        os.rmdir(folder)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+FOLDERS = FolderClaims()
 
 
 class StoreError(Exception):
@@ -149,31 +219,32 @@ class Upload:
     written: int = 0
     closed: bool = False
     image_type: str | None = None           # the stored image's metadata type, once checked
-    created: tuple[str, ...] = ()            # folders this upload made, deepest first
+    claimed: tuple[str, ...] = ()            # folders uploads made, deepest first (FOLDERS)
+    released: bool = False                   # its claim on them given back
 
     @classmethod
     def begin(cls, root: str, relative: str, overwrite: bool,
               expected_size: int | None = None, allowed_dirs: tuple[str, ...] = ()
               ) -> "Upload":
         """The upload's temporary file, after every check that can refuse it; a refusal
-        leaves no folder behind."""
+        leaves no folder behind that it made."""
         final = resolve(root, relative)
-        created = _missing_folders(os.path.dirname(final))
-        try:
-            return cls._begin(root, relative, final, overwrite, expected_size, allowed_dirs,
-                              created)
-        except BaseException:
-            remove_folders(created)
-            raise
+        with FOLDERS.lock:       # no other upload's refusal removes the folders meanwhile
+            claimed: tuple[str, ...] = ()
+            try:
+                claimed = cls._make_folder(root, relative, final)
+                return cls._begin(root, relative, final, overwrite, expected_size,
+                                  allowed_dirs, claimed)
+            except BaseException:
+                FOLDERS.release(claimed, stored=False)
+                raise
 
-    @classmethod
-    def _begin(cls, root: str, relative: str, final: str, overwrite: bool,
-               expected_size: int | None, allowed_dirs: tuple[str, ...],
-               created: list[str]) -> "Upload":
-        folder, name = os.path.split(final)
+    @staticmethod
+    def _make_folder(root: str, relative: str, final: str) -> tuple[str, ...]:
+        """Make the image's folder; the folders claimed (FolderClaims.make)."""
         real_root = os.path.realpath(root)
         try:
-            os.makedirs(folder, mode=0o755, exist_ok=True)
+            return FOLDERS.make(os.path.dirname(final), real_root)
         except FileExistsError:
             raise Forbidden(f"{relative}: a folder on the way is a file") from None
         except NotADirectoryError:
@@ -182,6 +253,13 @@ class Upload:
             if exc.errno in DISK_FULL:
                 raise DiskFull(disk_full_message(real_root)) from None
             raise
+
+    @classmethod
+    def _begin(cls, root: str, relative: str, final: str, overwrite: bool,
+               expected_size: int | None, allowed_dirs: tuple[str, ...],
+               claimed: tuple[str, ...]) -> "Upload":
+        folder, name = os.path.split(final)
+        real_root = os.path.realpath(root)
         # makedirs may have followed a link made meanwhile: check again where we landed.
         real_folder = os.path.realpath(folder)
         if not _inside(real_root, real_folder):
@@ -205,7 +283,7 @@ class Upload:
         temp = os.path.join(folder, temp_name(name))
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         return cls(relative, final, temp, fd, overwrite, StreamChecker(relative),
-                   created=tuple(created))
+                   claimed=claimed)
 
     def write(self, data: bytes) -> None:
         """Check and append the next bytes. A damaged image is refused (BadImage) at the first
@@ -249,6 +327,7 @@ class Upload:
             except FileExistsError:
                 raise Exists(f"{self.relative}: the image exists and overwriting is not "
                              "allowed (AllowOverwrite = NO)") from None
+            self._release(stored=True)
             return self.written
         except BaseException:
             self.abort()
@@ -267,7 +346,14 @@ class Upload:
             pass
         except OSError as exc:
             log.warning("cannot remove %s: %s", self.temp, exc.strerror)
-        remove_folders(list(self.created))       # only the empty ones this upload made
+        self._release(stored=False)
+
+    def _release(self, stored: bool) -> None:
+        """Give back the claim on the folders once (abort may follow finish, or itself)."""
+        with FOLDERS.lock:
+            if not self.released:
+                self.released = True
+                FOLDERS.release(self.claimed, stored)
 
 
 def check_image(path: str, name: str) -> str | None:

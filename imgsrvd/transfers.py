@@ -2,16 +2,19 @@
 imaging server's transfers (issue 13).
 
 SlotTable counts the transfers in progress, in all and per client address (MaxClients,
-MaxTransfersPerClient). ProgressWatch enforces, on one transfer, a minimum of progress per
-window of TransferTimeout seconds (MinTransferRate) and a total deadline (MaxTransferTime); the
-server asks it how long to wait for the next bytes and tells it what moved. Pure: no sockets;
-the clock is injected for tests.
+MaxTransfersPerClient); each transfer holds a Slot until it gives it back, once. ProgressWatch
+enforces, on one transfer, a minimum of progress per window of TransferTimeout seconds
+(MinTransferRate) and a total deadline (MaxTransferTime); the server asks it how long to wait
+for the next bytes and tells it what moved. Pure: no sockets; the clock is injected for tests.
 """
 
 from __future__ import annotations
 
+import socket
+import struct
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable
 
 
@@ -25,6 +28,10 @@ class SlotTable:
         self.total = 0
         self._per_client: Counter[str] = Counter()
 
+    def __len__(self) -> int:
+        """How many clients hold slots: never more than the slots taken."""
+        return len(self._per_client)
+
     def refusal(self, client: str, max_total: int, max_per_client: int) -> str | None:
         """Why a new transfer from `client` may not start now, or None."""
         if self.total >= max_total:
@@ -34,15 +41,70 @@ class SlotTable:
                     "(MaxTransfersPerClient)")
         return None
 
-    def take(self, client: str) -> None:
+    def take(self, client: str) -> Slot:
+        """One slot for a transfer from `client` (after refusal() said None)."""
         self.total += 1
         self._per_client[client] += 1
+        return Slot(self, client)
 
-    def give_back(self, client: str) -> None:
+    def _free(self, client: str) -> None:
         self.total -= 1
         self._per_client[client] -= 1
         if self._per_client[client] <= 0:
             del self._per_client[client]        # the table holds only clients with transfers
+
+
+@dataclass(eq=False)
+class Slot:
+    """One transfer's slot; give_back() frees it once, however often it is called (an error
+    path that gives it back as well must not free another transfer's slot)."""
+
+    table: SlotTable
+    client: str
+    held: bool = True
+
+    def give_back(self) -> None:
+        if self.held:
+            self.held = False
+            self.table._free(self.client)
+
+
+# struct tcp_info's tcpi_bytes_acked (include/uapi/linux/tcp.h, Linux 4.2 and later; RFC 4898's
+# tcpEStatsAppHCThruOctetsAcked): what the peer has acknowledged, so far, on this connection.
+TCP_INFO_BYTES_ACKED = struct.Struct("=Q")
+TCP_INFO_BYTES_ACKED_OFFSET = 120
+
+
+class AckedBytes:
+    """How many bytes the client acknowledged since this was made: the progress of a sendfile
+    piece still under way, which only whole pieces would show otherwise (a client that slows
+    down mid-piece is then judged on what it took, not cut off for the piece). 0 where the
+    kernel does not say (not TCP, not Linux). Acknowledgements of the previous piece's bytes
+    still in the socket buffer count too: at most a socket buffer more, once, for a client
+    that then stops (the watch's next window sees nothing).
+    """
+
+    def __init__(self, sock: socket.socket | None):
+        self._sock = sock
+        self._start = self._read()
+
+    def _read(self) -> int | None:
+        if self._sock is None:
+            return None
+        try:
+            info = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        except (OSError, AttributeError):
+            return None
+        end = TCP_INFO_BYTES_ACKED_OFFSET + TCP_INFO_BYTES_ACKED.size
+        if len(info) < end:
+            return None
+        return TCP_INFO_BYTES_ACKED.unpack_from(info, TCP_INFO_BYTES_ACKED_OFFSET)[0]
+
+    def since_start(self) -> int:
+        now = self._read()
+        if now is None or self._start is None:
+            return 0
+        return max(0, now - self._start)
 
 
 class ProgressWatch:

@@ -3,8 +3,9 @@
 GET /boot.ipxe   the static first script (script.boot_script), pointing back at this host
 GET /policy      the answer for one machine: query.parse_query -> the directory (policy and the
                  workstation record, on the loop when the backend can answer there without
-                 blocking, else on worker threads; bounded by DirectoryTimeout) ->
-                 common.policy.model.assign_work -> script.answer_script
+                 blocking, else on worker threads; bounded by DirectoryTimeout) and its
+                 multicast sessions (read at most every few seconds) ->
+                 common.policy.sessions.work_for -> script.answer_script
 anything else    404 (405 for another method on a known path)
 
 The directory is held by common.policy.directory.holder.DirectoryHolder (opened in start() on a
@@ -29,7 +30,8 @@ from common.policy.directory.holder import DirectoryHolder, describe
 from common.daemon.httpdaemon import (HttpListener, address_change_warnings, error_middleware,
                                       quiet_bad_requests)
 from common.machine import MachineFacts
-from common.policy.model import WorkAssignment, assign_work, menu_for
+from common.policy.model import WorkAssignment, menu_for
+from common.policy.sessions import work_for
 from common.policy.trust import Gate, Refused
 from common.daemon.tls import reload_tls, server_context
 from common.daemon.workerpool import DaemonThreadPool
@@ -194,8 +196,11 @@ class PolicyServer:
         except Exception as exc:  # DirectoryError, timeout, anything a backend lets through
             self.stats.directory_errors += 1
             return self._fallback(settings, facts, server, describe(exc))
+        # a machine a multicast session takes goes into it (imgsrvd, which runs the sessions,
+        # decides again when the imaging environment asks: a session may have begun meanwhile)
+        sessions = await self._directory.recent_sessions()
         try:
-            assignment = assign_work(policy, station, facts)
+            assignment = work_for(policy, station, facts, sessions)
             answer = script.answer_script(settings, assignment, menu_for(policy, station),
                                           facts.platform, server, facts.mac,
                                           self._work_token(facts.mac, assignment))

@@ -1,270 +1,373 @@
-"""Support for the multicast tests: a base image made in-process (common.imaging.imagefile's
-ImageWriter, an MBR disk with one partition of mixed random and compressible data), its plain
-local restore for comparison, and a lab of network namespaces: a switch namespace with a
-bridge, a sender namespace and N receiver namespaces, each on its own veth, 10.77.0.0/24.
+"""A multicast lab: one sender and N receivers on one switch, each in a network namespace.
 
-Multicast never leaves those namespaces (TTL 1, the interface given explicitly); the Lab
-(tests/e2e/netlab.py) deletes them and stops every process it started, by PID.
+For the multicast benchmark (`bench/run-multicast-bench`) and for the tests of our multicast
+sender and receiver that will follow (issue 14); importable without pytest, like
+`tests/ldapserver.py`. Built on `tests/e2e/netlab.py` (`Lab`, `Netns`, `add_bridge`,
+`add_veth`), which owns every namespace and process made here and undoes them in `close()`::
+
+    [<prefix>-snd] snd0 10.79.0.1 ── veth ── p-snd ┐
+    [<prefix>-r1 ] rcv1 10.79.0.11 ── veth ── p-r1  ├── br0 [<prefix>-sw]  (a dumb switch:
+    [<prefix>-r2 ] rcv2 10.79.0.12 ── veth ── p-r2  ┘        no STP, no IGMP snooping, so
+    ...                                                       every port gets every group)
+
+Nothing is configured in the namespace the caller runs in: every address, route, multicast
+group and nft table lives in a namespace made here, and deleting the namespaces at the end
+removes them all. Each host has a route for 224.0.0.0/4 on its one interface (so a multicast
+socket needs no default route) and IPv6 off (no router solicitations or MLD on the wire).
+
+Impairments, all nft rules in a table `mcastlab` (no tc/netem needed):
+
+- `loss_in(host, percent)`: independent random loss of every IPv4 packet arriving at `host`
+  (`numgen random mod 10000 < percent*100 drop` in its input hook). The host's interface still
+  counts the packet as received; the socket never sees it.
+- `loss_out(host, percent)`: random loss of everything `host` sends, dropped where it enters the
+  switch (netdev ingress of its bridge port in the switch namespace). On the sender this is
+  correlated loss: every receiver misses the same packets. It is not done in the sender's own
+  output hook because a packet dropped there fails sendmsg() with EPERM (the sender would see
+  an error instead of a lost packet), nor in its egress hook, which runs before the veth
+  counts the packet (the wire-byte figures would miss it).
+- `rate_limit_in(host, bytes_per_s)`: a slow receiver: arriving IPv4 traffic above the rate is
+  dropped (`limit rate over ... bytes/second drop`, a policer; a real slow link also queues,
+  this one only drops; its bucket holds one second of the rate, see the method).
+
+Processes: `spawn(host, name, args)` starts a program inside a host's namespace (output to
+`<workdir>/<name>.out`); `reap(proc)` collects its exit status and CPU seconds (wait4) without
+blocking; `KillAt` kills a process with SIGKILL once a receiver's output folder holds a given
+number of bytes. Counters: `link_stats(host)` (the host's interface: bytes and packets each
+way), `nft_drops(host)` (packets the impairments dropped).
+
+    with MulticastLab(workdir, receivers=3) as lab:
+        lab.loss_in(lab.receivers[0], 5)
+        lab.loss_out(lab.sender, 1)
+        proc = lab.spawn(lab.receivers[0], "r1", ["udp-receiver", "--interface", "rcv1", ...])
+        ...
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
-import random
+import signal
 import subprocess
-import sys
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Sequence
 
-from common.imaging.imagefile import ImageReader, ImageWriter
-from tests.e2e.netlab import Lab, Netns, add_bridge, add_veth, tail, wait_for
-from tests.support import REPO
+from tests.e2e import netlab
 
-MiB = 1 << 20
-NETWORK = "10.77.0"
-SENDER_IP = f"{NETWORK}.1"
-
-
-def make_base_image(path: Path, disk_bytes: int = 48 * MiB, seed: int = 14,
-                    chunk_size: int = 1 * MiB, random_share: float = 0.5) -> dict[str, Any]:
-    """An MBR base image: the disk head (1 MiB, a marker in its boot gap) and partition 1 to
-    the end of the disk, filled with blocks of random bytes (random_share of them) and of
-    text; returns its metadata."""
-    from img.disklayout import DiskLayout, Partition
-
-    sectors = disk_bytes // 512
-    layout = DiskLayout("mbr", 512, disk_bytes, "0x0e14d15c",
-                        (Partition(1, 2048, sectors - 2048, "0x83"),))
-    part_bytes = (sectors - 2048) * 512
-    meta = {"format": 1, "type": "base", "tool": "tests", "created": "2026-12-01T00:00:00Z",
-            "compression": {"algorithm": "zstd", "level": 1},
-            "disk": {"size": disk_bytes, "sector_size": 512, "layout": layout.to_dict()},
-            "streams": [
-                {"number": 0, "role": "disk-head", "size": MiB, "fill": "zero",
-                 "disk_offset": 0},
-                {"number": 1, "role": "partition", "partition": 1, "filesystem": "raw",
-                 "size": part_bytes, "used_bytes": part_bytes, "fill": "zero",
-                 "disk_offset": MiB}]}
-    rng = random.Random(seed)
-    words = [bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
-             for _ in range(500)]
-    with open(path, "wb") as out:
-        writer = ImageWriter(out, meta, chunk_size=chunk_size, threads=2)
-        head = bytearray(MiB)
-        head[64 * 1024:64 * 1024 + 21] = b"BOOTLOADER-GAP-MARKER"
-        for start in range(0, MiB, chunk_size):
-            writer.add(0, start, bytes(head[start:start + chunk_size]))
-        offset = 0
-        while offset < part_bytes:
-            size = min(chunk_size, part_bytes - offset)
-            if rng.random() < random_share:
-                data = rng.randbytes(size)
-            elif rng.random() < 0.1:
-                data = bytes(size)                        # a zero chunk now and then
-            else:
-                text = b" ".join(rng.choice(words) for _ in range(size // 4))
-                data = (text * 2)[:size]
-            writer.add(1, offset, data)
-            offset += size
-        writer.close({"test": True})
-    return meta
+DEFAULT_NETWORK = "10.79.0.0/24"
+SENDER_HOST = 1                 # 10.79.0.1
+FIRST_RECEIVER_HOST = 11        # 10.79.0.11, .12, ...
+MULTICAST_NET = "224.0.0.0/4"
+NFT_TABLE = "mcastlab"
 
 
-def blank_disk(path: Path, size: int) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
+@dataclass(frozen=True)
+class Host:
+    """One machine of the lab: its namespace, its one interface and address, its switch port."""
 
-
-def local_restore(image: Path, disk: Path, size: int) -> Path:
-    """The reference: the same image restored from the file, no network."""
-    from img.restore import restore_image
-
-    blank_disk(disk, size)
-    with open(image, "rb") as f:
-        restore_image(ImageReader(f, str(image)), str(disk))
-    return disk
-
-
-def same_bytes(a: Path, b: Path) -> bool:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(4 * MiB), fb.read(4 * MiB)
-            if x != y:
-                return False
-            if not x:
-                return True
+    name: str            # "snd", "r1", "r2", ...
+    ns: netlab.Netns
+    iface: str           # interface inside ns: "snd0", "rcv1", ...
+    addr: str            # IPv4 address on iface
+    port: str            # its veth end on the bridge, in the switch namespace
 
 
 @dataclass
-class McastLab:
-    """The namespaces: `sender` and `receivers[i]` (addresses SENDER_IP and .10 + i), each
-    behind a veth on the bridge of `switch`."""
+class Exit:
+    """How a process ended: exit status (negative: killed by that signal), CPU seconds, when."""
 
-    lab: Lab
-    switch: Netns
-    sender: Netns
-    receivers: list[Netns] = field(default_factory=list)
+    code: int
+    cpu_user: float
+    cpu_sys: float
+    at: float            # time.monotonic() when reaped
 
-    def receiver_ip(self, n: int) -> str:
-        return f"{NETWORK}.{10 + n}"
+    @property
+    def cpu(self) -> float:
+        return self.cpu_user + self.cpu_sys
 
 
-def build_lab(lab: Lab, receivers: int) -> McastLab:
-    switch = lab.netns("sw")
-    add_bridge(switch, "br0")
-    # no IGMP snooping: the bridge floods the groups (the lab has no querier)
-    switch.ip("link", "set", "br0", "type", "bridge", "mcast_snooping", "0")
-    sender = lab.netns("snd")
-    add_veth(switch, "v-snd", sender, "eth0", bridge_a="br0", cidr_b=f"{SENDER_IP}/24")
-    # The wire carries packets: a UDP_SEGMENT send is cut where it leaves the sender (as a
-    # NIC's segmentation offload does), not delivered whole to the receivers' namespaces,
-    # where nft's loss would take 46 packets at once.
-    sender.ip("link", "set", "dev", "eth0", "gso_max_segs", "1")
-    result = McastLab(lab, switch, sender)
-    for n in range(receivers):
-        ns = lab.netns(f"r{n}")
-        add_veth(switch, f"v-r{n}", ns, "eth0", bridge_a="br0",
-                 cidr_b=f"{result.receiver_ip(n)}/24")
-        result.receivers.append(ns)
+def reap(proc: netlab.Proc) -> Exit | None:
+    """The process's `Exit` if it has ended (collected with wait4: its own CPU and that of
+    the children it waited for), else None. Never blocks. Call it, not popen.wait/poll, for
+    processes whose CPU time matters: once reaped elsewhere the rusage is gone."""
+    if proc.popen.returncode is not None:       # reaped before, by us or by netlab's stop
+        return getattr(proc, "exit", None) or Exit(proc.popen.returncode, 0.0, 0.0,
+                                                   time.monotonic())
+    try:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    if pid == 0:
+        return None
+    code = os.waitstatus_to_exitcode(status)
+    proc.popen.returncode = code
+    result = Exit(code, usage.ru_utime, usage.ru_stime, time.monotonic())
+    proc.exit = result  # type: ignore[attr-defined]
     return result
 
 
-def nft(ns: Netns, rules: str) -> None:
-    """Load an nftables ruleset into the namespace (its own tables: nothing on the host)."""
-    proc = subprocess.run(["ip", "netns", "exec", ns.name, "nft", "-f", "-"], input=rules,
-                          capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"nft in {ns.name}: {proc.stderr.strip()}")
-
-
-def drop_input_percent(ns: Netns, percent: int) -> None:
-    """Independent loss of the namespace's incoming UDP (nft numgen random)."""
-    nft(ns, "table inet mcloss {\n chain input {\n  type filter hook input priority 0;\n"
-            f"  meta l4proto udp numgen random mod 100 < {percent} drop\n }}\n}}\n")
-
-
-def limit_input_rate(ns: Netns, kbytes_s: int) -> None:
-    """A slow link: incoming UDP above kbytes_s is dropped (nft limit rate)."""
-    nft(ns, "table inet mcslow {\n chain input {\n  type filter hook input priority 0;\n"
-            f"  meta l4proto udp limit rate over {kbytes_s} kbytes/second drop\n }}\n}}\n")
-
-
-def python(*module_args: str) -> list[str]:
-    return [sys.executable, "-m", *module_args]
-
-
-def env() -> dict[str, str]:
-    import os
-    return dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-
-
-def start_sender(mlab: McastLab, image: Path, name: str, *extra: str):
-    """The engine's command-line entry in the sender namespace; waits for its "ready"."""
-    proc = mlab.lab.spawn(f"sender-{name}", mlab.sender,
-                          python("imgsrvd.multicast.engine", "--image", str(image),
-                                 "--interface", SENDER_IP, "--name", name, "--no-loop",
-                                 "--log-level", os.environ.get("MC_LOG", "INFO"), *extra), cwd=REPO, env=env())
-    if not wait_for(lambda: not proc.alive() or '"ready"' in proc.log.read_text(), 15):
-        raise RuntimeError(f"the sender did not get ready:\n{tail(proc.log)}")
-    if not proc.alive():
-        raise RuntimeError(f"the sender exited:\n{tail(proc.log)}")
-    return proc
-
-
-def start_receiver(mlab: McastLab, n: int, name: str, disk: Path, *extra: str,
-                   tag: str = "", by_name: bool = False):
-    """img's receiver in receiver namespace n; by_name: without --server, finding the
-    session by its ANNOUNCE."""
-    where = ["--interface", mlab.receiver_ip(n)] if by_name else ["--server", SENDER_IP]
-    return mlab.lab.spawn(f"receiver{n}{tag}-{name}", mlab.receivers[n],
-                          python("img.mcreceive", *where, "--session", name,
-                                 "--disk", str(disk), *extra), cwd=REPO, env=env())
-
-
-def outcome(proc, timeout_s: float = 120.0) -> dict[str, Any]:
-    """The receiver's JSON outcome line (its last line of output)."""
+def process_cpu(pid: int) -> float | None:
+    """CPU seconds (user+sys) a running process has used so far (/proc/PID/stat), or None."""
     try:
-        proc.popen.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"{proc.name} still runs after {timeout_s} s:\n"
-                             f"{tail(proc.log)}") from None
-    for line in reversed(proc.log.read_text().splitlines()):
-        if line.startswith("{") and '"path"' in line:
-            return json.loads(line)
-    raise AssertionError(f"{proc.name}: no outcome:\n{tail(proc.log)}")
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def sender_lines(proc) -> list[dict[str, Any]]:
-    out = []
-    for line in proc.log.read_text().splitlines():
-        if line.startswith("{"):
+def folder_bytes(path: Path) -> int:
+    """Bytes of file data a receiver has written under `path` (allocated blocks, so a
+    preallocated or sparse output file counts only what was really written)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
             try:
-                out.append(json.loads(line))
-            except ValueError:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
                 pass
-    return out
+    return total
 
 
-def sender_final(proc, timeout_s: float = 120.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for line in sender_lines(proc):
-            if "final" in line:
-                return line
-        if not proc.alive():
-            break
-        time.sleep(0.1)
-    for line in sender_lines(proc):
-        if "final" in line:
-            return line
-    raise AssertionError(f"{proc.name}: no final line:\n{tail(proc.log, 60)}")
+class KillAt:
+    """Kill `proc` with SIGKILL once `folder_bytes(folder)` reaches `threshold` bytes.
+
+    A thread polls every `interval` s; `killed_at` (monotonic time) and `progress` (bytes seen
+    at the kill) are set when it fires. `cancel()` stops the thread without killing. The
+    process is killed by PID, and only while it has not been reaped (so never a reused PID).
+    """
+
+    def __init__(self, proc: netlab.Proc, folder: Path, threshold: int,
+                 interval: float = 0.01) -> None:
+        self.proc = proc
+        self.folder = Path(folder)
+        self.threshold = threshold
+        self.interval = interval
+        self.killed_at: float | None = None
+        self.progress: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=f"killat-{proc.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            if self.proc.popen.returncode is not None:
+                return
+            seen = folder_bytes(self.folder)
+            if seen >= self.threshold:
+                try:
+                    os.kill(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    return
+                self.killed_at, self.progress = time.monotonic(), seen
+                return
+
+    def cancel(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
-IMGSRVD_PORT = 998
-IMAGE_PATH = "lab/mc.img"
+class MulticastLab:
+    """The switch, the sender and `receivers` receivers (see the module docstring).
 
+    `workdir` gets the process logs. `prefix` names the namespaces (default: unique per
+    process and call, from `netlab.unique_prefix("mcl")`). Everything is made in the
+    constructor; if that fails half-way, what was made is undone before the error propagates.
+    """
 
-def start_imgsrvd(mlab: McastLab, image: Path) -> str:
-    """A real imgsrvd in the sender namespace serving `image` as lab/mc.img (AllowAnonymous):
-    the unicast path a dropped receiver continues on. Returns HOST:PORT."""
-    import os
-    from common.policy.directory import open_directory
-    from common.policy.model import ImagingPolicy, MenuDisplay, MenuSettings
-    from tests.e2e import netlab
-
-    workdir = mlab.lab.workdir / "imgsrvd"
-    root = workdir / "images"
-    (root / "lab").mkdir(parents=True)
-    os.link(image, root / IMAGE_PATH)
-    db = workdir / "directory.db"
-    open_directory(f"sqlite://{db}", create=True).close()
-    with open_directory(f"sqlite://{db}") as directory:
-        directory.replace_policy(ImagingPolicy((), MenuSettings(MenuDisplay.NEVER, 5)))
-    settings = {
-        "IPAddress": SENDER_IP, "Port": IMGSRVD_PORT, "StatusPort": 0,
-        "ImageRoot": root, "Directory": f"sqlite://{db}", "DirectoryTimeout": 2,
-        "ResultsLog": workdir / "results.xml", "ServerName": "mcast.test",
-        "StatusSocket": workdir / "imgsrvd.sock", "PidFile": workdir / "imgsrvd.pid",
-        "LogLevel": "INFO", "LogFile": workdir / "imgsrvd.log",
-        "AllowAnonymous": True, "TokenKeyFile": workdir / "imaging.key",
-    }
-    config = netlab.write_config(workdir / "imgsrvd.conf", settings)
-    proc = mlab.lab.spawn("imgsrvd", mlab.sender, [sys.executable, "-m", "imgsrvd", "--config",
-                                                   str(config), "--foreground"],
-                          cwd=REPO, env=env())
-
-    def ready() -> bool:
-        if not proc.alive():
-            return True
+    def __init__(self, workdir: Path, receivers: int = 3, prefix: str | None = None,
+                 network: str = DEFAULT_NETWORK) -> None:
+        if not 1 <= receivers <= 200:
+            raise ValueError(f"receivers must be 1-200, not {receivers}")
+        self.workdir = Path(workdir)
+        self.network = network
+        self.bridge = "br0"
+        self.receivers = []
+        self.lab = netlab.Lab(self.workdir, prefix or netlab.unique_prefix("mcl"))
+        self.prefix = self.lab.prefix
+        self._nft_ready: set[str] = set()
         try:
-            return bool(netlab.status_query(workdir / "imgsrvd.sock", timeout=1.0).get("ok"))
-        except (OSError, ValueError):
-            return False
-    if not wait_for(ready, 20.0, 0.05) or not proc.alive():
-        raise RuntimeError(f"imgsrvd did not start:\n{tail(proc.log)}\n"
-                           f"{tail(workdir / 'imgsrvd.log')}")
-    return f"{SENDER_IP}:{IMGSRVD_PORT}"
+            self._build(receivers)
+        except BaseException:
+            self.close()
+            raise
+
+    # ----------------------------------------------------------------------------------------
+    # building and tearing down
+
+    def _host_ns(self, role: str) -> netlab.Netns:
+        ns = self.lab.netns(role)
+        # before any interface exists, so every interface made later inherits it
+        ns.sysctl("net.ipv6.conf.all.disable_ipv6", 1)
+        ns.sysctl("net.ipv6.conf.default.disable_ipv6", 1)
+        return ns
+
+    def _build(self, receivers: int) -> None:
+        net = ipaddress.ip_network(self.network)
+        if net.num_addresses < FIRST_RECEIVER_HOST + receivers + 2:
+            raise ValueError(f"{self.network} is too small for {receivers} receivers")
+        self.switch = self._host_ns("sw")
+        netlab.add_bridge(self.switch, self.bridge)
+        # a dumb switch: flood multicast to every port, whoever joined (no IGMP snooping)
+        self.switch.ip("link", "set", self.bridge, "type", "bridge", "mcast_snooping", "0")
+        self.sender = self._add_host("snd", "snd0", str(net[SENDER_HOST]), net.prefixlen)
+        for i in range(1, receivers + 1):
+            self.receivers.append(self._add_host(f"r{i}", f"rcv{i}",
+                                                 str(net[FIRST_RECEIVER_HOST + i - 1]),
+                                                 net.prefixlen))
+
+    def _add_host(self, role: str, iface: str, addr: str, prefixlen: int) -> Host:
+        ns = self._host_ns(role)
+        port = f"p-{role}"
+        netlab.add_veth(self.switch, port, ns, iface, bridge_a=self.bridge)
+        # with its broadcast address (udpcast's receivers find the sender by broadcast)
+        ns.ip("addr", "add", f"{addr}/{prefixlen}", "brd", "+", "dev", iface)
+        ns.ip("route", "add", MULTICAST_NET, "dev", iface)
+        # the wire carries packets: a UDP_SEGMENT send (our sender's runs of 46 DATA packets)
+        # is cut where it leaves the host, as a NIC's segmentation offload does, instead of
+        # crossing the veths whole, where one nft loss_in drop would take 46 packets at once
+        ns.ip("link", "set", "dev", iface, "gso_max_segs", "1")
+        return Host(role, ns, iface, addr, port)
+
+    @property
+    def hosts(self) -> list[Host]:
+        return [self.sender, *self.receivers]
+
+    def close(self) -> None:
+        """Stop every process started here (by PID) and delete every namespace. Never raises."""
+        self.lab.close()
+
+    def __enter__(self) -> "MulticastLab":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def describe(self) -> dict:
+        return {"prefix": self.prefix, "network": self.network, "switch": self.switch.name,
+                "bridge": self.bridge,
+                "hosts": [{"name": h.name, "ns": h.ns.name, "iface": h.iface, "addr": h.addr,
+                           "port": h.port} for h in self.hosts]}
+
+    # ----------------------------------------------------------------------------------------
+    # impairments (nft)
+
+    @staticmethod
+    def _nft(ns: netlab.Netns, script: str) -> None:
+        result = subprocess.run(ns.cmd(["nft", "-f", "-"]), input=script, text=True,
+                                capture_output=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"nft in {ns.name}: {result.stderr.strip()}\n{script}")
+
+    def _input_chain(self, host: Host) -> None:
+        if host.name in self._nft_ready:
+            return
+        self._nft(host.ns, f"table inet {NFT_TABLE} {{\n"
+                           f"  chain input {{ type filter hook input priority -10; }}\n}}\n")
+        self._nft_ready.add(host.name)
+
+    @staticmethod
+    def _chance(percent: float) -> str:
+        if not 0 <= percent <= 100:
+            raise ValueError(f"loss percent must be 0-100, not {percent}")
+        return f"numgen random mod 10000 < {round(percent * 100)}"
+
+    def loss_in(self, host: Host, percent: float) -> None:
+        """Drop `percent` % of the IPv4 packets arriving at `host`, each independently."""
+        if percent <= 0:
+            return
+        self._input_chain(host)
+        self._nft(host.ns, f"add rule inet {NFT_TABLE} input iifname \"{host.iface}\" "
+                           f"meta nfproto ipv4 {self._chance(percent)} counter drop "
+                           f"comment \"loss-in\"\n")
+
+    def loss_out(self, host: Host, percent: float) -> None:
+        """Drop `percent` % of everything `host` sends, where it enters the switch (for the
+        sender: the same packets are lost for every receiver)."""
+        if percent <= 0:
+            return
+        chain = f"in-{host.port}"
+        self._nft(self.switch,
+                  f"table netdev {NFT_TABLE} {{\n"
+                  f"  chain {chain} {{ type filter hook ingress device \"{host.port}\" "
+                  f"priority 0; }}\n}}\n"
+                  f"add rule netdev {NFT_TABLE} {chain} meta protocol ip "
+                  f"{self._chance(percent)} counter drop comment \"loss-out\"\n")
+
+    def rate_limit_in(self, host: Host, bytes_per_s: float, burst_bytes: int = 0) -> None:
+        """Police what arrives at `host` to `bytes_per_s`: the excess is dropped.
+
+        nft's byte policer is exact over time, but its bucket holds one second of the rate
+        (plus `burst_bytes`): it starts full, and after an idle moment lets up to a second's
+        worth through at once (measured here: a 2 s flood at 12.5 MB/s passes 1.51x the rate,
+        a 3 s one 1.33x; a packet-rate policer has no such allowance, but would favour large
+        packets)."""
+        self._input_chain(host)
+        burst = f" burst {int(burst_bytes)} bytes" if burst_bytes else ""
+        self._nft(host.ns, f"add rule inet {NFT_TABLE} input iifname \"{host.iface}\" "
+                           f"meta nfproto ipv4 limit rate over {round(bytes_per_s)} bytes/second"
+                           f"{burst} counter drop comment \"rate\"\n")
+
+    def nft_drops(self, host: Host) -> dict[str, int]:
+        """Packets dropped so far by each impairment of `host` ({'loss-in': n, ...})."""
+        out: dict[str, int] = {}
+        for ns in (host.ns, self.switch):
+            result = ns.run(["nft", "-j", "list", "ruleset"], check=False)
+            if result.returncode != 0 or not result.stdout.strip():
+                continue
+            for item in json.loads(result.stdout).get("nftables", []):
+                rule = item.get("rule")
+                if not rule or rule.get("table") != NFT_TABLE:
+                    continue
+                comment = rule.get("comment", "")
+                if ns is self.switch and rule.get("chain") != f"in-{host.port}":
+                    continue
+                for expr in rule.get("expr", []):
+                    if "counter" in expr:
+                        out[comment] = out.get(comment, 0) + int(expr["counter"]["packets"])
+        return out
+
+    # ----------------------------------------------------------------------------------------
+    # counters and processes
+
+    def link_stats(self, host: Host) -> dict[str, int]:
+        """The host interface's counters: rx/tx bytes and packets, rx/tx dropped."""
+        data = json.loads(host.ns.run(["ip", "-s", "-j", "link", "show", "dev",
+                                       host.iface]).stdout)[0]
+        stats = data.get("stats64") or data.get("stats") or {}
+        rx, tx = stats.get("rx", {}), stats.get("tx", {})
+        return {"rx_bytes": int(rx.get("bytes", 0)), "rx_packets": int(rx.get("packets", 0)),
+                "rx_dropped": int(rx.get("dropped", 0)), "tx_bytes": int(tx.get("bytes", 0)),
+                "tx_packets": int(tx.get("packets", 0)), "tx_dropped": int(tx.get("dropped", 0))}
+
+    def udp_counters(self, host: Host) -> dict[str, int]:
+        """The kernel's UDP counters in `host`'s namespace (/proc/net/snmp): InDatagrams,
+        RcvbufErrors (datagrams dropped because a socket's receive buffer was full), ..."""
+        lines = [ln.split() for ln in host.ns.run(["cat", "/proc/net/snmp"]).stdout.splitlines()
+                 if ln.startswith("Udp:")]
+        if len(lines) < 2:
+            return {}
+        return {k: int(v) for k, v in zip(lines[0][1:], lines[1][1:])}
+
+    def spawn(self, host: Host, name: str, args: Sequence[str], cwd: Path | None = None,
+              env: dict[str, str] | None = None) -> netlab.Proc:
+        """Start `args` inside `host`'s namespace; output to '<workdir>/<name>.out'. `ip netns
+        exec` execs the program, so the PID is the program's own."""
+        return self.lab.spawn(name, host.ns, args, cwd=cwd, env=env)
+
+    def kill(self, proc: netlab.Proc, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to one of our processes by PID, unless it has already been reaped."""
+        if proc.popen.returncode is None:
+            try:
+                os.kill(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def udp_bound(self, host: Host, port: int) -> bool:
+        """Whether something in `host`'s namespace has a UDP socket on `port`."""
+        return netlab.udp_listening(host.ns, port)
+

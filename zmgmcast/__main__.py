@@ -1,8 +1,16 @@
 """zmgmcast: the administrator's status console over every daemon's status socket.
 
-    zmgmcast -status                 every local daemon, from its Unix status socket
+    zmgmcast -status                 every local daemon, from its Unix status socket, and the
+                                     imaging server's multicast sessions and their receivers
     zmgmcast -status -i HOST         a remote server, from the daemons' read-only TCP ports
     zmgmcast -status --json          the raw replies, for scripts
+    zmgmcast -start NAME -image PATH [-clients N] [-t MIN]
+                                     start a manual multicast session (root, this host): it
+                                     starts when N have joined, MIN minutes after the last
+                                     join, or when told to: zmgmcast -start NAME
+    zmgmcast -start NAME             start the waiting session NAME now
+    zmgmcast -stop NAME              stop a session (one of the directory's is kept, disabled)
+    zmgmcast -delete NAME            stop a session and delete it (from the directory too)
 
 The original's single-dash long options (`-status`, `-i`) are kept as users type them.
 A daemon that is not running is reported as such, never as a traceback; a reply of the wrong
@@ -26,6 +34,7 @@ from common.daemon.logsetup import escape_control
 from common.daemon.statussock import query_tcp, query_unix
 
 from .reply import BadReply, checked
+from .sessions import format_multicast
 
 CONFIG_DIR = os.environ.get("PREBOOT_CONFIG_DIR", services.CONFIG_DIR)
 RUN_DIR = os.environ.get("PREBOOT_RUN_DIR", services.RUN_DIR)
@@ -169,6 +178,8 @@ def format_reports(reports: list[DaemonReport], where: str) -> str:
                        f"{endpoint.get('address')}:{endpoint.get('port')}"
                        f"{' (TLS)' if endpoint.get('tls') is True else ''}")
         out += format_counters(reply.get("counters", {}), report.daemon)
+        if isinstance(reply.get("multicast"), dict):
+            out += format_multicast(reply["multicast"])
     # Belt and braces: whatever reached a line, the terminal gets no control character.
     return "\n".join(escape_control(line) for line in out)
 
@@ -185,7 +196,66 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--socket", metavar="PATH",
                         help="ask only the daemon on this local status socket")
     parser.add_argument("--json", action="store_true", help="print the raw replies as JSON")
+    control = parser.add_mutually_exclusive_group()
+    control.add_argument("-start", "--start", metavar="NAME",
+                         help="start a manual multicast session (with -image), or start the "
+                              "waiting session NAME now")
+    control.add_argument("-stop", "--stop", metavar="NAME", help="stop a multicast session")
+    control.add_argument("-delete", "--delete", metavar="NAME",
+                         help="stop a multicast session and delete it (from the directory too)")
+    parser.add_argument("-image", "--image", metavar="PATH",
+                        help="with -start: the image on the imaging server to send")
+    parser.add_argument("-clients", "--clients", type=int, metavar="N", default=0,
+                        help="with -start -image: start when N have joined")
+    parser.add_argument("-t", "--t", dest="wait_min", type=int, metavar="MIN", default=0,
+                        help="with -start -image -clients: ... or MIN minutes after the last "
+                             "join")
     return parser.parse_args(argv)
+
+
+def control_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]] | str | None:
+    """The imaging server's control verb and fields for -start/-stop/-delete, None when none
+    is asked for, or what is wrong with the options."""
+    if args.start is None and args.stop is None and args.delete is None:
+        if args.image or args.clients or args.wait_min:
+            return "-image, -clients and -t go with -start NAME"
+        return None
+    if args.host:
+        return "-start, -stop and -delete work on this host only (the status port of -i is " \
+               "read-only)"
+    if args.stop is not None:
+        return "mcast-stop", {"name": args.stop}
+    if args.delete is not None:
+        return "mcast-delete", {"name": args.delete}
+    if args.image is None:
+        if args.clients or args.wait_min:
+            return "-clients and -t go with -image (a new manual session)"
+        return "mcast-start", {"name": args.start}
+    if args.wait_min and not args.clients:
+        return "-t goes with -clients"
+    return "mcast-start", {"name": args.start, "image": args.image, "clients": args.clients,
+                           "t": args.wait_min}
+
+
+def run_control(verb: str, fields: dict[str, Any], path: str | None) -> int:
+    """Send one control verb to the local imaging server; 0 done, 1 refused, 3 not running."""
+    path = path or socket_path(services.IMGSRVD)
+    try:
+        reply = query_unix(path, verb, timeout_s=15.0, fields=fields)
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"zmgmcast: the imaging service is not running (no {path})", file=sys.stderr)
+        return 3
+    except PermissionError:
+        print(f"zmgmcast: permission denied on {path}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"zmgmcast: {path}: {escape_control(str(exc))}", file=sys.stderr)
+        return 1
+    if reply.get("ok") is True:
+        print(escape_control(str(reply.get("message", "done"))))
+        return 0
+    print(f"zmgmcast: {escape_control(str(reply.get('error', 'refused')))}", file=sys.stderr)
+    return 1
 
 
 def collect(args: argparse.Namespace) -> tuple[list[DaemonReport], str]:
@@ -208,6 +278,12 @@ def collect(args: argparse.Namespace) -> tuple[list[DaemonReport], str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    request = control_request(args)
+    if isinstance(request, str):
+        print(f"zmgmcast: {request}", file=sys.stderr)
+        return 2
+    if request is not None:
+        return run_control(*request, args.socket)
     if not args.status:
         print("zmgmcast: nothing to do; try 'zmgmcast -status'", file=sys.stderr)
         return 2

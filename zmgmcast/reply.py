@@ -66,4 +66,7 @@ def checked(reply: Any) -> dict[str, Any]:
         raise BadReply("uptime_s is out of range")
     _check_listen(reply.get("listen", []))
     _check_counters(reply.get("counters", {}))
+    if "multicast" in reply:
+        from .sessions import check_multicast
+        check_multicast(reply["multicast"])
     return _clean(reply)

@@ -5,7 +5,9 @@ adds them; a file gets full timestamps; syslog gets the daemon name as ident.
 
 Every handler formats with SafeFormatter: control characters in a message (most of them come
 from clients: result fields, MACs, paths, user agents, TFTP file names) are escaped, so a
-newline a client sent cannot start a forged line. escape_control() is the same escaping for
+newline a client sent cannot start a forged line; a traceback keeps its lines, each marked as
+a continuation of its record (CONTINUATION) and escaped the same way, since an exception's
+message can quote a client too. escape_control() is the same escaping for
 anything else that prints text a remote chose (zmgmcast).
 """
 
@@ -34,17 +36,50 @@ def escape_control(text: str) -> str:
     return _CONTROL.sub(_escaped, text)
 
 
+# What starts each line of a traceback or stack after its record's first line: whatever an
+# exception's message holds (a header, a path a client sent), no line of it reads as a record.
+CONTINUATION = "  | "
+
+
 class SafeFormatter(logging.Formatter):
-    """A Formatter whose message is one line whatever its arguments hold. The traceback that
-    follows an exception stays multi-line: it is ours, not a client's."""
+    """A Formatter whose message is one line whatever its arguments hold, and whose traceback
+    and stack (exc_info, stack_info) cannot forge a record: an exception's message may quote a
+    client, so their control characters are escaped too, all but the line breaks that keep a
+    traceback readable, and each of their lines starts with `continuation` (a %-format of the
+    record's attributes, as fmt: the journal's lines repeat the record's <priority>). The
+    record itself is left as it came, for other handlers."""
+
+    def __init__(self, fmt: str | None = None, datefmt: str | None = None, *,
+                 continuation: str = CONTINUATION):
+        super().__init__(fmt, datefmt)
+        self.continuation = continuation
 
     def format(self, record: logging.LogRecord) -> str:
-        saved = record.msg, record.args
+        saved = record.msg, record.args, record.exc_info, record.exc_text, record.stack_info
         record.msg, record.args = escape_control(record.getMessage()), None
+        record.exc_info = record.exc_text = record.stack_info = None   # appended below
         try:
-            return super().format(record)
+            first = super().format(record)
+            prefix = self.continuation % vars(record)
         finally:
-            record.msg, record.args = saved
+            record.msg, record.args, record.exc_info, record.exc_text, record.stack_info = saved
+        trailer = self._trailer(record)
+        if not trailer:
+            return first
+        return first + "".join(f"\n{prefix}{escape_control(line)}".rstrip(" ")
+                               for line in trailer.split("\n"))
+
+    def _trailer(self, record: logging.LogRecord) -> str:
+        """The record's traceback and stack, as logging.Formatter would append them (not
+        cached on the record: its exc_text stays what other formatters made of it)."""
+        parts = []
+        if record.exc_info:
+            parts.append(self.formatException(record.exc_info))
+        elif record.exc_text:
+            parts.append(record.exc_text)
+        if record.stack_info:
+            parts.append(self.formatStack(record.stack_info))
+        return "\n".join(parts).rstrip("\n")
 
 
 def setup_logging(name: str, level: str, log_file: str, foreground: bool) -> logging.Logger:
@@ -64,16 +99,33 @@ def setup_logging(name: str, level: str, log_file: str, foreground: bool) -> log
     elif foreground:
         handler = logging.StreamHandler(sys.stderr)
         if os.environ.get("JOURNAL_STREAM"):
-            handler.setFormatter(SafeFormatter("<%(levelno_syslog)s>%(message)s"))
+            handler.setFormatter(SafeFormatter(
+                "<%(levelno_syslog)s>%(message)s",
+                continuation=f"<%(levelno_syslog)s>{CONTINUATION}"))   # one journal entry a line
             handler.addFilter(_syslog_priority)
         else:
             handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(message)s"))
     else:
         handler = _syslog_or_file(name)
     logger.addHandler(handler)
+    _route_libraries(handler)
     # tftpy logs every packet at INFO and DEBUG; keep it quiet unless we debug.
     logging.getLogger("tftpy").setLevel(logging.WARNING if level != "DEBUG" else logging.INFO)
     return logger
+
+
+def _route_libraries(handler: logging.Handler) -> None:
+    """Libraries log to their own loggers, which reach only the root logger (asyncio's "Task
+    exception was never retrieved", aiohttp's, tftpy's warnings): without a handler there,
+    Python's last-resort handler would print them to stderr unescaped. The root logger gets
+    the same handler (WARNING and above), replacing the one an earlier call gave it."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "preboot_handler", False)]:
+        root.removeHandler(old)
+    setattr(handler, "preboot_handler", True)
+    root.addHandler(handler)
+    if root.level == logging.NOTSET:
+        root.setLevel(logging.WARNING)
 
 
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,

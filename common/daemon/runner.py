@@ -71,7 +71,11 @@ class CommonSettings:
 
 
 class Service(Protocol):
-    """What a daemon implements; the runner owns its lifetime."""
+    """What a daemon implements; the runner owns its lifetime.
+
+    A daemon may also have `status_fields() -> dict` (more fields of its status reply, e.g.
+    imgsrvd's multicast sessions) and `control_verbs() -> dict[str, ArgumentVerb]` (control
+    verbs of its own, root only on the Unix socket like reload and stop)."""
 
     def bind(self) -> list[socket.socket]: ...
     async def start(self) -> None: ...
@@ -248,7 +252,9 @@ class Lifecycle:
         self.pidfile.release()
 
     def status(self) -> dict[str, Any]:
+        extra = getattr(self.service, "status_fields", None)
         return {
+            **(extra() if extra is not None else {}),
             "daemon": self.spec.name,
             "service": self.spec.service_name,
             "pid": os.getpid(),
@@ -264,8 +270,10 @@ class Lifecycle:
         loop = asyncio.get_running_loop()
         self._stop_requested = asyncio.Event()
         await self.service.start()
+        verbs = getattr(self.service, "control_verbs", None)
         status = StatusServer(self.status, {"reload": self.reload, "stop": self._stop_verb},
-                              unix_path=self.common.status_socket)
+                              unix_path=self.common.status_socket,
+                              argument_controls=verbs() if verbs is not None else None)
         await status.start(self.unix_sock, self.tcp_sock)
         self.unix_sock = None  # the status server owns and removes it now
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -2,7 +2,8 @@
 
 Protocol (docs/daemon-contract.md): one JSON object per line each way. `status` is open to
 everyone on the local Unix socket and on the optional TCP port (without the pid, version and
-config path there); control verbs (`reload`, `stop`)
+config path there); control verbs (`reload`, `stop`, and a daemon's own, which read the
+request's other fields, e.g. imgsrvd's `mcast-start` {"name": ..., "image": ...})
 are accepted only on the Unix socket from a peer whose uid is 0, checked with SO_PEERCRED,
 because the TCP port must stay read-only.
 """
@@ -29,6 +30,8 @@ LOCAL_ONLY_FIELDS = ("pid", "version", "config")
 
 StatusProvider = Callable[[], dict[str, Any]]
 ControlVerb = Callable[[], Awaitable[dict[str, Any]]]
+# A daemon's own control verb: called with the request's fields other than "cmd".
+ArgumentVerb = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 def bind_unix(path: str) -> socket.socket:
@@ -83,22 +86,27 @@ def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
 
 def parse_request(line: bytes) -> str:
     """The verb of one request line: a JSON object with "cmd", or a bare word."""
+    return parse_request_fields(line)[0]
+
+
+def parse_request_fields(line: bytes) -> tuple[str, dict[str, Any]]:
+    """The verb of one request line and its other fields (none for a bare word)."""
     text = line.decode("utf-8", "replace").strip()
     if text.startswith("{"):
         try:
             request = json.loads(text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise ValueError("request is not valid JSON") from None
         verb = request.get("cmd") if isinstance(request, dict) else None
         if not isinstance(verb, str):
             raise ValueError('request has no "cmd" string')
-        return verb
+        return verb, {k: v for k, v in request.items() if k != "cmd"}
     if not text:
         raise ValueError("empty request")
     verb = text.split()[0]
     if not verb.replace("-", "").replace("_", "").isalnum():
         raise ValueError("request is neither JSON nor a command word")
-    return verb
+    return verb, {}
 
 
 @dataclass
@@ -108,6 +116,7 @@ class StatusServer:
     provider: StatusProvider
     controls: dict[str, ControlVerb]
     unix_path: str | None = None
+    argument_controls: dict[str, ArgumentVerb] | None = None
 
     def __post_init__(self) -> None:
         self._servers: list[asyncio.base_events.Server] = []
@@ -159,7 +168,7 @@ class StatusServer:
     async def _answer(self, line: bytes, writer: asyncio.StreamWriter,
                       local: bool) -> dict[str, Any]:
         try:
-            verb = parse_request(line)
+            verb, fields = parse_request_fields(line)
         except ValueError as exc:
             return {"ok": False, "error": str(exc)}
         if verb == "status":
@@ -167,14 +176,17 @@ class StatusServer:
             if not local:
                 status = {k: v for k, v in status.items() if k not in LOCAL_ONLY_FIELDS}
             return {"ok": True, **status}
-        if verb not in self.controls:
+        with_fields = self.argument_controls or {}
+        if verb not in self.controls and verb not in with_fields:
             return {"ok": False, "error": f"unknown command {verb!r}"}
         if not local:
             return {"ok": False, "error": "read-only status port"}
         if _peer_uid(writer) != 0:
             return {"ok": False, "error": "permission denied: control needs root"}
         log.info("control command %r from the status socket", verb)
-        return await self.controls[verb]()
+        if verb in self.controls:
+            return await self.controls[verb]()
+        return await with_fields[verb](fields)
 
 
 # ---- client side (zmgmcast, tests, init scripts) ----------------------------------------------
@@ -183,11 +195,12 @@ class StatusServer:
 MAX_REPLY_BYTES = 1 << 20
 
 
-def _exchange(sock: socket.socket, verb: str, timeout_s: float) -> dict[str, Any]:
-    """Send VERB, read one reply line: at most MAX_REPLY_BYTES, within timeout_s in all
-    (socket.timeout), else ValueError / ConnectionError."""
+def _exchange(sock: socket.socket, verb: str, timeout_s: float,
+              fields: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Send VERB (and fields), read one reply line: at most MAX_REPLY_BYTES, within timeout_s
+    in all (socket.timeout), else ValueError / ConnectionError."""
     deadline = time.monotonic() + timeout_s
-    sock.sendall(json.dumps({"cmd": verb}).encode() + b"\n")
+    sock.sendall(json.dumps({**(fields or {}), "cmd": verb}).encode() + b"\n")
     buffer = bytearray()
     while not buffer.endswith(b"\n"):
         left_s = deadline - time.monotonic()
@@ -209,11 +222,12 @@ def _exchange(sock: socket.socket, verb: str, timeout_s: float) -> dict[str, Any
     return reply
 
 
-def query_unix(path: str, verb: str = "status", timeout_s: float = 3.0) -> dict[str, Any]:
+def query_unix(path: str, verb: str = "status", timeout_s: float = 3.0,
+               fields: dict[str, Any] | None = None) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout_s)
         sock.connect(path)
-        return _exchange(sock, verb, timeout_s)
+        return _exchange(sock, verb, timeout_s, fields)
 
 
 def query_tcp(host: str, port: int, verb: str = "status", timeout_s: float = 3.0) -> dict[str, Any]:

@@ -12,6 +12,15 @@
     preboot-dir menu show | menu set [--display always|never|hotkey] [--timeout-s N]
     preboot-dir workstations list | add MAC [--name N] | remove MAC
     preboot-dir nextboot set MAC [--image IMG] | nextboot clear MAC
+    preboot-dir sessions list
+    preboot-dir sessions add NAME --image IMG [--clients N] [--timeout-min T] [--keep]
+                                   [--participant MAC|NAME]... [--group ADDR] [--data-port P]
+                                   [--disabled] [--position N]
+    preboot-dir sessions set NAME [--image ...] [--clients ...] [--timeout-min ...]
+                                   [--delete-after yes|no] [--participant ...]... [--add ...]
+                                   [--drop ...] [--group ADDR|""] [--data-port P]
+    preboot-dir sessions remove|enable|disable NAME
+    preboot-dir sessions move NAME POSITION
     preboot-dir explain --mac MAC [--serial S] [--manufacturer M] [--ram-mb N] ...
 
 The store is the `Directory =` of prebootpolicyd's config (--config, default
@@ -34,9 +43,12 @@ from common.dircli import keys, tls
 from common.fileio import atomic_file
 from common.machine import ATTRIBUTE_KINDS, facts_from_strings, normalize_mac
 from common.policy.directory import Directory, DirectoryError, open_directory
-from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings, Rule,
-                                 Workstation, assign_work, explain_rules, menu_for)
-from common.policy.policyfile import PolicyFileError, check_name, dump_policy, load_policy
+from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
+                                 MulticastSession, Rule, Workstation, explain_rules, menu_for,
+                                 normalize_participant)
+from common.policy.policyfile import (PolicyFileError, check_name, check_session_name,
+                                      dump_policy, load_policy)
+from common.policy.sessions import qualification, session_key, work_for
 from common.policy.rules import FilterSyntaxError, parse_filter
 
 PROGRAM = "preboot-dir"
@@ -306,6 +318,129 @@ def cmd_nextboot(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- multicast sessions -------------------------------------------------------------------------
+
+def _describe_session(position: int, session: MulticastSession) -> list[str]:
+    state = "" if session.enabled else " (disabled)"
+    timer = f" or {session.timeout_min} min after the last join" if session.timeout_min else ""
+    after = "deleted" if session.delete_after else "kept, disabled"
+    lines = [f"{position:3d}. {session.name}{state}: {session.image}",
+             f"     starts when {session.clients} have joined{timer}; when done: {after}"]
+    if session.participants:
+        lines.append(f"     participants: {', '.join(session.participants)}")
+    extra = []
+    if session.group:
+        extra.append(f"group {session.group}")
+    if session.data_port:
+        extra.append(f"data port {session.data_port}")
+    if extra:
+        lines.append(f"     {', '.join(extra)}")
+    return lines
+
+
+def _find_session(sessions: list[MulticastSession], name: str) -> int:
+    key = session_key(name)
+    for index, session in enumerate(sessions):
+        if session_key(session.name) == key:
+            return index
+    raise UsageError(f"no multicast session named '{name}'")
+
+
+def _update_sessions(args: argparse.Namespace, change) -> int:
+    with _open(args, create=True) as directory:
+        sessions = directory.sessions()
+        message = change(sessions)
+        directory.replace_sessions(sessions)
+    print(message)
+    return 0
+
+
+def _session(name: str, image: str, **fields) -> MulticastSession:
+    try:
+        return MulticastSession(name, image, **fields)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_sessions_list(args: argparse.Namespace) -> int:
+    with _open(args, create=False) as directory:
+        sessions = directory.sessions()
+    if not sessions:
+        print("no multicast sessions")
+    for position, session in enumerate(sessions, 1):
+        print("\n".join(_describe_session(position, session)))
+    return 0
+
+
+def cmd_sessions_add(args: argparse.Namespace) -> int:
+    problem = check_session_name(args.name)
+    if problem:
+        raise UsageError(problem)
+    session = _session(args.name, args.image, clients=args.clients,
+                       timeout_min=args.timeout_min, enabled=not args.disabled,
+                       delete_after=not args.keep, participants=tuple(args.participant or ()),
+                       group=args.group or "", data_port=args.data_port)
+
+    def change(sessions: list[MulticastSession]) -> str:
+        if any(session_key(s.name) == session_key(args.name) for s in sessions):
+            raise UsageError(f"a multicast session named '{args.name}' exists; use "
+                             "'sessions set'")
+        position = len(sessions) + 1 if args.position is None else args.position
+        if not 1 <= position <= len(sessions) + 1:
+            raise UsageError(f"position must be 1..{len(sessions) + 1}")
+        sessions.insert(position - 1, session)
+        return f"added session {position}: {session.name}: {session.image}"
+    return _update_sessions(args, change)
+
+
+def cmd_sessions_set(args: argparse.Namespace) -> int:
+    def change(sessions: list[MulticastSession]) -> str:
+        index = _find_session(sessions, args.name)
+        old = sessions[index]
+        participants = list(old.participants if args.participant is None else args.participant)
+        participants += args.add or []
+        drop = {normalize_participant(p).casefold() for p in (args.drop or [])}
+        participants = [p for p in participants if p.casefold() not in drop]
+        sessions[index] = _session(
+            old.name, old.image if args.image is None else args.image,
+            clients=old.clients if args.clients is None else args.clients,
+            timeout_min=old.timeout_min if args.timeout_min is None else args.timeout_min,
+            enabled=old.enabled,
+            delete_after=old.delete_after if args.delete_after is None
+            else args.delete_after == "yes",
+            participants=tuple(participants),
+            group=old.group if args.group is None else args.group,
+            data_port=old.data_port if args.data_port is None else args.data_port)
+        return f"changed session {index + 1}: {old.name}"
+    return _update_sessions(args, change)
+
+
+def cmd_sessions_remove(args: argparse.Namespace) -> int:
+    def change(sessions: list[MulticastSession]) -> str:
+        removed = sessions.pop(_find_session(sessions, args.name))
+        return f"removed session {removed.name}"
+    return _update_sessions(args, change)
+
+
+def cmd_sessions_enable(args: argparse.Namespace, enabled: bool) -> int:
+    def change(sessions: list[MulticastSession]) -> str:
+        index = _find_session(sessions, args.name)
+        sessions[index] = dataclasses.replace(sessions[index], enabled=enabled)
+        return f"{'enabled' if enabled else 'disabled'} session {sessions[index].name}"
+    return _update_sessions(args, change)
+
+
+def cmd_sessions_move(args: argparse.Namespace) -> int:
+    def change(sessions: list[MulticastSession]) -> str:
+        index = _find_session(sessions, args.name)
+        if not 1 <= args.position <= len(sessions):
+            raise UsageError(f"position must be 1..{len(sessions)}")
+        moved = sessions.pop(index)
+        sessions.insert(args.position - 1, moved)
+        return f"moved session {moved.name} to position {args.position}"
+    return _update_sessions(args, change)
+
+
 # -- explain ----------------------------------------------------------------------------------
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -317,6 +452,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     with _open(args, create=False) as directory:
         policy = directory.policy()
         station = directory.workstation(facts.mac) if facts.mac else None
+        sessions = directory.sessions()
     print(f"machine: {facts.describe()}")
     if station is not None:
         print(f"registered: {_describe_station(station)}")
@@ -331,7 +467,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
         else:
             mark = "no"
         print(f"  {verdict.position:3d}. [{mark:5}] {verdict.name}: {verdict.reason}")
-    assignment = assign_work(policy, station, facts)
+    for position, session in enumerate(sessions, 1):
+        found = qualification(session, policy, station, facts)
+        mark = "off" if not session.enabled else ("JOINS" if found else "no")
+        why = found[0] if found else "neither named in it nor chosen by a multicast rule"
+        print(f"  session {position:3d}. [{mark:5}] {session.name}: {why}")
+    assignment = work_for(policy, station, facts, sessions)
     print(f"menu: {menu_for(policy, station).display.value}")
     print(f"answer: {assignment.action.describe()}")
     print(f"because: {assignment.reason}")
@@ -425,6 +566,8 @@ def _parser() -> argparse.ArgumentParser:
     nb_clear.add_argument("mac")
     nb_clear.set_defaults(run=cmd_nextboot)
 
+    _sessions_parser(commands)
+
     explain = commands.add_parser("explain", help="what a machine would get, and why")
     for name in ATTRIBUTE_KINDS:
         explain.add_argument(f"--{name.replace('_', '-')}", dest=name)
@@ -432,6 +575,62 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_commands(commands)
     tls.add_commands(commands)
     return parser
+
+
+def _count(low: int, high: int):
+    def convert(text: str) -> int:
+        if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number from {low} to "
+                                             f"{high}")
+        return int(text)
+    return convert
+
+
+def _sessions_parser(commands) -> None:
+    sessions = commands.add_parser("sessions", help="multicast sessions (in order: the first "
+                                                    "enabled one a machine qualifies for)")
+    verbs = sessions.add_subparsers(dest="sessions_command", required=True)
+    verbs.add_parser("list").set_defaults(run=cmd_sessions_list)
+    for name, run in (("add", cmd_sessions_add), ("set", cmd_sessions_set)):
+        sub = verbs.add_parser(name)
+        sub.add_argument("name")
+        sub.add_argument("--image", required=name == "add", help="the master image")
+        sub.add_argument("--clients", type=_count(1, 10000),
+                         default=5 if name == "add" else None,
+                         help="start when this many have joined (default 5)")
+        sub.add_argument("--timeout-min", type=_count(0, 10080),
+                         default=15 if name == "add" else None,
+                         help="... or this many minutes after the last join (default 15; "
+                              "0: no timer)")
+        sub.add_argument("--participant", action="append", metavar="MAC|NAME",
+                         help="a machine the session takes (repeatable; set: replaces them)")
+        sub.add_argument("--group", help="the group address (default: from the name; set "
+                                         "\"\" to go back to it)")
+        sub.add_argument("--data-port", type=_count(0, 65535),
+                         default=0 if name == "add" else None,
+                         help="the data port (default: the imaging server's MulticastPort)")
+        if name == "add":
+            sub.add_argument("--keep", action="store_true",
+                             help="keep the session, disabled, when done (default: delete it)")
+            sub.add_argument("--disabled", action="store_true")
+            sub.add_argument("--position", type=int, help="1 = first (default: last)")
+        else:
+            sub.add_argument("--delete-after", choices=["yes", "no"])
+            sub.add_argument("--add", action="append", metavar="MAC|NAME",
+                             help="add a participant (repeatable)")
+            sub.add_argument("--drop", action="append", metavar="MAC|NAME",
+                             help="remove a participant (repeatable)")
+        sub.set_defaults(run=run)
+    for name, run in (("remove", cmd_sessions_remove),
+                      ("enable", lambda a: cmd_sessions_enable(a, True)),
+                      ("disable", lambda a: cmd_sessions_enable(a, False))):
+        sub = verbs.add_parser(name)
+        sub.add_argument("name")
+        sub.set_defaults(run=run)
+    move = verbs.add_parser("move")
+    move.add_argument("name")
+    move.add_argument("position", type=int)
+    move.set_defaults(run=cmd_sessions_move)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

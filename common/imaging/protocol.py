@@ -191,6 +191,24 @@ class ResultReport:
     status: str
     error_message: str
     session: str = ""       # the X-Preboot-Session of the run that did the operation
+    multicast: "MulticastResult | None" = None   # a multicast receiver's result
+
+
+# What a multicast receiver's report may say it took (docs/multicast.md, "Results").
+MULTICAST_PATHS = ("multicast", "multicast+unicast", "failed")
+MULTICAST_FIELDS = ("multicast_session", "digest", "chunks_verified", "bytes_written", "path")
+
+
+@dataclass(frozen=True)
+class MulticastResult:
+    """The multicast fields of a result: the session, the image digest the receiver restored
+    (hex), the chunks it verified, the bytes it wrote and the path it took."""
+
+    session: str
+    digest: str
+    chunks_verified: int
+    bytes_written: int
+    path: str
 
 
 def clean_session(value: str) -> str:
@@ -215,7 +233,7 @@ def parse_result(body: Any) -> ResultReport:
         if len(value) > 4096:
             raise BadRequest(f"{name}: longer than 4096 characters")
         fields[name] = value.strip()
-    unknown = sorted(set(body) - set(fields))
+    unknown = sorted(set(body) - set(fields) - set(MULTICAST_FIELDS))
     if unknown:
         raise BadRequest(f"{unknown[0]}: not a result field")
     mac = None
@@ -234,9 +252,38 @@ def parse_result(body: Any) -> ResultReport:
         raise BadRequest(f"image_type: '{image_type}' is not base or addon")
     if fields["session"] and not clean_session(fields["session"]):
         raise BadRequest(f"session: not printable ASCII of at most {MAX_SESSION} characters")
+    multicast = _multicast_result(body, fields["operation"], mac)
     return ResultReport(fields["workstation"] or (mac or ""), mac, fields["operation"],
                         image_type, fields["image_path"], fields["status"],
-                        fields["error_message"], fields["session"])
+                        fields["error_message"], fields["session"], multicast)
+
+
+def _multicast_result(body: dict[str, Any], operation: str, mac: str | None
+                      ) -> MulticastResult | None:
+    if not any(name in body for name in MULTICAST_FIELDS):
+        return None
+    session = body.get("multicast_session")
+    if not isinstance(session, str) or not session or \
+            len(session.encode("utf-8", "surrogatepass")) > 255 or _CONTROL.search(session):
+        raise BadRequest("multicast_session: 1 to 255 bytes of text, required with the "
+                         "multicast fields")
+    if operation != "download":
+        raise BadRequest("multicast_session: goes only with operation download")
+    if mac is None:
+        raise BadRequest("mac: required with multicast_session")
+    digest = body.get("digest", "")
+    if not isinstance(digest, str) or not re.fullmatch(r"(?:[0-9a-fA-F]{32})?", digest):
+        raise BadRequest("digest: the image digest as 32 hex digits, or empty")
+    counts = []
+    for name in ("chunks_verified", "bytes_written"):
+        value = body.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 63:
+            raise BadRequest(f"{name}: a whole number, at least 0")
+        counts.append(value)
+    path = body.get("path", "")
+    if path not in MULTICAST_PATHS:
+        raise BadRequest(f"path: one of {', '.join(MULTICAST_PATHS)}")
+    return MulticastResult(session, digest.lower(), counts[0], counts[1], path)
 
 
 # The kinds of work (common.policy.model.ActionKind's values, as the answer's "work" carries

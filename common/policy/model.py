@@ -11,12 +11,13 @@ out. prebootpolicyd, imgsrvd and `preboot-dir explain` all call it, so they cann
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from enum import Enum
 
-from common.machine import MachineFacts
+from common.machine import MachineFacts, normalize_mac
 
 from .rulematch import Matcher, compile_matcher
 from .rules import Filter, parse_filter
@@ -119,14 +120,110 @@ class Workstation:
     menu: MenuDisplay | None = None  # this machine's Preboot menu display; None: the policy's
 
 
+MAX_SESSION_NAME_BYTES = 255         # the multicast wire's bound (common.imaging.multicast)
+MAX_PARTICIPANTS = 10000             # named participants of one session
+MAX_PARTICIPANT_CHARS = 255
+DEFAULT_SESSION_CLIENTS = 5
+DEFAULT_SESSION_TIMEOUT_MIN = 15
+
+
 @dataclass(frozen=True)
 class MulticastSession:
+    """A server-initiated multicast session (DOMAIN.md, Multicast): imgsrvd sends `image` to
+    the machines that qualify (named in `participants`, or chosen by rules with action multicast
+    naming the session) once `clients` have joined, or `timeout_min` minutes after the last
+    join (0: no timer; the clients count or an operator starts it)."""
+
     name: str
     image: str                       # the master image file on the server
-    clients: int = 5                 # start when this many have joined ...
-    timeout_min: int = 15            # ... or this long after the last join
+    clients: int = DEFAULT_SESSION_CLIENTS       # start when this many have joined ...
+    timeout_min: int = DEFAULT_SESSION_TIMEOUT_MIN   # ... or this long after the last join
     enabled: bool = True
     delete_after: bool = True        # delete the session when done, else keep it disabled
+    participants: tuple[str, ...] = ()   # named machines: MACs (normalised) or names, sorted
+    group: str = ""                  # the group address; "": from the name (231.x.y.z)
+    data_port: int = 0               # the data port; 0: the imaging server's MulticastPort
+
+    def __post_init__(self) -> None:
+        # Sorted: LDAP keeps no order of values, and the order means nothing.
+        cleaned = tuple(sorted((normalize_participant(p) for p in self.participants),
+                               key=lambda p: (p.casefold(), p)))
+        if cleaned != self.participants:
+            object.__setattr__(self, "participants", cleaned)
+        problem = self.problem()
+        if problem:
+            raise ValueError(problem)
+
+    def problem(self) -> str | None:
+        """Why this session cannot be stored or run; None when it can."""
+        if len(self.name.encode("utf-8", "surrogatepass")) > MAX_SESSION_NAME_BYTES:
+            return (f"session name '{self.name[:40]}...' is longer than "
+                    f"{MAX_SESSION_NAME_BYTES} bytes of UTF-8")
+        if _UNSAFE.search(self.image):
+            return f"'{self.image}' has a double quote or a control character"
+        if not 0 <= self.data_port <= 65535:
+            return f"data port {self.data_port} is not 0..65535"
+        if self.group:
+            why = group_refusal(self.group)
+            if why:
+                return why
+        if len(self.participants) > MAX_PARTICIPANTS:
+            return f"more than {MAX_PARTICIPANTS} named participants"
+        seen: set[str] = set()
+        for participant in self.participants:
+            if not participant or len(participant) > MAX_PARTICIPANT_CHARS or \
+                    _UNSAFE.search(participant) or "," in participant:
+                return (f"participant '{participant[:40]}' is empty, longer than "
+                        f"{MAX_PARTICIPANT_CHARS} characters or has a comma, a double quote or "
+                        "a control character")
+            key = participant.casefold()
+            if key in seen:
+                return f"participant '{participant}' is named twice"
+            seen.add(key)
+        return None
+
+    def names(self, station: "Workstation | None", facts: MachineFacts) -> str | None:
+        """How this session names the machine (its MAC, its registered name or its host name),
+        or None when it does not."""
+        wanted = {p.casefold() for p in self.participants}
+        if not wanted:
+            return None
+        if facts.mac and facts.mac.casefold() in wanted:
+            return f"MAC {facts.mac}"
+        for label, name in (("workstation", station.name if station else ""),
+                            ("host name", facts.hostname or "")):
+            if name and name.casefold() in wanted:
+                return f"{label} {name}"
+        return None
+
+
+def normalize_participant(text: str) -> str:
+    """A participant as stored: a MAC in its normal form (00C04FDC2AB5), else the name with
+    surrounding blanks removed."""
+    text = text.strip()
+    return normalize_mac(text) or text
+
+
+def group_refusal(address: str) -> str:
+    """Why `address` cannot be a session's group address; "" when it can. The same rules as
+    common.imaging.multicast.group_address_refusal (which this wing may not import; a unit test
+    holds the two together): IPv4 multicast, not 224.0.0.0/24, not 232.0.0.0/8 (SSM), not one
+    sharing its Ethernet address with 224.0.0.x."""
+    try:
+        group = ipaddress.IPv4Address(address)
+    except (ipaddress.AddressValueError, ValueError):
+        return f"group '{str(address)[:40]}' is not an IPv4 address"
+    if not group.is_multicast:
+        return f"group {group} is not a multicast address (224.0.0.0/4)"
+    if group in ipaddress.IPv4Network("224.0.0.0/24"):
+        return f"group {group} is in 224.0.0.0/24, the local network control block"
+    if group in ipaddress.IPv4Network("232.0.0.0/8"):
+        return f"group {group} is in 232.0.0.0/8 (source-specific multicast)"
+    packed = group.packed
+    if packed[1] & 0x7F == 0 and packed[2] == 0:
+        return (f"group {group} shares its Ethernet address with 224.0.0.{packed[3]}, which "
+                "switches flood to every port")
+    return ""
 
 
 @dataclass(frozen=True)

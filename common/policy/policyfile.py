@@ -24,13 +24,16 @@ identical bytes and `diff` shows only real changes. Errors name the file, line, 
     image_on_next_boot = yes
     image = dell/base.img
     menu = always               # optional: this machine's menu display
-    [sessions]
+    [sessions]                  # in order: the first enabled one a machine qualifies for
     [[weekly]]
     image = dell/base.img
-    clients = 5
-    timeout_min = 15
+    clients = 5                 # start when this many have joined ...
+    timeout_min = 15            # ... or this long after the last join (0: no timer)
     enabled = yes
-    delete_after = yes
+    delete_after = yes          # no: keep the session, disabled, when it is done
+    participants = 00C04FDC2AB5, lab-02   # optional: machines named (MACs or names)
+    group = 239.192.0.7         # optional: the group address (default: from the name)
+    data_port = 997             # optional: the data port (default: imgsrvd's MulticastPort)
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ import configobj
 from common import __version__
 from common.machine import normalize_mac
 
-from .model import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
-                     MulticastSession, PolicyDocument, Rule, Workstation)
+from .model import (MAX_SESSION_NAME_BYTES, Action, ActionKind, ImagingPolicy, MenuDisplay,
+                     MenuSettings, MulticastSession, PolicyDocument, Rule, Workstation)
 from .rules import FilterSyntaxError, parse_filter
 
 FORMAT_VERSION = 1
@@ -56,7 +59,8 @@ _NAME_FORBIDDEN = re.compile(r'[\[\]"\x00-\x1f\x7f]')
 
 RULE_KEYS = ("enabled", "filter", "action", "image", "addons", "session", "force", "shrink")
 STATION_KEYS = ("name", "image_on_next_boot", "image", "menu")
-SESSION_KEYS = ("image", "clients", "timeout_min", "enabled", "delete_after")
+SESSION_KEYS = ("image", "clients", "timeout_min", "enabled", "delete_after", "participants",
+                "group", "data_port")
 MENU_KEYS = ("display", "timeout_s")
 
 
@@ -76,6 +80,19 @@ def check_name(kind: str, name: str) -> str | None:
     if _NAME_FORBIDDEN.search(name) or len(name) > 128:
         return (f"{kind} name '{name}' has brackets, double quotes or control characters, "
                 f"or is over 128 characters")
+    return None
+
+
+def check_session_name(name: str) -> str | None:
+    """check_name for a multicast session, which also travels in every packet of the session:
+    at most 255 bytes of UTF-8 (the wire's bound)."""
+    problem = check_name("session", name)
+    if problem:
+        return problem
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_SESSION_NAME_BYTES:
+        return (f"session name '{name}' is {size} bytes of UTF-8, more than "
+                f"{MAX_SESSION_NAME_BYTES} (the multicast packets' bound)")
     return None
 
 
@@ -106,10 +123,7 @@ def dump_policy(document: PolicyDocument, origin: str = "") -> str:
         config["workstations"][station.mac] = values
     config["sessions"] = {}
     for session in document.sessions:
-        config["sessions"][session.name] = {
-            "image": session.image, "clients": str(session.clients),
-            "timeout_min": str(session.timeout_min), "enabled": _yes(session.enabled),
-            "delete_after": _yes(session.delete_after)}
+        config["sessions"][session.name] = _session_values(session)
     lines = config.write()
     return "\n".join(line.decode("utf-8") if isinstance(line, bytes) else line
                      for line in lines) + "\n"
@@ -127,6 +141,20 @@ def _rule_values(rule: Rule) -> dict[str, Any]:
     values["force"] = _yes(rule.force)
     if rule.action.shrink:
         values["shrink"] = "yes"
+    return values
+
+
+def _session_values(session: MulticastSession) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "image": session.image, "clients": str(session.clients),
+        "timeout_min": str(session.timeout_min), "enabled": _yes(session.enabled),
+        "delete_after": _yes(session.delete_after)}
+    if session.participants:           # optional keys only when set: older files stay as they were
+        values["participants"] = list(session.participants)
+    if session.group:
+        values["group"] = session.group
+    if session.data_port:
+        values["data_port"] = str(session.data_port)
     return values
 
 
@@ -339,7 +367,7 @@ def _station(reader: _Reader, name: str, section: Any) -> Workstation:
 
 def _session(reader: _Reader, name: str, section: Any) -> MulticastSession:
     where = ("sessions", name)
-    problem = check_name("session", name)
+    problem = check_session_name(name)
     if problem:
         raise reader.fail(where, None, problem)
     _only(reader, where, section.scalars, SESSION_KEYS)
@@ -347,9 +375,23 @@ def _session(reader: _Reader, name: str, section: Any) -> MulticastSession:
     image = _value(reader, where, section, "image", "", _text).strip()
     if not image:
         raise reader.fail(where, "image", "a multicast session needs its master image")
-    return MulticastSession(
-        name, image,
-        _value(reader, where, section, "clients", 5, _count(1, 10000)),
-        _value(reader, where, section, "timeout_min", 15, _count(0, 10080)),
-        _value(reader, where, section, "enabled", True, _flag),
-        _value(reader, where, section, "delete_after", True, _flag))
+    participants = section.get("participants", [])
+    participants = tuple(p.strip() for p in ([participants] if isinstance(participants, str)
+                                             else participants) if p.strip())
+    group = _value(reader, where, section, "group", "", _text).strip()
+    fields = dict(
+        clients=_value(reader, where, section, "clients", 5, _count(1, 10000)),
+        timeout_min=_value(reader, where, section, "timeout_min", 15, _count(0, 10080)),
+        enabled=_value(reader, where, section, "enabled", True, _flag),
+        delete_after=_value(reader, where, section, "delete_after", True, _flag),
+        data_port=_value(reader, where, section, "data_port", 0, _count(0, 65535)))
+    for key, value in (("image", None), ("participants", participants), ("group", group)):
+        extra = {} if value is None else {key: value}
+        try:
+            MulticastSession(name, image, **extra)
+        except ValueError as exc:
+            raise reader.fail(where, key, str(exc)) from None
+    try:
+        return MulticastSession(name, image, participants=participants, group=group, **fields)
+    except ValueError as exc:
+        raise reader.fail(where, None, str(exc)) from None

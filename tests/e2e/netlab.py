@@ -512,6 +512,18 @@ class Daemon:
         return last
 
 
+TFTP_SETTLE_S = 20.0     # tftpd's Timeout x Retries (1 s x 6, with back-off) and some slack
+
+
+def tftp_delivered(counters: Mapping[str, object]) -> int:
+    """Transfers tftpd sent whole: completed, or every block sent and only the final ACK
+    missing (transfers_unconfirmed). A client that has its file may exit without repeating a
+    lost final ACK (RFC 1350 section 6); iPXE sometimes does, and the console shows the file
+    arrived, so both count as delivered."""
+    return int(counters.get("transfers_completed", 0)) + \
+        int(counters.get("transfers_unconfirmed", 0))
+
+
 def write_config(path: Path, settings: Mapping[str, object]) -> Path:
     """A `Key = Value` config file from a mapping (bools as YES/NO)."""
     def fmt(v: object) -> str:

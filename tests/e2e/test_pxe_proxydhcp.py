@@ -163,8 +163,8 @@ def test_pxe_boot_through_our_proxydhcp(name: str, case: Case, lab: netlab.Lab, 
                                       and c.get("acks_sent", 0) >= case.acks)
     served = sum(files[n].stat().st_size for n in case.fetched)
     tftp = setup.tftpd.wait_counters(
-        lambda c: c.get("transfers_completed", 0) >= len(case.fetched)
-        and c.get("bytes_sent", 0) >= served)
+        lambda c: netlab.tftp_delivered(c) >= len(case.fetched)
+        and c.get("bytes_sent", 0) >= served, timeout=netlab.TFTP_SETTLE_S)
     arches = proxy.get("architectures", {})
     record_boot_time(result.elapsed, f"({name}) offers={proxy.get('offers_sent')} "
                      f"acks={proxy.get('acks_sent')} arch={arches} "
@@ -181,7 +181,7 @@ def test_pxe_boot_through_our_proxydhcp(name: str, case: Case, lab: netlab.Lab, 
             f"expected {count}+ replies to {firmware} clients: {proxy}\n{diag}")
     assert proxy.get("malformed", 0) == 0 and proxy.get("send_errors", 0) == 0, (
         f"proxydhcpd: {proxy}\n{diag}")
-    assert tftp.get("transfers_completed", 0) >= len(case.fetched), (
+    assert netlab.tftp_delivered(tftp) >= len(case.fetched), (
         f"tftpd must have sent {', '.join(case.fetched) or 'nothing'}: {tftp}\n{diag}")
     assert tftp.get("bytes_sent", 0) >= served, f"tftpd: {tftp}\n{diag}"
     # iPXE's autoboot prints the next server and file it chose, from our proxy's reply

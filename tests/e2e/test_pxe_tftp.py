@@ -129,9 +129,11 @@ def test_pxe_boot_fetches_ipxe_and_scripts_from_our_tftpd(
     assert result.match["token"] == token, f"stale marker {result.match[0]!r}\n{diag}"
     served = sum(files[name].stat().st_size for name in FETCHED[firmware])
     counters = daemon.wait_counters(
-        lambda c: c.get("transfers_completed", 0) >= len(FETCHED[firmware])
-        and c.get("bytes_sent", 0) >= served) if daemon is not None else {}
-    shown = {k: counters[k] for k in ("transfers_started", "transfers_completed", "bytes_sent")
+        lambda c: netlab.tftp_delivered(c) >= len(FETCHED[firmware])
+        and c.get("bytes_sent", 0) >= served,
+        timeout=netlab.TFTP_SETTLE_S) if daemon is not None else {}
+    shown = {k: counters[k] for k in ("transfers_started", "transfers_completed",
+                                      "transfers_unconfirmed", "bytes_sent")
              if k in counters}
     record_boot_time(result.elapsed, f"({firmware}, tftp={TFTP_SERVER}) {shown}")
 
@@ -149,9 +151,9 @@ def test_pxe_boot_fetches_ipxe_and_scripts_from_our_tftpd(
 
     if daemon is None:
         return
-    assert counters.get("transfers_completed", 0) >= 2, f"counters: {counters}\n{diag}"
-    assert counters.get("transfers_completed", 0) >= len(FETCHED[firmware]), (
-        f"expected at least {len(FETCHED[firmware])} completed transfers "
+    assert counters.get("transfers_completed", 0) >= 1, f"counters: {counters}\n{diag}"
+    assert netlab.tftp_delivered(counters) >= len(FETCHED[firmware]), (
+        f"expected at least {len(FETCHED[firmware])} delivered transfers "
         f"({', '.join(FETCHED[firmware])}): {counters}\n{diag}")
     assert counters.get("bytes_sent", 0) >= served, (
         f"bytes_sent {counters.get('bytes_sent')} < {served} (sizes of "

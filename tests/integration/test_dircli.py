@@ -172,3 +172,61 @@ def test_init_creates_an_empty_directory_once_and_readers_never_create(cli, tmp_
     cli("workstations", "add", "00:c0:4f:dc:2a:b5")
     cli("init")                                        # again: the store is kept as it is
     assert "00C04FDC2AB5" in cli("workstations", "list").stdout
+
+
+def test_multicast_sessions_are_listed_added_changed_moved_and_removed(cli, tmp_path):
+    _import_policy(cli, tmp_path)
+    cli("sessions", "add", "room 101", "--image", "dell/base.img", "--clients", "12",
+        "--timeout-min", "5", "--participant", "52:54:00:00:00:02", "--participant", "lab-01")
+    cli("sessions", "add", "weekly", "--image", "hp.img", "--keep", "--disabled",
+        "--group", "239.192.0.7", "--data-port", "4000")
+    cli("sessions", "add", "first", "--image", "a.img", "--position", "1")
+    listing = cli("sessions", "list").stdout
+    assert "  1. first: a.img" in listing
+    assert "  2. room 101: dell/base.img" in listing
+    assert "starts when 12 have joined or 5 min after the last join; when done: deleted" \
+        in listing
+    assert "participants: 525400000002, lab-01" in listing
+    assert "  3. weekly (disabled): hp.img" in listing
+    assert "when done: kept, disabled" in listing and "group 239.192.0.7, data port 4000" \
+        in listing
+    cli("sessions", "set", "ROOM 101", "--add", "lab-09", "--drop", "52-54-00-00-00-02",
+        "--delete-after", "no", "--timeout-min", "0")
+    cli("sessions", "move", "first", "3")
+    cli("sessions", "enable", "weekly")
+    cli("sessions", "set", "weekly", "--group", "")
+    listing = cli("sessions", "list").stdout
+    assert "participants: lab-01, lab-09" in listing
+    assert "starts when 12 have joined; when done: kept, disabled" in listing
+    assert "  2. weekly: hp.img" in listing and "group" not in listing
+    assert "  3. first: a.img" in listing
+    exported = cli("export").stdout
+    assert "[[room 101]]" in exported and "participants = lab-01, lab-09" in exported
+    cli("sessions", "remove", "first")
+    assert "first" not in cli("sessions", "list").stdout
+    # refusals, each with its reason
+    assert "exists" in cli("sessions", "add", "Room  101", "--image", "x", expect=65).stderr
+    assert "no multicast session named" in cli("sessions", "remove", "x", expect=65).stderr
+    assert "local network control block" in cli("sessions", "set", "weekly", "--group",
+                                                 "224.0.0.5", expect=65).stderr
+    assert "more than 255" in cli("sessions", "add", "é" * 128, "--image", "x",
+                                  expect=65).stderr
+    assert "named twice" in cli("sessions", "set", "weekly", "--participant", "a",
+                                "--participant", "A", expect=65).stderr
+    assert "position must be 1..2" in cli("sessions", "move", "weekly", "5", expect=65).stderr
+    cli("sessions", "add", "x", "--image", "x", "--clients", "0", expect=2)
+
+
+def test_explain_shows_the_sessions_and_the_one_a_machine_joins(cli, tmp_path):
+    _import_policy(cli, tmp_path)
+    cli("sessions", "add", "off", "--image", "o.img", "--disabled",
+        "--participant", "525400000002")
+    cli("sessions", "add", "room 101", "--image", "dell/base.img",
+        "--participant", "52:54:00:00:00:02")
+    out = cli("explain", "--mac", "525400000002", "--manufacturer", "Dell Inc.").stdout
+    assert "session   1. [off  ] off:" in out
+    assert "session   2. [JOINS] room 101: session 'room 101' names this machine " \
+           "(MAC 525400000002)" in out
+    assert "answer: join multicast session room 101" in out
+    other = cli("explain", "--mac", "525400000003").stdout
+    assert "[no   ] room 101: neither named in it nor chosen by a multicast rule" in other

@@ -125,6 +125,9 @@ SESSIONS = [
     MulticastSession("room-101", "images/room.zmg", 12, 5, True, False),
     MulticastSession("Aardvark", "images/a.zmg"),
     MulticastSession("zeta", "images/z.zmg", 1, 60, False, True),
+    MulticastSession("named", "images/n.zmg", 3, 0, participants=("00:C0:4F:DC:2A:B5", "lab-02",
+                                                                    "salle été"),
+                     group="239.192.0.7", data_port=4000),
 ]
 
 
@@ -238,6 +241,10 @@ def test_clear_next_boot(directory: Directory) -> None:
 def test_sessions_replace_and_list_in_order(directory: Directory) -> None:
     directory.replace_sessions(SESSIONS)
     assert directory.sessions() == SESSIONS
+    # participants, group and port changed, then taken away again
+    changed = [SESSIONS[0], MulticastSession("named", "images/n.zmg", participants=("pc9",))]
+    directory.replace_sessions(changed)
+    assert directory.sessions() == changed
     again = [SESSIONS[2], MulticastSession("new", "n.zmg", 2, 3, True, True), SESSIONS[0]]
     directory.replace_sessions(again)
     assert directory.sessions() == again

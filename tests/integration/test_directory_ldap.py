@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -22,8 +23,8 @@ import pytest
 
 from common.policy.directory import DirectoryError, WouldBlock, open_directory
 from common.policy.directory.ldap import LdapDirectory
-from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings, Rule,
-                                 Workstation)
+from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
+                                 MulticastSession, Rule, Workstation)
 from common.policy.rules import parse_filter
 
 import ldapserver
@@ -397,17 +398,42 @@ def test_schema_file_loads_into_a_running_server_over_ldapi(tmp_path) -> None:
             assert directory.workstation("00C04FDC2AB5").menu is MenuDisplay.ALWAYS
 
 
+def _schema_before(number: int) -> str:
+    """The schema as a release had it before attribute type .1.<number> (and those after it)."""
+    old = ldapserver.PREBOOT_SCHEMA.read_text()
+    start = old.index("olcAttributeTypes: ( 2.25.234366858605174732241861539369627074419.1."
+                      f"{number}\n")
+    end = old.index("olcObjectClasses:", start)
+    removed = re.findall(r"NAME '(\w+)'", old[start:end])
+    old = old[:start] + old[end:]
+    for name in removed:
+        old = re.sub(rf"\s*\$\s*{name}\b", "", old)
+    assert not any(name in old for name in removed)
+    return old
+
+
+def test_a_server_with_the_schema_before_session_participants_still_takes_sessions(
+        tmp_path) -> None:
+    """prebootSessionParticipant, ...Group, ...DataPort are written only when set."""
+    (tmp_path / "old.ldif").write_text(_schema_before(19))
+    sessions = [MulticastSession("room-101", "lab/base.img", 12, 5)]
+    with ldapserver.Slapd(schema=False) as server:
+        server.ldapadd_config(tmp_path / "old.ldif")
+        credentials = str(server.write_credentials(tmp_path / "c"))
+        with open_directory(server.url, credentials, timeout_s=TIMEOUT_S) as directory:
+            directory.replace_sessions(sessions)
+            assert directory.sessions() == sessions
+            with pytest.raises(DirectoryError, match="prebootSession"):
+                directory.replace_sessions(
+                    [MulticastSession("room-101", "lab/base.img", participants=("pc1",))])
+            assert directory.sessions() == sessions
+
+
 def test_a_server_with_the_schema_before_prebootshrink_still_takes_rules(tmp_path) -> None:
     """prebootShrink is written only when a rule sets it, so a server that loaded the schema
     of an earlier release keeps working; a shrink rule there is a clear error, nothing half
     written."""
-    old = ldapserver.PREBOOT_SCHEMA.read_text()
-    start = old.index("olcAttributeTypes: ( 2.25.234366858605174732241861539369627074419.1.18")
-    end = old.index("olcObjectClasses:", start)
-    old = old[:start] + old[end:]
-    old = old.replace("prebootForce $ prebootShrink $ description", "prebootForce $ description")
-    assert "prebootShrink" not in old
-    (tmp_path / "old.ldif").write_text(old)
+    (tmp_path / "old.ldif").write_text(_schema_before(18))
     shrinking = Rule("shrinking", parse_filter(""),
                      Action(ActionKind.RESTORE, "lab/base.img", shrink=True))
     with ldapserver.Slapd(schema=False) as server:

@@ -186,3 +186,33 @@ def test_the_referral_location_is_percent_encoded(imgsrvd_factory):
     location = next(line for line in body.splitlines() if line.lower().startswith("location:"))
     assert location.split(":", 1)[1].strip() == \
         "http://other.example:998/v1/images/a%20b%3Fc%23d.img"
+
+
+def test_a_retrieve_that_slows_down_mid_piece_is_not_cut_off(imgsrvd_factory):
+    """A client that took the first megabytes fast gets large sendfile pieces (up to 16 MiB);
+    when it then slows to 4x MinTransferRate, one piece outlasts a progress window. Old: no
+    whole piece in a window counted as no progress, and the client was cut off although it
+    took more than the minimum. Now what it acknowledges (TCP_INFO) counts as it goes."""
+    daemon = imgsrvd_factory(MaxClients=2, TransferTimeout=5, MinTransferRate=16384)
+    daemon.root.mkdir(parents=True, exist_ok=True)
+    with open(daemon.root / "big.img", "wb") as big:
+        big.truncate(256 << 20)
+    sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=30)
+    try:
+        sock.sendall(b"GET /v1/images/big.img HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = 0
+        while got < 48 << 20:                   # fast: the pieces grow to 16 MiB
+            data = sock.recv(1 << 20)
+            assert data, "cut off while reading fast"
+            got += len(data)
+        slow_rate_bps = 4 * 16384
+        ends = time.monotonic() + 3 * 5 + 2     # three progress windows and some
+        while time.monotonic() < ends:
+            data = sock.recv(8192)
+            assert data, f"cut off after {got} bytes while taking {slow_rate_bps} B/s"
+            got += len(data)
+            time.sleep(len(data) / slow_rate_bps)
+        assert daemon.counters()["active_transfers"] == 1
+    finally:
+        sock.close()
+    assert "fewer than" not in daemon.log()

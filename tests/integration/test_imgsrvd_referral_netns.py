@@ -200,7 +200,8 @@ def start_imgsrvd(lab: netlab.Lab, name: str, ns: netlab.Netns, ip: str) -> Serv
         raise RuntimeError(f"imgsrvd {name} did not start (exit {proc.popen.poll()})\n"
                            f"--- output ---\n{netlab.tail(proc.log)}\n"
                            f"--- log ---\n{netlab.tail(server.log)}")
-    listen = netlab.status_query(server.status_socket)["listen"]
+    listen = [entry for entry in netlab.status_query(server.status_socket)["listen"]
+              if entry["proto"] == "tcp"]         # (and multicast's udp port)
     assert listen == [{"proto": "tcp", "address": ip, "port": IMG_PORT}], listen
     server.set_policy()
     return server

@@ -26,8 +26,8 @@ import aiohttp
 import pytest
 
 from common.policy.directory import open_directory
-from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings, Rule,
-                                 Workstation)
+from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
+                                 MulticastSession, Rule, Workstation)
 from common.policy.capability import decode
 from common.policy.keyring import read_keys
 from support import REPO, DaemonProcess, query_status, write_config
@@ -225,6 +225,23 @@ def test_answers_follow_the_directory(policyd):
     assert counters["by_arch"] == {"i386": 5, "x86_64": 1}
     assert (counters["fallback_answers"], counters["directory_errors"],
             counters["bad_requests"]) == (0, 0, 0)
+
+
+def test_a_machine_a_multicast_session_names_is_sent_into_it(policyd):
+    """Sessions are read at most every few seconds; a session naming the machine wins over
+    the rules (common/policy/sessions.py)."""
+    set_policy(policyd, Rule.from_text("all", "", Action(ActionKind.RESTORE, "a.zmg")))
+    with policyd.directory() as directory:
+        directory.replace_sessions([MulticastSession("room 101", "lab/base.img",
+                                                     participants=(MAC,))])
+    assert wait_for(lambda: "preboot.work=multicast" in kernel_line(policyd.policy(**DELL)))
+    body = policyd.policy(**DELL)
+    assert marker(body) == "preboot-answer: imaging join multicast session room 101"
+    assert "preboot.image=lab/base.img preboot.session=room%20101 " in kernel_line(body)
+    with policyd.directory() as directory:
+        directory.replace_sessions([MulticastSession("room 101", "lab/base.img",
+                                                     enabled=False, participants=(MAC,))])
+    assert wait_for(lambda: "preboot.work=restore" in kernel_line(policyd.policy(**DELL)))
 
 
 def test_hotkey_prompt_is_the_default_menu_display(policyd):

@@ -10,6 +10,9 @@
   one only once no query can still be reading it (DirectoryTimeout later);
 - reading a machine's policy and workstation on the loop when the backend can answer without
   blocking (lookup_nowait, lookup_async), on a worker thread otherwise;
+- the multicast sessions, read on a worker thread at most every SESSIONS_MAX_AGE_S and
+  handed out from memory meanwhile (recent_sessions: policyd's answers; imgsrvd, which runs
+  them, reads them afresh);
 - closing it at stop within CLOSE_WAIT_S, whatever state a remote server is in.
 Worker threads come from the daemon's pool (a callable, since a reload may replace the pool).
 """
@@ -23,13 +26,14 @@ import time
 from concurrent.futures import Executor
 from typing import Any, Callable
 
-from common.policy.model import ImagingPolicy, Workstation
+from common.policy.model import ImagingPolicy, MulticastSession, Workstation
 
 from .base import Directory, DirectoryError, WouldBlock
 from .settings import DirectorySettings
 
 REOPEN_S = 5.0                   # retry opening a directory that failed at most this often
 CLOSE_WAIT_S = 1.0               # closing the directory at stop
+SESSIONS_MAX_AGE_S = 5.0         # recent_sessions: read again when older than this
 
 log = logging.getLogger("preboot.directory")
 
@@ -64,6 +68,9 @@ class DirectoryHolder:
         self._problem = "not opened yet"
         self._reopen_at = 0.0
         self._opening: asyncio.Task | None = None
+        self._sessions: tuple[MulticastSession, ...] | None = None
+        self._sessions_at = 0.0
+        self._sessions_task: asyncio.Task | None = None
 
     async def configure(self, settings: DirectorySettings) -> None:
         """At start and on every reload: open the directory `settings` names unless it is the
@@ -105,6 +112,34 @@ class DirectoryHolder:
         except WouldBlock:
             pass
         return await self.in_pool(_read_directory, directory, mac, timeout_s=timeout_s)
+
+    async def recent_sessions(self, max_age_s: float = SESSIONS_MAX_AGE_S
+                              ) -> tuple[MulticastSession, ...]:
+        """The directory's multicast sessions as read at most max_age_s ago (plus the time a
+        read takes): a read is started on a worker thread when they are older, and waited for
+        only when there are none yet. A failed read keeps the last ones (none at first) and is
+        logged; the next call tries again."""
+        if self._sessions_task is None and (
+                self._sessions is None or time.monotonic() - self._sessions_at >= max_age_s):
+            self._sessions_task = asyncio.get_running_loop().create_task(self._read_sessions())
+        if self._sessions is None and self._sessions_task is not None:
+            await asyncio.shield(self._sessions_task)
+        return self._sessions or ()
+
+    async def _read_sessions(self) -> None:
+        try:
+            directory = await self.current()
+            assert self._wanted is not None
+            sessions = await self.in_pool(directory.sessions, timeout_s=self._wanted.timeout_s)
+            self._sessions = tuple(sessions)
+        except Exception as exc:  # the sessions are extra: the answers go on without them
+            log.warning("directory %s: cannot read the multicast sessions: %s",
+                        self._wanted.text if self._wanted else "?", describe(exc))
+            if self._sessions is None:
+                self._sessions = ()
+        finally:
+            self._sessions_at = time.monotonic()
+            self._sessions_task = None
 
     async def in_pool(self, fn: Callable[..., Any], *args: Any, timeout_s: float,
                       on_late_result: Callable[[Any], None] | None = None) -> Any:
@@ -148,6 +183,7 @@ class DirectoryHolder:
                 return
             log.info("directory %s opened", settings.text)
         old, self._directory, self._opened_for = self._directory, directory, settings
+        self._sessions_at = 0.0                # another directory: read its sessions again
         if old is not None and old is not directory:
             # Queries may still be reading the old one; none waits longer than the timeout.
             asyncio.get_running_loop().call_later(settings.timeout_s + 1, self._close_in_pool,

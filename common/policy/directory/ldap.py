@@ -92,10 +92,11 @@ RULE_ATTRS = ("cn", "prebootRuleOrder", "prebootEnabled", "prebootFilter", "preb
 WORKSTATION_ATTRS = ("prebootMAC", "cn", "prebootImageOnNextBoot", "prebootImage",
                      "prebootMenuDisplay")
 SESSION_ATTRS = ("cn", "prebootSessionOrder", "prebootImage", "prebootSessionClients",
-                 "prebootSessionTimeout", "prebootEnabled", "prebootDeleteAfter")
+                 "prebootSessionTimeout", "prebootEnabled", "prebootDeleteAfter",
+                 "prebootSessionParticipant", "prebootSessionGroup", "prebootSessionDataPort")
 POLICY_ATTRS = ("prebootMenuDisplay", "prebootMenuTimeout")
 SERIAL = "prebootPolicySerial"             # odd while replace_policy is writing; see there
-UNORDERED = {"prebootaddonimage"}          # multi-valued: compare as sets when diffing
+UNORDERED = {"prebootaddonimage", "prebootsessionparticipant"}          # multi-valued: compare as sets when diffing
 
 _ADDON = re.compile(r"\{(\d+)\}(.*)", re.DOTALL)
 _UNREACHABLE = (ldap.SERVER_DOWN, ldap.CONNECT_ERROR)
@@ -952,6 +953,11 @@ def _session_attrs(session: MulticastSession, order: int) -> Attrs:
         "prebootSessionTimeout": [str(session.timeout_min).encode()],
         "prebootEnabled": [_bool(session.enabled)],
         "prebootDeleteAfter": [_bool(session.delete_after)],
+        # only when set: a server whose schema predates them still takes the other sessions
+        "prebootSessionParticipant": [p.encode() for p in session.participants],
+        "prebootSessionGroup": [session.group.encode()] if session.group else [],
+        "prebootSessionDataPort": [str(session.data_port).encode()] if session.data_port
+        else [],
     }
 
 
@@ -959,12 +965,20 @@ def _session(dn: str, raw: Attrs) -> tuple[int, MulticastSession]:
     attrs = _lower(raw)
     defaults = MulticastSession("", "")
     try:
+        try:
+            participants = tuple(v.decode("utf-8")
+                                 for v in attrs.get("prebootsessionparticipant", []))
+        except UnicodeDecodeError:
+            raise _EntryError("prebootSessionParticipant is not UTF-8 text") from None
         return _int(attrs, "prebootSessionOrder"), MulticastSession(
             _entry_name(dn, raw), _text(attrs, "prebootImage") or "",
             _int(attrs, "prebootSessionClients", defaults.clients),
             _int(attrs, "prebootSessionTimeout", defaults.timeout_min),
             _flag(attrs, "prebootEnabled", defaults.enabled),
-            _flag(attrs, "prebootDeleteAfter", defaults.delete_after))
+            _flag(attrs, "prebootDeleteAfter", defaults.delete_after),
+            participants,
+            (_text(attrs, "prebootSessionGroup") or "").strip(),
+            _int(attrs, "prebootSessionDataPort", 0))
     except ValueError as exc:
         raise _EntryError(f"multicast session {dn}: {exc}") from None
 

@@ -69,6 +69,12 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 2: restore rules that shrink filesystems to fit a smaller disk.
     "ALTER TABLE rules ADD COLUMN shrink INTEGER NOT NULL DEFAULT 0;",
+    # 3: multicast sessions' named participants (JSON list), group override and data port.
+    """
+    ALTER TABLE sessions ADD COLUMN participants TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE sessions ADD COLUMN group_address TEXT NOT NULL DEFAULT '';
+    ALTER TABLE sessions ADD COLUMN data_port INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -284,19 +290,33 @@ class SqliteDirectory(Directory):
     # -- multicast sessions ---------------------------------------------------------------------
 
     def sessions(self) -> list[MulticastSession]:
-        rows = self._read("SELECT name, image, clients, timeout_min, enabled, delete_after "
-                          "FROM sessions ORDER BY position")
-        return [MulticastSession(name, image, clients, timeout, bool(enabled), bool(delete))
-                for name, image, clients, timeout, enabled, delete in rows]
+        rows = self._read("SELECT name, image, clients, timeout_min, enabled, delete_after, "
+                          "participants, group_address, data_port FROM sessions "
+                          "ORDER BY position")
+        return [self._session(row) for row in rows]
+
+    def _session(self, row: tuple) -> MulticastSession:
+        name, image, clients, timeout, enabled, delete, participants, group, port = row
+        try:
+            named = json.loads(participants)
+            if not isinstance(named, list) or not all(isinstance(p, str) for p in named):
+                raise ValueError("participants is not a list of names")
+            return MulticastSession(name, image, clients, timeout, bool(enabled), bool(delete),
+                                    tuple(named), group, port)
+        except (ValueError, TypeError) as exc:   # JSON errors included
+            raise DirectoryError(f"directory {self.url.redacted()}: multicast session "
+                                 f"'{name}': {exc}") from None
 
     def replace_sessions(self, sessions: list[MulticastSession]) -> None:
         statements: list[tuple[str, tuple]] = [("DELETE FROM sessions", ())]
         for position, session in enumerate(sessions, 1):
             statements.append((
                 "INSERT INTO sessions (position, name, image, clients, timeout_min, enabled, "
-                "delete_after) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "delete_after, participants, group_address, data_port) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (position, session.name, session.image, session.clients, session.timeout_min,
-                 int(session.enabled), int(session.delete_after))))
+                 int(session.enabled), int(session.delete_after),
+                 json.dumps(list(session.participants)), session.group, session.data_port)))
         self._write(statements)
 
     def close(self) -> None:

@@ -10,7 +10,8 @@ import pytest
 from common.policy.directory import (DirectoryError, open_directory, parse_directory_url,
                                      read_credentials)
 from common.policy.directory.sqlite import SCHEMA_VERSION
-from common.policy.model import Action, ActionKind, ImagingPolicy, Rule, Workstation
+from common.policy.model import (Action, ActionKind, ImagingPolicy, MulticastSession, Rule,
+                                 Workstation)
 
 
 def _url(tmp_path):
@@ -185,7 +186,39 @@ def test_a_store_of_schema_1_is_migrated_and_keeps_its_rules(tmp_path):
         directory.replace_policy(ImagingPolicy((shrinking,)))
         assert directory.policy().rules[0].action.shrink is True
     conn = sqlite3.connect(tmp_path / "dir.db")
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+
+
+def test_a_store_of_schema_2_is_migrated_and_keeps_its_sessions(tmp_path):
+    """A store written before sessions named participants: version 3 adds the columns."""
+    from common.policy.directory.sqlite import MIGRATIONS
+    conn = sqlite3.connect(tmp_path / "dir.db")
+    for script in MIGRATIONS[:2]:
+        conn.executescript(script)
+    conn.execute("INSERT INTO sessions (position, name, image, clients, timeout_min, enabled, "
+                 "delete_after) VALUES (1, 'room-101', 'lab/base.img', 12, 5, 1, 0)")
+    conn.execute("PRAGMA user_version=2")
+    conn.commit()
+    conn.close()
+    with open_directory(_url(tmp_path), create=True) as directory:
+        assert directory.sessions() == [MulticastSession("room-101", "lab/base.img", 12, 5,
+                                                         True, False)]
+        named = MulticastSession("room-101", "lab/base.img", participants=("pc1",),
+                                 group="239.192.0.1", data_port=4000)
+        directory.replace_sessions([named])
+        assert directory.sessions() == [named]
+
+
+def test_a_session_the_model_refuses_is_a_directory_error(tmp_path):
+    with open_directory(_url(tmp_path), create=True) as directory:
+        directory.replace_sessions([MulticastSession("s", "a.img")])
+    conn = sqlite3.connect(tmp_path / "dir.db")
+    conn.execute("UPDATE sessions SET group_address = '10.0.0.1'")
+    conn.commit()
+    conn.close()
+    with open_directory(_url(tmp_path)) as directory:
+        with pytest.raises(DirectoryError, match="session 's': group 10.0.0.1 is not a multicast"):
+            directory.sessions()
 
 
 def test_a_missing_file_is_an_error_unless_created(tmp_path):

@@ -136,9 +136,16 @@ def _documents(draw):
                                  draw(st.booleans()), draw(st.one_of(st.just(""), _path)),
                                  draw(st.one_of(st.none(), st.sampled_from(list(MenuDisplay)))))
                      for mac in sorted(macs))
+    participant = st.one_of(st.text("0123456789ABCDEF", min_size=12, max_size=12),
+                            st.text(string.ascii_letters + string.digits + "-. ", min_size=1,
+                                    max_size=12).map(str.strip).filter(bool))
     sessions = tuple(MulticastSession(name, draw(_path), draw(st.integers(1, 50)),
                                       draw(st.integers(0, 600)), draw(st.booleans()),
-                                      draw(st.booleans()))
+                                      draw(st.booleans()),
+                                      tuple(draw(st.lists(participant, max_size=3,
+                                                          unique_by=str.casefold))),
+                                      draw(st.sampled_from(["", "239.192.0.7", "231.1.2.3"])),
+                                      draw(st.sampled_from([0, 997, 4000])))
                      for name in draw(st.lists(_name, max_size=3,
                                                unique_by=lambda n: " ".join(n.casefold().split()))))
     menu = MenuSettings(draw(st.sampled_from(list(MenuDisplay))), draw(st.integers(0, 3600)))
@@ -173,3 +180,52 @@ def test_shrink_on_a_rule_that_does_not_restore_names_the_rule():
     text = SAMPLE.replace("force = yes", "force = yes\nshrink = yes")
     with pytest.raises(PolicyFileError, match="shrink goes only with action restore"):
         load_policy(text, "site.conf")
+
+
+# -- multicast sessions ---------------------------------------------------------------------------
+
+def test_a_session_of_an_earlier_release_reads_with_the_new_keys_at_their_defaults():
+    (session,) = load_policy(SAMPLE).sessions
+    assert (session.participants, session.group, session.data_port) == ((), "", 0)
+    text = dump_policy(load_policy(SAMPLE))
+    assert "participants" not in text and "group" not in text and "data_port" not in text
+
+
+def test_session_participants_group_and_port_round_trip():
+    text = ("[sessions]\n[[lab]]\nimage = a.img\nparticipants = 00:c0:4f:dc:2a:b5, lab-07, "
+            "\"pc 3\"\ngroup = 239.192.0.7\ndata_port = 4000\n")
+    (session,) = load_policy(text).sessions
+    assert session.participants == ("00C04FDC2AB5", "lab-07", "pc 3")
+    assert (session.group, session.data_port) == ("239.192.0.7", 4000)
+    again = dump_policy(load_policy(text))
+    assert load_policy(again).sessions == (session,)
+    assert dump_policy(load_policy(again)) == again
+
+
+@pytest.mark.parametrize("lines, key, fragment", [
+    ("participants = pc1, PC1", "participants", "named twice"),
+    ("participants = 00:c0:4f:dc:2a:b5, 00C04FDC2AB5", "participants", "named twice"),
+    ("group = 10.0.0.1", "group", "not a multicast address"),
+    ("group = 224.0.0.9", "group", "local network control block"),
+    ("group = 232.1.1.1", "group", "source-specific"),
+    ("group = 231.128.0.4", "group", "Ethernet address"),
+    ("group = lab", "group", "not an IPv4 address"),
+    ("data_port = 65536", "data_port", "0 to 65535"),
+    ("timeout_min = -1", "timeout_min", "whole number"),
+])
+def test_bad_session_values_name_the_key(lines, key, fragment):
+    with pytest.raises(PolicyFileError) as caught:
+        load_policy(f"[sessions]\n[[s]]\nimage = a.img\n{lines}\n", "p.conf")
+    assert caught.value.where == f"[sessions] [[s]] {key}"
+    assert caught.value.line == 4
+    assert fragment in caught.value.message
+
+
+def test_session_names_are_bounded_by_the_wire_255_bytes():
+    fits = "é" * 127                       # 254 bytes, 127 characters
+    assert load_policy(f"[sessions]\n[[{fits}]]\nimage = a\n").sessions[0].name == fits
+    for name in ("é" * 128, "日" * 86):     # 256 and 258 bytes, within 128 characters
+        with pytest.raises(PolicyFileError, match="more than 255"):
+            load_policy(f"[sessions]\n[[{name}]]\nimage = a\n")
+    with pytest.raises(ValueError, match="longer than 255 bytes"):
+        MulticastSession("日" * 86, "a.img")

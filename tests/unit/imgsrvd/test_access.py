@@ -13,6 +13,8 @@ from imgsrvd.access import work_grant
     ({"work": "referral", "action": "restore", "server": "srv2", "path": "lab/base.img",
       "image": "//srv2/lab/base.img", "addons": []},
      (("retrieve", "result"), ("lab/base.img",))),
+    ({"work": "multicast", "session": "room-101", "image": "lab/base.img", "addons": []},
+     (("retrieve", "result"), ("lab/base.img",))),
     ({"work": "none", "image": ""}, None),
     ({"work": "maintenance", "image": ""}, None),
 ])

@@ -27,11 +27,24 @@ class FakeDaemon:
         self._tcp = bind_tcp("127.0.0.1", 0) if tcp else None
         self.port = self._tcp.getsockname()[1] if self._tcp else None
         self._loop = asyncio.new_event_loop()
-        self._server = StatusServer(lambda: self.reply, {}, unix_path=unix_path)
+        self.controls: list[tuple[str, dict[str, Any]]] = []   # control verbs received
+        self._server = StatusServer(lambda: self.reply, {}, unix_path=unix_path,
+                                    argument_controls={
+                                        verb: self._control(verb)
+                                        for verb in ("mcast-start", "mcast-stop",
+                                                     "mcast-delete")})
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
         asyncio.run_coroutine_threadsafe(
             self._server.start(self._unix, self._tcp), self._loop).result(10)
+
+    def _control(self, verb: str) -> Callable[[dict[str, Any]], Any]:
+        async def answer(fields: dict[str, Any]) -> dict[str, Any]:
+            self.controls.append((verb, fields))
+            if fields.get("name") == "nope":
+                return {"ok": False, "error": "no multicast session 'nope'\x1b[2J"}
+            return {"ok": True, "message": f"{verb} {fields.get('name')}: done"}
+        return answer
 
     def stop(self) -> None:
         if self._loop.is_closed():
