@@ -57,10 +57,10 @@ from typing import Any, Callable, Sequence
 
 from common.imaging import multicast as mc
 from common.imaging.imagefile import ImageReader
-from common.imaging.imageformat import (CHUNK_HEADER, HEADER_FIXED, TRAILER, ImageFormatError,
-                                        IndexEntry, check_index_bytes, decode_chunk_header,
-                                        decode_header, decode_index, decode_trailer, digest,
-                                        header_length)
+from common.imaging.imageformat import (CHUNK_HEADER, HEADER_FIXED, TRAILER, ChunkKind,
+                                        ImageFormatError, IndexEntry, check_index_bytes,
+                                        decode_chunk_header, decode_header, decode_index,
+                                        decode_trailer, digest, header_length)
 from common.imaging.mcranges import PassOrder
 from common.imaging.mctimers import (LEAVE_REPEATS, LEAVE_SPACING_S, START_REPEATS, JoinBackoff,
                                      RttEstimator,
@@ -126,7 +126,10 @@ class ReceiveOutcome:
     """What receive_session did. path: "multicast", "multicast+unicast" or "unicast" when the
     disk was restored; "refused" (the sender refused the JOIN: refusal is its code) or
     "failed". reason: why it fell back, failed or was refused ("" for a clean multicast run).
-    disk_changed: whether anything was written (never on a refusal or a bad image)."""
+    chunks_verified: chunks whose bytes were checked against the digest-checked index (the
+    BLAKE2b of those read, multicast or unicast; zero chunks, which the index alone says);
+    all of the image's when the disk was restored. disk_changed: whether anything was written
+    (never on a refusal or a bad image)."""
 
     ok: bool
     path: str
@@ -138,6 +141,16 @@ class ReceiveOutcome:
     disk_changed: bool
     refusal: int | None
     stats: MulticastStats | None
+
+    @property
+    def digest(self) -> str:
+        """The image digest restored (hex; "" when none was seen)."""
+        return self.image_digest
+
+    @property
+    def error(self) -> str:
+        """Why it failed or was refused; "" when the disk was restored."""
+        return "" if self.ok else self.reason
 
 
 # -- sockets ------------------------------------------------------------------------------------
@@ -213,10 +226,12 @@ class Announced:
 
 
 def discover_session(name: str, local: str, data_port: int = mc.DATA_PORT,
-                     timeout_s: float = 30.0) -> tuple[Announced, socket.socket]:
-    """Wait for the ANNOUNCE of `name` on its group (group_address(name)); the session found
-    and the data socket already joined to the group. MulticastFailure after timeout_s."""
-    group = mc.group_address(name)
+                     timeout_s: float = 30.0, group: str | None = None
+                     ) -> tuple[Announced, socket.socket]:
+    """Wait for the ANNOUNCE of `name` on its group (group_address(name) unless given); the
+    session found and the data socket already joined to the group. MulticastFailure after
+    timeout_s."""
+    group = group or mc.group_address(name)
     sock = _data_socket(group, data_port, local)
     deadline = time.monotonic() + timeout_s
     buffer = bytearray(mc.MAX_DATAGRAM + 1)
@@ -383,7 +398,8 @@ class MulticastSource:
         self.repair_packets = 0
         self.foreign_packets = 0
         self.malformed_packets = 0
-        self.chunks_verified = 0
+        self._verified: set[int] = set()           # positions of the chunks checked
+        self._entries: dict[int, IndexEntry] | None = None   # the checked index, by position
         self.chunks_rejected = 0
         self.bytes_multicast = 0
         self.bytes_unicast = 0
@@ -404,6 +420,17 @@ class MulticastSource:
     @property
     def fallback_reason(self) -> str | None:
         return self._fallback
+
+    @property
+    def chunks_verified(self) -> int:
+        """Chunks whose bytes were checked against the index (BLAKE2b, multicast or unicast),
+        and the zero chunks, which the index (bound by the image digest) alone says."""
+        entries = self._entries
+        if entries is None:
+            return len(self._verified)
+        zero = sum(1 for position, entry in entries.items()
+                   if entry.kind is ChunkKind.ZERO and position not in self._verified)
+        return len(self._verified) + zero
 
     @property
     def failure(self) -> str | None:
@@ -521,7 +548,7 @@ class MulticastSource:
                     continue
                 window.verified(slot, checked)
                 window.consumed(slot)
-                self.chunks_verified += 1
+                self._verified.add(slot.start)
             self.bytes_multicast += len(checked)
             return checked
 
@@ -542,10 +569,19 @@ class MulticastSource:
     # -- unicast -------------------------------------------------------------------------
 
     def _unicast_read(self, length: int, offset: int) -> bytes:
+        """Bytes over unicast; a whole chunk is checked against the index as a multicast one
+        is (the image was checked to be the session's when the unicast image was opened)."""
         remote = self._remote_image()
         data = bytes(remote.pread(length, offset))
         if len(data) != length:
             raise MulticastFailure(f"unicast: short read at byte {offset}")
+        entry = self._entries.get(offset) if self._entries else None
+        if entry is not None and length == CHUNK_HEADER.size + entry.payload_length:
+            problem = self._check(entry, data)
+            if problem:
+                raise MulticastFailure(f"unicast: the chunk at byte {offset}: {problem}")
+            with self._cond:
+                self._verified.add(offset)
         self.bytes_unicast += len(data)
         return data
 
@@ -574,6 +610,16 @@ class MulticastSource:
                 raise MulticastFailure(
                     f"unicast: the server's image {got.hex()} is not the session's "
                     f"{self.digest.hex()} (replaced since?)")
+            if self._entries is None:            # fell back before the index came
+                try:
+                    header = decode_header(head)
+                    index_bytes = tail[:-TRAILER.size]
+                    check_index_bytes(trailer, index_bytes)
+                    index = decode_index(index_bytes, header.chunk_size, trailer.index_offset)
+                except ImageFormatError as exc:
+                    raise MulticastFailure(f"unicast: {exc}") from None
+                self._chunk_size = header.chunk_size
+                self._entries = {entry.position: entry for entry in index.entries}
             with self._cond:
                 window = self._window
                 missing = []
@@ -953,6 +999,7 @@ class MulticastSource:
             self._fail(f"the image received is not sound: {exc}")
             return
         self._chunk_size = header.chunk_size
+        self._entries = {entry.position: entry for entry in index.entries}
         window.set_index(index.entries)
         if self._ranks is not None:
             window.set_ranks(self._ranks)
@@ -990,22 +1037,34 @@ def restore_order(reader: ImageReader) -> list[IndexEntry]:
                                                    e.offset))
 
 
-def receive_session(server: str | None, session_name: str, token: str = "", mac: str = "",
-                    expected_digest: bytes | None = None, disk: str = "", *,
-                    unicast: Callable[[], Any] | None = None,
-                    control_port: int = mc.CONTROL_PORT, data_port: int = mc.DATA_PORT,
-                    interface: str | None = None, grow: bool = False, threads: int = 2,
-                    sector_size: int | None = None, shrink: bool = False,
-                    scratch: str | None = None, window_bytes: int = DEFAULT_BUDGET_BYTES,
+def receive_session(*, session: str, disk: str, control: tuple[str, int] | None = None,
+                    server: str | None = None, image: str | None = None, access: Any = None,
+                    mode: str = "auto", digest: bytes | None = None, token: str = "",
+                    mac: str = "", group: str | None = None, data_port: int = mc.DATA_PORT,
+                    unicast: Callable[[], Any] | None = None, interface: str | None = None,
+                    grow: bool = False, threads: int = 2, sector_size: int | None = None,
+                    shrink: bool = False, scratch: str | None = None,
+                    window_bytes: int = DEFAULT_BUDGET_BYTES,
                     progress: Callable[[int, int], None] | None = None,
                     log: Callable[[str], None] | None = None,
                     backoff: JoinBackoff = JoinBackoff()) -> ReceiveOutcome:
-    """Restore `disk` from the multicast session `session_name`: JOIN it at server's control
-    port (server None: find it by its ANNOUNCE on its group), check the image, run the normal
-    restore (img/restore.py) over the multicast stream, LEAVE. unicast: a factory of the
-    image over HTTP (an img.remote.RemoteImage of the same image) for the fallback; without
-    one a fallback is a failure. Never raises for what the network or the sender did: the
-    outcome says what happened and whether the disk was changed."""
+    """Restore `disk` from the multicast session `session`: JOIN it at `control` (the
+    sender's control address, as a multicast work answer names it; None: find the session by
+    its ANNOUNCE on `group`, default the name's group, at data_port), check the image (against
+    `digest` when given), run the normal restore (img/restore.py) over the multicast stream,
+    LEAVE.
+
+    The unicast fallback reads the image `image` from the imaging server `server` (HOST:PORT,
+    with `access`, an img.credentials.ServerAccess, and `mode`) through img.remote.RemoteImage;
+    `unicast`, a factory of such a positional reader, replaces that; with neither, a fallback
+    is a failure. token and mac go into the JOIN. progress(done, total): the restore's bytes
+    written (as img.progress.Progress takes them); log(message): one line of what happens.
+
+    Never raises for what the network, the sender or the server did: the outcome says what
+    happened and whether the disk was changed."""
+    if unicast is None and server and image:
+        unicast = _unicast_factory(server, image, token, mac, access, mode)
+    session_name, expected_digest = session, digest
     from .errors import RestoreError
     from .restore import restore_image
 
@@ -1021,17 +1080,17 @@ def receive_session(server: str | None, session_name: str, token: str = "", mac:
                               source.stats() if source else None)
     try:
         data_sock = None
-        if server is None:
+        if control is None:
             local = interface or "0.0.0.0"
             announced, data_sock = discover_session(session_name, local, data_port,
-                                                    backoff.give_up_s)
+                                                    backoff.give_up_s, group)
             sender = announced.sender
             session_id = announced.announce.session_id
             if local == "0.0.0.0":
                 local = local_address_towards(*sender)
         else:
-            sender, session_id = (server, control_port), 0
-            local = interface or local_address_towards(server, control_port)
+            sender, session_id = (control[0], int(control[1])), 0
+            local = interface or local_address_towards(*sender)
         try:
             joined = join_session(sender, session_name, token, mac, expected_digest,
                                   session_id, local, backoff, data_sock, say)
@@ -1101,6 +1160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--disk", required=True, help="the disk or disk image file")
     parser.add_argument("--control-port", type=int, default=mc.CONTROL_PORT)
     parser.add_argument("--data-port", type=int, default=mc.DATA_PORT)
+    parser.add_argument("--group", help="without --server: the group the session is "
+                        "announced on (default: the name's)")
     parser.add_argument("--interface", help="the local address to receive on (default: "
                         "the route towards the server)")
     parser.add_argument("--unicast-server", help="HOST[:PORT] of imgsrvd for the fallback")
@@ -1116,35 +1177,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     expected = bytes.fromhex(args.digest) if args.digest else None
-    unicast = None
-    if args.unicast_server:
-        if not args.image:
-            parser.error("--unicast-server needs --image")
-        unicast = _unicast_factory(args.unicast_server, args.image, args.token, args.mac)
+    if args.unicast_server and not args.image:
+        parser.error("--unicast-server needs --image")
 
     def say(message: str) -> None:
         if not args.quiet:
             print(message, file=sys.stderr, flush=True)
-    outcome = receive_session(args.server, args.session, args.token, args.mac, expected,
-                              args.disk, unicast=unicast, control_port=args.control_port,
-                              data_port=args.data_port, interface=args.interface,
-                              grow=args.grow, threads=args.threads,
-                              sector_size=args.sector_size,
-                              window_bytes=args.window_mib << 20, log=say,
-                              backoff=JoinBackoff(give_up_s=args.join_timeout))
+    outcome = receive_session(
+        session=args.session, disk=args.disk,
+        control=(args.server, args.control_port) if args.server else None,
+        server=args.unicast_server, image=args.image, digest=expected, token=args.token,
+        mac=args.mac, group=args.group, data_port=args.data_port, interface=args.interface,
+        grow=args.grow, threads=args.threads, sector_size=args.sector_size,
+        window_bytes=args.window_mib << 20, log=say, mode="manual",
+        backoff=JoinBackoff(give_up_s=args.join_timeout))
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({**dataclasses.asdict(outcome),
                       "cpu_s": round(usage.ru_utime + usage.ru_stime, 3)}), flush=True)
     return 0 if outcome.ok else 1
 
 
-def _unicast_factory(server: str, path: str, token: str, mac: str) -> Callable[[], Any]:
+def _unicast_factory(server: str, path: str, token: str, mac: str, access: Any = None,
+                     mode: str = "manual") -> Callable[[], Any]:
+    """The fallback's image: //server/path over HTTP Range requests (img/remote.py)."""
     from .client import ImagingClient
     from .credentials import ServerAccess
     from .remote import RemoteImage
 
     def open_remote() -> Any:
-        client = ImagingClient(server, mac, "manual", access=ServerAccess(token or None))
+        client = ImagingClient(server, mac, mode,
+                               access=access if access is not None
+                               else ServerAccess(token or None))
         return RemoteImage(client, path, log=lambda m: print(m, file=sys.stderr))
     return open_remote
 

@@ -92,7 +92,6 @@ MAX_WAIT_S = 0.05               # the loop wakes at least this often
 STATUS_EVERY_S = 0.25           # status() snapshots
 ABORT_REPEATS = 3               # ABORT to the group, like FINISH final, is sent three times
 REPAIR_SHARE_MAX = 0.5          # while the first pass runs, repairs take at most this share
-ENDED_KEPT = 16                 # ended sessions status() still shows
 SAMPLES_KEPT = 64               # STATUS samples kept per receiver (~16 s at P = 250 ms)
 PROBES_KEPT = 32                # PROBE times a STATUS may echo (a receiver answers late)
 RTT_MIN_KEPT = 32               # round-trip samples the least one is taken over
@@ -319,18 +318,21 @@ class MulticastEngine:
     def __init__(self, settings: EngineSettings, admit: Callable[[JoinRequest], Admission],
                  on_event: Callable[[SessionEvent], None] | None = None,
                  loopback: bool = True):
-        """loopback: whether this host's own sockets hear the groups (IP_MULTICAST_LOOP; a lab
-        server imaging itself, tests on one host). Off, sending costs a little less."""
+        """on_event: every outcome (SessionEvent); on_outcome (an attribute the control plane
+        may set before start()): each session's final SessionStatus when it ends, closed or
+        aborted. Both are called on the engine's thread. loopback: whether this host's own
+        sockets hear the groups (IP_MULTICAST_LOOP; a lab server imaging itself, tests on one
+        host). Off, sending costs a little less."""
         self.settings = settings
         self._admit = admit
         self._on_event = on_event
+        self.on_outcome: Callable[[SessionStatus], None] | None = None
         self._loopback = loopback
         self._lock = threading.Lock()
         self._names: dict[str, SessionState] = {}     # what callers may refer to (under lock)
         self._commands: queue.SimpleQueue[Callable[[float], None]] = queue.SimpleQueue()
         self._sessions: dict[str, _Session] = {}       # the engine thread's
         self._by_id: dict[int, _Session] = {}
-        self._ended: collections.deque[SessionStatus] = collections.deque(maxlen=ENDED_KEPT)
         self._snapshot: list[SessionStatus] = []
         self._snapshot_s = 0.0
         self._thread: threading.Thread | None = None
@@ -376,17 +378,24 @@ class MulticastEngine:
 
     @property
     def control_port(self) -> int:
-        """The bound control port (the settings' one, or the kernel's pick for port 0)."""
-        assert self._control is not None
-        return self._control.getsockname()[1]
+        """The bound control port (the settings' one, or the kernel's pick for port 0); the
+        settings' one while no socket is bound."""
+        control = self._control
+        if control is None:
+            return self.settings.control_port
+        try:
+            return control.getsockname()[1]
+        except OSError:                      # closed meanwhile
+            return self.settings.control_port
 
     # -- the control plane's calls (any thread) -------------------------------------------
 
     def open_session(self, spec: SessionSpec) -> None:
         """Open a session (WAITING: announced, taking joins). Reads the image's header, index
-        and trailer here, in the caller's thread (a few KiB to MiB; use an executor if the
-        image store may be slow). SessionError with the reason: the name exists, too many
-        sessions, a bad name, group or port, the image cannot be read."""
+        and trailer and makes the group's socket here, in the caller's thread (a few KiB to
+        MiB; use an executor if the image store may be slow). SessionError with the reason:
+        the name exists, too many sessions, a bad name, group or port, the image cannot be
+        read, the group cannot be sent to."""
         problem = mc.session_name_refusal(spec.name) or mc.group_address_refusal(spec.group)
         if not problem and not 0 < spec.data_port < 65536:
             problem = f"data port {spec.data_port} is not a port"
@@ -406,7 +415,17 @@ class MulticastEngine:
             with self._lock:
                 self._names.pop(spec.name, None)
             raise
-        self._command(lambda now_s: self._open(spec, image, now_s))
+        try:
+            out = GroupSender(spec.group, spec.data_port, self.settings.interface_address,
+                              self.settings.ttl, self._loopback)
+        except OSError as exc:
+            image.close()
+            with self._lock:
+                self._names.pop(spec.name, None)
+            raise SessionError(f"session {spec.name!r}: cannot send to {spec.group} from "
+                               f"{self.settings.interface_address or 'the routed interface'}"
+                               f": {exc.strerror or exc}") from None
+        self._command(lambda now_s: self._open(spec, image, out, now_s))
 
     def start_now(self, name: str) -> None:
         """Start a waiting session now (an operator); SessionError if there is no such waiting
@@ -429,8 +448,8 @@ class MulticastEngine:
         self._command(lambda now_s: self._close(name, AbortReason.OPERATOR, reason, now_s))
 
     def status(self) -> list[SessionStatus]:
-        """The sessions as they stood at most STATUS_EVERY_S ago, then the last ENDED_KEPT
-        ended ones (never waits for the engine's thread)."""
+        """The open sessions as they stood at most STATUS_EVERY_S ago (never waits for the
+        engine's thread); an ended one's last status went to on_outcome and on_event."""
         return list(self._snapshot)
 
     def _check_running(self) -> None:
@@ -512,8 +531,7 @@ class MulticastEngine:
         if not force and now_s - self._snapshot_s < STATUS_EVERY_S:
             return
         self._snapshot_s = now_s
-        self._snapshot = [s.snapshot(now_s) for s in self._sessions.values()] + \
-            list(self._ended)
+        self._snapshot = [s.snapshot(now_s) for s in self._sessions.values()]
 
     def _event(self, kind: EventKind, session: _Session, reason: str = "",
                receiver: _Receiver | None = None, status: SessionStatus | None = None) -> None:
@@ -534,16 +552,11 @@ class MulticastEngine:
 
     # -- sessions: open, start, close -----------------------------------------------------
 
-    def _open(self, spec: SessionSpec, image: ImageFile, now_s: float) -> None:
-        try:
-            out = GroupSender(spec.group, spec.data_port, self.settings.interface_address,
-                              self.settings.ttl, self._loopback)
-        except OSError as exc:
+    def _open(self, spec: SessionSpec, image: ImageFile, out: GroupSender,
+              now_s: float) -> None:
+        if self._stopping:
+            out.close()
             image.close()
-            with self._lock:
-                self._names.pop(spec.name, None)
-            log.error("multicast: session %r: cannot send to %s from %s: %s", spec.name,
-                      spec.group, self.settings.interface_address, exc)
             return
         session = _Session(spec, image, out, self.settings, now_s)
         for other in self._sessions.values():
@@ -590,8 +603,12 @@ class MulticastEngine:
         self._set_state(session, SessionState.CLOSED if kind is EventKind.SESSION_CLOSED
                         else SessionState.ABORTED)
         final = session.snapshot(now_s)
-        self._ended.append(final)
         self._event(kind, session, text, status=final)
+        if self.on_outcome is not None:
+            try:
+                self.on_outcome(final)
+            except Exception:   # noqa: BLE001 - the control plane's bug is logged, not ours
+                log.exception("multicast: on_outcome failed")
         self._sessions.pop(session.spec.name, None)
         self._by_id.pop(session.id, None)
         out = session.out

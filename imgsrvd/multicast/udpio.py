@@ -6,8 +6,9 @@ run of DATA packets with UDP generic segmentation offload.
   would otherwise hand it the group traffic of every group any socket of the host joined on
   that port (a host that is both sender and receiver).
 - A group socket sends to one group from the interface named (IP_MULTICAST_IF: never the
-  routing table's choice), with the TTL of the settings (1: this segment only), a large send
-  buffer, and never receives (no port of interest, IP_MULTICAST_ALL off).
+  routing table's choice; only without one, the route to the group decides), with the TTL of
+  the settings (1: this segment only), a large send buffer, and never receives (no port of
+  interest, IP_MULTICAST_ALL off).
 - A run goes out as one sendmsg with UDP_SEGMENT (Linux 4.18; the kernel cuts it into
   datagrams of the segment size, each a whole DATA packet); a kernel or device that refuses it
   gets the same packets one sendto each, from then on.
@@ -74,13 +75,14 @@ class GroupSender:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_ALL, 0)
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
-                            socket.inet_aton(interface_address))
+            if interface_address:          # else the route to the group says (224.0.0.0/4)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
+                                socket.inet_aton(interface_address))
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, struct.pack("B", ttl))
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP,
                             struct.pack("B", 1 if loopback else 0))
             _big_buffer(sock, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
-            sock.bind((interface_address, 0))
+            sock.bind((interface_address or "0.0.0.0", 0))
             sock.setblocking(False)
         except BaseException:
             sock.close()

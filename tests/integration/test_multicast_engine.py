@@ -26,7 +26,7 @@ from imgsrvd.multicast.engine import MulticastEngine, SessionError
 from imgsrvd.multicast.model import (Admission, EngineSettings, EventKind, JoinRequest,
                                      ReceiverState, SessionSpec, SessionState)
 from tests.e2e.netlab import Lab, add_veth, unique_prefix
-from tests.mcastlab import MiB, make_base_image
+from tests.mcastrun import MiB, make_base_image
 
 pytestmark = [
     pytest.mark.root,
@@ -67,9 +67,10 @@ def image(tmp_path_factory) -> Path:
 
 
 class Harness:
-    def __init__(self, engine: MulticastEngine, ns: str, events: queue.Queue):
+    def __init__(self, engine: MulticastEngine, ns: str, engine_ns: str, events: queue.Queue):
         self.engine = engine
         self.ns = ns                  # the scripted receiver's namespace
+        self.engine_ns = engine_ns    # the engine's (open_session makes the group's socket)
         self.events = events
         self.requests: list[JoinRequest] = []
 
@@ -83,6 +84,11 @@ class Harness:
             if event.kind is kind:
                 return event
         raise AssertionError(f"no {kind.value} event")
+
+    def open(self, spec: SessionSpec) -> None:
+        """open_session from a thread in the engine's namespace, as imgsrvd's loop is."""
+        with in_netns(self.engine_ns):
+            self.engine.open_session(spec)
 
     def socket(self) -> socket.socket:
         with in_netns(self.ns):
@@ -126,7 +132,7 @@ def harness(tmp_path):
         with in_netns(ns.name):
             engine = MulticastEngine(settings, admit, events.put, loopback=True)
             engine.start()
-        harness = Harness(engine, peer.name, events)
+        harness = Harness(engine, peer.name, ns.name, events)
         holder["harness"] = harness
         try:
             yield harness
@@ -161,20 +167,20 @@ def group_message(sock, kind, timeout_s: float = 5.0):
 
 def test_open_session_refusals(harness, image, tmp_path):
     engine = harness.engine
-    engine.open_session(spec(image))
+    harness.open(spec(image))
     with pytest.raises(SessionError, match="exists already"):
-        engine.open_session(spec(image))
+        harness.open(spec(image))
     broken = tmp_path / "broken.img"
     broken.write_bytes(b"\x89PBIM\r\n\x1a" + bytes(100))
     with pytest.raises(SessionError, match="cannot be sent"):
-        engine.open_session(spec(broken, name="other"))
+        harness.open(spec(broken, name="other"))
     with pytest.raises(SessionError, match="No such file"):
-        engine.open_session(spec(tmp_path / "missing.img", name="other"))
+        harness.open(spec(tmp_path / "missing.img", name="other"))
     with pytest.raises(SessionError, match="224.0.0.0/24"):
-        engine.open_session(spec(image, name="other", group="224.0.0.9"))
-    engine.open_session(spec(image, name="second", group="239.192.14.2"))
+        harness.open(spec(image, name="other", group="224.0.0.9"))
+    harness.open(spec(image, name="second", group="239.192.14.2"))
     with pytest.raises(SessionError, match="2 sessions run already"):
-        engine.open_session(spec(image, name="third", group="239.192.14.3"))
+        harness.open(spec(image, name="third", group="239.192.14.3"))
     with pytest.raises(SessionError, match="no session"):
         engine.start_now("nobody")
     engine.close("second", "deleted from the directory")
@@ -186,7 +192,7 @@ def test_open_session_refusals(harness, image, tmp_path):
 
 def test_joins_are_admitted_refused_and_idempotent(harness, image):
     engine = harness.engine
-    engine.open_session(spec(image))
+    harness.open(spec(image))
     sock = harness.socket()
     ack = join(sock, sent_at=99)
     assert isinstance(ack, mc.JoinAck), ack
@@ -224,7 +230,7 @@ def test_joins_are_admitted_refused_and_idempotent(harness, image):
 
 def test_start_now_starts_and_stop_aborts_with_shutdown(harness, image):
     engine = harness.engine
-    engine.open_session(spec(image, start_clients=5))
+    harness.open(spec(image, start_clients=5))
     group = harness.group_socket()
     announce = group_message(group, mc.Announce)
     assert (announce.session_name, announce.start_clients, announce.state) == (
@@ -256,12 +262,11 @@ def test_start_now_starts_and_stop_aborts_with_shutdown(harness, image):
     assert event.reason == "the imaging server is stopping"
     assert event.status.state is SessionState.ABORTED
     with pytest.raises(SessionError, match="not running"):
-        engine.open_session(spec(image, name="after"))
+        harness.open(spec(image, name="after"))
 
 
 def test_a_silent_receiver_is_lost(harness, image):
-    engine = harness.engine
-    engine.open_session(spec(image))
+    harness.open(spec(image))
     sock = harness.socket()
     assert isinstance(join(sock), mc.JoinAck)
     # it never answers a PROBE: lost after max(2 s, 3 P + RTO), and told so
