@@ -31,11 +31,14 @@ digest is the same: the restore simply continues.
 A command-line entry for tests and the bench (one JSON line with the outcome; exit 0 when the
 disk was restored):
 
-    python3 -m img.mcreceive --server IP --session NAME --disk F
+    python3 -m img.mcreceive --server IP --session NAME (--disk F | --output F)
         [--unicast-server HOST:PORT --image PATH] [--digest HEX] [--token T] [--mac M]
         [--interface IP] [--control-port 997] [--window-mib 64] [--threads 2]
 
-Without --server it joins by name: it waits for the session's ANNOUNCE on its group.
+Without --server it joins by name: it waits for the session's ANNOUNCE on its group. --output
+writes the image file itself (every chunk checked) instead of restoring a disk: the transfer
+the bench compares with udpcast's and UFTP's (the copy's sha256 is the source's). The JSON line
+also carries the process's CPU seconds (cpu_s).
 """
 
 from __future__ import annotations
@@ -1037,6 +1040,43 @@ def restore_order(reader: ImageReader) -> list[IndexEntry]:
                                                    e.offset))
 
 
+@dataclass(frozen=True)
+class CopyResult:
+    """copy_image's numbers, named as RestoreResult's."""
+
+    bytes_written: int
+    chunks: int
+
+
+def copy_image(reader: ImageReader, source: "MulticastSource", output: str,
+               progress: Callable[[int, int], None] | None = None) -> CopyResult:
+    """The image file itself, received, into `output`: header, every chunk (each checked as
+    the source checks it), index and trailer, at their offsets (the bench's transfer)."""
+    import os
+    entries = sorted(reader.entries(), key=lambda e: e.position)
+    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0),
+                 0o644)
+    written = 0
+    try:
+        head = source.pread(reader.header.length, 0)
+        os.pwrite(fd, head, 0)
+        position = reader.header.length
+        for entry in entries:
+            if entry.position > position:          # bytes no chunk holds (none in ours)
+                os.pwrite(fd, source.pread(entry.position - position, position), position)
+            data = source.pread(CHUNK_HEADER.size + entry.payload_length, entry.position)
+            os.pwrite(fd, data, entry.position)
+            written += len(data)
+            position = entry.position + len(data)
+            if progress:
+                progress(written, reader.size)
+        tail = source.pread(reader.size - position, position)
+        os.pwrite(fd, tail, position)
+    finally:
+        os.close(fd)
+    return CopyResult(reader.size, len(entries))
+
+
 def receive_session(*, session: str, disk: str, control: tuple[str, int] | None = None,
                     server: str | None = None, image: str | None = None, access: Any = None,
                     mode: str = "auto", digest: bytes | None = None, token: str = "",
@@ -1047,7 +1087,8 @@ def receive_session(*, session: str, disk: str, control: tuple[str, int] | None 
                     window_bytes: int = DEFAULT_BUDGET_BYTES,
                     progress: Callable[[int, int], None] | None = None,
                     log: Callable[[str], None] | None = None,
-                    backoff: JoinBackoff = JoinBackoff()) -> ReceiveOutcome:
+                    backoff: JoinBackoff = JoinBackoff(),
+                    output: str | None = None) -> ReceiveOutcome:
     """Restore `disk` from the multicast session `session`: JOIN it at `control` (the
     sender's control address, as a multicast work answer names it; None: find the session by
     its ANNOUNCE on `group`, default the name's group, at data_port), check the image (against
@@ -1059,6 +1100,9 @@ def receive_session(*, session: str, disk: str, control: tuple[str, int] | None 
     `unicast`, a factory of such a positional reader, replaces that; with neither, a fallback
     is a failure. token and mac go into the JOIN. progress(done, total): the restore's bytes
     written (as img.progress.Progress takes them); log(message): one line of what happens.
+
+    output: write the image file itself there (every chunk checked) instead of restoring
+    `disk`: a transfer as the bench compares with other multicast file senders.
 
     Never raises for what the network, the sender or the server did: the outcome says what
     happened and whether the disk was changed."""
@@ -1116,9 +1160,14 @@ def receive_session(*, session: str, disk: str, control: tuple[str, int] | None 
     try:
         try:
             reader = ImageReader(source, f"multicast:{session_name}")
-            source.plan(restore_order(reader))
-            result = restore_image(reader, disk, grow=grow, threads=threads, progress=track,
-                                   shrink=shrink, scratch=scratch, sector_size=sector_size)
+            if output is not None:
+                source.plan(reader.entries())
+                result = copy_image(reader, source, output, track)
+            else:
+                source.plan(restore_order(reader))
+                result = restore_image(reader, disk, grow=grow, threads=threads,
+                                       progress=track, shrink=shrink, scratch=scratch,
+                                       sector_size=sector_size)
         except RestoreError as exc:
             source.finish(False, f"refused by the disk: {exc}")
             return failed("failed", f"{exc}; the disk was not changed")
@@ -1152,12 +1201,16 @@ def receive_session(*, session: str, disk: str, control: tuple[str, int] | None 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python3 -m img.mcreceive",
-        description="Restore a disk (or a disk image file) from a multicast session; prints "
-                    "the outcome as one JSON line (a test and bench entry of img's receiver).")
+        description="Restore a disk (or a disk image file) from a multicast session, or "
+                    "receive the image file itself; prints the outcome as one JSON line (a "
+                    "test and bench entry of img's receiver).")
     parser.add_argument("--server", help="the sender's address (without: join by name, "
                         "waiting for the session's ANNOUNCE on its group)")
     parser.add_argument("--session", required=True, help="the session's name")
-    parser.add_argument("--disk", required=True, help="the disk or disk image file")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--disk", help="the disk or disk image file to restore")
+    target.add_argument("--output", help="write the image file itself here instead (the "
+                        "bench's transfer; every chunk checked)")
     parser.add_argument("--control-port", type=int, default=mc.CONTROL_PORT)
     parser.add_argument("--data-port", type=int, default=mc.DATA_PORT)
     parser.add_argument("--group", help="without --server: the group the session is "
@@ -1184,7 +1237,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(message, file=sys.stderr, flush=True)
     outcome = receive_session(
-        session=args.session, disk=args.disk,
+        session=args.session, disk=args.disk or "", output=args.output,
         control=(args.server, args.control_port) if args.server else None,
         server=args.unicast_server, image=args.image, digest=expected, token=args.token,
         mac=args.mac, group=args.group, data_port=args.data_port, interface=args.interface,

@@ -122,15 +122,16 @@ def start_sender(lab: MulticastLab, image: Path, name: str, *extra: str) -> netl
     return proc
 
 
-def start_receiver(lab: MulticastLab, n: int, name: str, disk: Path, *extra: str,
+def start_receiver(lab: MulticastLab, n: int, name: str, disk: Path | None, *extra: str,
                    by_name: bool = False) -> netlab.Proc:
-    """img's receiver on lab.receivers[n]; by_name: without --server, finding the session by
-    its ANNOUNCE."""
+    """img's receiver on lab.receivers[n] restoring `disk` (None: extra says --output);
+    by_name: without --server, finding the session by its ANNOUNCE."""
     host = lab.receivers[n]
     where = ["--interface", host.addr] if by_name else ["--server", lab.sender.addr]
+    target = ["--disk", str(disk)] if disk is not None else []
     return lab.spawn(host, f"receiver{n}-{name}",
                      [sys.executable, "-m", "img.mcreceive", *where, "--session", name,
-                      "--disk", str(disk), *extra], cwd=REPO, env=env())
+                      *target, *extra], cwd=REPO, env=env())
 
 
 def outcome(proc: netlab.Proc, timeout_s: float = 120.0) -> dict[str, Any]:

@@ -246,5 +246,17 @@ def test_another_image_than_expected_is_refused_before_a_byte_is_written(lab_of,
         assert not any(disk.read())
 
 
+def test_the_image_file_itself_for_the_bench(lab_of, tmp_path, image):
+    """--output: the image file received (every chunk checked), the bench's transfer."""
+    path, _ = image
+    lab = lab_of(1)
+    start_sender(lab, path, "copy", "--clients", "1")
+    proc = start_receiver(lab, 0, "copy", None, "--output", str(tmp_path / "copy.img"))
+    result = outcome(proc)
+    assert result["ok"] and result["path"] == "multicast", result
+    assert result["chunks_verified"] == result["chunks"]
+    assert same_bytes(tmp_path / "copy.img", path)
+
+
 def lab_ip(lab: MulticastLab, n: int) -> str:
     return lab.receivers[n].addr
