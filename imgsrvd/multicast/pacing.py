@@ -5,7 +5,7 @@ receivers report. Pure: times are arguments, nothing here sleeps or sends.
 The adaptation is AIMD (as TCP's, RFC 5681 section 3.1, in spirit): each probe interval the
 rate grows by 1/8 when no receiver shows congestion and the sender actually sent at its rate,
 and falls by 1/4 when one does (or to the share of it the worst receiver took, when it lost
-more); until the first congestion, or until round trips start to grow, it doubles instead
+more); until the first congestion, or until round trips start to grow, it grows by half instead
 (slow start), so a short session on a fast LAN is not over before the rate found the link.
 
 Congestion is loss clearly above what the receiver always has. A receiver's baseline is the
@@ -33,7 +33,7 @@ DEFAULT_START_KBIT_S = 100_000       # MaxBitrate 0: start at 100 Mbit/s, adapt 
 UNLIMITED_CEILING_KBIT_S = 10_000_000  # MaxBitrate 0: "no limit" still needs a number
 FLOOR_KBIT_S = 1_000                 # never slower than 1 Mbit/s (or the receivers' minimum)
 INCREASE = 1.125                     # per probe interval without congestion
-SLOW_START = 2.0                     # ... until the first congestion
+SLOW_START = 1.5                     # ... until the first congestion
 DECREASE = 0.75                      # per probe interval with congestion
 CONGESTION_EXCESS = 0.02             # loss this much above a receiver's baseline (+ noise)
 MIN_INTERVAL_PACKETS = 32            # fewer packets in an interval say nothing about loss
