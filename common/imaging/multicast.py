@@ -777,6 +777,47 @@ def _decode_data(data: bytes | bytearray | memoryview, session: int, receiver: i
     return message
 
 
+def encode_data_run(session_id: int, image_digest: bytes, sequence: int, offset: int,
+                    payload: bytes | bytearray | memoryview,
+                    segment_payload: int = 0, repair: bool = False
+                    ) -> tuple[bytearray, int, int]:
+    """payload, the image file's bytes at offset, as DATA packets back to back in one buffer:
+    each carries segment_payload bytes (MAX_DATA_BYTES when 0) but the last, which may carry
+    fewer, so every datagram but the last has the same size and one UDP_SEGMENT send (the
+    doc's "Packets": Linux cuts the buffer at that size) puts them all on the wire. Returns
+    (buffer, packets, segment size in bytes); the packets are numbered sequence, sequence + 1,
+    ... modulo 2**32. Each packet is byte for byte what encode(Data(...)) writes; this is the
+    sender's path for the ~90,000 packets a second of 1 Gbit/s, without a Data per packet."""
+    if not 0 < session_id <= _U64:
+        raise MulticastFormatError("DATA: session id 0 or out of range")
+    if not isinstance(image_digest, bytes) or len(image_digest) != DIGEST_BYTES or \
+            image_digest == NO_IMAGE:
+        raise MulticastFormatError("DATA: the image digest is not 16 bytes naming an image")
+    size = segment_payload or MAX_DATA_BYTES
+    if not 0 < size <= MAX_DATA_BYTES:
+        raise MulticastFormatError(f"DATA: segment payload {size} is not 1 to {MAX_DATA_BYTES}")
+    total = len(payload)
+    if total == 0 or offset < 0 or offset + total > _U64 + 1:
+        raise MulticastFormatError("DATA: empty payload or offset out of range")
+    _uint("DATA", "sequence", sequence, _U32)
+    count = -(-total // size)
+    segment = _DATA_AT + size
+    out = bytearray(segment * (count - 1) + _DATA_AT + total - size * (count - 1))
+    view = memoryview(payload)
+    flags = Data.REPAIR if repair else 0
+    pack_header, pack_fixed = HEADER.pack_into, Data._FIXED.pack_into
+    position = 0
+    for n in range(count):
+        part = view[n * size:(n + 1) * size]
+        pack_header(out, position, MAGIC, VERSION, MessageType.DATA,
+                    Data._FIXED.size + len(part), session_id, 0, (sequence + n) & _U32,
+                    image_digest)
+        pack_fixed(out, position + HEADER.size, offset + n * size, flags)
+        out[position + _DATA_AT:position + _DATA_AT + len(part)] = part
+        position += segment
+    return out, count, segment
+
+
 # -- the image and the group --------------------------------------------------------------------
 
 def image_digest(head: bytes, tail: bytes) -> bytes:

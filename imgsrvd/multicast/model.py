@@ -112,3 +112,32 @@ class SessionStatus:
     @property
     def repair_share(self) -> float:
         return self.repair_bytes / self.bytes_sent if self.bytes_sent else 0.0
+
+
+class EventKind(enum.Enum):
+    """What the engine tells the control plane (MulticastEngine's on_event), so it can log,
+    report and delete or disable a session."""
+
+    SESSION_STARTED = "session-started"       # the first pass began (reason: the trigger)
+    SESSION_CLOSED = "session-closed"         # finished: every receiver done, left or lost
+    SESSION_ABORTED = "session-aborted"       # operator, shutdown, image unreadable, nobody
+    RECEIVER_JOINED = "receiver-joined"
+    RECEIVER_REFUSED = "receiver-refused"     # reason: the refusal's text
+    RECEIVER_DONE = "receiver-done"
+    RECEIVER_LEFT = "receiver-left"           # LEAVE with another reason than done
+    RECEIVER_FAILED = "receiver-failed"       # STATUS failed (its disk, the image refused)
+    RECEIVER_LOST = "receiver-lost"           # silent past its deadline (ABORT lost sent)
+    RECEIVER_DROPPED = "receiver-dropped"     # too slow or lossy (ABORT too slow sent)
+    RECEIVER_UNFINISHED = "receiver-unfinished"   # not done when the session closed
+
+
+@dataclass(frozen=True)
+class SessionEvent:
+    """One outcome. receiver: the participant as it stood (receiver events); status: the
+    session's final numbers (SESSION_CLOSED, SESSION_ABORTED)."""
+
+    kind: EventKind
+    session: str
+    reason: str = ""
+    receiver: ParticipantStatus | None = None
+    status: SessionStatus | None = None

@@ -520,3 +520,36 @@ def test_the_first_pass_covers_the_file_once_and_the_digest_is_of_head_and_tail(
     changed = bytearray(image)
     changed[-40] ^= 1                                       # a byte of the index
     assert mc.image_digest(changed[:header_bytes], changed[trailer.index_offset:]) != digest
+
+
+# -- a run of DATA for one UDP_SEGMENT send -------------------------------------------------------
+
+@pytest.mark.parametrize("length, segment, repair", [
+    (1, 0, False), (mc.MAX_DATA_BYTES, 0, False), (mc.MAX_DATA_BYTES + 1, 0, True),
+    (46 * mc.MAX_DATA_BYTES, 0, False), (10_000, 1000, True), (999, 1000, False),
+])
+def test_a_data_run_is_the_packets_encode_writes(length, segment, repair):
+    payload = bytes((n * 7) & 0xFF for n in range(length))
+    buffer, count, size = mc.encode_data_run(SESSION, DIGEST, 2**32 - 2, 5000, payload,
+                                             segment, repair)
+    step = segment or mc.MAX_DATA_BYTES
+    assert count == -(-length // step) and size == 44 + 9 + step
+    expect = b"".join(encode(Data(session_id=SESSION, sequence=(2**32 - 2 + n) % 2**32,
+                                  image_digest=DIGEST, offset=5000 + n * step,
+                                  payload=payload[n * step:(n + 1) * step], repair=repair))
+                      for n in range(count))
+    assert bytes(buffer) == expect
+    assert all(len(bytes(buffer[n * size:(n + 1) * size])) <= mc.MAX_DATAGRAM
+               for n in range(count))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"session_id": 0}, {"image_digest": mc.NO_IMAGE}, {"image_digest": b"short"},
+    {"payload": b""}, {"segment_payload": mc.MAX_DATA_BYTES + 1}, {"sequence": 2**32},
+    {"offset": 2**64 - 1, "payload": b"ab"},
+])
+def test_a_data_run_out_of_bounds_is_refused(kwargs):
+    args = {"session_id": SESSION, "image_digest": DIGEST, "sequence": 0, "offset": 0,
+            "payload": b"x", **kwargs}
+    with pytest.raises(MulticastFormatError):
+        mc.encode_data_run(**args)
