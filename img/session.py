@@ -42,6 +42,7 @@ from common.imaging.multicast import DATA_PORT, Refusal, session_name_refusal
 from common.imaging.protocol import split_server
 
 from .client import ImagingClient, ServerError, reports_to
+from .progress import Progress
 from .credentials import ServerAccess, server_access
 from .errors import Failure
 from .results import identity, report, server_facts
@@ -149,7 +150,8 @@ def join(args: argparse.Namespace, server: str, plan: JoinPlan, facts: dict[str,
         group=plan.group, data_port=plan.data_port, digest=bytes.fromhex(plan.digest),
         image=plan.image, token=access.token or "", mac=mac, access=access, mode=mode,
         threads=getattr(args, "threads", 2), sector_size=getattr(args, "sector_size", None),
-        grow=getattr(args, "grow", False), progress=print)
+        grow=getattr(args, "grow", False),
+        progress=Progress(f"multicast {plan.session}"), log=print)
 
 
 def report_reception(server: str, facts: dict[str, Any], plan: JoinPlan,
@@ -420,11 +422,17 @@ def _watch(server: str, name: str, access: ServerAccess, console: Keys,
             say(f"session '{name}' goes on without this console (zmgmcast -status shows it)")
             return 0
         if key == "g" and waits_for_g and not started:
-            with ImagingClient(server, access=access, timeout=15) as client:
-                answer = client.call_json("POST", _url(name, "/start"), {}, f"start {name}",
-                                          ok=(200,))
-            say(str(answer.get("message", f"session '{name}' starts")))
-            started = True
+            try:
+                with ImagingClient(server, access=access, timeout=15) as client:
+                    answer = client.call_json("POST", _url(name, "/start"), {},
+                                              f"start {name}", ok=(200,))
+                say(str(answer.get("message", f"session '{name}' starts")))
+                started = True
+            except ServerError as exc:
+                if exc.status != 409:
+                    raise
+                # not now (nobody has joined yet): the session keeps waiting, g again later
+                say(f"{exc}; press g again when the receivers have joined")
         found = lookup(server, name, access)
         if found is None:
             say(f"session '{name}' has ended (the imaging server's results log has each "

@@ -6,6 +6,8 @@ port 0 and read the real port from the status reply, so runs never collide.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -15,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -106,3 +108,34 @@ class DaemonProcess:
 
     def log(self) -> str:
         return self.log_file.read_text() if self.log_file.exists() else ""
+
+
+CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def inside_new_netns(tag: str = "pbt") -> Iterator[str]:
+    """Run the calling thread (and what it starts: daemons, curl, img, threads) in a new
+    network namespace with only its loopback, up; back in the old one afterwards, the
+    namespace removed. For tests whose daemons send multicast: it never leaves the namespace.
+    setns(2) on one thread is allowed for network namespaces in a threaded process."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    name = f"{tag}-{os.getpid()}-{time.monotonic_ns() % 1000000}"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+    original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+        try:
+            if libc.setns(target, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns into {name}")
+        finally:
+            os.close(target)
+        try:
+            subprocess.run(["ip", "link", "set", "lo", "up"], check=True, timeout=10)
+            yield name
+        finally:
+            if libc.setns(original, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back to the test's namespace")
+    finally:
+        os.close(original)
+        subprocess.run(["ip", "netns", "del", name], timeout=10)

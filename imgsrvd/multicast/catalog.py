@@ -341,7 +341,10 @@ class Catalog:
         if entry.view.started:
             return False, f"session '{entry.view.name}' began already"
         assert self._engine is not None
-        self._engine.start_now(entry.view.name)
+        try:
+            self._engine.start_now(entry.view.name)
+        except Exception as exc:  # noqa: BLE001 - the engine's SessionError: nobody joined, ...
+            return False, str(exc)
         log.info("multicast: session '%s' started now (no trigger waited for)", entry.view.name)
         return True, f"session '{entry.view.name}' starts now"
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import dataclasses
 import errno
 import json
@@ -90,6 +91,7 @@ MAX_CONTROL_PER_TURN = 256      # control packets read per loop turn (then data 
 MAX_RUNS_PER_TURN = 16          # GSO sends per loop turn (then control gets a turn)
 MAX_WAIT_S = 0.05               # the loop wakes at least this often
 STATUS_EVERY_S = 0.25           # status() snapshots
+START_ANSWER_S = 5.0            # start_now waits this long for the engine's thread
 ABORT_REPEATS = 3               # ABORT to the group, like FINISH final, is sent three times
 REPAIR_SHARE_MAX = 0.5          # while the first pass runs, repairs take at most this share
 SAMPLES_KEPT = 64               # STATUS samples kept per receiver (~16 s at P = 250 ms)
@@ -437,7 +439,14 @@ class MulticastEngine:
                 raise SessionError(f"no session {name!r}")
             if state is not SessionState.WAITING:
                 raise SessionError(f"session {name!r} is {state.value}, not waiting")
-        self._command(lambda now_s: self._start_now(name))
+        answer: concurrent.futures.Future[str] = concurrent.futures.Future()
+        self._command(lambda now_s: answer.set_result(self._start_now(name)))
+        try:
+            refusal = answer.result(timeout=START_ANSWER_S)
+        except concurrent.futures.TimeoutError:
+            raise SessionError(f"session {name!r}: the engine did not answer") from None
+        if refusal:
+            raise SessionError(refusal)
 
     def close(self, name: str, reason: str = "closed by an operator") -> None:
         """End a session now: ABORT (operator) to its group; SESSION_ABORTED follows."""
@@ -571,10 +580,16 @@ class MulticastEngine:
                  spec.data_port, _trigger_text(spec))
         self._publish(now_s, force=True)
 
-    def _start_now(self, name: str) -> None:
+    def _start_now(self, name: str) -> str:
+        """On the engine's thread: mark the session to start; why not, or ""."""
         session = self._sessions.get(name)
-        if session is not None and session.state is SessionState.WAITING:
-            session.operator_start = True
+        if session is None or session.state is not SessionState.WAITING:
+            return f"session {name!r} is not waiting"
+        if not session.participants:
+            return (f"nobody has joined session {name!r} yet: nothing to send (it keeps "
+                    "waiting)")
+        session.operator_start = True
+        return ""
 
     def _close(self, name: str, reason: AbortReason, text: str, now_s: float) -> None:
         session = self._sessions.get(name)
@@ -593,7 +608,8 @@ class MulticastEngine:
              now_s: float) -> None:
         """CLOSED (kind SESSION_CLOSED, after FINISH final) or ABORTED (ABORT to the group
         three times, now): report, forget, close the socket and the file."""
-        if kind is EventKind.SESSION_ABORTED:
+        if kind is EventKind.SESSION_ABORTED and session.receivers:
+            # (a session nobody joined has nobody to tell: it never sends a packet)
             for _ in range(ABORT_REPEATS):
                 self._group_message(session, mc.Abort, reason=reason, text=_line(text))
         for receiver in session.active:

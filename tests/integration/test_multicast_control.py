@@ -1,8 +1,10 @@
-"""The multicast control plane against a real imgsrvd on 127.0.0.1 (capabilities on): the work
-answer that sends a machine into its session, sessions a workstation master registers (who may),
-receivers' results (one entry each, Images Sent only when verified), the status reply and the
-control commands zmgmcast sends. The engine itself (the data plane) is not exercised here: the
-server runs with whatever engine it has (NoEngine until imgsrvd/multicast/engine.py exists).
+"""The multicast control plane against a real imgsrvd (capabilities on): the work answer that
+sends a machine into its session, sessions a workstation master registers (who may), receivers'
+results (one entry each, Images Sent only when verified), the status reply and the control
+commands zmgmcast sends. Each test, its daemon (with the real engine: its sessions announce
+themselves on their groups), curl and img run in a network namespace of their own
+(tests/support.py inside_new_netns), so multicast never leaves it. No receiver joins here: the data plane
+has its own tests (test_multicast_netns.py, test_multicast_engine.py).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay,
 from imgsrvd.multicast.images import read_image_facts
 from tests.integration.test_imgsrvd_http import (  # noqa: F401 (fixtures)
     Imgsrvd, image, imgsrvd_factory, wait_for, workdir)
-from tests.support import REPO
+from tests.support import REPO, inside_new_netns
 
 pytestmark = pytest.mark.skipif(not shutil.which("curl"), reason="curl not installed")
 
@@ -75,11 +77,22 @@ def get(server: Imgsrvd, path: str, auth: str = "") -> tuple[int, dict[str, Any]
 
 
 @pytest.fixture
-def server(imgsrvd_factory, image) -> Imgsrvd:  # noqa: F811
+def netns() -> Any:
+    """This test, its daemon, curl and img in a network namespace of their own."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    with inside_new_netns("pbmcc") as name:
+        yield name
+
+
+@pytest.fixture
+def server(netns, imgsrvd_factory, image) -> Imgsrvd:  # noqa: F811
     """imgsrvd with capabilities on and a free multicast control port, holding lab/base.img; a
-    directory session room-101 naming MAC, and a rule with action multicast for OTHER."""
+    directory session room-101 naming MAC, and a rule with action multicast for OTHER. In its
+    own network namespace, its groups sent on that namespace's loopback (TTL 1)."""
     port = free_udp_port()
-    daemon = imgsrvd_factory(AllowAnonymous=False, MulticastPort=port)
+    daemon = imgsrvd_factory(AllowAnonymous=False, MulticastPort=port,
+                             MulticastInterface="127.0.0.1", MulticastTTL=1)
     daemon.multicast_port = port
     code, body = daemon.upload(image, IMAGE, *bearer(token(daemon, "operator:setup",
                                                            ("store",), ("lab/*",))))
@@ -175,7 +188,7 @@ def test_registering_a_session_needs_an_operator(server):
     code, _ = get(server, "/v1/sessions/lab%207")
     assert code == 401
     code, answer = post(server, "/v1/sessions/lab%207/start", {}, operator)
-    assert code == 200 and answer["message"] == "session 'lab 7' starts now"
+    assert code == 409 and "nobody has joined session 'lab 7' yet" in answer["error"], answer
     work(server, MAC)                                # the directory's sessions open
     code, answer = post(server, "/v1/sessions/room-101/start", {}, operator)
     assert code == 409 and "directory session" in answer["error"]
@@ -254,7 +267,9 @@ def test_zmgmcast_control_commands(server):
     sessions = {s["name"]: s for s in server.status()["multicast"]["sessions"]}
     assert sessions["manual 1"]["origin"] == "manual"
     assert sessions["manual 1"]["start_clients"] == 3
-    assert control(server, "mcast-start", name="manual 1")["ok"]            # start it now
+    # start it now: not while nobody has joined (nothing to send; it keeps waiting)
+    early = control(server, "mcast-start", name="manual 1")
+    assert not early["ok"] and "nobody has joined session 'manual 1' yet" in early["error"]
     assert not control(server, "mcast-start", name="nope")["ok"]
     bad = control(server, "mcast-start", name="x", image="../x", clients=0, t=0)
     assert not bad["ok"] and "'..'" in bad["error"]
@@ -293,7 +308,8 @@ def test_img_session_master_opens_starts_and_leaves(server):
     assert f"session 'lab 9' is open on {address(server)}: {IMAGE} to " \
            f"{group_address('lab 9')}:{server.multicast_port}; press g to start it" \
         in done.stdout
-    assert "session 'lab 9' starts now" in done.stdout
+    assert "nobody has joined session 'lab 9' yet" in done.stdout     # g with no receiver
+    assert "press g again when the receivers have joined" in done.stdout
     assert "goes on without this console" in done.stdout
     sessions = {s["name"]: s for s in server.status()["multicast"]["sessions"]}
     assert sessions["lab 9"]["origin"] == "client" and sessions["lab 9"]["start_clients"] == 0
