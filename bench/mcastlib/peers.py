@@ -16,12 +16,13 @@ receiver itself said), and `sender_exit`, `sender_notes()` (what the sender said
 status, a dropped receiver, a status line). The runner, not the peer, verifies every copy
 against the source's sha256.
 
-A new peer (our multicast sender/receiver, when it exists) subclasses `Peer` and `Session`;
-`OursPeer` is the place: today it reports itself unavailable and the bench skips it.
+A peer subclasses `Peer` and `Session`: udpcast, UFTP and ours (`OursPeer`: our engine and
+img's receiver, restoring the source wrapped as an image onto a disk file).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -33,6 +34,7 @@ from typing import Sequence
 
 from tests.e2e import netlab
 from tests.mcastlab import Exit, Host, MulticastLab, reap
+from tests.support import REPO
 
 UDPCAST_PORTBASE = 9000
 UFTP_PORT = 1044
@@ -389,22 +391,120 @@ class UftpPeer(Peer):
 # ours
 
 
-class OursPeer(Peer):
-    """Our multicast sender and receiver (issue 14): not built yet.
+class OursSession(Session):
+    """Our engine (imgsrvd/multicast/engine.py's command-line entry) sending the source wrapped
+    as an image (`img make --disk SOURCE`: a raw disk, stored chunks), one img.mcreceive per
+    receiver restoring it onto a disk file of the source's size through the normal restore
+    path (every chunk's BLAKE2b checked, the disk synced). A receiver has its copy when its
+    receiver exits 0 with an outcome that says so; the runner then compares the disk file with
+    the source, as it does udpcast's and UFTP's files."""
 
-    When they exist: return None from `unavailable()` once the modules import, and make
-    `session()` return a Session subclass that starts our receiver in every receiver's
-    namespace (writing `output(i)`, ready when `wait_ready` sees its port) and our sender in
-    the sender's namespace with `--interface`, TTL 1 and the number of receivers to wait for,
-    marking `done[i]` when receiver i reports its verified copy."""
+    name = "bench"
+
+    def __init__(self, lab, source, outdirs, killed, image: Path):
+        super().__init__(lab, source, outdirs, killed)
+        self.image = image
+
+    def _env(self) -> dict[str, str]:
+        return dict(os.environ, PYTHONPATH=str(REPO))
+
+    def start_receivers(self) -> None:
+        size = self.source.stat().st_size
+        for i, host in enumerate(self.lab.receivers):
+            with open(self.output(i), "wb") as disk:
+                disk.truncate(size)
+            self.receivers[i] = self._spawn(host, f"ours-receiver-{host.name}", [
+                sys.executable, "-m", "img.mcreceive", "--server", self.lab.sender.addr,
+                "--session", self.name, "--disk", str(self.output(i))])
+
+    def _spawn(self, host: Host, name: str, args: list[str]) -> netlab.Proc:
+        self.commands[name] = args
+        return self.lab.spawn(host, name, args, cwd=REPO, env=self._env())
+
+    def start_sender(self) -> None:
+        s = self.lab.sender
+        self.sender = self._spawn(s, "ours-sender", [
+            sys.executable, "-m", "imgsrvd.multicast.engine", "--image", str(self.image),
+            "--interface", s.addr, "--name", self.name, "--no-loop", "--ttl", "1",
+            "--clients", str(len(self.lab.receivers)), "--start-after", "30"])
+
+    def output(self, i: int) -> Path:
+        return self.outdirs[i] / "image.bin"
+
+    def _outcome(self, i: int) -> dict:
+        proc = self.receivers[i]
+        if proc is None:
+            return {}
+        for line in reversed(netlab.read_text(proc.log).splitlines()):
+            if line.startswith("{") and '"path"' in line:
+                try:
+                    return json.loads(line)
+                except ValueError:
+                    return {}
+        return {}
+
+    def poll(self, now: float) -> None:
+        super().poll(now)
+        for i, ex in enumerate(self.receiver_exit):
+            if ex is not None and self.done[i] is None and ex.code == 0 \
+                    and self._outcome(i).get("ok") is True:
+                self.done[i] = ex.at
+
+    def finished(self, now: float) -> bool:
+        return self.sender_exit is not None and all(
+            self.receiver_exit[i] is not None for i in self.survivors())
+
+    def receiver_says_ok(self, i: int) -> bool:
+        ex = self.receiver_exit[i]
+        return ex is not None and ex.code == 0 and self._outcome(i).get("ok") is True
+
+    def receiver_notes(self, i: int) -> str:
+        found = self._outcome(i)
+        return "" if found.get("ok") else str(found.get("reason") or found.get("error") or "")
+
+    def sender_notes(self) -> dict[int, str]:
+        """The engine's receiver events (lost, dropped to unicast, failed), by address."""
+        if self.sender is None:
+            return {}
+        notes: dict[int, str] = {}
+        for line in netlab.read_text(self.sender.log).splitlines():
+            if not line.startswith("{") or "receiver-" not in line:
+                continue
+            for i, host in enumerate(self.lab.receivers):
+                if host.addr in line and not any(k in line for k in ("joined", "done")):
+                    notes[i] = line.strip()[:200]
+        return notes
+
+
+class OursPeer(Peer):
+    """Our multicast sender and receiver (issue 14)."""
 
     name = "ours"
 
-    def unavailable(self) -> str | None:
-        return "our multicast sender/receiver is not built yet (issue 14): skipped"
+    def __init__(self) -> None:
+        self._images: dict[Path, Path] = {}
 
     def version(self) -> str:
-        return "ours (not built)"
+        from common import __version__
+        return f"ours {__version__} (imgsrvd.multicast.engine, img.mcreceive)"
+
+    def _image_of(self, source: Path) -> Path:
+        """The source as an image (a raw disk of stored chunks), made once per source."""
+        image = source.with_suffix(".zmg")
+        if source not in self._images:
+            done = subprocess.run([sys.executable, "-m", "img", "make", "--disk", str(source),
+                                   str(image), "--overwrite"] if image.exists() else
+                                  [sys.executable, "-m", "img", "make", "--disk", str(source),
+                                   str(image)],
+                                  cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                                  capture_output=True, text=True, timeout=600)
+            if done.returncode != 0:
+                raise RuntimeError(f"img make of {source} failed: {done.stderr[-500:]}")
+            self._images[source] = image
+        return self._images[source]
+
+    def session(self, lab, source, outdirs, killed):
+        return OursSession(lab, source, outdirs, killed, self._image_of(source))
 
 
 PEERS: dict[str, type[Peer]] = {"udpcast": UdpcastPeer, "uftp": UftpPeer, "ours": OursPeer}
