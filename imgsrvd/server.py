@@ -1110,7 +1110,8 @@ class ImagingServer:
 
 
 def _make_engine(settings: EngineSettings, admit: Any) -> Engine:
-    """The data plane (multicast/engine.py), or NoEngine while it is not installed."""
+    """The data plane (multicast/engine.py), or NoEngine where it cannot be imported (an
+    installation without it)."""
     try:
         from .multicast.engine import MulticastEngine
     except ModuleNotFoundError as exc:

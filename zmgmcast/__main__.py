@@ -34,7 +34,7 @@ from common.daemon.logsetup import escape_control
 from common.daemon.statussock import query_tcp, query_unix
 
 from .reply import BadReply, checked
-from .sessions import format_multicast
+from .sessions import format_multicast, human_size
 
 CONFIG_DIR = os.environ.get("PREBOOT_CONFIG_DIR", services.CONFIG_DIR)
 RUN_DIR = os.environ.get("PREBOOT_RUN_DIR", services.RUN_DIR)
@@ -126,15 +126,6 @@ def _uptime(seconds: float) -> str:
     return f"{days}d {clock}" if days else clock
 
 
-def _size(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{count} B"
-
-
 def format_counters(counters: dict[str, Any], daemon: Service) -> list[str]:
     """The counter rows: the registry's counter_order first, then the rest as replied, each
     under its label (common.daemon.services)."""
@@ -147,7 +138,7 @@ def format_counters(counters: dict[str, Any], daemon: Service) -> list[str]:
                 inner = ", ".join(f"{k} {v}" for k, v in value.items())
                 lines.append(f"    {daemon.label(key)}: {inner}")
             continue
-        shown = _size(value) if key.startswith("bytes") and isinstance(value, int) else value
+        shown = human_size(value) if key.startswith("bytes") and isinstance(value, int) else value
         lines.append(f"    {daemon.label(key):<28}{shown}")
     return lines
 

@@ -62,7 +62,8 @@ def _cut(text: Any, limit: int = MAX_NAME_SHOWN) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def _size(count: float) -> str:
+def human_size(count: float) -> str:
+    """1536 -> '1.5 KiB' (zmgmcast's byte counters and session figures)."""
     value = float(count)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if value < 1024 or unit == "TiB":
@@ -114,7 +115,7 @@ def format_multicast(multicast: dict[str, Any]) -> list[str]:
         rate = session.get("rate_kbit_s") or 0
         details = [trigger(session)] if trigger(session) else []
         details.append(f"{rate / 1000:.1f} Mbit/s" if rate else "rate -")
-        details.append(f"{_size(session.get('bytes_sent', 0))} sent, repairs "
+        details.append(f"{human_size(session.get('bytes_sent', 0))} sent, repairs "
                        f"{_percent(session.get('repair_share', 0.0))}")
         lines.append(f"        {'; '.join(details)}")
         for participant in session.get("participants", []):

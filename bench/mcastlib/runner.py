@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from machineinfo import machine
+from imaginglib.sysutil import cpu_busy, wait_quiet
 from tftplib.cpu import machine_busy_seconds
 from tests.e2e import netlab
 from tests.mcastlab import KillAt, MulticastLab, folder_bytes
@@ -173,22 +174,6 @@ def sha256_of(path: Path) -> str:
 # machine load
 
 
-def cpu_busy(seconds: float = 1.0) -> float | None:
-    first = machine_busy_seconds()
-    time.sleep(seconds)
-    second = machine_busy_seconds()
-    if first is None or second is None:
-        return None
-    return (second - first) / (seconds * len(os.sched_getaffinity(0)))
-
-
-def wait_quiet(limit: float, below: float = 0.10, needed: int = 3) -> float | None:
-    deadline = time.monotonic() + limit
-    quiet, busy = 0, None
-    while quiet < needed and time.monotonic() < deadline:
-        busy = cpu_busy(1.0)
-        quiet = quiet + 1 if busy is not None and busy < below else 0
-    return busy
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ of its own. Between them, the contract of model.py:
   REPORT_WAIT_S, the sender's view of it, never a success;
 - zmgmcast's control commands (root, on the status socket) start, stop and delete sessions.
 
-Until the engine exists (or with MaxSessions = 0: no engine), NoEngine stands in: it keeps the
-sessions it is given, sends nothing, and reports them waiting.
+With MaxSessions = 0 (multicast off), or where the engine cannot be imported, NoEngine stands
+in: it keeps the sessions it is given, sends nothing, and reports them waiting.
 """
 
 from __future__ import annotations
