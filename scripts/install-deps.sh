@@ -16,6 +16,7 @@ APT_PACKAGES=(
   partclone fdisk gdisk e2fsprogs dosfstools fatresize mtools ntfs-3g xfsprogs btrfs-progs  # imaging
   libxml2-utils                  # xmllint: the results log must stay well-formed XML
   strace                         # proves imgsrvd sends images with sendfile(2)
+  openssl                        # preboot-dir tls create and the TLS tests make certificates
   busybox-static cpio python3.11 # the imaging environment (packaging/imaging-env/build.sh)
 )
 
