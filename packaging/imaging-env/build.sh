@@ -18,7 +18,8 @@
 #   - the host's Debian /usr/bin/python3.11 with its shared libraries and a pruned stdlib (with
 #     the __pycache__ Debian compiled: nothing is compiled under emulation at boot);
 #   - Debian's python3-zstandard for that interpreter;
-#   - our imaging engine `img` and the `common` modules it imports (no daemons);
+#   - our imaging engine `img` (and /usr/bin/img to run it) and the `common` modules it
+#     imports (no daemons);
 #   - /init (the file `init` next to this script) and udhcpc's script.
 # Outputs DIR/linux, DIR/initrd and DIR/manifest.txt. A build key (hash of every input) is kept in
 # DIR/.build-key: when it matches, the script says "up to date" and exits in a few seconds.
@@ -311,6 +312,10 @@ install_init() {
   local root=$1
   cp "$HERE/init" "$root/init"
   chmod 755 "$root/init"
+  # `img` at the maintenance shell, as the original's imaging environment has it
+  mkdir -p "$root/usr/bin"
+  printf '#!/bin/sh\nexec python3 -m img "$@"\n' >"$root/usr/bin/img"
+  chmod 755 "$root/usr/bin/img"
   mkdir -p "$root/usr/share/udhcpc"
   # udhcpc's hook: configure the address and default route it got, and remember them for /init.
   cat >"$root/usr/share/udhcpc/default.script" <<'EOF'

@@ -10,6 +10,8 @@ This module owns the pieces around the network lab (netlab.py) that imaging need
   that a restored disk has the same table and an ext4 that passes `e2fsck -fn` with every file
   identical (debugfs, no mount);
 * `start_imgsrvd`: our imaging server in a lab namespace, sharing the directory with policyd;
+* `start_imaging_stack`: the whole stack for imaging VMs (site DHCP, proxydhcpd, tftpd with
+  iPXE and the environment, policyd with a policy file imported by `preboot-dir`, imgsrvd);
 * `wait_for_exit`: wait for a VM that powers itself off.
 """
 
@@ -22,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -30,6 +33,7 @@ import netlab
 BUILD_SCRIPT = netlab.REPO_ROOT / "packaging" / "imaging-env" / "build.sh"
 DEFAULT_ENV_DIR = Path(os.environ.get("PREBOOT_IMAGING_ENV", "/var/cache/preboot/imaging-env"))
 MiB = 1 << 20
+POLICY_PORT = 8090
 # What the environment's build and the disk checks need on the host.
 BUILD_TOOLS = ("busybox", "cpio", "gzip", "dpkg-deb", "apt-get", "/usr/bin/python3.11")
 DISK_TOOLS = ("sfdisk", "mkfs.ext4", "debugfs", "e2fsck", "partclone.ext4", "losetup")
@@ -242,6 +246,87 @@ def start_imgsrvd(lab: netlab.Lab, ns: netlab.Netns, address: str, image_root: P
         "ResultsLog": lab.workdir / "imgsrvd-results.xml", "ServerName": "imgsrv.e2e",
         **(extra or {}),
     })
+
+
+def preboot_dir(ns: netlab.Netns, url: str, *args: str) -> str:
+    """`preboot-dir --directory URL ARGS...` in `ns`; its output (fails the test on an error)."""
+    command = [sys.executable, "-m", "common.dircli", "--config", "/nonexistent",
+               "--directory", url, *args]
+    proc = subprocess.run(ns.cmd(command), capture_output=True, text=True, timeout=60,
+                          cwd=netlab.REPO_ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(netlab.REPO_ROOT)))
+    assert proc.returncode == 0, f"preboot-dir {' '.join(args)}: {proc.stderr}"
+    return proc.stdout
+
+
+@dataclass
+class ImagingStack:
+    """What start_imaging_stack started: the boot services, imgsrvd and policyd."""
+
+    setup: netlab.ProxyLab
+    imgsrvd: netlab.Daemon
+    policyd: netlab.Daemon
+    directory: str                 # the SQLite directory URL both daemons read
+    pin: str | None = None         # imgsrvd's certificate, when it speaks TLS
+
+    @property
+    def server_ns(self) -> netlab.Netns:
+        return self.setup.vm_ns
+
+    @property
+    def server_ip(self) -> str:
+        return self.setup.server_ip
+
+    def logs(self) -> str:
+        """The daemons' last lines, for a failing test's message."""
+        return (f"--- policyd log ---\n{netlab.tail(self.policyd.log, 15)}"
+                f"\n--- imgsrvd log ---\n{netlab.tail(self.imgsrvd.log, 25)}"
+                f"\n--- tftpd log ---\n{netlab.tail(self.setup.tftpd.log, 10)}")
+
+
+def start_imaging_stack(lab: netlab.Lab, tftp_root: Path, imaging_env: Path, policy: str,
+                        image_root: Path, tls: bool = False,
+                        imgsrvd_extra: Mapping[str, object] | None = None) -> ImagingStack:
+    """The flat lab (site DHCP with a pool, proxydhcpd and tftpd on br0 192.168.77.2) with
+    iPXE and the imaging environment in `tftp_root`, `policy` imported into a SQLite
+    directory, imgsrvd serving `image_root` and policyd pointing iPXE at it. tls: imgsrvd
+    speaks TLS with a certificate `preboot-dir tls create` made, and policyd pins it on the
+    kernel line (ImagingServerCertificate)."""
+    netlab.stage_ipxe_binaries(tftp_root)
+    stage_imaging_env(imaging_env, tftp_root)
+    setup = netlab.build_proxy_lab(lab, "flat", tftp_root, {
+        "IPXEScriptURL": f"http://{{server}}:{POLICY_PORT}/boot.ipxe"})
+    url = f"sqlite:///{lab.workdir}/directory.db"
+    policy_file = lab.workdir / "site-policy.conf"
+    policy_file.write_text(policy)
+    preboot_dir(setup.vm_ns, url, "import", str(policy_file))
+    extra, pinned, pin = dict(imgsrvd_extra or {}), {}, None
+    if tls:
+        cert, key, pin = make_tls_pair(lab, setup.server_ip)
+        extra.update(TLSCertificate=cert, TLSKey=key)
+        pinned = {"ImagingServerCertificate": cert}
+    imgsrvd = start_imgsrvd(lab, setup.vm_ns, setup.server_ip, image_root, url, extra=extra)
+    # quiet: the kernel's messages over an emulated UART cost seconds; panic=-1: a failing
+    # /init reboots, which -no-reboot turns into a qemu exit instead of a hang
+    policyd = netlab.start_preboot_daemon(lab, setup.vm_ns, "prebootpolicyd", {
+        "IPAddress": setup.server_ip, "Port": POLICY_PORT, "Directory": url,
+        "KernelArgs": "console=ttyS0 quiet panic=-1", **pinned})
+    return ImagingStack(setup, imgsrvd, policyd, url, pin)
+
+
+def imaging_vm(mac: str, name: str, smbios: str, disk: Path, firmware: netlab.Firmware = "bios",
+               tap: str = "tap0", sector_size: int = 512, console: bool = False) -> netlab.VmSpec:
+    """A VM for the imaging environment: virtio NIC (BIOS: qemu's iPXE ROM; UEFI: OVMF's own
+    PXE client), 512 MiB, the SMBIOS the policy matches, `disk` as its virtio disk (with
+    `sector_size`-byte logical sectors when not 512)."""
+    drive: tuple[str, ...] = ("-drive", f"file={disk},if=virtio,format=raw")
+    if sector_size != 512:       # the same virtio disk, telling the guest its logical sectors
+        drive = ("-drive", f"file={disk},if=none,id=disk0,format=raw",
+                 "-device", f"virtio-blk-pci,drive=disk0,logical_block_size={sector_size},"
+                            f"physical_block_size={sector_size}")
+    return netlab.VmSpec(firmware, nic="virtio-net-pci", nic_rom=firmware == "bios", mac=mac,
+                         tap=tap, name=name, memory_mb=512, console=console,
+                         extra=("-smbios", smbios, *drive))
 
 
 def make_tls_pair(lab: netlab.Lab, name: str) -> tuple[Path, Path, str]:

@@ -27,6 +27,8 @@ captures of the DHCP traffic (`start_tcpdump`, decoded for failure messages by
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import ipaddress
 import json
 import os
@@ -37,6 +39,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -608,12 +611,15 @@ class VmSpec:
     memory_mb: int = 256
     name: str = "vm"
     extra: tuple[str, ...] = ()
+    console: bool = False        # a serial console the test can type on (Vm.console)
 
 
 def qemu_command(spec: VmSpec, workdir: Path) -> list[str]:
     """The qemu-system-x86_64 command line; writes the files it refers to into `workdir`.
 
-    Serial console goes to '<workdir>/<name>.serial.log'. For BIOS, SeaBIOS is told to mirror its
+    Serial console goes to '<workdir>/<name>.serial.log'; with `spec.console` it goes to a unix
+    socket (console_socket(); qemu waits for start_vm to connect), which start_vm
+    copies into that log and types on. For BIOS, SeaBIOS is told to mirror its
     text console (including iPXE's output) to the serial port (fw_cfg etc/sercon-port = 0x3f8).
     Paths must not contain commas (qemu option syntax).
     """
@@ -622,7 +628,12 @@ def qemu_command(spec: VmSpec, workdir: Path) -> list[str]:
     serial = workdir / f"{spec.name}.serial.log"
     args = ["qemu-system-x86_64", "-accel", "tcg", "-m", str(spec.memory_mb), "-smp", "1",
             "-display", "none", "-monitor", "none", "-no-reboot",
-            "-serial", f"file:{serial}", "-pidfile", str(workdir / f"{spec.name}.qemu.pid")]
+            "-pidfile", str(workdir / f"{spec.name}.qemu.pid")]
+    if spec.console:
+        args += ["-chardev", f"socket,id=con0,path={console_socket(spec, workdir)},"
+                             "server=on,wait=on", "-serial", "chardev:con0"]
+    else:
+        args += ["-serial", f"file:{serial}"]
     if spec.firmware == "uefi":
         vars_copy = workdir / f"{spec.name}.OVMF_VARS.fd"
         shutil.copyfile(OVMF_VARS, vars_copy)
@@ -641,14 +652,72 @@ def qemu_command(spec: VmSpec, workdir: Path) -> list[str]:
     return args
 
 
+def console_socket(spec: VmSpec, workdir: Path) -> Path:
+    """A short path (a unix socket's is at most 107 bytes; test folders are longer)."""
+    digest = hashlib.sha256(f"{workdir}/{spec.name}".encode()).hexdigest()[:16]
+    return Path("/tmp") / f"preboot-console-{digest}.sock"
+
+
+class Console:
+    """A VM's serial console as a person at its keyboard has it: everything the VM writes is
+    appended to its serial log (by a thread that ends when qemu closes the socket), and
+    `type()` sends keys. qemu reads the socket only as fast as the emulated UART takes bytes,
+    so nothing typed is lost."""
+
+    def __init__(self, sock: socket.socket, log: Path):
+        self._sock = sock
+        self._log = log
+        self._thread = threading.Thread(target=self._copy, name=f"console {log.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def connect(cls, path: Path, log: Path, proc: Proc, timeout: float = 20.0) -> "Console":
+        """Connect to qemu's console socket (qemu waits for it before the VM starts)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(path))
+                return cls(sock, log)
+            except OSError:
+                sock.close()
+                if not proc.alive() or time.monotonic() > deadline:
+                    raise RuntimeError(f"no console socket {path} from qemu:\n{tail(proc.log)}")
+                time.sleep(0.05)
+
+    def _copy(self) -> None:
+        with open(self._log, "ab", buffering=0) as out:
+            while True:
+                try:
+                    data = self._sock.recv(65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                out.write(data)
+
+    def type(self, text: str) -> None:
+        """Send `text` as keys (a line needs its "\\r", as Enter sends)."""
+        self._sock.sendall(text.encode())
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        self._thread.join(5)
+
+
 @dataclass
 class Vm:
-    """A running VM: its qemu process, serial log and start time (time.monotonic())."""
+    """A running VM: its qemu process, serial log and start time (time.monotonic()); its
+    console when the spec asked for one."""
 
     spec: VmSpec
     proc: Proc
     serial_log: Path
     started: float
+    console: Console | None = None
 
 
 @dataclass
@@ -673,8 +742,15 @@ def start_vm(lab: Lab, ns: Netns, spec: VmSpec) -> Vm:
     """Start qemu for `spec` inside `ns` (its tap must exist there); the lab stops it at close."""
     args = qemu_command(spec, lab.workdir)
     started = time.monotonic()
+    serial = lab.workdir / f"{spec.name}.serial.log"
     proc = lab.spawn(f"{spec.name}.qemu", ns, args)
-    return Vm(spec, proc, lab.workdir / f"{spec.name}.serial.log", started)
+    console = None
+    if spec.console:
+        path = console_socket(spec, lab.workdir)
+        console = Console.connect(path, serial, proc)
+        lab.on_close(console.close)
+        lab.on_close(lambda: path.unlink(missing_ok=True))
+    return Vm(spec, proc, serial, started, console)
 
 
 def wait_for_marker(vm: Vm, marker: str | re.Pattern[str], timeout: float = 120.0,

@@ -41,7 +41,6 @@ the same table, fsck-clean filesystems and every file identical.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import time
 import os
@@ -63,7 +62,6 @@ from tests import sectordisks
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.slow]
 
 TIMEOUT = float(os.environ.get("PREBOOT_E2E_TIMEOUT", "120"))
-POLICY_PORT = 8090
 MAC = "52:54:00:ab:00:01"
 MAC_ID = MAC.replace(":", "").upper()          # how imgsrvd names a machine without a host name
 SMBIOS = "type=1,manufacturer=Preboot Lab,product=Imaging E2E,serial=IMG-0001"
@@ -155,16 +153,6 @@ ENV_MARKERS = (
 )
 
 
-def _preboot_dir(ns: netlab.Netns, url: str, *args: str) -> str:
-    command = [sys.executable, "-m", "common.dircli", "--config", "/nonexistent",
-               "--directory", url, *args]
-    proc = subprocess.run(ns.cmd(command), capture_output=True, text=True, timeout=60,
-                          cwd=netlab.REPO_ROOT,
-                          env=dict(os.environ, PYTHONPATH=str(netlab.REPO_ROOT)))
-    assert proc.returncode == 0, f"preboot-dir {' '.join(args)}: {proc.stderr}"
-    return proc.stdout
-
-
 @pytest.fixture(scope="module")
 def imaging_env() -> Path:
     """The built environment (cached by build.sh: seconds when nothing changed)."""
@@ -215,53 +203,21 @@ def _boot_into_imaging(lab: netlab.Lab, tmp_path: Path, imaging_env: Path,
     iPXE ROM; UEFI: OVMF's own PXE client (architecture 7), which loads our ipxe.efi. tls:
     imgsrvd speaks TLS with a certificate `preboot-dir tls create` made, and policyd pins it
     on the kernel line (ImagingServerCertificate)."""
-    root = tmp_path / "tftproot"
-    netlab.stage_ipxe_binaries(root)
-    imagingenv.stage_imaging_env(imaging_env, root)
     for path, data in images.items():
         (image_root / path).parent.mkdir(parents=True, exist_ok=True)
         (image_root / path).write_bytes(data)
     (image_root / "lab").mkdir(parents=True, exist_ok=True)
-
-    setup = netlab.build_proxy_lab(lab, "flat", root, {
-        "IPXEScriptURL": f"http://{{server}}:{POLICY_PORT}/boot.ipxe"})
-    srv_ns = setup.vm_ns
-    url = f"sqlite:///{lab.workdir}/directory.db"
-    policy_file = tmp_path / "site-policy.conf"
-    policy_file.write_text(POLICY)
-    _preboot_dir(srv_ns, url, "import", str(policy_file))
-    extra, pinned, pin = dict(imgsrvd_extra or {}), {}, None
-    if tls:
-        cert, key, pin = imagingenv.make_tls_pair(lab, setup.server_ip)
-        extra.update(TLSCertificate=cert, TLSKey=key)
-        pinned = {"ImagingServerCertificate": cert}
-    imgsrvd = imagingenv.start_imgsrvd(lab, srv_ns, setup.server_ip, image_root, url,
-                                       extra=extra)
-    # quiet: the kernel's messages over an emulated UART cost seconds; panic=-1: a failing
-    # /init reboots, which -no-reboot turns into a qemu exit instead of a hang
-    policyd = netlab.start_preboot_daemon(lab, srv_ns, "prebootpolicyd", {
-        "IPAddress": setup.server_ip, "Port": POLICY_PORT, "Directory": url,
-        "KernelArgs": "console=ttyS0 quiet panic=-1", **pinned})
-
-    spec = netlab.VmSpec(firmware, nic="virtio-net-pci", nic_rom=firmware == "bios", mac=mac,
-                         name=name, memory_mb=512, extra=("-smbios", smbios,
-                                "-drive", f"file={vm_disk},if=virtio,format=raw"))
-    if sector_size != 512:       # the same virtio disk, telling the guest its logical sectors
-        spec = dataclasses.replace(spec, extra=("-smbios", smbios, "-drive",
-                                                f"file={vm_disk},if=none,id=disk0,format=raw",
-                                                "-device", "virtio-blk-pci,drive=disk0,"
-                                                f"logical_block_size={sector_size},"
-                                                f"physical_block_size={sector_size}"))
+    stack = imagingenv.start_imaging_stack(lab, tmp_path / "tftproot", imaging_env, POLICY,
+                                           image_root, tls=tls, imgsrvd_extra=imgsrvd_extra)
+    srv_ns, imgsrvd, policyd = stack.server_ns, stack.imgsrvd, stack.policyd
+    spec = imagingenv.imaging_vm(mac, name, smbios, vm_disk, firmware, sector_size=sector_size)
     vm = netlab.start_vm(lab, srv_ns, spec)
     result = netlab.wait_for_marker(vm, DONE, TIMEOUT)
     exit_status = imagingenv.wait_for_exit(vm, 30) if result.ok else None
     lab.stop(vm.proc)
-    diag = (f"{result.reason}\n--- serial ---\n{netlab.tail(result.serial_log, 60)}"
-            f"\n--- policyd log ---\n{netlab.tail(policyd.log, 15)}"
-            f"\n--- imgsrvd log ---\n{netlab.tail(imgsrvd.log, 25)}"
-            f"\n--- tftpd log ---\n{netlab.tail(setup.tftpd.log, 10)}")
+    diag = f"{result.reason}\n--- serial ---\n{netlab.tail(result.serial_log, 60)}\n{stack.logs()}"
     return ImagingBoot(result, exit_status, result.serial_text(), diag, imgsrvd, policyd, srv_ns,
-                       pin)
+                       stack.pin)
 
 
 def _check_boot(boot: ImagingBoot, record_boot_time, label: str, answer: str,
