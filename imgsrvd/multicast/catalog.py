@@ -315,17 +315,20 @@ class Catalog:
                 reason = f"{problem} (a workstation master stores its image first)"
             return status, {"error": reason}
         key = session_key(request.name)
-        created = key not in self._open
-        if created:
-            assert facts is not None
-            spec = decisions.session_spec(request.name, facts, request.clients,
-                                          request.wait_min, request.origin,
-                                          self.settings.data_port)
-            if not self._engine_open(spec, facts, None):
-                return 500, {"error": "the multicast engine did not take the session (see the "
-                                      "imaging server's log)"}
-            log.info("multicast: %s session '%s' opened: %s to %s:%d, %s", request.origin.value,
-                     request.name, request.image, spec.group, spec.data_port, _triggers(spec))
+        assert self._syncing is not None
+        async with self._syncing:      # the engine reads the image in a thread: one at a time
+            created = key not in self._open
+            if created:
+                assert facts is not None
+                spec = decisions.session_spec(request.name, facts, request.clients,
+                                              request.wait_min, request.origin,
+                                              self.settings.data_port)
+                if not await self._engine_open(spec, facts, None):
+                    return 500, {"error": "the multicast engine did not take the session (see "
+                                          "the imaging server's log)"}
+                log.info("multicast: %s session '%s' opened: %s to %s:%d, %s",
+                         request.origin.value, request.name, request.image, spec.group,
+                         spec.data_port, _triggers(spec))
         info = self.join_info(request.name)
         assert info is not None
         return (201 if created else 200), {**info.answer(), "created": created}
@@ -570,12 +573,15 @@ class Catalog:
             self._unavailable[key] = (why, self._clock() + RETRY_UNAVAILABLE_S)
             return
         spec = decisions.directory_spec(session, facts, self.settings.data_port)
-        if self._engine_open(spec, facts, session):
+        if await self._engine_open(spec, facts, session):
             log.info("multicast: directory session '%s' opened: %s to %s:%d, %s", session.name,
                      session.image, spec.group, spec.data_port, _triggers(spec))
 
-    def _engine_open(self, spec: SessionSpec, facts: ImageFacts,
-                     source: MulticastSession | None) -> bool:
+    async def _engine_open(self, spec: SessionSpec, facts: ImageFacts,
+                           source: MulticastSession | None) -> bool:
+        """Open `spec` on the engine (callers hold self._syncing); False when it refused (logged
+        and remembered as unavailable). The engine reads the image's header and index, so in a
+        thread: never on the event loop."""
         assert self._engine is not None
         key = session_key(spec.name)
         for other in self._open.values():
@@ -585,7 +591,7 @@ class Catalog:
                             "for one of them ends it)", other.view.name, spec.name, spec.group)
         view = OpenSession(spec.name, spec.origin, spec.image, facts.digest, source)
         try:
-            self._engine.open_session(spec)
+            await asyncio.to_thread(self._engine.open_session, spec)
         except Exception as exc:  # the engine refused it (its own limits, a bad spec)
             log.error("multicast: the engine did not open session '%s': %s", spec.name, exc)
             self._unavailable[key] = (f"the engine did not open it: {exc}",
