@@ -123,13 +123,14 @@ def start_sender(lab: MulticastLab, image: Path, name: str, *extra: str) -> netl
 
 
 def start_receiver(lab: MulticastLab, n: int, name: str, disk: Path | None, *extra: str,
-                   by_name: bool = False) -> netlab.Proc:
+                   by_name: bool = False, run: str = "") -> netlab.Proc:
     """img's receiver on lab.receivers[n] restoring `disk` (None: extra says --output);
-    by_name: without --server, finding the session by its ANNOUNCE."""
+    by_name: without --server, finding the session by its ANNOUNCE; run: tells a second run
+    on the same receiver apart (its process name and log)."""
     host = lab.receivers[n]
     where = ["--interface", host.addr] if by_name else ["--server", lab.sender.addr]
     target = ["--disk", str(disk)] if disk is not None else []
-    return lab.spawn(host, f"receiver{n}-{name}",
+    return lab.spawn(host, f"receiver{n}-{name}{run}",
                      [sys.executable, "-m", "img.mcreceive", *where, "--session", name,
                       *target, *extra], cwd=REPO, env=env())
 

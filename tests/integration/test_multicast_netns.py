@@ -96,24 +96,42 @@ def test_every_receiver_gets_the_disk_a_local_restore_gives(lab_of, tmp_path, im
           f"{final['repair_share']:.3f}, sender CPU {final['cpu_share']:.0%}")
 
 
-def test_five_percent_loss_on_one_receiver_is_repaired(lab_of, tmp_path, image):
+LOSS_CASES = [
+    pytest.param(1, "r1", id="1%-on-one"),
+    pytest.param(5, "r1", id="5%-on-one"),
+    # on the sender's output, where it enters the switch: every receiver misses the same
+    pytest.param(5, "sender", id="5%-correlated"),
+]
+
+
+@pytest.mark.parametrize("percent,where", LOSS_CASES)
+def test_loss_is_repaired(lab_of, tmp_path, image, percent, where):
     path, reference = image
     lab = lab_of(3)
-    lab.loss_in(lab.receivers[0], 5)
+    if where == "sender":
+        lab.loss_out(lab.sender, percent)
+    else:
+        lab.loss_in(lab.receivers[0], percent)
     # a rate the receivers' CPUs keep up with, so the loss is nft's, not their sockets'
     sender = start_sender(lab, path, "lossy", "--clients", "3", "--rate-kbit", "80000")
     results = run_receivers(lab, tmp_path, "lossy", 3)
     for n, result in enumerate(results):
         assert result["ok"] and result["path"] == "multicast", result
         assert same_bytes(tmp_path / f"r{n}.disk", reference), f"receiver {n}: disk differs"
-    lossy = results[0]["stats"]
-    assert 0.02 < lossy["loss_fraction"] < 0.10 and lossy["naks_sent"] > 0, lossy
+        assert result["chunks_verified"] == result["chunks"], result
+    lossy = [r["stats"] for r in (results if where == "sender" else results[:1])]
+    expected = percent / 100
+    for stats in lossy:
+        assert 0.4 * expected < stats["loss_fraction"] < 2 * expected + 0.01, stats
+        assert stats["naks_sent"] > 0, stats
     final = sender_final(sender)
-    # repairs go to the group once for everyone: about the one receiver's loss, not a
-    # multiple of it (each NAKed range repaired once)
-    assert final["repair_share"] < 3 * lossy["loss_fraction"], (final, lossy)
-    print(f"5 % loss on one of 3 receivers: repair share {final['repair_share']:.3f}, "
-          f"its loss {lossy['loss_fraction']:.3f}")
+    # repairs go to the group once for everyone: about the loss, not a multiple of the
+    # receivers' count (each NAKed range repaired once, whoever NAKed it)
+    worst = max(stats["loss_fraction"] for stats in lossy)
+    assert final["repair_share"] < 3 * worst, (final, lossy)
+    assert [p["state"] for p in final["participants"]] == ["done"] * 3
+    print(f"{percent} % loss on {where}: repair share {final['repair_share']:.3f}, "
+          f"loss {worst:.3f}")
 
 
 def test_a_killed_receiver_is_lost_within_seconds_and_the_others_finish(lab_of, tmp_path,
@@ -180,6 +198,31 @@ def test_a_late_joiner_is_refused_with_started(lab_of, tmp_path, image):
         assert not any(disk.read()), "a refused receiver wrote to its disk"
     assert outcome(first)["ok"] and same_bytes(tmp_path / "r0.disk", reference)
     assert events(sender, "receiver-refused")
+
+
+def test_a_rebooted_receiver_is_refused_and_never_fed_a_wrong_offset(lab_of, tmp_path, image):
+    """A receiver that dies mid-session and comes back (the same address, a new run: a
+    machine that rebooted) is refused with `started`; it writes nothing, the other finishes."""
+    path, reference = image
+    lab = lab_of(2)
+    sender = start_sender(lab, path, "reboot", "--clients", "2", "--rate-kbit", "24000")
+    procs = [start_receiver(lab, n, "reboot", blank_disk(tmp_path / f"r{n}.disk", DISK))
+             for n in range(2)]
+    assert wait_for(lambda: events(sender, "session-started"), 30)
+    time.sleep(2)
+    os.kill(procs[0].pid, signal.SIGKILL)
+    procs[0].popen.wait(10)
+    partial = (tmp_path / "r0.disk").read_bytes()
+    again = start_receiver(lab, 0, "reboot", tmp_path / "r0.disk", run="-again")
+    refused = outcome(again, 60)
+    assert not refused["ok"] and refused["path"] == "refused" and refused["refusal"] == 5, \
+        refused
+    assert not refused["disk_changed"], refused
+    assert (tmp_path / "r0.disk").read_bytes() == partial, "the refused run wrote to its disk"
+    survivor = outcome(procs[1])
+    assert survivor["ok"] and same_bytes(tmp_path / "r1.disk", reference), survivor
+    final = sender_final(sender)
+    assert sorted(p["state"] for p in final["participants"]) == ["done", "lost"], final
 
 
 def test_a_sender_stopped_mid_session_fails_the_receivers_cleanly(lab_of, tmp_path, image):
