@@ -42,6 +42,11 @@ SCHEMA = Schema((
         "URL of the imaging environment's initrd; {server} is replaced as for ImagingKernel."),
     Key("KernelArgs", "string", "console=ttyS0 console=tty0 quiet",
         "Kernel command line put before the preboot.* arguments; quote it if it holds a comma."),
+    Key("GrubKernel", "string", "preboot/linux",
+        "Secure Boot clients (GRUB, docs/secure-boot.md): the imaging environment's kernel as a "
+        "path on the TFTP server GRUB booted from (GRUB cannot fetch over HTTP)."),
+    Key("GrubInitrd", "string", "preboot/initrd",
+        "Secure Boot clients: the imaging environment's initrd as a path on that TFTP server."),
     Key("MenuHotKey", "string", "Ctrl-A",
         "Key that opens the Preboot menu during the hot-key prompt: Ctrl-A ... Ctrl-Z or Esc "
         "(iPXE cannot see Ctrl+Alt held, the original's hot key)."),
@@ -80,6 +85,8 @@ class Settings:
     trust: TrustSettings
     tls: TlsSettings | None          # None: plain HTTP
     common: CommonSettings
+    grub_kernel: str = "/preboot/linux"  # Secure Boot clients: paths on GRUB's TFTP server
+    grub_initrd: str = "/preboot/initrd"
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -108,6 +115,19 @@ def _script_word(key: str, value: str, required: bool = True) -> str:
     if value.startswith("#"):
         raise SettingError(key, f"'{value}' starts with '#', which iPXE reads as a comment")
     return value
+
+
+_TFTP_PATH = re.compile(r"/?[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*")
+
+
+def _tftp_path(key: str, value: str) -> str:
+    """A path on the TFTP server, as GRUB takes it (absolute on its TFTP device): letters,
+    digits, '.', '_', '-' and '/' only, so it is one plain word in a GRUB script."""
+    value = value.strip()
+    if not _TFTP_PATH.fullmatch(value) or ".." in value.split("/"):
+        raise SettingError(key, f"'{value}' is not a path on the TFTP server (letters, digits, "
+                                ". _ - and /)")
+    return "/" + value.lstrip("/")
 
 
 def _kernel_args(value: str) -> str:
@@ -152,6 +172,8 @@ def make_settings(values: dict[str, Any], common: CommonSettings) -> Settings:
         imaging_kernel=_script_word("ImagingKernel", values["ImagingKernel"]),
         imaging_initrd=_script_word("ImagingInitrd", values["ImagingInitrd"]),
         kernel_args=_kernel_args(values["KernelArgs"]),
+        grub_kernel=_tftp_path("GrubKernel", values["GrubKernel"]),
+        grub_initrd=_tftp_path("GrubInitrd", values["GrubInitrd"]),
         hot_key=hot_key,
         workers=values["Workers"],
         trust=trust_settings(values),

@@ -6,6 +6,10 @@ GET /policy      the answer for one machine: query.parse_query -> the directory 
                  blocking, else on worker threads; bounded by DirectoryTimeout) and its
                  multicast sessions (read at most every few seconds) ->
                  common.policy.sessions.work_for -> script.answer_script
+GET /grub.cfg    the first script of Secure Boot clients' GRUB (grubscript.bootstrap), which
+                 tftpd serves as grub/grub.cfg (tftpd/gateway.py)
+GET /policy.grub the same answer as /policy, for GRUB (grubscript.answer_script), asked by tftpd
+                 for GRUB's /preboot/policy.grub/mac=.../... file
 anything else    404 (405 for another method on a known path)
 
 The directory is held by common.policy.directory.holder.DirectoryHolder (opened in start() on a
@@ -22,7 +26,7 @@ import logging
 import socket
 import ssl
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 from aiohttp import web
 
@@ -36,7 +40,7 @@ from common.policy.trust import Gate, Refused
 from common.daemon.tls import reload_tls, server_context
 from common.daemon.workerpool import DaemonThreadPool
 
-from . import script
+from . import grubscript, script
 from .config import Settings
 from .query import BadQuery, authority, host_of, parse_query
 from .status import ARCHES, PLATFORMS, PolicyCounters, bounded
@@ -51,6 +55,28 @@ SEND_TIMEOUT_S = 10.0            # ... and one that takes none of our answers af
 
 
 http_log = quiet_bad_requests("preboot.policyd.http", log)
+
+
+class Dialect(NamedTuple):
+    """How an answer is written: iPXE's script (script.py) or GRUB's (grubscript.py)."""
+
+    note: str                                       # in the log line: "" or ", GRUB"
+    answer: Callable[..., script.Answer]            # (settings, assignment, menu, facts,
+    fallback: Callable[..., script.Answer]          #  server, token) / (settings, reason, ...)
+
+
+IPXE = Dialect(
+    "",
+    lambda settings, assignment, menu, facts, server, token: script.answer_script(
+        settings, assignment, menu, facts.platform, server, facts.mac, token),
+    lambda settings, reason, facts, server, token: script.fallback_script(
+        settings, reason, facts.platform, server, facts.mac, token))
+GRUB = Dialect(
+    ", GRUB",
+    lambda settings, assignment, menu, facts, server, token: grubscript.answer_script(
+        settings, assignment, menu, server, facts.mac, token),
+    lambda settings, reason, facts, server, token: grubscript.fallback_script(
+        settings, reason, server, facts.mac, token))
 
 
 class RateLimitedWarning:
@@ -106,6 +132,8 @@ class PolicyServer:
                               client_max_size=64 * 1024)
         app.router.add_get("/boot.ipxe", self._boot_ipxe)
         app.router.add_get("/policy", self._policy)
+        app.router.add_get("/grub.cfg", self._grub_cfg)
+        app.router.add_get("/policy.grub", self._policy_grub)
         tls = self.settings.tls
         self._tls_context = server_context(tls) if tls else None
         await self._http.start(app, self._tls_context)
@@ -178,7 +206,18 @@ class PolicyServer:
         self.stats.script_requests += 1
         return _script_response(script.boot_script(self._where(request), self._http.scheme))
 
+    async def _grub_cfg(self, request: web.Request) -> web.Response:
+        self.stats.script_requests += 1
+        return _script_response(grubscript.bootstrap())
+
     async def _policy(self, request: web.Request) -> web.Response:
+        return await self._answer(request, IPXE)
+
+    async def _policy_grub(self, request: web.Request) -> web.Response:
+        return await self._answer(request, GRUB)
+
+    async def _answer(self, request: web.Request, dialect: "Dialect") -> web.Response:
+        """One machine's answer, written in `dialect` (iPXE's or GRUB's script)."""
         self.stats.queries += 1
         parsed = parse_query(request.query.items())
         if isinstance(parsed, BadQuery):
@@ -195,18 +234,17 @@ class PolicyServer:
             policy, station = await self._directory.lookup(facts.mac)
         except Exception as exc:  # DirectoryError, timeout, anything a backend lets through
             self.stats.directory_errors += 1
-            return self._fallback(settings, facts, server, describe(exc))
+            return self._fallback(settings, facts, server, describe(exc), dialect)
         # a machine a multicast session takes goes into it (imgsrvd, which runs the sessions,
         # decides again when the imaging environment asks: a session may have begun meanwhile)
         sessions = await self._directory.recent_sessions()
         try:
             assignment = work_for(policy, station, facts, sessions)
-            answer = script.answer_script(settings, assignment, menu_for(policy, station),
-                                          facts.platform, server, facts.mac,
-                                          self._work_token(facts.mac, assignment))
+            answer = dialect.answer(settings, assignment, menu_for(policy, station), facts,
+                                    server, self._work_token(facts.mac, assignment))
         except Exception as exc:  # a bug or bad data must still boot the machine somehow
             log.exception("cannot decide for %s", facts.mac)
-            return self._fallback(settings, facts, server, f"cannot decide: {exc}")
+            return self._fallback(settings, facts, server, f"cannot decide: {exc}", dialect)
         if assignment.has_work:
             self.stats.work_assigned += 1
         else:
@@ -219,8 +257,8 @@ class PolicyServer:
             what = f"menu, default {what}"
         elif answer.kind == "hotkey":
             what = f"hot-key prompt, then {what}"
-        log.info("%s (%s): %s; %s", facts.mac, facts.platform or "platform unknown", what,
-                 assignment.reason)
+        log.info("%s (%s%s): %s; %s", facts.mac, facts.platform or "platform unknown",
+                 dialect.note, what, assignment.reason)
         return _script_response(answer.script)
 
     def _work_token(self, mac: str, assignment: WorkAssignment) -> str | None:
@@ -231,13 +269,12 @@ class PolicyServer:
         return self._gate.issue(mac, ("work",), images, time.time())
 
     def _fallback(self, settings: Settings, facts: MachineFacts, server: str,
-                  problem: str) -> web.Response:
+                  problem: str, dialect: "Dialect") -> web.Response:
         self.stats.fallback_answers += 1
         self._warn.warning("directory %s: %s; answered %s with FallbackAnswer (%s)",
                            settings.directory.text, problem, facts.mac, settings.fallback)
         # The client sees only that; the details (hosts, paths) stay in the log.
         reason = "directory unavailable"
         token = self._gate.issue(facts.mac, ("work",), (), time.time()) if facts.mac else None
-        answer = script.fallback_script(settings, reason, facts.platform, server, facts.mac,
-                                        token)
+        answer = dialect.fallback(settings, reason, facts, server, token)
         return _script_response(answer.script)

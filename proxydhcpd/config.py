@@ -12,6 +12,7 @@ from common.daemon.runner import CommonSettings, common_keys
 from common.daemon.services import PROXYDHCPD
 
 from .decide import BootFiles, BootMenu, Policy, menu_options
+from .secureboot import parse_clients
 
 STATUS_PORT = PROXYDHCPD.status_port
 
@@ -33,6 +34,13 @@ SCHEMA = Schema((
     Key("BootFileUEFI32", "string", "", "Boot program for IA32 UEFI (arch 6)."),
     Key("BootFileUEFI64", "string", "ipxe.efi", "Boot program for x64 UEFI (arch 7 and 9)."),
     Key("BootFileARM64", "string", "", "Boot program for ARM64 UEFI (arch 11)."),
+    Key("SecureBootClients", "strings", "",
+        "UEFI x64 clients that boot the Secure Boot chain (BootFileSecureBoot: shim, then the "
+        "distribution's signed GRUB) instead of BootFileUEFI64: all, MAC addresses, IPv4 "
+        "networks (of the relay agent, else of our interface), comma-separated; empty: none. "
+        "GRUB needs the site DHCP's next-server to be this boot server (docs/secure-boot.md)."),
+    Key("BootFileSecureBoot", "string", "shimx64.efi",
+        "Boot program of the Secure Boot chain (shim; the signed GRUB beside it as grubx64.efi)."),
     Key("BootFileHTTP", "string", "",
         "URL for x86 UEFI HTTP boot clients (HTTPClient, arch 15/16); {server} is replaced."),
     Key("IPXEScriptURL", "string", "boot.ipxe",
@@ -100,8 +108,17 @@ def make_settings(values: dict[str, Any], common: CommonSettings) -> Settings:
             menu_options(menu, "0.0.0.0")
         except ValueError as exc:
             raise SettingError("MenuPrompt", str(exc)) from None
+    secure = parse_clients(values["SecureBootClients"], parse_mac)
+    if isinstance(secure, str):
+        raise SettingError("SecureBootClients", secure)
+    secure_file = values["BootFileSecureBoot"].strip()
+    if secure.anyone and not secure_file:
+        raise SettingError("BootFileSecureBoot", "empty, but SecureBootClients names clients")
+    if len(secure_file.encode("ascii", "replace")) > 127:
+        raise SettingError("BootFileSecureBoot", "longer than the 127 bytes the DHCP file field "
+                                                 "holds")
     policy = Policy(files, values["UEFIVia4011"], menu, _macs(values["AllowedMACs"], "AllowedMACs"),
-                    _macs(values["DeniedMACs"], "DeniedMACs"))
+                    _macs(values["DeniedMACs"], "DeniedMACs"), secure, secure_file)
     return Settings(values["IPAddress"], tuple(values["Interfaces"]), values["ListenPort67"],
                     values["ListenPort4011"], values["DHCPPort"], values["BootServerPort"],
                     values["ClientPort"], values["NextServer"], policy, common)

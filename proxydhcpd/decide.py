@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 from . import packet
 from .packet import DhcpPacket
+from .secureboot import SecureBootClients
 
 # IANA "Processor Architecture Types" (after RFC 4578 section 2.1)
 ARCH_BIOS = 0
@@ -62,6 +63,8 @@ class Policy:
     menu: BootMenu
     allowed_macs: frozenset[bytes]
     denied_macs: frozenset[bytes]
+    secure_boot: SecureBootClients = SecureBootClients()
+    secure_boot_file: str = "shimx64.efi"    # what those clients get instead of files.uefi64
 
 
 class ProxyReply(NamedTuple):
@@ -188,7 +191,10 @@ def decide(request: DhcpPacket, port: int, policy: Policy, server: str) -> Proxy
                           arch, "ipxe", f"iPXE ({arch_name}): policy script")
     if kind == b"HTTPClient" and arch not in HTTP_ARCHES:
         arch, arch_name = 16, ARCH_NAMES[16]  # an HTTP boot client that did not say which
-    boot_file = _file_for_arch(arch, files).replace("{server}", server)
+    secure = arch in (7, 9) and policy.secure_boot.takes(request.mac, request.giaddr, server)
+    boot_file = (policy.secure_boot_file if secure else _file_for_arch(arch, files)
+                 ).replace("{server}", server)
+    label = f"{arch_name}, Secure Boot chain" if secure else arch_name   # for the reasons
     if not boot_file:
         return Ignore(f"no boot file configured for architecture {arch} ({arch_name})",
                       "no_boot_file")
@@ -204,17 +210,17 @@ def decide(request: DhcpPacket, port: int, policy: Policy, server: str) -> Proxy
         if item is not None:
             options = packet.encode_option(packet.PXE_BOOT_ITEM, item[1]) + b"\xff"
         return ProxyReply(packet.ACK, kind, boot_file, options, arch, arch_name,
-                          f"boot server reply ({arch_name})")
+                          f"boot server reply ({label})")
     if arch in UEFI_ARCHES and policy.uefi_via_4011:
         # Many UEFI PXE stacks ignore a proxy offer that bypasses boot server discovery;
         # without option 43 they ask us again on 4011 (EDK2's "ProxyBinl" path).
         return ProxyReply(packet.OFFER, kind, boot_file, None, arch, arch_name,
-                          f"UEFI ({arch_name}): continue on port 4011", to_boot_server=True)
+                          f"UEFI ({label}): continue on port 4011", to_boot_server=True)
     if policy.menu.enabled and arch == ARCH_BIOS:
         return ProxyReply(packet.OFFER, kind, boot_file, menu_options(policy.menu, server),
                           arch, arch_name, f"PXE ROM ({arch_name}): boot menu")
     return ProxyReply(packet.OFFER, kind, boot_file, discovery_control(0x08) + b"\xff", arch,
-                      arch_name, f"PXE ROM ({arch_name}): boot file in the offer")
+                      arch_name, f"PXE ROM ({label}): boot file in the offer")
 
 
 def _boot_item(request: DhcpPacket) -> tuple[int, bytes] | None:

@@ -73,6 +73,17 @@ class FastPath:
             return False
         return not self._allowed or mac in self._allowed
 
+    def secure_boot(self, datagram: bytes) -> tuple[bool, bytes] | None:
+        """What decide() reads to give a client the Secure Boot chain and the template leaves
+        out (part of the cache key): whether its MAC is named, and the relay address when
+        networks are named (our own address is in the key already). None: nobody takes it."""
+        secure = self.policy.secure_boot
+        if not secure.anyone:
+            return None
+        hlen = datagram[2]
+        mac = datagram[28:28 + (hlen if hlen < 16 else 16)]
+        return mac in secure.macs, datagram[24:28] if secure.networks else b""
+
     def scan(self, datagram: bytes) -> tuple[tuple, bytes | None] | None:
         """packet.scan(datagram), remembering the layout of the last request of each length:
         clients of one kind send the same options but for option 97's value, so when the bytes
@@ -108,7 +119,7 @@ class FastPath:
         (67 or 4011, the role), to be answered from `server`; `scanned` is what self.scan or
         packet.scan returned for it (when they return None, only the full path answers it)."""
         key, guid = scanned
-        key = (port, server, self.mac_ok(datagram), key)
+        key = (port, server, self.mac_ok(datagram), self.secure_boot(datagram), key)
         found = self._outcomes.get(key)
         if found is None:
             self.misses += 1

@@ -34,6 +34,10 @@ SCHEMA = Schema((
     Key("MaxUploadSize", "integer(min=0)", "0", "Largest upload in bytes; 0 means no limit."),
     Key("CaseInsensitive", "boolean", "NO",
         "Find 'PXELINUX.0' when only 'pxelinux.0' exists."),
+    Key("PolicyGateway", "string", "http://{server}:8090",
+        "Preboot Policy Service that answers Secure Boot clients' GRUB (grub/grub.cfg and "
+        "preboot/policy.grub/..., docs/secure-boot.md); {server} is the address the client "
+        "asked on. off: those names are read from Root like any file."),
 ) + common_keys(TFTPD))
 
 
@@ -53,6 +57,19 @@ class Settings:
     max_upload_bytes: int
     case_insensitive: bool
     common: CommonSettings
+    policy_gateway: str = ""         # base URL, may hold {server}; "": no gateway
+
+
+def _gateway(value: str) -> str:
+    value = value.strip()
+    if value.lower() in ("off", "no", "none"):
+        return ""
+    if not value.startswith(("http://", "https://")):
+        raise SettingError("PolicyGateway", f"'{value}' is not an http:// or https:// URL, "
+                                            "or off")
+    if any(c.isspace() or ord(c) < 32 for c in value):
+        raise SettingError("PolicyGateway", f"'{value}' holds blanks or control characters")
+    return value
 
 
 def make_settings(values: dict[str, Any], common: CommonSettings) -> Settings:
@@ -65,7 +82,7 @@ def make_settings(values: dict[str, Any], common: CommonSettings) -> Settings:
         max_windowsize=values["MaxWindowSize"], timeout_s=float(values["Timeout"]),
         retries=values["Retries"], max_transfers=values["MaxTransfers"],
         max_upload_bytes=values["MaxUploadSize"], case_insensitive=values["CaseInsensitive"],
-        common=common)
+        common=common, policy_gateway=_gateway(values["PolicyGateway"]))
     if not os.path.isdir(root):
         raise SettingError("Root", f"folder {root} does not exist")
     if not (upload == root or upload.startswith(root.rstrip("/") + "/")):

@@ -26,6 +26,7 @@ from typing import Any
 
 from . import packet, paths
 from .config import Settings
+from .gateway import GatewayError, GatewayRequest, PolicyGateway, base_url, gateway_request
 from .netascii import encode as netascii_encode
 from .options import Limits, Negotiated, negotiate
 from .status import TftpCounters
@@ -58,6 +59,8 @@ class TftpServer:
         self.active: dict[tuple[str, int], ActiveTransfer] = {}
         self._listener: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._gateway = PolicyGateway()
+        self._asking: dict[tuple[str, int], asyncio.Task] = {}   # clients whose file policyd makes
 
     # ---- lifecycle (common.daemon.runner.Service) ---------------------------------------
 
@@ -95,6 +98,10 @@ class TftpServer:
         for active in list(self.active.values()):
             active.transfer.fail("shutdown", "Server shutting down", packet.ERR_UNDEFINED)
             self._end(active)
+        for task in list(self._asking.values()):
+            task.cancel()
+        await asyncio.gather(*self._asking.values(), return_exceptions=True)
+        await self._gateway.close()
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -142,7 +149,7 @@ class TftpServer:
             self._reply_once(client, local, packet.encode_error(packet.ERR_ILLEGAL,
                                                                 f"Malformed request: {exc}"))
             return
-        if client in self.active:
+        if client in self.active or client in self._asking:
             self.stats.duplicate_requests += 1  # a retransmitted request: already serving it
             return
         if len(self.active) >= self.settings.max_transfers:
@@ -174,6 +181,10 @@ class TftpServer:
 
     def _start_read(self, request: packet.Request, client: tuple[str, int],
                     local: str | None) -> None:
+        asked = gateway_request(request.filename) if self.settings.policy_gateway else None
+        if asked is not None:
+            self._ask_gateway(request, client, local, asked)
+            return
         root = self.settings.root
         resolved = paths.resolve_read(root, request.filename, self.settings.case_insensitive)
         opened = resolved if isinstance(resolved, paths.Refusal) else paths.open_for_read(
@@ -197,6 +208,41 @@ class TftpServer:
             source = FileBlocks(opened, size)
             known_size = size
         opts = negotiate(request.options, self._limits(), known_size, is_write=False)
+        self._launch(client, local, request, opts, lambda send, oack: ReadTransfer(
+            source, opts, self.settings.retries, self.stats, send, oack),
+            on_socket_error=source.close)
+
+    def _ask_gateway(self, request: packet.Request, client: tuple[str, int], local: str | None,
+                     asked: GatewayRequest) -> None:
+        """A file policyd makes (gateway.py): fetched in a task, then sent as any file."""
+        if self._gateway.full:
+            self.stats.refused_busy += 1
+            log.warning("busy (%d policy answers being fetched): dropped a request from %s:%d; "
+                        "it will retry", self._gateway.in_flight, *client)
+            return
+        url = asked.url(base_url(self.settings.policy_gateway,
+                                 local or self.settings.ip_address))
+        assert self._loop is not None
+        task = self._loop.create_task(self._serve_gateway(request, client, local, url))
+        self._asking[client] = task
+        task.add_done_callback(lambda _t: self._asking.pop(client, None))
+
+    async def _serve_gateway(self, request: packet.Request, client: tuple[str, int],
+                             local: str | None, url: str) -> None:
+        try:
+            content = await self._gateway.fetch(url)
+        except GatewayError as exc:
+            self.stats.gateway_failures += 1
+            log.warning("%r for %s:%d: %s (%s)", request.filename, *client, exc, url)
+            self._refuse(client, local, request, paths.Refusal(
+                packet.ERR_NOT_FOUND, f"Preboot policy: {exc}", False), "gateway")
+            return
+        self.stats.gateway_answers += 1
+        self._asking.pop(client, None)          # the transfer takes over from here
+        if request.mode == "netascii":
+            content = netascii_encode(content)
+        source = MemoryBlocks(content)
+        opts = negotiate(request.options, self._limits(), source.size, is_write=False)
         self._launch(client, local, request, opts, lambda send, oack: ReadTransfer(
             source, opts, self.settings.retries, self.stats, send, oack),
             on_socket_error=source.close)

@@ -25,6 +25,8 @@ class TftpCounters(StatusCounters):
     duplicate_requests: int = 0
     refused_paths: int = 0
     refused_busy: int = 0
+    gateway_answers: int = 0   # grub/grub.cfg, preboot/policy.grub/...: policyd answered
+    gateway_failures: int = 0  # ... policyd did not (the client got a TFTP error saying so)
     errors: Counter = field(default_factory=Counter)   # by kind: file_not_found, timeout, ...
 
     def error(self, kind: str) -> None:

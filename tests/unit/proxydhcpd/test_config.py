@@ -198,3 +198,23 @@ def test_check_exits_78_with_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "proxydhcpd", "--check", "--config", str(path)],
                           cwd=str(REPO), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout == f"OK: {path}\n"
+
+
+@pytest.mark.parametrize("value,problem", [
+    ("bogus", "'bogus' is not all, a MAC address or an IPv4 network"),
+    ("10.0.0.0/33", "'10.0.0.0/33' is not all"),
+])
+def test_secure_boot_clients_errors(value, problem):
+    values = defaults(SCHEMA)
+    values["SecureBootClients"] = [value]
+    with pytest.raises(SettingError) as caught:
+        make_settings(values, CommonSettings.from_values(values))
+    assert caught.value.key == "SecureBootClients" and problem in str(caught.value)
+
+
+def test_secure_boot_clients_parse():
+    values = defaults(SCHEMA)
+    values["SecureBootClients"] = ["ALL", "00-C0-4F-DC-2A-B5", "10.1.0.0/16"]
+    secure = make_settings(values, CommonSettings.from_values(values)).policy.secure_boot
+    assert secure.everyone and bytes.fromhex("00c04fdc2ab5") in secure.macs
+    assert str(secure.networks[0]) == "10.1.0.0/16"

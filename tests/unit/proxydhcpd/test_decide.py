@@ -434,3 +434,44 @@ def test_4011_is_independent_of_uefi_via_4011_and_menu():
 
 def test_discovery_control_encoding():
     assert d.discovery_control(8) == b"\x06\x01\x08"
+
+
+# ---- the Secure Boot chain ----------------------------------------------------------------
+
+def _secure(**kw) -> Policy:
+    from proxydhcpd.secureboot import SecureBootClients
+    return policy(secure_boot=SecureBootClients(**kw))
+
+
+@pytest.mark.parametrize("arch", [7, 9])
+@pytest.mark.parametrize("msg,port", [("discover", 67), ("request", 4011)])
+def test_named_uefi_x64_clients_get_shim(arch, msg, port):
+    plan = decide(request(msg, arch=arch), port, _secure(macs=frozenset({MAC})), SERVER)
+    assert isinstance(plan, ProxyReply) and plan.boot_file == "shimx64.efi"
+    assert "Secure Boot chain" in plan.reason and plan.firmware == d.ARCH_NAMES[arch]
+    other = decide(request(msg, arch=arch, mac=OTHER_MAC), port, _secure(macs=frozenset({MAC})),
+                   SERVER)
+    assert other.boot_file == "ipxe.efi" and "Secure Boot" not in other.reason
+
+
+@pytest.mark.parametrize("arch,boot_file", [(0, "undionly.kpxe"), (6, "ipxe-ia32.efi"),
+                                            (11, "ipxe-arm64.efi")])
+def test_other_architectures_never_get_shim(arch, boot_file):
+    plan = decide(request(arch=arch), 67, _secure(everyone=True), SERVER)
+    assert plan.boot_file == boot_file
+
+
+def test_ipxe_itself_still_gets_the_script():
+    plan = decide(request(arch=7, extra=[(77, b"iPXE")]), 67, _secure(everyone=True), SERVER)
+    assert plan.boot_file == "http://10.0.0.1:8080/boot.ipxe"
+
+
+def test_networks_match_the_relay_else_our_interface():
+    import ipaddress
+    secure = _secure(networks=(ipaddress.IPv4Network("10.20.0.0/16"),))
+    relayed = packet.parse(bytes(BOOTP(op=1, htype=1, hlen=6, xid=7, giaddr="10.20.3.1",
+                                       chaddr=MAC + bytes(10)) / DHCP(options=[
+        ("message-type", "discover"), (60, vendor_for(7)), (93, b"\x00\x07"), "end"])))
+    assert decide(relayed, 67, secure, SERVER).boot_file == "shimx64.efi"
+    assert decide(request(arch=7), 67, secure, SERVER).boot_file == "ipxe.efi"
+    assert decide(request(arch=7), 67, secure, "10.20.0.2").boot_file == "shimx64.efi"

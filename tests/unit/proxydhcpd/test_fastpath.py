@@ -6,6 +6,7 @@ and send the same."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import socket
 
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from common.daemon.config import defaults
 from common.daemon.runner import CommonSettings
 from proxydhcpd import decide, fastpath, packet, reply, server
+from proxydhcpd.secureboot import SecureBootClients
 from proxydhcpd.config import SCHEMA, make_settings
 
 from .test_golden import EXPECTED, NEXT_SERVER, SERVER, _client, policies
@@ -192,6 +194,14 @@ _POLICIES = {
                                 menu=decide.BootMenu(True, "Press F8", 3)),
     "no-ipxe": dataclasses.replace(policies()["default"], files=dataclasses.replace(
         policies()["default"].files, ipxe_script="", http="http://{server}/boot.efi")),
+    # the Secure Boot chain by MAC, by the relay's network, by our interface's: the cache key
+    # must tell those clients apart although the template leaves MAC and giaddr out
+    "secure-mac": dataclasses.replace(policies()["default"], secure_boot=SecureBootClients(
+        macs=frozenset({MAC}))),
+    "secure-relay": dataclasses.replace(policies()["default"], secure_boot=SecureBootClients(
+        networks=(ipaddress.IPv4Network("10.1.2.0/24"),))),
+    "secure-local": dataclasses.replace(policies()["default"], secure_boot=SecureBootClients(
+        networks=(ipaddress.IPv4Network("10.0.0.0/30"),))),
 }
 # One FastPath per (policy, next server) shared by all examples: later examples hit what
 # earlier ones cached, which is what the cache keys must get right.
@@ -201,7 +211,7 @@ _SHARED = {(name, nxt): fastpath.FastPath(p, nxt)
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(raw=requests(), port=st.sampled_from([67, 4011]),
-       which=st.sampled_from(sorted(_SHARED)), srv=st.sampled_from([SERVER, "10.0.0.1"]))
+       which=st.sampled_from(sorted(_SHARED)), srv=st.sampled_from([SERVER, "10.0.0.1", "10.0.0.9"]))
 def test_fast_path_agrees_with_the_full_path_on_generated_requests(raw, port, which, srv):
     fp = _SHARED[which]
     want = reference(raw, port, fp.policy, srv, fp.next_server)
