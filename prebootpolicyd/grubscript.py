@@ -35,8 +35,8 @@ from .script import MARKER, Answer, encode_arg, encode_text
 LOCAL = "exit"     # back to the firmware, which boots its next boot option (the disk)
 # What the bootstrap sends, in the order /policy reads them (mac first: it counts once).
 # GRUB's smbios module reads the SMBIOS tables; type 1 is the System Information structure
-# (SMBIOS 3.x section 7.2: manufacturer at offset 4, product 5, serial 7, UUID 8), type 3 the
-# enclosure's (asset tag at offset 8).
+# (SMBIOS 3.x section 7.2: manufacturer at offset 4, product 5, serial 7, UUID 8). Not the
+# enclosure's asset tag (type 3): GRUB prints an error for a string a machine leaves out.
 FACTS = (
     ("mac", "${net_default_mac}"),
     ("uuid", "${preboot_uuid}"),
@@ -46,7 +46,6 @@ FACTS = (
     ("manufacturer", "${preboot_manufacturer}"),
     ("product", "${preboot_product}"),
     ("serial", "${preboot_serial}"),
-    ("asset_tag", "${preboot_asset_tag}"),
 )
 POLICY_PATH = "/preboot/policy.grub"
 
@@ -69,7 +68,6 @@ def bootstrap() -> str:
         "smbios --type 1 --get-string 5 --set preboot_product",
         "smbios --type 1 --get-string 7 --set preboot_serial",
         "smbios --type 1 --get-uuid 8 --set preboot_uuid",
-        "smbios --type 3 --get-string 8 --set preboot_asset_tag",
         "set root=(tftp,${net_default_server})",
         'echo "Preboot: asking the policy service for ${net_default_mac}"',
         f'source "{path}"',

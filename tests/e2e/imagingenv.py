@@ -40,10 +40,11 @@ DISK_TOOLS = ("sfdisk", "mkfs.ext4", "debugfs", "e2fsck", "partclone.ext4", "los
 
 
 def run_checked(args: list[str], timeout: float, input: str | None = None,
-                env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+                env: Mapping[str, str] | None = None,
+                cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run a command with a timeout; raise with its output when it fails."""
     proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, input=input,
-                          env=dict(env) if env is not None else None)
+                          env=dict(env) if env is not None else None, cwd=cwd)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n"
                            f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
@@ -286,16 +287,20 @@ class ImagingStack:
 
 def start_imaging_stack(lab: netlab.Lab, tftp_root: Path, imaging_env: Path, policy: str,
                         image_root: Path, tls: bool = False,
-                        imgsrvd_extra: Mapping[str, object] | None = None) -> ImagingStack:
+                        imgsrvd_extra: Mapping[str, object] | None = None,
+                        proxy_extra: Mapping[str, object] | None = None,
+                        site_next_server: str | None = None) -> ImagingStack:
     """The flat lab (site DHCP with a pool, proxydhcpd and tftpd on br0 192.168.77.2) with
     iPXE and the imaging environment in `tftp_root`, `policy` imported into a SQLite
     directory, imgsrvd serving `image_root` and policyd pointing iPXE at it. tls: imgsrvd
     speaks TLS with a certificate `preboot-dir tls create` made, and policyd pins it on the
-    kernel line (ImagingServerCertificate)."""
+    kernel line (ImagingServerCertificate). proxy_extra: more proxydhcpd keys;
+    site_next_server: see netlab.build_proxy_lab."""
     netlab.stage_ipxe_binaries(tftp_root)
     stage_imaging_env(imaging_env, tftp_root)
     setup = netlab.build_proxy_lab(lab, "flat", tftp_root, {
-        "IPXEScriptURL": f"http://{{server}}:{POLICY_PORT}/boot.ipxe"})
+        "IPXEScriptURL": f"http://{{server}}:{POLICY_PORT}/boot.ipxe", **(proxy_extra or {})},
+        site_next_server=site_next_server)
     url = f"sqlite:///{lab.workdir}/directory.db"
     policy_file = lab.workdir / "site-policy.conf"
     policy_file.write_text(policy)
@@ -312,6 +317,29 @@ def start_imaging_stack(lab: netlab.Lab, tftp_root: Path, imaging_env: Path, pol
         "IPAddress": setup.server_ip, "Port": POLICY_PORT, "Directory": url,
         "KernelArgs": "console=ttyS0 quiet panic=-1", **pinned})
     return ImagingStack(setup, imgsrvd, policyd, url, pin)
+
+
+SECURE_BOOT_CACHE = Path(os.environ.get("PREBOOT_SB_CACHE", "/var/cache/preboot/secure-boot"))
+SECURE_BOOT_FILES = {       # name in the TFTP root: (Debian package, file in it)
+    "shimx64.efi": ("shim-signed", "usr/lib/shim/shimx64.efi.signed"),
+    "grubx64.efi": ("grub-efi-amd64-signed",
+                    "usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed"),
+}
+
+
+def stage_secure_boot_chain(tftp_root: Path) -> None:
+    """shim (signed by Microsoft's UEFI CA) and Debian's signed network GRUB, as the names
+    shim asks for, into `tftp_root`. The packages are downloaded and unpacked into a cache,
+    never installed (their scripts would touch this host's EFI system partition)."""
+    for name, (package, member) in SECURE_BOOT_FILES.items():
+        unpacked = SECURE_BOOT_CACHE / package
+        if not (unpacked / member).is_file():
+            debs = SECURE_BOOT_CACHE / "debs"
+            debs.mkdir(parents=True, exist_ok=True)
+            run_checked(["apt-get", "download", package], 300, cwd=debs)
+            deb = sorted(debs.glob(f"{package}_*.deb"))[-1]
+            run_checked(["dpkg-deb", "-x", str(deb), str(unpacked)], 120)
+        shutil.copyfile(unpacked / member, tftp_root / name)
 
 
 def imaging_vm(mac: str, name: str, smbios: str, disk: Path, firmware: netlab.Firmware = "bios",

@@ -49,10 +49,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+# Secure Boot on, with Microsoft's keys enrolled (Debian's ovmf): shim is signed by their CA
+OVMF_CODE_SECBOOT = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
+OVMF_VARS_MS = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
 IPXE_DIR = Path("/usr/lib/ipxe")
 IPXE_BINARIES = ("undionly.kpxe", "ipxe.efi", "snponly.efi")
 
-Firmware = Literal["bios", "uefi"]
+Firmware = Literal["bios", "uefi", "uefi-secboot"]
 
 _ANSI_RE = re.compile(rb"\x1b\[[0-9;?=]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[=>78cDEHM]|\x08 \x08|\x08")
 
@@ -87,6 +90,8 @@ def firmware_files(firmware: Firmware) -> list[Path]:
     """Files a VM with this firmware needs on the host (besides qemu's own BIOS and NIC ROMs)."""
     if firmware == "uefi":
         return [OVMF_CODE, OVMF_VARS]
+    if firmware == "uefi-secboot":
+        return [OVMF_CODE_SECBOOT, OVMF_VARS_MS]
     return []
 
 
@@ -640,6 +645,16 @@ def qemu_command(spec: VmSpec, workdir: Path) -> list[str]:
         args += ["-machine", "q35",
                  "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
                  "-drive", f"if=pflash,format=raw,file={vars_copy}"]
+    elif spec.firmware == "uefi-secboot":
+        # Secure Boot needs SMM (the variable store is writable only from it) and a flash
+        # qemu marks secure; S3 off, as OVMF's secure build asks
+        vars_copy = workdir / f"{spec.name}.OVMF_VARS.fd"
+        shutil.copyfile(OVMF_VARS_MS, vars_copy)
+        args += ["-machine", "q35,smm=on",
+                 "-global", "driver=cfi.pflash01,property=secure,value=on",
+                 "-global", "ICH9-LPC.disable_s3=1",
+                 "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE_SECBOOT}",
+                 "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}"]
     else:
         sercon = workdir / "sercon-port.bin"
         sercon.write_bytes(b"\xf8\x03")
@@ -997,7 +1012,8 @@ class ProxyLab:
 
 def build_proxy_lab(lab: Lab, layout: ProxyLayout, tftp_root: Path,
                     proxy: Mapping[str, object] | None = None,
-                    http_port: int | None = None) -> ProxyLab:
+                    http_port: int | None = None, site_next_server: str | None = None
+                    ) -> ProxyLab:
     """Site DHCP (dnsmasq, pool only), our proxydhcpd + tftpd, radvd and DHCP captures.
 
     flat       site DHCP in its own namespace on the server segment (192.168.77.1), our daemons
@@ -1008,10 +1024,15 @@ def build_proxy_lab(lab: Lab, layout: ProxyLayout, tftp_root: Path,
                forwards to the site DHCP server and to our proxy; the site DHCP has a pool and a
                router for that segment
     `http_port`: also serve `tftp_root` over HTTP (python -m http.server) on the server address.
+    `site_next_server`: the site DHCP also gives this next-server (siaddr), no boot file (what
+    Secure Boot's signed GRUB needs, docs/secure-boot.md).
     """
     wd = lab.workdir
     # no-ping: dnsmasq would otherwise ping a new address for 3 s before offering it
     pool = SiteDhcp(range_start="192.168.77.100", range_end="192.168.77.150", extra=("no-ping",))
+    if site_next_server:
+        pool = SiteDhcp(range_start=pool.range_start, range_end=pool.range_end,
+                        extra=(*pool.extra, f"dhcp-boot=,,{site_next_server}"))
     captures = {"client": wd / "dhcp.pcap"}
     logs = [wd / "dnsmasq.log"]
     topo: PxeTopology | RelayTopology
