@@ -327,19 +327,54 @@ SECURE_BOOT_FILES = {       # name in the TFTP root: (Debian package, file in it
 }
 
 
-def stage_secure_boot_chain(tftp_root: Path) -> None:
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+
+
+def stage_secure_boot_chain(tftp_root: Path, grub_release: str | None = None) -> None:
     """shim (signed by Microsoft's UEFI CA) and Debian's signed network GRUB, as the names
     shim asks for, into `tftp_root`. The packages are downloaded and unpacked into a cache,
-    never installed (their scripts would touch this host's EFI system partition)."""
+    never installed (their scripts would touch this host's EFI system partition): from this
+    host's apt sources, or GRUB from another Debian release's index (`grub_release`, e.g.
+    "trixie": its GRUB 2.12 reads the proxyDHCP offer, bookworm's 2.06 does not)."""
     for name, (package, member) in SECURE_BOOT_FILES.items():
-        unpacked = SECURE_BOOT_CACHE / package
+        release = grub_release if package == "grub-efi-amd64-signed" else None
+        unpacked = SECURE_BOOT_CACHE / f"{package}-{release or 'host'}"
         if not (unpacked / member).is_file():
             debs = SECURE_BOOT_CACHE / "debs"
             debs.mkdir(parents=True, exist_ok=True)
-            run_checked(["apt-get", "download", package], 300, cwd=debs)
-            deb = sorted(debs.glob(f"{package}_*.deb"))[-1]
+            deb = (_download_from_release(package, release, debs) if release else None)
+            if deb is None:
+                run_checked(["apt-get", "download", package], 300, cwd=debs)
+                deb = sorted(debs.glob(f"{package}_*.deb"))[-1]
             run_checked(["dpkg-deb", "-x", str(deb), str(unpacked)], 120)
         shutil.copyfile(unpacked / member, tftp_root / name)
+
+
+def _download_from_release(package: str, release: str, folder: Path) -> Path:
+    """The current .deb of `package` in Debian `release` (main, amd64), by its Packages index,
+    checked against the index's SHA-256."""
+    import hashlib
+    import lzma
+    import urllib.request
+    index_url = f"{DEBIAN_MIRROR}/dists/{release}/main/binary-amd64/Packages.xz"
+    with urllib.request.urlopen(index_url, timeout=120) as answer:
+        index = lzma.decompress(answer.read()).decode("utf-8", "replace")
+    for stanza in index.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in stanza.splitlines()
+                      if ": " in line and not line.startswith(" "))
+        if fields.get("Package") == package:
+            break
+    else:
+        raise RuntimeError(f"{package} is not in {index_url}")
+    target = folder / Path(fields["Filename"]).name
+    if not target.exists():
+        with urllib.request.urlopen(f"{DEBIAN_MIRROR}/{fields['Filename']}",
+                                    timeout=300) as answer:
+            data = answer.read()
+        if hashlib.sha256(data).hexdigest() != fields["SHA256"]:
+            raise RuntimeError(f"{target.name}: SHA-256 differs from {index_url}")
+        target.write_bytes(data)
+    return target
 
 
 def imaging_vm(mac: str, name: str, smbios: str, disk: Path, firmware: netlab.Firmware = "bios",
