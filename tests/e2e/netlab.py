@@ -617,6 +617,7 @@ class VmSpec:
     name: str = "vm"
     extra: tuple[str, ...] = ()
     console: bool = False        # a serial console the test can type on (Vm.console)
+    network: bool = True         # False: no NIC at all (the VM boots its disk)
 
 
 def qemu_command(spec: VmSpec, workdir: Path) -> list[str]:
@@ -659,6 +660,8 @@ def qemu_command(spec: VmSpec, workdir: Path) -> list[str]:
         sercon = workdir / "sercon-port.bin"
         sercon.write_bytes(b"\xf8\x03")
         args += ["-machine", "pc", "-fw_cfg", f"name=etc/sercon-port,file={sercon}"]
+    if not spec.network:
+        return args + ["-net", "none", *spec.extra]
     device = f"{spec.nic},netdev=n0,mac={spec.mac},bootindex=1"
     if not spec.nic_rom:
         device += ",romfile="
