@@ -1,6 +1,8 @@
 """The policy service: an aiohttp HTTP/1.1 server on the socket bound before detaching.
 
 GET /boot.ipxe   the static first script (script.boot_script), pointing back at this host
+GET /boot/<path> a boot file under BootFilesRoot (bootfiles.BootFiles: the imaging kernel and
+                 initrd over HTTP with sendfile; HEAD and Range too)
 GET /policy      the answer for one machine: query.parse_query -> the directory (policy and the
                  workstation record, on the loop when the backend can answer there without
                  blocking, else on worker threads; bounded by DirectoryTimeout) and its
@@ -37,8 +39,9 @@ from common.daemon.tls import reload_tls, server_context
 from common.daemon.workerpool import DaemonThreadPool
 
 from . import script
+from .bootfiles import BootFiles
 from .config import Settings
-from .query import BadQuery, authority, host_of, parse_query
+from .query import BadQuery, authority, host_of, parse_query, port_of
 from .status import ARCHES, PLATFORMS, PolicyCounters, bounded
 
 log = logging.getLogger("preboot.policyd")
@@ -90,6 +93,7 @@ class PolicyServer:
         self._warn = RateLimitedWarning(log)
         self._gate = Gate(settings.trust)
         self._tls_context: ssl.SSLContext | None = None
+        self._boot_files = BootFiles(settings.boot_files)
 
     # ---- lifecycle (common.daemon.runner.Service) ---------------------------------------
 
@@ -99,13 +103,14 @@ class PolicyServer:
     async def start(self) -> None:
         self._pool = DaemonThreadPool(self.settings.workers, "policyd-dir")
         await self._directory.configure(self.settings.directory)
-        for warning in self._gate.prepare():
+        for warning in self._gate.prepare() + self._boot_files.prepare():
             log.warning("%s", warning)
         errors = error_middleware(self._not_found, self._internal_error)
         app = web.Application(middlewares=[errors, self._allowed_clients],
                               client_max_size=64 * 1024)
         app.router.add_get("/boot.ipxe", self._boot_ipxe)
         app.router.add_get("/policy", self._policy)
+        self._boot_files.add_routes(app)
         tls = self.settings.tls
         self._tls_context = server_context(tls) if tls else None
         await self._http.start(app, self._tls_context)
@@ -124,7 +129,7 @@ class PolicyServer:
         await self._directory.configure(settings.directory)
         self._gate.configure(settings.trust)
         warnings += reload_tls(self._tls_context, old.tls, settings.tls)
-        return warnings + self._gate.prepare()
+        return warnings + self._gate.prepare() + self._boot_files.configure(settings.boot_files)
 
     async def stop(self) -> None:
         await self._http.stop()                # stops listening, lets in-flight answers finish
@@ -137,7 +142,7 @@ class PolicyServer:
         return self._http.listen()
 
     def counters(self) -> dict[str, Any]:
-        return self.stats.snapshot()
+        return {**self.stats.snapshot(), **self._boot_files.counters()}
 
     def _worker_pool(self) -> DaemonThreadPool:
         assert self._pool is not None, "start() first"
@@ -158,7 +163,7 @@ class PolicyServer:
     @staticmethod
     def _not_found(request: web.Request) -> web.Response:
         return web.Response(status=404, text=f"not found: {request.path[:200]}\n"
-                            "(this service answers /boot.ipxe and /policy)\n")
+                            "(this service answers /boot.ipxe, /policy and /boot/<file>)\n")
 
     @staticmethod
     def _internal_error(request: web.Request) -> web.Response:
@@ -190,12 +195,13 @@ class PolicyServer:
         self.stats.by_platform[bounded(facts.platform, PLATFORMS)] += 1
         self.stats.by_arch[bounded(facts.arch, ARCHES)] += 1
         settings = self.settings
-        server = host_of(self._where(request))
+        where = self._where(request)
+        server, port = host_of(where), port_of(where, 443 if self._http.scheme == "https" else 80)
         try:
             policy, station = await self._directory.lookup(facts.mac)
         except Exception as exc:  # DirectoryError, timeout, anything a backend lets through
             self.stats.directory_errors += 1
-            return self._fallback(settings, facts, server, describe(exc))
+            return self._fallback(settings, facts, server, describe(exc), port)
         # a machine a multicast session takes goes into it (imgsrvd, which runs the sessions,
         # decides again when the imaging environment asks: a session may have begun meanwhile)
         sessions = await self._directory.recent_sessions()
@@ -203,10 +209,10 @@ class PolicyServer:
             assignment = work_for(policy, station, facts, sessions)
             answer = script.answer_script(settings, assignment, menu_for(policy, station),
                                           facts.platform, server, facts.mac,
-                                          self._work_token(facts.mac, assignment))
+                                          self._work_token(facts.mac, assignment), port)
         except Exception as exc:  # a bug or bad data must still boot the machine somehow
             log.exception("cannot decide for %s", facts.mac)
-            return self._fallback(settings, facts, server, f"cannot decide: {exc}")
+            return self._fallback(settings, facts, server, f"cannot decide: {exc}", port)
         if assignment.has_work:
             self.stats.work_assigned += 1
         else:
@@ -231,7 +237,7 @@ class PolicyServer:
         return self._gate.issue(mac, ("work",), images, time.time())
 
     def _fallback(self, settings: Settings, facts: MachineFacts, server: str,
-                  problem: str) -> web.Response:
+                  problem: str, port: int) -> web.Response:
         self.stats.fallback_answers += 1
         self._warn.warning("directory %s: %s; answered %s with FallbackAnswer (%s)",
                            settings.directory.text, problem, facts.mac, settings.fallback)
@@ -239,5 +245,5 @@ class PolicyServer:
         reason = "directory unavailable"
         token = self._gate.issue(facts.mac, ("work",), (), time.time()) if facts.mac else None
         answer = script.fallback_script(settings, reason, facts.platform, server, facts.mac,
-                                        token)
+                                        token, port)
         return _script_response(answer.script)
