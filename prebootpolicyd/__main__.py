@@ -15,6 +15,7 @@ SPEC = DaemonSpec(
     schema=SCHEMA,
     make_settings=make_settings,
     make_service=PolicyServer,
+    event_loop="asyncio",        # boot files go out with sendfile(2); uvloop has none
 )
 
 

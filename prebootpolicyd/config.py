@@ -15,6 +15,8 @@ from common.policy.trust import TrustSettings, trust_keys, trust_settings
 from common.daemon.tls import TlsSettings, tls_keys, tls_settings
 from common.tlspin import PinError, pem_fingerprint
 
+from .bootfiles import BootFileSettings, bootfile_keys, bootfile_settings
+
 STATUS_PORT = POLICYD.status_port
 FALLBACKS = ("local", "maintenance")
 
@@ -35,11 +37,13 @@ SCHEMA = Schema((
         "The certificate the imaging server presents (its TLSCertificate, PEM): the imaging "
         "environment then talks TLS to it and accepts only this certificate (its SHA-256 goes on "
         "the kernel line as preboot.serverpin=). Empty: plain HTTP. Reload after replacing it."),
-    Key("ImagingKernel", "string", "tftp://{server}/preboot/linux",
-        "URL of the imaging environment's kernel; {server} is replaced by the address iPXE "
-        "reached this service on."),
-    Key("ImagingInitrd", "string", "tftp://{server}/preboot/initrd",
-        "URL of the imaging environment's initrd; {server} is replaced as for ImagingKernel."),
+    Key("ImagingKernel", "string", "http://{server}:{port}/boot/preboot/linux",
+        "URL of the imaging environment's kernel; {server} and {port} are replaced by the "
+        "address and port iPXE reached this service on (its /boot/ serves BootFilesRoot); "
+        "tftp://{server}/preboot/linux fetches it from tftpd instead."),
+    Key("ImagingInitrd", "string", "http://{server}:{port}/boot/preboot/initrd",
+        "URL of the imaging environment's initrd; {server} and {port} are replaced as for "
+        "ImagingKernel."),
     Key("KernelArgs", "string", "console=ttyS0 console=tty0 quiet",
         "Kernel command line put before the preboot.* arguments; quote it if it holds a comma."),
     Key("GrubKernel", "string", "preboot/linux",
@@ -52,6 +56,7 @@ SCHEMA = Schema((
         "(iPXE cannot see Ctrl+Alt held, the original's hot key)."),
     Key("Workers", "integer(min=1, max=64)", "8",
         "Threads for directory queries (a slow directory never blocks the service)."),
+    *bootfile_keys(),
     *trust_keys(1800, "the imaging environment asks the imaging server for the machine's "
                       "work with it, within minutes of the answer", checks=False),
     *tls_keys("iPXE: only a build with HTTPS that trusts this certificate (iPXE's TRUST= build "
@@ -82,6 +87,7 @@ class Settings:
     kernel_args: str
     hot_key: HotKey
     workers: int
+    boot_files: BootFileSettings
     trust: TrustSettings
     tls: TlsSettings | None          # None: plain HTTP
     common: CommonSettings
@@ -176,6 +182,7 @@ def make_settings(values: dict[str, Any], common: CommonSettings) -> Settings:
         grub_initrd=_tftp_path("GrubInitrd", values["GrubInitrd"]),
         hot_key=hot_key,
         workers=values["Workers"],
+        boot_files=bootfile_settings(values),
         trust=trust_settings(values),
         tls=tls_settings(values),
         common=common,

@@ -100,3 +100,12 @@ def host_of(authority_text: str) -> str:
     if authority_text.startswith("["):
         return authority_text[:authority_text.index("]") + 1]
     return authority_text.rsplit(":", 1)[0] if ":" in authority_text else authority_text
+
+
+def port_of(authority_text: str, default: int) -> int:
+    """'10.0.0.1:8090' -> 8090; '[fd00::1]:8090' -> 8090; 'name' -> default (the scheme's: a
+    client leaves the port out of Host only when it is the scheme's default)."""
+    tail = authority_text[authority_text.index("]") + 1:] if authority_text.startswith("[") \
+        else authority_text
+    _, colon, port = tail.rpartition(":")
+    return int(port) if colon and port.isdigit() and int(port) <= 65535 else default

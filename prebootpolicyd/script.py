@@ -75,15 +75,18 @@ class Answer:
     script: str
 
 
-def _substitute(template: str, server: str) -> str:
-    return template.replace("{server}", server)
+def _substitute(template: str, server: str, port: int) -> str:
+    return template.replace("{server}", server).replace("{port}", str(port))
 
 
 def imaging_lines(settings: Settings, work: str, action: Action | None, server: str,
-                  mac: str | None, token: str | None = None) -> list[str]:
+                  mac: str | None, token: str | None = None, port: int | None = None
+                  ) -> list[str]:
     """kernel + initrd + boot for the imaging environment; on failure, to :failed. token: the
-    machine's capability to ask the imaging server for its work (preboot.token)."""
-    imaging_server = _substitute(settings.imaging_server, server) or server
+    machine's capability to ask the imaging server for its work (preboot.token); port: the
+    port iPXE reached this service on ({port}; None: the configured Port)."""
+    port = settings.port if port is None else port
+    imaging_server = _substitute(settings.imaging_server, server, port) or server
     args = [settings.kernel_args] if settings.kernel_args else []
     args += [f"preboot.server={encode_arg(imaging_server)}", f"preboot.work={encode_arg(work)}"]
     if action is not None and action.image:
@@ -98,8 +101,8 @@ def imaging_lines(settings: Settings, work: str, action: Action | None, server: 
         args.append(f"preboot.token={encode_arg(token)}")
     if settings.imaging_server_pin:
         args.append(f"preboot.serverpin={settings.imaging_server_pin}")
-    kernel = _substitute(settings.imaging_kernel, server)
-    initrd = _substitute(settings.imaging_initrd, server)
+    kernel = _substitute(settings.imaging_kernel, server, port)
+    initrd = _substitute(settings.imaging_initrd, server, port)
     # A UEFI kernel (EFI stub) finds its initrd only by the name on its command line (iPXE
     # offers downloaded images by name); BIOS kernels ignore the argument.
     return [f"kernel {kernel} initrd={INITRD_NAME} {' '.join(args)} || goto failed",
@@ -114,27 +117,29 @@ def _failed_lines(platform: str | None) -> list[str]:
 
 
 def _direct_lines(settings: Settings, assignment: WorkAssignment, platform: str | None,
-                  server: str, mac: str | None, token: str | None) -> list[str]:
+                  server: str, mac: str | None, token: str | None, port: int | None
+                  ) -> list[str]:
     """The answer without a menu: the imaging environment, or the local disk."""
     if assignment.has_work:
         action = assignment.action
         return ([f"echo {MARKER} imaging {encode_text(action.describe())}"]
-                + imaging_lines(settings, action.kind.value, action, server, mac, token))
+                + imaging_lines(settings, action.kind.value, action, server, mac, token, port))
     return [f"echo {MARKER} local {encode_text(assignment.reason)}", local_boot(platform)]
 
 
 def _menu_lines(settings: Settings, assignment: WorkAssignment, menu: MenuSettings,
-                platform: str | None, server: str, mac: str | None, token: str | None
-                ) -> list[str]:
+                platform: str | None, server: str, mac: str | None, token: str | None,
+                port: int | None) -> list[str]:
     default = "start" if assignment.has_work else "local"
     timeout = f" --timeout {menu.timeout_s * 1000}" if menu.timeout_s else ""
     if assignment.has_work:
         action = assignment.action
         start = ([f"echo Preboot menu: {encode_text(action.describe())}"]
-                 + imaging_lines(settings, action.kind.value, action, server, mac, token))
+                 + imaging_lines(settings, action.kind.value, action, server, mac, token,
+                                 port))
     else:
         start = (["echo Preboot menu: imaging, as the imaging server decides"]
-                 + imaging_lines(settings, "auto", None, server, mac, token))
+                 + imaging_lines(settings, "auto", None, server, mac, token, port))
     return ([f"echo {MARKER} menu",
              "menu Preboot Menu",
              "item start Start Imaging",
@@ -144,7 +149,8 @@ def _menu_lines(settings: Settings, assignment: WorkAssignment, menu: MenuSettin
              f"goto ${{{CHOICE_SETTING}}}",
              ":start"] + start
             + [":maintenance", "echo Preboot menu: imaging maintenance"]
-            + imaging_lines(settings, ActionKind.MAINTENANCE.value, None, server, mac, token)
+            + imaging_lines(settings, ActionKind.MAINTENANCE.value, None, server, mac, token,
+                            port)
             + [":local", "echo Preboot menu: booting the local disk", local_boot(platform)])
 
 
@@ -157,34 +163,37 @@ def _script(lines: list[str], platform: str | None) -> str:
 
 def answer_script(settings: Settings, assignment: WorkAssignment, menu: MenuSettings,
                   platform: str | None, server: str, mac: str | None,
-                  token: str | None = None) -> Answer:
-    """The answer to a /policy query. `server` is the host iPXE reached us on ({server});
-    token goes on every kernel line of the imaging environment (preboot.token)."""
+                  token: str | None = None, port: int | None = None) -> Answer:
+    """The answer to a /policy query. `server` and `port` are the host and port iPXE reached
+    us on ({server}, {port}; port None: the configured Port); token goes on every kernel line
+    of the imaging environment (preboot.token)."""
     if menu.display is MenuDisplay.ALWAYS:
-        lines = _menu_lines(settings, assignment, menu, platform, server, mac, token)
+        lines = _menu_lines(settings, assignment, menu, platform, server, mac, token, port)
         return Answer("menu", _script(lines, platform))
     if menu.display is MenuDisplay.HOTKEY and menu.timeout_s > 0:
         key = settings.hot_key
         prompt = (f"prompt --key {key.ipxe} --timeout {menu.timeout_s * 1000} "
                   f"Press {key.label} for the Preboot menu... && goto menu || goto answer")
         lines = ([prompt, ":answer"]
-                 + _direct_lines(settings, assignment, platform, server, mac, token)
+                 + _direct_lines(settings, assignment, platform, server, mac, token, port)
                  + [":menu"] + _menu_lines(settings, assignment, menu, platform, server, mac,
-                                           token))
+                                           token, port))
         return Answer("hotkey", _script(lines, platform))
     # NEVER, or a hot-key prompt of zero seconds (nobody could press the key): no menu.
-    lines = _direct_lines(settings, assignment, platform, server, mac, token)
+    lines = _direct_lines(settings, assignment, platform, server, mac, token, port)
     return Answer("imaging" if assignment.has_work else "local", _script(lines, platform))
 
 
 def fallback_script(settings: Settings, reason: str, platform: str | None, server: str,
-                    mac: str | None, token: str | None = None) -> Answer:
+                    mac: str | None, token: str | None = None, port: int | None = None
+                    ) -> Answer:
     """The answer when the directory cannot be read (FallbackAnswer), without any menu."""
     if settings.fallback == "maintenance":
         action = Action(ActionKind.MAINTENANCE)
         lines = ([f"echo {MARKER} imaging {encode_text(action.describe())}",
                   f"echo Preboot: {encode_text(reason)}"]
-                 + imaging_lines(settings, action.kind.value, action, server, mac, token))
+                 + imaging_lines(settings, action.kind.value, action, server, mac, token,
+                                 port))
         return Answer("imaging", _script(lines, platform))
     lines = [f"echo {MARKER} local {encode_text(reason)}", local_boot(platform)]
     return Answer("local", _script(lines, platform))

@@ -1,6 +1,8 @@
 """The policy service: an aiohttp HTTP/1.1 server on the socket bound before detaching.
 
 GET /boot.ipxe   the static first script (script.boot_script), pointing back at this host
+GET /boot/<path> a boot file under BootFilesRoot (bootfiles.BootFiles: the imaging kernel and
+                 initrd over HTTP with sendfile; HEAD and Range too)
 GET /policy      the answer for one machine: query.parse_query -> the directory (policy and the
                  workstation record, on the loop when the backend can answer there without
                  blocking, else on worker threads; bounded by DirectoryTimeout) and its
@@ -41,8 +43,9 @@ from common.daemon.tls import reload_tls, server_context
 from common.daemon.workerpool import DaemonThreadPool
 
 from . import grubscript, script
+from .bootfiles import BootFiles
 from .config import Settings
-from .query import BadQuery, authority, host_of, parse_query
+from .query import BadQuery, authority, host_of, parse_query, port_of
 from .status import ARCHES, PLATFORMS, PolicyCounters, bounded
 
 log = logging.getLogger("preboot.policyd")
@@ -62,20 +65,22 @@ class Dialect(NamedTuple):
 
     note: str                                       # in the log line: "" or ", GRUB"
     answer: Callable[..., script.Answer]            # (settings, assignment, menu, facts,
-    fallback: Callable[..., script.Answer]          #  server, token) / (settings, reason, ...)
+    fallback: Callable[..., script.Answer]          #  server, token, port) / (settings, reason,
+                                                    #  facts, server, token, port)
 
 
 IPXE = Dialect(
     "",
-    lambda settings, assignment, menu, facts, server, token: script.answer_script(
-        settings, assignment, menu, facts.platform, server, facts.mac, token),
-    lambda settings, reason, facts, server, token: script.fallback_script(
-        settings, reason, facts.platform, server, facts.mac, token))
+    lambda settings, assignment, menu, facts, server, token, port: script.answer_script(
+        settings, assignment, menu, facts.platform, server, facts.mac, token, port),
+    lambda settings, reason, facts, server, token, port: script.fallback_script(
+        settings, reason, facts.platform, server, facts.mac, token, port))
+# GRUB fetches the environment over TFTP (GrubKernel, GrubInitrd): no HTTP port in it
 GRUB = Dialect(
     ", GRUB",
-    lambda settings, assignment, menu, facts, server, token: grubscript.answer_script(
+    lambda settings, assignment, menu, facts, server, token, port: grubscript.answer_script(
         settings, assignment, menu, server, facts.mac, token),
-    lambda settings, reason, facts, server, token: grubscript.fallback_script(
+    lambda settings, reason, facts, server, token, port: grubscript.fallback_script(
         settings, reason, server, facts.mac, token))
 
 
@@ -116,6 +121,7 @@ class PolicyServer:
         self._warn = RateLimitedWarning(log)
         self._gate = Gate(settings.trust)
         self._tls_context: ssl.SSLContext | None = None
+        self._boot_files = BootFiles(settings.boot_files)
 
     # ---- lifecycle (common.daemon.runner.Service) ---------------------------------------
 
@@ -125,7 +131,7 @@ class PolicyServer:
     async def start(self) -> None:
         self._pool = DaemonThreadPool(self.settings.workers, "policyd-dir")
         await self._directory.configure(self.settings.directory)
-        for warning in self._gate.prepare():
+        for warning in self._gate.prepare() + self._boot_files.prepare():
             log.warning("%s", warning)
         errors = error_middleware(self._not_found, self._internal_error)
         app = web.Application(middlewares=[errors, self._allowed_clients],
@@ -134,6 +140,7 @@ class PolicyServer:
         app.router.add_get("/policy", self._policy)
         app.router.add_get("/grub.cfg", self._grub_cfg)
         app.router.add_get("/policy.grub", self._policy_grub)
+        self._boot_files.add_routes(app)
         tls = self.settings.tls
         self._tls_context = server_context(tls) if tls else None
         await self._http.start(app, self._tls_context)
@@ -152,7 +159,7 @@ class PolicyServer:
         await self._directory.configure(settings.directory)
         self._gate.configure(settings.trust)
         warnings += reload_tls(self._tls_context, old.tls, settings.tls)
-        return warnings + self._gate.prepare()
+        return warnings + self._gate.prepare() + self._boot_files.configure(settings.boot_files)
 
     async def stop(self) -> None:
         await self._http.stop()                # stops listening, lets in-flight answers finish
@@ -165,7 +172,7 @@ class PolicyServer:
         return self._http.listen()
 
     def counters(self) -> dict[str, Any]:
-        return self.stats.snapshot()
+        return {**self.stats.snapshot(), **self._boot_files.counters()}
 
     def _worker_pool(self) -> DaemonThreadPool:
         assert self._pool is not None, "start() first"
@@ -186,7 +193,7 @@ class PolicyServer:
     @staticmethod
     def _not_found(request: web.Request) -> web.Response:
         return web.Response(status=404, text=f"not found: {request.path[:200]}\n"
-                            "(this service answers /boot.ipxe and /policy)\n")
+                            "(this service answers /boot.ipxe, /policy and /boot/<file>)\n")
 
     @staticmethod
     def _internal_error(request: web.Request) -> web.Response:
@@ -229,22 +236,24 @@ class PolicyServer:
         self.stats.by_platform[bounded(facts.platform, PLATFORMS)] += 1
         self.stats.by_arch[bounded(facts.arch, ARCHES)] += 1
         settings = self.settings
-        server = host_of(self._where(request))
+        where = self._where(request)
+        server, port = host_of(where), port_of(where, 443 if self._http.scheme == "https" else 80)
         try:
             policy, station = await self._directory.lookup(facts.mac)
         except Exception as exc:  # DirectoryError, timeout, anything a backend lets through
             self.stats.directory_errors += 1
-            return self._fallback(settings, facts, server, describe(exc), dialect)
+            return self._fallback(settings, facts, server, describe(exc), dialect, port)
         # a machine a multicast session takes goes into it (imgsrvd, which runs the sessions,
         # decides again when the imaging environment asks: a session may have begun meanwhile)
         sessions = await self._directory.recent_sessions()
         try:
             assignment = work_for(policy, station, facts, sessions)
             answer = dialect.answer(settings, assignment, menu_for(policy, station), facts,
-                                    server, self._work_token(facts.mac, assignment))
+                                    server, self._work_token(facts.mac, assignment), port)
         except Exception as exc:  # a bug or bad data must still boot the machine somehow
             log.exception("cannot decide for %s", facts.mac)
-            return self._fallback(settings, facts, server, f"cannot decide: {exc}", dialect)
+            return self._fallback(settings, facts, server, f"cannot decide: {exc}", dialect,
+                                  port)
         if assignment.has_work:
             self.stats.work_assigned += 1
         else:
@@ -269,12 +278,12 @@ class PolicyServer:
         return self._gate.issue(mac, ("work",), images, time.time())
 
     def _fallback(self, settings: Settings, facts: MachineFacts, server: str,
-                  problem: str, dialect: "Dialect") -> web.Response:
+                  problem: str, dialect: "Dialect", port: int) -> web.Response:
         self.stats.fallback_answers += 1
         self._warn.warning("directory %s: %s; answered %s with FallbackAnswer (%s)",
                            settings.directory.text, problem, facts.mac, settings.fallback)
         # The client sees only that; the details (hosts, paths) stay in the log.
         reason = "directory unavailable"
         token = self._gate.issue(facts.mac, ("work",), (), time.time()) if facts.mac else None
-        answer = dialect.fallback(settings, reason, facts, server, token)
+        answer = dialect.fallback(settings, reason, facts, server, token, port)
         return _script_response(answer.script)

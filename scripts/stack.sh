@@ -10,8 +10,12 @@
 #   PREBOOT_ADDRESS=192.0.2.10 bash scripts/stack.sh    # listen on another local address
 #   PREBOOT_PROXYDHCP=1 bash scripts/stack.sh           # also start the proxyDHCP
 #   PREBOOT_IMAGING_ENV=0 bash scripts/stack.sh         # do not build the imaging environment
-# The imaging environment (packaging/imaging-env/build.sh: kernel + initrd, cached) is put
-# where policyd's default ImagingKernel/ImagingInitrd look: samples/tftproot/preboot/.
+# The boot programs (iPXE, and shim + the signed network GRUB for Secure Boot) are placed in
+# samples/tftproot by packaging/bootfiles/place-bootfiles.sh from the distribution's packages
+# (the signed ones fetched with apt-get download into /var/cache/preboot/bootfiles, never
+# installed). The imaging environment (packaging/imaging-env/build.sh: kernel + initrd, cached)
+# is put where policyd's default ImagingKernel/ImagingInitrd look: samples/tftproot/preboot/,
+# which policyd serves over HTTP (BootFilesRoot) and tftpd over TFTP.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -32,16 +36,18 @@ if [ -n "${PREBOOT_ADDRESS:-}" ]; then
   mkdir -p "$conf_dir"
   for d in "${DAEMONS[@]}"; do
     sed -e "s|^IPAddress = .*|IPAddress = ${PREBOOT_ADDRESS}|" \
-        -e "s|^Root = \.\./\.\./|Root = ${repo}/|" "packaging/dev/$d.conf" >"$conf_dir/$d.conf"
+        -e "s|^Root = \.\./\.\./|Root = ${repo}/|" \
+        -e "s|^BootFilesRoot = \.\./\.\./|BootFilesRoot = ${repo}/|" \
+        "packaging/dev/$d.conf" >"$conf_dir/$d.conf"
   done
 fi
 
 case "$action" in
   start)
     bash scripts/install-deps.sh
-    for f in undionly.kpxe ipxe.efi snponly.efi; do
-      [ -e "samples/tftproot/$f" ] || cp "/usr/lib/ipxe/$f" samples/tftproot/ 2>/dev/null || true
-    done
+    # Best effort: without network access the signed files may be missing; the rest still runs.
+    bash packaging/bootfiles/place-bootfiles.sh --download samples/tftproot \
+      || echo "stack: some boot programs could not be placed (above); starting anyway" >&2
     if [ "${PREBOOT_IMAGING_ENV:-1}" = 1 ]; then
       # Best effort: without it everything else works; a PXE client told to image gets
       # "cannot load the imaging environment" and boots its disk.

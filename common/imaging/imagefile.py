@@ -253,6 +253,13 @@ class ImageReader:
             decompressor = zstandard.ZstdDecompressor()
             self._local.decompressor = decompressor
         try:
+            # a frame that declares more than the index's length is damaged: refuse it before
+            # the decompressor allocates what it declares (a flipped bit can claim exabytes)
+            declared = zstandard.frame_content_size(payload)
+            if declared > entry.length:
+                raise ImageFormatError(f"{self.name}: chunk at byte {entry.position}: its frame "
+                                       f"declares {declared} bytes, the index {entry.length}: "
+                                       "the image is damaged")
             data = decompressor.decompress(payload, max_output_size=entry.length)
         except zstandard.ZstdError as exc:
             raise ImageFormatError(f"{self.name}: chunk at byte {entry.position}: "

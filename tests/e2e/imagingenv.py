@@ -3,8 +3,8 @@
 This module owns the pieces around the network lab (netlab.py) that imaging needs:
 
 * `build_imaging_env`: packaging/imaging-env/build.sh (cached: seconds when nothing changed),
-  and `stage_imaging_env`, which puts its linux/initrd under `preboot/` in a TFTP root, where
-  policyd's default ImagingKernel/ImagingInitrd look;
+  and `stage_imaging_env`, which puts its linux/initrd under `preboot/` in a TFTP root, which
+  policyd serves over HTTP (BootFilesRoot) where its default ImagingKernel/ImagingInitrd look;
 * `make_source_disk`, `make_image`, `check_restored_disk`: a small MBR disk file with an ext4
   partition full of known files, an image of it made with `img make` on the host, and the check
   that a restored disk has the same table and an ext4 that passes `e2fsck -fn` with every file
@@ -69,7 +69,8 @@ def build_imaging_env(out: Path = DEFAULT_ENV_DIR, timeout: float = 900) -> tupl
 
 
 def stage_imaging_env(env_dir: Path, tftp_root: Path) -> None:
-    """linux and initrd as <tftp_root>/preboot/{linux,initrd} (policyd's default URLs)."""
+    """linux and initrd as <tftp_root>/preboot/{linux,initrd} (policyd's default URLs, when
+    its BootFilesRoot is tftp_root)."""
     dest = tftp_root / "preboot"
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("linux", "initrd"):
@@ -313,9 +314,11 @@ def start_imaging_stack(lab: netlab.Lab, tftp_root: Path, imaging_env: Path, pol
     imgsrvd = start_imgsrvd(lab, setup.vm_ns, setup.server_ip, image_root, url, extra=extra)
     # quiet: the kernel's messages over an emulated UART cost seconds; panic=-1: a failing
     # /init reboots, which -no-reboot turns into a qemu exit instead of a hang
+    # iPXE fetches linux and initrd from policyd's /boot/ over HTTP (the default URLs)
     policyd = netlab.start_preboot_daemon(lab, setup.vm_ns, "prebootpolicyd", {
         "IPAddress": setup.server_ip, "Port": POLICY_PORT, "Directory": url,
-        "KernelArgs": "console=ttyS0 quiet panic=-1", **pinned})
+        "BootFilesRoot": str(tftp_root), "KernelArgs": "console=ttyS0 quiet panic=-1",
+        **pinned})
     return ImagingStack(setup, imgsrvd, policyd, url, pin)
 
 

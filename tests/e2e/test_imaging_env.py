@@ -2,7 +2,8 @@
 
     [dhcp ns] dnsmasq 192.168.77.1: address pool only
     [srv ns ] br0 192.168.77.2: proxydhcpd (IPXEScriptURL = http://{server}:8090/boot.ipxe),
-              tftpd (iPXE builds, preboot/linux, preboot/initrd), prebootpolicyd :8090,
+              tftpd (iPXE builds), prebootpolicyd :8090 (its /boot/ serves preboot/linux
+              and preboot/initrd from the same root over HTTP),
               imgsrvd :998 (ImageRoot holds lab/base.img); tap0 -- qemu
 
 The policy (loaded with preboot-dir into the SQLite directory both policyd and imgsrvd read)
@@ -11,7 +12,7 @@ beforehand on the host with `img make` from a disk file with an ext4 full of kno
 
 One BIOS VM (SeaBIOS + qemu's iPXE ROM, virtio NIC, blank virtio disk) boots: iPXE asks policyd,
 which answers `preboot-answer: imaging restore lab/base.img` and loads the imaging environment
-(packaging/imaging-env/build.sh) over TFTP; its /init gets an address, runs `img auto`, which
+(packaging/imaging-env/build.sh) over HTTP from policyd's /boot/; its /init gets an address, runs `img auto`, which
 asks imgsrvd, restores the image onto /dev/vda, reports the result, and the VM powers off.
 Then the VM's disk file must hold the partition table and an ext4 with every file identical,
 and imgsrvd must have logged a successful download and counted one image sent.
@@ -268,6 +269,11 @@ def test_vm_is_imaged_by_the_imaging_environment(imaging_env: Path, base_image: 
     assert counters["failures"] == 0, counters
     policy_counters = boot.policyd.counters()
     assert policy_counters["work_assigned"] == 1, policy_counters
+    # the kernel and initrd came over HTTP from policyd's /boot/, not over TFTP
+    assert policy_counters["boot_files_sent"] >= 2, policy_counters
+    assert policy_counters["boot_files_refused"] == 0, policy_counters
+    policy_log = netlab.read_text(boot.policyd.log)
+    assert "sent boot file preboot/initrd to 192.168.77." in policy_log, diag
     _check_refusals(lab, boot)
     _check_outside_allowed_clients(boot)
 

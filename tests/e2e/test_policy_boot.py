@@ -130,7 +130,7 @@ def test_three_machines_get_the_answers_their_policy_gives(backend: str, lab: ne
     policy_file.write_text(POLICY)
     _preboot_dir(srv_ns, url, "import", str(policy_file), credentials=credentials)
     settings = {"IPAddress": setup.server_ip, "Port": POLICY_PORT, "Directory": url,
-                "KernelArgs": "console=ttyS0"}
+                "BootFilesRoot": str(root), "KernelArgs": "console=ttyS0"}
     if credentials is not None:
         settings["DirectoryCredentials"] = credentials
     policyd = netlab.start_preboot_daemon(lab, srv_ns, "prebootpolicyd", settings)

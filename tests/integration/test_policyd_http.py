@@ -182,7 +182,8 @@ def test_answers_follow_the_directory(policyd):
     assert marker(body) == "preboot-answer: imaging restore dell/base.zmg + add-ons dell/drv.zmg"
     line, _, work_token = kernel_line(body).rpartition(" preboot.token=")
     assert line == (
-        "kernel tftp://127.0.0.1/preboot/linux initrd=initrd console=ttyS0 console=tty0 quiet "
+        f"kernel http://127.0.0.1:{policyd.port}/boot/preboot/linux initrd=initrd "
+        "console=ttyS0 console=tty0 quiet "
         "preboot.server=127.0.0.1 preboot.work=restore preboot.image=dell/base.zmg "
         f"preboot.addons=dell/drv.zmg preboot.mac={MAC_NORM}")
     # the machine's capability to ask the imaging server for its work (docs/security.md)
@@ -191,7 +192,8 @@ def test_answers_follow_the_directory(policyd):
     capability = decode(work_token.split()[0], keys, time.time())
     assert (capability.subject, capability.operations, capability.images) == (
         MAC_NORM, {"work"}, ("dell/base.zmg", "dell/drv.zmg"))
-    assert "initrd --name initrd tftp://127.0.0.1/preboot/initrd || goto failed" in body
+    assert (f"initrd --name initrd http://127.0.0.1:{policyd.port}/boot/preboot/initrd "
+            "|| goto failed") in body
 
     # efi, and too little RAM for the rule: local, the UEFI way
     body = policyd.policy(**{**DELL, "platform": "efi", "arch": "x86_64", "ram_mb": "2048"})
@@ -461,7 +463,11 @@ def test_status_and_zmgmcast(policyd_factory):
     assert status["counters"] == {
         "queries": 2, "script_requests": 1, "work_assigned": 0, "menus_shown": 0, "no_work": 1,
         "fallback_answers": 0, "directory_errors": 0, "bad_requests": 1,
-        "by_platform": {"pcbios": 1}, "by_arch": {"i386": 1}, "by_action": {"none": 1}}
+        "by_platform": {"pcbios": 1}, "by_arch": {"i386": 1}, "by_action": {"none": 1},
+        # /boot/ (prebootpolicyd.bootfiles), none asked for here
+        "boot_files_sent": 0, "boot_bytes_sent": 0, "boot_files_refused": 0,
+        "boot_files_not_found": 0, "boot_files_busy": 0, "boot_files_aborted": 0,
+        "boot_transfers_active": 0}
 
     env = dict(os.environ, PYTHONPATH=str(REPO))
     for args in (["--socket", daemon.status_socket], ["-i", "127.0.0.1", "-p", str(status_port)]):

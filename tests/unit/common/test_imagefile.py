@@ -8,7 +8,7 @@ import struct
 import threading
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from common.imaging.imagefile import ImageReader, ImageWriter
 from common.imaging.imageformat import (CHUNK_HEADER, TRAILER, ChunkKind, ImageFormatError,
@@ -206,6 +206,8 @@ def test_decoders_raise_only_format_errors(data):
 
 @settings(max_examples=200)
 @given(st.integers(0, 1000), st.integers(0, 255))
+@example(154, 144)     # the frame's header descriptor: a content size of 7 EB, once a MemoryError
+@example(154, 16)      # the same byte: still decodes to the checksummed bytes
 def test_any_single_byte_flip_in_a_small_image_is_detected_or_harmless(position, flip):
     buffer = io.BytesIO()
     writer = ImageWriter(buffer, META, chunk_size=4096)
@@ -228,9 +230,15 @@ def test_any_single_byte_flip_in_a_small_image_is_detected_or_harmless(position,
             if not problems:   # the flip hit a byte nobody reads (reserved or JSON spacing)
                 assert _read_all(reader, 0) == b"abc" * 1000 + bytes(1096 + 4096)
                 assert _read_all(reader, 0, True) == b"abc" * 1000 + bytes(1096 + 4096)
-            else:              # what verify finds, a restore's lighter check finds too
-                with pytest.raises(ImageFormatError):
-                    _read_all(reader, 0, frame_checksum_suffices=True)
+            else:              # what verify finds, a restore's lighter check finds too,
+                # unless the flip left the frame decoding to the very bytes its content
+                # checksum covers (a header bit zstd reads either way): those are right
+                try:
+                    data = _read_all(reader, 0, frame_checksum_suffices=True)
+                except ImageFormatError:
+                    pass
+                else:
+                    assert data == b"abc" * 1000 + bytes(1096 + 4096)
     finally:
         os.unlink(path)
 

@@ -44,8 +44,10 @@ def test_defaults(tmp_path):
     assert settings.directory.timeout_s == 3.0
     assert settings.fallback == "local"
     assert settings.imaging_server == ""
-    assert settings.imaging_kernel == "tftp://{server}/preboot/linux"
-    assert settings.imaging_initrd == "tftp://{server}/preboot/initrd"
+    assert settings.imaging_kernel == "http://{server}:{port}/boot/preboot/linux"
+    assert settings.imaging_initrd == "http://{server}:{port}/boot/preboot/initrd"
+    assert settings.boot_files.root == "/srv/tftp"
+    assert (settings.boot_files.max_transfers, settings.boot_files.idle_timeout_s) == (1000, 30)
     assert settings.kernel_args == "console=ttyS0 console=tty0 quiet"
     assert (settings.hot_key.label, settings.hot_key.code, settings.hot_key.ipxe) == \
         ("Ctrl-A", 1, "0x01")
@@ -147,7 +149,8 @@ def test_bad_value_is_one_line_error_naming_file_line_and_key(tmp_path, line, ke
 
 
 def test_empty_image_kernel_takes_the_default(tmp_path):
-    assert load(tmp_path, "ImagingKernel =\n").imaging_kernel == "tftp://{server}/preboot/linux"
+    assert load(tmp_path, "ImagingKernel =\n").imaging_kernel == \
+        "http://{server}:{port}/boot/preboot/linux"
 
 
 def test_ldap_credentials_file_is_checked(tmp_path):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from common.machine import ATTRIBUTE_KINDS, MachineFacts
 from prebootpolicyd.query import (MAX_VALUE_CHARS, BadQuery, authority, host_of,
-                                  parse_query)
+                                  parse_query, port_of)
 
 # What boot.ipxe makes a real iPXE send (a BIOS VM in qemu).
 IPXE_QUERY = ("mac=52-54-00-12-34-56&uuid=8c3d5a9e-1b2f-4c6d-9e8f-0a1b2c3d4e5f&ip=10.0.2.15"
@@ -187,3 +187,11 @@ def test_authority_falls_back_to_the_local_address(host):
 ])
 def test_host_of(text, host):
     assert host_of(text) == host
+
+
+@pytest.mark.parametrize("text, port", [
+    ("10.0.0.1:8090", 8090), ("10.0.0.1", 80), ("[fd00::1]:8090", 8090), ("[fd00::1]", 80),
+    ("name.example:1", 1), ("name.example", 80), ("name:99999", 80),
+])
+def test_port_of(text, port):
+    assert port_of(text, 80) == port

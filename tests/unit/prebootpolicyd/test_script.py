@@ -261,10 +261,10 @@ def test_work_boots_the_imaging_environment(kind, platform):
     m = run(result, platform=platform or "pcbios")
     assert markers(m) == [f"preboot-answer: imaging {described}"]
     url, args, other = kernel(m)
-    assert url == f"tftp://{SERVER}/preboot/linux"
+    assert url == f"http://{SERVER}:8090/boot/preboot/linux"   # Port: {port} not given
     assert other == ["console=ttyS0", "console=tty0", "quiet"]
     assert args == {"server": SERVER, "work": kind, "mac": MAC, **expected_args}
-    assert ("initrd", f"tftp://{SERVER}/preboot/initrd", []) in m.effects
+    assert ("initrd", f"http://{SERVER}:8090/boot/preboot/initrd", []) in m.effects
     assert last(m) == ("boot", [])
 
 
@@ -429,7 +429,23 @@ def test_server_placeholders():
 def test_ipv6_server():
     result = script.answer_script(SETTINGS, work(RESTORE), NEVER, "efi", "[fd00::1]", MAC)
     url, args, _ = kernel(run(result, platform="efi"))
-    assert url == "tftp://[fd00::1]/preboot/linux" and args["server"] == "[fd00::1]"
+    assert url == "http://[fd00::1]:8090/boot/preboot/linux" and args["server"] == "[fd00::1]"
+
+
+def test_port_is_the_one_ipxe_reached_us_on():
+    """{port}: the port of the request (the policy service's /boot/ serves the files); a TFTP
+    URL without it still works."""
+    result = script.answer_script(SETTINGS, work(RESTORE), NEVER, "efi", "10.0.0.5", MAC,
+                                  port=18090)
+    m = run(result, platform="efi")
+    assert kernel(m)[0] == "http://10.0.0.5:18090/boot/preboot/linux"
+    assert ("initrd", "http://10.0.0.5:18090/boot/preboot/initrd", []) in m.effects
+    tftp = make(ImagingKernel="tftp://{server}/preboot/linux",
+                ImagingInitrd="tftp://{server}/preboot/initrd")
+    m = run(script.answer_script(tftp, work(RESTORE), NEVER, "efi", "10.0.0.5", MAC, port=1),
+            platform="efi")
+    assert kernel(m)[0] == "tftp://10.0.0.5/preboot/linux"
+    assert ("initrd", "tftp://10.0.0.5/preboot/initrd", []) in m.effects
 
 
 def test_no_mac_no_mac_argument():

@@ -1,0 +1,332 @@
+"""Boot files over HTTP: GET and HEAD /boot/<path> serve the files under BootFilesRoot (tftpd's
+Root by default), read-only, so iPXE fetches the imaging kernel and initrd (about 29 MB) over
+HTTP instead of lock-step TFTP (one round trip per 1.4 KB block).
+
+Why here: policyd is the HTTP service iPXE already talks to (boot.ipxe, /policy); its listener,
+AllowedClients, TLS option, status socket and logs serve the files too, and one port stays open
+instead of two. This module owns the config keys (bootfile_keys), the route, the limits and the
+counters; server.py only adds the route and merges the counters.
+
+A request goes: bootpath.parse_path (pure: '..', absolute, backslash, NUL ... refused) ->
+open_inside (the file system: a symlink that leads out of the root is refused, the opened
+descriptor is proven inside the root through /proc/self/fd) -> bootpath.parse_range (206/416)
+-> the bytes with sendfile(2) (loop.sendfile on the standard asyncio loop: prebootpolicyd
+runs that loop for this, since uvloop has no sendfile), in pieces, under an idle watch: a
+transfer whose client acknowledges nothing for BootFileIdleTimeout seconds is cut off. At most
+MaxBootFileTransfers GETs run at once; more get 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import stat
+import struct
+import time
+from dataclasses import dataclass
+from email.utils import formatdate
+from typing import Any
+
+from aiohttp import web
+
+from common.daemon.config import Key
+from common.daemon.counters import StatusCounters
+
+from .bootpath import UNSATISFIABLE, ByteRange, Refusal, parse_path, parse_range
+
+PREFIX = "/boot/"
+ROUTE = "/boot/{path:.*}"
+DEFAULT_ROOT = "/srv/tftp"
+PIECE_BYTES = 4 << 20            # one loop.sendfile call; the idle watch looks between pieces
+RETRY_AFTER_S = 5                # told to a client refused with 503
+
+log = logging.getLogger("preboot.policyd.bootfiles")
+
+
+def bootfile_keys() -> tuple[Key, ...]:
+    return (
+        Key("BootFilesRoot", "path", DEFAULT_ROOT,
+            "Folder served read-only over HTTP under /boot/ (the imaging kernel and initrd, "
+            "any large boot file): tftpd's Root, so one folder holds every boot file. Nothing "
+            "outside it is read; a symlink that leads out of it is refused."),
+        Key("MaxBootFileTransfers", "integer(min=0, max=100000)", "1000",
+            "Boot file downloads at once; more get 503 (iPXE does not retry: such a machine "
+            "boots its disk, so allow every machine that boots at once). 0: /boot/ is off "
+            "(404)."),
+        Key("BootFileIdleTimeout", "integer(min=1, max=3600)", "30",
+            "Seconds a boot file download may go without the client taking any of it; then "
+            "the connection is closed."),
+    )
+
+
+@dataclass(frozen=True)
+class BootFileSettings:
+    root: str
+    max_transfers: int               # 0: off
+    idle_timeout_s: int
+
+
+def bootfile_settings(values: dict[str, Any]) -> BootFileSettings:
+    return BootFileSettings(os.path.abspath(values["BootFilesRoot"]),
+                            values["MaxBootFileTransfers"], values["BootFileIdleTimeout"])
+
+
+@dataclass
+class BootFileCounters(StatusCounters):
+    """What `zmgmcast -status` shows for /boot/ (all start at zero):
+
+    boot_files_sent        downloads completed (whole files and ranges)
+    boot_bytes_sent        their bytes
+    boot_files_refused     requests refused: a path that would leave the root or is malformed
+                           (400, 403, 414), a range that cannot be served (416)
+    boot_files_not_found   404 (no such file, or /boot/ off)
+    boot_files_busy        refused with 503: MaxBootFileTransfers downloads were running
+    boot_files_aborted     downloads cut short: the client went away or stalled
+    boot_transfers_active  downloads running now (a gauge, not a counter)
+    """
+
+    boot_files_sent: int = 0
+    boot_bytes_sent: int = 0
+    boot_files_refused: int = 0
+    boot_files_not_found: int = 0
+    boot_files_busy: int = 0
+    boot_files_aborted: int = 0
+    boot_transfers_active: int = 0
+
+
+def _within(root: str, path: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def open_inside(root: str, name: str) -> tuple[int, os.stat_result] | Refusal:
+    """Open NAME (from parse_path) under ROOT for reading: the descriptor and its stat, or why
+    not. Symlinks inside the root are followed while they stay inside; O_NOFOLLOW on the last
+    component and the descriptor's own path (/proc/self/fd) close the race with a symlink
+    swapped in after the check."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, name))
+    if not _within(real_root, real):
+        return Refusal(403, "path leads outside the boot files root")
+    try:
+        # a FIFO or device is never opened (opening one may block or act); O_NONBLOCK covers
+        # one swapped in after this check, and fstat below refuses it
+        if not stat.S_ISREG(os.stat(real).st_mode):
+            return Refusal(403, "not a regular file")
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return Refusal(404, "not found")
+    except PermissionError:
+        return Refusal(403, "permission denied")
+    except OSError as exc:           # ELOOP: the last component became a symlink
+        return Refusal(403, f"cannot open ({exc.strerror})")
+    try:
+        opened = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        opened = real
+    info = os.fstat(fd)
+    if not _within(real_root, opened):
+        os.close(fd)
+        return Refusal(403, "file moved outside the boot files root")
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        return Refusal(403, "not a regular file")
+    return fd, info
+
+
+# struct tcp_info's tcpi_bytes_acked (Linux 4.2 and later): what the peer acknowledged so far,
+# the progress of a sendfile piece still under way (imgsrvd.transfers.AckedBytes reads the same).
+_TCP_INFO_BYTES_ACKED = struct.Struct("=Q")
+_TCP_INFO_BYTES_ACKED_OFFSET = 120
+
+
+def acked_bytes(sock: socket.socket | None) -> int | None:
+    """The bytes the peer acknowledged on SOCK, or None where the kernel does not say."""
+    if sock is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except (OSError, AttributeError):
+        return None
+    end = _TCP_INFO_BYTES_ACKED_OFFSET + _TCP_INFO_BYTES_ACKED.size
+    if len(info) < end:
+        return None
+    return _TCP_INFO_BYTES_ACKED.unpack_from(info, _TCP_INFO_BYTES_ACKED_OFFSET)[0]
+
+
+class Stalled(ConnectionError):
+    """The client took nothing for the idle timeout."""
+
+
+class BootFiles:
+    """The /boot/ route of the policy service, its limits and its counters."""
+
+    def __init__(self, settings: BootFileSettings):
+        self.settings = settings
+        self.stats = BootFileCounters()
+
+    def configure(self, settings: BootFileSettings) -> list[str]:
+        """A reload: new downloads use the new settings; running ones finish under the old."""
+        self.settings = settings
+        return self.prepare()
+
+    def prepare(self) -> list[str]:
+        """Warnings for the log at start and reload."""
+        settings = self.settings
+        if settings.max_transfers and not os.path.isdir(settings.root):
+            return [f"BootFilesRoot {settings.root} is not a folder: /boot/ answers 404"]
+        return []
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get(ROUTE, self.handle)          # and HEAD
+
+    def counters(self) -> dict[str, Any]:
+        return self.stats.snapshot()
+
+    def _refuse(self, request: web.Request, refusal: Refusal, shown: str) -> web.Response:
+        if refusal.status == 404:
+            self.stats.boot_files_not_found += 1
+        else:
+            self.stats.boot_files_refused += 1
+        log.info("boot file %s refused to %s: %d %s", shown[:200], request.remote,
+                 refusal.status, refusal.reason)
+        return web.Response(status=refusal.status, text=f"{refusal.reason}\n")
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        settings = self.settings
+        raw = request.rel_url.raw_path
+        if not settings.max_transfers:
+            return self._refuse(request, Refusal(404, "boot files are off"), raw)
+        if not raw.startswith(PREFIX):       # routed by its decoded spelling: not ours to guess
+            return self._refuse(request, Refusal(400, "path must start with /boot/"), raw)
+        name = parse_path(raw[len(PREFIX):])
+        if isinstance(name, Refusal):
+            return self._refuse(request, name, raw)
+        is_get = request.method == "GET"
+        if is_get and self.stats.boot_transfers_active >= settings.max_transfers:
+            self.stats.boot_files_busy += 1
+            log.warning("boot file %s refused to %s: %d downloads running "
+                        "(MaxBootFileTransfers)", name, request.remote, settings.max_transfers)
+            return web.Response(status=503, headers={"Retry-After": str(RETRY_AFTER_S)},
+                                text=f"busy: {settings.max_transfers} downloads running\n")
+        loop = asyncio.get_running_loop()
+        # the file system may be slow (NFS): off the loop, like aiohttp's own FileResponse
+        opened = await loop.run_in_executor(None, open_inside, settings.root, name)
+        if isinstance(opened, Refusal):
+            return self._refuse(request, opened, name)
+        fd, info = opened
+        with os.fdopen(fd, "rb", buffering=0) as file:
+            return await self._answer(request, name, file, info, settings)
+
+    async def _answer(self, request: web.Request, name: str, file: Any, info: os.stat_result,
+                      settings: BootFileSettings) -> web.StreamResponse:
+        size = info.st_size
+        etag = f'"{info.st_mtime_ns:x}-{size:x}"'
+        modified = formatdate(info.st_mtime, usegmt=True)
+        wanted = parse_range(request.headers.get("Range"), size, request.headers.get("If-Range"),
+                             (etag, modified))
+        headers = {"Accept-Ranges": "bytes", "ETag": etag, "Last-Modified": modified,
+                   "Content-Type": "application/octet-stream"}
+        if wanted is UNSATISFIABLE:
+            return self._refuse_range(request, name, size, headers)
+        span = wanted if isinstance(wanted, ByteRange) else ByteRange(0, size - 1)
+        response = web.StreamResponse(status=206 if isinstance(wanted, ByteRange) else 200,
+                                      headers=headers)
+        if isinstance(wanted, ByteRange):
+            response.headers["Content-Range"] = wanted.content_range(size)
+        response.content_length = span.length
+        if request.method != "GET" or span.length <= 0:     # HEAD, or an empty file
+            await response.prepare(request)
+            await response.write_eof()
+            if request.method == "GET":
+                self.stats.boot_files_sent += 1
+                log.info("sent boot file %s to %s: 0 bytes", name, request.remote)
+            return response
+        self.stats.boot_transfers_active += 1
+        started = time.monotonic()
+        progress = _Progress()
+        try:
+            await response.prepare(request)
+            await self._send(request, file, span, settings.idle_timeout_s, progress)
+            await response.write_eof()
+        except ConnectionError as exc:
+            # the connection is closed (or was cut by the idle watch): aiohttp finds it so
+            # and logs nothing more; an exception from here would be an "internal error"
+            self.stats.boot_files_aborted += 1
+            self.stats.boot_bytes_sent += progress.sent
+            why = str(exc) if isinstance(exc, Stalled) else "the client went away"
+            log.info("boot file %s to %s cut short after %d of %d bytes: %s", name,
+                     request.remote, progress.sent, span.length, why)
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        except asyncio.CancelledError:       # the service stops (or aiohttp cancelled us)
+            self.stats.boot_files_aborted += 1
+            self.stats.boot_bytes_sent += progress.sent
+            raise
+        finally:
+            self.stats.boot_transfers_active -= 1
+        self.stats.boot_files_sent += 1
+        self.stats.boot_bytes_sent += progress.sent
+        part = f" (bytes {span.start}-{span.end} of {size})" if isinstance(wanted, ByteRange) \
+            else ""
+        log.info("sent boot file %s to %s: %d bytes in %.2f s%s", name, request.remote,
+                 progress.sent, time.monotonic() - started, part)
+        return response
+
+    def _refuse_range(self, request: web.Request, name: str, size: int,
+                      headers: dict[str, str]) -> web.Response:
+        self.stats.boot_files_refused += 1
+        log.info("boot file %s refused to %s: 416 range %s of %d bytes", name, request.remote,
+                 request.headers.get("Range", "")[:100], size)
+        return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{size}"},
+                            text="range not satisfiable\n")
+
+    async def _send(self, request: web.Request, file: Any, span: ByteRange,
+                    idle_timeout_s: float, progress: "_Progress") -> None:
+        """SPAN of FILE to the client with sendfile, PIECE_BYTES at a time (PROGRESS counts the
+        pieces sent). aiohttp's FileResponse would wait for ever on a client that stops reading,
+        and opens the file by name (a symlink swapped in would be followed): hence this loop."""
+        loop = asyncio.get_running_loop()
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("connection lost")
+        sock = transport.get_extra_info("socket")
+        offset, remaining = span.start, span.length
+        while remaining > 0:
+            piece = min(remaining, PIECE_BYTES)
+            await _watched(loop.sendfile(transport, file, offset, piece), transport, sock,
+                           idle_timeout_s)
+            offset += piece
+            remaining -= piece
+            progress.sent += piece
+
+
+@dataclass
+class _Progress:
+    sent: int = 0
+
+
+async def _watched(work: Any, transport: asyncio.BaseTransport, sock: Any,
+                   idle_timeout_s: float) -> None:
+    """Await WORK (one sendfile piece); every IDLE_TIMEOUT_S, the client must have acknowledged
+    more than before, else the connection is cut (a sendfile cannot be left half done on a
+    connection that stays open). Without TCP_INFO, the piece must end within the timeout."""
+    task = asyncio.ensure_future(work)
+    seen = acked_bytes(sock)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=idle_timeout_s)
+            if done:
+                task.result()
+                return
+            now = acked_bytes(sock)
+            if now is None or seen is None or now <= seen:
+                raise Stalled(f"the client took nothing for {idle_timeout_s:g} s "
+                              "(BootFileIdleTimeout)")
+            seen = now
+    except BaseException:
+        task.cancel()
+        transport.abort()
+        raise
