@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import multiprocessing as mp
-import os
 import resource
 import socket
 import struct
@@ -576,7 +575,7 @@ def _worker_main(conn, ns: str, ifname: str, expected, blksize: int, timeout: fl
     enter(ns)
     loop_name = _event_loop_name()
     if loop_name == "uvloop":
-        import uvloop
+        import uvloop  # noqa: F811
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     conn.send(("ready", loop_name))
     cmd = conn.recv()
