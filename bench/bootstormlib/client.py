@@ -575,7 +575,7 @@ def _worker_main(conn, ns: str, ifname: str, expected, blksize: int, timeout: fl
     enter(ns)
     loop_name = _event_loop_name()
     if loop_name == "uvloop":
-        import uvloop  # noqa: F811
+        import uvloop  # noqa: F401,F811
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     conn.send(("ready", loop_name))
     cmd = conn.recv()
