@@ -981,8 +981,10 @@ def start_boot_services(lab: Lab, ns: Netns, server_ip: str, tftp_root: Path,
                         proxy: Mapping[str, object] | None = None) -> tuple[Daemon, Daemon]:
     """Our tftpd (`server_ip`:69, `tftp_root`) and our proxydhcpd (config `proxy`) in `ns`;
     returns (proxydhcpd, tftpd), both ready (status sockets answer)."""
+    # Retries: a TCG VM starved of CPU (a busy 2-core CI machine) can leave a transfer
+    # unacknowledged for many seconds; the default 6 x 1 s gave up on GRUB's initrd once
     tftpd = start_preboot_daemon(lab, ns, "tftpd", {"IPAddress": server_ip, "Port": 69,
-                                                    "Root": tftp_root})
+                                                    "Root": tftp_root, "Retries": 30})
     proxy_daemon = start_preboot_daemon(lab, ns, "proxydhcpd", dict(proxy or {}))
     return proxy_daemon, tftpd
 
