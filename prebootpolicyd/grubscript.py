@@ -30,7 +30,7 @@ from __future__ import annotations
 from common.policy.model import Action, ActionKind, MenuDisplay, MenuSettings, WorkAssignment
 
 from .config import Settings
-from .script import MARKER, Answer, encode_arg, encode_text
+from .script import MARKER, Answer, encode_text, kernel_arguments
 
 LOCAL = "exit"     # back to the firmware, which boots its next boot option (the disk)
 # What the bootstrap sends, in the order /policy reads them (mac first: it counts once).
@@ -83,20 +83,7 @@ def bootstrap() -> str:
 def imaging_lines(settings: Settings, work: str, action: Action | None, mac: str | None,
                   token: str | None, imaging_server: str) -> list[str]:
     """linux + initrd + boot for the imaging environment; on failure, say so and exit."""
-    args = [settings.kernel_args] if settings.kernel_args else []
-    args += [f"preboot.server={encode_arg(imaging_server)}", f"preboot.work={encode_arg(work)}"]
-    if action is not None and action.image:
-        args.append(f"preboot.image={encode_arg(action.image)}")
-    if action is not None and action.addons:
-        args.append("preboot.addons=" + ",".join(encode_arg(a) for a in action.addons))
-    if action is not None and action.session:
-        args.append(f"preboot.session={encode_arg(action.session)}")
-    if mac:
-        args.append(f"preboot.mac={encode_arg(mac)}")
-    if token:
-        args.append(f"preboot.token={encode_arg(token)}")
-    if settings.imaging_server_pin:
-        args.append(f"preboot.serverpin={settings.imaging_server_pin}")
+    args = kernel_arguments(settings, work, action, mac, token, imaging_server)
     # the paths are plain words (config.py checks them), absolute on $root: GRUB's TFTP server
     return [f"if linux {settings.grub_kernel} {' '.join(args)}; then",
             f"  if initrd {settings.grub_initrd}; then boot; fi",

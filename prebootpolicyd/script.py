@@ -79,14 +79,10 @@ def _substitute(template: str, server: str, port: int) -> str:
     return template.replace("{server}", server).replace("{port}", str(port))
 
 
-def imaging_lines(settings: Settings, work: str, action: Action | None, server: str,
-                  mac: str | None, token: str | None = None, port: int | None = None
-                  ) -> list[str]:
-    """kernel + initrd + boot for the imaging environment; on failure, to :failed. token: the
-    machine's capability to ask the imaging server for its work (preboot.token); port: the
-    port iPXE reached this service on ({port}; None: the configured Port)."""
-    port = settings.port if port is None else port
-    imaging_server = _substitute(settings.imaging_server, server, port) or server
+def kernel_arguments(settings: Settings, work: str, action: Action | None, mac: str | None,
+                     token: str | None, imaging_server: str) -> list[str]:
+    """The imaging environment's kernel command line (KernelArgs, then the preboot.* words,
+    each one plain word), the same for iPXE's and GRUB's answers."""
     args = [settings.kernel_args] if settings.kernel_args else []
     args += [f"preboot.server={encode_arg(imaging_server)}", f"preboot.work={encode_arg(work)}"]
     if action is not None and action.image:
@@ -101,6 +97,18 @@ def imaging_lines(settings: Settings, work: str, action: Action | None, server: 
         args.append(f"preboot.token={encode_arg(token)}")
     if settings.imaging_server_pin:
         args.append(f"preboot.serverpin={settings.imaging_server_pin}")
+    return args
+
+
+def imaging_lines(settings: Settings, work: str, action: Action | None, server: str,
+                  mac: str | None, token: str | None = None, port: int | None = None
+                  ) -> list[str]:
+    """kernel + initrd + boot for the imaging environment; on failure, to :failed. token: the
+    machine's capability to ask the imaging server for its work (preboot.token); port: the
+    port iPXE reached this service on ({port}; None: the configured Port)."""
+    port = settings.port if port is None else port
+    imaging_server = _substitute(settings.imaging_server, server, port) or server
+    args = kernel_arguments(settings, work, action, mac, token, imaging_server)
     kernel = _substitute(settings.imaging_kernel, server, port)
     initrd = _substitute(settings.imaging_initrd, server, port)
     # A UEFI kernel (EFI stub) finds its initrd only by the name on its command line (iPXE

@@ -32,6 +32,19 @@ def skip_unless_ready(tools: tuple[str, ...] = ("ip", "qemu-system-x86_64", "dns
         pytest.skip("e2e: " + "; ".join(reasons))
 
 
+@pytest.fixture(scope="session")
+def imaging_env() -> Path:
+    """The built imaging environment (packaging/imaging-env/build.sh, cached: seconds when
+    nothing changed), for the tests that boot it."""
+    import imagingenv
+    missing = netlab.missing_prerequisites() + imagingenv.missing_tools()
+    if missing:
+        pytest.skip("e2e imaging: " + "; ".join(missing))
+    env_dir, seconds = imagingenv.build_imaging_env()
+    print(f"imaging environment ready in {seconds:.1f} s: {env_dir}")
+    return env_dir
+
+
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[netlab.Lab]:
     """A `netlab.Lab` with its logs in tmp_path; everything it made is undone afterwards."""

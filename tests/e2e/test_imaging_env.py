@@ -155,17 +155,6 @@ ENV_MARKERS = (
 
 
 @pytest.fixture(scope="module")
-def imaging_env() -> Path:
-    """The built environment (cached by build.sh: seconds when nothing changed)."""
-    missing = netlab.missing_prerequisites() + imagingenv.missing_tools()
-    if missing:
-        pytest.skip("e2e imaging: " + "; ".join(missing))
-    env_dir, seconds = imagingenv.build_imaging_env()
-    print(f"imaging environment ready in {seconds:.1f} s: {env_dir}")
-    return env_dir
-
-
-@pytest.fixture(scope="module")
 def base_image(tmp_path_factory) -> tuple[Path, Path]:
     """lab/base.img made on the host from a disk file with an ext4 of FILES, and the add-on
     lab/drivers.add of ADDON_FILES."""

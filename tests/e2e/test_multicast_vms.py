@@ -103,16 +103,6 @@ CLIENT = Machine("ws-client", "52:54:00:ab:02:02", "bios", "tap1", "Session E2E"
 
 
 @pytest.fixture(scope="module")
-def imaging_env() -> Path:
-    missing = netlab.missing_prerequisites() + imagingenv.missing_tools()
-    if missing:
-        pytest.skip("e2e multicast: " + "; ".join(missing))
-    env_dir, seconds = imagingenv.build_imaging_env()
-    print(f"imaging environment ready in {seconds:.1f} s: {env_dir}")
-    return env_dir
-
-
-@pytest.fixture(scope="module")
 def source_disk(tmp_path_factory) -> Path:
     """A disk file with an MBR and an ext4 of FILES (the session's source)."""
     tmp = tmp_path_factory.mktemp("mcsource")

@@ -60,14 +60,11 @@ DONE = re.compile(r"preboot-env: done exit=(?P<code>\d+)[^\r\n]*[\r\n]")
 REFUSED = re.compile(r"Access Denied|Security Violation")
 
 
-@pytest.fixture(scope="module")
-def imaging_env() -> Path:
-    missing = (netlab.missing_prerequisites() + imagingenv.missing_tools()
-               + [str(f) for f in netlab.firmware_files("uefi-secboot") if not f.exists()])
+@pytest.fixture(autouse=True)
+def secure_boot_firmware() -> None:
+    missing = [str(f) for f in netlab.firmware_files("uefi-secboot") if not f.exists()]
     if missing:
-        pytest.skip("e2e Secure Boot: " + "; ".join(missing))
-    env_dir, _seconds = imagingenv.build_imaging_env()
-    return env_dir
+        pytest.skip("e2e Secure Boot: no " + ", ".join(missing))
 
 
 SETUPS = [
