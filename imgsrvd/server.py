@@ -32,9 +32,10 @@ from aiohttp import web
 
 from common.imaging import protocol
 from common.policy.directory.holder import DirectoryHolder, describe
+from common.daemon import services
 from common.daemon.httpdaemon import (BadJsonBody, HttpListener, JsonLimits,
                                       address_change_warnings, error_middleware,
-                                      quiet_bad_requests, read_json_body)
+                                      metrics_handler, quiet_bad_requests, read_json_body)
 from common.imaging.protocol import BadPath, BadRequest, LocalPath, RemotePath
 from common.policy.model import NO_WORK, ActionKind, MulticastSession, WorkAssignment
 from common.policy.sessions import work_for
@@ -208,6 +209,8 @@ class ImagingServer:
         app.router.add_get("/v1/sessions/{name}", self._session_info)
         app.router.add_post("/v1/sessions/{name}/start", self._start_session)
         app.router.add_delete("/v1/sessions/{name}", self._stop_session)
+        app.router.add_get("/metrics", metrics_handler(services.IMGSRVD, self.counters,
+                                                        time.time()))
         tls = self.settings.tls
         self._tls_context = server_context(tls) if tls else None
         await self._http.start(app, self._tls_context)

@@ -33,8 +33,9 @@ from typing import Any, Callable, NamedTuple
 from aiohttp import web
 
 from common.policy.directory.holder import DirectoryHolder, describe
+from common.daemon import services
 from common.daemon.httpdaemon import (HttpListener, address_change_warnings, error_middleware,
-                                      quiet_bad_requests)
+                                      metrics_handler, quiet_bad_requests)
 from common.machine import MachineFacts
 from common.policy.model import WorkAssignment, menu_for
 from common.policy.sessions import work_for
@@ -140,6 +141,8 @@ class PolicyServer:
         app.router.add_get("/policy", self._policy)
         app.router.add_get("/grub.cfg", self._grub_cfg)
         app.router.add_get("/policy.grub", self._policy_grub)
+        app.router.add_get("/metrics", metrics_handler(services.POLICYD, self.counters,
+                                                        time.time()))
         self._boot_files.add_routes(app)
         tls = self.settings.tls
         self._tls_context = server_context(tls) if tls else None

@@ -46,7 +46,7 @@ fi
 # ports; policy-rc.d above keeps the packages from starting theirs on port 69.
 
 PIP=(python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore)
-if ! python3 -c "import configobj, validate, daemon, psutil, tftpy, scapy, uvloop, aiohttp, ldap, zstandard, pytest, hypothesis" 2>/dev/null \
+if ! python3 -c "import configobj, validate, daemon, psutil, tftpy, scapy, uvloop, aiohttp, ldap, zstandard, pytest, hypothesis, prometheus_client" 2>/dev/null \
    || ! python3 -m pip show -q preboot-services >/dev/null 2>&1; then
   "${PIP[@]}" -e ".[test]"
 fi

@@ -12,6 +12,7 @@
     address_change_warnings(old, new)   # in Service.apply: the address needs a restart
     error_middleware(not_found, internal_error)   # 404 and 500 in the daemon's words
     body = await read_json_body(request, JsonLimits(...))   # BadJsonBody: answer 400
+    app.router.add_get("/metrics", metrics_handler(service, counters))   # Prometheus text
 
 The application itself (routes, middlewares, handlers) stays in the daemon. This module knows
 aiohttp and common.daemon.tcplisten only; nothing in it is specific to one daemon.
@@ -30,6 +31,8 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from .metrics import CONTENT_TYPE, render_metrics
+from .services import Service
 from .tcplisten import LISTEN_BACKLOG, bind_listener
 from .tls import HANDSHAKE_TIMEOUT_S
 
@@ -95,6 +98,19 @@ def error_middleware(not_found: Answer, internal_error: Answer,
             return internal_error(request)
 
     return errors
+
+
+def metrics_handler(service: Service, counters: Callable[[], dict[str, Any]],
+                    started_at: float | None = None) -> Handler:
+    """GET /metrics: the daemon's counters (what its status reply carries) in the Prometheus
+    text format (common.daemon.metrics); read-only, answered to whoever the application's
+    middlewares let through (AllowedClients)."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        text = render_metrics(service, counters(), started_at)
+        return web.Response(body=text.encode("utf-8"), headers={"Content-Type": CONTENT_TYPE})
+
+    return handle
 
 
 class BadJsonBody(ValueError):

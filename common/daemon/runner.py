@@ -27,6 +27,7 @@ from common.errors import (EX_CONFIG, EX_FAILURE, EX_OK, EX_SOFTWARE, AlreadyRun
 
 from .config import Key, Schema, line_of_key, load_config
 from .logsetup import setup_logging
+from .metrics import render_metrics
 from .pidfile import LockedPidFile
 from .sdnotify import notify
 from .services import Service
@@ -266,6 +267,10 @@ class Lifecycle:
             "counters": self.service.counters(),
         }
 
+    def metrics(self) -> str:
+        """The /metrics text of the TCP status port (common.daemon.metrics)."""
+        return render_metrics(self.spec.service, self.service.counters(), self.started_at)
+
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         self._stop_requested = asyncio.Event()
@@ -273,7 +278,8 @@ class Lifecycle:
         verbs = getattr(self.service, "control_verbs", None)
         status = StatusServer(self.status, {"reload": self.reload, "stop": self._stop_verb},
                               unix_path=self.common.status_socket,
-                              argument_controls=verbs() if verbs is not None else None)
+                              argument_controls=verbs() if verbs is not None else None,
+                              metrics=self.metrics)
         await status.start(self.unix_sock, self.tcp_sock)
         self.unix_sock = None  # the status server owns and removes it now
         for signum in (signal.SIGTERM, signal.SIGINT):

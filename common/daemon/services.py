@@ -7,6 +7,8 @@ For each daemon one Service entry holds
     status_port     the default read-only TCP status port (StatusPort) for `zmgmcast -i HOST`
     counter_order   the counters `zmgmcast -status` shows first, in this order (the rest follow)
     counter_labels  counters shown under another name than their key (the original's names)
+    gauges          counters that go up and down (what is in progress now); /metrics types
+                    them gauge, every other counter counter (common.daemon.metrics)
 and SERVICES lists them in the order `zmgmcast -status` shows them.
 
 Read by the daemons (their DaemonSpec and config defaults, common.daemon.runner) and by
@@ -30,6 +32,7 @@ class Service:
     status_port: int
     counter_order: tuple[str, ...] = ()
     counter_labels: tuple[tuple[str, str], ...] = ()
+    gauges: tuple[str, ...] = ()
 
     @property
     def program(self) -> str:
@@ -57,11 +60,12 @@ class Service:
 
 
 PROXYDHCPD = Service("proxydhcpd", "Preboot Proxy DHCP Service", 9967)
-TFTPD = Service("tftpd", "Preboot TFTP Service", 9969)
+TFTPD = Service("tftpd", "Preboot TFTP Service", 9969, gauges=("active_transfers",))
 POLICYD = Service(
     "policyd", "Preboot Policy Service", 9980,
     counter_order=("queries", "script_requests", "work_assigned", "no_work", "menus_shown",
-                   "fallback_answers", "directory_errors", "bad_requests"))
+                   "fallback_answers", "directory_errors", "bad_requests"),
+    gauges=("boot_transfers_active",))
 IMGSRVD = Service(
     "imgsrvd", "Preboot Imaging Service", 9998,
     counter_order=("update_requests", "images_sent", "images_received", "client_referrals",
@@ -69,7 +73,8 @@ IMGSRVD = Service(
     # The original's imaging statistics, under its names (DOMAIN.md, "Imaging statistics").
     counter_labels=(("update_requests", "Update Requests"), ("images_sent", "Images Sent"),
                     ("images_received", "Images Received"),
-                    ("client_referrals", "Client Referrals")))
+                    ("client_referrals", "Client Referrals")),
+    gauges=("active_transfers",))
 
 SERVICES: tuple[Service, ...] = (PROXYDHCPD, TFTPD, POLICYD, IMGSRVD)
 

@@ -6,6 +6,12 @@ config path there); control verbs (`reload`, `stop`, and a daemon's own, which r
 request's other fields, e.g. imgsrvd's `mcast-start` {"name": ..., "image": ...})
 are accepted only on the Unix socket from a peer whose uid is 0, checked with SO_PEERCRED,
 because the TCP port must stay read-only.
+
+The TCP port also answers one HTTP request per connection when its first line is an HTTP
+request line: `GET /metrics` (or HEAD) gets the daemon's counters in the Prometheus text format
+(common.daemon.metrics), any other path 404, any other method 405; then the connection is
+closed. A JSON request never starts with a method and a path followed by "HTTP/1.x", so the
+two cannot be confused (docs/monitoring.md).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import socket
 import struct
 import time
@@ -32,6 +39,13 @@ StatusProvider = Callable[[], dict[str, Any]]
 ControlVerb = Callable[[], Awaitable[dict[str, Any]]]
 # A daemon's own control verb: called with the request's fields other than "cmd".
 ArgumentVerb = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+# The daemon's /metrics text (common.daemon.metrics.render_metrics of its counters).
+MetricsProvider = Callable[[], str]
+
+HTTP_REQUEST_LINE = re.compile(rb"^([A-Z]{1,16}) (\S{1,2048}) HTTP/1\.[01]\r?\n$")
+MAX_HTTP_HEADER_LINES = 64
+METRICS_PATH = "/metrics"
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def bind_unix(path: str) -> socket.socket:
@@ -117,6 +131,7 @@ class StatusServer:
     controls: dict[str, ControlVerb]
     unix_path: str | None = None
     argument_controls: dict[str, ArgumentVerb] | None = None
+    metrics: MetricsProvider | None = None
 
     def __post_init__(self) -> None:
         self._servers: list[asyncio.base_events.Server] = []
@@ -147,6 +162,7 @@ class StatusServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      local: bool) -> None:
         try:
+            first = True
             while True:
                 try:
                     line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT_S)
@@ -154,6 +170,12 @@ class StatusServer:
                     break  # idle, or a line longer than the stream limit
                 if not line:
                     break
+                if first and not local:
+                    request = HTTP_REQUEST_LINE.match(line)
+                    if request is not None:
+                        await self._serve_http(reader, writer, request)
+                        break
+                first = False
                 if len(line) > MAX_REQUEST_BYTES:
                     reply = {"ok": False, "error": "request too long"}
                 else:
@@ -164,6 +186,36 @@ class StatusServer:
             pass
         finally:
             writer.close()
+
+    async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          request: re.Match[bytes]) -> None:
+        """One HTTP/1.x request on the TCP port: its headers read and ignored (at most
+        MAX_HTTP_HEADER_LINES, within IDLE_TIMEOUT_S in all), one answer, then close."""
+        method, target = request.group(1).decode(), request.group(2).decode("latin-1")
+        try:
+            async with asyncio.timeout(IDLE_TIMEOUT_S):
+                for _ in range(MAX_HTTP_HEADER_LINES):
+                    header = await reader.readline()
+                    if header in (b"\r\n", b"\n", b""):
+                        break
+                else:
+                    return
+        except (asyncio.TimeoutError, ValueError):
+            return
+        path = target.split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            status, body, kind = "405 Method Not Allowed", b"read-only: GET /metrics\n", \
+                "text/plain; charset=utf-8"
+        elif path != METRICS_PATH or self.metrics is None:
+            status, body, kind = "404 Not Found", b"this port answers GET /metrics\n", \
+                "text/plain; charset=utf-8"
+        else:
+            status, body, kind = "200 OK", self.metrics().encode("utf-8"), METRICS_CONTENT_TYPE
+        head = (f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+                + ("Allow: GET, HEAD\r\n" if status.startswith("405") else "") + "\r\n")
+        writer.write(head.encode("ascii") + (b"" if method == "HEAD" else body))
+        await writer.drain()
 
     async def _answer(self, line: bytes, writer: asyncio.StreamWriter,
                       local: bool) -> dict[str, Any]:
