@@ -4,6 +4,9 @@
                                      imaging server's multicast sessions and their receivers
     zmgmcast -status -i HOST         a remote server, from the daemons' read-only TCP ports
     zmgmcast -status --json          the raw replies, for scripts
+    zmgmcast -status -expect tftpd,policyd
+                                     a health check: exit 0 only when these answer
+    zmgmcast -log [N]                the last N (20) entries of the imaging server's results log
     zmgmcast -start NAME -image PATH [-clients N] [-t MIN]
                                      start a manual multicast session (root, this host): it
                                      starts when N have joined, MIN minutes after the last
@@ -16,6 +19,15 @@ The original's single-dash long options (`-status`, `-i`) are kept as users type
 A daemon that is not running is reported as such, never as a traceback; a reply of the wrong
 shape is "bad reply from HOST" (zmgmcast/reply.py), and everything printed from a reply is
 escaped (no remote escape sequences on the terminal).
+
+Exit status of -status (a health check, docs/monitoring.md):
+    0  every expected daemon answers (and at least one does)
+    3  no daemon answers at all
+    4  some answer, but an expected one does not: stderr names each ("not running: tftpd")
+    2  usage error (an unknown name in -expect)
+Expected: the names given to -expect; else, on this host, every daemon whose config file is in
+/etc/preboot ($PREBOOT_CONFIG_DIR), i.e. the daemons installed here; with --socket or -p, the
+one asked. Asked remotely (-i) without -expect, no daemon is expected: 0 when any answers.
 """
 
 from __future__ import annotations
@@ -34,10 +46,17 @@ from common.daemon.logsetup import escape_control
 from common.daemon.statussock import query_tcp, query_unix
 
 from .reply import BadReply, checked
+from .results import DEFAULT_ENTRIES, DEFAULT_RESULTS_LOG, MAX_ENTRIES, format_entries, \
+    tail_entries
 from .sessions import format_multicast, human_size
 
 CONFIG_DIR = os.environ.get("PREBOOT_CONFIG_DIR", services.CONFIG_DIR)
 RUN_DIR = os.environ.get("PREBOOT_RUN_DIR", services.RUN_DIR)
+
+EX_ALL_UP = 0
+EX_USAGE = 2
+EX_NONE_UP = 3
+EX_SOME_DOWN = 4
 
 
 def unknown(display_name: str, status_port: int = 0) -> Service:
@@ -187,6 +206,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--socket", metavar="PATH",
                         help="ask only the daemon on this local status socket")
     parser.add_argument("--json", action="store_true", help="print the raw replies as JSON")
+    parser.add_argument("-expect", "--expect", metavar="NAMES",
+                        help="with -status: the daemons that must answer, comma-separated "
+                             "(proxydhcpd, tftpd, policyd, imgsrvd, or all); default: those "
+                             "with a config file on this host. Exit 0 when all answer, 4 "
+                             "naming those that do not, 3 when none answers")
+    parser.add_argument("-log", "--log", nargs="?", type=int, const=DEFAULT_ENTRIES,
+                        metavar="N", help=f"print the last N (default {DEFAULT_ENTRIES}) "
+                        "entries of the imaging server's results log, one line each")
+    parser.add_argument("--results-log", metavar="PATH",
+                        help="with -log: this results log (default: ResultsLog of "
+                             "imgsrvd.conf)")
     control = parser.add_mutually_exclusive_group()
     control.add_argument("-start", "--start", metavar="NAME",
                          help="start a manual multicast session (with -image), or start the "
@@ -267,8 +297,79 @@ def collect(args: argparse.Namespace) -> tuple[list[DaemonReport], str]:
     return [ask_local(d) for d in SERVICES], "this host"
 
 
+def parse_expect(text: str) -> list[Service] | str:
+    """The daemons -expect names, or what is wrong with the list."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if names == ["all"]:
+        return list(SERVICES)
+    expected = []
+    for name in names:
+        daemon = services.by_name(name)
+        if daemon is None:
+            known = ", ".join(s.name for s in SERVICES)
+            return f"-expect: unknown daemon {escape_control(name)!r} (known: {known}, all)"
+        expected.append(daemon)
+    return expected
+
+
+def expected_daemons(args: argparse.Namespace, reports: list[DaemonReport]
+                     ) -> list[Service] | str:
+    """Who must answer for exit 0 (see the module's docstring)."""
+    if args.expect is not None:
+        return parse_expect(args.expect)
+    if args.socket or args.host:
+        return []      # the one asked, or a remote host: "none answers" (3) is the check
+    return [d for d in SERVICES if os.path.exists(d.config_file(CONFIG_DIR))]
+
+
+def health(reports: list[DaemonReport], expected: list[Service]) -> tuple[int, list[str]]:
+    """The exit status and, for 4, each expected daemon that does not answer and why."""
+    if not any(r.state == "running" for r in reports):
+        return EX_NONE_UP, [f"{r.daemon.name} ({r.state})" for r in reports]
+    states = {r.daemon.name: r.state for r in reports}
+    down = [f"{d.name} ({states.get(d.name, 'not asked')})" for d in expected
+            if states.get(d.name) != "running"]
+    return (EX_SOME_DOWN, down) if down else (EX_ALL_UP, [])
+
+
+def results_log_path(args: argparse.Namespace) -> str:
+    if args.results_log:
+        return args.results_log
+    configured = _configured(services.IMGSRVD, "ResultsLog")
+    if configured is None:
+        return DEFAULT_RESULTS_LOG
+    # relative paths are relative to the config file's folder (docs/daemon-contract.md)
+    return os.path.join(os.path.dirname(services.IMGSRVD.config_file(CONFIG_DIR)), configured)
+
+
+def run_log(args: argparse.Namespace) -> int:
+    """-log N: 0 printed (maybe nothing), 1 the log cannot be read, 2 a bad N."""
+    if not 1 <= args.log <= MAX_ENTRIES:
+        print(f"zmgmcast: -log takes 1 to {MAX_ENTRIES} entries", file=sys.stderr)
+        return EX_USAGE
+    path = results_log_path(args)
+    try:
+        entries = tail_entries(path, args.log)
+    except OSError as exc:
+        print(f"zmgmcast: cannot read the results log {escape_control(path)}: "
+              f"{escape_control(exc.strerror or str(exc))}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(entries, indent=2))
+    else:
+        for line in format_entries(entries):
+            print(line)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    if args.log is not None:
+        if args.status or args.host or args.start or args.stop or args.delete:
+            print("zmgmcast: -log reads this host's results log; it goes alone",
+                  file=sys.stderr)
+            return EX_USAGE
+        return run_log(args)
     request = control_request(args)
     if isinstance(request, str):
         print(f"zmgmcast: {request}", file=sys.stderr)
@@ -278,13 +379,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.status:
         print("zmgmcast: nothing to do; try 'zmgmcast -status'", file=sys.stderr)
         return 2
+    if args.expect is not None and isinstance(parse_expect(args.expect), str):
+        print(f"zmgmcast: {parse_expect(args.expect)}", file=sys.stderr)
+        return EX_USAGE
     reports, where = collect(args)
     if args.json:
         print(json.dumps({r.daemon.name: {"state": r.state, "detail": r.detail,
                                           "status": r.reply} for r in reports}, indent=2))
     else:
         print(format_reports(reports, where))
-    return 0 if any(r.state == "running" for r in reports) else 3
+    expected = expected_daemons(args, reports)
+    assert not isinstance(expected, str)
+    code, down = health(reports, expected)
+    if code == EX_SOME_DOWN:
+        print(f"zmgmcast: expected but not answering: {', '.join(down)}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
