@@ -26,6 +26,7 @@ from common.errors import (EX_CONFIG, EX_FAILURE, EX_OK, EX_SOFTWARE, AlreadyRun
                            SettingError)
 
 from .config import Key, Schema, line_of_key, load_config
+from .counters import status_line
 from .logsetup import setup_logging
 from .metrics import render_metrics
 from .pidfile import LockedPidFile
@@ -36,6 +37,7 @@ from .statussock import StatusServer, bind_tcp, bind_unix
 log = logging.getLogger("preboot.runner")
 
 STOP_GRACE_S = 4.0
+STATUS_NOTIFY_S = 5.0      # STATUS= to systemd at most this often, and only when it changed
 
 
 def common_keys(service: Service) -> tuple[Key, ...]:
@@ -286,11 +288,15 @@ class Lifecycle:
             loop.add_signal_handler(signum, self._stop_requested.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         notify(f"READY=1\nMAINPID={os.getpid()}")
+        status_task = loop.create_task(self._notify_status()) \
+            if os.environ.get("NOTIFY_SOCKET") else None
         log.info("%s %s started (pid %d, config %s, event loop %s)", self.spec.service_name,
                  __version__, os.getpid(), self.config_path, type(loop).__module__)
         try:
             await self._stop_requested.wait()
         finally:
+            if status_task is not None:
+                status_task.cancel()
             notify("STOPPING=1")
             log.info("%s stopping", self.spec.service_name)
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -301,6 +307,22 @@ class Lifecycle:
                 log.warning("service did not stop within %.0f s; closing anyway", STOP_GRACE_S)
             await status.stop()
             log.info("%s stopped", self.spec.service_name)
+
+    async def _notify_status(self) -> None:
+        """STATUS= to systemd: the main counters, every STATUS_NOTIFY_S when they changed."""
+        service = self.spec.service
+        last = ""
+        while True:
+            try:
+                line = status_line(self.service.counters(), service.counter_order,
+                                   service.label)
+            except Exception:  # a counter snapshot must never stop the daemon
+                log.debug("no STATUS= line", exc_info=True)
+                line = last
+            if line and line != last:
+                notify(f"STATUS={line}")
+                last = line
+            await asyncio.sleep(STATUS_NOTIFY_S)
 
     def _reload_on_signal(self) -> None:
         # Keep a reference: the loop holds tasks only weakly.

@@ -204,3 +204,26 @@ def test_log_reads_imgsrvds_results_log(stack):
     lines = result.stdout.splitlines()
     assert lines and "lab-pc" in lines[-1] and "download" in lines[-1]
     assert "\x1b" not in result.stdout and "(disk\\x0afull)" in lines[-1]
+
+
+def test_status_lines_to_systemd(tmp_path):
+    """Under systemd (NOTIFY_SOCKET): READY=1, then a STATUS= line of the main counters."""
+    short = Path(tempfile.mkdtemp(prefix="pbntf-", dir="/tmp"))
+    notify_path = str(short / "notify")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(notify_path)
+    listener.settimeout(10)
+    values = config_values("tftpd", short)
+    values["StatusPort"] = 0
+    daemon = DaemonProcess("tftpd", write_config(short / "tftpd.conf", values),
+                           values["StatusSocket"], Path(values["LogFile"]),
+                           extra_env={"NOTIFY_SOCKET": notify_path})
+    try:
+        daemon.start(timeout_s=20)
+        said = [listener.recv(4096).decode() for _ in range(2)]
+        assert said[0].startswith("READY=1")
+        assert said[1].startswith("STATUS=Requests read 0, ")
+    finally:
+        daemon.stop()
+        listener.close()
+        shutil.rmtree(short, ignore_errors=True)

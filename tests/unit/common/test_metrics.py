@@ -205,3 +205,13 @@ def test_the_tcp_status_port_answers_get_metrics():
     assert missing.startswith(b"HTTP/1.1 404 ")
     assert post.startswith(b"HTTP/1.1 405 ")
     assert status == b'{"counters": {"x": 1}, "ok": true}\n'
+
+
+def test_status_line_for_systemd():
+    from common.daemon.counters import STATUS_LINE_MAX_CHARS, status_line
+    counters = {"a": 1, "by": {"x": 1}, "b": True, "images_sent": 3, "c": 2, "d": 4, "e": 5}
+    assert status_line(counters, ("images_sent",), services.IMGSRVD.label) == \
+        "Images Sent 3, A 1, C 2, D 4"
+    assert status_line({}) == ""
+    assert len(status_line({"x\n" * 300: 1})) <= STATUS_LINE_MAX_CHARS
+    assert "\n" not in status_line({"x\n": 1})
