@@ -180,3 +180,26 @@ def test_a_raw_partition_grows_its_entry_and_says_the_filesystem_was_left(
     assert "grew partition 2 (raw): partition entry" in done.stdout, done.stdout
     assert "the filesystem was left at its size" in done.stdout, done.stdout
     assert data_partitions(large)[-1]["size"] > data_partitions(disk)[-1]["size"]
+
+
+def test_a_failing_grow_tool_leaves_the_restore_whole_and_exits_3(tmp_path: Path) -> None:
+    disk = build(tmp_path, "gpt", ("vfat", "ext4"))
+    image = tmp_path / "small.pbimg"
+    img("make", "--disk", str(disk), str(image))
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "resize2fs").write_text("#!/bin/sh\necho 'resize2fs: error: simulated' >&2\nexit 1\n")
+    (fake / "resize2fs").chmod(0o755)
+    large = blank(tmp_path / "large.disk", 200)
+    from tests.support import REPO
+    import sys
+    done = subprocess.run([sys.executable, "-m", "img", "restore", "--disk", str(large),
+                           "--grow", str(image)], capture_output=True, text=True, timeout=600,
+                          cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO),
+                                             PATH=f"{fake}:{os.environ['PATH']}"))
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "the restore is complete, but growing its filesystem FAILED: resize2fs failed " \
+           "(exit status 1): resize2fs: error: simulated" in done.stderr, done.stderr
+    new = data_partitions(large)[-1]
+    assert new["size"] > data_partitions(disk)[-1]["size"]
+    check_files("ext4", extract(large, new, tmp_path / "after.fs"), tmp_path)
