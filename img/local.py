@@ -25,8 +25,6 @@ from .progress import Progress
 from .restore import restore_image
 from .units import human, human_exact, ratio
 
-MiB = 1 << 20
-
 
 def make(args: argparse.Namespace) -> int:
     """img make --disk DISK IMAGE: a base image of DISK into the file IMAGE."""
