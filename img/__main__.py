@@ -1,7 +1,8 @@
 """img, the imaging engine (python -m img).
 
     img make --disk DISK IMAGE          take a base image of DISK into the file IMAGE
-    img restore --disk DISK IMAGE [--grow]   put IMAGE down on DISK (same size or larger)
+    img restore --disk DISK IMAGE [--grow]   put IMAGE down on DISK (same size or larger;
+        --grow grows the last partition and its filesystem: img/grow.py)
     img restore --disk DISK IMAGE --shrink [--scratch DIR]   ... onto a smaller disk, shrinking
         the filesystem(s) at the end (ext2/3/4, NTFS, FAT) in scratch files under DIR first
     img make --disk DISK --server HOST[:PORT] PATH      ... onto an imaging server
@@ -27,7 +28,8 @@ With --server: --token, --token-file or $PREBOOT_TOKEN is the capability img pre
 --server-pin SHA256 (or $PREBOOT_SERVER_PIN) or --server-ca FILE makes it talk TLS and trust only
 that certificate, or certificates that CA signed (docs/security.md).
 
-Exit status: 0 done, 1 failed (the message says why and whether the disk was changed), 2 usage.
+Exit status: 0 done, 1 failed (the message says why and whether the disk was changed), 2 usage,
+3 restored, but --grow could not grow the last partition's filesystem (errors.py).
 """
 
 from __future__ import annotations
@@ -41,7 +43,16 @@ from common.imaging.imageformat import ImageFormatError
 from . import auto, local, results, serverops, session
 from .credentials import access_arguments
 from .disklayout import SECTOR_SIZES, DiskLayoutError
-from .errors import AddonError, DiskError, Failure, RestoreError
+from .errors import (EXIT_FAILED, EXIT_NOT_GROWN, EXIT_OK, EXIT_USAGE, AddonError, DiskError,
+                     Failure, RestoreError)
+
+THREADS_HELP = "worker threads for reading, checking and (de)compressing chunks (default 2)"
+EXIT_CODES = f"""exit status:
+  {EXIT_OK}  done
+  {EXIT_FAILED}  failed; the message says why and whether the disk was changed
+  {EXIT_USAGE}  bad arguments
+  {EXIT_NOT_GROWN}  restored completely, but --grow could not grow the last partition's
+     filesystem (its entry was grown; the data is intact; the message says why)"""
 
 # Only arguments here: each command runs a workflow (local.py on files, serverops.py with a
 # server, auto.py, results.py). Each workflow imports the modules only it needs (make, add-ons,
@@ -69,10 +80,12 @@ def _image_arguments(parser: argparse.ArgumentParser, making: bool = False) -> N
     parser.add_argument("image", help="an image file, or with --server the image's path there")
     parser.add_argument("--server", help="HOST[:PORT] of an imaging server (port 998)")
     access_arguments(parser)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help=THREADS_HELP)
     if making:
-        parser.add_argument("--level", type=int, default=DEFAULT_LEVEL, help="zstd level (1-19)")
-        parser.add_argument("--overwrite", action="store_true")
+        parser.add_argument("--level", type=int, default=DEFAULT_LEVEL,
+                            help=f"zstd level (1-19, default {DEFAULT_LEVEL})")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="replace an image file that exists (without --server)")
 
 
 def _disk_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +100,8 @@ def _addon_parser(commands: Any) -> None:
     addon = commands.add_parser("addon", help="make or apply add-on images")
     actions = addon.add_subparsers(dest="addon_command", required=True)
     make = actions.add_parser("make", help="an add-on image of a directory tree")
-    make.add_argument("--from", dest="source", required=True, metavar="DIR")
+    make.add_argument("--from", dest="source", required=True, metavar="DIR",
+                      help="the directory tree whose files the add-on image holds")
     _image_arguments(make, making=True)
     make.set_defaults(run=cmd_addon_make)
     apply = actions.add_parser("apply", help="lay an add-on image onto a partition of a disk")
@@ -100,7 +114,9 @@ def _addon_parser(commands: Any) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="img", description="the imaging engine")
+    parser = argparse.ArgumentParser(
+        prog="img", description="the imaging engine", epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("make", help="take a base image of a disk")
     _disk_arguments(make)
@@ -110,7 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     _disk_arguments(restore)
     _image_arguments(restore)
     restore.add_argument("--grow", action="store_true",
-                         help="grow the last partition's table entry to fill a larger disk")
+                         help="on a larger disk, grow the last partition's table entry and "
+                              "its filesystem to fill it (ext2/3/4, XFS, btrfs, NTFS, FAT32; "
+                              "any other filesystem is left at its size)")
     restore.add_argument("--shrink", action="store_true",
                          help="on a smaller disk, shrink the filesystem(s) at the end to fit "
                               "(ext2/3/4, NTFS, FAT)")
@@ -129,23 +147,27 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--fact", action="append", default=[], metavar="KEY=VALUE",
                      help="override a machine fact (mac, ram_mb, manufacturer, ...)")
     ask.add_argument("--grow", action="store_true",
-                     help="on a restore, grow the last partition to fill a larger disk")
+                     help="on a restore, grow the last partition and its filesystem to fill "
+                          "a larger disk")
     ask.add_argument("--scratch", metavar="DIR",
                      help="where a restore the server asks to shrink keeps its scratch files "
                           "(default: the temporary directory)")
-    ask.add_argument("--level", type=int, default=DEFAULT_LEVEL)
-    ask.add_argument("--threads", type=int, default=2)
+    ask.add_argument("--level", type=int, default=DEFAULT_LEVEL,
+                     help=f"when the server asks for an image: zstd level (1-19, default "
+                          f"{DEFAULT_LEVEL})")
+    ask.add_argument("--threads", type=int, default=2, help=THREADS_HELP)
     ask.set_defaults(run=auto.run)
     session.add_parser(commands)
     verify = commands.add_parser("verify", help="check every chunk of an image")
-    verify.add_argument("image")
-    verify.add_argument("--threads", type=int, default=2)
+    verify.add_argument("image", help="the image file to check")
+    verify.add_argument("--threads", type=int, default=2, help=THREADS_HELP)
     verify.set_defaults(run=local.verify)
     dump = commands.add_parser("dump", help="disks and partitions")
     _disk_arguments(dump)
     dump.set_defaults(run=local.dump)
     info = commands.add_parser("info", help="the hardware this machine reports")
-    info.add_argument("--json", action="store_true")
+    info.add_argument("--json", action="store_true",
+                      help="print the facts as one JSON object (default: one per line)")
     info.set_defaults(run=results.info)
     return parser
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from . import session
 from .client import ImagingClient, ServerError
-from .errors import DiskError, Failure
+from .errors import EXIT_FAILED, DiskError, Failure
 from .results import identity, server_facts
 from .credentials import server_access
 from .serverops import apply_addons_remote, check_server, server_operation
@@ -68,10 +68,10 @@ def _one_round(args: argparse.Namespace, facts: dict[str, Any], access: Any) -> 
             return 1
         status = server_operation(action, args, other, path, facts, "auto", args.server,
                                   shrink, access)
-        if status or action != "restore":
+        if status == EXIT_FAILED or action != "restore":
             return status
         return apply_addons_remote(other, addon_paths(answer), args.disk, None, args.threads,
-                                   facts, "auto", args.server, args.sector_size, access)
+                                   facts, "auto", args.server, args.sector_size, access) or status
     fit = " (shrink to fit)" if shrink else ""
     print(f"{server}: {work}{' ' + image if image else ''}{fit} ({reason})")
     if work == "none":
@@ -80,10 +80,10 @@ def _one_round(args: argparse.Namespace, facts: dict[str, Any], access: Any) -> 
     if work == "restore":
         status = server_operation("restore", args, server, image, facts, "auto", args.server,
                                   shrink, access)
-        if status:
+        if status == EXIT_FAILED:
             return status
         return apply_addons_remote(server, addon_paths(answer), args.disk, None, args.threads,
-                                   facts, "auto", args.server, args.sector_size, access)
+                                   facts, "auto", args.server, args.sector_size, access) or status
     if work == "make":
         return server_operation("make", args, server, image, facts, "auto", args.server,
                                 access=access)

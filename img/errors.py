@@ -26,3 +26,10 @@ class DiskError(Exception):
 class Failure(Exception):
     """A server-mode operation that failed; str() is the one-line message (server, what failed,
     whether the disk was changed)."""
+
+
+# img's exit statuses (img --help lists them).
+EXIT_OK = 0              # done
+EXIT_FAILED = 1          # failed; the message says why and whether the disk was changed
+EXIT_USAGE = 2           # bad arguments (argparse)
+EXIT_NOT_GROWN = 3       # restored completely, but a grown partition's filesystem was not grown

@@ -19,12 +19,11 @@ from common.imaging.imageformat import ImageFormatError
 
 from .client import ServerError
 from .disklayout import DiskLayoutError
-from .errors import AddonError, Failure
+from .errors import EXIT_NOT_GROWN, AddonError, Failure
 from .hardware import machine_facts
 from .progress import Progress
 from .restore import restore_image
-
-MiB = 1 << 20
+from .units import human, human_exact, ratio
 
 
 def make(args: argparse.Namespace) -> int:
@@ -36,10 +35,17 @@ def make(args: argparse.Namespace) -> int:
     stats, meta = make_image_file(args.disk, args.image, source=machine_facts(),
                                   level=args.level, threads=args.threads,
                                   progress=Progress("img make"), sector_size=args.sector_size)
-    used = sum(s.get("used_bytes", 0) for s in meta["streams"])
-    print(f"made {args.image}: {len(meta['streams'])} streams, {used} bytes used, "
-          f"{stats.bytes_out} bytes stored, {stats.chunks} chunks, {stats.seconds:.1f} s")
+    print(f"made {args.image}: {make_summary(stats, meta)}")
     return 0
+
+
+def make_summary(stats: Any, meta: dict[str, Any]) -> str:
+    """What a make read and stored, in human sizes (exact bytes in parentheses), with the
+    compression ratio (the used data read against the bytes stored)."""
+    used = sum(s.get("used_bytes", 0) for s in meta["streams"])
+    return (f"{len(meta['streams'])} streams, {human_exact(used)} used, "
+            f"{human_exact(stats.bytes_out)} stored (compression {ratio(used, stats.bytes_out)})"
+            f", {stats.chunks} chunks, {stats.seconds:.1f} s")
 
 
 def restore(args: argparse.Namespace) -> int:
@@ -56,10 +62,12 @@ def restore(args: argparse.Namespace) -> int:
             print(f"img: restore of {args.disk} FAILED part-way: {exc}. The disk is "
                   "incomplete and has no valid partition table; restore again.", file=sys.stderr)
             return 1
-    print(f"restored {args.image} onto {args.disk}: {result.bytes_written} bytes in "
+    print(f"restored {args.image} onto {args.disk}: {human_exact(result.bytes_written)} in "
           f"{result.chunks} chunks{restore_notes(result)}")
     print_shrunk(result)
-    return apply_addons(args.addon, args.disk, None, args.threads, args.sector_size)
+    print_grown(result)
+    status = apply_addons(args.addon, args.disk, None, args.threads, args.sector_size)
+    return status or grow_status(result)
 
 
 def restore_notes(result: Any) -> str:
@@ -77,8 +85,20 @@ def print_shrunk(result: Any) -> None:
     """What --shrink cut: one line per partition, old size -> new size."""
     for job in result.shrunk:
         note = "; Windows will check it once on its next boot" if job.filesystem == "ntfs" else ""
-        print(f"shrunk partition {job.partition} ({job.filesystem}): {job.old_size // MiB} MiB "
-              f"-> {job.new_size // MiB} MiB{note}")
+        print(f"shrunk partition {job.partition} ({job.filesystem}): {human(job.old_size)} "
+              f"-> {human(job.new_size)}{note}")
+
+
+def print_grown(result: Any) -> None:
+    """What --grow did to each grown partition's filesystem: one line each, old size -> new
+    size; a failure goes to stderr (the restore itself is complete)."""
+    for outcome in getattr(result, "grew", ()):
+        print(outcome.line(), file=sys.stderr if outcome.status == "failed" else sys.stdout)
+
+
+def grow_status(result: Any) -> int:
+    """0, or EXIT_NOT_GROWN when a grown partition's filesystem could not be grown."""
+    return EXIT_NOT_GROWN if getattr(result, "grow_failed", False) else 0
 
 
 # ------------------------------------------------------------------ add-on images
@@ -98,7 +118,7 @@ def apply_one(reader: ImageReader, label: str, disk: str, partition: int | None,
     except (ServerError, ImageFormatError, DiskLayoutError, OSError) as exc:
         raise Failure(f"add-on {label}: {exc}; the disk was not changed") from None
     print(f"applied add-on {label} onto {disk} partition {result.target.partition} "
-          f"({result.target.filesystem}): {result.files} files, {result.bytes} bytes")
+          f"({result.target.filesystem}): {result.files} files, {human_exact(result.bytes)}")
 
 
 def apply_addons(images: list[str], disk: str, partition: int | None,
@@ -126,8 +146,9 @@ def addon_make(args: argparse.Namespace) -> int:
     from .addon import make_addon_file
     stats, meta = make_addon_file(args.source, args.image, source=machine_facts(),
                                   level=args.level, threads=args.threads)
-    print(f"made add-on {args.image}: {meta['files']['count']} files, "
-          f"{meta['files']['bytes']} bytes, {stats.bytes_out} bytes stored")
+    raw = int(meta['files']['bytes'])
+    print(f"made add-on {args.image}: {meta['files']['count']} files, {human_exact(raw)}, "
+          f"{human_exact(stats.bytes_out)} stored (compression {ratio(raw, stats.bytes_out)})")
     return 0
 
 

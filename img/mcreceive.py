@@ -1184,6 +1184,8 @@ def receive_session(*, session: str, disk: str, control: tuple[str, int] | None 
         source.close()
         raise
     source.finish(True)
+    for grown in getattr(result, "grew", ()):     # --grow: each filesystem grown, or why not
+        say(grown.line())
     stats = source.stats()
     if stats.bytes_unicast and stats.bytes_multicast:
         path = "multicast+unicast"

@@ -28,6 +28,7 @@ from common.imaging.imageformat import ChunkKind, IndexEntry
 from .disk import Disk, SyncBehind
 from .disklayout import MBR_SIZE, DiskLayout, DiskLayoutError, table_writes
 from .errors import DiskError, RestoreError
+from .grow import GrowOutcome, grow_filesystems, grow_jobs
 from .sectors import convert_for
 from .shrink import (Scratch, ShrinkError, ShrinkJob, check_filesystem, check_space,
                      copy_prefix, create_scratch, minimum_size, missing_tools, refusal,
@@ -45,6 +46,12 @@ class RestoreResult:
     grown: bool
     shrunk: tuple[ShrinkJob, ...] = ()
     converted_from: int | None = None     # the image's sector size, when the table was converted
+    grew: tuple[GrowOutcome, ...] = ()     # --grow: each grown partition's filesystem (grow.py)
+
+    @property
+    def grow_failed(self) -> bool:
+        """Whether a grown partition's filesystem could not be grown (the restore is whole)."""
+        return any(outcome.status == "failed" for outcome in self.grew)
 
 
 @dataclass(frozen=True)
@@ -168,9 +175,27 @@ def restore_image(reader: ImageReader, disk_path: str, grow: bool = False, threa
         with _scratch_dir(jobs, scratch) as work:
             shrunk_files = _shrink_in_scratch(reader, jobs, work, threads)
             written, chunks = _write_disk(reader, disk, layout, shrunk_files, threads, progress)
+        grew = _grow_filesystems(meta, disk, layout) if grown else ()
     source = int(meta["disk"]["layout"]["sector_size"])
     return RestoreResult(written, chunks, layout, grown, jobs,
-                         source if source != layout.sector_size else None)
+                         source if source != layout.sector_size else None, grew)
+
+
+def _grow_filesystems(meta: dict[str, Any], disk: Disk, layout: DiskLayout
+                      ) -> tuple[GrowOutcome, ...]:
+    """After the whole restore (table written, disk synced): grow the filesystem in each
+    partition whose entry grew (img/grow.py). Never raises: a failure is in the outcome, and
+    the restored data stays as it is."""
+    filesystems = {int(s["partition"]): str(s.get("filesystem", "raw")) for s in meta["streams"]
+                   if s.get("role") == "partition" and s.get("partition") is not None}
+    jobs = grow_jobs(DiskLayout.from_dict(meta["disk"]["layout"]), layout, filesystems)
+    if not jobs:
+        return ()
+    head = [s for s in meta["streams"] if s["role"] == "disk-head"]
+    boot_code = disk.read(0, 440) if head else b""
+    outcomes = grow_filesystems(disk.path, layout, jobs, disk.write, boot_code)
+    disk.sync()
+    return outcomes
 
 
 def _write_disk(reader: ImageReader, disk: Disk, layout: DiskLayout,

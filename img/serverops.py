@@ -21,12 +21,13 @@ from common.imaging.protocol import split_server
 from .client import ImagingClient, Referral, ServerError, reports_to
 from .credentials import NO_ACCESS, ServerAccess, server_access
 from .disklayout import DiskLayoutError
-from .errors import AddonError, DiskError, Failure, RestoreError
-from .local import apply_one, print_shrunk, restore_notes
+from .errors import EXIT_FAILED, AddonError, DiskError, Failure, RestoreError
+from .local import apply_one, grow_status, print_grown, print_shrunk, restore_notes
 from .progress import Progress
 from .remote import RemoteImage
 from .restore import restore_image
 from .results import identity, report, server_facts
+from .units import human_exact, ratio
 
 MAX_HOPS = 3
 
@@ -101,9 +102,9 @@ def server_upload(server: str, path: str, workstation: str, mode: str, unchanged
 def restore_remote(server: str, path: str, disk: str, grow: bool, threads: int,
                    workstation: str, mode: str, shrink: bool = False,
                    scratch: str | None = None, sector_size: int | None = None,
-                   access: ServerAccess = NO_ACCESS) -> str:
+                   access: ServerAccess = NO_ACCESS) -> tuple[str, Any]:
     """Restore //server/path onto disk, following 307 referrals; returns where the image came
-    from (//server/path). Raises Failure."""
+    from (//server/path) and the RestoreResult. Raises Failure."""
     with remote_image(server, path, workstation, mode, "restore of", access) as (
             label, remote, reader):
         batches = remote.plan(reader.entries())
@@ -118,11 +119,12 @@ def restore_remote(server: str, path: str, disk: str, grow: bool, threads: int,
                           "disk was changed: it is incomplete and has no valid partition "
                           "table; restore again.") from None
     retried = f", {remote.retried} retried" if remote.retried else ""
-    print(f"restored {label} onto {disk}: {result.bytes_written} bytes in {result.chunks} "
-          f"chunks, {remote.requests} requests in {batches} batches{retried}"
+    print(f"restored {label} onto {disk}: {human_exact(result.bytes_written)} in "
+          f"{result.chunks} chunks, {remote.requests} requests in {batches} batches{retried}"
           f"{restore_notes(result)}")
     print_shrunk(result)
-    return label
+    print_grown(result)
+    return label, result
 
 
 def make_remote(server: str, path: str, disk: str, facts: dict[str, Any], level: int,
@@ -138,9 +140,12 @@ def make_remote(server: str, path: str, disk: str, facts: dict[str, Any], level:
             answer = upload.finish()
         except (ServerError, DiskError, DiskLayoutError) as exc:
             raise Failure(f"make onto {label} failed: {exc}{unchanged}") from None
-    print(f"made {label}: {len(meta['streams'])} streams, {stats.bytes_out} bytes sent, "
+    used = sum(s.get("used_bytes", 0) for s in meta["streams"])
+    stored = answer.get("size")
+    print(f"made {label}: {len(meta['streams'])} streams, {human_exact(used)} used, "
+          f"{human_exact(stats.bytes_out)} sent (compression {ratio(used, stats.bytes_out)}), "
           f"{stats.chunks} chunks, {stats.seconds:.1f} s; the server stored "
-          f"{answer.get('size', '?')} bytes")
+          f"{human_exact(stored) if isinstance(stored, int) else '? bytes'}")
     return label
 
 
@@ -149,17 +154,20 @@ def server_operation(kind: str, args: argparse.Namespace, server: str, path: str
                      shrink: bool = False, access: ServerAccess = NO_ACCESS) -> int:
     """A restore or make with the server, its result reported to report_to; shrink: the work
     answer asks a restore to shrink filesystems to fit a smaller disk (as --shrink does by
-    hand)."""
+    hand). A restore whose grown filesystem could not be grown returns EXIT_NOT_GROWN (the
+    restore itself is reported as done: the image is on the disk)."""
     workstation, _ = identity(facts)
     reports_to(report_to)
     operation = "download" if kind == "restore" else "upload"
+    status = 0
     try:
         if kind == "restore":
-            label = restore_remote(server, path, args.disk, args.grow, args.threads,
+            label, result = restore_remote(server, path, args.disk, args.grow, args.threads,
                                    workstation, mode,
                                    shrink=shrink or getattr(args, "shrink", False),
                                    scratch=getattr(args, "scratch", None),
                                    sector_size=args.sector_size, access=access)
+            status = grow_status(result)
         else:
             label = make_remote(server, path, args.disk, facts, args.level, args.threads,
                                 workstation, mode, args.sector_size, access)
@@ -170,7 +178,7 @@ def server_operation(kind: str, args: argparse.Namespace, server: str, path: str
         return 1
     report(report_to, facts, operation, label if server != report_to or
            not label.startswith(f"//{report_to}/") else path, "", access=access)
-    return 0
+    return status
 
 
 # ------------------------------------------------------------------ add-on images
@@ -249,10 +257,10 @@ def restore(args: argparse.Namespace) -> int:
     facts, access = started
     status = server_operation("restore", args, args.server, args.image, facts, "manual",
                               args.server, access=access)
-    if status:
+    if status == EXIT_FAILED:
         return status
     return apply_addons_remote(args.server, args.addon, args.disk, None, args.threads, facts,
-                               "manual", args.server, args.sector_size, access)
+                               "manual", args.server, args.sector_size, access) or status
 
 
 def make(args: argparse.Namespace) -> int:

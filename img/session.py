@@ -453,19 +453,27 @@ def add_parser(commands: Any) -> None:
                     "client, press m to become the master (or join the master that opens "
                     "NAME); without clients=, the master presses g to start")
     session.add_argument("name", help="the session's name (every workstation gives the same)")
-    session.add_argument("words", nargs="*", metavar="master|client|clients=N|t=M")
+    session.add_argument("words", nargs="*", metavar="master|client|clients=N|t=M",
+                         help="master or client: this workstation's role (default: ask); "
+                              "clients=N: the master starts once N receivers joined; t=M: or "
+                              "after M minutes")
     session.add_argument("--server", required=True, help="HOST[:PORT] of the imaging server")
     session.add_argument("--disk", required=True, help="the disk to restore (a receiver) or "
                                                        "to send (a master without --image)")
     session.add_argument("--image", help="master: send this image on the server instead of "
                                          "storing this disk first")
-    session.add_argument("--sector-size", type=int, choices=(512, 4096), metavar="512|4096")
+    session.add_argument("--sector-size", type=int, choices=(512, 4096), metavar="512|4096",
+                         help="a disk image file's logical sector size (default 512); a block "
+                              "device's own is asked of the kernel")
     session.add_argument("--grow", action="store_true",
-                         help="grow the last partition to fill a larger disk")
+                         help="grow the last partition and its filesystem to fill a larger "
+                              "disk (ext2/3/4, XFS, btrfs, NTFS, FAT32)")
     session.add_argument("--level", type=int, default=DEFAULT_LEVEL,
                          help="master: zstd level (1-19)")
-    session.add_argument("--threads", type=int, default=2)
-    session.add_argument("--fact", action="append", default=[], metavar="KEY=VALUE")
+    session.add_argument("--threads", type=int, default=2,
+                         help="worker threads for reading, checking and (de)compressing chunks (default 2)")
+    session.add_argument("--fact", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a machine fact (mac, ram_mb, manufacturer, ...)")
     access_arguments(session)
     session.set_defaults(run=run)
 

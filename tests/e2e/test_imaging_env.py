@@ -490,7 +490,7 @@ def test_vm_with_a_4kn_disk_is_imaged_by_the_imaging_environment(
     markers = (
         re.compile(r"preboot-env: running img auto --disk /dev/vda --server 192\.168\.77\.2"),
         re.compile(r"disk /dev/vda: 67108864 bytes, 4096-byte logical sectors"),
-        re.compile(r"restored //\S+/lab/4kn\.img onto /dev/vda: \d+ bytes in \d+ chunks"),
+        re.compile(r"restored //\S+/lab/4kn\.img onto /dev/vda: [\d.]+ \w+ \(\d+ bytes\) in \d+ chunks"),
     )
     _check_boot(boot, record_boot_time, "imaging env, 4Kn disk", f"restore {FOURKN_IMAGE}",
                 markers)
