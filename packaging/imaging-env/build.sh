@@ -57,10 +57,10 @@ MODULE_GLOBS=('drivers/ata/*' 'drivers/block/*' 'drivers/net/*' 'drivers/scsi/*'
 # it uses): util-linux's losetup, mount, umount, mtools for FAT and ntfs-3g for NTFS. Copied with
 # their libraries when present, at the same path in the initramfs.
 HOST_TOOLS=(/usr/sbin/losetup /usr/bin/mount /usr/bin/umount /usr/bin/mtools /usr/bin/ntfs-3g)
-# What `img restore --shrink` runs (img/shrink.py): e2fsprogs, ntfs-3g's ntfsresize and ntfsfix,
-# fatresize and dosfstools' fsck.fat.
+# What `img restore --shrink` and `--grow` run (img/shrink.py, img/grow.py): e2fsprogs,
+# ntfs-3g's ntfsresize and ntfsfix, fatresize, dosfstools' fsck.fat, xfs_growfs and btrfs.
 SHRINK_TOOLS=(/usr/sbin/e2fsck /usr/sbin/resize2fs /usr/sbin/ntfsresize /usr/bin/ntfsfix
-              /usr/sbin/fatresize /usr/sbin/fsck.fat)
+              /usr/sbin/fatresize /usr/sbin/fsck.fat /usr/sbin/xfs_growfs /usr/bin/btrfs)
 MTOOLS_LINKS=(mcopy mmd mdir mattrib)
 # partclone's programs for the filesystems whose used blocks img maps (img/usedblocks.py), so an
 # image made in the environment stores used blocks only, not whole partitions; and the names
@@ -230,7 +230,7 @@ install_host_tools() {
     install_tool "$root" "$tool" "add-on images that need it will fail"
   done
   for tool in "${SHRINK_TOOLS[@]}"; do
-    install_tool "$root" "$tool" "img restore --shrink will refuse that filesystem"
+    install_tool "$root" "$tool" "img restore --shrink and --grow will refuse that filesystem"
   done
   if [ -x "$root/usr/bin/mtools" ]; then
     for tool in "${MTOOLS_LINKS[@]}"; do ln -s mtools "$root/usr/bin/$tool"; done
