@@ -79,6 +79,7 @@ from common.fileio import fsync_parent
 __all__ = [
     "CorruptLogError", "ImageType", "NotAResultsLogError", "Operation", "RecoveryReport",
     "ResultEntry", "ResultsLog", "ResultsLogError", "Status", "read_entries", "sanitize",
+    "tail_entries",
 ]
 
 log = logging.getLogger("imgsrvd.resultslog")
@@ -739,6 +740,44 @@ def read_entries(path: str | os.PathLike[str]) -> Iterator[ResultEntry]:
         os.close(fd)
         raise
     return _iter_entries(fd, body_end)
+
+
+def tail_entries(path: str | os.PathLike[str], count: int,
+                 tail_bytes: int = 1 << 20) -> list[ResultEntry]:
+    """The last COUNT complete entries of the results log at PATH, oldest first, reading at most
+    its last TAIL_BYTES (a bounded cost whatever the log's size, for the status page). One entry
+    is one line (see above): each line is parsed on its own, so a line torn by a writer that
+    died, or cut by the window, is skipped. Never modifies the file; OSError when it cannot be
+    read."""
+    if count <= 0:
+        return []
+    fd = os.open(os.fspath(path), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)      # a stable size: not in the middle of an append
+        try:
+            size = os.fstat(fd).st_size
+            start = max(0, size - tail_bytes)
+            data = _pread_all(fd, size - start, start)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+    lines = data.split(b"\n")
+    if start > 0:
+        lines = lines[1:]                   # the first line may be cut by the window
+    found: list[ResultEntry] = []
+    for line in reversed(lines):
+        line = line.strip()
+        if not line.startswith(b"<" + ENTRY_TAG.encode() + b" ") or not line.endswith(b"/>"):
+            continue
+        try:
+            found.append(ResultEntry.from_element(ET.fromstring(line)))
+        except (ET.ParseError, ValueError, TypeError):
+            continue
+        if len(found) >= count:
+            break
+    found.reverse()
+    return found
 
 
 def _iter_entries(fd: int, body_end: int) -> Iterator[ResultEntry]:

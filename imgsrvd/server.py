@@ -4,6 +4,9 @@ PUT  /v1/images/<path>   store an image (streamed to a temporary file, checked, 
 GET  /v1/images/<path>   retrieve an image (sendfile; Range for resume); HEAD: its size only
 POST /v1/work            auto-imaging: what the directory says this machine should do
 POST /v1/results         log an imaging result; a successful restore clears the next-boot flag
+GET  /status             a read-only HTML status page of the four daemons, the latest
+                         results and the multicast sessions (statuspage.py,
+                         docs/monitoring.md); GET /metrics: the counters, Prometheus text
 POST /v1/sessions        open a multicast session a workstation master (or an operator) asks
                          for; GET, POST .../start and DELETE /v1/sessions/<name> (docs/multicast.md)
 
@@ -30,6 +33,7 @@ from typing import Any
 
 from aiohttp import web
 
+from common import __version__
 from common.imaging import protocol
 from common.policy.directory.holder import DirectoryHolder, describe
 from common.daemon import services
@@ -53,6 +57,7 @@ from .multicast.model import EngineSettings, SessionOrigin
 from .operations import Operation, OperationTable
 from .resultsadmission import HostRateLimit, LogQueue
 from .status import ImagingCounters, multicast_status
+from .statuspage import HEADERS as STATUS_PAGE_HEADERS, DaemonView, StatusPage
 from .transfers import AckedBytes, ProgressWatch, Slot, SlotTable, TransferStalled
 
 log = logging.getLogger("preboot.imgsrvd")
@@ -175,6 +180,10 @@ class ImagingServer:
                                                 if settings.multicast else 0,
                                                 min(settings.max_transfer_time_s, 3600.0)),
                                 self._gate, self._catalog_directory, self._record_receiver)
+        self._started_at = time.time()
+        self._status_page = StatusPage(
+            self._own_view, lambda: self._results.path if self._results is not None else None,
+            lambda: self.status_fields()["multicast"])
 
     # ---- lifecycle (common.daemon.runner.Service) ---------------------------------------
 
@@ -211,6 +220,7 @@ class ImagingServer:
         app.router.add_delete("/v1/sessions/{name}", self._stop_session)
         app.router.add_get("/metrics", metrics_handler(services.IMGSRVD, self.counters,
                                                         time.time()))
+        app.router.add_route("*", "/status", self._status)
         tls = self.settings.tls
         self._tls_context = server_context(tls) if tls else None
         await self._http.start(app, self._tls_context)
@@ -274,6 +284,20 @@ class ImagingServer:
         catalog = self._catalog
         return {"multicast": multicast_status(catalog.enabled, catalog.control_port(),
                                               catalog.statuses())}
+
+    def _own_view(self) -> DaemonView:
+        """imgsrvd as the status page shows it: from this process (it is the one answering)."""
+        return DaemonView(services.IMGSRVD, True, version=__version__,
+                          uptime_s=time.time() - self._started_at, listen=tuple(self.listen()),
+                          counters=self.counters())
+
+    async def _status(self, request: web.Request) -> web.Response:
+        """GET /status: the status page (statuspage.py), behind AllowedClients like every
+        route; no capability (docs/security.md). Read-only: any other method is 405."""
+        if request.method not in ("GET", "HEAD"):
+            return web.Response(status=405, text="read-only: GET /status\n",
+                                headers={"Allow": "GET, HEAD"})
+        return web.Response(body=await self._status_page.page(), headers=STATUS_PAGE_HEADERS)
 
     def control_verbs(self) -> dict[str, Any]:
         """zmgmcast's multicast commands (root, on the Unix status socket)."""
@@ -641,7 +665,7 @@ class ImagingServer:
 
     def _not_found(self, request: web.Request) -> web.Response:
         return _error(404, f"not found: {request.path[:200]} (this service answers "
-                           "/v1/images/<path>, /v1/work and /v1/results)")
+                           "/v1/images/<path>, /v1/work, /v1/results, /metrics and /status)")
 
     def _internal_error(self, request: web.Request) -> web.Response:
         log.exception("internal error answering %s %s", request.method, request.path_qs[:300])

@@ -43,7 +43,8 @@ from typing import Any
 from common.daemon import services
 from common.daemon.services import SERVICES, Service
 from common.daemon.logsetup import escape_control
-from common.daemon.statussock import query_tcp, query_unix
+from common.daemon.statussock import (configured_value, local_status_socket, query_tcp,
+                                      query_unix)
 
 from .reply import BadReply, checked
 from .results import DEFAULT_ENTRIES, DEFAULT_RESULTS_LOG, MAX_ENTRIES, format_entries, \
@@ -74,21 +75,11 @@ class DaemonReport:
 
 def _configured(daemon: Service, key: str) -> str | None:
     """A key from the daemon's config file, read leniently (the daemon validates it)."""
-    path = daemon.config_file(CONFIG_DIR)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                name, sep, value = line.partition("=")
-                if sep and name.strip() == key:
-                    value = value.split("#", 1)[0].strip().strip('"')
-                    return value or None
-    except OSError:
-        return None
-    return None
+    return configured_value(daemon.config_file(CONFIG_DIR), key)
 
 
 def socket_path(daemon: Service) -> str:
-    return _configured(daemon, "StatusSocket") or daemon.status_socket(RUN_DIR)
+    return local_status_socket(daemon, CONFIG_DIR, RUN_DIR)
 
 
 def ask_local(daemon: Service, path: str | None = None) -> DaemonReport:

@@ -285,3 +285,26 @@ def query_unix(path: str, verb: str = "status", timeout_s: float = 3.0,
 def query_tcp(host: str, port: int, verb: str = "status", timeout_s: float = 3.0) -> dict[str, Any]:
     with socket.create_connection((host, port), timeout=timeout_s) as sock:
         return _exchange(sock, verb, timeout_s)
+
+
+def configured_value(config_file: str, key: str) -> str | None:
+    """KEY from a daemon's config file, read leniently (`Key = value`, `#` comments; the daemon
+    itself validates it): how zmgmcast and imgsrvd's status page find another daemon's
+    StatusSocket. None when the file or the key is missing."""
+    try:
+        with open(config_file, encoding="utf-8") as handle:
+            for line in handle:
+                name, sep, value = line.partition("=")
+                if sep and name.strip() == key:
+                    value = value.split("#", 1)[0].strip().strip('"')
+                    return value or None
+    except (OSError, UnicodeDecodeError):
+        return None
+    return None
+
+
+def local_status_socket(service: Any, config_dir: str, run_dir: str) -> str:
+    """The Unix status socket of SERVICE (a common.daemon.services.Service) on this host: the
+    StatusSocket of CONFIG_DIR/<name>.conf, else its default in RUN_DIR."""
+    return configured_value(service.config_file(config_dir), "StatusSocket") or \
+        service.status_socket(run_dir)
