@@ -18,6 +18,7 @@ APT_PACKAGES=(
   strace                         # proves imgsrvd sends images with sendfile(2)
   openssl                        # preboot-dir tls create and the TLS tests make certificates
   busybox-static cpio python3.11 # the imaging environment (packaging/imaging-env/build.sh)
+  chromium                       # a real browser engine for imgsrvd's status page test
 )
 
 missing=()
@@ -46,7 +47,9 @@ fi
 # ports; policy-rc.d above keeps the packages from starting theirs on port 69.
 
 PIP=(python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore)
-if ! python3 -c "import configobj, validate, daemon, psutil, tftpy, scapy, uvloop, aiohttp, ldap, zstandard, pytest, hypothesis, prometheus_client" 2>/dev/null \
+if ! python3 -c "import configobj, validate, daemon, psutil, tftpy, scapy, uvloop, aiohttp, ldap, zstandard, pytest, hypothesis, prometheus_client, playwright" 2>/dev/null \
    || ! python3 -m pip show -q preboot-services >/dev/null 2>&1; then
   "${PIP[@]}" -e ".[test]"
 fi
+# Playwright drives Debian's chromium (executable_path, tests/integration/test_status_page.py):
+# its own browser download ("playwright install") is never run.
