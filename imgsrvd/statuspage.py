@@ -320,9 +320,9 @@ def ask_daemon(service: Service, path: str, timeout_s: float = QUERY_TIMEOUT_S) 
         return DaemonView(service, False, "not running")
     except PermissionError:
         return DaemonView(service, False, "permission denied on its status socket")
-    except (TimeoutError, OSError) as exc:
-        if isinstance(exc, TimeoutError):
-            return DaemonView(service, False, f"no answer within {timeout_s:g} s")
+    except TimeoutError:                     # socket.timeout: it is there but silent
+        return DaemonView(service, False, f"no answer within {timeout_s:g} s")
+    except OSError as exc:
         return DaemonView(service, False, exc.strerror or str(exc))
     except ValueError as exc:
         return DaemonView(service, False, f"bad reply: {exc}")

@@ -12,7 +12,6 @@ import os
 import socket
 import threading
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 
