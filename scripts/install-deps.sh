@@ -10,6 +10,7 @@ APT_PACKAGES=(
   tftpd-hpa dnsmasq-base         # peers for bench/ and the site DHCP server of e2e tests
   iproute2 nftables tcpdump      # network namespaces, packet loss, captures
   rpm shellcheck                 # packaging checks (rpmspec, init scripts)
+  groff-base man-db rpmlint      # the generated man pages render; rpmlint on the built RPMs
   qemu-system-x86 ipxe-qemu ipxe ovmf radvd   # real PXE firmware for e2e tests
   slapd ldap-utils               # a real OpenLDAP directory for the LDAP backend's tests
   libldap2-dev libsasl2-dev gcc python3-dev   # to build python-ldap (no wheels on PyPI)

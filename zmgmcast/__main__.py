@@ -185,7 +185,7 @@ def format_reports(reports: list[DaemonReport], where: str) -> str:
     return "\n".join(escape_control(line) for line in out)
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zmgmcast", description="Status of the Preboot Services and Imaging Server daemons")
     parser.add_argument("-status", "--status", action="store_true", dest="status",
@@ -222,7 +222,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-t", "--t", dest="wait_min", type=int, metavar="MIN", default=0,
                         help="with -start -image -clients: ... or MIN minutes after the last "
                              "join")
-    return parser.parse_args(argv)
+    return parser
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return _parser().parse_args(argv)
 
 
 def control_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]] | str | None:

@@ -31,6 +31,7 @@ from .logsetup import setup_logging
 from .metrics import render_metrics
 from .pidfile import LockedPidFile
 from .sdnotify import notify
+from . import services as registry
 from .services import Service
 from .statussock import StatusServer, bind_tcp, bind_unix
 
@@ -125,15 +126,21 @@ def _load(spec: DaemonSpec, path: str) -> tuple[Any, CommonSettings]:
         raise ConfigError(path, exc.message, line_of_key(path, exc.key), exc.key) from None
 
 
-def _parse_args(spec: DaemonSpec, argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=spec.program, description=spec.service_name)
-    parser.add_argument("--config", default=spec.default_config,
-                        help=f"config file (default {spec.default_config})")
+def build_parser(service: registry.Service) -> argparse.ArgumentParser:
+    """Every daemon's command line (docs/daemon-contract.md); packaging/man/genman.py writes
+    the man pages from it."""
+    parser = argparse.ArgumentParser(prog=service.program, description=service.display_name)
+    parser.add_argument("--config", default=service.config_file(),
+                        help=f"config file (default {service.config_file()})")
     parser.add_argument("--foreground", action="store_true",
                         help="stay attached (systemd Type=notify); default: detach")
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return parser.parse_args(argv)
+    return parser
+
+
+def _parse_args(spec: DaemonSpec, argv: list[str] | None) -> argparse.Namespace:
+    return build_parser(spec.service).parse_args(argv)
 
 
 def run(spec: DaemonSpec, argv: list[str] | None = None) -> int:
