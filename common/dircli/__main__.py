@@ -3,6 +3,8 @@
     preboot-dir init                          create an empty directory (SQLite) if missing
     preboot-dir export [FILE]                 the whole policy as one readable file
     preboot-dir import FILE [--check]         replace the store with a file (or only validate)
+    preboot-dir import --merge FILE           merge a file in (rules, sessions by name; MACs)
+    preboot-dir import [--merge] --dry-run FILE   what an import would change, written nowhere
     preboot-dir rules list
     preboot-dir rules add NAME --action restore --image IMG [--filter F] [--addon A]... [--force]
                                    [--shrink] [--disabled] [--position N]
@@ -46,8 +48,9 @@ from common.policy.directory import Directory, DirectoryError, open_directory
 from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
                                  MulticastSession, Rule, Workstation, explain_rules, menu_for,
                                  normalize_participant)
+from common.policy.merge import plan_import
 from common.policy.policyfile import (PolicyFileError, check_name, check_session_name,
-                                      dump_policy, load_policy)
+                                      dump_policy, file_shape, load_policy)
 from common.policy.sessions import qualification, session_key, work_for
 from common.policy.rules import FilterSyntaxError, parse_filter
 
@@ -113,15 +116,36 @@ def cmd_import(args: argparse.Namespace) -> int:
         text = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8-sig").read()
     except OSError as exc:
         raise UsageError(f"{source}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     document = load_policy(text, source)   # PolicyFileError -> exit 65, store untouched
     summary = (f"{len(document.policy.rules)} rules, {len(document.workstations)} workstations, "
                f"{len(document.sessions)} multicast sessions")
     if args.check:
         print(f"OK: {source}: {summary}")
         return 0
-    with _open(args, create=True) as directory:
-        directory.import_document(document)
-        print(f"imported {summary} into {directory.url.redacted()}")
+    shape = file_shape(text)
+    with _open(args, create=not args.dry_run) as directory:
+        change, report = plan_import(directory.export_document(), document, merge=args.merge,
+                                     menu_keys=shape.menu_keys,
+                                     station_keys=shape.station_keys)
+        where = directory.url.redacted()
+        if args.dry_run:
+            verb = "merging" if args.merge else "importing"
+            print(f"dry run: {verb} {source} ({summary}) into {where} would change:")
+        else:
+            if not change.empty():
+                directory.apply(change)     # one transaction on SQLite: all or nothing
+            if args.merge:
+                print(f"merged {summary} from {source} into {where}")
+            else:
+                print(f"imported {summary} into {where}")
+    for line in report.summary_lines():
+        print(f"  {line}")
+    if args.dry_run:
+        for line in report.detail_lines():
+            print(line)
+        print("nothing written (dry run)")
     return 0
 
 
@@ -497,9 +521,15 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write the whole policy as one file")
     export.add_argument("file", nargs="?", help="output file (default stdout)")
     export.set_defaults(run=cmd_export)
-    imp = commands.add_parser("import", help="replace the store with a policy file")
+    imp = commands.add_parser("import", help="replace the store with a policy file (or merge "
+                                             "one into it)")
     imp.add_argument("file", help="policy file, - for stdin")
     imp.add_argument("--check", action="store_true", help="only validate the file")
+    imp.add_argument("--merge", action="store_true",
+                     help="merge the file in: rules and sessions by name, workstations by MAC, "
+                          "the menu only if the file has [menu]; nothing else is removed")
+    imp.add_argument("--dry-run", action="store_true",
+                     help="show what would be added, replaced and removed; write nothing")
     imp.set_defaults(run=cmd_import)
 
     rules = commands.add_parser("rules", help="list and edit work assignment rules")
