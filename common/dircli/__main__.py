@@ -13,6 +13,8 @@
     preboot-dir rules move NAME POSITION
     preboot-dir menu show | menu set [--display always|never|hotkey] [--timeout-s N]
     preboot-dir workstations list | add MAC [--name N] | remove MAC
+    preboot-dir workstations import FILE.csv [--skip-bad] [--dry-run]
+                                   columns mac (required), name, image, next_boot
     preboot-dir nextboot set MAC [--image IMG] | nextboot clear MAC
     preboot-dir sessions list
     preboot-dir sessions add NAME --image IMG [--clients N] [--timeout-min T] [--keep]
@@ -41,7 +43,7 @@ from typing import Sequence
 
 import configobj
 
-from common.dircli import keys, tls
+from common.dircli import csvimport, keys, tls
 from common.fileio import atomic_file
 from common.machine import ATTRIBUTE_KINDS, facts_from_strings, normalize_mac
 from common.policy.directory import Directory, DirectoryError, open_directory
@@ -585,6 +587,7 @@ def _parser() -> argparse.ArgumentParser:
     remove = ws_commands.add_parser("remove")
     remove.add_argument("mac")
     remove.set_defaults(run=cmd_workstations)
+    csvimport.add_command(ws_commands, _open, UsageError)
 
     nextboot = commands.add_parser("nextboot", help="the 'image on next boot' flag")
     nb_commands = nextboot.add_subparsers(dest="nb_command", required=True)
