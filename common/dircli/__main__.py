@@ -26,6 +26,7 @@
     preboot-dir sessions remove|enable|disable NAME
     preboot-dir sessions move NAME POSITION
     preboot-dir explain --mac MAC [--serial S] [--manufacturer M] [--ram-mb N] ...
+    preboot-dir images [--root DIR] [--json]  the images under imgsrvd's ImageRoot (read there)
 
 The store is the `Directory =` of prebootpolicyd's config (--config, default
 /etc/preboot/policyd.conf), or --directory URL. Only the writing commands (init, import, add,
@@ -43,7 +44,7 @@ from typing import Sequence
 
 import configobj
 
-from common.dircli import csvimport, keys, tls
+from common.dircli import csvimport, images, keys, tls
 from common.fileio import atomic_file
 from common.machine import ATTRIBUTE_KINDS, facts_from_strings, normalize_mac
 from common.policy.directory import Directory, DirectoryError, open_directory
@@ -605,6 +606,7 @@ def _parser() -> argparse.ArgumentParser:
     for name in ATTRIBUTE_KINDS:
         explain.add_argument(f"--{name.replace('_', '-')}", dest=name)
     explain.set_defaults(run=cmd_explain)
+    images.add_command(commands, UsageError)
     keys.add_commands(commands)
     tls.add_commands(commands)
     return parser
