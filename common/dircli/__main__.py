@@ -129,10 +129,26 @@ def cmd_import(args: argparse.Namespace) -> int:
         return 0
     shape = file_shape(text)
     with _open(args, create=not args.dry_run) as directory:
-        change, report = plan_import(directory.export_document(), document, merge=args.merge,
+        where = directory.url.redacted()
+        try:
+            current = directory.export_document()
+        except DirectoryError as exc:
+            if args.merge or args.dry_run:
+                raise
+            # A replace is the repair for a store that cannot be read (an interrupted LDAP
+            # policy write, a rule that does not parse): write the whole file, as before.
+            print(f"note: the store could not be read ({exc}); writing the whole file")
+            directory.import_document(document)
+            print(f"imported {summary} into {where}")
+            return 0
+        change, report = plan_import(current, document, merge=args.merge,
                                      menu_keys=shape.menu_keys,
                                      station_keys=shape.station_keys)
-        where = directory.url.redacted()
+        if not args.merge:
+            # the rules, menu and sessions are written whole even when unchanged: that also
+            # completes an interrupted LDAP policy write (docs/directory-ldap.md)
+            change = dataclasses.replace(change, policy=document.policy,
+                                         sessions=tuple(document.sessions))
         if args.dry_run:
             verb = "merging" if args.merge else "importing"
             print(f"dry run: {verb} {source} ({summary}) into {where} would change:")

@@ -104,6 +104,8 @@ def cli(request, tmp_path):
         assert proc.returncode == expect, (proc.stdout, proc.stderr)
         return proc
     run.backend = request.param
+    run.cleanup = cleanup
+    run.db = tmp_path / "dir.db"
     yield run
     if cleanup:
         cleanup[0].delete_subtree(cleanup[1])
@@ -187,6 +189,31 @@ def test_replace_import_reports_what_it_removed(cli, tmp_path):
     exported = cli("export").stdout
     assert _sections(exported, "rules") == ["SMALL DISKS", "HP lab", "Everyone else"]
     assert "image = special.img" not in exported     # a replace takes the file's record whole
+
+
+def _break_a_rule(cli) -> None:
+    """Give 'Everyone else' a filter that does not parse, behind preboot-dir's back."""
+    if cli.backend == "sqlite":
+        import sqlite3
+        with sqlite3.connect(cli.db) as conn:
+            conn.execute("UPDATE rules SET filter = 'ram >' WHERE name = 'Everyone else'")
+    else:
+        server, base = cli.cleanup
+        server.ldapmodify(f"dn: cn=Everyone else,ou=rules,{base}\nchangetype: modify\n"
+                          "replace: prebootFilter\nprebootFilter: ram >\n")
+
+
+def test_a_store_that_cannot_be_read_is_repaired_by_a_replace_not_merged_into(cli, tmp_path):
+    cli("import", _file(tmp_path, "p.conf", POLICY))
+    _break_a_rule(cli)
+    assert "missing value after '>'" in cli("import", "--merge", _file(tmp_path, "m.conf", MERGE),
+                                         expect=1).stderr
+    assert "missing value after '>'" in cli("import", "--dry-run", str(tmp_path / "m.conf"),
+                                         expect=1).stderr
+    out = cli("import", str(tmp_path / "p.conf")).stdout
+    assert "note: the store could not be read" in out and "imported 3 rules" in out
+    assert "rules: 0 added, 0 replaced, 0 removed, 3 unchanged" in cli(
+        "import", "--dry-run", str(tmp_path / "p.conf")).stdout
 
 
 BAD_MERGES = [
