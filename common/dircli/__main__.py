@@ -3,6 +3,8 @@
     preboot-dir init                          create an empty directory (SQLite) if missing
     preboot-dir export [FILE]                 the whole policy as one readable file
     preboot-dir import FILE [--check]         replace the store with a file (or only validate)
+    preboot-dir import --merge FILE           merge a file in (rules, sessions by name; MACs)
+    preboot-dir import [--merge] --dry-run FILE   what an import would change, written nowhere
     preboot-dir rules list
     preboot-dir rules add NAME --action restore --image IMG [--filter F] [--addon A]... [--force]
                                    [--shrink] [--disabled] [--position N]
@@ -11,6 +13,8 @@
     preboot-dir rules move NAME POSITION
     preboot-dir menu show | menu set [--display always|never|hotkey] [--timeout-s N]
     preboot-dir workstations list | add MAC [--name N] | remove MAC
+    preboot-dir workstations import FILE.csv [--skip-bad] [--dry-run]
+                                   columns mac (required), name, image, next_boot
     preboot-dir nextboot set MAC [--image IMG] | nextboot clear MAC
     preboot-dir sessions list
     preboot-dir sessions add NAME --image IMG [--clients N] [--timeout-min T] [--keep]
@@ -22,6 +26,7 @@
     preboot-dir sessions remove|enable|disable NAME
     preboot-dir sessions move NAME POSITION
     preboot-dir explain --mac MAC [--serial S] [--manufacturer M] [--ram-mb N] ...
+    preboot-dir images [--root DIR] [--json]  the images under imgsrvd's ImageRoot (read there)
 
 The store is the `Directory =` of prebootpolicyd's config (--config, default
 /etc/preboot/policyd.conf), or --directory URL. Only the writing commands (init, import, add,
@@ -39,15 +44,16 @@ from typing import Sequence
 
 import configobj
 
-from common.dircli import keys, tls
+from common.dircli import csvimport, images, keys, tls
 from common.fileio import atomic_file
 from common.machine import ATTRIBUTE_KINDS, facts_from_strings, normalize_mac
 from common.policy.directory import Directory, DirectoryError, open_directory
 from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
                                  MulticastSession, Rule, Workstation, explain_rules, menu_for,
                                  normalize_participant)
+from common.policy.merge import plan_import
 from common.policy.policyfile import (PolicyFileError, check_name, check_session_name,
-                                      dump_policy, load_policy)
+                                      dump_policy, file_shape, load_policy)
 from common.policy.sessions import qualification, session_key, work_for
 from common.policy.rules import FilterSyntaxError, parse_filter
 
@@ -113,15 +119,52 @@ def cmd_import(args: argparse.Namespace) -> int:
         text = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8-sig").read()
     except OSError as exc:
         raise UsageError(f"{source}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     document = load_policy(text, source)   # PolicyFileError -> exit 65, store untouched
     summary = (f"{len(document.policy.rules)} rules, {len(document.workstations)} workstations, "
                f"{len(document.sessions)} multicast sessions")
     if args.check:
         print(f"OK: {source}: {summary}")
         return 0
-    with _open(args, create=True) as directory:
-        directory.import_document(document)
-        print(f"imported {summary} into {directory.url.redacted()}")
+    shape = file_shape(text)
+    with _open(args, create=not args.dry_run) as directory:
+        where = directory.url.redacted()
+        try:
+            current = directory.export_document()
+        except DirectoryError as exc:
+            if args.merge or args.dry_run:
+                raise
+            # A replace is the repair for a store that cannot be read (an interrupted LDAP
+            # policy write, a rule that does not parse): write the whole file, as before.
+            print(f"note: the store could not be read ({exc}); writing the whole file")
+            directory.import_document(document)
+            print(f"imported {summary} into {where}")
+            return 0
+        change, report = plan_import(current, document, merge=args.merge,
+                                     menu_keys=shape.menu_keys,
+                                     station_keys=shape.station_keys)
+        if not args.merge:
+            # the rules, menu and sessions are written whole even when unchanged: that also
+            # completes an interrupted LDAP policy write (docs/directory-ldap.md)
+            change = dataclasses.replace(change, policy=document.policy,
+                                         sessions=tuple(document.sessions))
+        if args.dry_run:
+            verb = "merging" if args.merge else "importing"
+            print(f"dry run: {verb} {source} ({summary}) into {where} would change:")
+        else:
+            if not change.empty():
+                directory.apply(change)     # one transaction on SQLite: all or nothing
+            if args.merge:
+                print(f"merged {summary} from {source} into {where}")
+            else:
+                print(f"imported {summary} into {where}")
+    for line in report.summary_lines():
+        print(f"  {line}")
+    if args.dry_run:
+        for line in report.detail_lines():
+            print(line)
+        print("nothing written (dry run)")
     return 0
 
 
@@ -497,9 +540,15 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write the whole policy as one file")
     export.add_argument("file", nargs="?", help="output file (default stdout)")
     export.set_defaults(run=cmd_export)
-    imp = commands.add_parser("import", help="replace the store with a policy file")
+    imp = commands.add_parser("import", help="replace the store with a policy file (or merge "
+                                             "one into it)")
     imp.add_argument("file", help="policy file, - for stdin")
     imp.add_argument("--check", action="store_true", help="only validate the file")
+    imp.add_argument("--merge", action="store_true",
+                     help="merge the file in: rules and sessions by name, workstations by MAC, "
+                          "the menu only if the file has [menu]; nothing else is removed")
+    imp.add_argument("--dry-run", action="store_true",
+                     help="show what would be added, replaced and removed; write nothing")
     imp.set_defaults(run=cmd_import)
 
     rules = commands.add_parser("rules", help="list and edit work assignment rules")
@@ -555,6 +604,7 @@ def _parser() -> argparse.ArgumentParser:
     remove = ws_commands.add_parser("remove")
     remove.add_argument("mac")
     remove.set_defaults(run=cmd_workstations)
+    csvimport.add_command(ws_commands, _open, UsageError)
 
     nextboot = commands.add_parser("nextboot", help="the 'image on next boot' flag")
     nb_commands = nextboot.add_subparsers(dest="nb_command", required=True)
@@ -572,6 +622,7 @@ def _parser() -> argparse.ArgumentParser:
     for name in ATTRIBUTE_KINDS:
         explain.add_argument(f"--{name.replace('_', '-')}", dest=name)
     explain.set_defaults(run=cmd_explain)
+    images.add_command(commands, UsageError)
     keys.add_commands(commands)
     tls.add_commands(commands)
     return parser

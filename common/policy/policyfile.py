@@ -231,6 +231,29 @@ def load_policy(text: str, source: str = "<policy>") -> PolicyDocument:
     return PolicyDocument(ImagingPolicy(rules, menu), stations, sessions)
 
 
+@dataclass(frozen=True)
+class FileShape:
+    """What a policy file spells out, beyond the values load_policy returns (a merge needs it:
+    a key left out keeps the store's value)."""
+
+    menu_keys: frozenset[str] | None           # None: no [menu] section
+    station_keys: dict[str, frozenset[str]]    # normalised MAC -> the keys written for it
+
+
+def file_shape(text: str) -> FileShape:
+    """The sections and workstation keys of a file load_policy has accepted."""
+    config = configobj.ConfigObj(text.splitlines(), encoding="utf-8", list_values=True,
+                                 interpolation=False, raise_errors=True)
+    stations = config.get("workstations") or {}
+    keys: dict[str, frozenset[str]] = {}
+    for name in getattr(stations, "sections", []):
+        mac = normalize_mac(name)
+        if mac is not None:
+            keys[mac] = frozenset(stations[name].scalars)
+    menu = frozenset(config["menu"].scalars) if "menu" in config.sections else None
+    return FileShape(menu, keys)
+
+
 def _unique_names(reader: _Reader, section: str, names: list[str]) -> None:
     """Names differing only in case are one name to LDAP (and to SQLite's NOCASE index)."""
     seen: dict[str, str] = {}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from common.policy.directory import Directory, DirectoryError, open_directory
+from common.policy.directory import Directory, DirectoryChange, DirectoryError, open_directory
 from common.machine import normalize_mac
 from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
                                  MulticastSession, PolicyDocument, Rule, Workstation)
@@ -186,6 +186,29 @@ def test_duplicate_rule_names_are_refused_and_nothing_changes(directory: Directo
     with pytest.raises(DirectoryError):
         directory.replace_policy(twice)
     assert policy_facts(directory.policy()) == policy_facts(SAMPLE_POLICY)
+
+
+def test_apply_writes_every_part_or_on_a_refusal_none(directory: Directory) -> None:
+    directory.import_document(sample_document())
+    before = document_facts(directory.export_document())
+    new_rule = Rule.from_text("added", "arch = i386", Action(ActionKind.MAINTENANCE))
+    clash = (MulticastSession("twice", "a.zmg"), MulticastSession("TWICE", "b.zmg"))
+    with pytest.raises(DirectoryError):
+        directory.apply(DirectoryChange(
+            ImagingPolicy(SAMPLE_RULES + (new_rule,)), (Workstation("525400000099", "new"),),
+            ("00C04FDC2AB5",), clash))
+    assert document_facts(directory.export_document()) == before
+    directory.apply(DirectoryChange(
+        ImagingPolicy((new_rule,), MenuSettings(MenuDisplay.NEVER, 1)),
+        (Workstation("525400000099", "new"),), ("00C04FDC2AB5",), (clash[0],)))
+    after = directory.export_document()
+    assert [rule.name for rule in after.policy.rules] == ["added"]
+    assert after.policy.menu == MenuSettings(MenuDisplay.NEVER, 1)
+    assert {s.mac for s in after.workstations} == {"000C29ABCDEF", "A4BADB000001",
+                                                   "525400000099"}
+    assert after.sessions == (clash[0],)
+    directory.apply(DirectoryChange())                       # nothing: nothing changes
+    assert document_facts(directory.export_document()) == document_facts(after)
 
 
 def test_unchanged_store_returns_the_cached_policy(directory: Directory) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from .base import (DEFAULT_TIMEOUT_S, Credentials, Directory, DirectoryError, DirectoryURL,
+from .base import (DEFAULT_TIMEOUT_S, Credentials, Directory, DirectoryChange,
+                   DirectoryError, DirectoryURL,
                    WouldBlock, parse_directory_url, read_credentials)
 
-__all__ = ["Credentials", "Directory", "DirectoryError", "DirectoryURL", "WouldBlock",
-           "open_directory",
+__all__ = ["Credentials", "Directory", "DirectoryChange", "DirectoryError", "DirectoryURL",
+           "WouldBlock", "open_directory",
            "parse_directory_url", "read_credentials"]
 
 

@@ -28,6 +28,20 @@ class DirectoryError(Exception):
     """The directory is unreachable, refused us, or holds data we cannot use."""
 
 
+@dataclass(frozen=True)
+class DirectoryChange:
+    """Several writes made as one (Directory.apply): None and () leave that part alone."""
+
+    policy: ImagingPolicy | None = None                  # all rules and the menu settings
+    put_workstations: tuple[Workstation, ...] = ()       # registered or replaced, by MAC
+    delete_workstations: tuple[str, ...] = ()            # normalised MACs
+    sessions: tuple[MulticastSession, ...] | None = None  # all multicast sessions, in order
+
+    def empty(self) -> bool:
+        return (self.policy is None and not self.put_workstations
+                and not self.delete_workstations and self.sessions is None)
+
+
 class WouldBlock(Exception):
     """lookup_nowait() or lookup_async() cannot answer that way (a lock, a connection not made
     yet, a policy reload, an error best reported by the blocking methods): ask again through
@@ -203,14 +217,25 @@ class Directory(ABC):
 
     def import_document(self, document: PolicyDocument) -> None:
         """Make the store hold exactly this document."""
-        self.replace_policy(document.policy)
         wanted = {station.mac for station in document.workstations}
-        for station in self.workstations():
-            if station.mac not in wanted:
-                self.delete_workstation(station.mac)
-        for station in document.workstations:
+        self.apply(DirectoryChange(
+            document.policy, tuple(document.workstations),
+            tuple(station.mac for station in self.workstations() if station.mac not in wanted),
+            tuple(document.sessions)))
+
+    def apply(self, change: DirectoryChange) -> None:
+        """Make every write of `change`. SQLite makes them in one transaction (all or none);
+        this default, which LDAP uses (no multi-entry transactions), makes them in turn:
+        the policy, the deleted and the put workstations, the sessions. Callers check every
+        value first, so only the store itself failing half-way can leave part of it."""
+        if change.policy is not None:
+            self.replace_policy(change.policy)
+        for mac in change.delete_workstations:
+            self.delete_workstation(mac)
+        for station in change.put_workstations:
             self.put_workstation(station)
-        self.replace_sessions(list(document.sessions))
+        if change.sessions is not None:
+            self.replace_sessions(list(change.sessions))
 
     def __enter__(self) -> "Directory":
         return self

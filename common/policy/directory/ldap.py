@@ -58,8 +58,8 @@ from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay,
                                  MulticastSession, Rule, Workstation)
 from common.policy.rules import Filter, parse_filter
 
-from .base import (DEFAULT_TIMEOUT_S, Credentials, Directory, DirectoryError, DirectoryURL,
-                   PolicyCache, WouldBlock)
+from .base import (DEFAULT_TIMEOUT_S, Credentials, Directory, DirectoryChange, DirectoryError,
+                   DirectoryURL, PolicyCache, WouldBlock)
 
 log = logging.getLogger("preboot.directory")
 
@@ -418,6 +418,22 @@ class LdapDirectory(Directory):
             self._set_serial(conn, serial, serial + 1, [
                 (ldap.MOD_REPLACE, name, values) for name, values in menu.items()])
         self._run("write the policy", run)
+
+    def apply(self, change: DirectoryChange) -> None:
+        """LDAP has no transaction over several entries: check everything the server would
+        refuse half-way (names that clash, MACs) before the first write, then write in turn."""
+        try:
+            if change.policy is not None:
+                _check_names([(rule.name, {}) for rule in change.policy.rules], "rule")
+            if change.sessions is not None:
+                _check_names([(session.name, {}) for session in change.sessions],
+                             "multicast session")
+        except _EntryError as exc:
+            raise DirectoryError(f"directory {self.url.redacted()}: {exc}") from None
+        for station in change.put_workstations:
+            if normalize_mac(station.mac) is None:
+                raise DirectoryError(f"'{station.mac}' is not a MAC address")
+        super().apply(change)
 
     def _begin_policy_write(self, conn: LDAPObject) -> int:
         """Mark the policy as being written (odd serial) and return that serial, by compare-

@@ -21,7 +21,8 @@ from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay,
                                  MulticastSession, Rule, Workstation)
 from common.policy.rules import parse_filter
 
-from .base import Directory, DirectoryError, DirectoryURL, PolicyCache, WouldBlock
+from .base import (Directory, DirectoryChange, DirectoryError, DirectoryURL, PolicyCache,
+                   WouldBlock)
 
 log = logging.getLogger("preboot.directory")
 
@@ -250,17 +251,22 @@ class SqliteDirectory(Directory):
             raise DirectoryError(f"directory {self.url.redacted()}: rule '{name}': {exc}") from None
 
     def replace_policy(self, policy: ImagingPolicy) -> None:
-        statements: list[tuple[str, tuple]] = [("DELETE FROM rules", ())]
-        for position, rule in enumerate(policy.rules, 1):
-            statements.append((
-                "INSERT INTO rules (position, name, enabled, filter, action, image, addons, "
-                "session, force, shrink) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (position, rule.name, int(rule.enabled), rule.filter.canonical(),
-                 rule.action.kind.value, rule.action.image, json.dumps(list(rule.action.addons)),
-                 rule.action.session, int(rule.force), int(rule.action.shrink))))
-        statements.append(("INSERT OR REPLACE INTO menu (id, display, timeout_s) VALUES (1, ?, ?)",
-                           (policy.menu.display.value, policy.menu.timeout_s)))
-        self._write(statements)
+        self._write(_policy_statements(policy))
+
+    def apply(self, change: DirectoryChange) -> None:
+        """Every write of `change` in one transaction: all of it or, on any error, none."""
+        statements: list[tuple[str, tuple]] = []
+        if change.policy is not None:
+            statements += _policy_statements(change.policy)
+        for mac in change.delete_workstations:
+            statements.append(("DELETE FROM workstations WHERE mac = ?",
+                               (normalize_mac(mac) or mac,)))
+        statements += [_station_statement(station) for station in change.put_workstations]
+        if change.sessions is not None:
+            statements += _sessions_statements(list(change.sessions))
+        if statements:
+            self._write(statements)
+
 
     # -- workstations -------------------------------------------------------------------------
 
@@ -276,10 +282,7 @@ class SqliteDirectory(Directory):
         return [_station(row) for row in rows]
 
     def put_workstation(self, station: Workstation) -> None:
-        self._write([("INSERT OR REPLACE INTO workstations (mac, name, image_on_next_boot, image, "
-                      "menu) VALUES (?, ?, ?, ?, ?)",
-                      (station.mac, station.name, int(station.image_on_next_boot),
-                       station.image, station.menu.value if station.menu else ""))])
+        self._write([_station_statement(station)])
 
     def delete_workstation(self, mac: str) -> bool:
         mac = normalize_mac(mac) or mac
@@ -308,16 +311,7 @@ class SqliteDirectory(Directory):
                                  f"'{name}': {exc}") from None
 
     def replace_sessions(self, sessions: list[MulticastSession]) -> None:
-        statements: list[tuple[str, tuple]] = [("DELETE FROM sessions", ())]
-        for position, session in enumerate(sessions, 1):
-            statements.append((
-                "INSERT INTO sessions (position, name, image, clients, timeout_min, enabled, "
-                "delete_after, participants, group_address, data_port) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (position, session.name, session.image, session.clients, session.timeout_min,
-                 int(session.enabled), int(session.delete_after),
-                 json.dumps(list(session.participants)), session.group, session.data_port)))
-        self._write(statements)
+        self._write(_sessions_statements(sessions))
 
     def close(self) -> None:
         self._closed = True
@@ -329,6 +323,40 @@ class SqliteDirectory(Directory):
             except sqlite3.Error:
                 pass
         self._cache.clear()
+
+
+def _policy_statements(policy: ImagingPolicy) -> list[tuple[str, tuple]]:
+    statements: list[tuple[str, tuple]] = [("DELETE FROM rules", ())]
+    for position, rule in enumerate(policy.rules, 1):
+        statements.append((
+            "INSERT INTO rules (position, name, enabled, filter, action, image, addons, "
+            "session, force, shrink) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (position, rule.name, int(rule.enabled), rule.filter.canonical(),
+             rule.action.kind.value, rule.action.image, json.dumps(list(rule.action.addons)),
+             rule.action.session, int(rule.force), int(rule.action.shrink))))
+    statements.append(("INSERT OR REPLACE INTO menu (id, display, timeout_s) VALUES (1, ?, ?)",
+                       (policy.menu.display.value, policy.menu.timeout_s)))
+    return statements
+
+
+def _station_statement(station: Workstation) -> tuple[str, tuple]:
+    return ("INSERT OR REPLACE INTO workstations (mac, name, image_on_next_boot, image, menu) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (station.mac, station.name, int(station.image_on_next_boot), station.image,
+             station.menu.value if station.menu else ""))
+
+
+def _sessions_statements(sessions: list[MulticastSession]) -> list[tuple[str, tuple]]:
+    statements: list[tuple[str, tuple]] = [("DELETE FROM sessions", ())]
+    for position, session in enumerate(sessions, 1):
+        statements.append((
+            "INSERT INTO sessions (position, name, image, clients, timeout_min, enabled, "
+            "delete_after, participants, group_address, data_port) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (position, session.name, session.image, session.clients, session.timeout_min,
+             int(session.enabled), int(session.delete_after),
+             json.dumps(list(session.participants)), session.group, session.data_port)))
+    return statements
 
 
 def _station(row: tuple) -> Workstation:
