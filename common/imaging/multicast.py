@@ -777,6 +777,32 @@ def _decode_data(data: bytes | bytearray | memoryview, session: int, receiver: i
     return message
 
 
+DATA_HEAD = struct.Struct(HEADER.format + "QB")    # the header and DATA's fixed part, 53 bytes
+DATA_PAYLOAD_AT = _DATA_AT
+
+
+def data_fields(buffer: bytes | bytearray | memoryview, start: int, end: int,
+                session_id: int, image_digest: bytes) -> tuple[int, int, int] | None:
+    """The receiver's fast path for the one packet it gets ~90,000 times a second:
+    buffer[start:end] read with one unpack, no Data built and no payload copied.
+    (sequence, offset, repair: Data.REPAIR or 0) when it is a well-formed version-1 DATA of `session_id` and
+    `image_digest` (exactly the packets for which decode() returns a Data with that session
+    and digest; its payload is buffer[start + DATA_PAYLOAD_AT:end]); None for anything else,
+    which the caller hands to decode() to be classified (another type, another session,
+    malformed) as before."""
+    length = end - start
+    if length <= _DATA_AT or length > MAX_DATAGRAM or not session_id:
+        return None                     # (session 0 is no session: decode() refuses it)
+    magic, version, kind, body, session, receiver, sequence, digest, offset, flags = \
+        DATA_HEAD.unpack_from(buffer, start)
+    if kind != MessageType.DATA or magic != MAGIC or version != VERSION or \
+            body != length - HEADER.size or session != session_id or receiver or \
+            digest != image_digest or digest == NO_IMAGE or \
+            offset + length - _DATA_AT > _U64 + 1:
+        return None
+    return sequence, offset, flags & Data.REPAIR           # unknown flag bits: ignored
+
+
 def encode_data_run(session_id: int, image_digest: bytes, sequence: int, offset: int,
                     payload: bytes | bytearray | memoryview,
                     segment_payload: int = 0, repair: bool = False
