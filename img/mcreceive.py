@@ -426,6 +426,17 @@ def _await_answer(control: socket.socket, until_s: float, buffer: bytearray,
 
 # -- the source ----------------------------------------------------------------------------------
 
+class _Took:
+    """What a batch of DATA did, for once-a-batch actions: the farthest pass position of its
+    first-pass data (-1: none) and whether readers must be woken."""
+
+    __slots__ = ("horizon", "woken")
+
+    def __init__(self) -> None:
+        self.horizon = -1
+        self.woken = False
+
+
 class MulticastSource:
     """The image of a joined session as a positional reader (size, pread, plan) for
     ImageReader; see the module's docstring."""
@@ -1011,18 +1022,27 @@ class MulticastSource:
 
     def _take_group(self, pool: memoryview, segments: list[tuple[int, int]],
                     now: float) -> bool:
-        """The datagrams pool[start:end] to the group (callers hold self._cond); whether any
-        was the session's. DATA of the session takes the fast path (mc.data_fields: one
-        unpack, the payload copied once, from the pool into its chunk's buffer); everything
-        else, or DATA that path refuses, is decoded and classified as before. The horizon
-        moves and readers are woken once a batch (both only ever move forward)."""
+        """The datagrams pool[start:end] to the group, in arrival order (callers hold
+        self._cond); whether any was the session's. Each one is checked on its own: DATA of
+        the session by the fast path (mc.data_fields: one unpack, no Data built), everything
+        else, or DATA that path refuses, decoded and classified as before. DATA that continues
+        the one before it (next sequence, next byte, same flag: a sender's UDP_SEGMENT run as
+        GRO brings it) is gathered into a run and taken at once (_take_run): the window's
+        bookkeeping once a run instead of once a packet, the payloads copied once each, from
+        the pool into their chunk."""
         data_fields, payload_at = mc.data_fields, mc.DATA_PAYLOAD_AT
         session, image = self.session_id, self.digest
         window = self._window
-        heard, woken, horizon = False, False, -1
+        heard = False
+        run: list[memoryview] = []
+        run_offset = run_end = run_first = run_next = run_repair = 0
+        took = _Took()
         for start, end in segments:
             fields = data_fields(pool, start, end, session, image)
             if fields is None:
+                if run:
+                    self._take_run(window, run, run_offset, run_first, run_repair, took)
+                    run = []
                 message = self._session_message(pool[start:end])
                 if message is not None:
                     heard = True
@@ -1032,28 +1052,48 @@ class MulticastSource:
             heard = True
             if window is None:
                 continue                    # before START: NAKed once the layout is known
-            try:
-                sequence, offset, flags = fields
-                self._count_sequence(sequence)
-                self.packets_received += 1
-                if flags & mc.Data.REPAIR:
-                    self.repair_packets += 1
-                else:
-                    horizon = max(horizon, window.order.position_after(offset,
-                                                                       end - start - payload_at))
-                if window.put(offset, pool[start + payload_at:end]):
-                    woken = True
-                if not self._meta_ready and self._failure is None and window.meta_complete:
-                    self._meta_arrived(window)
-                    woken = True
-            except Exception as exc:  # noqa: BLE001 - one bad packet never kills the loop
-                self.malformed_packets += 1
-                self._log(f"img: multicast: dropped a DATA: {exc}")
-        if window is not None and horizon >= 0:
-            window.advance(horizon)
-        if woken:
+            sequence, offset, repair = fields
+            if run and offset == run_end and sequence == run_next and repair == run_repair:
+                run.append(pool[start + payload_at:end])
+            else:
+                if run:
+                    self._take_run(window, run, run_offset, run_first, run_repair, took)
+                run = [pool[start + payload_at:end]]
+                run_offset, run_first, run_repair = offset, sequence, repair
+            run_end = offset + end - start - payload_at
+            run_next = (sequence + 1) & (U32 - 1)
+        if run:
+            self._take_run(window, run, run_offset, run_first, run_repair, took)
+        if window is not None and took.horizon >= 0:
+            window.advance(took.horizon)
+        if took.woken:
             self._cond.notify_all()
         return heard
+
+    def _take_run(self, window: Window, run: list[memoryview], offset: int, first: int,
+                  repair: int, took: "_Took") -> None:
+        """DATA packets of the session, back to back in file and sequence (callers hold
+        self._cond): counted as each would be, then into the window."""
+        try:
+            count = len(run)
+            self._count_sequence((first + count - 1) & (U32 - 1), count)
+            self.packets_received += count
+            if repair:
+                self.repair_packets += count
+            else:
+                # the last packet's pass position is the run's farthest: a run never goes
+                # back in the pass (file order is send order within each region)
+                last_offset = offset + sum(len(piece) for piece in run[:-1])
+                took.horizon = max(took.horizon,
+                                   window.order.position_after(last_offset, len(run[-1])))
+            if window.put_run(offset, run):
+                took.woken = True
+            if not self._meta_ready and self._failure is None and window.meta_complete:
+                self._meta_arrived(window)
+                took.woken = True
+        except Exception as exc:  # noqa: BLE001 - bad packets never kill the loop
+            self.malformed_packets += len(run)
+            self._log(f"img: multicast: dropped {len(run)} DATA: {exc}")
 
     def _on_message(self, message: mc.Message, group: bool, now: float) -> None:
         """One packet of the session (callers hold self._cond)."""
@@ -1162,10 +1202,12 @@ class MulticastSource:
             window.set_ranks(self._ranks)
         self._meta_ready = True
 
-    def _count_sequence(self, sequence: int) -> None:
+    def _count_sequence(self, sequence: int, count: int = 1) -> None:
         """RFC 3550 appendix A.1's extended sequence number, and the packets seen since
-        START, so lost = expected - received (section 6.4.1)."""
-        self._group_packets += 1
+        START, so lost = expected - received (section 6.4.1). count > 1: a run of packets
+        numbered up to `sequence` one by one, which moves the highest number as its last
+        packet alone would."""
+        self._group_packets += count
         delta = (sequence - self._seq_max) % U32
         if delta and delta < U32 // 2:
             if sequence < self._seq_max:

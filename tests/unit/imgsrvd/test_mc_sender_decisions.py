@@ -238,3 +238,23 @@ def test_the_queue_is_bounded():
     queue.nak([(1_000, 1_010), (2_000, 2_010), (3_000, 3_010)], 10_000, 0.0, 0.01)
     assert queue.nak([(4_000, 4_010), (3_005, 3_020)], 10_000, 0.0, 0.01) == 10
     assert queue.dropped_ranges == 1 and len(queue._pending) == 3
+
+
+def test_a_receivers_first_interval_only_sets_its_baseline():
+    """A link that always loses 5 %: its first interval (no baseline yet) neither ends slow
+    start nor cuts the rate; loss above the baseline after it still does."""
+    history = LossHistory()
+    first = history.record(1, 500, 9500)
+    assert first == IntervalLoss(0.05, 0.0, 10000) and first.prior == 0
+    assert rate_decision(100_000, {1: first}, 1.0, LIMITS, slow_start=True)[:2] == \
+        (150_000, True)
+    second = history.record(1, 500, 9500)
+    assert second.prior == 1 and second.baseline == pytest.approx(0.05)
+    assert rate_decision(150_000, {1: second}, 1.0, LIMITS, slow_start=True)[:2] == \
+        (225_000, True)
+    worse = history.record(1, 2000, 8000)                  # 20 %: the rate's doing
+    assert rate_decision(225_000, {1: worse}, 1.0, LIMITS, slow_start=True)[:2] == \
+        (int(225_000 * 0.75), False)
+    # an IntervalLoss made without a history (prior None) is judged as before
+    assert rate_decision(100_000, {1: IntervalLoss(0.10, 0.0, 5000)}, 1.0, LIMITS,
+                         slow_start=True)[:2] == (75_000, False)
