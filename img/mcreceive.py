@@ -221,16 +221,17 @@ def gro_segments(start: int, size: int, segment: int) -> list[tuple[int, int]]:
 
 
 def receive_batch(sock: socket.socket, pool: memoryview, max_packets: int = MAX_PACKETS_PER_TURN
-                  ) -> tuple[list[tuple[int, int]], int]:
-    """What is queued on sock, read into `pool` side by side: ([(start, end) of each datagram
-    in pool], buffers cut short). Stops when the socket is empty, max_packets datagrams are in,
-    or the pool has no room for another 64 KiB. A buffer the kernel cut (MSG_TRUNC: cannot
-    happen with RECV_BYTES of room, counted all the same) is left out."""
-    segments: list[tuple[int, int]] = []
-    position, truncated = 0, 0
+                  ) -> tuple[list[tuple[int, int, int]], int]:
+    """What is queued on sock, read into `pool` side by side: ([(position, size, segment) of
+    each buffer received], buffers cut short). segment: the GRO segment size (0: the buffer is
+    one datagram; gro_segments() cuts it). Stops when the socket is empty, about max_packets
+    datagrams are in, or the pool has no room for another 64 KiB. A buffer the kernel cut
+    (MSG_TRUNC: cannot happen with RECV_BYTES of room, counted all the same) is left out."""
+    buffers: list[tuple[int, int, int]] = []
+    position, truncated, packets = 0, 0, 0
     room = len(pool) - RECV_BYTES
     for _ in range(max_packets):
-        if position > room or len(segments) >= max_packets:
+        if position > room or packets >= max_packets:
             break
         try:
             size, ancdata, flags, _source = sock.recvmsg_into(
@@ -242,9 +243,11 @@ def receive_batch(sock: socket.socket, pool: memoryview, max_packets: int = MAX_
         if flags & socket.MSG_TRUNC:
             truncated += 1
             continue
-        segments.extend(gro_segments(position, size, gro_segment_size(ancdata)))
+        segment = gro_segment_size(ancdata)
+        buffers.append((position, size, segment))
+        packets += -(-size // segment) if segment > 0 else 1
         position += size
-    return segments, truncated
+    return buffers, truncated
 
 
 def _data_socket(group: str, port: int, local: str) -> socket.socket:
@@ -425,6 +428,37 @@ def _await_answer(control: socket.socket, until_s: float, buffer: bytearray,
 
 
 # -- the source ----------------------------------------------------------------------------------
+
+class _Runs:
+    """DATA of a batch gathered into runs, each packet continuing the one before it: the
+    next sequence number, the next byte of the file, the same repair flag; take(pieces,
+    offset, first sequence, repair) gets each run once it ends (flush)."""
+
+    __slots__ = ("take", "pieces", "offset", "end", "first", "next", "repair")
+
+    def __init__(self, take: Callable[[list[memoryview], int, int, int], None]) -> None:
+        self.take = take
+        self.pieces: list[memoryview] = []
+        self.offset = self.end = self.first = self.next = self.repair = 0
+
+    def add(self, first: int, offset: int, repair: int, pieces: list[memoryview],
+            payload_bytes: int) -> None:
+        """pieces: payloads of packets numbered first, first + 1, ... from offset on."""
+        if self.pieces and offset == self.end and first == self.next and \
+                repair == self.repair:
+            self.pieces += pieces
+        else:
+            self.flush()
+            self.pieces = pieces
+            self.offset, self.first, self.repair = offset, first, repair
+        self.end = offset + payload_bytes
+        self.next = (first + len(pieces)) & (U32 - 1)
+
+    def flush(self) -> None:
+        if self.pieces:
+            pieces, self.pieces = self.pieces, []
+            self.take(pieces, self.offset, self.first, self.repair)
+
 
 class _Took:
     """What a batch of DATA did, for once-a-batch actions: the farthest pass position of its
@@ -1011,64 +1045,75 @@ class MulticastSource:
         under one taking of the lock: the restore's readers wait for the lock once a batch,
         not once a packet."""
         pool = self._pool
-        segments, truncated = receive_batch(self._data, pool)
+        buffers, truncated = receive_batch(self._data, pool)
         self.malformed_packets += truncated
-        if not segments:
+        if not buffers:
             return
         now = time.monotonic()
         with self._cond:
-            if self._take_group(pool, segments, now):
+            if self._take_group(pool, buffers, now):
                 self._heard_s = now
 
-    def _take_group(self, pool: memoryview, segments: list[tuple[int, int]],
+    def _take_group(self, pool: memoryview, buffers: list[tuple[int, int, int]],
                     now: float) -> bool:
-        """The datagrams pool[start:end] to the group, in arrival order (callers hold
-        self._cond); whether any was the session's. Each one is checked on its own: DATA of
-        the session by the fast path (mc.data_fields: one unpack, no Data built), everything
-        else, or DATA that path refuses, decoded and classified as before. DATA that continues
-        the one before it (next sequence, next byte, same flag: a sender's UDP_SEGMENT run as
-        GRO brings it) is gathered into a run and taken at once (_take_run): the window's
-        bookkeeping once a run instead of once a packet, the payloads copied once each, from
-        the pool into their chunk."""
-        data_fields, payload_at = mc.data_fields, mc.DATA_PAYLOAD_AT
+        """The buffers received from the group, pool[position:position + size] each, in
+        arrival order (callers hold self._cond); whether anything was the session's. Every
+        datagram is checked on its own. A GRO buffer's full segments first go to mc.data_run,
+        which checks all their headers at once (C, column by column) and says whether they are
+        one run of this session's DATA; what it refuses, a short last segment and single
+        datagrams go one by one: DATA of the session by mc.data_fields (one unpack, no Data
+        built), everything else decoded and classified as before. DATA that continues the DATA
+        before it (next sequence, next byte, same flag) joins its run (_Runs), taken at once
+        (_take_run): the window's bookkeeping once a run, each payload copied once, from the
+        pool into its chunk."""
         session, image = self.session_id, self.digest
         window = self._window
         heard = False
-        run: list[memoryview] = []
-        run_offset = run_end = run_first = run_next = run_repair = 0
         took = _Took()
-        for start, end in segments:
-            fields = data_fields(pool, start, end, session, image)
-            if fields is None:
-                if run:
-                    self._take_run(window, run, run_offset, run_first, run_repair, took)
-                    run = []
-                message = self._session_message(pool[start:end])
-                if message is not None:
+        runs = _Runs(lambda pieces, offset, first, repair:
+                     self._take_run(self._window, pieces, offset, first, repair, took))
+        for position, size, segment in buffers:
+            if window is not None and 0 < segment < size:
+                full = self._take_gro_run(pool, position, size // segment, segment, runs)
+                if full:
                     heard = True
-                    self._on_message_safely(message, True, now)
-                    window = self._window           # a START makes it
-                continue
-            heard = True
-            if window is None:
-                continue                    # before START: NAKed once the layout is known
-            sequence, offset, repair = fields
-            if run and offset == run_end and sequence == run_next and repair == run_repair:
-                run.append(pool[start + payload_at:end])
-            else:
-                if run:
-                    self._take_run(window, run, run_offset, run_first, run_repair, took)
-                run = [pool[start + payload_at:end]]
-                run_offset, run_first, run_repair = offset, sequence, repair
-            run_end = offset + end - start - payload_at
-            run_next = (sequence + 1) & (U32 - 1)
-        if run:
-            self._take_run(window, run, run_offset, run_first, run_repair, took)
+                    position, size, segment = position + full, size - full, 0
+            for start, end in gro_segments(position, size, segment):
+                fields = mc.data_fields(pool, start, end, session, image)
+                if fields is None:
+                    runs.flush()
+                    message = self._session_message(pool[start:end])
+                    if message is not None:
+                        heard = True
+                        self._on_message_safely(message, True, now)
+                        window = self._window       # a START makes it
+                    continue
+                heard = True
+                if window is not None:      # before START: NAKed once the layout is known
+                    sequence, offset, repair = fields
+                    runs.add(sequence, offset, repair, [pool[start + mc.DATA_PAYLOAD_AT:end]],
+                             end - start - mc.DATA_PAYLOAD_AT)
+        runs.flush()
         if window is not None and took.horizon >= 0:
             window.advance(took.horizon)
         if took.woken:
             self._cond.notify_all()
         return heard
+
+    def _take_gro_run(self, pool: memoryview, position: int, count: int, segment: int,
+                      runs: "_Runs") -> int:
+        """The `count` full segments at pool[position:] as one run of this session's DATA
+        (mc.data_run), added to runs; the bytes taken (0: they are not such a run)."""
+        fields = mc.data_run(pool, position, count, segment, self.session_id, self.digest)
+        if fields is None:
+            return 0
+        first, offset, repair = fields
+        at = mc.DATA_PAYLOAD_AT
+        span = count * segment
+        runs.add(first, offset, repair,
+                 [pool[p + at:p + segment] for p in range(position, position + span, segment)],
+                 count * (segment - at))
+        return span
 
     def _take_run(self, window: Window, run: list[memoryview], offset: int, first: int,
                   repair: int, took: "_Took") -> None:
@@ -1083,7 +1128,7 @@ class MulticastSource:
             else:
                 # the last packet's pass position is the run's farthest: a run never goes
                 # back in the pass (file order is send order within each region)
-                last_offset = offset + sum(len(piece) for piece in run[:-1])
+                last_offset = offset + sum(map(len, run)) - len(run[-1])
                 took.horizon = max(took.horizon,
                                    window.order.position_after(last_offset, len(run[-1])))
             if window.put_run(offset, run):

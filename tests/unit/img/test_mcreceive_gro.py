@@ -83,7 +83,7 @@ class FakeSocket:
         return len(data), ancdata, flags, ("10.0.0.1", 997)
 
 
-def test_receive_batch_lays_buffers_side_by_side_and_cuts_them():
+def test_receive_batch_lays_buffers_side_by_side():
     run = b"a" * 1400 * 3 + b"b" * 600                        # a GRO buffer, short last one
     single = b"c" * 700                                        # a socket's plain datagram
     sock = FakeSocket([(run, [GRO_CMSG], 0), (single, [], 0),
@@ -91,26 +91,26 @@ def test_receive_batch_lays_buffers_side_by_side_and_cuts_them():
                        (b"d" * 10, [], socket.MSG_TRUNC),     # cut by the kernel: dropped
                        (run, [GRO_CMSG], 0)])
     pool = memoryview(bytearray(1 << 20))
-    segments, truncated = receive_batch(sock, pool)
+    buffers, truncated = receive_batch(sock, pool)
     assert truncated == 1
     n = len(run)
-    assert segments == [(0, 1400), (1400, 2800), (2800, 4200), (4200, n), (n, n + 700),
-                        (n + 700, n + 2100), (n + 2100, n + 3500), (n + 3500, n + 4900),
-                        (n + 4900, 2 * n + 700)]
+    assert buffers == [(0, n, 1400), (n, 700, 0), (n + 700, n, 1400)]
     assert bytes(pool[n:n + 700]) == single
     assert bytes(pool[4200:n]) == b"b" * 600
 
 
 def test_receive_batch_stops_at_the_packet_limit_and_the_pool_room():
     sock = FakeSocket([(b"x" * 100, [], 0)] * 50)
-    segments, _ = receive_batch(sock, memoryview(bytearray(1 << 20)), max_packets=10)
-    assert len(segments) == 10 and len(sock.items) == 40
+    buffers, _ = receive_batch(sock, memoryview(bytearray(1 << 20)), max_packets=10)
+    assert len(buffers) == 10 and len(sock.items) == 40
     big = b"y" * 1400 * 46
     sock = FakeSocket([(big, [GRO_CMSG], 0)] * 50)
     pool = memoryview(bytearray(2 * RECV_BYTES + 1000))
-    segments, _ = receive_batch(sock, pool)
-    assert len(segments) == 46 * 2                 # the third would not have 64 KiB of room
-    assert segments[-1][1] <= len(pool)
+    buffers, _ = receive_batch(sock, pool)
+    assert len(buffers) == 2                       # the third would not have 64 KiB of room
+    sock = FakeSocket([(big, [GRO_CMSG], 0)] * 50)
+    buffers, _ = receive_batch(sock, memoryview(bytearray(1 << 20)), max_packets=100)
+    assert len(buffers) == 3                       # 46 datagrams a buffer: 138 >= 100
 
 
 # -- taking a batch into the window ------------------------------------------------------------
@@ -140,13 +140,14 @@ def source():
     sender.close()
 
 
-def _pool(datagrams: list[bytes]) -> tuple[memoryview, list[tuple[int, int]]]:
+def _pool(datagrams: list[bytes]) -> tuple[memoryview, list[tuple[int, int, int]]]:
+    """Single datagrams, as a socket without GRO brings them."""
     pool = bytearray()
-    segments = []
+    buffers = []
     for d in datagrams:
-        segments.append((len(pool), len(pool) + len(d)))
+        buffers.append((len(pool), len(d), 0))
         pool += d
-    return memoryview(pool), segments
+    return memoryview(pool), buffers
 
 
 def _start(sequence: int = 0) -> bytes:
@@ -162,9 +163,15 @@ def _data(offset: int, payload: bytes, sequence: int, session: int = SESSION,
 
 
 def _take(src: MulticastSource, datagrams: list[bytes]) -> bool:
-    pool, segments = _pool(datagrams)
+    pool, buffers = _pool(datagrams)
     with src._cond:
-        return src._take_group(pool, segments, 0.0)
+        return src._take_group(pool, buffers, 0.0)
+
+
+def _take_gro(src: MulticastSource, pool: bytes, segment: int) -> bool:
+    """One GRO buffer: datagrams of `segment` bytes back to back, the last maybe shorter."""
+    with src._cond:
+        return src._take_group(memoryview(pool), [(0, len(pool), segment)], 0.0)
 
 
 def test_a_batch_in_arrival_order_start_then_data_then_garbage(source):
@@ -232,3 +239,65 @@ def test_the_data_socket_asks_for_gro_or_falls_back(monkeypatch):
         assert not mcreceive._gro_on(sock)        # no GRO: single datagrams, same path
     finally:
         sock.close()
+
+
+def _indexed(src: MulticastSource) -> None:
+    """START, then the window's index (8 chunks of 1000 bytes after the header), as if the
+    header and tail had come and been checked."""
+    from common.imaging.imageformat import ChunkKind, IndexEntry
+    assert _take(src, [_start(0)])
+    with src._cond:
+        src._window.set_index([IndexEntry(1, n * 4096, 4096, ChunkKind.ZSTD, H + n * 1000,
+                                          1000 - 48, bytes(16)) for n in range(8)])
+        src._meta_ready = True
+
+
+def test_a_gro_buffer_of_a_run_is_taken_whole(source):
+    _indexed(source)
+    data = bytes(random.Random(3).randrange(256) for _ in range(3000))
+    run, count, segment = mc.encode_data_run(SESSION, DIGEST, 1, H, data, segment_payload=347)
+    assert count == 9 and len(run) % segment            # 8 full segments and a short one
+    assert _take_gro(source, bytes(run), segment)
+    window = source._window
+    assert window.received.covers(H, H + 3000)
+    assert bytes(window.slots[0].buffer) == data[:1000]
+    assert bytes(window.slots[2].buffer) == data[2000:3000]
+    assert source.packets_received == 9 and source._packets_lost() == 0
+    assert window.horizon == window.order.position_after(H, 3000)
+    assert source.malformed_packets == source.foreign_packets == 0
+
+
+@pytest.mark.parametrize("damage", ["magic", "session", "sequence", "offset", "length"])
+def test_a_bad_datagram_inside_a_gro_buffer_is_dropped_alone(source, damage):
+    """One datagram of a GRO buffer damaged: the buffer goes one datagram at a time; that one
+    is counted (malformed, or foreign) or, when its header is sound, taken for what it says;
+    the others are taken."""
+    _indexed(source)
+    data = bytes(random.Random(4).randrange(256) for _ in range(8 * 347))
+    run, count, segment = mc.encode_data_run(SESSION, DIGEST, 1, H, data, segment_payload=347)
+    run = bytearray(run)
+    at = 3 * segment                                     # the 4th datagram
+    if damage == "magic":
+        run[at] ^= 0xFF
+    elif damage == "session":
+        run[at + 15] ^= 0x01
+    elif damage == "sequence":
+        struct.pack_into(">I", run, at + 24, 1000)       # sound, but not the next number
+    elif damage == "offset":
+        struct.pack_into(">Q", run, at + 44, H + 5000)   # sound: data for another place
+    elif damage == "length":
+        struct.pack_into(">H", run, at + 6, 10)
+    assert _take_gro(source, bytes(run), segment)
+    window = source._window
+    others = [n for n in range(8) if n != 3]
+    assert all(window.received.covers(H + n * 347, H + (n + 1) * 347) for n in others)
+    if damage in ("magic", "length"):
+        assert source.malformed_packets == 1 and source.packets_received == 7
+        assert not window.received.covers(H + 3 * 347, H + 4 * 347)
+    elif damage == "session":
+        assert source.foreign_packets == 1 and source.packets_received == 7
+    else:
+        assert source.malformed_packets == source.foreign_packets == 0
+        assert source.packets_received == 8
+    if damage == "offset":
+        assert window.received.covers(H + 5000, H + 5347)
