@@ -258,3 +258,34 @@ def test_a_receivers_first_interval_only_sets_its_baseline():
     # an IntervalLoss made without a history (prior None) is judged as before
     assert rate_decision(100_000, {1: IntervalLoss(0.10, 0.0, 5000)}, 1.0, LIMITS,
                          slow_start=True)[:2] == (75_000, False)
+
+
+def test_repairs_of_single_lost_packets_go_out_together():
+    """Holes of whole packets are joined into one UDP_SEGMENT send (up to a run's worth of
+    packets), in send order; a range whose last packet is short ends the send; the packets
+    are exactly the ranges' bytes, numbered on from the session's sequence."""
+    import types
+    from common.imaging import multicast as mc
+    from imgsrvd.multicast.engine import RUN_PACKETS, MulticastEngine
+    p = mc.MAX_DATA_BYTES
+    order = PassOrder(10_000_000, 100, 9_000_000)
+    queue = RepairQueue(order)
+    holes = [(100 + k * 3 * p, 100 + k * 3 * p + p) for k in range(60)]     # every 3rd packet
+    queue.nak(holes + [(8_000_000, 8_000_010)], order.image_bytes, 0.0, 0.0)
+    session = types.SimpleNamespace(repair=queue)
+    first = MulticastEngine._repair_ranges(session)
+    assert first == [(a, b - a) for a, b in holes[:RUN_PACKETS]]
+    second = MulticastEngine._repair_ranges(session)
+    assert second == [(a, b - a) for a, b in holes[RUN_PACKETS:]] + [(8_000_000, 10)]
+    assert MulticastEngine._repair_ranges(session) == []
+
+    image = types.SimpleNamespace(digest=bytes(range(1, 17)),
+                                  read=lambda offset, length: bytes([offset % 251]) * length)
+    session = types.SimpleNamespace(id=5, image=image, sequence=2**32 - 2)
+    buffer, count, segment = MulticastEngine._encode(session, second, True)
+    assert count == len(second) and segment == mc.MAX_DATAGRAM
+    packets = [mc.decode(buffer[n * segment:(n + 1) * segment]) for n in range(count)]
+    assert [(d.offset, len(d.payload)) for d in packets] == second
+    assert [d.sequence for d in packets] == [(2**32 - 2 + n) % 2**32 for n in range(count)]
+    assert all(d.repair and d.payload == bytes([d.offset % 251]) * len(d.payload)
+               for d in packets)
