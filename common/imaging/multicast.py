@@ -785,8 +785,8 @@ def data_fields(buffer: bytes | bytearray | memoryview, start: int, end: int,
                 session_id: int, image_digest: bytes) -> tuple[int, int, int] | None:
     """The receiver's fast path for the one packet it gets ~90,000 times a second:
     buffer[start:end] read with one unpack, no Data built and no payload copied.
-    (sequence, offset, repair: Data.REPAIR or 0) when it is a well-formed version-1 DATA of `session_id` and
-    `image_digest` (exactly the packets for which decode() returns a Data with that session
+    (sequence, offset, repair: Data.REPAIR or 0) when it is a well-formed version-1 DATA of
+    `session_id` and `image_digest` (exactly the packets for which decode() returns a Data with that session
     and digest; its payload is buffer[start + DATA_PAYLOAD_AT:end]); None for anything else,
     which the caller hands to decode() to be classified (another type, another session,
     malformed) as before."""
