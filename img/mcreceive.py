@@ -15,9 +15,8 @@ to the group, with UDP_GRO where the kernel has it: runs of datagrams in one buf
 into datagrams by the control message's segment size, each checked on its own; the doc's
 "Packets" says how), and one thread ("mc-net") that receives DATA into the window, answers
 each PROBE with a STATUS (it never waits for the disk, so a slow disk shows as lag, not as
-silence), NAKs
-holes (mcwindow.NakPlanner), and watches for a lost sender. pread() blocks until its bytes are
-there. The thread stops, after its LEAVE, when the restore is done, failed or fell back; close()
+silence), NAKs holes (mcwindow.NakPlanner), and watches for a lost sender. pread() blocks
+until its bytes are there. The thread stops, after its LEAVE, when the restore is done, failed or fell back; close()
 is its one stop path.
 
 The image is checked before a byte is written: the digest of the header and tail received
