@@ -16,8 +16,8 @@ into datagrams by the control message's segment size, each checked on its own; t
 "Packets" says how), and one thread ("mc-net") that receives DATA into the window, answers
 each PROBE with a STATUS (it never waits for the disk, so a slow disk shows as lag, not as
 silence), NAKs holes (mcwindow.NakPlanner), and watches for a lost sender. pread() blocks
-until its bytes are there. The thread stops, after its LEAVE, when the restore is done, failed or fell back; close()
-is its one stop path.
+until its bytes are there. The thread stops, after its LEAVE, when the restore is done, failed
+or fell back; close() is its one stop path.
 
 The image is checked before a byte is written: the digest of the header and tail received
 (image_digest) must be the one every packet names and the one expected (the work answer's),
