@@ -1097,6 +1097,15 @@ class MulticastEngine:
 
     def _join(self, join: mc.Join, address: tuple[str, int], now_s: float) -> None:
         session = self._sessions.get(join.session_name)
+        if session is None and not join.session_id:
+            with self._lock:
+                opening = join.session_name in self._names
+            if opening:
+                # open_session() has reserved the name and is reading the image: the session
+                # exists in a moment. Not answered: the receiver sends its JOIN again (a
+                # refusal would be final, for a receiver that started before the sender)
+                self.counters["joins before the session opened"] += 1
+                return
         if session is None or (join.session_id and join.session_id != session.id):
             self.counters["joins refused"] += 1
             text = (f"no session {join.session_name!r} here" if session is None else

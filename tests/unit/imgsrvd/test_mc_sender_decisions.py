@@ -289,3 +289,28 @@ def test_repairs_of_single_lost_packets_go_out_together():
     assert [d.sequence for d in packets] == [(2**32 - 2 + n) % 2**32 for n in range(count)]
     assert all(d.repair and d.payload == bytes([d.offset % 251]) * len(d.payload)
                for d in packets)
+
+
+def test_a_join_while_its_session_is_being_opened_waits_for_the_next_attempt():
+    """open_session() reserves the name, then reads the image; a JOIN in between (a receiver
+    that started before the sender) is not refused (a refusal is final), only left for its
+    retransmission; a name nobody is opening is refused as before."""
+    from common.imaging import multicast as mc
+    from imgsrvd.multicast.engine import MulticastEngine
+    from imgsrvd.multicast.model import EngineSettings
+    from common.imaging.multicast import SessionState
+    settings = EngineSettings(
+        control_address="127.0.0.1", control_port=9, interface_address="127.0.0.1", ttl=1,
+        max_bitrate_kbit_s=0, min_receiver_rate_kbit_s=0, max_receiver_loss=0.5,
+        finish_timeout_s=5.0, max_sessions=1, max_receivers=2)
+    engine = MulticastEngine(settings, lambda request: None, lambda event: None)
+    sent = []
+    engine._to_receiver = lambda receiver, address, message: sent.append(message)
+    join = mc.Join(session_id=0, receiver_id=7, sequence=0, sent_at_us=1, session_name="lab",
+                   mac="", token="")
+    engine._names["lab"] = SessionState.WAITING              # reserved: being opened
+    engine._join(join, ("10.0.0.2", 4000), 0.0)
+    assert sent == [] and engine.counters["joins before the session opened"] == 1
+    del engine._names["lab"]
+    engine._join(join, ("10.0.0.2", 4000), 0.0)
+    assert len(sent) == 1 and sent[0].reason == Refusal.UNKNOWN_SESSION
