@@ -11,11 +11,13 @@ unicast one does.
                         discover_session first: the ANNOUNCE of a name on its group
 
 What it owns: two UDP sockets (the control socket its JOIN left from, and the data socket bound
-to the group), and one thread ("mc-net") that receives DATA into the window, answers each PROBE
-with a STATUS (it never waits for the disk, so a slow disk shows as lag, not as silence), NAKs
-holes (mcwindow.NakPlanner), and watches for a lost sender. pread() blocks until its bytes are
-there. The thread stops, after its LEAVE, when the restore is done, failed or fell back; close()
-is its one stop path.
+to the group, with UDP_GRO where the kernel has it: runs of datagrams in one buffer, cut back
+into datagrams by the control message's segment size, each checked on its own; the doc's
+"Packets" says how), and one thread ("mc-net") that receives DATA into the window, answers
+each PROBE with a STATUS (it never waits for the disk, so a slow disk shows as lag, not as
+silence), NAKs holes (mcwindow.NakPlanner), and watches for a lost sender. pread() blocks
+until its bytes are there. The thread stops, after its LEAVE, when the restore is done, failed
+or fell back; close() is its one stop path.
 
 The image is checked before a byte is written: the digest of the header and tail received
 (image_digest) must be the one every packet names and the one expected (the work answer's),
@@ -76,7 +78,14 @@ from .mcwindow import (CONSUMED, COMPLETE, DEFAULT_BUDGET_BYTES, MAX_NAKS_PER_RO
 
 RECEIVE_BUFFER_BYTES = 8 << 20       # the data socket's: ~65 ms at 1 Gbit/s (a deeper one
                                      # turns a busy CPU's backlog into late repairs)
-MAX_PACKETS_PER_TURN = 512
+MAX_PACKETS_PER_TURN = 512          # datagrams read before acting on them (one lock taking)
+RECV_BYTES = 1 << 16                 # one recvmsg's room: a UDP_GRO buffer holds up to 64 KiB
+POOL_BYTES = 1 << 20                 # a turn's datagrams, side by side (the window copies them
+                                     # out before the next turn reuses the room)
+SOL_UDP = getattr(socket, "SOL_UDP", 17)
+UDP_GRO = getattr(socket, "UDP_GRO", 104)        # Linux 5.0; not in Python 3.11's socket
+_GRO_ANC = socket.CMSG_SPACE(4)                  # the cmsg: the segment size, a native int
+_INT = struct.Struct("=i")
 NAK_EVERY_S = 0.002                  # how often the holes are looked at (at most)
 LOSS_WINDOW_S = 5.0                  # the receiver's own judgement of its loss ...
 MAX_LOSS = 0.5                       # ... falls back to unicast above this
@@ -122,6 +131,9 @@ class MulticastStats:
     bytes_unicast: int               # ... and over unicast HTTP
     srtt_ms: float | None
     seconds: float
+    gro: bool = False                # the data socket had UDP_GRO (runs of datagrams a read)
+    malformed_packets: int = 0       # dropped: not a well-formed packet
+    foreign_packets: int = 0         # dropped: another session's or image's, or not the sender
 
 
 @dataclass(frozen=True)
@@ -177,13 +189,78 @@ def _control_socket(local: str) -> socket.socket:
     return sock
 
 
+def _enable_gro(sock: socket.socket) -> bool:
+    """Ask for UDP generic receive offload: the kernel hands over a run of same-size datagrams
+    (as the sender's UDP_SEGMENT sends them, cut into packets on the wire) in one buffer, so
+    one recvmsg and one pass of Python reads up to 64 KiB instead of one 1,400-byte datagram
+    (the receiver's CPU, not the network, was the limit). False where the kernel refuses (before
+    Linux 5.0, other systems): the socket then gets single datagrams, which gro_segments()
+    reads as one-piece buffers, so the same receive path serves both."""
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+    except OSError:
+        return False
+    return True
+
+
+def gro_segment_size(ancdata: Sequence[tuple[int, int, bytes]]) -> int:
+    """The segment size the kernel's UDP_GRO cmsg gives (0 when there is none: the buffer is
+    one datagram)."""
+    for level, kind, data in ancdata:
+        if level == SOL_UDP and kind == UDP_GRO and len(data) >= _INT.size:
+            return _INT.unpack_from(data)[0]
+    return 0
+
+
+def gro_segments(start: int, size: int, segment: int) -> list[tuple[int, int]]:
+    """A received buffer at [start, start + size) cut into its datagrams: pieces of `segment`
+    bytes, the last one possibly shorter (GRO joins datagrams of one size and may end with a
+    smaller one); one piece when segment is 0 (no cmsg), negative or not smaller than size."""
+    if segment <= 0 or segment >= size:
+        return [(start, start + size)] if size > 0 else []
+    end = start + size
+    return [(at, min(at + segment, end)) for at in range(start, end, segment)]
+
+
+def receive_batch(sock: socket.socket, pool: memoryview, max_packets: int = MAX_PACKETS_PER_TURN
+                  ) -> tuple[list[tuple[int, int, int]], int]:
+    """What is queued on sock, read into `pool` side by side: ([(position, size, segment) of
+    each buffer received], buffers cut short). segment: the GRO segment size (0: the buffer is
+    one datagram; gro_segments() cuts it). Stops when the socket is empty, about max_packets
+    datagrams are in, or the pool has no room for another 64 KiB. A buffer the kernel cut
+    (MSG_TRUNC: cannot happen with RECV_BYTES of room, counted all the same) is left out."""
+    buffers: list[tuple[int, int, int]] = []
+    position, truncated, packets = 0, 0, 0
+    room = len(pool) - RECV_BYTES
+    for _ in range(max_packets):
+        if position > room or packets >= max_packets:
+            break
+        try:
+            size, ancdata, flags, _source = sock.recvmsg_into(
+                [pool[position:position + RECV_BYTES]], _GRO_ANC)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            continue                    # an ICMP error reported on the socket: the next one
+        if flags & socket.MSG_TRUNC:
+            truncated += 1
+            continue
+        segment = gro_segment_size(ancdata)
+        buffers.append((position, size, segment))
+        packets += -(-size // segment) if segment > 0 else 1
+        position += size
+    return buffers, truncated
+
+
 def _data_socket(group: str, port: int, local: str) -> socket.socket:
     """Bound to the group address itself (not 0.0.0.0, so a host's unicast traffic to the port
-    never lands here), joined on the interface of `local`, IP_MULTICAST_ALL off."""
+    never lands here), joined on the interface of `local`, IP_MULTICAST_ALL off, UDP_GRO on
+    where the kernel has it (_enable_gro)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_ALL, 0)
+        _enable_gro(sock)
         try:
             sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33),
                             RECEIVE_BUFFER_BYTES)
@@ -197,6 +274,14 @@ def _data_socket(group: str, port: int, local: str) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _gro_on(sock: socket.socket) -> bool:
+    """Whether the socket has UDP_GRO (for the outcome's numbers)."""
+    try:
+        return bool(sock.getsockopt(SOL_UDP, UDP_GRO))
+    except OSError:
+        return False
 
 
 def _now_us(now_s: float) -> int:
@@ -237,7 +322,7 @@ def discover_session(name: str, local: str, data_port: int = mc.DATA_PORT,
     group = group or mc.group_address(name)
     sock = _data_socket(group, data_port, local)
     deadline = time.monotonic() + timeout_s
-    buffer = bytearray(mc.MAX_DATAGRAM + 1)
+    pool = memoryview(bytearray(RECV_BYTES))
     try:
         while True:
             left = deadline - time.monotonic()
@@ -246,16 +331,21 @@ def discover_session(name: str, local: str, data_port: int = mc.DATA_PORT,
                                        f"within {timeout_s:g} s")
             if not select.select([sock], [], [], min(left, 0.5))[0]:
                 continue
+            # one buffer at a time (the socket has UDP_GRO: it may hold several datagrams),
+            # with its source: the ANNOUNCE's sender is where to JOIN
             try:
-                size, source = sock.recvfrom_into(buffer)
-            except BlockingIOError:
+                size, ancdata, flags, source = sock.recvmsg_into([pool], _GRO_ANC)
+            except (BlockingIOError, InterruptedError):
                 continue
-            try:
-                message = mc.decode(memoryview(buffer)[:size])
-            except mc.MulticastFormatError:
+            if flags & socket.MSG_TRUNC:
                 continue
-            if isinstance(message, mc.Announce) and message.session_name == name:
-                return Announced((source[0], message.control_port), message), sock
+            for start, end in gro_segments(0, size, gro_segment_size(ancdata)):
+                try:
+                    message = mc.decode(pool[start:end])
+                except mc.MulticastFormatError:
+                    continue
+                if isinstance(message, mc.Announce) and message.session_name == name:
+                    return Announced((source[0], message.control_port), message), sock
     except BaseException:
         sock.close()
         raise
@@ -341,6 +431,48 @@ def _await_answer(control: socket.socket, until_s: float, buffer: bytearray,
 
 # -- the source ----------------------------------------------------------------------------------
 
+class _Runs:
+    """DATA of a batch gathered into runs, each packet continuing the one before it: the
+    next sequence number, the next byte of the file, the same repair flag; take(pieces,
+    offset, first sequence, repair) gets each run once it ends (flush)."""
+
+    __slots__ = ("take", "pieces", "offset", "end", "first", "next", "repair")
+
+    def __init__(self, take: Callable[[list[memoryview], int, int, int], None]) -> None:
+        self.take = take
+        self.pieces: list[memoryview] = []
+        self.offset = self.end = self.first = self.next = self.repair = 0
+
+    def add(self, first: int, offset: int, repair: int, pieces: list[memoryview],
+            payload_bytes: int) -> None:
+        """pieces: payloads of packets numbered first, first + 1, ... from offset on."""
+        if self.pieces and offset == self.end and first == self.next and \
+                repair == self.repair:
+            self.pieces += pieces
+        else:
+            self.flush()
+            self.pieces = pieces
+            self.offset, self.first, self.repair = offset, first, repair
+        self.end = offset + payload_bytes
+        self.next = (first + len(pieces)) & (U32 - 1)
+
+    def flush(self) -> None:
+        if self.pieces:
+            pieces, self.pieces = self.pieces, []
+            self.take(pieces, self.offset, self.first, self.repair)
+
+
+class _Took:
+    """What a batch of DATA did, for once-a-batch actions: the farthest pass position of its
+    first-pass data (-1: none) and whether readers must be woken."""
+
+    __slots__ = ("horizon", "woken")
+
+    def __init__(self) -> None:
+        self.horizon = -1
+        self.woken = False
+
+
 class MulticastSource:
     """The image of a joined session as a positional reader (size, pread, plan) for
     ImageReader; see the module's docstring."""
@@ -409,7 +541,9 @@ class MulticastSource:
         self.bytes_written = 0
         self._loss_marks: list[tuple[float, int, int]] = []
         self._started_s = time.monotonic()
-        self._buffer = bytearray(mc.MAX_DATAGRAM + 1)
+        self._buffer = bytearray(mc.MAX_DATAGRAM + 1)        # the control socket's
+        self._pool = memoryview(bytearray(POOL_BYTES))         # the data socket's
+        self.gro = _gro_on(self._data)
         self._thread = threading.Thread(target=self._run, name="mc-net", daemon=True)
         self._probes_unstarted = 0
         self._thread.start()
@@ -685,7 +819,8 @@ class MulticastSource:
             chunks_rejected=self.chunks_rejected, bytes_multicast=self.bytes_multicast,
             bytes_unicast=self.bytes_unicast,
             srtt_ms=None if self._rtt.srtt_s is None else round(self._rtt.srtt_s * 1000, 3),
-            seconds=round(time.monotonic() - self._started_s, 3))
+            seconds=round(time.monotonic() - self._started_s, 3), gro=self.gro,
+            malformed_packets=self.malformed_packets, foreign_packets=self.foreign_packets)
 
     # -- state changes (callers hold self._cond) ------------------------------------------
 
@@ -733,9 +868,9 @@ class MulticastSource:
                 except (OSError, ValueError):
                     return                          # closed under us
                 if self._data in ready:
-                    self._drain(self._data, group=True)
+                    self._drain_group()
                 if self._control in ready:
-                    self._drain(self._control, group=False)
+                    self._drain_control()
         except Exception as exc:   # noqa: BLE001 - a bug here must fail the restore, loudly
             with self._cond:
                 self._fail(f"the receiver thread failed: {type(exc).__name__}: {exc}")
@@ -857,49 +992,155 @@ class MulticastSource:
             bytes_written=self.bytes_written, packets_received=self.packets_received % U32,
             packets_lost=self._packets_lost() % U32))
 
-    def _drain(self, sock: socket.socket, group: bool) -> None:
-        """Read what is queued (at most MAX_PACKETS_PER_TURN), then act on it under one
-        taking of the lock: the restore's readers wait for the lock once a batch, not once a
-        packet."""
+    def _session_message(self, datagram: memoryview) -> mc.Message | None:
+        """The general path: the datagram decoded, if it is a well-formed packet of this
+        session and image; anything else is counted (malformed, foreign) and dropped."""
+        if len(datagram) > mc.MAX_DATAGRAM:
+            self.malformed_packets += 1
+            return None
+        try:
+            message = mc.decode(datagram)
+        except mc.MulticastFormatError:
+            self.malformed_packets += 1
+            return None
+        if message.session_id != self.session_id or message.image_digest != self.digest:
+            self.foreign_packets += 1               # another session's, or forged
+            return None
+        return message
+
+    def _drain_control(self) -> None:
+        """Read what is queued on the control socket (at most MAX_PACKETS_PER_TURN; only the
+        sender's), then act on it under one taking of the lock."""
         messages: list[mc.Message] = []
         buffer, view = self._buffer, memoryview(self._buffer)
-        session, image = self.session_id, self.digest
         for _ in range(MAX_PACKETS_PER_TURN):
             try:
-                if group:
-                    size = sock.recv_into(buffer)     # to the group: any source may send
-                else:
-                    size, source = sock.recvfrom_into(buffer)
-                    if source[0] != self._sender[0]:
-                        self.foreign_packets += 1    # only the sender talks to us directly
-                        continue
+                size, source = self._control.recvfrom_into(buffer)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 continue                            # an ICMP error on the control socket
-            if size > mc.MAX_DATAGRAM:
-                self.malformed_packets += 1
+            if source[0] != self._sender[0]:
+                self.foreign_packets += 1           # only the sender talks to us directly
                 continue
-            try:
-                message = mc.decode(view[:size])
-            except mc.MulticastFormatError:
-                self.malformed_packets += 1
-                continue
-            if message.session_id != session or message.image_digest != image:
-                self.foreign_packets += 1           # another session's, or forged
-                continue
-            messages.append(message)
+            message = self._session_message(view[:size])
+            if message is not None:
+                messages.append(message)
         if not messages:
             return
         now = time.monotonic()
         with self._cond:
             self._heard_s = now
             for message in messages:
-                try:
-                    self._on_message(message, group, now)
-                except Exception as exc:  # noqa: BLE001 - one bad packet never kills the loop
-                    self.malformed_packets += 1
-                    self._log(f"img: multicast: dropped a {type(message).__name__}: {exc}")
+                self._on_message_safely(message, False, now)
+
+    def _on_message_safely(self, message: mc.Message, group: bool, now: float) -> None:
+        try:
+            self._on_message(message, group, now)
+        except Exception as exc:  # noqa: BLE001 - one bad packet never kills the loop
+            self.malformed_packets += 1
+            self._log(f"img: multicast: dropped a {type(message).__name__}: {exc}")
+
+    def _drain_group(self) -> None:
+        """Read what is queued on the data socket (receive_batch: UDP_GRO buffers or single
+        datagrams, at most MAX_PACKETS_PER_TURN datagrams), then act on it in arrival order
+        under one taking of the lock: the restore's readers wait for the lock once a batch,
+        not once a packet."""
+        pool = self._pool
+        buffers, truncated = receive_batch(self._data, pool)
+        self.malformed_packets += truncated
+        if not buffers:
+            return
+        now = time.monotonic()
+        with self._cond:
+            if self._take_group(pool, buffers, now):
+                self._heard_s = now
+
+    def _take_group(self, pool: memoryview, buffers: list[tuple[int, int, int]],
+                    now: float) -> bool:
+        """The buffers received from the group, pool[position:position + size] each, in
+        arrival order (callers hold self._cond); whether anything was the session's. Every
+        datagram is checked on its own. A GRO buffer's full segments first go to mc.data_run,
+        which checks all their headers at once (C, column by column) and says whether they are
+        one run of this session's DATA; what it refuses, a short last segment and single
+        datagrams go one by one: DATA of the session by mc.data_fields (one unpack, no Data
+        built), everything else decoded and classified as before. DATA that continues the DATA
+        before it (next sequence, next byte, same flag) joins its run (_Runs), taken at once
+        (_take_run): the window's bookkeeping once a run, each payload copied once, from the
+        pool into its chunk."""
+        session, image = self.session_id, self.digest
+        window = self._window
+        heard = False
+        took = _Took()
+        runs = _Runs(lambda pieces, offset, first, repair:
+                     self._take_run(self._window, pieces, offset, first, repair, took))
+        for position, size, segment in buffers:
+            if window is not None and 0 < segment < size:
+                full = self._take_gro_run(pool, position, size // segment, segment, runs)
+                if full:
+                    heard = True
+                    position, size, segment = position + full, size - full, 0
+            for start, end in gro_segments(position, size, segment):
+                fields = mc.data_fields(pool, start, end, session, image)
+                if fields is None:
+                    runs.flush()
+                    message = self._session_message(pool[start:end])
+                    if message is not None:
+                        heard = True
+                        self._on_message_safely(message, True, now)
+                        window = self._window       # a START makes it
+                    continue
+                heard = True
+                if window is not None:      # before START: NAKed once the layout is known
+                    sequence, offset, repair = fields
+                    runs.add(sequence, offset, repair, [pool[start + mc.DATA_PAYLOAD_AT:end]],
+                             end - start - mc.DATA_PAYLOAD_AT)
+        runs.flush()
+        if window is not None and took.horizon >= 0:
+            window.advance(took.horizon)
+        if took.woken:
+            self._cond.notify_all()
+        return heard
+
+    def _take_gro_run(self, pool: memoryview, position: int, count: int, segment: int,
+                      runs: "_Runs") -> int:
+        """The `count` full segments at pool[position:] as one run of this session's DATA
+        (mc.data_run), added to runs; the bytes taken (0: they are not such a run)."""
+        fields = mc.data_run(pool, position, count, segment, self.session_id, self.digest)
+        if fields is None:
+            return 0
+        first, offset, repair = fields
+        at = mc.DATA_PAYLOAD_AT
+        span = count * segment
+        runs.add(first, offset, repair,
+                 [pool[p + at:p + segment] for p in range(position, position + span, segment)],
+                 count * (segment - at))
+        return span
+
+    def _take_run(self, window: Window, run: list[memoryview], offset: int, first: int,
+                  repair: int, took: "_Took") -> None:
+        """DATA packets of the session, back to back in file and sequence (callers hold
+        self._cond): counted as each would be, then into the window."""
+        try:
+            count = len(run)
+            self._count_sequence((first + count - 1) & (U32 - 1), count)
+            self.packets_received += count
+            if repair:
+                self.repair_packets += count
+            else:
+                # the last packet's pass position is the run's farthest: a run never goes
+                # back in the pass (file order is send order within each region)
+                last_offset = offset + sum(map(len, run)) - len(run[-1])
+                took.horizon = max(took.horizon,
+                                   window.order.position_after(last_offset, len(run[-1])))
+            if window.put_run(offset, run):
+                took.woken = True
+            if not self._meta_ready and self._failure is None and window.meta_complete:
+                self._meta_arrived(window)
+                took.woken = True
+        except Exception as exc:  # noqa: BLE001 - bad packets never kill the loop
+            self.malformed_packets += len(run)
+            self._log(f"img: multicast: dropped {len(run)} DATA: {exc}")
 
     def _on_message(self, message: mc.Message, group: bool, now: float) -> None:
         """One packet of the session (callers hold self._cond)."""
@@ -1008,10 +1249,12 @@ class MulticastSource:
             window.set_ranks(self._ranks)
         self._meta_ready = True
 
-    def _count_sequence(self, sequence: int) -> None:
+    def _count_sequence(self, sequence: int, count: int = 1) -> None:
         """RFC 3550 appendix A.1's extended sequence number, and the packets seen since
-        START, so lost = expected - received (section 6.4.1)."""
-        self._group_packets += 1
+        START, so lost = expected - received (section 6.4.1). count > 1: a run of packets
+        numbered up to `sequence` one by one, which moves the highest number as its last
+        packet alone would."""
+        self._group_packets += count
         delta = (sequence - self._seq_max) % U32
         if delta and delta < U32 // 2:
             if sequence < self._seq_max:

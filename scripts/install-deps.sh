@@ -9,6 +9,7 @@ APT_PACKAGES=(
   tftp-hpa atftp curl            # real TFTP clients for the tests
   tftpd-hpa dnsmasq-base         # peers for bench/ and the site DHCP server of e2e tests
   iproute2 nftables tcpdump      # network namespaces, packet loss, captures
+  ethtool                        # the multicast lab turns GRO on (tests/mcastlab.py)
   rpm shellcheck                 # packaging checks (rpmspec, init scripts)
   groff-base man-db rpmlint      # the generated man pages render; rpmlint on the built RPMs
   qemu-system-x86 ipxe-qemu ipxe ovmf radvd   # real PXE firmware for e2e tests

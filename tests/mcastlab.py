@@ -15,20 +15,36 @@ group and nft table lives in a namespace made here, and deleting the namespaces 
 removes them all. Each host has a route for 224.0.0.0/4 on its one interface (so a multicast
 socket needs no default route) and IPv6 off (no router solicitations or MLD on the wire).
 
-Impairments, all nft rules in a table `mcastlab` (no tc/netem needed):
+Offloads, as on real hardware: each host's interface has GRO on (real NICs have it on by
+default; a veth has it off because it has no NAPI until GRO is turned on), and the switch's port
+towards each host has TSO off (the kernel's veth_skb_is_eligible_for_gro() refuses NAPI, and so
+GRO, for skbs a veth with TSO on forwards). The host's own end keeps `gso_max_segs 1`, so the
+wire carries single packets, as a NIC's segmentation sends them. A receiving socket that asks
+for UDP_GRO then gets runs of same-size datagrams coalesced into one buffer (one recvmsg for up
+to 64 KiB); a socket that does not ask gets single datagrams, as before (udpcast, UFTP).
 
-- `loss_in(host, percent)`: independent random loss of every IPv4 packet arriving at `host`
-  (`numgen random mod 10000 < percent*100 drop` in its input hook). The host's interface still
-  counts the packet as received; the socket never sees it.
+Impairments, all nft rules in a table `mcastlab` in the switch namespace, per packet, where the
+wire is (no tc/netem needed):
+
+- `loss_in(host, percent)`: independent random loss of every UDP/IPv4 packet the switch sends
+  to `host` (`numgen random mod 10000 < percent*100 drop` in the netdev egress hook of its bridge
+  port). Before the host's GRO: each datagram is dropped on its own, whether the receiving
+  socket coalesces or not (a rule in the host's own input hook would see one coalesced skb of
+  dozens of datagrams and turn independent loss into bursts for a UDP_GRO socket only). UDP
+  only: the other receivers' IGMP reports, which the switch floods to every port, pass (every
+  peer speaks UDP, and the drop counter then counts exactly the peer's packets). The host's
+  interface never sees the packet (its rx counters do not count it).
 - `loss_out(host, percent)`: random loss of everything `host` sends, dropped where it enters the
   switch (netdev ingress of its bridge port in the switch namespace). On the sender this is
   correlated loss: every receiver misses the same packets. It is not done in the sender's own
   output hook because a packet dropped there fails sendmsg() with EPERM (the sender would see
   an error instead of a lost packet), nor in its egress hook, which runs before the veth
   counts the packet (the wire-byte figures would miss it).
-- `rate_limit_in(host, bytes_per_s)`: a slow receiver: arriving IPv4 traffic above the rate is
-  dropped (`limit rate over ... bytes/second drop`, a policer; a real slow link also queues,
-  this one only drops; its bucket holds one second of the rate, see the method).
+- `rate_limit_in(host, bytes_per_s)`: a slow receiver: UDP/IPv4 traffic towards the host above
+  the rate is dropped at the same egress hook, per packet (`limit rate over ... bytes/second
+  drop`, a policer; a real slow link also queues, this one only drops; its bucket holds one
+  second of the rate, see the method; it counts Ethernet frames, 14 bytes a packet more than
+  the IP packet an input hook counted).
 
 Processes: `spawn(host, name, args)` starts a program inside a host's namespace (output to
 `<workdir>/<name>.out`); `reap(proc)` collects its exit status and CPU seconds (wait4) without
@@ -48,6 +64,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -231,7 +248,16 @@ class MulticastLab:
         # is cut where it leaves the host, as a NIC's segmentation offload does, instead of
         # crossing the veths whole, where one nft loss_in drop would take 46 packets at once
         ns.ip("link", "set", "dev", iface, "gso_max_segs", "1")
+        self._offloads(ns, iface, port)
         return Host(role, ns, iface, addr, port)
+
+    def _offloads(self, ns: netlab.Netns, iface: str, port: str) -> None:
+        """GRO on the host's interface, TSO off on its switch port (the module's docstring):
+        what a NIC does, and the same for every peer; a socket without UDP_GRO is unaffected."""
+        if shutil.which("ethtool") is None:
+            raise RuntimeError("the multicast lab needs ethtool (scripts/install-deps.sh)")
+        ns.run(["ethtool", "-K", iface, "gro", "on"])
+        self.switch.run(["ethtool", "-K", port, "tso", "off"])
 
     @property
     def hosts(self) -> list[Host]:
@@ -263,12 +289,16 @@ class MulticastLab:
         if result.returncode != 0:
             raise RuntimeError(f"nft in {ns.name}: {result.stderr.strip()}\n{script}")
 
-    def _input_chain(self, host: Host) -> None:
-        if host.name in self._nft_ready:
-            return
-        self._nft(host.ns, f"table inet {NFT_TABLE} {{\n"
-                           f"  chain input {{ type filter hook input priority -10; }}\n}}\n")
-        self._nft_ready.add(host.name)
+    def _egress_chain(self, host: Host) -> str:
+        """The switch's netdev egress chain of host's port (made once): where the impairments
+        of what reaches host act, per packet, before the host's GRO."""
+        chain = f"out-{host.port}"
+        if chain not in self._nft_ready:
+            self._nft(self.switch, f"table netdev {NFT_TABLE} {{\n"
+                                   f"  chain {chain} {{ type filter hook egress device "
+                                   f"\"{host.port}\" priority 0; }}\n}}\n")
+            self._nft_ready.add(chain)
+        return chain
 
     @staticmethod
     def _chance(percent: float) -> str:
@@ -277,13 +307,14 @@ class MulticastLab:
         return f"numgen random mod 10000 < {round(percent * 100)}"
 
     def loss_in(self, host: Host, percent: float) -> None:
-        """Drop `percent` % of the IPv4 packets arriving at `host`, each independently."""
+        """Drop `percent` % of the UDP/IPv4 packets the switch sends to `host`, each
+        independently (before the host's GRO: see the module's docstring)."""
         if percent <= 0:
             return
-        self._input_chain(host)
-        self._nft(host.ns, f"add rule inet {NFT_TABLE} input iifname \"{host.iface}\" "
-                           f"meta nfproto ipv4 {self._chance(percent)} counter drop "
-                           f"comment \"loss-in\"\n")
+        chain = self._egress_chain(host)
+        self._nft(self.switch, f"add rule netdev {NFT_TABLE} {chain} meta protocol ip "
+                               f"ip protocol udp {self._chance(percent)} counter drop "
+                               f"comment \"loss-in\"\n")
 
     def loss_out(self, host: Host, percent: float) -> None:
         """Drop `percent` % of everything `host` sends, where it enters the switch (for the
@@ -306,29 +337,28 @@ class MulticastLab:
         worth through at once (measured here: a 2 s flood at 12.5 MB/s passes 1.51x the rate,
         a 3 s one 1.33x; a packet-rate policer has no such allowance, but would favour large
         packets)."""
-        self._input_chain(host)
+        chain = self._egress_chain(host)
         burst = f" burst {int(burst_bytes)} bytes" if burst_bytes else ""
-        self._nft(host.ns, f"add rule inet {NFT_TABLE} input iifname \"{host.iface}\" "
-                           f"meta nfproto ipv4 limit rate over {round(bytes_per_s)} bytes/second"
-                           f"{burst} counter drop comment \"rate\"\n")
+        self._nft(self.switch, f"add rule netdev {NFT_TABLE} {chain} meta protocol ip "
+                               f"ip protocol udp limit rate over {round(bytes_per_s)} bytes/second"
+                               f"{burst} counter drop comment \"rate\"\n")
 
     def nft_drops(self, host: Host) -> dict[str, int]:
-        """Packets dropped so far by each impairment of `host` ({'loss-in': n, ...})."""
+        """Packets dropped so far by each impairment of `host` ({'loss-in': n, ...}): the rules
+        of its two chains on the switch (in-PORT: what it sends, out-PORT: what it gets)."""
         out: dict[str, int] = {}
-        for ns in (host.ns, self.switch):
-            result = ns.run(["nft", "-j", "list", "ruleset"], check=False)
-            if result.returncode != 0 or not result.stdout.strip():
+        chains = (f"in-{host.port}", f"out-{host.port}")
+        result = self.switch.run(["nft", "-j", "list", "ruleset"], check=False)
+        if result.returncode != 0 or not result.stdout.strip():
+            return out
+        for item in json.loads(result.stdout).get("nftables", []):
+            rule = item.get("rule")
+            if not rule or rule.get("table") != NFT_TABLE or rule.get("chain") not in chains:
                 continue
-            for item in json.loads(result.stdout).get("nftables", []):
-                rule = item.get("rule")
-                if not rule or rule.get("table") != NFT_TABLE:
-                    continue
-                comment = rule.get("comment", "")
-                if ns is self.switch and rule.get("chain") != f"in-{host.port}":
-                    continue
-                for expr in rule.get("expr", []):
-                    if "counter" in expr:
-                        out[comment] = out.get(comment, 0) + int(expr["counter"]["packets"])
+            comment = rule.get("comment", "")
+            for expr in rule.get("expr", []):
+                if "counter" in expr:
+                    out[comment] = out.get(comment, 0) + int(expr["counter"]["packets"])
         return out
 
     # ----------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ class Case:
     loss_one: float = 0.0      # % independent loss on receiver 1's input
     loss_each: float = 0.0     # % independent loss on every receiver's input
     loss_all: float = 0.0      # % loss on the sender's output (correlated: all miss the same)
-    slow: bool = False         # receiver 1's input policed to --slow-mbit
+    slow: bool = False         # what reaches receiver 1 policed to --slow-mbit
     kill: bool = False         # the last receiver killed at --kill-at of the image
 
     @property
@@ -447,12 +447,13 @@ def report(bench: Bench, meta: dict[str, Any], rows: list[dict[str, Any]],
     L.append(f"image: {bench.size // MiB} MiB from /dev/urandom (sha256 {bench.digest[:16]}), "
              f"staged on tmpfs; receivers write to tmpfs")
     L.append("lab: sender + N receivers, one network namespace each, veth pairs to a bridge in "
-             "a switch namespace (no IGMP snooping), 10.79.0.0/24, TTL 1")
+             "a switch namespace (no IGMP snooping), 10.79.0.0/24, TTL 1; GRO on every host's "
+             "interface; loss and the slow rate per packet at the switch port")
     for name, info in meta["peers"].items():
         L.append(f"  {name:8s} {info.get('version', '')}"
                  + (f"  SKIPPED: {info['skipped']}" if info.get("skipped") else ""))
     L.append(f"repeats {bench.a.repeats}; slow receiver {bench.a.slow_mbit:g} Mbit/s (nft limit "
-             f"on its input); killed receiver SIGKILLed at {bench.a.kill_at:.0%} of the image")
+             f"at its switch port); killed receiver SIGKILLed at {bench.a.kill_at:.0%} of the image")
     L.append("time = sender start -> last surviving receiver has its copy; every copy "
              "verified by sha256 afterwards (untimed); MB/s = 10^6 bytes/s")
     L.append("commands (first run of each peer; receiver r1 shown, the others alike):")

@@ -802,40 +802,76 @@ class MulticastEngine:
             if wait > 0:
                 return wait
             if repairing:
-                run = session.repair.next_run(RUN_PAYLOAD_BYTES)
-                if run is None:
+                ranges = self._repair_ranges(session)
+                if not ranges:
                     continue
-                offset, length = run
             else:
-                offset, length = self._pass_run(session)
+                ranges = [self._pass_run(session)]
             try:
-                payload = session.image.read(offset, length)
+                buffer, count, segment = self._encode(session, ranges, repairing)
             except OSError as exc:
                 self._end(session, EventKind.SESSION_ABORTED, AbortReason.IMAGE_UNREADABLE,
                           f"the image cannot be read: {exc.strerror or exc}", now_s)
                 return None
-            buffer, count, segment = mc.encode_data_run(
-                session.id, session.image.digest, session.sequence, offset, payload,
-                repair=repairing)
             if not session.out.send_run(buffer, count, segment):
                 if repairing:
-                    session.repair.nak([(offset, offset + length)], session.image.size,
+                    session.repair.nak([(o, o + n) for o, n in ranges], session.image.size,
                                        now_s, 0.0)
                 return 0.001             # the send buffer is full: a moment
             session.next_sequence(count)
             wire = len(buffer)
+            length = sum(n for _o, n in ranges)
             session.bucket.take(wire, now_s)
             session.interval_bytes += wire
             session.bytes_sent += length
             if repairing:
                 session.repair_bytes += length
                 session.interval_repair_bytes += length
-                session.repair.repaired(offset, length, now_s)
+                for offset, size in ranges:
+                    session.repair.repaired(offset, size, now_s)
             else:
                 session.first_pass_bytes += length
                 session.interval_pass_bytes += length
                 session.pass_position += length
         return 0.0
+
+    @staticmethod
+    def _repair_ranges(session: _Session) -> list[tuple[int, int]]:
+        """The repairs for one send: queued ranges, in send order, up to a GSO run's worth of
+        packets. Lost packets leave holes of one or a few whole packets, so with 5 % loss most
+        ranges are a single packet; sent one range a call, each repair packet cost a loop turn
+        and a system call. Ranges are joined while each fills whole packets: UDP_SEGMENT cuts
+        the buffer at one size, so only the send's last packet may be short."""
+        ranges: list[tuple[int, int]] = []
+        room = RUN_PAYLOAD_BYTES                # a multiple of MAX_DATA_BYTES
+        while room > 0:
+            run = session.repair.next_run(room)
+            if run is None:
+                break
+            ranges.append(run)
+            room -= run[1]
+            if run[1] % mc.MAX_DATA_BYTES:
+                break                           # its last packet is short: the send ends
+        return ranges
+
+    @staticmethod
+    def _encode(session: _Session, ranges: list[tuple[int, int]], repair: bool
+                ) -> tuple[bytearray, int, int]:
+        """DATA packets of the ranges (read from the image), numbered from the session's next
+        sequence, back to back in one buffer: (buffer, packets, segment size)."""
+        out: bytearray | None = None
+        count = segment = 0
+        for offset, length in ranges:
+            buffer, n, segment = mc.encode_data_run(
+                session.id, session.image.digest, (session.sequence + count) & 0xFFFFFFFF,
+                offset, session.image.read(offset, length), repair=repair)
+            if out is None:
+                out = buffer
+            else:
+                out += buffer
+            count += n
+        assert out is not None
+        return out, count, segment
 
     def _pass_run(self, session: _Session) -> tuple[int, int]:
         """The next piece of the first pass: never across a region boundary (the receivers
@@ -1061,6 +1097,15 @@ class MulticastEngine:
 
     def _join(self, join: mc.Join, address: tuple[str, int], now_s: float) -> None:
         session = self._sessions.get(join.session_name)
+        if session is None and not join.session_id:
+            with self._lock:
+                opening = join.session_name in self._names
+            if opening:
+                # open_session() has reserved the name and is reading the image: the session
+                # exists in a moment. Not answered: the receiver sends its JOIN again (a
+                # refusal would be final, for a receiver that started before the sender)
+                self.counters["joins before the session opened"] += 1
+                return
         if session is None or (join.session_id and join.session_id != session.id):
             self.counters["joins refused"] += 1
             text = (f"no session {join.session_name!r} here" if session is None else

@@ -26,7 +26,7 @@ from __future__ import annotations
 import collections
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 DEFAULT_START_KBIT_S = 100_000       # MaxBitrate 0: start at 100 Mbit/s, adapt from there
@@ -99,11 +99,16 @@ class RateLimits:
 @dataclass(frozen=True)
 class IntervalLoss:
     """One receiver over one probe interval: its loss fraction (None: too few packets to say),
-    the median loss of its last intervals, and the packets the interval counted."""
+    the median loss of its last intervals, and the packets the interval counted. prior: how
+    many earlier intervals the baseline rests on (LossHistory says; None: not known, taken as
+    enough). A receiver's first interval (prior 0) has no baseline to be above: its loss only
+    becomes the baseline, so a link that always loses 5 % does not end slow start at the first
+    probe interval (it would then creep up from the start rate by 1/8 an interval)."""
 
     loss: float | None
     baseline: float
     packets: int = 0
+    prior: int | None = field(default=None, compare=False)
 
     @property
     def excess(self) -> float:
@@ -135,6 +140,8 @@ def rate_decision(rate_kbit_s: int, losses: Mapping[int, IntervalLoss], sent_sha
     for receiver, interval in losses.items():
         if receiver in excluded or interval.loss is None:
             continue
+        if interval.prior == 0:
+            continue                # the first interval: nothing to compare it with yet
         excess = interval.excess
         if excess > worst:
             worst_id, worst = receiver, excess
@@ -172,11 +179,12 @@ class LossHistory:
         total = lost + received
         history = self._seen.setdefault(receiver, collections.deque(maxlen=self._intervals))
         baseline = statistics.median(history) if history else 0.0
+        prior = len(history)
         if total < MIN_INTERVAL_PACKETS:
-            return IntervalLoss(None, baseline, total)
+            return IntervalLoss(None, baseline, total, prior)
         loss = max(0.0, min(1.0, lost / total))
         history.append(loss)
-        return IntervalLoss(loss, baseline, total)
+        return IntervalLoss(loss, baseline, total, prior)
 
     def forget(self, receiver: int) -> None:
         self._seen.pop(receiver, None)

@@ -553,3 +553,107 @@ def test_a_data_run_out_of_bounds_is_refused(kwargs):
             "payload": b"x", **kwargs}
     with pytest.raises(MulticastFormatError):
         mc.encode_data_run(**args)
+
+
+# -- the receiver's DATA fast path ---------------------------------------------------------------
+
+def _fields_from_decode(datagram: bytes, session: int, digest: bytes):
+    """What data_fields must say: decode()'s verdict, restricted to DATA of session/digest."""
+    try:
+        message = mc.decode(datagram)
+    except mc.MulticastFormatError:
+        return None
+    if type(message) is not Data or message.session_id != session or \
+            message.image_digest != digest:
+        return None
+    return message.sequence, message.offset, Data.REPAIR if message.repair else 0
+
+
+def _mutations(rng, packet: bytes) -> list[bytes]:
+    out = [packet, packet[:-1], packet + b"\0", packet[:mc.HEADER.size + 9],
+           packet[:mc.HEADER.size + 10]]
+    for _ in range(40):
+        b = bytearray(packet)
+        for _ in range(rng.randrange(1, 4)):
+            at = rng.randrange(0, min(len(b), mc.DATA_PAYLOAD_AT + 2))   # the header mostly
+            b[at] = rng.randrange(256)
+        out.append(bytes(b))
+    return out
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(offset=st.integers(0, 2**64 - 1), size=st.integers(1, mc.MAX_DATA_BYTES),
+       sequence=st.integers(0, 2**32 - 1), repair=st.booleans(), seed=st.integers(0, 2**32))
+def test_data_fields_accepts_exactly_what_decode_calls_this_sessions_data(offset, size,
+                                                                          sequence, repair,
+                                                                          seed):
+    import random
+    rng = random.Random(seed)
+    offset = min(offset, 2**64 - size)
+    packet = encode(Data(session_id=SESSION, image_digest=DIGEST, sequence=sequence,
+                         offset=offset, payload=bytes(rng.randrange(256) for _ in range(size)),
+                         repair=repair))
+    others = [encode(sample) for sample in SAMPLES[:6]]
+    for datagram in _mutations(rng, packet) + others:
+        pad = b"z" * rng.randrange(0, 5)                       # somewhere inside a pool
+        pool = memoryview(pad + datagram + b"z" * 3)
+        got = mc.data_fields(pool, len(pad), len(pad) + len(datagram), SESSION, DIGEST)
+        assert got == _fields_from_decode(datagram, SESSION, DIGEST), datagram[:60].hex()
+        if got is not None:
+            assert bytes(pool[len(pad) + mc.DATA_PAYLOAD_AT:len(pad) + len(datagram)]) == \
+                decode(datagram).payload
+
+
+def test_data_fields_refuses_a_session_of_zero_and_no_image():
+    packet = encode(Data(session_id=SESSION, image_digest=DIGEST, offset=0, payload=b"x"))
+    assert mc.data_fields(packet, 0, len(packet), SESSION, DIGEST) == (0, 0, 0)
+    assert mc.data_fields(packet, 0, len(packet), 0, DIGEST) is None
+    assert mc.data_fields(packet, 0, len(packet), SESSION, mc.NO_IMAGE) is None
+    assert mc.data_fields(packet, 0, len(packet) - 1, SESSION, DIGEST) is None
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(offset=st.integers(0, 2**40), payload=st.integers(1, mc.MAX_DATA_BYTES),
+       count=st.integers(1, 48), sequence=st.integers(0, 2**32 - 1), repair=st.booleans(),
+       seed=st.integers(0, 2**32))
+def test_data_run_takes_a_run_only_when_every_datagram_is_this_sessions_next(
+        offset, payload, count, sequence, repair, seed):
+    """data_run accepts an unchanged UDP_SEGMENT run (unless it wraps past 2**32); after any
+    damage it accepts only what data_fields accepts datagram by datagram, continuing each
+    other, with the first one's fields."""
+    import random
+    rng = random.Random(seed)
+    data = bytes(rng.randrange(256) for _ in range(payload * count))
+    run, n, segment = mc.encode_data_run(SESSION, DIGEST, sequence, offset, data,
+                                         segment_payload=payload, repair=repair)
+    assert n == count
+    got = mc.data_run(run, 0, count, segment, SESSION, DIGEST)
+    wraps = sequence + count - 1 > 2**32 - 1
+    assert got == (None if wraps else (sequence, offset, Data.REPAIR if repair else 0))
+    for _ in range(10):
+        damaged = bytearray(run)
+        for _ in range(rng.randrange(1, 3)):
+            at = rng.randrange(count) * segment + rng.randrange(mc.DATA_PAYLOAD_AT)
+            damaged[at] = rng.randrange(256)
+        got = mc.data_run(damaged, 0, count, segment, SESSION, DIGEST)
+        if got is None:
+            continue
+        each = [mc.data_fields(damaged, k * segment, (k + 1) * segment, SESSION, DIGEST)
+                for k in range(count)]
+        assert all(f is not None for f in each)
+        assert each[0] == got
+        assert [f[0] for f in each] == list(range(got[0], got[0] + count))
+        assert [f[1] for f in each] == list(range(got[1], got[1] + count * payload, payload))
+        assert {f[2] for f in each} == {got[2]}
+
+
+def test_data_run_refuses_what_it_cannot_read():
+    run, count, segment = mc.encode_data_run(SESSION, DIGEST, 1, 0, bytes(3500),
+                                             segment_payload=1000)
+    assert mc.data_run(run, 0, 3, segment, SESSION, DIGEST) == (1, 0, 0)
+    assert mc.data_run(run, 0, 4, segment, SESSION, DIGEST) is None    # the last is short
+    assert mc.data_run(run, 0, 0, segment, SESSION, DIGEST) is None
+    assert mc.data_run(run, 0, 3, segment, 0, DIGEST) is None
+    assert mc.data_run(run, 0, 3, segment, SESSION, mc.NO_IMAGE) is None
+    assert mc.data_run(run, 0, 3, mc.DATA_PAYLOAD_AT, SESSION, DIGEST) is None
+    assert mc.data_run(run, 1, 3, segment, SESSION, DIGEST) is None     # not on a boundary

@@ -151,3 +151,33 @@ def test_the_planner_sends_at_most_a_rounds_worth():
     assert len(ranges) == MAX_NAK_RANGES * MAX_NAKS_PER_ROUND
     assert ranges == holes[:len(ranges)]                                 # in the order given
     assert planner.plan(holes, 1.0, 0.0, 0.25) == holes[len(ranges):2 * len(ranges)]
+
+
+def _state(w: Window) -> tuple:
+    return (list(w.received), w.duplicate_bytes, w.dropped_bytes, w.used_bytes, w.head, w.tail,
+            [(s.state, s.got, bytes(s.buffer) if s.buffer is not None else None)
+             for s in w.slots])
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_put_run_is_put_for_each_piece(seed):
+    """Runs of back-to-back pieces, anywhere (inside a chunk, across chunks, over the header,
+    the tail, the chunk area's end), repeated (duplicates), before and after the index, with a
+    budget that runs out: the window ends the same as with put() piece by piece."""
+    rng = random.Random(seed)
+    budget = rng.choice([3000, 10_000])
+    a, b = window(budget, indexed=False), window(budget, indexed=False)
+    for step in range(60):
+        if step == 20:
+            a.set_index(entries())
+            b.set_index(entries())
+        size = rng.choice([1, 7, 100, 347])
+        count = rng.randrange(1, 12)
+        offset = rng.randrange(0, SIZE - size * count + 1)
+        pieces = [bytes([rng.randrange(256)]) * size for _ in range(count)]
+        completed_a = a.put_run(offset, [memoryview(p) for p in pieces])
+        completed_b = []
+        for n, piece in enumerate(pieces):
+            completed_b += b.put(offset + n * size, piece)
+        assert [s.index for s in completed_a] == [s.index for s in completed_b]
+        assert _state(a) == _state(b)

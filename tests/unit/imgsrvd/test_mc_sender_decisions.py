@@ -238,3 +238,79 @@ def test_the_queue_is_bounded():
     queue.nak([(1_000, 1_010), (2_000, 2_010), (3_000, 3_010)], 10_000, 0.0, 0.01)
     assert queue.nak([(4_000, 4_010), (3_005, 3_020)], 10_000, 0.0, 0.01) == 10
     assert queue.dropped_ranges == 1 and len(queue._pending) == 3
+
+
+def test_a_receivers_first_interval_only_sets_its_baseline():
+    """A link that always loses 5 %: its first interval (no baseline yet) neither ends slow
+    start nor cuts the rate; loss above the baseline after it still does."""
+    history = LossHistory()
+    first = history.record(1, 500, 9500)
+    assert first == IntervalLoss(0.05, 0.0, 10000) and first.prior == 0
+    assert rate_decision(100_000, {1: first}, 1.0, LIMITS, slow_start=True)[:2] == \
+        (150_000, True)
+    second = history.record(1, 500, 9500)
+    assert second.prior == 1 and second.baseline == pytest.approx(0.05)
+    assert rate_decision(150_000, {1: second}, 1.0, LIMITS, slow_start=True)[:2] == \
+        (225_000, True)
+    worse = history.record(1, 2000, 8000)                  # 20 %: the rate's doing
+    assert rate_decision(225_000, {1: worse}, 1.0, LIMITS, slow_start=True)[:2] == \
+        (int(225_000 * 0.75), False)
+    # an IntervalLoss made without a history (prior None) is judged as before
+    assert rate_decision(100_000, {1: IntervalLoss(0.10, 0.0, 5000)}, 1.0, LIMITS,
+                         slow_start=True)[:2] == (75_000, False)
+
+
+def test_repairs_of_single_lost_packets_go_out_together():
+    """Holes of whole packets are joined into one UDP_SEGMENT send (up to a run's worth of
+    packets), in send order; a range whose last packet is short ends the send; the packets
+    are exactly the ranges' bytes, numbered on from the session's sequence."""
+    import types
+    from common.imaging import multicast as mc
+    from imgsrvd.multicast.engine import RUN_PACKETS, MulticastEngine
+    p = mc.MAX_DATA_BYTES
+    order = PassOrder(10_000_000, 100, 9_000_000)
+    queue = RepairQueue(order)
+    holes = [(100 + k * 3 * p, 100 + k * 3 * p + p) for k in range(60)]     # every 3rd packet
+    queue.nak(holes + [(8_000_000, 8_000_010)], order.image_bytes, 0.0, 0.0)
+    session = types.SimpleNamespace(repair=queue)
+    first = MulticastEngine._repair_ranges(session)
+    assert first == [(a, b - a) for a, b in holes[:RUN_PACKETS]]
+    second = MulticastEngine._repair_ranges(session)
+    assert second == [(a, b - a) for a, b in holes[RUN_PACKETS:]] + [(8_000_000, 10)]
+    assert MulticastEngine._repair_ranges(session) == []
+
+    image = types.SimpleNamespace(digest=bytes(range(1, 17)),
+                                  read=lambda offset, length: bytes([offset % 251]) * length)
+    session = types.SimpleNamespace(id=5, image=image, sequence=2**32 - 2)
+    buffer, count, segment = MulticastEngine._encode(session, second, True)
+    assert count == len(second) and segment == mc.MAX_DATAGRAM
+    packets = [mc.decode(buffer[n * segment:(n + 1) * segment]) for n in range(count)]
+    assert [(d.offset, len(d.payload)) for d in packets] == second
+    assert [d.sequence for d in packets] == [(2**32 - 2 + n) % 2**32 for n in range(count)]
+    assert all(d.repair and d.payload == bytes([d.offset % 251]) * len(d.payload)
+               for d in packets)
+
+
+def test_a_join_while_its_session_is_being_opened_waits_for_the_next_attempt():
+    """open_session() reserves the name, then reads the image; a JOIN in between (a receiver
+    that started before the sender) is not refused (a refusal is final), only left for its
+    retransmission; a name nobody is opening is refused as before."""
+    from common.imaging import multicast as mc
+    from imgsrvd.multicast.engine import MulticastEngine
+    from imgsrvd.multicast.model import EngineSettings
+    from common.imaging.multicast import SessionState
+    settings = EngineSettings(
+        control_address="127.0.0.1", control_port=9, interface_address="127.0.0.1", ttl=1,
+        max_bitrate_kbit_s=0, min_receiver_rate_kbit_s=0, max_receiver_loss=0.5,
+        finish_timeout_s=5.0, max_sessions=1, max_receivers=2)
+    engine = MulticastEngine(settings, lambda request: None, lambda event: None)
+    sent = []
+    engine._to_receiver = lambda receiver, address, message: sent.append(message)
+    join = mc.Join(session_id=0, receiver_id=7, sequence=0, sent_at_us=1, session_name="lab",
+                   mac="", token="")
+    engine._names["lab"] = SessionState.WAITING              # reserved: being opened
+    engine._join(join, ("10.0.0.2", 4000), 0.0)
+    assert sent == [] and engine.counters["joins before the session opened"] == 1
+    del engine._names["lab"]
+    engine._join(join, ("10.0.0.2", 4000), 0.0)
+    assert len(sent) == 1 and sent[0].reason == Refusal.UNKNOWN_SESSION
