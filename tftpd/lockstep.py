@@ -41,6 +41,7 @@ import socket
 import struct
 import threading
 import time
+import traceback
 from typing import Callable
 
 from . import packet
@@ -121,7 +122,8 @@ class LockstepRunner:
                     transfer.fail("io_error", f"send failed: {exc.strerror}")
             self._serve()
         except Exception:  # a bug here must not leave the transfer open forever
-            log.exception("internal error in the lock-step transfer to %s:%d", *self.client)
+            self._error(f"internal error in the lock-step transfer to {self.client[0]}:"
+                        f"{self.client[1]}\n{traceback.format_exc()}")
             self.counts.internal_errors += 1
             transfer.fail("internal", "Internal error", packet.ERR_UNDEFINED)
         finally:
@@ -130,6 +132,10 @@ class LockstepRunner:
             # final ACK still to come.
             self.ended = True
             self._on_end()
+
+    @staticmethod
+    def _error(text: str) -> None:
+        log.error("%s", text)
 
     def _wait(self, seconds: float) -> None:
         seconds = min(max(seconds, 0.001), STOP_POLL_S)
@@ -175,7 +181,9 @@ class LockstepRunner:
                 continue
             data, source = got
             if source != client:
-                if source is not None:            # None: woken by stop()'s shutdown
+                if source is None:                # woken by stop()'s shutdown (maybe in the
+                    self.stopping = True          # parent process: lockchild.py)
+                else:
                     self._unknown_tid(source)
                 continue
             if transfer.on_datagram(data):

@@ -33,6 +33,7 @@ from typing import Any
 
 from . import packet, paths
 from .config import Settings
+from . import lockchild
 from .lockstep import LockstepRunner
 from .gateway import GatewayError, GatewayRequest, PolicyGateway, base_url, gateway_request
 from .netascii import encode as netascii_encode
@@ -48,7 +49,8 @@ IP_PKTINFO = 8                       # linux/in.h; not exported by Python's sock
 RECV_BURST = 64                      # datagrams handled per wakeup before yielding to the loop
 NETASCII_MAX_BYTES = 16 * 1024 * 1024
 TRANSFER_RCVBUF = 1 << 20
-LOCKSTEP_THREADS = 64                # lock-step downloads served by threads at once (lockstep.py)
+LOCKSTEP_THREADS = 64                # lock-step downloads served by workers at once (lockstep.py)
+LOCKSTEP_MODE = os.environ.get("PREBOOT_TFTP_LOCKSTEP", "process")   # process | thread
 LOCKSTEP_MIN_BLOCKS = 16             # smaller files stay on the loop
 STOP_WAIT_S = 3.0                    # how long stop() waits for those threads to end
 
@@ -62,7 +64,8 @@ class ActiveTransfer:
     timer: asyncio.TimerHandle | None = None
     last_progress: float = 0.0
     recorded: bool = False
-    runner: LockstepRunner | None = None    # set: a lock-step thread serves it (lockstep.py)
+    runner: LockstepRunner | None = None    # set: a lock-step worker serves it (lockstep.py)
+    child: lockchild.Child | None = None    # ... in a child process (lockchild.py)
 
 
 class TftpServer:
@@ -135,7 +138,9 @@ class TftpServer:
             await asyncio.sleep(0.01)
         for active in list(self.active.values()):
             if active.runner is not None:
-                log.warning("the lock-step thread for %s:%d did not end in time", *active.key)
+                log.warning("the lock-step worker for %s:%d did not end in time", *active.key)
+                if active.child is not None:
+                    self._child_gone(active)
                 if active.transfer.failure is None and not active.transfer.done:
                     active.transfer.failure = TransferFailed("shutdown", "Server shutting down")
                 self._threads -= 1
@@ -149,7 +154,7 @@ class TftpServer:
 
     def counters(self) -> dict[str, Any]:
         for active in list(self.active.values()):
-            if active.runner is not None and active.runner.ended:
+            if active.runner is not None and active.child is None and active.runner.ended:
                 self._thread_ended(active)       # its callback may still be queued
         return self.stats.snapshot(len(self.active))
 
@@ -399,6 +404,16 @@ class TftpServer:
             stranger=lambda source: in_loop(self._stranger_counted, active, source),
             on_end=lambda: in_loop(self._thread_ended, active))
         self._threads += 1
+        if LOCKSTEP_MODE == "process":
+            try:
+                active.sock.setblocking(True)
+                active.child = lockchild.fork(active.runner, [self._listener.fileno()]
+                                              if self._listener is not None else [])
+                loop.add_reader(active.child.fd, self._on_child, active)
+                return
+            except OSError as exc:
+                active.sock.setblocking(False)
+                log.warning("cannot fork for a lock-step transfer (%s); a thread serves it", exc)
         try:
             active.runner.start()
         except RuntimeError as exc:                 # no thread to be had: serve it here instead
@@ -419,11 +434,62 @@ class TftpServer:
         log.info("datagram from %s:%d on the transfer of %r to %s:%d: unknown transfer ID",
                  *source, active.filename, *active.key)
 
+    def _on_child(self, active: ActiveTransfer) -> None:
+        """A lock-step child reported (lockchild.py): counts, a stranger, or its end."""
+        child = active.child
+        assert child is not None and self._loop is not None
+        try:
+            data = os.read(child.fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        for message in child.messages(data):
+            kind = message.get("t")
+            if kind == "c":
+                self._add_counts(message["counts"])
+            elif kind == "s":
+                self._stranger_counted(active, tuple(message["source"]))
+            elif kind == "x":
+                self.stats.error("internal")
+                log.error("%s", message.get("text"))
+            elif kind == "e":
+                lockchild.apply_state(active.transfer, message)
+                active.runner.last_progress = message["last_progress"]
+                self._add_counts(message["counts"])
+                self._child_gone(active)
+                self._thread_ended(active)
+                return
+        if not data:                                # the child died without its report
+            self._child_gone(active)
+            transfer = active.transfer
+            if not transfer.finished:
+                transfer.failure = TransferFailed(
+                    "shutdown" if self._stopping else "internal", "lock-step child died")
+                transfer.release()
+            self._thread_ended(active)
+
+    def _child_gone(self, active: ActiveTransfer) -> None:
+        child = active.child
+        active.child = None
+        assert child is not None and self._loop is not None
+        self._loop.remove_reader(child.fd)
+        os.close(child.fd)
+        self._reap(child.pid, 0)
+
+    def _reap(self, pid: int, tries: int) -> None:
+        try:
+            done, _status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return                                  # already reaped
+        if not done and tries < 200 and self._loop is not None:
+            self._loop.call_later(0.01, self._reap, pid, tries + 1)
+
     def _thread_ended(self, active: ActiveTransfer) -> None:
-        """A lock-step thread is done: the transfer ended, or its last block is out and the
+        """A lock-step worker is done: the transfer ended, or its last block is out and the
         final ACK is awaited here."""
         runner = active.runner
-        if runner is None or self.active.get(active.key) is not active:
+        if runner is None or active.child is not None or self.active.get(active.key) is not active:
             return
         self._threads -= 1
         active.runner = None
