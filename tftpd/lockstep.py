@@ -37,6 +37,7 @@ milliseconds, whatever timeout the client asked for.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
 import threading
@@ -45,11 +46,12 @@ import traceback
 from typing import Callable
 
 from . import packet
-from .transfer import LOSS_ERRNOS, ReadTransfer
+from .transfer import LOSS_ERRNOS, FileBlocks, MemoryBlocks, ReadTransfer
 
 log = logging.getLogger("preboot.tftpd")
 
 RECV_BYTES = 2048        # an ACK is 4 bytes; an ERROR's text is cut to 512 by RFC 1350
+READ_AHEAD = 256 * 1024  # bytes read from the file at once (pread), sliced into blocks
 FLUSH_EVERY = 1024       # blocks between two counter hand-overs to the loop thread
 STOP_POLL_S = 1.0        # longest single wait: a safety net should the wake-up ever not come
 
@@ -133,6 +135,16 @@ class LockstepRunner:
             self.ended = True
             self._on_end()
 
+    def _chunk(self, block: int) -> tuple[bytes, int, int]:
+        """Blocks from `block` on, as (bytes, first block, how many blocks they hold)."""
+        source, blksize = self.transfer.source, self.transfer.blksize
+        if isinstance(source, MemoryBlocks):
+            return source.content, 1, self.transfer.last_block
+        if isinstance(source, FileBlocks):
+            count = max(READ_AHEAD // blksize, 1)
+            return os.pread(source.fd, count * blksize, (block - 1) * blksize), block, count
+        return source.block(block, blksize), block, 1
+
     @staticmethod
     def _error(text: str) -> None:
         log.error("%s", text)
@@ -194,17 +206,22 @@ class LockstepRunner:
 
         Returns (progressed, got, when): got is what came instead of the expected ACK, as
         (data, source), None when nothing came within the wait, or _SENT_ALL once the last
-        block is out; when is the time of the last progress. The state machine's fields are brought up to date before returning."""
+        block is out; when is the time of the last progress. The state machine's fields are
+        brought up to date before returning. Every name the loop uses is a local, and the
+        blocks are sliced here from a read-ahead chunk: attribute look-ups and method calls
+        are what a Python loop pays for, per block."""
         transfer, client = self.transfer, self.client
-        source_blocks, blksize, last = transfer.source, transfer.blksize, transfer.last_block
+        blksize, last = transfer.blksize, transfer.last_block
         sendto, recvfrom, monotonic = self.sock.sendto, self.sock.recvfrom, time.monotonic
         pack_data, pack_ack, op_data, op_ack = _DATA.pack, _ACK.pack, packet.OP_DATA, packet.OP_ACK
-        counts = self.counts
+        refill = self._chunk
         start = cur = transfer.next - 1             # the block in flight, awaiting its ACK
         unsent = False                              # True: block cur + 1 failed to go out
+        sent = 0                                    # payload bytes sent, for the counters
         want = pack_ack(op_ack, cur & 0xFFFF)
-        nxt = (pack_data(op_data, (cur + 1) & 0xFFFF) + source_blocks.block(cur + 1, blksize)
-               if cur < last else None)
+        chunk, first, count = refill(cur + 1)      # blocks first .. first + count - 1
+        offset = (cur + 1 - first) * blksize
+        nxt = pack_data(op_data, (cur + 1) & 0xFFFF) + chunk[offset:offset + blksize]
         got = None
         when = 0.0
         try:
@@ -227,16 +244,21 @@ class LockstepRunner:
                                       packet.ERR_UNDEFINED)
                     break
                 cur += 1
-                counts.bytes_sent += len(nxt) - 4
-                want = pack_ack(op_ack, cur & 0xFFFF)
-                nxt = (pack_data(op_data, (cur + 1) & 0xFFFF)
-                       + source_blocks.block(cur + 1, blksize) if cur < last else None)
+                sent += len(nxt) - 4
                 if cur >= last:
                     got = _SENT_ALL                 # the final ACK is the event loop's
                     break
+                want = pack_ack(op_ack, cur & 0xFFFF)
+                if cur + 1 - first >= count:
+                    chunk, first, count = refill(cur + 1)
+                offset = (cur + 1 - first) * blksize
+                nxt = pack_data(op_data, (cur + 1) & 0xFFFF) + chunk[offset:offset + blksize]
                 if not cur & (FLUSH_EVERY - 1):
-                    self._report(counts.take())
+                    self.counts.bytes_sent += sent
+                    sent = 0
+                    self._report(self.counts.take())
         finally:
+            self.counts.bytes_sent += sent
             if unsent:                              # ACK cur came; cur + 1 is not out
                 transfer.acked, transfer.next = cur, cur + 1
             elif cur != start:                      # ACK cur - 1 came; cur is out
