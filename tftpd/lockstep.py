@@ -233,16 +233,17 @@ class LockstepRunner:
                     break
                 if got[0] != want or got[1] != client:
                     break                           # not the expected ACK
-                when = monotonic()
                 try:
                     sendto(nxt, client)             # first the next block, then the rest
                 except OSError as exc:
+                    when = monotonic()
                     # as in ReadTransfer._send_window: a lost block is resent on timeout
                     unsent, got = True, None
                     if exc.errno not in LOSS_ERRNOS:
                         transfer.fail("io_error", f"Read or send error: {exc.strerror}",
                                       packet.ERR_UNDEFINED)
                     break
+                when = monotonic()
                 cur += 1
                 sent += len(nxt) - 4
                 if cur >= last:
