@@ -63,6 +63,7 @@ class Child:
 def fork(runner: LockstepRunner, close_fds: list[int]) -> Child:
     """Start `runner` in a child process; returns at once in the parent. OSError if no fork."""
     read_fd, write_fd = os.pipe()
+    parent = os.getpid()
     try:
         pid = os.fork()
     except OSError:
@@ -73,7 +74,7 @@ def fork(runner: LockstepRunner, close_fds: list[int]) -> Child:
         status = 1
         try:
             os.close(read_fd)
-            _child_setup(close_fds)
+            _child_setup(close_fds, parent)
             _child_run(runner, write_fd)
             status = 0
         finally:
@@ -83,7 +84,7 @@ def fork(runner: LockstepRunner, close_fds: list[int]) -> Child:
     return Child(pid, read_fd)
 
 
-def _child_setup(close_fds: list[int]) -> None:
+def _child_setup(close_fds: list[int], parent: int) -> None:
     # The loop allocates no cycles; a collection would walk the parent's whole heap and,
     # by touching every object, copy its pages (copy-on-write) into the child.
     gc.disable()
@@ -95,7 +96,7 @@ def _child_setup(close_fds: list[int]) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass                                            # best effort: not on every libc
-    if os.getppid() == 1:
+    if os.getppid() != parent:
         os._exit(1)                                     # the parent died before prctl
     for fd in close_fds:
         try:
