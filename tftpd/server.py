@@ -15,10 +15,11 @@ A transfer's one timer fires every `timeout_s`; it resends only when no progress
 
 Lock-step downloads (RRQ without windowsize: every PXE ROM's first download) of more than
 `LOCKSTEP_MIN_BLOCKS` blocks are the exception: up to `LOCKSTEP_THREADS` of them at once send
-their blocks from a thread of their own with a blocking loop (lockstep.py), which halves the
-work per block. The loop thread still accepts them and counts them, and takes each back when
-its last block is out, to wait for the final ACK here like any transfer. Beyond that bound, and
-for small files (a thread costs more than it saves on a few blocks), they run here.
+their blocks from a worker with a blocking loop (lockstep.py), a forked child per transfer
+(lockchild.py; PREBOOT_TFTP_LOCKSTEP=thread: a thread), which halves the work per block and,
+as processes, uses every core. This loop still accepts them and counts them, and takes each
+back when its last block is out, to wait for the final ACK here like any transfer. Beyond that
+bound, and for small files (a worker costs more than it saves on a few blocks), they run here.
 """
 
 from __future__ import annotations
