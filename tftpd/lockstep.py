@@ -1,4 +1,5 @@
-"""Lock-step downloads (RRQ without windowsize) served by a blocking loop in a thread of their own.
+"""Lock-step downloads (RRQ without windowsize) served by a blocking loop: the loop itself, run
+in a worker of its own (a forked child, lockchild.py, by default; or a thread, as written below).
 
 A lock-step transfer is a chain of round trips: the client's ACK n, our DATA n+1, its ACK n+1.
 On the event loop every link of that chain costs an epoll wakeup, the loop's callback dispatch,
