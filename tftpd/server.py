@@ -12,6 +12,14 @@ errors, which libuv (uvloop) treats as fatal for the watcher, and which can hide
 already queued behind them. Instead every datagram's source is checked against the client's
 TID, and a stranger gets ERROR 5 without disturbing the transfer (RFC 1350 section 4).
 A transfer's one timer fires every `timeout_s`; it resends only when no progress was made since.
+
+Lock-step downloads (RRQ without windowsize: every PXE ROM's first download) of more than
+`LOCKSTEP_MIN_BLOCKS` blocks are the exception: up to `LOCKSTEP_THREADS` of them at once send
+their blocks from a worker with a blocking loop (lockstep.py), a forked child per transfer
+(lockchild.py; PREBOOT_TFTP_LOCKSTEP=thread: a thread), which halves the work per block and,
+as processes, uses every core. This loop still accepts them and counts them, and takes each
+back when its last block is out, to wait for the final ACK here like any transfer. Beyond that
+bound, and for small files (a worker costs more than it saves on a few blocks), they run here.
 """
 
 from __future__ import annotations
@@ -26,11 +34,14 @@ from typing import Any
 
 from . import packet, paths
 from .config import Settings
+from . import lockchild
+from .lockstep import LockstepRunner
 from .gateway import GatewayError, GatewayRequest, PolicyGateway, base_url, gateway_request
 from .netascii import encode as netascii_encode
 from .options import Limits, Negotiated, negotiate
 from .status import TftpCounters
-from .transfer import FileBlocks, MemoryBlocks, ReadTransfer, Transfer, WriteTransfer
+from .transfer import (FileBlocks, MemoryBlocks, ReadTransfer, Transfer, TransferFailed,
+                       WriteTransfer)
 from .upload import AtomicUpload
 
 log = logging.getLogger("preboot.tftpd")
@@ -39,6 +50,10 @@ IP_PKTINFO = 8                       # linux/in.h; not exported by Python's sock
 RECV_BURST = 64                      # datagrams handled per wakeup before yielding to the loop
 NETASCII_MAX_BYTES = 16 * 1024 * 1024
 TRANSFER_RCVBUF = 1 << 20
+LOCKSTEP_THREADS = 64                # lock-step downloads served by workers at once (lockstep.py)
+LOCKSTEP_MODE = os.environ.get("PREBOOT_TFTP_LOCKSTEP", "process")   # process | thread
+LOCKSTEP_MIN_BLOCKS = 16             # smaller files stay on the loop
+STOP_WAIT_S = 3.0                    # how long stop() waits for those threads to end
 
 
 @dataclass
@@ -50,6 +65,8 @@ class ActiveTransfer:
     timer: asyncio.TimerHandle | None = None
     last_progress: float = 0.0
     recorded: bool = False
+    runner: LockstepRunner | None = None    # set: a lock-step worker serves it (lockstep.py)
+    child: lockchild.Child | None = None    # ... in a child process (lockchild.py)
 
 
 class TftpServer:
@@ -61,6 +78,8 @@ class TftpServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gateway = PolicyGateway()
         self._asking: dict[tuple[str, int], asyncio.Task] = {}   # clients whose file policyd makes
+        self._threads = 0                                         # lock-step threads running
+        self._stopping = False
 
     # ---- lifecycle (common.daemon.runner.Service) ---------------------------------------
 
@@ -93,11 +112,16 @@ class TftpServer:
         return warnings
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._listener is not None and self._loop is not None:
             self._loop.remove_reader(self._listener.fileno())
         for active in list(self.active.values()):
+            if active.runner is not None:
+                active.runner.stop()        # its thread says goodbye to the client and ends
+                continue
             active.transfer.fail("shutdown", "Server shutting down", packet.ERR_UNDEFINED)
             self._end(active)
+        await self._stop_threads()
         for task in list(self._asking.values()):
             task.cancel()
         await asyncio.gather(*self._asking.values(), return_exceptions=True)
@@ -106,6 +130,23 @@ class TftpServer:
             self._listener.close()
             self._listener = None
 
+    async def _stop_threads(self) -> None:
+        """Wait (at most STOP_WAIT_S) for lock-step threads woken by stop(); each reports its
+        end through the loop (_thread_ended). One that does not is recorded and closed here."""
+        deadline = time.monotonic() + STOP_WAIT_S
+        while any(a.runner is not None for a in self.active.values()) \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for active in list(self.active.values()):
+            if active.runner is not None:
+                log.warning("the lock-step worker for %s:%d did not end in time", *active.key)
+                if active.child is not None:
+                    self._child_gone(active)
+                if active.transfer.failure is None and not active.transfer.done:
+                    active.transfer.failure = TransferFailed("shutdown", "Server shutting down")
+                self._threads -= 1
+                self._end(active)
+
     def listen(self) -> list[dict[str, Any]]:
         if self._listener is None:
             return []
@@ -113,6 +154,9 @@ class TftpServer:
         return [{"proto": "udp", "address": address, "port": port}]
 
     def counters(self) -> dict[str, Any]:
+        for active in list(self.active.values()):
+            if active.runner is not None and active.child is None and active.runner.ended:
+                self._thread_ended(active)       # its callback may still be queued
         return self.stats.snapshot(len(self.active))
 
     # ---- requests on the listening socket ------------------------------------------------
@@ -320,14 +364,149 @@ class TftpServer:
                   "WRQ" if request.is_write else "RRQ", request.filename, *client, request.mode,
                   request.options, opts.acknowledged, list(opts.ignored))
         assert self._loop is not None
-        self._loop.add_reader(sock.fileno(), self._on_transfer_readable, active)
-        try:
-            transfer.start()
-        except OSError as exc:
-            transfer.fail("io_error", f"send failed: {exc.strerror}")
-        active.timer = self._loop.call_later(opts.timeout_s, self._on_timer, active)
+        if isinstance(transfer, ReadTransfer) and transfer.window == 1 \
+                and transfer.last_block > LOCKSTEP_MIN_BLOCKS and self._threads < LOCKSTEP_THREADS:
+            self._start_thread(active)
+            return
+        self._watch(active)
+
+    def _watch(self, active: ActiveTransfer, started: bool = False) -> None:
+        """Serve a transfer on the event loop: its socket watched, its timer set; `started`:
+        a lock-step thread sent its blocks, the final ACK is all that is left."""
+        assert self._loop is not None
+        transfer = active.transfer
+        self._loop.add_reader(active.sock.fileno(), self._on_transfer_readable, active)
+        if not started:
+            try:
+                transfer.start()
+            except OSError as exc:
+                transfer.fail("io_error", f"send failed: {exc.strerror}")
+        active.timer = self._loop.call_later(
+            max(active.last_progress + transfer.opts.timeout_s - time.monotonic(), 0),
+            self._on_timer, active)
         if transfer.finished:
             self._end(active)
+
+    # ---- lock-step transfers in threads (lockstep.py) -------------------------------------
+
+    def _start_thread(self, active: ActiveTransfer) -> None:
+        loop = self._loop
+        assert loop is not None
+
+        def in_loop(callback, *args) -> None:      # from the thread to the loop thread
+            try:
+                loop.call_soon_threadsafe(callback, *args)
+            except RuntimeError:
+                pass                                # the loop is closed: the daemon is gone
+
+        active.runner = LockstepRunner(
+            active.transfer, active.sock, active.key,
+            report=lambda counts: counts and in_loop(self._add_counts, counts),
+            stranger=lambda source: in_loop(self._stranger_counted, active, source),
+            on_end=lambda: in_loop(self._thread_ended, active))
+        self._threads += 1
+        if LOCKSTEP_MODE == "process":
+            try:
+                active.sock.setblocking(True)
+                active.child = lockchild.fork(active.runner, [self._listener.fileno()]
+                                              if self._listener is not None else [])
+                loop.add_reader(active.child.fd, self._on_child, active)
+                return
+            except OSError as exc:
+                active.sock.setblocking(False)
+                log.warning("cannot fork for a lock-step transfer (%s); a thread serves it", exc)
+        try:
+            active.runner.start()
+        except RuntimeError as exc:                 # no thread to be had: serve it here instead
+            self._threads -= 1
+            active.runner = None
+            log.warning("no thread for a lock-step transfer (%s); the event loop serves it", exc)
+            self._watch(active)
+
+    def _add_counts(self, counts: dict[str, int]) -> None:
+        for name, value in counts.items():
+            if name == "internal_errors":
+                self.stats.errors["internal"] += value
+            else:
+                setattr(self.stats, name, getattr(self.stats, name) + value)
+
+    def _stranger_counted(self, active: ActiveTransfer, source: tuple[str, int]) -> None:
+        self.stats.error("unknown_tid")
+        log.info("datagram from %s:%d on the transfer of %r to %s:%d: unknown transfer ID",
+                 *source, active.filename, *active.key)
+
+    def _on_child(self, active: ActiveTransfer) -> None:
+        """A lock-step child reported (lockchild.py): counts, a stranger, or its end."""
+        child = active.child
+        assert child is not None and self._loop is not None
+        try:
+            data = os.read(child.fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        for message in child.messages(data):
+            kind = message.get("t")
+            if kind == "c":
+                self._add_counts(message["counts"])
+            elif kind == "s":
+                self._stranger_counted(active, tuple(message["source"]))
+            elif kind == "x":
+                self.stats.error("internal")
+                log.error("%s", message.get("text"))
+            elif kind == "e":
+                lockchild.apply_state(active.transfer, message)
+                active.runner.last_progress = message["last_progress"]
+                self._add_counts(message["counts"])
+                self._child_gone(active)
+                self._thread_ended(active)
+                return
+        if not data:                                # the child died without its report
+            self._child_gone(active)
+            transfer = active.transfer
+            if not transfer.finished:
+                transfer.failure = TransferFailed(
+                    "shutdown" if self._stopping else "internal", "lock-step child died")
+                transfer.release()
+            self._thread_ended(active)
+
+    def _child_gone(self, active: ActiveTransfer) -> None:
+        child = active.child
+        active.child = None
+        assert child is not None and self._loop is not None
+        self._loop.remove_reader(child.fd)
+        os.close(child.fd)
+        self._reap(child.pid, 0)
+
+    def _reap(self, pid: int, tries: int) -> None:
+        try:
+            done, _status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return                                  # already reaped
+        if not done and tries < 200 and self._loop is not None:
+            self._loop.call_later(0.01, self._reap, pid, tries + 1)
+
+    def _thread_ended(self, active: ActiveTransfer) -> None:
+        """A lock-step worker is done: the transfer ended, or its last block is out and the
+        final ACK is awaited here."""
+        runner = active.runner
+        if runner is None or active.child is not None or self.active.get(active.key) is not active:
+            return
+        self._threads -= 1
+        active.runner = None
+        transfer = active.transfer
+        self._add_counts(runner.counts.take())
+        transfer.counters = self.stats
+        if self._stopping and not transfer.finished:
+            transfer.fail("shutdown", "Server shutting down", packet.ERR_UNDEFINED)
+        if transfer.finished:
+            self._end(active)
+            return
+        active.sock.setblocking(False)
+        active.last_progress = runner.last_progress
+        self._watch(active, started=True)
+
+    # ---- transfers on the event loop ---------------------------------------------------
 
     def _on_transfer_readable(self, active: ActiveTransfer) -> None:
         # One datagram per wakeup: the client sends one ACK per window, so a second recv()
@@ -424,7 +603,9 @@ class TftpServer:
         del self.active[active.key]
         if active.timer is not None:
             active.timer.cancel()
-        if self._loop is not None:
+        if active.runner is not None:
+            active.runner = None                    # its thread was given up (stop)
+        elif self._loop is not None:
             self._loop.remove_reader(active.sock.fileno())
         active.sock.close()
 
