@@ -278,7 +278,9 @@ class Ours(Stack):
             "tftpd": {"IPAddress": SERVER_ADDR, "Port": 69, "Root": self.root},
             "prebootpolicyd": {"IPAddress": SERVER_ADDR, "Port": HTTP_PORT_OURS,
                                "Directory": directory, "DirectoryTimeout": 10,
-                               "TokenKeyFile": w / "imaging.key"},
+                               "TokenKeyFile": w / "imaging.key",
+                               # the big files over HTTP from the same folder tftpd serves
+                               "BootFilesRoot": self.root},
         }
         if self.kernel_url:
             confs["prebootpolicyd"]["ImagingKernel"] = self.kernel_url
