@@ -3,7 +3,8 @@ three wings, plus the `preboot-dir` program.
 
     common/*.py        the foundation: errors.py (exit codes, PrebootError, ConfigError, ...),
                        fileio.py (fsync a folder, atomic file), machine.py (the machine facts
-                       rules match and the protocols carry), tlspin.py (certificate pins).
+                       rules match and the protocols carry), tlspin.py (certificate pins), units.py
+                       (sizes for people).
                        Standard library only.
     common/daemon/     daemon plumbing: config syntax, the one lifecycle path (runner), logging,
                        pidfile, sd_notify, status socket, TCP listener, worker pool, the registry
@@ -25,7 +26,7 @@ list of parts together. Each part may also import itself; "-" is nothing of the 
     common.daemon        foundation
     common.policy        foundation, common.daemon  (the directory settings are config keys)
     common.imaging       foundation  (never the policy or the directory: img carries no rules)
-    common.dircli        foundation, common.daemon, common.policy
+    common.dircli        foundation, common.daemon, common.policy, common.imaging
     tftpd, proxydhcpd    foundation, common.daemon
     prebootpolicyd       foundation, common.daemon, common.policy
     imgsrvd              foundation, common.daemon, common.policy, common.imaging

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from common.imaging.imagefile import DEFAULT_LEVEL
 from common.imaging.imageformat import ImageFormatError

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .disklayout import DiskLayout, table_writes
-from .units import human
+from common.units import human
 
 TIMEOUT_S = 1800.0
 MiB = 1 << 20

@@ -23,7 +23,7 @@ from .errors import EXIT_NOT_GROWN, AddonError, Failure
 from .hardware import machine_facts
 from .progress import Progress
 from .restore import restore_image
-from .units import human, human_exact, ratio
+from common.units import human, human_exact, ratio
 
 
 def make(args: argparse.Namespace) -> int:

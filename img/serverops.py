@@ -27,7 +27,7 @@ from .progress import Progress
 from .remote import RemoteImage
 from .restore import restore_image
 from .results import identity, report, server_facts
-from .units import human_exact, ratio
+from common.units import human_exact, ratio
 
 MAX_HOPS = 3
 

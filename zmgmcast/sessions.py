@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .reply import BadReply
+from common.units import human as human_size
 
 MAX_NAME_SHOWN = 80             # a session name or image path longer than this is cut (…)
 
@@ -60,16 +61,6 @@ def check_multicast(value: Any) -> None:
 def _cut(text: Any, limit: int = MAX_NAME_SHOWN) -> str:
     text = str(text)
     return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-def human_size(count: float) -> str:
-    """1536 -> '1.5 KiB' (zmgmcast's byte counters and session figures)."""
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{count} B"
 
 
 def _clock(seconds: float) -> str:

@@ -2,5 +2,6 @@
 common.dircli` or `preboot-dir` (the program is __main__.py). A program, not a library:
 nothing imports it.
 
-May import: the foundation, common.daemon and common.policy.
+May import: the foundation, common.daemon, common.policy and common.imaging (`images` reads
+image headers).
 """

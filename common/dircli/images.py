@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 from common.imaging.imageformat import (HEADER_FIXED, TRAILER, ImageFormatError, decode_header,
                                         decode_trailer, header_length)
+from common.units import human
 
 DEFAULT_ROOT = "/var/lib/preboot/images"       # imgsrvd's ImageRoot default
 PART_RE = re.compile(r"^\..+\.part-[0-9a-f]{16}$")   # imgsrvd/store.py's partial uploads
@@ -39,15 +40,6 @@ class ImageEntry:
     type: str             # base, add-on, or "-" when the file is not a complete image
     date: str             # mtime, ISO 8601 with the UTC offset
     problem: str = ""     # why the file is not a (complete) image
-
-
-def human(n: float) -> str:
-    """1536 -> "1.5 KiB" (binary units, as img's summaries print them: img/units.py)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def image_type(path: str, size: int) -> tuple[str, str]:

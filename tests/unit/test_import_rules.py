@@ -27,7 +27,7 @@ RULES: dict[str, frozenset[str]] = {
     "common.daemon": frozenset({FOUNDATION}),
     "common.policy": frozenset({FOUNDATION, "common.daemon"}),
     "common.imaging": frozenset({FOUNDATION}),
-    "common.dircli": frozenset({FOUNDATION, "common.daemon", "common.policy"}),
+    "common.dircli": frozenset({FOUNDATION, "common.daemon", "common.policy", "common.imaging"}),
     "tftpd": frozenset({FOUNDATION, "common.daemon"}),
     "proxydhcpd": frozenset({FOUNDATION, "common.daemon"}),
     "prebootpolicyd": frozenset({FOUNDATION, "common.daemon", "common.policy"}),

@@ -7,7 +7,7 @@ import pytest
 
 from img.disklayout import DiskLayout, Partition
 from img.grow import GrowJob, GrowOutcome, grow_filesystems, grow_jobs, method
-from img.units import human, human_exact, ratio
+from common.units import human, human_exact, ratio
 
 MiB = 1 << 20
 

@@ -1,4 +1,5 @@
-"""Sizes for people: binary units (KiB, MiB, GiB, TiB), as img's summaries print them."""
+"""Sizes for people: binary units (KiB, MiB, GiB, TiB), as img, preboot-dir and zmgmcast print
+them. Standard library only (the foundation)."""
 
 from __future__ import annotations
 
