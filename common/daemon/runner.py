@@ -32,7 +32,6 @@ from .metrics import render_metrics
 from .pidfile import LockedPidFile
 from .sdnotify import notify
 from . import services as registry
-from .services import Service
 from .statussock import StatusServer, bind_tcp, bind_unix
 
 log = logging.getLogger("preboot.runner")
@@ -41,7 +40,7 @@ STOP_GRACE_S = 4.0
 STATUS_NOTIFY_S = 5.0      # STATUS= to systemd at most this often, and only when it changed
 
 
-def common_keys(service: Service) -> tuple[Key, ...]:
+def common_keys(service: registry.Service) -> tuple[Key, ...]:
     """Keys every daemon has; defaults from the registry of services (common.daemon.services) and
     the daemon's name (docs/daemon-contract.md)."""
     return (
@@ -91,7 +90,7 @@ class Service(Protocol):
 
 @dataclass(frozen=True)
 class DaemonSpec:
-    service: Service                # its entry in common.daemon.services: name, display name, ...
+    service: registry.Service       # its entry in common.daemon.services: name, display name, ...
     schema: Schema
     make_settings: Callable[[dict[str, Any], CommonSettings], Any]
     make_service: Callable[[Any], Service]
