@@ -28,7 +28,6 @@ Loop devices are detached and temporary mounts unmounted on every path.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import struct
 import subprocess
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .disklayout import DiskLayout, table_writes
+from .tools import run_tool
 from common.units import human
 
 TIMEOUT_S = 1800.0
@@ -149,21 +149,9 @@ def grow_jobs(source: DiskLayout, target: DiskLayout, filesystems: dict[int, str
 
 def _run(args: list[str], timeout_s: float = TIMEOUT_S, ok: tuple[int, ...] = (0,)
          ) -> subprocess.CompletedProcess:
-    name = os.path.basename(args[0])
-    try:
-        done = subprocess.run(args, capture_output=True, text=True, errors="replace",
-                              stdin=subprocess.DEVNULL, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise GrowError(f"{name} timed out after {timeout_s:g} s") from None
-    except OSError as exc:
-        raise GrowError(f"{name} could not start: {exc}") from None
-    if done.returncode not in ok:
-        lines = [line.strip() for line in (done.stderr + "\n" + done.stdout).splitlines()
-                 if line.strip() and "udevadm" not in line]
-        errors = [line for line in lines if "error" in line.lower() or "cannot" in line.lower()]
-        detail = (errors or lines or [f"exit status {done.returncode}"])[-1]
-        raise GrowError(f"{name} failed (exit status {done.returncode}): {detail}")
-    return done
+    # libparted's tools (fatresize) print udevadm chatter that explains nothing
+    return run_tool(args, timeout_s, GrowError, ok, noise=("udevadm",),
+                    telling=("error", "cannot"))
 
 
 class _Loop:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from .disk import Disk
 from .disklayout import DiskLayout, Partition, apply_writes, table_writes
+from .tools import run_tool
 
 TIMEOUT_S = 1800.0          # resizing moves data: generous, but never unbounded
 SCRATCH_SLACK = 16 << 20    # tool logs, journals replayed, rounding
@@ -126,21 +127,7 @@ def check_space(directory: str, needed: int) -> None:
 
 def _run(args: list[str], timeout_s: float, ok: tuple[int, ...] = (0,)
          ) -> subprocess.CompletedProcess:
-    name = os.path.basename(args[0])
-    try:
-        done = subprocess.run(args, capture_output=True, text=True, errors="replace",
-                              stdin=subprocess.DEVNULL, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise ShrinkError(f"{name} timed out after {timeout_s:g} s") from None
-    except OSError as exc:
-        raise ShrinkError(f"{name} could not start: {exc}") from None
-    if done.returncode not in ok:
-        lines = [line.strip() for line in (done.stderr + "\n" + done.stdout).splitlines()
-                 if line.strip()]
-        errors = [line for line in lines if "error" in line.lower()]
-        detail = (errors or lines or [f"exit status {done.returncode}"])[-1]
-        raise ShrinkError(f"{name} failed (exit status {done.returncode}): {detail}")
-    return done
+    return run_tool(args, timeout_s, ShrinkError, ok)
 
 
 # --- per filesystem ------------------------------------------------------------------------------
