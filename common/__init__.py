@@ -4,7 +4,8 @@ three wings, plus the `preboot-dir` program.
     common/*.py        the foundation: errors.py (exit codes, PrebootError, ConfigError, ...),
                        fileio.py (fsync a folder, atomic file), machine.py (the machine facts
                        rules match and the protocols carry), tlspin.py (certificate pins), units.py
-                       (sizes for people).
+                       (sizes for people), identity.py (a machine's identity: name, DNS
+                       suffix, workgroup, IP settings).
                        Standard library only.
     common/daemon/     daemon plumbing: config syntax, the one lifecycle path (runner), logging,
                        pidfile, sd_notify, status socket, TCP listener, worker pool, the registry
