@@ -53,5 +53,12 @@ if ! python3 -c "import configobj, validate, daemon, psutil, tftpy, scapy, uvloo
    || ! python3 -m pip show -q preboot-services >/dev/null 2>&1; then
   "${PIP[@]}" -e ".[test]"
 fi
+# tftpd's lock-step loop in C (tftpd/_lockstep.c): built in place, again whenever the source is
+# newer than the module (an editable install does not rebuild it). Without it tftpd runs the
+# same loop in Python, slower (bench/RESULTS.md), and test_lockstep.py fails.
+if ! ls tftpd/_lockstep.*.so >/dev/null 2>&1 || [ -n "$(find tftpd/_lockstep.c setup.py -newer "$(ls tftpd/_lockstep.*.so | head -1)")" ]; then
+  python3 setup.py -q build_ext --inplace >/tmp/preboot-build-ext.log 2>&1 \
+    || { tail -20 /tmp/preboot-build-ext.log >&2; exit 1; }
+fi
 # Playwright drives Debian's chromium (executable_path, tests/integration/test_status_page.py):
 # its own browser download ("playwright install") is never run.

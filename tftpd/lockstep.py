@@ -49,6 +49,13 @@ from typing import Callable
 from . import packet
 from .transfer import LOSS_ERRNOS, FileBlocks, MemoryBlocks, ReadTransfer
 
+try:    # the same hot loop in C (tftpd/_lockstep.c, built by setup.py); pure Python without it
+    from . import _lockstep as native
+except ImportError:  # pragma: no cover - depends on the build
+    native = None
+if os.environ.get("PREBOOT_TFTP_NATIVE", "1") == "0":
+    native = None       # the pure-Python loop on demand: the tests run both, bench/ compares
+
 log = logging.getLogger("preboot.tftpd")
 
 RECV_BYTES = 2048        # an ACK is 4 bytes; an ERROR's text is cut to 512 by RFC 1350
@@ -203,6 +210,49 @@ class LockstepRunner:
                 last_progress, fresh = monotonic(), True
 
     def _fast(self):
+        """The hot path: the C loop where it is built and the source is a file or memory."""
+        source = self.transfer.source
+        if native is not None and isinstance(source, (FileBlocks, MemoryBlocks)):
+            return self._fast_native(source)
+        return self._fast_python()
+
+    def _fast_native(self, source):
+        """_fast_python's loop in C (tftpd/_lockstep.c), `FLUSH_EVERY` blocks per call so the
+        counters are handed over as often; the state machine's fields are written back here,
+        the same way."""
+        transfer, client = self.transfer, self.client
+        if isinstance(source, FileBlocks):
+            file_fd, content = source.fd, None
+        else:
+            file_fd, content = -1, source.content
+        start = cur = transfer.next - 1
+        send_errno, when, got = 0, 0.0, None
+        try:
+            while True:
+                cur, send_errno, sent, at, why, got = native.run(
+                    self.sock.fileno(), client, file_fd, content, transfer.blksize, cur,
+                    transfer.last_block, FLUSH_EVERY)
+                self.counts.bytes_sent += sent
+                when = at or when
+                if why != native.WHY_BUDGET:
+                    break
+                self._report(self.counts.take())
+        finally:
+            if cur != start or send_errno:
+                transfer.retries_left = transfer.max_retries
+            if send_errno:                          # ACK cur came; cur + 1 is not out
+                transfer.acked, transfer.next = cur, cur + 1
+            elif cur != start:                      # ACK cur - 1 came; cur is out
+                transfer.acked, transfer.next = cur - 1, cur + 1
+                transfer.sent_last_block |= cur >= transfer.last_block
+        if send_errno and send_errno not in LOSS_ERRNOS:
+            transfer.fail("io_error", f"Read or send error: {os.strerror(send_errno)}",
+                          packet.ERR_UNDEFINED)
+        if why == native.WHY_SENT_ALL:
+            got = _SENT_ALL
+        return bool(send_errno) or cur != start, got, when
+
+    def _fast_python(self):
         """The hot path: block `cur` is in flight; each expected ACK sends the next block.
 
         Returns (progressed, got, when): got is what came instead of the expected ACK, as

@@ -1,4 +1,5 @@
-"""tftpd.lockstep: the blocking lock-step loop, in a thread, against a raw client on loopback."""
+"""tftpd.lockstep: the blocking lock-step loop, in a thread, against a raw client on loopback.
+Every test runs twice: with the C hot loop (tftpd/_lockstep.c) and with the pure-Python one."""
 
 from __future__ import annotations
 
@@ -55,8 +56,21 @@ class Harness:
         self.client.close()
 
 
+@pytest.fixture(params=["native", "python"])
+def loop(request, monkeypatch):
+    """Which hot loop serves: the C one (which must be built: install-deps.sh builds it) or
+    the pure-Python fallback."""
+    from tftpd import lockstep
+    if request.param == "native":
+        from tftpd import _lockstep
+        monkeypatch.setattr(lockstep, "native", _lockstep)
+    else:
+        monkeypatch.setattr(lockstep, "native", None)
+    return request.param
+
+
 @pytest.fixture
-def make():
+def make(loop):
     made: list[Harness] = []
 
     def factory(*args, **kwargs) -> Harness:
@@ -201,3 +215,87 @@ def test_local_counts_take_gives_deltas():
     counts.blocks_resent += 1
     assert counts.take() == {"bytes_sent": 10, "blocks_resent": 1}
     assert counts.take() == {}
+
+
+def _serve_file(tmp_path, content: bytes, blksize: int, family=socket.AF_INET,
+                host: str = "127.0.0.1"):
+    """A lock-step download of `content` from a file (FileBlocks: the read-ahead path) at
+    `blksize`, acknowledged block by block; returns (what arrived, blocks, runner)."""
+    from tftpd.transfer import FileBlocks
+    path = tmp_path / "file"
+    path.write_bytes(content)
+    server = socket.socket(family, socket.SOCK_DGRAM)
+    server.bind((host, 0))
+    client = socket.socket(family, socket.SOCK_DGRAM)
+    client.bind((host, 0))
+    client.settimeout(3)
+    key, tid = client.getsockname(), server.getsockname()
+    fd = os.open(path, os.O_RDONLY)
+    transfer = ReadTransfer(FileBlocks(fd, len(content)), Negotiated(blksize, 1, 2.0), 3, None,  # type: ignore[arg-type]
+                            lambda d: server.sendto(d, key), None)
+    reports: list[dict] = []
+    ended = threading.Event()
+    runner = LockstepRunner(transfer, server, key, report=reports.append,
+                            stranger=lambda s: None, on_end=ended.set)
+    runner.start()
+    got, blocks = bytearray(), 0
+    try:
+        while True:
+            data, source = client.recvfrom(65536)
+            assert source[:2] == tid[:2]
+            pkt = packet.decode(data)
+            blocks += 1
+            assert pkt.block == blocks & 0xFFFF
+            got += pkt.payload
+            client.sendto(packet.encode_ack(pkt.block), tid)
+            if len(pkt.payload) < blksize:
+                break
+        assert ended.wait(3)
+        assert transfer.on_datagram(packet.encode_ack(blocks & 0xFFFF)) and transfer.done
+        sent = runner.counts.take().get("bytes_sent", 0) + sum(
+            r.get("bytes_sent", 0) for r in reports)
+        assert sent == len(content)
+        return bytes(got), blocks, reports
+    finally:
+        runner.stop()
+        ended.wait(3)
+        server.close()
+        client.close()
+        if not transfer.finished:
+            transfer.release()              # a finished transfer has closed its file
+
+
+@pytest.mark.parametrize("size, blksize", [
+    (600 * 1024 + 7, 512),        # three read-ahead refills, a short last block
+    (600 * 1024, 512),            # a multiple of blksize: the last block is empty
+    (300 * 1024 + 1, 1468),       # blocks that straddle read-ahead chunks
+    (100, 1468),                  # one short block
+])
+def test_a_file_crosses_read_ahead_chunks(make, tmp_path, size, blksize):
+    content = os.urandom(size)
+    got, blocks, reports = _serve_file(tmp_path, content, blksize)
+    assert got == content and blocks == size // blksize + 1
+    # counters are handed over while the transfer runs (every FLUSH_EVERY blocks)
+    from tftpd.lockstep import FLUSH_EVERY
+    assert len(reports) >= (blocks - 2) // FLUSH_EVERY
+
+
+def test_block_numbers_roll_over_past_65535(make, tmp_path):
+    content = os.urandom(65536 * 8 + 3)               # blksize 8: 65,537 blocks
+    got, blocks, _ = _serve_file(tmp_path, content, 8)
+    assert got == content and blocks == 65537
+
+
+def test_an_ipv6_client(make, tmp_path):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    content = os.urandom(50 * 512 + 1)
+    got, _, _ = _serve_file(tmp_path, content, 512, socket.AF_INET6, "::1")
+    assert got == content
+
+
+def test_the_c_loop_is_built():
+    """install-deps.sh builds tftpd/_lockstep.c; without it tftpd falls back to Python, slower
+    (bench/RESULTS.md), which a packaged build must not do silently."""
+    from tftpd import _lockstep
+    assert _lockstep.WHY_SENT_ALL == 1
