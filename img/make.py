@@ -2,9 +2,8 @@
 
 What goes in (docs/image-format.md): the partition table (as metadata), the disk head (from
 byte 0 to the first partition: boot code and the boot loader's gap; never the machine's
-image-safe data, img/isdstore.py), and each partition's
-used bytes where partclone knows the filesystem, else the whole partition (all-zero chunks cost
-nothing). Extents a little apart are joined, so a fragmented filesystem still gives full-size
+image-safe data, img/isdstore.py), and each partition's used bytes where partclone knows the
+filesystem, else the whole partition (all-zero chunks cost nothing). Extents a little apart are joined, so a fragmented filesystem still gives full-size
 chunks that compress well; the bytes in between are free space and harmless to store.
 """
 
