@@ -17,6 +17,8 @@
         (both also with --server HOST[:PORT] PATH; `img restore ... --addon PATH` applies
         add-on images after the base image, from the same place)
     img dump --disk DISK                the partition table and each partition's filesystem
+    img isd show|set|clear DISK         the image-safe data on DISK: the machine's identity
+        (name, DNS suffix, workgroup, IP settings) that restores keep (img/isdcmd.py)
     img info                            what this machine reports to the imaging server
 
 DISK is a block device or a disk image file. A device's partition table counts in its own
@@ -41,11 +43,11 @@ from typing import Any
 from common.imaging.imagefile import DEFAULT_LEVEL
 from common.imaging.imageformat import ImageFormatError
 
-from . import auto, local, results, serverops, session
+from . import auto, isdcmd, local, results, serverops, session
 from .credentials import access_arguments
 from .disklayout import SECTOR_SIZES, DiskLayoutError
 from .errors import (EXIT_FAILED, EXIT_NOT_GROWN, EXIT_OK, EXIT_USAGE, AddonError, DiskError,
-                     Failure, RestoreError)
+                     Failure, IsdError, RestoreError)
 
 THREADS_HELP = "worker threads for reading, checking and (de)compressing chunks (default 2)"
 EXIT_CODES = f"""exit status:
@@ -159,6 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--threads", type=int, default=2, help=THREADS_HELP)
     ask.set_defaults(run=auto.run)
     session.add_parser(commands)
+    isdcmd.add_parser(commands, SECTOR_SIZES)
     verify = commands.add_parser("verify", help="check every chunk of an image")
     verify.add_argument("image", help="the image file to check")
     verify.add_argument("--threads", type=int, default=2, help=THREADS_HELP)
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     except RestoreError as exc:
         print(f"img: {exc} (nothing was written)", file=sys.stderr)
         return 1
-    except (AddonError, DiskError, Failure) as exc:
+    except (AddonError, DiskError, Failure, IsdError) as exc:
         print(f"img: {exc}", file=sys.stderr)
         return 1
     except (ImageFormatError, DiskLayoutError) as exc:

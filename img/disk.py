@@ -37,6 +37,9 @@ class Disk:
     size: int
     is_device: bool
     sector_size: int = 512
+    # Bytes (offset, length) no write() or zero() touches: a restore keeps the target's
+    # image-safe data so (img/isdstore.py), whatever the image holds there.
+    keep: tuple[int, int] | None = None
 
     @classmethod
     def open(cls, path: str, writable: bool = False, sector_size: int | None = None
@@ -71,12 +74,20 @@ class Disk:
 
     def write(self, offset: int, data: bytes) -> None:
         view = memoryview(data)
+        for start, end in _outside(offset, len(view), self.keep):
+            self._write(start, view[start - offset:end - offset])
+
+    def _write(self, offset: int, view: memoryview) -> None:
         while view:
             written = os.pwrite(self.fd, view, offset)
             view, offset = view[written:], offset + written
 
     def zero(self, offset: int, length: int) -> None:
-        """Make [offset, offset+length) read as zeros."""
+        """Make [offset, offset+length) read as zeros (but for the bytes kept)."""
+        for start, end in _outside(offset, length, self.keep):
+            self._zero(start, end - start)
+
+    def _zero(self, offset: int, length: int) -> None:
         if length <= 0:
             return
         if not self.is_device:
@@ -89,7 +100,7 @@ class Disk:
         end = offset + length
         while offset < end:
             size = min(len(_ZEROS), end - offset)
-            self.write(offset, _ZEROS[:size])
+            self._write(offset, memoryview(_ZEROS)[:size])
             offset += size
 
     def _is_hole(self, offset: int, length: int) -> bool:
@@ -115,6 +126,20 @@ class Disk:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _outside(offset: int, length: int, keep: tuple[int, int] | None
+             ) -> list[tuple[int, int]]:
+    """The (start, end) pieces of [offset, offset+length) that lie outside keep."""
+    end = offset + length
+    if length <= 0:
+        return []
+    if keep is None or keep[0] >= end or keep[0] + keep[1] <= offset:
+        return [(offset, end)]
+    pieces = [(offset, keep[0])] if offset < keep[0] else []
+    if keep[0] + keep[1] < end:
+        pieces.append((keep[0] + keep[1], end))
+    return pieces
 
 
 def _sector_size(path: str, device: int | None, requested: int | None) -> int:

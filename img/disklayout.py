@@ -46,7 +46,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Mapping
 __all__ = [
     "DiskLayoutError", "Partition", "DiskLayout", "parse_layout", "table_writes", "read_layout",
     "HEAD_BYTES", "TAIL_BYTES", "head_bytes", "tail_bytes", "apply_writes",
-    "SECTOR_SIZES", "device_sector_size",
+    "SECTOR_SIZES", "device_sector_size", "gpt_entry_bytes", "read_gpt_entry_bytes",
 ]
 
 ReadAt = Callable[[int, int], bytes]
@@ -870,6 +870,23 @@ def _gpt_entry_sectors(layout: DiskLayout) -> int:
     highest = max((p.number for p in layout.partitions), default=0)
     room = min(GPT_DEFAULT_ENTRIES // per_sector, layout.first_usable_lba - 2)
     return max(room, -(-highest // per_sector))
+
+
+def gpt_entry_bytes(layout: DiskLayout) -> tuple[int, int]:
+    """(byte offset, length) of the primary entry array as table_writes() writes it."""
+    return 2 * layout.sector_size, _gpt_entry_sectors(layout) * layout.sector_size
+
+
+def read_gpt_entry_bytes(read_at: ReadAt, layout: DiskLayout) -> tuple[int, int]:
+    """(byte offset, length) of the primary entry array a GPT disk's header at LBA 1 names
+    (tools other than img may put it elsewhere, or size it otherwise); where that header is
+    not valid (the backup was used), where table_writes() would put it."""
+    sector = layout.sector_size
+    try:
+        header = _parse_gpt_header(read_at(sector, sector), 1, sector, layout.sectors - 1)
+    except (DiskLayoutError, struct.error):
+        return gpt_entry_bytes(layout)
+    return header.entries_lba * sector, header.num_entries * header.entry_size
 
 
 def _gpt_last_usable(sectors: int, entry_sectors: int) -> int:

@@ -28,8 +28,15 @@ class Failure(Exception):
     whether the disk was changed)."""
 
 
+class IsdError(Exception):
+    """Image-safe data that cannot be read or written as asked (no room on the disk, a damaged
+    record, foreign bytes where it would go); the message says why and whether the disk
+    changed."""
+
+
 # img's exit statuses (img --help lists them).
 EXIT_OK = 0              # done
 EXIT_FAILED = 1          # failed; the message says why and whether the disk was changed
 EXIT_USAGE = 2           # bad arguments (argparse)
 EXIT_NOT_GROWN = 3       # restored completely, but a grown partition's filesystem was not grown
+

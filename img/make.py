@@ -1,9 +1,9 @@
 """`img make`: take a base image of a disk (a block device or a disk image file).
 
 What goes in (docs/image-format.md): the partition table (as metadata), the disk head (from
-byte 0 to the first partition: boot code and the boot loader's gap), and each partition's
-used bytes where partclone knows the filesystem, else the whole partition (all-zero chunks cost
-nothing). Extents a little apart are joined, so a fragmented filesystem still gives full-size
+byte 0 to the first partition: boot code and the boot loader's gap; never the machine's
+image-safe data, img/isdstore.py), and each partition's used bytes where partclone knows the
+filesystem, else the whole partition (all-zero chunks cost nothing). Extents a little apart are joined, so a fragmented filesystem still gives full-size
 chunks that compress well; the bytes in between are free space and harmless to store.
 """
 
@@ -21,6 +21,7 @@ from common.imaging.imageformat import DEFAULT_CHUNK_SIZE
 from .disk import Disk
 from .disklayout import DiskLayout
 from .errors import DiskError
+from .isdstore import occupied_slot
 from .sectors import table_mismatch
 from .usedblocks import Extent, UsedMap, used_map
 
@@ -71,13 +72,24 @@ def plan_streams(disk: Disk, layout: DiskLayout) -> list[StreamPlan]:
         mapped = used_map(disk.path, 0, disk.size)
         return [_partition_plan(0, "whole-disk", 0, mapped, None)]
     first = min(p.start_lba for p in layout.partitions) * sector
-    plans = [StreamPlan(0, "disk-head", 0, first, (Extent(0, first),), "zero")]
+    head = _head_extents(first, occupied_slot(disk, layout))
+    plans = [StreamPlan(0, "disk-head", 0, first, head, "zero")]
     data_parts = [p for p in layout.partitions if not p.is_extended]   # logicals inside it
     for number, part in enumerate(sorted(data_parts, key=lambda p: p.start_lba), 1):
         offset, size = part.start_lba * sector, part.size_lba * sector
         mapped = used_map(disk.path, offset, size)
         plans.append(_partition_plan(number, "partition", offset, mapped, part.number))
     return plans
+
+
+def _head_extents(first: int, isd: tuple[int, int] | None) -> tuple[Extent, ...]:
+    """The disk head, but for the machine's image-safe data: an image is for every machine,
+    the identity is this one's (the head's fill is zero: a restore reads zeros there)."""
+    if isd is None:
+        return (Extent(0, first),)
+    offset, length = isd
+    return tuple(e for e in (Extent(0, offset), Extent(offset + length, first - offset - length))
+                 if e.length > 0)
 
 
 def _partition_plan(number: int, role: str, offset: int, mapped: UsedMap,

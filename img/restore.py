@@ -10,6 +10,10 @@ Shrinking (img/shrink.py for the tools, DiskLayout.shrunk() for the new table): 
 the shrink itself happen in scratch files before the first byte reaches the disk, so a refusal
 or a tool failure leaves the disk as it was; the shrunk filesystem is then copied onto the disk
 like any other partition data, before the table.
+
+Image-safe data (img/isdstore.py): the target's record, when it has one, is kept: no write of
+the restore touches its bytes (Disk.keep), and an image whose table would not leave room for it
+is refused before the first write.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from .disk import Disk, SyncBehind
 from .disklayout import MBR_SIZE, DiskLayout, DiskLayoutError, table_writes
 from .errors import DiskError, RestoreError
 from .grow import GrowOutcome, grow_filesystems, grow_jobs
+from .isdstore import disk_layout, occupied_slot, slot_for
 from .sectors import convert_for
 from .shrink import (Scratch, ShrinkError, ShrinkJob, check_filesystem, check_space,
                      copy_prefix, create_scratch, minimum_size, missing_tools, refusal,
@@ -172,6 +177,7 @@ def restore_image(reader: ImageReader, disk_path: str, grow: bool = False, threa
         raise RestoreError(str(exc)) from None
     with disk:
         layout, grown, jobs = _target_layout(reader, disk, grow, shrink)
+        disk.keep = _kept_isd(disk, layout, sector_size is not None)
         with _scratch_dir(jobs, scratch) as work:
             shrunk_files = _shrink_in_scratch(reader, jobs, work, threads)
             written, chunks = _write_disk(reader, disk, layout, shrunk_files, threads, progress)
@@ -179,6 +185,26 @@ def restore_image(reader: ImageReader, disk_path: str, grow: bool = False, threa
     source = int(meta["disk"]["layout"]["sector_size"])
     return RestoreResult(written, chunks, layout, grown, jobs,
                          source if source != layout.sector_size else None, grew)
+
+
+def _kept_isd(disk: Disk, layout: DiskLayout, explicit_sectors: bool) -> tuple[int, int] | None:
+    """The target's image-safe data (img/isdstore.py), which no write of the restore may touch:
+    (offset, length), or None when it has none. Its bytes lie where the image's layout must
+    leave room too, or the restore is refused before a write: a machine's identity is not lost
+    to an image (`img isd clear` first, to restore such an image anyway)."""
+    try:
+        kept = occupied_slot(disk, disk_layout(disk, explicit_sectors))
+    except (DiskLayoutError, OSError):
+        return None             # no table img can read: nothing kept
+    if kept is None:
+        return None
+    slot = slot_for(layout)
+    if slot.offset != kept[0]:
+        raise RestoreError(f"{disk.path} holds image-safe data (bytes {kept[0]}.."
+                           f"{kept[0] + kept[1] - 1}) that this image's partition table would "
+                           f"not leave room for: {slot.reason}; `img isd clear` it first to "
+                           "restore this image anyway")
+    return kept
 
 
 def _grow_filesystems(meta: dict[str, Any], disk: Disk, layout: DiskLayout
