@@ -289,6 +289,8 @@ def test_size_limit_is_an_error_never_a_short_policy(server, tmp_path) -> None:
     ("prebootFilter", "colour = blue", "unknown attribute"),
     ("prebootAction", "reimage", "unknown prebootAction 'reimage'"),
     ("prebootImage", "has\"quote.zmg", "double quote"),
+    ("prebootFileset", "two", "prebootFileset 'two' is not a whole number"),
+    ("prebootFileset", "2", "fileset goes only with action restore"),
 ])
 def test_malformed_rule_fails_the_policy_naming_the_rule(server, directory, attribute, value,
                                                          expected) -> None:
@@ -454,6 +456,16 @@ def test_shrink_rule_round_trips(directory) -> None:
     directory.replace_policy(policy)
     assert directory.policy() == policy
     directory.replace_policy(POLICY)          # unset again: the attribute goes
+    assert directory.policy() == POLICY
+
+
+def test_fileset_rule_round_trips(directory) -> None:
+    subset = Rule("subset", parse_filter(""), Action(ActionKind.RESTORE, "lab/base.img",
+                                                     fileset=4))
+    policy = ImagingPolicy((*POLICY.rules, subset))
+    directory.replace_policy(policy)
+    assert directory.policy() == policy
+    directory.replace_policy(POLICY)          # back to 1: the attribute goes
     assert directory.policy() == POLICY
 
 
