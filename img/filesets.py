@@ -68,14 +68,19 @@ class FilesetOutcome:
         return self.status == "failed"
 
     def line(self) -> str:
-        where = "; ".join(f"partition {r.partition} ({r.filesystem}): removed {r.paths} "
-                          f"paths, {r.files} files, checked clean" for r in self.removed)
+        where = "; ".join(f"partition {r.partition} ({r.filesystem}): removed "
+                          f"{_count(r.paths, 'path')}, {_count(r.files, 'file')}, checked clean"
+                          for r in self.removed)
         if self.failed:
             done = f" (done before: {where})" if where else ""
             return (f"the restore is complete, but applying file set {self.number} "
                     f"({self.name}) FAILED: {self.detail}{done}; files the set leaves out may "
                     "still be on the disk: restore again")
         return f"file set {self.number} ({self.name}): {where}"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def apply_fileset(disk_path: str, fileset: FileSet, sector_size: int | None = None

@@ -289,8 +289,6 @@ def test_size_limit_is_an_error_never_a_short_policy(server, tmp_path) -> None:
     ("prebootFilter", "colour = blue", "unknown attribute"),
     ("prebootAction", "reimage", "unknown prebootAction 'reimage'"),
     ("prebootImage", "has\"quote.zmg", "double quote"),
-    ("prebootFileset", "two", "prebootFileset 'two' is not a whole number"),
-    ("prebootFileset", "2", "fileset goes only with action restore"),
 ])
 def test_malformed_rule_fails_the_policy_naming_the_rule(server, directory, attribute, value,
                                                          expected) -> None:
@@ -457,6 +455,22 @@ def test_shrink_rule_round_trips(directory) -> None:
     assert directory.policy() == policy
     directory.replace_policy(POLICY)          # unset again: the attribute goes
     assert directory.policy() == POLICY
+
+
+@pytest.mark.parametrize("rule, value, expected", [
+    ("first", "11", "file set 11 is not a number from 1 to 10"),
+    ("first", "0", "file set 0 is not a number from 1 to 10"),
+    ("second", "2", "fileset goes only with action restore"),     # a maintenance rule
+])
+def test_a_bad_prebootfileset_fails_the_policy_naming_the_rule(server, directory, rule, value,
+                                                               expected) -> None:
+    directory.replace_policy(POLICY)
+    server.ldapmodify(f"dn: cn={rule},{rules_dn(server)}\nchangetype: modify\n"
+                      f"replace: prebootFileset\nprebootFileset: {value}\n")
+    with pytest.raises(DirectoryError) as caught:
+        directory.policy()
+    assert f"cn={rule},{rules_dn(server)}" in str(caught.value)
+    assert expected in str(caught.value)
 
 
 def test_fileset_rule_round_trips(directory) -> None:

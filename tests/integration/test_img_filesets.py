@@ -3,7 +3,9 @@ XFS, FAT and NTFS partitions holding the same tree; `img make --fileset` declare
 `img show` lists them; `img restore --fileset 2` leaves out exactly the paths the set names
 (read back through the filesystem, every other file byte for byte, each filesystem's own
 check clean); `img restore` (set 1) brings everything; an unknown set and a set naming a
-partition the disk lacks are refused before a byte is written.
+partition the disk lacks are refused before a byte is written; `img auto` against a real
+imgsrvd whose rule says `fileset = 2` restores that set, and one naming a set the image lacks
+fails without writing, in the results log.
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from common.policy.model import Action, ActionKind, Rule
 from img.addon import Target, disk_targets, loop_device, mounted
 from tests.integration.test_img_roundtrip import img, run
+from tests.integration.test_img_server_modes import imgsrvd_factory, wait_for  # noqa: F401
 
 TOOLS = ("sgdisk", "mkfs.ext4", "mkfs.xfs", "mkfs.vfat", "mkntfs", "ntfs-3g", "mcopy", "mdir",
          "mdeltree", "e2fsck", "xfs_repair", "fsck.fat", "ntfsfix", "partclone.ext4",
@@ -212,3 +215,52 @@ def test_make_refuses_a_set_naming_a_partition_the_disk_lacks(made: tuple[Path, 
     refused = img("make", "--disk", str(disk), "--fileset", "x:2:/home,2:/", str(out), expect=1)
     assert "pattern '2:/': an empty component" in refused.stderr
     assert not out.exists()
+
+
+def test_auto_restores_the_set_the_rule_names(made: tuple[Path, Path], tmp_path: Path,
+                                              imgsrvd_factory) -> None:  # noqa: F811 (fixture)
+    disk, _image = made
+    server = imgsrvd_factory()
+    made_remote = img("make", "--disk", str(disk), "--server", server.address,
+                      "--fileset", "no-alice:1:/home/alice", "lab/base.img")
+    assert "made //" in made_remote.stdout
+    assert "file set 2 no-alice" in img("show", str(server.root / "lab/base.img")).stdout
+    server.set_policy(Rule.from_text("lab", "", Action(ActionKind.RESTORE, "lab/base.img",
+                                                       fileset=2)))
+    target_disk = blank(tmp_path, "auto.disk")
+    done = img("auto", "--disk", str(target_disk), "--server", server.address,
+               "--fact", "mac=52:54:00:00:00:41")
+    assert "restore lab/base.img file set 2" in done.stdout
+    assert "file set 2 (no-alice): partition 1 (ext4): removed 1 path, 3 files" in done.stdout
+    for target in disk_targets(str(target_disk)):
+        files = read_tree(target)
+        if target.partition == 1:
+            check_clean(target)
+            assert files == {n: d for n, d in TREE.items() if not n.startswith("home/alice/")}
+        else:
+            assert files == TREE
+
+    # a set the image lacks: refused before a byte is written, and reported as a failure
+    server.set_policy(Rule.from_text("lab", "", Action(ActionKind.RESTORE, "lab/base.img",
+                                                       fileset=9)))
+    untouched = blank(tmp_path, "untouched.disk")
+    refused = img("auto", "--disk", str(untouched), "--server", server.address,
+                  "--fact", "mac=52:54:00:00:00:42", expect=1)
+    assert "file set 9: the image has no such set" in refused.stderr
+    assert "the disk was not changed" in refused.stderr
+    with open(untouched, "rb") as f:
+        assert f.read(1 << 20) == bytes(1 << 20)
+    assert wait_for(lambda: any(e.status == "failure" and "file set 9" in e.error_message
+                                for e in server.results("download"))), server.results()
+
+
+def test_a_set_that_cannot_be_applied_is_an_outcome_not_an_exception(made: tuple[Path, Path]
+                                                                      ) -> None:
+    from common.imaging.filesets import make_set
+    from img.filesets import apply_fileset
+    disk, _image = made
+    before = disk.stat().st_mtime_ns
+    outcome = apply_fileset(str(disk), make_set(2, "ghost", ["9:/x"]))
+    assert outcome.failed and "partition 9: no such partition" in outcome.detail
+    assert "FAILED" in outcome.line() and "restore again" in outcome.line()
+    assert disk.stat().st_mtime_ns == before
