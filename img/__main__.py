@@ -1,6 +1,8 @@
 """img, the imaging engine (python -m img).
 
     img make --disk DISK IMAGE          take a base image of DISK into the file IMAGE
+        [--fileset 'NAME:PART:/GLOB[,PART:/GLOB...]' ...]   declare file sets 2, 3, ... (variants
+        that leave the matching paths out; docs/image-format.md, "File sets")
     img restore --disk DISK IMAGE [--grow]   put IMAGE down on DISK (same size or larger;
         --grow grows the last partition and its filesystem: img/grow.py)
     img restore --disk DISK IMAGE --shrink [--scratch DIR]   ... onto a smaller disk, shrinking
@@ -11,7 +13,9 @@
         (a multicast session's work included: join it, restore, report)
     img session NAME [master|client] [clients=N [t=M]] --disk DISK --server HOST[:PORT]
         a multicast session every workstation names alike (img/session.py, docs/multicast.md)
+    img restore ... --fileset N         restore file set N (1, the default: everything)
     img verify IMAGE                    check every chunk of an image
+    img show IMAGE                      what an image's header says: streams, file sets
     img addon make --from DIR IMAGE     an add-on image of the files under DIR
     img addon apply --disk DISK [--partition N] IMAGE   lay an add-on image onto a partition
         (both also with --server HOST[:PORT] PATH; `img restore ... --addon PATH` applies
@@ -40,6 +44,7 @@ import argparse
 import sys
 from typing import Any
 
+from common.imaging.filesets import MAX_SETS, FilesetError, build
 from common.imaging.imagefile import DEFAULT_LEVEL
 from common.imaging.imageformat import ImageFormatError
 
@@ -62,8 +67,21 @@ EXIT_CODES = f"""exit status:
 # the used-blocks probe) where it runs: the process start is part of every restore's time.
 
 
+FILESET_HELP = ("declare a file set: NAME:PATTERN[,PATTERN...], each PATTERN a partition "
+                "number and a glob from that filesystem's root, e.g. "
+                "'lean:2:/home/*/Downloads,2:/var/cache/**' (* ? [...] within a name, ** any "
+                f"depth); repeatable: sets 2 to {MAX_SETS} in order (set 1 is everything)")
+
+
 def cmd_make(args: argparse.Namespace) -> int:
+    args.filesets = build(args.fileset)       # FilesetError before the disk is read
     return serverops.make(args) if args.server else local.make(args)
+
+
+def _fileset_number(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_SETS:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a file set number 1 to {MAX_SETS}")
+    return int(text)
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -124,6 +142,8 @@ def _parser() -> argparse.ArgumentParser:
     make = commands.add_parser("make", help="take a base image of a disk")
     _disk_arguments(make)
     _image_arguments(make, making=True)
+    make.add_argument("--fileset", action="append", default=[], metavar="SPEC",
+                      help=FILESET_HELP)
     make.set_defaults(run=cmd_make)
     restore = commands.add_parser("restore", help="put a base image down on a disk")
     _disk_arguments(restore)
@@ -141,6 +161,10 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument("--addon", action="append", default=[], metavar="PATH",
                          help="an add-on image to apply after the base image (repeatable; "
                               "a file, or with --server a path there)")
+    restore.add_argument("--fileset", type=_fileset_number, default=1, metavar="N",
+                         help="the image's file set to restore (default 1: everything); the "
+                              "paths set N leaves out are removed after the restore and each "
+                              "filesystem checked (img show lists an image's sets)")
     restore.set_defaults(run=cmd_restore)
     _addon_parser(commands)
     ask = commands.add_parser("auto", help="ask an imaging server what to do, and do it")
@@ -166,6 +190,9 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("image", help="the image file to check")
     verify.add_argument("--threads", type=int, default=2, help=THREADS_HELP)
     verify.set_defaults(run=local.verify)
+    show = commands.add_parser("show", help="what an image's header says, file sets included")
+    show.add_argument("image", help="the image file")
+    show.set_defaults(run=local.show)
     dump = commands.add_parser("dump", help="disks and partitions")
     _disk_arguments(dump)
     dump.set_defaults(run=local.dump)
@@ -186,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     except (AddonError, DiskError, Failure, IsdError) as exc:
         print(f"img: {exc}", file=sys.stderr)
         return 1
-    except (ImageFormatError, DiskLayoutError) as exc:
+    except (ImageFormatError, DiskLayoutError, FilesetError) as exc:
         print(f"img: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

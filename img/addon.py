@@ -518,7 +518,7 @@ def _run(command: list[str], what: str, timeout: float = TOOL_TIMEOUT) -> str:
 
 
 @contextlib.contextmanager
-def _loop_device(target: Target) -> Iterator[str]:
+def loop_device(target: Target) -> Iterator[str]:
     device = _run(["losetup", "--find", "--show", "--offset", str(target.offset),
                    "--sizelimit", str(target.size), "--sector-size", str(target.sector_size),
                    target.disk],
@@ -546,7 +546,7 @@ def _mount_point() -> Iterator[str]:
 @contextlib.contextmanager
 def mounted(target: Target) -> Iterator[str]:
     """The target's filesystem mounted read-write (kernel or ntfs-3g) on a temporary folder."""
-    with _loop_device(target) as device, _mount_point() as where:
+    with loop_device(target) as device, _mount_point() as where:
         if WRITERS[target.filesystem] == "ntfs-3g":
             command = ["ntfs-3g", "-o", "nodev,nosuid", device, where]
         else:

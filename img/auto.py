@@ -14,6 +14,8 @@ import argparse
 import sys
 from typing import Any
 
+from common.imaging.protocol import work_fileset
+
 from . import session
 from .client import ImagingClient, ServerError
 from .errors import EXIT_FAILED, DiskError, Failure
@@ -59,6 +61,12 @@ def _one_round(args: argparse.Namespace, facts: dict[str, Any], access: Any) -> 
     work, reason = answer.get("work"), answer.get("reason", "")
     image = answer.get("image", "")
     shrink = answer.get("shrink") is True
+    try:
+        fileset = work_fileset(answer)
+    except ValueError as exc:
+        print(f"img: {server} sent a work answer img cannot use: {exc}; the disk was not "
+              "changed", file=sys.stderr)
+        return 1
     if work == "referral":
         action, other, path = answer.get("action"), answer.get("server"), answer.get("path")
         print(f"{server}: referral: {action} //{other}/{path} ({reason})")
@@ -67,19 +75,20 @@ def _one_round(args: argparse.Namespace, facts: dict[str, Any], access: Any) -> 
                   "was not changed", file=sys.stderr)
             return 1
         status = server_operation(action, args, other, path, facts, "auto", args.server,
-                                  shrink, access)
+                                  shrink, access, fileset)
         if status == EXIT_FAILED or action != "restore":
             return status
         return apply_addons_remote(other, addon_paths(answer), args.disk, None, args.threads,
                                    facts, "auto", args.server, args.sector_size, access) or status
     fit = " (shrink to fit)" if shrink else ""
-    print(f"{server}: {work}{' ' + image if image else ''}{fit} ({reason})")
+    subset = f" file set {fileset}" if fileset != 1 else ""
+    print(f"{server}: {work}{' ' + image if image else ''}{subset}{fit} ({reason})")
     if work == "none":
         print(f"no work for this machine: {reason}")
         return 0
     if work == "restore":
         status = server_operation("restore", args, server, image, facts, "auto", args.server,
-                                  shrink, access)
+                                  shrink, access, fileset)
         if status == EXIT_FAILED:
             return status
         return apply_addons_remote(server, addon_paths(answer), args.disk, None, args.threads,

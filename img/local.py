@@ -34,8 +34,11 @@ def make(args: argparse.Namespace) -> int:
         return 1
     stats, meta = make_image_file(args.disk, args.image, source=machine_facts(),
                                   level=args.level, threads=args.threads,
-                                  progress=Progress("img make"), sector_size=args.sector_size)
+                                  progress=Progress("img make"), sector_size=args.sector_size,
+                                  filesets=args.filesets)
     print(f"made {args.image}: {make_summary(stats, meta)}")
+    for line in fileset_lines(meta)[1:]:
+        print(f"  file set {line}")
     return 0
 
 
@@ -57,7 +60,7 @@ def restore(args: argparse.Namespace) -> int:
             result = restore_image(reader, args.disk, grow=args.grow, threads=args.threads,
                                    shrink=args.shrink, scratch=args.scratch,
                                    progress=Progress("img restore"),
-                                   sector_size=args.sector_size)
+                                   sector_size=args.sector_size, fileset=args.fileset)
         except (ImageFormatError, OSError) as exc:
             print(f"img: restore of {args.disk} FAILED part-way: {exc}. The disk is "
                   "incomplete and has no valid partition table; restore again.", file=sys.stderr)
@@ -66,8 +69,23 @@ def restore(args: argparse.Namespace) -> int:
           f"{result.chunks} chunks{restore_notes(result)}")
     print_shrunk(result)
     print_grown(result)
+    if print_fileset(result):
+        return 1
     status = apply_addons(args.addon, args.disk, None, args.threads, args.sector_size)
     return status or grow_status(result)
+
+
+def print_fileset(result: Any) -> bool:
+    """The file set a restore applied (img/filesets.py), one line; True when it failed (the
+    line then goes to stderr: files the set leaves out may still be on the disk)."""
+    outcome = getattr(result, "fileset", None)
+    if outcome is None:
+        return False
+    if outcome.failed:
+        print(f"img: {outcome.line()}", file=sys.stderr)
+        return True
+    print(outcome.line())
+    return False
 
 
 def restore_notes(result: Any) -> str:
@@ -160,6 +178,46 @@ def addon_apply(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ inspection
 
+def fileset_lines(meta: dict[str, Any]) -> list[str]:
+    """The image's file sets, one line each, set 1 first (common/imaging/filesets.py); a
+    header whose sets cannot be read says so instead of failing the listing."""
+    from common.imaging.filesets import FilesetError, from_metadata
+    try:
+        return from_metadata(meta).describe()
+    except FilesetError as exc:
+        return [f"unreadable: {exc}"]
+
+
+def show(args: argparse.Namespace) -> int:
+    """img show IMAGE: what the image's header says (type, disk, streams, file sets), without
+    reading its chunks (img verify reads them all)."""
+    with open(args.image, "rb") as handle:
+        reader = ImageReader(handle, args.image)
+        meta = reader.metadata
+        count = len(reader.index.entries)
+    print(f"{args.image}: {describe_image(meta)}, {count} chunks, made "
+          f"{meta.get('created', '?')} by {meta.get('tool', '?')}")
+    for stream in meta.get("streams", []):
+        where = (f"partition {stream['partition']}" if stream.get("partition") is not None
+                 else stream.get("role", "?"))
+        print(f"  stream {stream.get('number')}: {where} {stream.get('filesystem', '')} "
+              f"{human_exact(int(stream.get('used_bytes', 0)))} used".rstrip())
+    if meta.get("type") == "base":
+        for line in fileset_lines(meta):
+            print(f"  file set {line}")
+    return 0
+
+
+def describe_image(meta: dict[str, Any]) -> str:
+    """One phrase: what kind of image, of what."""
+    if meta.get("type") == "addon":
+        from .addon import describe
+        return describe(meta)
+    disk = meta.get("disk") or {}
+    return (f"base image of a {disk.get('size', '?')}-byte disk with "
+            f"{disk.get('sector_size', '?')}-byte sectors")
+
+
 def verify(args: argparse.Namespace) -> int:
     """img verify IMAGE: check every chunk; say what the image is."""
     with open(args.image, "rb") as handle:
@@ -169,14 +227,11 @@ def verify(args: argparse.Namespace) -> int:
         print(f"img: {problem}", file=sys.stderr)
     if problems:
         return 1
-    from .addon import describe
-    if reader.metadata.get("type") == "addon":
-        kind = f"{describe(reader.metadata)}; "
-    else:
-        disk = reader.metadata.get("disk") or {}
-        kind = (f"base image of a {disk.get('size', '?')}-byte disk with "
-                f"{disk.get('sector_size', '?')}-byte sectors; ")
-    print(f"{args.image}: {kind}{len(reader.index.entries)} chunks, all sound")
+    print(f"{args.image}: {describe_image(reader.metadata)}; {len(reader.index.entries)} "
+          "chunks, all sound")
+    if reader.metadata.get("type") == "base" and reader.metadata.get("filesets"):
+        for line in fileset_lines(reader.metadata):
+            print(f"  file set {line}")
     return 0
 
 

@@ -15,6 +15,7 @@ from typing import Any, BinaryIO, Callable
 
 from common import __version__
 from common.fileio import atomic_file
+from common.imaging.filesets import FileSets, to_metadata
 from common.imaging.imagefile import DEFAULT_LEVEL, ImageWriter, WriteStats
 from common.imaging.imageformat import DEFAULT_CHUNK_SIZE
 
@@ -103,18 +104,24 @@ def _partition_plan(number: int, role: str, offset: int, mapped: UsedMap,
 def make_image(disk_path: str, out: BinaryIO, source: dict[str, Any] | None = None,
                level: int = DEFAULT_LEVEL, threads: int = 2,
                chunk_size: int = DEFAULT_CHUNK_SIZE, progress: Progress | None = None,
-               sector_size: int | None = None) -> tuple[WriteStats, dict[str, Any]]:
+               sector_size: int | None = None, filesets: FileSets = FileSets()
+               ) -> tuple[WriteStats, dict[str, Any]]:
     """Write a base image of `disk_path` to `out` (a file or a stream). Returns the writer's
     statistics and the metadata written. sector_size: a disk image file's logical sector size
     (a device says its own; see Disk.open). A table that reads right only in the other sector
-    size is a DiskError: an image of the wrong bytes must never be made."""
+    size is a DiskError: an image of the wrong bytes must never be made. filesets: the file
+    sets to declare (`img make --fileset`); each pattern must name a partition of this disk
+    whose filesystem a restore can edit, else DiskError before anything is written."""
     with Disk.open(disk_path, sector_size=sector_size) as disk:
         layout = disk.read_layout()
         mismatch = table_mismatch(disk, layout)
         if mismatch:
             raise DiskError(mismatch)
         plans = plan_streams(disk, layout)
-        metadata = {
+        problem = fileset_refusal(filesets, plans)
+        if problem:
+            raise DiskError(problem)
+        metadata: dict[str, Any] = {
             "format": 1, "type": "base",
             "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "tool": f"img {__version__}", "source": source or {},
@@ -123,6 +130,8 @@ def make_image(disk_path: str, out: BinaryIO, source: dict[str, Any] | None = No
                      "layout": layout.to_dict()},
             "streams": [plan.metadata() for plan in plans],
         }
+        if filesets.sets:
+            metadata["filesets"] = to_metadata(filesets)
         total = sum(e.length for plan in plans for e in plan.extents)
         done = 0
         if progress:
@@ -141,6 +150,26 @@ def make_image(disk_path: str, out: BinaryIO, source: dict[str, Any] | None = No
             writer.abort()
             raise
     return stats, metadata
+
+
+def fileset_refusal(filesets: FileSets, plans: list[StreamPlan]) -> str:
+    """Why the file sets cannot go with this disk ("" when they can): a pattern naming a
+    partition the disk lacks, or one whose filesystem a restore could not edit."""
+    from .filesets import CHECKERS
+    found = {0 if plan.partition is None else plan.partition: plan.filesystem
+             for plan in plans if plan.role != "disk-head"}
+    for fileset in filesets.sets:
+        for partition in fileset.partitions():
+            if partition not in found:
+                have = ", ".join(str(n) for n in sorted(found)) or "none"
+                return (f"file set {fileset.number} ({fileset.name}): the disk has no "
+                        f"partition {partition} (partitions: {have}; 0 is a disk without a "
+                        "partition table)")
+            if found[partition] not in CHECKERS:
+                return (f"file set {fileset.number} ({fileset.name}): partition {partition} "
+                        f"holds {found[partition]}; file sets can leave files out of "
+                        f"{', '.join(sorted(CHECKERS))} only")
+    return ""
 
 
 def make_image_file(disk_path: str, image_path: str, **kwargs: Any

@@ -26,6 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from common.imaging.filesets import WHOLE_IMAGE, FileSet, FilesetError, from_metadata
 from common.imaging.imagefile import ImageReader
 from common.imaging.imageformat import ChunkKind, IndexEntry
 
@@ -52,6 +53,12 @@ class RestoreResult:
     shrunk: tuple[ShrinkJob, ...] = ()
     converted_from: int | None = None     # the image's sector size, when the table was converted
     grew: tuple[GrowOutcome, ...] = ()     # --grow: each grown partition's filesystem (grow.py)
+    fileset: Any = None                    # --fileset N > 1: img.filesets.FilesetOutcome
+
+    @property
+    def fileset_failed(self) -> bool:
+        """Whether the file set asked for could not be applied (the image is on the disk)."""
+        return self.fileset is not None and self.fileset.failed
 
     @property
     def grow_failed(self) -> bool:
@@ -157,8 +164,13 @@ def _layout_for_sectors(reader: ImageReader, disk: Disk) -> DiskLayout:
 
 def restore_image(reader: ImageReader, disk_path: str, grow: bool = False, threads: int = 2,
                   progress: Progress | None = None, shrink: bool = False,
-                  scratch: str | None = None, sector_size: int | None = None) -> RestoreResult:
+                  scratch: str | None = None, sector_size: int | None = None,
+                  fileset: int = WHOLE_IMAGE) -> RestoreResult:
     """Restore reader's base image onto disk_path.
+
+    fileset: the image's file set to restore (docs/image-format.md, "File sets"); a number
+    the image does not declare is a RestoreError before anything is written. After the whole
+    restore the set's exclusions are removed (img/filesets.py); the outcome is in the result.
 
     sector_size: a disk image file's logical sector size (a device says its own; Disk.open);
     where it differs from the image's, the table is converted or the restore refused
@@ -171,6 +183,7 @@ def restore_image(reader: ImageReader, disk_path: str, grow: bool = False, threa
     meta = reader.metadata
     if meta.get("type") != "base":
         raise RestoreError(f"{reader.name} is not a base image (its type is {meta.get('type')})")
+    chosen = chosen_fileset(reader, fileset)
     try:
         disk = Disk.open(disk_path, writable=True, sector_size=sector_size)
     except DiskError as exc:
@@ -182,9 +195,23 @@ def restore_image(reader: ImageReader, disk_path: str, grow: bool = False, threa
             shrunk_files = _shrink_in_scratch(reader, jobs, work, threads)
             written, chunks = _write_disk(reader, disk, layout, shrunk_files, threads, progress)
         grew = _grow_filesystems(meta, disk, layout) if grown else ()
+    applied = None
+    if chosen is not None:
+        from .filesets import apply_fileset      # mounts and tools: only when a set is asked
+        applied = apply_fileset(disk_path, chosen, sector_size)
     source = int(meta["disk"]["layout"]["sector_size"])
     return RestoreResult(written, chunks, layout, grown, jobs,
-                         source if source != layout.sector_size else None, grew)
+                         source if source != layout.sector_size else None, grew, applied)
+
+
+def chosen_fileset(reader: ImageReader, number: int) -> FileSet | None:
+    """The image's file set `number` (None: set 1, the whole image), or RestoreError."""
+    if number == WHOLE_IMAGE:
+        return None
+    try:
+        return from_metadata(reader.metadata).choose(number)
+    except FilesetError as exc:
+        raise RestoreError(f"{reader.name}: {exc}") from None
 
 
 def _kept_isd(disk: Disk, layout: DiskLayout, explicit_sectors: bool) -> tuple[int, int] | None:

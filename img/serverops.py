@@ -102,16 +102,17 @@ def server_upload(server: str, path: str, workstation: str, mode: str, unchanged
 def restore_remote(server: str, path: str, disk: str, grow: bool, threads: int,
                    workstation: str, mode: str, shrink: bool = False,
                    scratch: str | None = None, sector_size: int | None = None,
-                   access: ServerAccess = NO_ACCESS) -> tuple[str, Any]:
+                   access: ServerAccess = NO_ACCESS, fileset: int = 1) -> tuple[str, Any]:
     """Restore //server/path onto disk, following 307 referrals; returns where the image came
-    from (//server/path) and the RestoreResult. Raises Failure."""
+    from (//server/path) and the RestoreResult. Raises Failure (also when the file set
+    `fileset` could not be applied after a complete restore)."""
     with remote_image(server, path, workstation, mode, "restore of", access) as (
             label, remote, reader):
         batches = remote.plan(reader.entries())
         try:
             result = restore_image(reader, disk, grow=grow, threads=threads,
                                    progress=Progress("img restore"), shrink=shrink,
-                                   scratch=scratch, sector_size=sector_size)
+                                   scratch=scratch, sector_size=sector_size, fileset=fileset)
         except RestoreError as exc:
             raise Failure(f"restore of {label}: {exc}; the disk was not changed") from None
         except (ServerError, ImageFormatError, OSError) as exc:
@@ -124,19 +125,26 @@ def restore_remote(server: str, path: str, disk: str, grow: bool, threads: int,
           f"{restore_notes(result)}")
     print_shrunk(result)
     print_grown(result)
+    if result.fileset is not None:
+        if result.fileset.failed:
+            raise Failure(result.fileset.line())
+        print(result.fileset.line())
     return label, result
 
 
 def make_remote(server: str, path: str, disk: str, facts: dict[str, Any], level: int,
                 threads: int, workstation: str, mode: str, sector_size: int | None = None,
-                access: ServerAccess = NO_ACCESS) -> str:
-    """Make an image of disk straight onto //server/path (chunked PUT); raises Failure."""
+                access: ServerAccess = NO_ACCESS, filesets: Any = None) -> str:
+    """Make an image of disk straight onto //server/path (chunked PUT); raises Failure.
+    filesets: the FileSets to declare (img make --fileset), None for none."""
+    from common.imaging.filesets import FileSets
     from .make import make_image
     unchanged = " (the disk was not changed)"
     with server_upload(server, path, workstation, mode, unchanged, access) as (label, upload):
         try:
             stats, meta = make_image(disk, upload, source=facts, level=level, threads=threads,
-                                     progress=Progress("img make"), sector_size=sector_size)
+                                     progress=Progress("img make"), sector_size=sector_size,
+                                     filesets=filesets or FileSets())
             answer = upload.finish()
         except (ServerError, DiskError, DiskLayoutError) as exc:
             raise Failure(f"make onto {label} failed: {exc}{unchanged}") from None
@@ -151,10 +159,11 @@ def make_remote(server: str, path: str, disk: str, facts: dict[str, Any], level:
 
 def server_operation(kind: str, args: argparse.Namespace, server: str, path: str,
                      facts: dict[str, Any], mode: str, report_to: str,
-                     shrink: bool = False, access: ServerAccess = NO_ACCESS) -> int:
+                     shrink: bool = False, access: ServerAccess = NO_ACCESS,
+                     fileset: int = 0) -> int:
     """A restore or make with the server, its result reported to report_to; shrink: the work
     answer asks a restore to shrink filesystems to fit a smaller disk (as --shrink does by
-    hand). A restore whose grown filesystem could not be grown returns EXIT_NOT_GROWN (the
+    hand); fileset: the work answer's file set (0: --fileset, else 1, the whole image). A restore whose grown filesystem could not be grown returns EXIT_NOT_GROWN (the
     restore itself is reported as done: the image is on the disk)."""
     workstation, _ = identity(facts)
     reports_to(report_to)
@@ -166,11 +175,13 @@ def server_operation(kind: str, args: argparse.Namespace, server: str, path: str
                                    workstation, mode,
                                    shrink=shrink or getattr(args, "shrink", False),
                                    scratch=getattr(args, "scratch", None),
-                                   sector_size=args.sector_size, access=access)
+                                   sector_size=args.sector_size, access=access,
+                                   fileset=fileset or getattr(args, "fileset", None) or 1)
             status = grow_status(result)
         else:
             label = make_remote(server, path, args.disk, facts, args.level, args.threads,
-                                workstation, mode, args.sector_size, access)
+                                workstation, mode, args.sector_size, access,
+                                getattr(args, "filesets", None))
     except Failure as exc:
         print(f"img: {exc}", file=sys.stderr)
         report(report_to, facts, operation, path if server == report_to

@@ -7,7 +7,7 @@
     preboot-dir import [--merge] --dry-run FILE   what an import would change, written nowhere
     preboot-dir rules list
     preboot-dir rules add NAME --action restore --image IMG [--filter F] [--addon A]... [--force]
-                                   [--shrink] [--disabled] [--position N]
+                                   [--shrink] [--fileset N] [--disabled] [--position N]
     preboot-dir rules set NAME [--filter F] [--action ...] [--image ...] [--addon ...] ...
     preboot-dir rules remove|enable|disable NAME
     preboot-dir rules move NAME POSITION
@@ -202,8 +202,11 @@ def _action_from(args: argparse.Namespace, base: Action | None) -> Action:
         addons = ()
     if kind is not ActionKind.RESTORE and args.shrink is None:
         shrink = False
+    fileset = base.fileset if args.fileset is None else args.fileset
+    if kind is not ActionKind.RESTORE and args.fileset is None:
+        fileset = 1
     try:
-        return Action(kind, image, addons, session, shrink)
+        return Action(kind, image, addons, session, shrink, fileset)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -562,6 +565,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--image", help="restore: base image; make: where to store")
         sub.add_argument("--addon", action="append", help="add-on image (repeatable)")
         sub.add_argument("--session", help="multicast session name")
+        sub.add_argument("--fileset", type=int, metavar="N",
+                         help="restore: the image's file set, 1 (everything, the default) to "
+                              "10 (img show lists an image's sets)")
         if name == "add":
             sub.add_argument("--force", action="store_true",
                              help="send the image even to machines that already have it")

@@ -17,7 +17,8 @@ from typing import Any
 
 MAGIC = b"\x89PBIM\r\n\x1a"
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+VERSION_MINOR = 1               # the highest minor written: 1 adds "filesets" (below)
+FILESETS_MINOR = 1
 HEADER_FIXED = struct.Struct("<8sHHIII8x")          # 32 bytes
 CHUNK_HEADER = struct.Struct("<4sB3xIIQQ16s")        # 48 bytes
 CHUNK_MAGIC = b"PBCK"
@@ -59,7 +60,10 @@ def encode_header(metadata: dict[str, Any], chunk_size: int = DEFAULT_CHUNK_SIZE
     if not 4096 <= chunk_size <= MAX_CHUNK_SIZE:
         raise ValueError(f"chunk size {chunk_size} is outside 4 KiB..64 MiB")
     body = json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    fixed = HEADER_FIXED.pack(MAGIC, VERSION_MAJOR, VERSION_MINOR, len(body),
+    # 1.1 only when the image declares file sets, so every other image stays 1.0 as before;
+    # a 1.0 reader takes 1.1 (a higher minor only adds) and restores the whole image.
+    minor = FILESETS_MINOR if "filesets" in metadata else 0
+    fixed = HEADER_FIXED.pack(MAGIC, VERSION_MAJOR, minor, len(body),
                               zlib.crc32(body), chunk_size)
     return fixed + body
 

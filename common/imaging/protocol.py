@@ -19,6 +19,8 @@ from urllib.parse import quote, unquote, urlsplit
 
 from common.machine import ATTRIBUTE_KINDS, MachineFacts, facts_from_strings
 
+from .filesets import MAX_SETS
+
 VERSION = 1
 IMAGES_PREFIX = "/v1/images/"
 MAX_PATH = 1024
@@ -305,6 +307,7 @@ def work_answer(assignment: Any, mode: str, own_names: tuple[str, ...] = ()
         "image": action.image,
         "addons": list(action.addons),
         "shrink": action.shrink,
+        "fileset": action.fileset,
         "session": action.session,
         "reason": assignment.reason,
         "rule": assignment.rule,
@@ -320,6 +323,16 @@ def work_answer(assignment: Any, mode: str, own_names: tuple[str, ...] = ()
                        "server": where.server, "path": where.path})
         return answer, where
     return answer, None
+
+
+def work_fileset(answer: dict[str, Any]) -> int:
+    """The image's file set a work answer asks a restore to put down: 1 (everything) when
+    absent, as from a server older than file sets; ValueError for anything but 1..MAX_SETS."""
+    value = answer.get("fileset", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SETS:
+        raise ValueError(f"fileset: {str(value)[:20]!r} is not a file set number 1 to "
+                         f"{MAX_SETS}")
+    return value
 
 
 def error_header_value(message: str) -> str:

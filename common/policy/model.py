@@ -26,6 +26,12 @@ from .rules import Filter, parse_filter
 _UNSAFE = re.compile(r'["\x00-\x1f\x7f]')
 
 
+# An image declares at most this many file sets (set 1, everything, included): the same bound
+# as common.imaging.filesets.MAX_SETS, which this wing may not import (a unit test holds them
+# together).
+MAX_FILESETS = 10
+
+
 class ActionKind(str, Enum):
     RESTORE = "restore"          # put a base image (and its add-on images) down on the disk
     MAKE = "make"                # take an image of the disk to a path on the server
@@ -41,6 +47,7 @@ class Action:
     addons: tuple[str, ...] = ()     # restore: add-on images laid on after the base image
     session: str = ""                # multicast: the session name
     shrink: bool = False             # restore: onto a smaller disk, shrink filesystems to fit
+    fileset: int = 1                 # restore: the image's file set (1: everything)
 
     def __post_init__(self) -> None:
         problem = self.problem()
@@ -56,6 +63,11 @@ class Action:
             return "add-on images go only with action restore"
         if self.shrink and self.kind is not ActionKind.RESTORE:
             return "shrink goes only with action restore"
+        if isinstance(self.fileset, bool) or not isinstance(self.fileset, int) or \
+                not 1 <= self.fileset <= MAX_FILESETS:
+            return f"file set {self.fileset!r} is not a number from 1 to {MAX_FILESETS}"
+        if self.fileset != 1 and self.kind is not ActionKind.RESTORE:
+            return "fileset goes only with action restore"
         for value in (self.image, self.session, *self.addons):
             if _UNSAFE.search(value):
                 # They travel in a kernel command line and in the policy file's lists.
@@ -68,7 +80,8 @@ class Action:
         if self.kind is ActionKind.RESTORE:
             extra = f" + add-ons {', '.join(self.addons)}" if self.addons else ""
             fit = " (shrunk to fit a smaller disk)" if self.shrink else ""
-            return f"restore {self.image}{extra}{fit}"
+            subset = f" file set {self.fileset}" if self.fileset != 1 else ""
+            return f"restore {self.image}{subset}{extra}{fit}"
         if self.kind is ActionKind.MAKE:
             return f"make an image to {self.image}"
         if self.kind is ActionKind.MULTICAST:

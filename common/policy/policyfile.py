@@ -18,6 +18,7 @@ identical bytes and `diff` shows only real changes. Errors name the file, line, 
     addons = dell/drivers.add, dell/office.add
     force = no
     shrink = yes                # restore: onto a smaller disk, shrink filesystems to fit
+    fileset = 2                 # restore: the image's file set (1, the default: everything)
     [workstations]
     [[00C04FDC2AB5]]
     name = lab-01
@@ -48,7 +49,7 @@ import configobj
 from common import __version__
 from common.machine import normalize_mac
 
-from .model import (MAX_SESSION_NAME_BYTES, Action, ActionKind, ImagingPolicy, MenuDisplay,
+from .model import (MAX_FILESETS, MAX_SESSION_NAME_BYTES, Action, ActionKind, ImagingPolicy, MenuDisplay,
                      MenuSettings, MulticastSession, PolicyDocument, Rule, Workstation)
 from .rules import FilterSyntaxError, parse_filter
 
@@ -57,7 +58,8 @@ _TRUE = {"yes", "true", "on", "1"}
 _FALSE = {"no", "false", "off", "0"}
 _NAME_FORBIDDEN = re.compile(r'[\[\]"\x00-\x1f\x7f]')
 
-RULE_KEYS = ("enabled", "filter", "action", "image", "addons", "session", "force", "shrink")
+RULE_KEYS = ("enabled", "filter", "action", "image", "addons", "session", "force", "shrink",
+             "fileset")
 STATION_KEYS = ("name", "image_on_next_boot", "image", "menu")
 SESSION_KEYS = ("image", "clients", "timeout_min", "enabled", "delete_after", "participants",
                 "group", "data_port")
@@ -141,6 +143,8 @@ def _rule_values(rule: Rule) -> dict[str, Any]:
     values["force"] = _yes(rule.force)
     if rule.action.shrink:
         values["shrink"] = "yes"
+    if rule.action.fileset != 1:
+        values["fileset"] = str(rule.action.fileset)
     return values
 
 
@@ -366,8 +370,11 @@ def _rule(reader: _Reader, name: str, section: Any) -> Rule:
     image = _value(reader, where, section, "image", "", _text).strip()
     session = _value(reader, where, section, "session", "", _text).strip()
     shrink = _value(reader, where, section, "shrink", False, _flag)
+    fileset = _value(reader, where, section, "fileset", 1, _count(1, MAX_FILESETS))
+    if fileset != 1 and action_kind is not ActionKind.RESTORE:
+        raise reader.fail(where, "fileset", "a file set goes only with action restore")
     try:
-        action = Action(action_kind, image, addons, session, shrink)
+        action = Action(action_kind, image, addons, session, shrink, fileset)
     except ValueError as exc:
         raise reader.fail(where, "action", str(exc)) from None
     return Rule(name, filter_, action,

@@ -57,11 +57,13 @@ MODULE_GLOBS=('drivers/ata/*' 'drivers/block/*' 'drivers/net/*' 'drivers/scsi/*'
 # it uses): util-linux's losetup, mount, umount, mtools for FAT and ntfs-3g for NTFS. Copied with
 # their libraries when present, at the same path in the initramfs.
 HOST_TOOLS=(/usr/sbin/losetup /usr/bin/mount /usr/bin/umount /usr/bin/mtools /usr/bin/ntfs-3g)
-# What `img restore --shrink` and `--grow` run (img/shrink.py, img/grow.py): e2fsprogs,
-# ntfs-3g's ntfsresize and ntfsfix, fatresize, dosfstools' fsck.fat, xfs_growfs and btrfs.
+# What `img restore --shrink`, `--grow` and `--fileset` run (img/shrink.py, img/grow.py,
+# img/filesets.py): e2fsprogs, ntfs-3g's ntfsresize and ntfsfix, fatresize, dosfstools'
+# fsck.fat, xfs_growfs, xfs_repair and btrfs.
 SHRINK_TOOLS=(/usr/sbin/e2fsck /usr/sbin/resize2fs /usr/sbin/ntfsresize /usr/bin/ntfsfix
-              /usr/sbin/fatresize /usr/sbin/fsck.fat /usr/sbin/xfs_growfs /usr/bin/btrfs)
-MTOOLS_LINKS=(mcopy mmd mdir mattrib)
+              /usr/sbin/fatresize /usr/sbin/fsck.fat /usr/sbin/xfs_growfs /usr/sbin/xfs_repair
+              /usr/bin/btrfs)
+MTOOLS_LINKS=(mcopy mmd mdir mattrib mdel mdeltree)
 # partclone's programs for the filesystems whose used blocks img maps (img/usedblocks.py), so an
 # image made in the environment stores used blocks only, not whole partitions; and the names
 # Debian links to them (link:program).

@@ -112,6 +112,22 @@ def test_a_restore_rule_is_told_to_shrink_and_back(cli, tmp_path):
         "rules", "set", "Small disks", "--shrink", "yes", expect=65).stderr
 
 
+def test_a_restore_rule_names_a_file_set_and_back(cli, tmp_path):
+    _import_policy(cli, tmp_path)
+    cli("rules", "add", "Lean", "--action", "restore", "--image", "base.img", "--fileset", "3")
+    assert "restore base.img file set 3" in cli("rules", "list").stdout
+    assert cli("export").stdout.count("fileset = 3") == 1
+    cli("rules", "set", "Lean", "--fileset", "1")
+    assert "fileset" not in cli("export").stdout
+    assert "file set 11 is not a number from 1 to 10" in cli(
+        "rules", "set", "Lean", "--fileset", "11", expect=65).stderr
+    cli("rules", "set", "Lean", "--fileset", "2")
+    cli("rules", "set", "Lean", "--action", "make", "--image", "up.img")     # drops the set
+    assert "fileset" not in cli("export").stdout
+    assert "fileset goes only with action restore" in cli(
+        "rules", "set", "Lean", "--fileset", "2", expect=65).stderr
+
+
 def test_next_boot_flag_and_explain(cli, tmp_path):
     _import_policy(cli, tmp_path)
     dell = ["--mac", "52-54-00-00-00-02", "--manufacturer", "Dell Inc.", "--ram-mb", "8192",

@@ -457,6 +457,32 @@ def test_shrink_rule_round_trips(directory) -> None:
     assert directory.policy() == POLICY
 
 
+@pytest.mark.parametrize("rule, value, expected", [
+    ("first", "11", "file set 11 is not a number from 1 to 10"),
+    ("first", "0", "file set 0 is not a number from 1 to 10"),
+    ("second", "2", "fileset goes only with action restore"),     # a maintenance rule
+])
+def test_a_bad_prebootfileset_fails_the_policy_naming_the_rule(server, directory, rule, value,
+                                                               expected) -> None:
+    directory.replace_policy(POLICY)
+    server.ldapmodify(f"dn: cn={rule},{rules_dn(server)}\nchangetype: modify\n"
+                      f"replace: prebootFileset\nprebootFileset: {value}\n")
+    with pytest.raises(DirectoryError) as caught:
+        directory.policy()
+    assert f"cn={rule},{rules_dn(server)}" in str(caught.value)
+    assert expected in str(caught.value)
+
+
+def test_fileset_rule_round_trips(directory) -> None:
+    subset = Rule("subset", parse_filter(""), Action(ActionKind.RESTORE, "lab/base.img",
+                                                     fileset=4))
+    policy = ImagingPolicy((*POLICY.rules, subset))
+    directory.replace_policy(policy)
+    assert directory.policy() == policy
+    directory.replace_policy(POLICY)          # back to 1: the attribute goes
+    assert directory.policy() == POLICY
+
+
 def test_example_base_ldif_loads(server) -> None:
     base_ldif = ldapserver.REPO / "packaging" / "ldap" / "preboot-base.ldif"
     text = base_ldif.read_text().replace("dc=example,dc=com", server.suffix)

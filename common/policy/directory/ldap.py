@@ -88,7 +88,7 @@ OC_SESSION = "prebootMulticastSession"
 # is the administrator's and is left alone on writes.
 RULE_ATTRS = ("cn", "prebootRuleOrder", "prebootEnabled", "prebootFilter", "prebootAction",
               "prebootImage", "prebootAddonImage", "prebootSession", "prebootForce",
-              "prebootShrink")
+              "prebootShrink", "prebootFileset")
 WORKSTATION_ATTRS = ("prebootMAC", "cn", "prebootImageOnNextBoot", "prebootImage",
                      "prebootMenuDisplay")
 SESSION_ATTRS = ("cn", "prebootSessionOrder", "prebootImage", "prebootSessionClients",
@@ -894,6 +894,8 @@ def _rule_attrs(rule: Rule, order: int) -> Attrs:
         "prebootForce": [_bool(rule.force)],
         # only when set: a server whose schema predates prebootShrink still takes the rest
         "prebootShrink": [_bool(True)] if action.shrink else [],
+        # likewise only when not 1 (the whole image), for a schema without prebootFileset
+        "prebootFileset": [str(action.fileset).encode()] if action.fileset != 1 else [],
     }
 
 
@@ -922,7 +924,8 @@ def _rule(dn: str, raw: Attrs, known: dict[str, Filter] | None = None,
         action = Action(kind, _text(attrs, "prebootImage") or "",
                         _addons(attrs.get("prebootaddonimage", [])),
                         _text(attrs, "prebootSession") or "",
-                        _flag(attrs, "prebootShrink", False))
+                        _flag(attrs, "prebootShrink", False),
+                        _int(attrs, "prebootFileset", 1))
         rule = Rule(name, flt, action, _flag(attrs, "prebootEnabled", True),
                     _flag(attrs, "prebootForce", False))
     except ValueError as exc:     # _EntryError, FilterSyntaxError, Action's own checks

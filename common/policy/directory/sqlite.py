@@ -76,6 +76,8 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE sessions ADD COLUMN group_address TEXT NOT NULL DEFAULT '';
     ALTER TABLE sessions ADD COLUMN data_port INTEGER NOT NULL DEFAULT 0;
     """,
+    # 4: the image's file set a restore rule puts down (1: everything).
+    "ALTER TABLE rules ADD COLUMN fileset INTEGER NOT NULL DEFAULT 1;",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -223,7 +225,7 @@ class SqliteDirectory(Directory):
             conn.execute("BEGIN")
             try:
                 rows = conn.execute("SELECT name, enabled, filter, action, image, addons, "
-                                    "session, force, shrink FROM rules ORDER BY position"
+                                    "session, force, shrink, fileset FROM rules ORDER BY position"
                                     ).fetchall()
                 menu_rows = conn.execute("SELECT display, timeout_s FROM menu "
                                          "WHERE id = 1").fetchall()
@@ -241,10 +243,10 @@ class SqliteDirectory(Directory):
         return ImagingPolicy(rules, menu)
 
     def _rule(self, row: tuple) -> Rule:
-        name, enabled, filter_text, action, image, addons, session, force, shrink = row
+        name, enabled, filter_text, action, image, addons, session, force, shrink, fileset = row
         try:
             act = Action(ActionKind(action), image, tuple(json.loads(addons)), session,
-                         bool(shrink))
+                         bool(shrink), int(fileset))
             return Rule(name, parse_filter(filter_text), act, bool(enabled), bool(force))
         except (ValueError, TypeError) as exc:  # FilterSyntaxError and JSON errors included
             # Refuse the whole policy: silently skipping a rule could image a machine wrongly.
@@ -330,10 +332,11 @@ def _policy_statements(policy: ImagingPolicy) -> list[tuple[str, tuple]]:
     for position, rule in enumerate(policy.rules, 1):
         statements.append((
             "INSERT INTO rules (position, name, enabled, filter, action, image, addons, "
-            "session, force, shrink) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "session, force, shrink, fileset) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (position, rule.name, int(rule.enabled), rule.filter.canonical(),
              rule.action.kind.value, rule.action.image, json.dumps(list(rule.action.addons)),
-             rule.action.session, int(rule.force), int(rule.action.shrink))))
+             rule.action.session, int(rule.force), int(rule.action.shrink),
+             rule.action.fileset)))
     statements.append(("INSERT OR REPLACE INTO menu (id, display, timeout_s) VALUES (1, ?, ?)",
                        (policy.menu.display.value, policy.menu.timeout_s)))
     return statements

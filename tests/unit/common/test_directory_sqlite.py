@@ -186,7 +186,35 @@ def test_a_store_of_schema_1_is_migrated_and_keeps_its_rules(tmp_path):
         directory.replace_policy(ImagingPolicy((shrinking,)))
         assert directory.policy().rules[0].action.shrink is True
     conn = sqlite3.connect(tmp_path / "dir.db")
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+
+
+def test_a_store_of_schema_3_is_migrated_and_its_rules_restore_everything(tmp_path):
+    """A store written before file sets: version 4 adds the column, set 1 (everything)."""
+    from common.policy.directory.sqlite import MIGRATIONS
+    conn = sqlite3.connect(tmp_path / "dir.db")
+    for script in MIGRATIONS[:3]:
+        conn.executescript(script)
+    conn.execute("INSERT INTO rules (position, name, filter, action, image) "
+                 "VALUES (1, 'lab', '', 'restore', 'lab/base.img')")
+    conn.execute("PRAGMA user_version=3")
+    conn.commit()
+    conn.close()
+    with open_directory(_url(tmp_path), create=True) as directory:
+        (rule,) = directory.policy().rules
+        assert rule.action == Action(ActionKind.RESTORE, "lab/base.img") and \
+            rule.action.fileset == 1
+        subset = Rule.from_text("lab", "", Action(ActionKind.RESTORE, "lab/base.img",
+                                                  fileset=7))
+        directory.replace_policy(ImagingPolicy((subset,)))
+        assert directory.policy().rules[0].action.fileset == 7
+    conn = sqlite3.connect(tmp_path / "dir.db")
+    conn.execute("UPDATE rules SET fileset = 12")
+    conn.commit()
+    conn.close()
+    with open_directory(_url(tmp_path)) as directory:
+        with pytest.raises(DirectoryError, match="file set 12 is not a number from 1 to 10"):
+            directory.policy()
 
 
 def test_a_store_of_schema_2_is_migrated_and_keeps_its_sessions(tmp_path):

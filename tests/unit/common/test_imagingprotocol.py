@@ -5,7 +5,7 @@ import pytest
 from common.policy.model import Action, ActionKind, WorkAssignment
 from common.imaging.protocol import (BadPath, BadRequest, LocalPath, RemotePath, clean_relative,
                                      parse_image_path, parse_result, parse_work_request,
-                                     path_from_url, upload_allowed, work_answer)
+                                     path_from_url, upload_allowed, work_answer, work_fileset)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -103,7 +103,10 @@ def test_work_answer_local_and_referral():
     answer, remote = work_answer(_assignment("a.img"), "auto")
     assert remote is None
     assert answer == {"work": "restore", "image": "a.img", "addons": [], "shrink": False,
-                      "session": "", "reason": "because", "rule": "r"}
+                      "fileset": 1, "session": "", "reason": "because", "rule": "r"}
+    subset = WorkAssignment(Action(ActionKind.RESTORE, "a.img", fileset=3), "rule 'r'",
+                            "because", "r")
+    assert work_answer(subset, "auto")[0]["fileset"] == 3
     shrinking = WorkAssignment(Action(ActionKind.RESTORE, "a.img", shrink=True), "rule 'r'",
                                "because", "r")
     assert work_answer(shrinking, "auto")[0]["shrink"] is True
@@ -128,3 +131,16 @@ def test_work_answer_local_and_referral():
 def test_error_header_value_is_one_printable_ascii_line(message, expected):
     from common.imaging.protocol import error_header_value
     assert error_header_value(message) == expected
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ({}, 1), ({"fileset": 1}, 1), ({"fileset": 10}, 10), ({"fileset": 4}, 4),
+])
+def test_work_fileset_reads_the_answer(answer, expected):
+    assert work_fileset(answer) == expected
+
+
+@pytest.mark.parametrize("value", [0, 11, -1, True, "2", 2.0, None, [2], 1 << 70])
+def test_work_fileset_refuses_anything_but_1_to_10(value):
+    with pytest.raises(ValueError, match="fileset: .* is not a file set number 1 to 10"):
+        work_fileset({"fileset": value})

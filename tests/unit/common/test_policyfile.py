@@ -127,8 +127,9 @@ def _documents(draw):
         addons = tuple(draw(st.lists(_path, max_size=3))) if kind is ActionKind.RESTORE else ()
         session = draw(_name) if kind is ActionKind.MULTICAST else ""
         shrink = kind is ActionKind.RESTORE and draw(st.booleans())
+        fileset = draw(st.integers(1, 10)) if kind is ActionKind.RESTORE else 1
         rules.append(Rule.from_text(name, draw(_filter_text),
-                                    Action(kind, image, addons, session, shrink),
+                                    Action(kind, image, addons, session, shrink, fileset),
                                     draw(st.booleans()), draw(st.booleans())))
     macs = draw(st.lists(st.text("0123456789ABCDEF", min_size=12, max_size=12), max_size=4,
                          unique=True))
@@ -180,6 +181,51 @@ def test_shrink_on_a_rule_that_does_not_restore_names_the_rule():
     text = SAMPLE.replace("force = yes", "force = yes\nshrink = yes")
     with pytest.raises(PolicyFileError, match="shrink goes only with action restore"):
         load_policy(text, "site.conf")
+
+
+def test_fileset_is_read_and_written_only_when_not_1():
+    text = SAMPLE.replace("addons = dell/a.add", "fileset = 3\naddons = dell/a.add")
+    doc = load_policy(text)
+    dell, hp, _rest = doc.policy.rules
+    assert dell.action.fileset == 3 and hp.action.fileset == 1
+    assert "file set 3" in dell.action.describe()
+    out = dump_policy(doc)
+    assert out.count("fileset = 3") == 1 and dump_policy(load_policy(out)) == out
+    assert "fileset" not in dump_policy(load_policy(SAMPLE))        # older files unchanged
+    explicit_1 = SAMPLE.replace("addons = dell/a.add", "fileset = 1\naddons = dell/a.add")
+    assert load_policy(explicit_1).policy.rules[0].action.fileset == 1
+
+
+@pytest.mark.parametrize("line, message", [
+    ("fileset = 11", "'11' is not a whole number from 1 to 10"),
+    ("fileset = 0", "'0' is not a whole number from 1 to 10"),
+    ("fileset = -2", "'-2' is not a whole number from 1 to 10"),
+    ("fileset = two", "'two' is not a whole number from 1 to 10"),
+    ("fileset = 2, 3", "one value expected"),
+    ("fileset = ''", "'' is not a whole number from 1 to 10"),
+    ("filesets = 2", "unknown key (did you mean fileset?)"),
+])
+def test_a_bad_fileset_names_the_file_rule_and_key(line, message):
+    text = SAMPLE.replace("addons = dell/a.add", f"{line}\naddons = dell/a.add")
+    with pytest.raises(PolicyFileError) as caught:
+        load_policy(text, "site.conf")
+    text = str(caught.value)
+    assert "site.conf" in text and "Dell lab" in text and message in text
+
+
+def test_fileset_on_a_rule_that_does_not_restore_names_the_rule():
+    text = SAMPLE.replace("force = yes", "force = yes\nfileset = 2")
+    with pytest.raises(PolicyFileError, match="HP # 2.*a file set goes only with action "
+                                              "restore"):
+        load_policy(text, "site.conf")
+
+
+def test_the_action_refuses_a_fileset_out_of_range_or_off_restore():
+    for bad in (0, 11, True, "2"):
+        with pytest.raises(ValueError, match="is not a number from 1 to 10"):
+            Action(ActionKind.RESTORE, "a.img", fileset=bad)
+    with pytest.raises(ValueError, match="fileset goes only with action restore"):
+        Action(ActionKind.MAKE, "a.img", fileset=2)
 
 
 # -- multicast sessions ---------------------------------------------------------------------------
