@@ -18,6 +18,9 @@
         add-on images after the base image, from the same place)
     img dump --disk DISK                the partition table and each partition's filesystem
     img info                            what this machine reports to the imaging server
+    img identity apply --disk DISK --name NAME [--dns-suffix S] [--ip A/P --gateway G --dns X,Y]
+        set the host name and network settings of the disk's installed systems, offline
+        (Linux, Windows: img/identity_apply.py, docs/identity.md)
 
 DISK is a block device or a disk image file. A device's partition table counts in its own
 logical sectors (512 or 4096 bytes, asked of the kernel); a disk image file has none to ask for:
@@ -41,11 +44,11 @@ from typing import Any
 from common.imaging.imagefile import DEFAULT_LEVEL
 from common.imaging.imageformat import ImageFormatError
 
-from . import auto, local, results, serverops, session
+from . import auto, identity_cmd, local, results, serverops, session
 from .credentials import access_arguments
 from .disklayout import SECTOR_SIZES, DiskLayoutError
 from .errors import (EXIT_FAILED, EXIT_NOT_GROWN, EXIT_OK, EXIT_USAGE, AddonError, DiskError,
-                     Failure, RestoreError)
+                     Failure, IdentityError, RestoreError)
 
 THREADS_HELP = "worker threads for reading, checking and (de)compressing chunks (default 2)"
 EXIT_CODES = f"""exit status:
@@ -159,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--threads", type=int, default=2, help=THREADS_HELP)
     ask.set_defaults(run=auto.run)
     session.add_parser(commands)
+    identity_cmd.add_parser(commands, _disk_arguments)
     verify = commands.add_parser("verify", help="check every chunk of an image")
     verify.add_argument("image", help="the image file to check")
     verify.add_argument("--threads", type=int, default=2, help=THREADS_HELP)
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     except RestoreError as exc:
         print(f"img: {exc} (nothing was written)", file=sys.stderr)
         return 1
-    except (AddonError, DiskError, Failure) as exc:
+    except (AddonError, DiskError, Failure, IdentityError) as exc:
         print(f"img: {exc}", file=sys.stderr)
         return 1
     except (ImageFormatError, DiskLayoutError) as exc:
