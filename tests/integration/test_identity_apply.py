@@ -358,3 +358,27 @@ def test_bad_arguments(tmp_path: Path) -> None:
     done = img("identity", "apply", "--disk", str(tmp_path / "none"), "--name", "ok",
                "--gateway", "10.0.0.1")
     assert done.returncode == 2 and "--gateway" in done.stderr
+
+
+# ------------------------------------------------------------------ img auto's step
+
+def test_auto_identity_step(tmp_path: Path) -> None:
+    """What img auto runs after a restore when the work answer carries an identity."""
+    import argparse
+
+    from img.auto import identity_step
+
+    tree = tmp_path / "root"
+    write_tree(tree, {**OS_RELEASE, "etc/hostname": "golden\n"})
+    disk = disk_of(tmp_path, [(ext4_from(tree, tmp_path / "p1"), "83")])
+    args = argparse.Namespace(disk=str(disk), sector_size=None)
+    assert identity_step(args, {"work": "restore"}) is None
+    step = identity_step(args, {"identity": {"name": "pc-9", "ip": None},
+                                "identity_source": "policy"})
+    assert step is not None
+    text = step()
+    assert text.splitlines()[0] == "name=pc-9 ip=dhcp"
+    assert "host name pc-9" in text
+    assert ext4_cat(partition_file(disk, 1, tmp_path / "p1.read"), "/etc/hostname") == "pc-9\n"
+    with pytest.raises(ValueError, match="name:"):
+        identity_step(args, {"identity": {"name": "no_underscores"}})
