@@ -13,6 +13,8 @@
 #     mount, umount, mtools and ntfs-3g (what img runs for add-on images);
 #   - the host's e2fsck, resize2fs, ntfsresize, ntfsfix, fatresize and fsck.fat (what
 #     `img restore --shrink` runs);
+#   - libhivex (libhivex0), which img loads with ctypes to edit a restored Windows' registry
+#     hive when it applies a machine's identity (img/hive.py);
 #   - partclone's programs for ext2/3/4, FAT, NTFS, XFS and btrfs (what img runs to learn a
 #     partition's used blocks when it makes an image);
 #   - the host's Debian /usr/bin/python3.11 with its shared libraries and a pruned stdlib (with
@@ -62,6 +64,9 @@ HOST_TOOLS=(/usr/sbin/losetup /usr/bin/mount /usr/bin/umount /usr/bin/mtools /us
 SHRINK_TOOLS=(/usr/sbin/e2fsck /usr/sbin/resize2fs /usr/sbin/ntfsresize /usr/bin/ntfsfix
               /usr/sbin/fatresize /usr/sbin/fsck.fat /usr/sbin/xfs_growfs /usr/bin/btrfs)
 MTOOLS_LINKS=(mcopy mmd mdir mattrib)
+# Libraries img loads itself (ctypes, so ldd of a program does not list them): libhivex, with
+# which img/hive.py edits the SYSTEM hive of a restored Windows (img/identity_windows.py).
+DLOPEN_LIBS=(/usr/lib/x86_64-linux-gnu/libhivex.so.0)
 # partclone's programs for the filesystems whose used blocks img maps (img/usedblocks.py), so an
 # image made in the environment stores used blocks only, not whole partitions; and the names
 # Debian links to them (link:program).
@@ -164,7 +169,7 @@ build_key() {
     sha256sum "$HERE/build.sh" "$HERE/init" "$PYTHON" "$BUSYBOX"
     (cd "$REPO" && sha256sum "${ENGINE_FILES[@]}")
     dpkg-query -W python3.11 libpython3.11-stdlib libpython3.11-minimal libc6 busybox-static \
-      util-linux mount mtools partclone ntfs-3g e2fsprogs fatresize dosfstools 2>/dev/null || true
+      util-linux mount mtools partclone ntfs-3g e2fsprogs fatresize dosfstools libhivex0 2>/dev/null || true
     basename "$KERNEL_DEB"; basename "$ZSTD_DEB"
   } | sha256sum | cut -d' ' -f1
 }
@@ -251,6 +256,16 @@ install_host_tools() {
   else
     log "warning: libgcc_s.so.1 not found: partclone will abort when its threads end"
   fi
+  local lib
+  for lib in "${DLOPEN_LIBS[@]}"; do
+    if [ -e "$lib" ]; then
+      mkdir -p "$root$(dirname "$lib")"
+      cp -L "$lib" "$root$lib"
+      copy_libs "$root" "$lib"
+    else
+      log "warning: $lib missing: img cannot apply an identity to Windows (install libhivex0)"
+    fi
+  done
   local link
   for link in "${PARTCLONE_LINKS[@]}"; do
     [ -x "$root/usr/sbin/${link#*:}" ] && ln -s "${link#*:}" "$root/usr/sbin/${link%%:*}"
@@ -404,6 +419,20 @@ import zstandard, hashlib, ctypes, ssl, ${imports%, }; hashlib.blake2b(b''); ssl
     in_chroot "$root" "fsck.fat cannot check a FAT" /usr/sbin/fsck.fat -n /tmp/self-test.fat
     rm -f "$root"/tmp/self-test.*
   fi
+  # libhivex loads, and hivex_open answers (refusing a file that is not a hive, as it must)
+  if [ -e "$root/usr/lib/x86_64-linux-gnu/libhivex.so.0" ]; then
+    echo "not a hive" >"$root/tmp/self-test.hive"
+    in_chroot "$root" "img cannot use libhivex" /usr/bin/python3 -c "import sys
+sys.path.insert(0, '/usr/lib/preboot')
+from img.hive import Hive, HiveError
+try:
+    Hive('/tmp/self-test.hive')
+except HiveError as exc:
+    assert 'not a registry hive' in str(exc), exc
+else:
+    raise SystemExit('libhivex opened a file that is not a hive')"
+    rm -f "$root/tmp/self-test.hive"
+  fi
   for tool in /usr/bin/ntfs-3g /usr/sbin/fatresize; do
     [ -x "$root$tool" ] && in_chroot "$root" "$tool does not start" "$tool" --version
   done
@@ -434,6 +463,8 @@ write_manifest() {
     echo "partclone: $(dpkg-query -W -f='${Version}' partclone 2>/dev/null)" \
       "($(cd "$root/usr/sbin" && ls partclone.* 2>/dev/null | tr '\n' ' '))"
     echo "on demand: ${ONDEMAND_MODULES[*]}"
+    echo "libraries img loads: $(for l in "${DLOPEN_LIBS[@]}"; do
+      [ -e "$root$l" ] && printf '%s ' "$(basename "$l")"; done)"
     echo "add-on and shrink tools: $(for t in "${HOST_TOOLS[@]}" "${SHRINK_TOOLS[@]}"; do
       [ -x "$root$t" ] && printf '%s ' "$(basename "$t")"; done)"
     echo "engine: ${ENGINE_FILES[*]}"
