@@ -17,12 +17,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import struct
 from typing import Iterator
 
 from .regvalue import BadRegValue, decode
 
 LIBRARY = "libhivex.so.0"
 OPEN_WRITE = 4          # HIVEX_OPEN_WRITE
+_PAGE = 0x1000          # a hive's header, and its smallest hbin
 
 
 class HiveError(Exception):
@@ -197,3 +199,40 @@ class Hive:
         ctypes.set_errno(0)
         if self._lib.hivex_commit(self._h, None, 0) != 0:
             raise self._fail("cannot write the hive")
+
+
+def empty_hive(name: str = "SYSTEM") -> bytes:
+    """A hive file holding only its root key: a regf header (checksummed) and one 4 KiB hbin
+    with the root's nk cell, its security (sk) cell, which hivex copies to every key it adds,
+    and the rest as one free cell. libhivex cannot make a hive from nothing; the tests and the
+    imaging environment's self-test start from this one (pure: bytes out)."""
+    root_off = 0x20                                    # cell offsets count from the first hbin
+    root_name = b"ROOT"
+
+    def nk(sk_off: int) -> bytes:
+        return struct.pack("<2sHqIIIIIIIIIIHHIIIIHH", b"nk", 0x2C, 0, 0, 0xFFFFFFFF, 0, 0,
+                           0xFFFFFFFF, 0xFFFFFFFF, 0, 0xFFFFFFFF, sk_off, 0xFFFFFFFF, 0, 0,
+                           0, 0, 0, 0, len(root_name), 0) + root_name
+
+    nk_cell = (4 + len(nk(0)) + 7) // 8 * 8
+    sk_off = root_off + nk_cell
+    # a self-relative security descriptor with a NULL DACL
+    descriptor = struct.pack("<BBHIIII", 1, 0, 0x8004, 0, 0, 0, 0)
+    sk = struct.pack("<2sHIIII", b"sk", 0, sk_off, sk_off, 1, len(descriptor)) + descriptor
+    sk_cell = (4 + len(sk) + 7) // 8 * 8
+    hbin = bytearray(_PAGE)
+    struct.pack_into("<4sII", hbin, 0, b"hbin", 0, _PAGE)
+    for offset, size, body in ((root_off, nk_cell, nk(sk_off)), (sk_off, sk_cell, sk)):
+        struct.pack_into("<i", hbin, offset, -size)
+        hbin[offset + 4:offset + 4 + len(body)] = body
+    free = sk_off + sk_cell
+    struct.pack_into("<i", hbin, free, _PAGE - free)          # the rest: one free cell
+    head = bytearray(_PAGE)
+    struct.pack_into("<4sIIqIIIIIII", head, 0, b"regf", 1, 1, 0, 1, 3, 0, 1, root_off, _PAGE, 1)
+    label = name.encode("utf-16-le")[:64]
+    head[0x30:0x30 + len(label)] = label
+    checksum = 0
+    for (word,) in struct.iter_unpack("<I", head[:0x1FC]):
+        checksum ^= word
+    struct.pack_into("<I", head, 0x1FC, checksum)
+    return bytes(head + hbin)

@@ -1,55 +1,18 @@
 """A registry hive shaped like Windows' SYSTEM hive, made for the tests (docs/identity.md,
-"The test hive"): an empty hive file written here (a regf header and one 4 KiB hbin holding
-the root key and its security cell: the layout hivex and Windows read), then filled with
-libhivex (img/hive.py) with the keys and values img's identity code reads and writes.
+"The test hive"): an empty hive file (img.hive.empty_hive: a regf header and one 4 KiB hbin
+holding the root key and its security cell) filled with libhivex (img/hive.py) with the keys
+and values img's identity code reads and writes.
 """
 
 from __future__ import annotations
 
-import struct
-
-from img.hive import Hive
+from img.hive import Hive, empty_hive
 from img.regvalue import (REG_DWORD, REG_EXPAND_SZ, REG_MULTI_SZ, REG_SZ, encode_dword,
                           encode_multi_sz, encode_sz)
 
-PAGE = 0x1000
 HARDWARE_NIC = "{1A2B3C4D-0000-4000-8000-000000000001}"
 VIRTUAL_NIC = "{1A2B3C4D-0000-4000-8000-000000000002}"
 NETWORK_CLASS = "{4D36E972-E325-11CE-BFC1-08002BE10318}"
-
-
-def empty_hive(name: str = "SYSTEM") -> bytes:
-    """A hive holding only its root key (what hivex needs to open it for writing)."""
-    root_off = 0x20                                    # cell offsets count from the first hbin
-    root_name = b"ROOT"
-
-    def nk(sk_off: int) -> bytes:
-        return struct.pack("<2sHqIIIIIIIIIIHHIIIIHH", b"nk", 0x2C, 0, 0, 0xFFFFFFFF, 0, 0,
-                           0xFFFFFFFF, 0xFFFFFFFF, 0, 0xFFFFFFFF, sk_off, 0xFFFFFFFF, 0, 0,
-                           0, 0, 0, 0, len(root_name), 0) + root_name
-
-    nk_cell = (4 + len(nk(0)) + 7) // 8 * 8
-    sk_off = root_off + nk_cell
-    # a self-relative security descriptor with a NULL DACL
-    descriptor = struct.pack("<BBHIIII", 1, 0, 0x8004, 0, 0, 0, 0)
-    sk = struct.pack("<2sHIIII", b"sk", 0, sk_off, sk_off, 1, len(descriptor)) + descriptor
-    sk_cell = (4 + len(sk) + 7) // 8 * 8
-    hbin = bytearray(PAGE)
-    struct.pack_into("<4sII", hbin, 0, b"hbin", 0, PAGE)
-    for offset, size, body in ((root_off, nk_cell, nk(sk_off)), (sk_off, sk_cell, sk)):
-        struct.pack_into("<i", hbin, offset, -size)
-        hbin[offset + 4:offset + 4 + len(body)] = body
-    free = sk_off + sk_cell
-    struct.pack_into("<i", hbin, free, PAGE - free)          # the rest: one free cell
-    head = bytearray(PAGE)
-    struct.pack_into("<4sIIqIIIIIII", head, 0, b"regf", 1, 1, 0, 1, 3, 0, 1, root_off, PAGE, 1)
-    label = name.encode("utf-16-le")[:64]
-    head[0x30:0x30 + len(label)] = label
-    checksum = 0
-    for (word,) in struct.iter_unpack("<I", head[:0x1FC]):
-        checksum ^= word
-    struct.pack_into("<I", head, 0x1FC, checksum)
-    return bytes(head + hbin)
 
 
 def _set(hive: Hive, path: tuple[str, ...], values: dict[str, tuple[int, object]]) -> None:

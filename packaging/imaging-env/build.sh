@@ -67,6 +67,10 @@ MTOOLS_LINKS=(mcopy mmd mdir mattrib)
 # Libraries img loads itself (ctypes, so ldd of a program does not list them): libhivex, with
 # which img/hive.py edits the SYSTEM hive of a restored Windows (img/identity_windows.py).
 DLOPEN_LIBS=(/usr/lib/x86_64-linux-gnu/libhivex.so.0)
+# libhivex converts key and value names with iconv (UTF-16LE, LATIN1): glibc loads those
+# converters as gconv modules at run time, and without them every key lookup fails (EBADF).
+GCONV_DIR=/usr/lib/x86_64-linux-gnu/gconv
+GCONV_FILES=(gconv-modules gconv-modules.cache UTF-16.so ISO8859-1.so)
 # partclone's programs for the filesystems whose used blocks img maps (img/usedblocks.py), so an
 # image made in the environment stores used blocks only, not whole partitions; and the names
 # Debian links to them (link:program).
@@ -266,6 +270,11 @@ install_host_tools() {
       log "warning: $lib missing: img cannot apply an identity to Windows (install libhivex0)"
     fi
   done
+  mkdir -p "$root$GCONV_DIR"
+  for lib in "${GCONV_FILES[@]}"; do
+    if [ -e "$GCONV_DIR/$lib" ]; then cp -L "$GCONV_DIR/$lib" "$root$GCONV_DIR/$lib"
+    else log "warning: $GCONV_DIR/$lib missing: libhivex cannot read key names"; fi
+  done
   local link
   for link in "${PARTCLONE_LINKS[@]}"; do
     [ -x "$root/usr/sbin/${link#*:}" ] && ln -s "${link#*:}" "$root/usr/sbin/${link%%:*}"
@@ -419,19 +428,27 @@ import zstandard, hashlib, ctypes, ssl, ${imports%, }; hashlib.blake2b(b''); ssl
     in_chroot "$root" "fsck.fat cannot check a FAT" /usr/sbin/fsck.fat -n /tmp/self-test.fat
     rm -f "$root"/tmp/self-test.*
   fi
-  # libhivex loads, and hivex_open answers (refusing a file that is not a hive, as it must)
+  # libhivex edits a hive as img does: a key added, a value set, written, found again by name
+  # (which needs the gconv modules), read back; and a file that is not a hive refused.
   if [ -e "$root/usr/lib/x86_64-linux-gnu/libhivex.so.0" ]; then
-    echo "not a hive" >"$root/tmp/self-test.hive"
-    in_chroot "$root" "img cannot use libhivex" /usr/bin/python3 -c "import sys
+    echo "not a hive" >"$root/tmp/self-test.nohive"
+    in_chroot "$root" "img cannot edit a registry hive with libhivex" /usr/bin/python3 -c "import sys
 sys.path.insert(0, '/usr/lib/preboot')
-from img.hive import Hive, HiveError
+from img.hive import Hive, HiveError, empty_hive
+from img.regvalue import REG_SZ, encode_sz
+open('/tmp/self-test.hive', 'wb').write(empty_hive())
+with Hive('/tmp/self-test.hive', writable=True) as hive:
+    hive.set_value(hive.ensure_key(('ControlSet001', 'Control')), 'Name', REG_SZ, encode_sz('PC-1'))
+    hive.commit()
+with Hive('/tmp/self-test.hive') as hive:
+    assert hive.value(hive.key(('controlset001', 'CONTROL')), 'Name') == 'PC-1'
 try:
-    Hive('/tmp/self-test.hive')
+    Hive('/tmp/self-test.nohive')
 except HiveError as exc:
     assert 'not a registry hive' in str(exc), exc
 else:
     raise SystemExit('libhivex opened a file that is not a hive')"
-    rm -f "$root/tmp/self-test.hive"
+    rm -f "$root"/tmp/self-test.*
   fi
   for tool in /usr/bin/ntfs-3g /usr/sbin/fatresize; do
     [ -x "$root$tool" ] && in_chroot "$root" "$tool does not start" "$tool" --version
