@@ -58,7 +58,7 @@ def _one_round(args: argparse.Namespace, facts: dict[str, Any], access: Any,
     server = args.server
     try:
         with ImagingClient(server, workstation, "auto", access=access) as client:
-            answer = client.work(facts, "auto", None if on_disk is None
+            answer = client.work(facts, "auto", identity=None if on_disk is None
                                  else identity_to_wire(on_disk))
     except ServerError as exc:
         print(f"img: work request to {server} failed: {exc}; the disk was not changed",
