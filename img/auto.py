@@ -69,6 +69,12 @@ def _one_round(args: argparse.Namespace, facts: dict[str, Any], access: Any,
     work, reason = answer.get("work"), answer.get("reason", "")
     image = answer.get("image", "")
     shrink = answer.get("shrink") is True
+    try:
+        after_restore = identity_step(args, answer)
+    except BadIdentity as exc:
+        print(f"img: {server} sent an identity img cannot use ({exc}); the disk was not "
+              "changed", file=sys.stderr)
+        return 1
     if work == "referral":
         action, other, path = answer.get("action"), answer.get("server"), answer.get("path")
         print(f"{server}: referral: {action} //{other}/{path} ({reason})")
@@ -82,12 +88,6 @@ def _one_round(args: argparse.Namespace, facts: dict[str, Any], access: Any,
             return status
         return apply_addons_remote(other, addon_paths(answer), args.disk, None, args.threads,
                                    facts, "auto", args.server, args.sector_size, access) or status
-    try:
-        after_restore = identity_step(args, answer)
-    except BadIdentity as exc:
-        print(f"img: {server} sent an identity img cannot use ({exc}); the disk was not "
-              "changed", file=sys.stderr)
-        return 1
     fit = " (shrink to fit)" if shrink else ""
     print(f"{server}: {work}{' ' + image if image else ''}{fit} ({reason})")
     if work == "none":
