@@ -24,6 +24,9 @@
     img isd show|set|clear DISK         the image-safe data on DISK: the machine's identity
         (name, DNS suffix, workgroup, IP settings) that restores keep (img/isdcmd.py)
     img info                            what this machine reports to the imaging server
+    img identity apply --disk DISK --name NAME [--dns-suffix S] [--ip A/P --gateway G --dns X,Y]
+        set the host name and network settings of the disk's installed systems, offline
+        (Linux, Windows: img/identity_apply.py, docs/identity.md)
 
 DISK is a block device or a disk image file. A device's partition table counts in its own
 logical sectors (512 or 4096 bytes, asked of the kernel); a disk image file has none to ask for:
@@ -48,11 +51,12 @@ from common.imaging.filesets import MAX_SETS, FilesetError, build
 from common.imaging.imagefile import DEFAULT_LEVEL
 from common.imaging.imageformat import ImageFormatError
 
-from . import auto, isdcmd, local, results, serverops, session
+from . import auto, identity_cmd, isdcmd, local, results, serverops, session
 from .credentials import access_arguments
 from .disklayout import SECTOR_SIZES, DiskLayoutError
 from .errors import (EXIT_FAILED, EXIT_NOT_GROWN, EXIT_OK, EXIT_USAGE, AddonError, DiskError,
-                     Failure, IsdError, RestoreError)
+                     Failure, IdentityError, IsdError,
+                     RestoreError)
 
 THREADS_HELP = "worker threads for reading, checking and (de)compressing chunks (default 2)"
 EXIT_CODES = f"""exit status:
@@ -186,6 +190,7 @@ def _parser() -> argparse.ArgumentParser:
     ask.set_defaults(run=auto.run)
     session.add_parser(commands)
     isdcmd.add_parser(commands, SECTOR_SIZES)
+    identity_cmd.add_parser(commands, _disk_arguments)
     verify = commands.add_parser("verify", help="check every chunk of an image")
     verify.add_argument("image", help="the image file to check")
     verify.add_argument("--threads", type=int, default=2, help=THREADS_HELP)
@@ -210,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     except RestoreError as exc:
         print(f"img: {exc} (nothing was written)", file=sys.stderr)
         return 1
-    except (AddonError, DiskError, Failure, IsdError) as exc:
+    except (AddonError, DiskError, Failure, IdentityError, IsdError) as exc:
         print(f"img: {exc}", file=sys.stderr)
         return 1
     except (ImageFormatError, DiskLayoutError, FilesetError) as exc:

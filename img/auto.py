@@ -3,6 +3,11 @@ facts), and do it: restore a base image and its add-on images, make an image, fo
 referral to another server, join a multicast session (session.py), or nothing. What the
 imaging environment runs at boot; the console of an unattended machine shows what it printed.
 
+A machine's identity (issue 17, docs/identity.md): the one in the disk's image-safe data is
+read before the work request and sent with it; the answer says which identity the machine
+should have, and after a restore that wrote the disk img applies it to the installed systems
+(img/identity_apply.py), stores it back in the image-safe data and reports it.
+
 A multicast session that began before this machine joined refuses it; img then asks for work
 again (at most MAX_WORK_ROUNDS times): the server sends it into the next session it qualifies
 for, or gives it other work, or none.
@@ -12,13 +17,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, Callable
+
+from common.identity import BadIdentity, MachineIdentity, identity_from_wire, identity_to_wire
 
 from common.imaging.protocol import work_fileset
 
 from . import session
 from .client import ImagingClient, ServerError
-from .errors import EXIT_FAILED, DiskError, Failure
+from .errors import EXIT_FAILED, DiskError, Failure, IdentityError
 from .results import identity, server_facts
 from .credentials import server_access
 from .serverops import apply_addons_remote, check_server, server_operation
@@ -36,8 +43,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"img: {exc}", file=sys.stderr)
         return 1
     print_disk(args.disk, args.sector_size)
+    on_disk = disk_identity(args.disk)
     for _round in range(MAX_WORK_ROUNDS):
-        status = _one_round(args, facts, access)
+        status = _one_round(args, facts, access, on_disk)
         if status != session.ASK_AGAIN:
             return status
     print(f"img: {args.server} kept sending this machine into sessions that had begun; the "
@@ -45,13 +53,15 @@ def run(args: argparse.Namespace) -> int:
     return 1
 
 
-def _one_round(args: argparse.Namespace, facts: dict[str, Any], access: Any) -> int:
+def _one_round(args: argparse.Namespace, facts: dict[str, Any], access: Any,
+               on_disk: MachineIdentity | None = None) -> int:
     """Ask for work and do it: the exit status, or session.ASK_AGAIN."""
     workstation, _ = identity(facts)
     server = args.server
     try:
         with ImagingClient(server, workstation, "auto", access=access) as client:
-            answer = client.work(facts, "auto")
+            answer = client.work(facts, "auto", identity=None if on_disk is None
+                                 else identity_to_wire(on_disk))
     except ServerError as exc:
         print(f"img: work request to {server} failed: {exc}; the disk was not changed",
               file=sys.stderr)
@@ -67,6 +77,12 @@ def _one_round(args: argparse.Namespace, facts: dict[str, Any], access: Any) -> 
         print(f"img: {server} sent a work answer img cannot use: {exc}; the disk was not "
               "changed", file=sys.stderr)
         return 1
+    try:
+        after_restore = identity_step(args, answer)
+    except BadIdentity as exc:
+        print(f"img: {server} sent an identity img cannot use ({exc}); the disk was not "
+              "changed", file=sys.stderr)
+        return 1
     if work == "referral":
         action, other, path = answer.get("action"), answer.get("server"), answer.get("path")
         print(f"{server}: referral: {action} //{other}/{path} ({reason})")
@@ -75,7 +91,7 @@ def _one_round(args: argparse.Namespace, facts: dict[str, Any], access: Any) -> 
                   "was not changed", file=sys.stderr)
             return 1
         status = server_operation(action, args, other, path, facts, "auto", args.server,
-                                  shrink, access, fileset)
+                                  shrink, access, fileset, after_restore)
         if status == EXIT_FAILED or action != "restore":
             return status
         return apply_addons_remote(other, addon_paths(answer), args.disk, None, args.threads,
@@ -88,7 +104,7 @@ def _one_round(args: argparse.Namespace, facts: dict[str, Any], access: Any) -> 
         return 0
     if work == "restore":
         status = server_operation("restore", args, server, image, facts, "auto", args.server,
-                                  shrink, access, fileset)
+                                  shrink, access, fileset, after_restore)
         if status == EXIT_FAILED:
             return status
         return apply_addons_remote(server, addon_paths(answer), args.disk, None, args.threads,
@@ -117,3 +133,63 @@ def addon_paths(answer: dict[str, Any]) -> list[str]:
     """The add-on images a work answer lists, in order."""
     addons = answer.get("addons") or []
     return [str(addon) for addon in addons] if isinstance(addons, list) else []
+
+
+# --- issue 17 glue: img/isdstore.py comes from the image-safe data branch (isd) and the work
+# answer's `identity` / `identity_source` from the policy branch (identity-policy). isdstore is
+# imported where it is used, so this branch runs (without image-safe data) until they merge.
+
+def disk_identity(disk: str) -> MachineIdentity | None:
+    """The identity in the disk's image-safe data, None when there is none (or no reader)."""
+    try:
+        from . import isdstore                           # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    try:
+        found = isdstore.read_identity(disk)
+    except Exception as exc:  # noqa: BLE001 (its errors are the isd branch's: say, go on)
+        print(f"img: warning: identity on {disk} not read: {exc}", file=sys.stderr)
+        return None
+    if found is not None:
+        print(f"identity on the disk: {found.describe()}")
+    return found
+
+
+def store_identity(disk: str, identity: MachineIdentity) -> str:
+    """Write identity into the disk's image-safe data; the line saying what happened."""
+    try:
+        from . import isdstore                           # type: ignore[attr-defined]
+    except ImportError:
+        return "identity not stored on the disk: this img has no image-safe data support"
+    try:
+        isdstore.write_identity(disk, identity)
+    except Exception as exc:  # noqa: BLE001 (as in disk_identity)
+        raise Failure(f"identity {identity.name} applied but not stored on {disk}: {exc}; "
+                      "the disk was restored") from None
+    return "identity stored in the disk's image-safe data"
+
+
+def identity_step(args: argparse.Namespace, answer: dict[str, Any]
+                  ) -> Callable[[], str] | None:
+    """What runs after a restore when the answer carries an identity: apply it, store it,
+    and return the text for the result report. Raises BadIdentity for a malformed one."""
+    value = answer.get("identity")
+    if value is None:
+        return None
+    wanted = identity_from_wire(value)
+    source = str(answer.get("identity_source") or "the server")
+
+    def apply() -> str:
+        from .identity_apply import apply_identity
+        print(f"identity ({source}): {wanted.describe()}")
+        try:
+            applied = apply_identity(args.disk, wanted, args.sector_size)
+        except IdentityError as exc:
+            raise Failure(f"identity {wanted.name} not applied: {exc}; the disk was "
+                          "restored") from None
+        for line in applied.lines:
+            print(f"  {line}")
+        stored = store_identity(args.disk, wanted)
+        print(f"  {stored}")
+        return applied.text() + "\n" + stored
+    return apply

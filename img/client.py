@@ -290,8 +290,14 @@ class ImagingClient:
             raise ServerError(f"{self.server}: {what}: the answer is not a JSON object")
         return answer
 
-    def work(self, facts: dict[str, Any], mode: str = "auto") -> dict[str, Any]:
-        return self.post_json("/v1/work", {**facts, "mode": mode}, "work request")
+    def work(self, facts: dict[str, Any], mode: str = "auto",
+             identity: dict[str, Any] | None = None) -> dict[str, Any]:
+        """identity: the one on the disk (common.identity's wire form), sent only when there
+        is one (docs/identity.md)."""
+        body = {**facts, "mode": mode}
+        if identity is not None:
+            body["identity"] = identity
+        return self.post_json("/v1/work", body, "work request")
 
     def result(self, report: dict[str, Any]) -> dict[str, Any]:
         return self.post_json("/v1/results", report, "result report")

@@ -40,3 +40,7 @@ EXIT_FAILED = 1          # failed; the message says why and whether the disk was
 EXIT_USAGE = 2           # bad arguments (argparse)
 EXIT_NOT_GROWN = 3       # restored completely, but a grown partition's filesystem was not grown
 
+
+class IdentityError(Exception):
+    """An identity that cannot be applied to a restored system (img/identity_apply.py): no
+    system found, a file or registry key that is not as expected; the text names it."""

@@ -48,9 +48,11 @@ def identity(facts: dict[str, Any]) -> tuple[str, str]:
 
 def report(server: str, facts: dict[str, Any], operation: str, image: str, error: str,
            image_type: str = "base", access: ServerAccess = NO_ACCESS,
-           multicast: dict[str, Any] | None = None) -> dict[str, Any] | None:
+           multicast: dict[str, Any] | None = None, applied_identity: str = ""
+           ) -> dict[str, Any] | None:
     """POST /v1/results (with a multicast receiver's fields: multicast_session, digest,
-    chunks_verified, bytes_written, path); a failure to report is a warning, not a failed
+    chunks_verified, bytes_written, path; and `identity`, the text of an identity applied
+    after a restore, only when there is one); a failure to report is a warning, not a failed
     operation. The server's answer, None when there is none."""
     workstation, mac = identity(facts)
     if not workstation and not mac:
@@ -61,6 +63,8 @@ def report(server: str, facts: dict[str, Any], operation: str, image: str, error
             "image_type": image_type, "image_path": image,
             "status": "failure" if error else "success", "error_message": error[:4000],
             "session": SESSION, **(multicast or {})}
+    if applied_identity:
+        body["identity"] = applied_identity[:4000]
     try:
         with ImagingClient(server, workstation, timeout=15, access=access) as client:
             answer = client.result(body)

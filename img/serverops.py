@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from common.imaging.imagefile import ImageReader
 from common.imaging.imageformat import ImageFormatError
@@ -160,11 +160,15 @@ def make_remote(server: str, path: str, disk: str, facts: dict[str, Any], level:
 def server_operation(kind: str, args: argparse.Namespace, server: str, path: str,
                      facts: dict[str, Any], mode: str, report_to: str,
                      shrink: bool = False, access: ServerAccess = NO_ACCESS,
-                     fileset: int = 0) -> int:
+                     fileset: int = 0,
+                     after_restore: Callable[[], str] | None = None) -> int:
     """A restore or make with the server, its result reported to report_to; shrink: the work
     answer asks a restore to shrink filesystems to fit a smaller disk (as --shrink does by
-    hand); fileset: the work answer's file set (0: --fileset, else 1, the whole image). A restore whose grown filesystem could not be grown returns EXIT_NOT_GROWN (the
-    restore itself is reported as done: the image is on the disk)."""
+    hand); fileset: the work answer's file set (0: --fileset, else 1, the whole image). A restore
+    whose grown filesystem could not be grown returns EXIT_NOT_GROWN (the restore itself is
+    reported as done: the image is on the disk). after_restore runs after a restore that wrote
+    the disk (img auto: apply the machine's identity); its text goes into the report's
+    `identity` field, and a Failure it raises fails the operation."""
     workstation, _ = identity(facts)
     reports_to(report_to)
     operation = "download" if kind == "restore" else "upload"
@@ -178,6 +182,7 @@ def server_operation(kind: str, args: argparse.Namespace, server: str, path: str
                                    sector_size=args.sector_size, access=access,
                                    fileset=fileset or getattr(args, "fileset", None) or 1)
             status = grow_status(result)
+            applied = after_restore() if after_restore is not None else ""
         else:
             label = make_remote(server, path, args.disk, facts, args.level, args.threads,
                                 workstation, mode, args.sector_size, access,
@@ -188,7 +193,8 @@ def server_operation(kind: str, args: argparse.Namespace, server: str, path: str
                else where(server, path), str(exc), access=access)
         return 1
     report(report_to, facts, operation, label if server != report_to or
-           not label.startswith(f"//{report_to}/") else path, "", access=access)
+           not label.startswith(f"//{report_to}/") else path, "", access=access,
+           applied_identity=applied if kind == "restore" else "")
     return status
 
 

@@ -16,6 +16,7 @@ APT_PACKAGES=(
   slapd ldap-utils               # a real OpenLDAP directory for the LDAP backend's tests
   libldap2-dev libsasl2-dev gcc python3-dev   # to build python-ldap (no wheels on PyPI)
   partclone fdisk gdisk e2fsprogs dosfstools fatresize mtools ntfs-3g xfsprogs btrfs-progs  # imaging
+  libhivex0 libhivex-bin         # img edits Windows' registry hive; tests read it with hivexget
   libxml2-utils                  # xmllint: the results log must stay well-formed XML
   strace                         # proves imgsrvd sends images with sendfile(2)
   openssl                        # preboot-dir tls create and the TLS tests make certificates

@@ -13,6 +13,8 @@
 #     mount, umount, mtools and ntfs-3g (what img runs for add-on images);
 #   - the host's e2fsck, resize2fs, ntfsresize, ntfsfix, fatresize and fsck.fat (what
 #     `img restore --shrink` runs);
+#   - libhivex (libhivex0), which img loads with ctypes to edit a restored Windows' registry
+#     hive when it applies a machine's identity (img/hive.py);
 #   - partclone's programs for ext2/3/4, FAT, NTFS, XFS and btrfs (what img runs to learn a
 #     partition's used blocks when it makes an image);
 #   - the host's Debian /usr/bin/python3.11 with its shared libraries and a pruned stdlib (with
@@ -64,6 +66,13 @@ SHRINK_TOOLS=(/usr/sbin/e2fsck /usr/sbin/resize2fs /usr/sbin/ntfsresize /usr/bin
               /usr/sbin/fatresize /usr/sbin/fsck.fat /usr/sbin/xfs_growfs /usr/sbin/xfs_repair
               /usr/bin/btrfs)
 MTOOLS_LINKS=(mcopy mmd mdir mattrib mdel mdeltree)
+# Libraries img loads itself (ctypes, so ldd of a program does not list them): libhivex, with
+# which img/hive.py edits the SYSTEM hive of a restored Windows (img/identity_windows.py).
+DLOPEN_LIBS=(/usr/lib/x86_64-linux-gnu/libhivex.so.0)
+# libhivex converts key and value names with iconv (UTF-16LE, LATIN1): glibc loads those
+# converters as gconv modules at run time, and without them every key lookup fails (EBADF).
+GCONV_DIR=/usr/lib/x86_64-linux-gnu/gconv
+GCONV_FILES=(gconv-modules gconv-modules.cache UTF-16.so ISO8859-1.so)
 # partclone's programs for the filesystems whose used blocks img maps (img/usedblocks.py), so an
 # image made in the environment stores used blocks only, not whole partitions; and the names
 # Debian links to them (link:program).
@@ -166,7 +175,7 @@ build_key() {
     sha256sum "$HERE/build.sh" "$HERE/init" "$PYTHON" "$BUSYBOX"
     (cd "$REPO" && sha256sum "${ENGINE_FILES[@]}")
     dpkg-query -W python3.11 libpython3.11-stdlib libpython3.11-minimal libc6 busybox-static \
-      util-linux mount mtools partclone ntfs-3g e2fsprogs fatresize dosfstools 2>/dev/null || true
+      util-linux mount mtools partclone ntfs-3g e2fsprogs fatresize dosfstools libhivex0 2>/dev/null || true
     basename "$KERNEL_DEB"; basename "$ZSTD_DEB"
   } | sha256sum | cut -d' ' -f1
 }
@@ -253,6 +262,21 @@ install_host_tools() {
   else
     log "warning: libgcc_s.so.1 not found: partclone will abort when its threads end"
   fi
+  local lib
+  for lib in "${DLOPEN_LIBS[@]}"; do
+    if [ -e "$lib" ]; then
+      mkdir -p "$root$(dirname "$lib")"
+      cp -L "$lib" "$root$lib"
+      copy_libs "$root" "$lib"
+    else
+      log "warning: $lib missing: img cannot apply an identity to Windows (install libhivex0)"
+    fi
+  done
+  mkdir -p "$root$GCONV_DIR"
+  for lib in "${GCONV_FILES[@]}"; do
+    if [ -e "$GCONV_DIR/$lib" ]; then cp -L "$GCONV_DIR/$lib" "$root$GCONV_DIR/$lib"
+    else log "warning: $GCONV_DIR/$lib missing: libhivex cannot read key names"; fi
+  done
   local link
   for link in "${PARTCLONE_LINKS[@]}"; do
     [ -x "$root/usr/sbin/${link#*:}" ] && ln -s "${link#*:}" "$root/usr/sbin/${link%%:*}"
@@ -406,6 +430,28 @@ import zstandard, hashlib, ctypes, ssl, ${imports%, }; hashlib.blake2b(b''); ssl
     in_chroot "$root" "fsck.fat cannot check a FAT" /usr/sbin/fsck.fat -n /tmp/self-test.fat
     rm -f "$root"/tmp/self-test.*
   fi
+  # libhivex edits a hive as img does: a key added, a value set, written, found again by name
+  # (which needs the gconv modules), read back; and a file that is not a hive refused.
+  if [ -e "$root/usr/lib/x86_64-linux-gnu/libhivex.so.0" ]; then
+    echo "not a hive" >"$root/tmp/self-test.nohive"
+    in_chroot "$root" "img cannot edit a registry hive with libhivex" /usr/bin/python3 -c "import sys
+sys.path.insert(0, '/usr/lib/preboot')
+from img.hive import Hive, HiveError, empty_hive
+from img.regvalue import REG_SZ, encode_sz
+open('/tmp/self-test.hive', 'wb').write(empty_hive())
+with Hive('/tmp/self-test.hive', writable=True) as hive:
+    hive.set_value(hive.ensure_key(('ControlSet001', 'Control')), 'Name', REG_SZ, encode_sz('PC-1'))
+    hive.commit()
+with Hive('/tmp/self-test.hive') as hive:
+    assert hive.value(hive.key(('controlset001', 'CONTROL')), 'Name') == 'PC-1'
+try:
+    Hive('/tmp/self-test.nohive')
+except HiveError as exc:
+    assert 'not a registry hive' in str(exc), exc
+else:
+    raise SystemExit('libhivex opened a file that is not a hive')"
+    rm -f "$root"/tmp/self-test.*
+  fi
   for tool in /usr/bin/ntfs-3g /usr/sbin/fatresize; do
     [ -x "$root$tool" ] && in_chroot "$root" "$tool does not start" "$tool" --version
   done
@@ -436,6 +482,8 @@ write_manifest() {
     echo "partclone: $(dpkg-query -W -f='${Version}' partclone 2>/dev/null)" \
       "($(cd "$root/usr/sbin" && ls partclone.* 2>/dev/null | tr '\n' ' '))"
     echo "on demand: ${ONDEMAND_MODULES[*]}"
+    echo "libraries img loads: $(for l in "${DLOPEN_LIBS[@]}"; do
+      [ -e "$root$l" ] && printf '%s ' "$(basename "$l")"; done)"
     echo "add-on and shrink tools: $(for t in "${HOST_TOOLS[@]}" "${SHRINK_TOOLS[@]}"; do
       [ -x "$root$t" ] && printf '%s ' "$(basename "$t")"; done)"
     echo "engine: ${ENGINE_FILES[*]}"

@@ -171,7 +171,7 @@ def test_img_auto_asks_again_at_most_a_few_times(monkeypatch, tmp_path, capsys):
         def __exit__(self, *exc: object) -> None:
             pass
 
-        def work(self, facts: Any, mode: str) -> dict[str, Any]:
+        def work(self, facts: Any, mode: str, identity: Any = None) -> dict[str, Any]:
             return next(answers)
     monkeypatch.setattr(auto, "ImagingClient", Client)
     rounds = []
