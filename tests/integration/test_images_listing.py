@@ -112,3 +112,19 @@ def test_an_unreachable_server_is_one_line(tmp_path):
     proc = images(Nowhere(), expect=65)
     line, = proc.stderr.splitlines()
     assert "127.0.0.1:1: cannot list images" in line
+
+
+def test_over_tls_with_the_pin_and_refused_with_another(imgsrvd_factory, tmp_path):  # noqa: F811
+    from tests.integration.test_tls import make_pair
+    cert, key, pin = make_pair(tmp_path)
+    server = imgsrvd_factory(AllowAnonymous=False, TLSCertificate=str(cert), TLSKey=str(key))
+    _fill(server.root)
+    operator = _token(server, "operator:alice", ("retrieve",), ("lab/*",))
+    lines = images(server, "--server-pin", f"sha256:{pin}", token=operator).stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["lab/base.img", "lab/drivers.add"]
+    other = "ab" * 32
+    proc = images(server, "--server-pin", other, token=operator, expect=65)
+    line, = proc.stderr.splitlines()
+    assert f"is not the pinned one (sha256:{other}); nothing was sent" in line
+    ca = images(server, "--server-ca", str(cert), token=operator).stdout
+    assert "lab/base.img" in ca
