@@ -2,6 +2,8 @@
 
 PUT  /v1/images/<path>   store an image (streamed to a temporary file, checked, then renamed)
 GET  /v1/images/<path>   retrieve an image (sendfile; Range for resume); HEAD: its size only
+GET  /v1/images          list the image root (path, size, type, date) for an operator
+                         (listing.py: only what the capability's patterns name)
 POST /v1/work            auto-imaging: what the directory says this machine should do
 POST /v1/results         log an imaging result; a successful restore clears the next-boot flag
 GET  /status             a read-only HTML status page of the four daemons, the latest
@@ -40,6 +42,7 @@ from common.daemon import services
 from common.daemon.httpdaemon import (BadJsonBody, HttpListener, JsonLimits,
                                       address_change_warnings, error_middleware,
                                       metrics_handler, quiet_bad_requests, read_json_body)
+from common.imaging.imagelist import list_images
 from common.imaging.protocol import BadPath, BadRequest, LocalPath, RemotePath
 from common.policy.model import NO_WORK, ActionKind, MulticastSession, WorkAssignment
 from common.policy.sessions import work_for
@@ -47,7 +50,7 @@ from common.policy.trust import Gate, Refused
 from common.daemon.tls import reload_tls, server_context
 from common.daemon.workerpool import DaemonThreadPool
 
-from . import store
+from . import listing, store
 from .access import work_grant
 from .config import Settings
 from .multicast.catalog import Catalog, CatalogSettings, Engine, NoEngine, ParticipantEntry
@@ -212,6 +215,7 @@ class ImagingServer:
         app.router.add_route("PUT", "/v1/images/{path:.+}", self._put,
                              expect_handler=self._expect)
         app.router.add_get("/v1/images/{path:.+}", self._get)   # and HEAD
+        app.router.add_get("/v1/images", self._list_images)
         app.router.add_post("/v1/work", self._work)
         app.router.add_post("/v1/results", self._result)
         app.router.add_post("/v1/sessions", self._register_session)
@@ -392,6 +396,24 @@ class ImagingServer:
                         answer.get("error"))
             return _error(status, answer["error"])
         return web.json_response(answer, status=status)
+
+    async def _list_images(self, request: web.Request) -> web.Response:
+        """GET /v1/images: path, size, type and date of what the image root holds (headers
+        and trailers read, never the chunks), as far as the operator's capability names it
+        (imgsrvd/listing.py). Read-only; partial uploads are left out."""
+        try:
+            capability = self._authorize(request, "retrieve")
+        except Refused as exc:
+            log.warning("image listing for %s refused: %s", request.remote, exc.reason)
+            return _error(exc.status, exc.reason)
+        why = listing.refusal(capability)
+        if why:
+            log.warning("image listing for %s refused: %s", request.remote, why)
+            return _error(403, why)
+        entries = await asyncio.to_thread(list_images, self.settings.image_root)
+        shown = listing.visible(entries, capability)
+        return web.json_response({"server": self.settings.server_name,
+                                  "images": [dataclasses.asdict(entry) for entry in shown]})
 
     async def _session_info(self, request: web.Request) -> web.Response:
         """GET /v1/sessions/<name>: where to join it, its state (the master shows it)."""

@@ -11,6 +11,7 @@ APT_PACKAGES=(
   iproute2 nftables tcpdump      # network namespaces, packet loss, captures
   ethtool                        # the multicast lab turns GRO on (tests/mcastlab.py)
   rpm shellcheck                 # packaging checks (rpmspec, init scripts)
+  debootstrap                    # the root the RPMs are installed into (tests/rpmroot.py)
   groff-base man-db rpmlint      # the generated man pages render; rpmlint on the built RPMs
   qemu-system-x86 ipxe-qemu ipxe ovmf radvd   # real PXE firmware for e2e tests
   slapd ldap-utils               # a real OpenLDAP directory for the LDAP backend's tests
@@ -63,3 +64,8 @@ if ! ls tftpd/_lockstep.*.so >/dev/null 2>&1 || [ -n "$(find tftpd/_lockstep.c s
 fi
 # Playwright drives Debian's chromium (executable_path, tests/integration/test_status_page.py):
 # its own browser download ("playwright install") is never run.
+# The minimal root tests/integration/test_rpm_install.py installs the RPMs into: debootstrapped
+# once from the mirror and cached (/var/cache/preboot-tests), so the tests need no network.
+if [ "$(id -u)" = 0 ]; then
+  python3 tests/rpmroot.py >/dev/null
+fi

@@ -60,3 +60,37 @@ def tftpd_factory(tmp_path: Path, tftp_root: Path):
 @pytest.fixture
 def tftpd(tftpd_factory) -> DaemonProcess:
     return tftpd_factory()
+
+
+# The RPMs installed with their scriptlets into a root with a shell (tests/rpmroot.py): built
+# and installed once per session; tests/integration/test_rpm_install.py says how to use them.
+def _rpmroot_skip() -> None:
+    import rpmroot
+    if os.geteuid() != 0:
+        pytest.skip("needs root (chroot, mount namespaces, file owners in the root)")
+    missing = rpmroot.missing_tools()
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)} (scripts/install-deps.sh installs them)")
+
+
+@pytest.fixture(scope="session")
+def built_rpms(tmp_path_factory):
+    """This work tree's six RPMs (release 1), built once per session."""
+    _rpmroot_skip()
+    import rpmroot
+    return rpmroot.build_rpms(tmp_path_factory.mktemp("rpms"))
+
+
+@pytest.fixture(scope="session")
+def rpm_root(tmp_path_factory, built_rpms):
+    """A root with the RPMs installed by `rpm -i` (scriptlets run): an `rpmroot.RpmRoot`.
+    Shared by the session: use it, do not erase from it (make your own with make_root)."""
+    import shutil
+
+    import rpmroot
+    root = rpmroot.make_root(tmp_path_factory.mktemp("rpmroot") / "root")
+    try:
+        rpmroot.install(root, built_rpms)
+        yield root
+    finally:
+        shutil.rmtree(root.path, ignore_errors=True)  # a root is 300 MB: never keep one

@@ -342,7 +342,9 @@ class Lifecycle:
         return {"ok": True, "message": "stopping"}
 
     async def reload(self) -> dict[str, Any]:
-        notify("RELOADING=1")
+        # Type=notify-reload (systemd 253+) wants the reload's start time with RELOADING=1;
+        # older systemd ignores the extra field. READY=1 ends the reload, failed or not.
+        notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             settings, common = _load(self.spec, self.config_path)
         except ConfigError as exc:

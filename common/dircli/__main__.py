@@ -26,7 +26,7 @@
     preboot-dir sessions remove|enable|disable NAME
     preboot-dir sessions move NAME POSITION
     preboot-dir explain --mac MAC [--serial S] [--manufacturer M] [--ram-mb N] ...
-    preboot-dir images [--root DIR] [--json]  the images under imgsrvd's ImageRoot (read there)
+    preboot-dir images [--root DIR | --server HOST[:PORT]] [--json]  what an imaging server holds
 
 The store is the `Directory =` of prebootpolicyd's config (--config, default
 /etc/preboot/policyd.conf), or --directory URL. Only the writing commands (init, import, add,

@@ -21,6 +21,14 @@
 # placed, so a later run replaces its own files (a distribution update) but refuses a file an
 # administrator put there that differs (kept, reported, exit 1) unless --force.
 #
+# Options:
+#   --force          replace a file in ROOT that this command did not place and that differs
+#   --download       fetch what is not installed with apt-get download (Debian only)
+#   --cache DIR      where --download keeps the packages (default /var/cache/preboot/bootfiles)
+#   --family debian|suse
+#                    the distribution's package names and paths (default: the one running)
+#   -h, --help       show this text and exit
+#
 # Exit: 0 every required file is in place; 1 something required is missing or was refused
 # (each named on stderr, with the package to install); 2 usage.
 # Test hooks: PREBOOT_BOOTFILES_SYSROOT (where installed files are looked for; default /).

@@ -76,6 +76,23 @@ def test_daemon_pages_list_every_config_key(daemon):
         assert f".TP\n\\fB{code}\\fR\n" in page
 
 
+def test_bootfiles_page_follows_the_scripts_help():
+    """preboot-bootfiles(8) comes from the script's --help: every option its argument loop
+    handles and every exit code is on the page."""
+    script = genman.BOOTFILES.read_text()
+    loop = script.split("while [ $# -gt 0 ]; do")[1].split("done")[0]
+    handled = {opt for case in re.findall(r"^\s+([-\w|]+)\)", loop, re.M)
+               for opt in case.split("|") if opt.startswith("-") and opt != "-*"}
+    assert handled == {"--force", "--download", "--cache", "--family", "-h", "--help"}
+    page = PAGES["man8/preboot-bootfiles.8"]
+    for option in handled:
+        assert f"\\fB{genman.esc(option)}\\fR" in page, option
+    for code in ("0", "1", "2"):
+        assert f".TP\n\\fB{code}\\fR\n" in page
+    assert "\n.SH NAME\npreboot\\-bootfiles \\- put the boot programs" in page
+    assert "\n.B preboot\\-bootfiles\n[\\-\\-force]" in page
+
+
 def test_documented_exit_codes():
     from img.errors import EXIT_FAILED, EXIT_NOT_GROWN, EXIT_OK, EXIT_USAGE
     exit_status = {name: page_of(name).split("\n.SH EXIT STATUS\n")[1].split("\n.SH ")[0]

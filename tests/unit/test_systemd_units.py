@@ -231,3 +231,28 @@ def test_spec_parses():
     assert result.returncode == 0, result.stderr
     assert {"preboot-common", "preboot-img"} | {f"preboot-{name}" for name in DAEMONS} <= \
         set(result.stdout.split())
+
+
+def systemd_version() -> int:
+    out = subprocess.run(["systemctl", "--version"], capture_output=True, text=True).stdout
+    match = re.match(r"systemd (\d+)", out)
+    return int(match.group(1)) if match else 0
+
+
+NOTIFY_RELOAD = UNIT_DIR / "notify-reload" / "notify-reload.conf"
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze") or systemd_version() < 253,
+                    reason="Type=notify-reload needs the systemd-analyze of systemd 253 or later "
+                           "(this machine's is older)")
+@pytest.mark.parametrize("name", DAEMONS)
+def test_notify_reload_drop_in_verifies(name, tmp_path):
+    """The documented switch (docs/packaging.md) on a systemd that knows the type."""
+    copy = stubbed_copy(UNIT_DIR / f"preboot-{name}.service", tmp_path)
+    drop_dir = copy.parent / f"{copy.name}.d"
+    drop_dir.mkdir()
+    shutil.copy(NOTIFY_RELOAD, drop_dir / "notify-reload.conf")
+    result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(copy)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "notify-reload" not in result.stdout + result.stderr
