@@ -12,8 +12,8 @@ from .config import SCHEMA, make_settings
 
 try:
     from .server import ProxyDhcpServer
-except (ImportError, OSError) as exc:  # scapy missing, or its import blocked (netlink sandbox)
-    print(f"preboot-proxydhcpd: cannot load the packet library (scapy): {exc}", file=sys.stderr)
+except (ImportError, OSError) as exc:  # a module of ours missing (a broken installation)
+    print(f"preboot-proxydhcpd: cannot load the server: {exc}", file=sys.stderr)
     sys.exit(EX_SOFTWARE)
 
 SPEC = DaemonSpec(

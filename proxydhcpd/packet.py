@@ -263,3 +263,25 @@ def encode_option(code: int, value: bytes) -> bytes:
         return bytes((code, 0))
     return b"".join(bytes((code, len(value[i:i + 255]))) + value[i:i + 255]
                     for i in range(0, len(value), 255))
+
+
+def encode_options(options: list[tuple[int, bytes]]) -> bytes:
+    """Options in the order given, each split as RFC 3396 says; no END (the caller adds it)."""
+    return b"".join(encode_option(code, value) for code, value in options)
+
+
+def encode_reply_header(siaddr: str, sname: bytes, file: bytes) -> bytes:
+    """A BOOTREPLY's fixed part and magic cookie (RFC 2131 section 2, figure 1), with the
+    per-client fields (xid, flags, ciaddr, yiaddr, giaddr, chaddr) zero for reply.py to fill.
+
+    htype 1 / hlen 6 (Ethernet, RFC 1700) until the fill copies the client's; `sname` (64
+    bytes) and `file` (128 bytes) are NUL-padded and must leave room for the NUL.
+    """
+    if len(sname) > 63:
+        raise ValueError(f"server name of {len(sname)} bytes does not fit the 64-byte field")
+    if len(file) > 127:
+        raise ValueError(f"boot file name of {len(file)} bytes does not fit the 128-byte field")
+    # op, htype, hlen, hops | xid | secs, flags | ciaddr | yiaddr | siaddr | giaddr | chaddr
+    fixed = bytes((BOOTREPLY, 1, 6, 0)) + bytes(4) + bytes(4) + bytes(4) + bytes(4) \
+        + socket.inet_aton(siaddr) + bytes(4) + bytes(16)
+    return fixed + sname.ljust(64, b"\0") + file.ljust(128, b"\0") + MAGIC_COOKIE

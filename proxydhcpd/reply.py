@@ -1,9 +1,9 @@
-"""Reply bytes: a template per reply shape, built once with scapy, filled per client.
+"""Reply bytes: a template per reply shape, built once by our codec (packet.py), filled per client.
 
 A shape is everything a reply shares with other clients of the same kind (message type, server
-and boot server address, boot file, option 43). scapy builds and checks it once (its build costs
-hundreds of microseconds, far too much per packet at thousands of DISCOVERs a second); each
-client's reply is then the template with the per-client fields written at their RFC 2131
+and boot server address, boot file, option 43). The template is built once per shape (a few
+microseconds; scapy, which built it before, took hundreds and is now only the tests' reference
+codec: docs/packaging.md); each client's reply is then the template with the per-client fields written at their RFC 2131
 offsets: xid (4), flags (10: broadcast for every offer), ciaddr (12), giaddr (24), chaddr (28), htype/hlen (1, 2), plus
 option 97 echoed when the client sent one (PXE 2.1 requires the echo).
 """
@@ -13,8 +13,6 @@ from __future__ import annotations
 import socket
 from collections import OrderedDict
 from dataclasses import dataclass
-
-from scapy.layers.dhcp import BOOTP, DHCP
 
 from . import packet
 from .decide import ProxyReply
@@ -36,18 +34,17 @@ class Shape:
 
 def build_template(shape: Shape) -> bytes:
     """The reply without per-client fields and without the END option (added on fill)."""
-    options = [("message-type", shape.message_type), ("server_id", shape.server),
-               ("vendor_class_id", shape.vendor_class)]
-    if shape.pxe_options is not None:
-        options.append(("vendor_specific", shape.pxe_options))
     file = shape.boot_file.encode("ascii")
     if len(file) > 127:
         raise ValueError(f"boot file name of {len(file)} bytes does not fit the 128-byte field")
-    sname = shape.next_server.encode("ascii")
-    layer = BOOTP(op=packet.BOOTREPLY, htype=1, hlen=6, xid=0, flags=0, ciaddr="0.0.0.0",
-                  yiaddr="0.0.0.0", siaddr=shape.next_server, giaddr="0.0.0.0",
-                  chaddr=b"\0" * 16, sname=sname, file=file) / DHCP(options=options)
-    return bytes(layer)
+    options = [(packet.OPT_MESSAGE_TYPE, bytes((shape.message_type,))),
+               (packet.OPT_SERVER_ID, socket.inet_aton(shape.server)),
+               (packet.OPT_VENDOR_CLASS, shape.vendor_class)]
+    if shape.pxe_options is not None:
+        options.append((packet.OPT_VENDOR_SPECIFIC, shape.pxe_options))
+    return packet.encode_reply_header(siaddr=shape.next_server,
+                                      sname=shape.next_server.encode("ascii"),
+                                      file=file) + packet.encode_options(options)
 
 
 class ReplyBuilder:

@@ -21,7 +21,7 @@ APT_PACKAGES=(
   libxml2-utils                  # xmllint: the results log must stay well-formed XML
   strace                         # proves imgsrvd sends images with sendfile(2)
   openssl                        # preboot-dir tls create and the TLS tests make certificates
-  busybox-static cpio python3.11 # the imaging environment (packaging/imaging-env/build.sh)
+  cpio xz-utils curl             # the imaging environment (build.sh unpacks pinned .debs; cpio reads initrds in tests)
   chromium                       # a real browser engine for imgsrvd's status page test
 )
 

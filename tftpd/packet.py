@@ -2,20 +2,18 @@
 
 Pure: no sockets, no clock, no file system, so it is unit-tested and fuzzed on its own.
 
-Request packets (RRQ/WRQ) and OACK go through tftpy's packet factory and types, which are a
-correct, well-used codec for these rare packets. DATA, ACK and ERROR are the per-block hot path
-(tens of thousands per second per transfer) and tftpy's versions log on every call and cannot
-carry an error message, so those are encoded and decoded here with fixed struct layouts.
-Every decoding failure, whatever library raised it, becomes one `MalformedPacket` with a reason.
+Every packet is encoded and decoded here: requests (RRQ/WRQ) and OACK are NUL-terminated ASCII
+strings (RFC 1350 section 5, RFC 2347 "Packet Formats"), DATA, ACK and ERROR fixed struct
+layouts (the per-block hot path). tftpy decoded requests and OACKs before; it is now only the
+tests' reference codec (tests/unit/tftpd/test_packet_reference.py; why: docs/packaging.md), and
+this codec accepts and refuses what tftpy's did. Every decoding failure becomes one
+`MalformedPacket` with a reason.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-
-from tftpy.TftpPacketFactory import TftpPacketFactory
-from tftpy.TftpPacketTypes import TftpPacketOACK
 
 OP_RRQ, OP_WRQ, OP_DATA, OP_ACK, OP_ERROR, OP_OACK = 1, 2, 3, 4, 5, 6
 
@@ -34,7 +32,6 @@ MODES = ("octet", "netascii")
 MAX_REQUEST_BYTES = 512 * 4  # RFC 2347 lets requests exceed 512 bytes; PXE ROMs stay far below
 
 _HEADER = struct.Struct("!HH")
-_FACTORY = TftpPacketFactory()
 
 
 class MalformedPacket(ValueError):
@@ -107,21 +104,41 @@ def decode(datagram: bytes) -> Packet:
 
 
 def decode_request(datagram: bytes) -> Request:
+    """RRQ/WRQ: opcode | filename NUL | mode NUL | (option NUL value NUL)* (RFC 2347)."""
     if len(datagram) > MAX_REQUEST_BYTES:
         raise MalformedPacket(f"request of {len(datagram)} bytes is too long")
     if not datagram.endswith(b"\0"):
         raise MalformedPacket("request does not end with a NUL")
-    try:
-        parsed = _FACTORY.parse(bytes(datagram))
-    except Exception as exc:  # tftpy raises TftpException, struct.error, UnicodeDecodeError...
-        raise MalformedPacket(f"bad request: {exc}") from None
-    mode = parsed.mode.lower()
+    strings = _strings(bytes(datagram[2:]), "bad request")
+    if len(strings) < 2:
+        raise MalformedPacket("bad request: no transfer mode")
+    filename, mode = strings[0], strings[1].lower()   # RFC 1350: mode in any case
     if mode not in MODES:
-        raise MalformedPacket(f"unsupported transfer mode {parsed.mode!r}")
-    if not parsed.filename:
+        raise MalformedPacket(f"unsupported transfer mode {strings[1]!r}")
+    if not filename:
         raise MalformedPacket("empty file name")
-    options = {str(k).lower(): str(v) for k, v in parsed.options.items()}
-    return Request(parsed.opcode, parsed.filename, mode, options)
+    return Request(int.from_bytes(datagram[:2], "big"), filename, mode,
+                   _options(strings[2:], "bad request"))
+
+
+def _strings(body: bytes, what: str) -> list[str]:
+    """NUL-terminated ASCII strings (the last one must be terminated too)."""
+    if not body.endswith(b"\0"):
+        raise MalformedPacket(f"{what}: last string not NUL-terminated")
+    try:
+        return body[:-1].decode("ascii").split("\0")
+    except UnicodeDecodeError:
+        raise MalformedPacket(f"{what}: not ASCII") from None
+
+
+def _options(strings: list[str], what: str) -> dict[str, str]:
+    """Option name/value pairs; names lower-cased (RFC 2347: case-insensitive), a repeated
+    name keeps its last value. An empty name or value is malformed (RFC 2347 gives none)."""
+    if len(strings) % 2:
+        raise MalformedPacket(f"{what}: option {strings[-1]!r} has no value")
+    if any(not text for text in strings):
+        raise MalformedPacket(f"{what}: empty option name or value")
+    return {strings[i].lower(): strings[i + 1] for i in range(0, len(strings), 2)}
 
 
 def decode_error(datagram: bytes) -> Error:
@@ -133,13 +150,11 @@ def decode_error(datagram: bytes) -> Error:
 
 
 def _decode_oack(datagram: bytes) -> dict[str, str]:
-    try:
-        packet = TftpPacketOACK()
-        packet.buffer = bytes(datagram)
-        packet.decode()
-    except Exception as exc:
-        raise MalformedPacket(f"bad OACK: {exc}") from None
-    return {str(k).lower(): str(v) for k, v in packet.options.items()}
+    """OACK: opcode | (option NUL value NUL)* (RFC 2347); none at all is accepted."""
+    body = bytes(datagram[2:])
+    if not body:
+        return {}
+    return _options(_strings(body, "bad OACK"), "bad OACK")
 
 
 # ---- encoders ---------------------------------------------------------------------------------
@@ -163,14 +178,15 @@ def encode_error(code: int, message: str) -> bytes:
 
 
 def encode_oack(options: dict[str, str]) -> bytes:
-    packet = TftpPacketOACK()
-    packet.options = options
-    return packet.encode().buffer
+    """OACK with the options in the order given (RFC 2347)."""
+    body = b"".join(str(name).encode("ascii") + b"\0" + str(value).encode("ascii") + b"\0"
+                    for name, value in options.items())
+    return struct.pack("!H", OP_OACK) + body
 
 
 def encode_request(opcode: int, filename: str, mode: str = "octet",
                    options: dict[str, str] | None = None) -> bytes:
-    """Build an RRQ/WRQ (tests and tools; tftpy's encoder knows only octet mode)."""
+    """Build an RRQ/WRQ (tests and tools)."""
     parts = [filename.encode("ascii"), mode.encode("ascii")]
     for name, value in (options or {}).items():
         parts += [name.encode("ascii"), str(value).encode("ascii")]

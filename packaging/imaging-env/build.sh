@@ -2,31 +2,39 @@
 # Build the imaging environment: a Linux kernel (`linux`) and an initramfs (`initrd`, gzip cpio)
 # that the Preboot Policy Service boots on a machine to image it (docs/imaging-environment.md).
 #
-#   packaging/imaging-env/build.sh [--out DIR] [--cache DIR] [--force]
+#   packaging/imaging-env/build.sh [--out DIR] [--cache DIR] [--force] [--fetch-only]
 #
-# This script owns what goes into the environment:
-#   - Debian's stock kernel (linux-image-amd64's current image, `apt-get download`, never
-#     installed) and only the modules a PC or VM needs to image a disk: NICs (virtio-net, e1000,
-#     e1000e), disks (virtio-blk, ata_piix, ahci, sd), loop, ext4, fuse, xfs and btrfs for
-#     add-on images;
-#   - busybox (busybox-static) with every applet linked, and the host's util-linux losetup,
-#     mount, umount, mtools and ntfs-3g (what img runs for add-on images);
-#   - the host's e2fsck, resize2fs, ntfsresize, ntfsfix, fatresize and fsck.fat (what
-#     `img restore --shrink` runs);
+# Everything in it comes from the Debian packages pinned in packages.lock (name, version,
+# SHA-256 of the .deb), downloaded from a Debian mirror (PREBOOT_DEBIAN_MIRROR, default
+# https://deb.debian.org) or found in the cache, checked against the lock and unpacked into a
+# private root (never installed): nothing is taken from the host, so any Linux host (x86-64)
+# with bash, tar, xz, sha256sum and dpkg-deb or ar builds the same bytes. In it:
+#   - Debian's kernel and only the modules a PC or VM needs to image a disk: NICs (virtio-net,
+#     e1000, e1000e), disks (virtio-blk, ata_piix, ahci, sd), loop, ext4, fuse, xfs and btrfs
+#     for add-on images;
+#   - busybox (busybox-static) with every applet linked, util-linux's losetup, mount, umount,
+#     mtools and ntfs-3g (what img runs for add-on images);
+#   - e2fsck, resize2fs, ntfsresize, ntfsfix, fatresize and fsck.fat (what `img restore
+#     --shrink` runs), xfs_growfs and btrfs (--grow);
 #   - libhivex (libhivex0), which img loads with ctypes to edit a restored Windows' registry
-#     hive when it applies a machine's identity (img/hive.py);
+#     hive when it applies a machine's identity (img/hive.py), and glibc's gconv modules it needs;
 #   - partclone's programs for ext2/3/4, FAT, NTFS, XFS and btrfs (what img runs to learn a
 #     partition's used blocks when it makes an image);
-#   - the host's Debian /usr/bin/python3.11 with its shared libraries and a pruned stdlib (with
-#     the __pycache__ Debian compiled: nothing is compiled under emulation at boot);
-#   - Debian's python3-zstandard for that interpreter;
+#   - Debian's python3.11 with a pruned stdlib, compiled here (hash-based .pyc: nothing is
+#     compiled under emulation at boot), and python3-zstandard;
 #   - our imaging engine `img` (and /usr/bin/img to run it) and the `common` modules it
 #     imports (no daemons);
 #   - /init (the file `init` next to this script) and udhcpc's script.
-# Outputs DIR/linux, DIR/initrd and DIR/manifest.txt. A build key (hash of every input) is kept in
+# The shared libraries of every program come from the same packages; one that is in none of
+# them stops the build with its name (add its package to packages.lock: pin.sh).
+# The initrd is reproducible: mkinitrd.py writes sorted entries owned by 0:0 with one mtime
+# (SOURCE_DATE_EPOCH, default FALLBACK_EPOCH below), gzip without name or time.
+# Outputs DIR/linux, DIR/initrd, DIR/modules (the kernel modules inside) and DIR/manifest.txt
+# (inputs and the outputs' SHA-256). A build key (hash of every input) is kept in
 # DIR/.build-key: when it matches, the script says "up to date" and exits in a few seconds.
-# Needs (Debian): busybox-static cpio python3.11 apt (for the downloads), run as root or with a
-# writable cache. Every command that may hang has a timeout.
+# --fetch-only downloads and checks the packages into the cache and stops (then build offline,
+# e.g. in rpmbuild, with the same --cache). Run as root, the build also runs a self-test in a
+# chroot of the tree; as another user it skips that. Every command that may hang has a timeout.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -40,9 +48,15 @@ fi
 OUT=/var/cache/preboot/imaging-env
 CACHE=""
 FORCE=0
-PYTHON=/usr/bin/python3.11
+FETCH_ONLY=0
+LOCK=${PREBOOT_IMGENV_LOCK:-$HERE/packages.lock}
+MIRROR=${PREBOOT_DEBIAN_MIRROR:-https://deb.debian.org}
+# The entries' time when SOURCE_DATE_EPOCH is not set: the day the packages were first pinned
+# (2025-12-07). Any fixed value gives fixed bytes; the manifest records the one used.
+FALLBACK_EPOCH=1765065600
+EPOCH=${SOURCE_DATE_EPOCH:-$FALLBACK_EPOCH}
 PYVER=3.11
-BUSYBOX=/bin/busybox
+MULTIARCH=x86_64-linux-gnu
 # Modules loaded at boot (dependencies are added from modules.dep): NICs, disks, raw packet
 # sockets, loop + ext4 (+ the crc32c it asks the crypto API for) to apply add-on images, and fuse
 # so that /dev/fuse exists for ntfs-3g (NTFS add-on targets).
@@ -55,9 +69,9 @@ ONDEMAND_MODULES=(xfs btrfs)
 MODULE_GLOBS=('drivers/ata/*' 'drivers/block/*' 'drivers/net/*' 'drivers/scsi/*' 'drivers/virtio/*'
               'net/core/*' 'net/packet/*' 'lib/*' 'fs/ext4/*' 'fs/jbd2/*' 'fs/mbcache.ko'
               'fs/fuse/*' 'fs/xfs/*' 'fs/btrfs/*' 'crypto/*')
-# Host programs img runs to apply add-on images (busybox's losetup and umount lack the options
-# it uses): util-linux's losetup, mount, umount, mtools for FAT and ntfs-3g for NTFS. Copied with
-# their libraries when present, at the same path in the initramfs.
+# Programs img runs to apply add-on images (busybox's losetup and umount lack the options it
+# uses): util-linux's losetup, mount, umount, mtools for FAT and ntfs-3g for NTFS. Copied from
+# the pinned packages with their libraries, at the same path in the initramfs.
 HOST_TOOLS=(/usr/sbin/losetup /usr/bin/mount /usr/bin/umount /usr/bin/mtools /usr/bin/ntfs-3g)
 # What `img restore --shrink`, `--grow` and `--fileset` run (img/shrink.py, img/grow.py,
 # img/filesets.py): e2fsprogs, ntfs-3g's ntfsresize and ntfsfix, fatresize, dosfstools'
@@ -99,69 +113,151 @@ parse_args() {
       --out) OUT=$2; shift 2 ;;
       --cache) CACHE=$2; shift 2 ;;
       --force) FORCE=1; shift ;;
+      --fetch-only) FETCH_ONLY=1; shift ;;
       -h|--help) usage ;;
       *) log "unknown argument $1"; usage ;;
     esac
   done
   OUT=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
-  # Downloads and the extracted kernel live beside the outputs unless told otherwise.
+  # Downloads and the extracted packages live beside the outputs unless told otherwise.
   CACHE=${CACHE:-$OUT/.cache}
-  mkdir -p "$CACHE"
+  mkdir -p "$CACHE/debs"
+  CACHE=$(cd "$CACHE" && pwd)
+  [[ $EPOCH =~ ^[0-9]+$ ]] || die "SOURCE_DATE_EPOCH=$EPOCH is not a number of seconds"
 }
 
 check_tools() {
   local missing=()
-  for tool in "$PYTHON" "$BUSYBOX" cpio gzip dpkg-deb dpkg-query tar sha256sum; do
+  for tool in tar xz sha256sum find sort timeout; do
     command -v "$tool" >/dev/null || missing+=("$tool")
   done
+  command -v dpkg-deb >/dev/null || command -v ar >/dev/null || missing+=("dpkg-deb or ar")
   [ ${#missing[@]} -eq 0 ] || die "missing: ${missing[*]} (scripts/install-deps.sh installs them)"
-  # A dynamically linked busybox would need its libraries in the initramfs too.
-  if ldd "$BUSYBOX" >/dev/null 2>&1; then die "$BUSYBOX is not static (install busybox-static)"; fi
+  [ "$(uname -m)" = x86_64 ] || die "the pinned packages are amd64: build on an x86-64 host"
 }
 
-# ---------------------------------------------------------------------------------- downloads
+# ---------------------------------------------------------------------------------- packages
 
-# The .deb of PACKAGE in the cache, downloaded if absent. Prints its path.
+# The lock's entries ("name version sha256 path"), comments and blank lines left out; a line
+# without all four fields (a package added but not pinned) stops the build.
+read_lock() {
+  [ -f "$LOCK" ] || die "no package lock $LOCK"
+  LOCK_LINES=()
+  local line name version sum path extra
+  while IFS= read -r line || [ -n "$line" ]; do
+    case "$line" in ''|'#'*) continue ;; esac
+    read -r name version sum path extra <<<"$line"
+    [ -n "${path:-}" ] && [ -z "${extra:-}" ] && [[ $sum =~ ^[0-9a-f]{64}$ ]] \
+      || die "$LOCK: '$line' is not 'name version sha256 path' (run pin.sh for a new package)"
+    LOCK_LINES+=("$name $version $sum $path")
+  done <"$LOCK"
+  [ ${#LOCK_LINES[@]} -gt 0 ] || die "$LOCK pins no package"
+}
+
+# The cached .deb of a lock entry, downloaded if absent, verified against the lock either way.
+# Prints its path.
 fetch_deb() {
-  local package=$1 found
-  found=$(ls "$CACHE/${package}"_*.deb 2>/dev/null | sort -V | tail -1 || true)
-  if [ -z "$found" ]; then
-    log "downloading $package"
-    # apt-get download writes into the current folder; _apt cannot always read the cache folder
-    # (the "unsandboxed" warning is harmless).
-    (cd "$CACHE" && timeout 600 apt-get download -q "$package" >/dev/null 2>"$CACHE/apt.err") \
-      || { cat "$CACHE/apt.err" >&2; die "apt-get download $package failed"; }
-    found=$(ls "$CACHE/${package}"_*.deb | sort -V | tail -1)
+  local name=$1 sum=$3 path=$4 file
+  file=$CACHE/debs/$(basename "$path")
+  # the layout before the lock kept the .debs in the cache folder itself
+  [ -f "$file" ] || [ ! -f "$CACHE/$(basename "$path")" ] || mv "$CACHE/$(basename "$path")" "$file"
+  if [ ! -f "$file" ]; then
+    log "downloading $name"
+    download "$MIRROR/$path" "$file.part" || die "cannot download $MIRROR/$path"
+    mv "$file.part" "$file"
   fi
-  echo "$found"
+  if [ "$(sha256sum <"$file" | cut -d' ' -f1)" != "$sum" ]; then
+    mv "$file" "$file.bad"
+    die "$(basename "$file") does not match packages.lock (SHA-256 differs; kept as .bad)"
+  fi
+  echo "$file"
 }
 
-# The versioned kernel package linux-image-amd64 points at now (e.g. linux-image-6.1.0-56-amd64);
-# when apt knows nothing (offline), the newest one already in the cache.
-kernel_package() {
-  local name
-  name=$(timeout 60 apt-cache depends linux-image-amd64 2>/dev/null \
-         | awk '/Depends: linux-image-[0-9]/ && !n++ {print $2}' || true)
-  if [ -z "$name" ]; then
-    name=$(ls "$CACHE"/linux-image-[0-9]*.deb 2>/dev/null | sort -V | tail -1 \
-           | sed 's|.*/||; s|_.*||' || true)
+download() {
+  local url=$1 dest=$2
+  if [[ $url == file://* ]]; then cp "${url#file://}" "$dest"; return; fi
+  if command -v curl >/dev/null; then
+    timeout 900 curl -fsSL --retry 3 -o "$dest" "$url"
+  elif command -v wget >/dev/null; then
+    timeout 900 wget -q -O "$dest" "$url"
+  else
+    die "neither curl nor wget to download $url (or put the .deb into $CACHE/debs)"
   fi
-  [ -n "$name" ] || die "cannot tell which kernel package to use (apt-cache depends linux-image-amd64)"
-  echo "$name"
+}
+
+# The uncompressed data tar of a .deb on stdout: dpkg-deb when there is one, else ar and the
+# decompressor of the member (a .deb is an ar archive: debian-binary, control, data.tar.*).
+deb_data() {
+  local deb=$1 member
+  if command -v dpkg-deb >/dev/null; then dpkg-deb --fsys-tarfile "$deb"; return; fi
+  member=$(ar t "$deb" | grep '^data\.tar') || die "$deb has no data.tar member"
+  case "$member" in
+    *.xz) ar p "$deb" "$member" | xz -dc ;;
+    *.zst) ar p "$deb" "$member" | zstd -dc ;;
+    *.gz) ar p "$deb" "$member" | gzip -dc ;;
+    *.tar) ar p "$deb" "$member" ;;
+    *) die "$deb: unknown member $member" ;;
+  esac
+}
+
+# Every pinned package but the kernel, unpacked into one root ($SYS), once per lock: the files
+# the environment is made of. Its folders are merged into /usr as on an installed Debian 12
+# (/bin -> usr/bin ...) and absolute links made relative, so paths resolve inside it.
+make_sysroot() {
+  local key entry name deb
+  key=$(printf '%s\n' "${LOCK_LINES[@]}" | grep -v '^linux-image-' | sha256sum | cut -c1-16)
+  SYS=$CACHE/sysroot-$key
+  [ -f "$SYS/.complete" ] && return 0
+  log "unpacking the pinned packages"
+  rm -rf "$SYS"; mkdir -p "$SYS"
+  for entry in "${LOCK_LINES[@]}"; do
+    read -r name _ <<<"$entry"
+    [[ $name == linux-image-* ]] && continue
+    deb=$(fetch_deb $entry) || exit 1
+    deb_data "$deb" | timeout 300 tar -x -C "$SYS" || die "cannot unpack $(basename "$deb")"
+  done
+  local d
+  for d in bin sbin lib lib64; do
+    [ -d "$SYS/$d" ] && [ ! -L "$SYS/$d" ] || continue
+    mkdir -p "$SYS/usr/$d"
+    cp -a "$SYS/$d/." "$SYS/usr/$d/" && rm -rf "${SYS:?}/$d"
+    ln -s "usr/$d" "$SYS/$d"
+  done
+  local link target
+  while IFS= read -r -d '' link; do
+    target=$(readlink "$link")
+    ln -sfn "$(realpath -m --relative-to="$(dirname "$link")" "$SYS$target")" "$link"
+  done < <(find "$SYS" -type l -lname '/*' -print0)
+  touch "$SYS/.complete"
+}
+
+# The kernel's lock entry.
+kernel_entry() {
+  printf '%s\n' "${LOCK_LINES[@]}" | grep '^linux-image-' | head -1 | grep . \
+    || die "packages.lock pins no kernel (a linux-image-<abi>-amd64 line)"
+}
+
+# The pinned interpreter, run from $SYS through its own loader and libraries (no chroot, no
+# root): the build needs no Python on the host. Fixed hash seed: frozenset constants are
+# marshalled in hash order. A command (array), so that timeout can run it.
+set_sys_python() {
+  SYS_PYTHON=(env PYTHONHOME="$SYS/usr" PYTHONHASHSEED=0 PYTHONDONTWRITEBYTECODE=1
+              SOURCE_DATE_EPOCH="$EPOCH" "$SYS/lib64/ld-linux-x86-64.so.2"
+              --library-path "$SYS/lib/$MULTIARCH" "$SYS/usr/bin/python$PYVER" -s)
 }
 
 # ---------------------------------------------------------------------------------- build key
 
 # The engine's modules: every img module, and the common modules they import (measured with
-# -X importtime under the target interpreter, so nothing else of the project is copied).
+# -X importtime under the pinned interpreter, so nothing else of the project is copied).
 engine_modules() {
-  local zdir=$1 imports trace
+  local imports trace
   imports=$(cd "$REPO" && ls img/*.py | sed 's|/|.|; s|\.py$||; s|\.__init__$||' | paste -sd, -)
-  trace=$(cd "$REPO" && PYTHONPATH="$REPO:$zdir" timeout 60 "$PYTHON" -X importtime \
+  trace=$(cd "$REPO" && PYTHONPATH="$REPO" timeout 120 "${SYS_PYTHON[@]}" -X importtime \
             -c "import ${imports//,/; import }" 2>&1 >/dev/null) \
-    || die "$PYTHON cannot import the engine: $(echo "$trace" | grep -v '^import time:' | tail -3)"
+    || die "the pinned python cannot import the engine: $(echo "$trace" | grep -v '^import time:' | tail -3)"
   echo "$trace" | awk -F'|' '/^import time:/{gsub(/ /, "", $3); print $3}' \
-    | grep -E '^(img|common)(\.|$)' | sort -u
+    | grep -E '^(img|common)(\.|$)' | LC_ALL=C sort -u
 }
 
 # Module name (img.client) -> file relative to the repository (img/client.py or .../__init__.py).
@@ -172,11 +268,9 @@ module_file() {
 
 build_key() {
   {
-    sha256sum "$HERE/build.sh" "$HERE/init" "$PYTHON" "$BUSYBOX"
+    sha256sum "$HERE/build.sh" "$HERE/init" "$HERE/mkinitrd.py" "$LOCK"
     (cd "$REPO" && sha256sum "${ENGINE_FILES[@]}")
-    dpkg-query -W python3.11 libpython3.11-stdlib libpython3.11-minimal libc6 busybox-static \
-      util-linux mount mtools partclone ntfs-3g e2fsprogs fatresize dosfstools libhivex0 2>/dev/null || true
-    basename "$KERNEL_DEB"; basename "$ZSTD_DEB"
+    echo "epoch $EPOCH"
   } | sha256sum | cut -d' ' -f1
 }
 
@@ -184,17 +278,18 @@ build_key() {
 
 # Extract the kernel image and the module folders once per kernel package (cached).
 extract_kernel() {
-  local dir patterns=()
-  dir=$CACHE/kernel-$(basename "$KERNEL_DEB" .deb)
+  local dir patterns=() deb
+  local entry; entry=$(kernel_entry)
+  # shellcheck disable=SC2086 # the entry is four words, the arguments of fetch_deb
+  deb=$(fetch_deb $entry) || exit 1
+  dir=$CACHE/kernel-$(basename "$deb" .deb)
   patterns=('./boot/vmlinuz-*' './lib/modules/*/modules.builtin' './lib/modules/*/modules.order')
   for g in "${MODULE_GLOBS[@]}"; do patterns+=("./lib/modules/*/kernel/$g"); done
   # .complete records what was extracted: another module list extracts again
   if [ "$(cat "$dir/.complete" 2>/dev/null)" != "${patterns[*]}" ]; then
-    log "extracting $(basename "$KERNEL_DEB")"
+    log "extracting $(basename "$deb")"
     rm -rf "$dir"; mkdir -p "$dir"
-    dpkg-deb --fsys-tarfile "$KERNEL_DEB" | timeout 300 tar -x -C "$dir" --wildcards "${patterns[@]}"
-    KVER=$(ls "$dir/lib/modules" | sort -V | tail -1)
-    timeout 120 "$BUSYBOX" depmod -b "$dir" "$KVER"
+    deb_data "$deb" | timeout 300 tar -x -C "$dir" --wildcards "${patterns[@]}"
     echo "${patterns[*]}" >"$dir/.complete"
   fi
   KDIR=$dir
@@ -212,6 +307,7 @@ install_modules() {
   for m in "${MODULES[@]}"; do
     grep -qE "/$m\.ko$" "$mdir/modules.builtin" || boot+=("$m")
   done
+  depmod_sorted "$KDIR"
   files=$(for m in "${want[@]}"; do
             grep -E "(^|/)$m\.ko:" "$mdir/modules.dep" || die "module $m not in the kernel package"
           done | tr -d ':' | tr ' ' '\n' | sort -u)
@@ -220,15 +316,26 @@ install_modules() {
     cp "$mdir/$f" "$root/lib/modules/$KVER/$f"
   done
   cp "$mdir/modules.builtin" "$mdir/modules.order" "$root/lib/modules/$KVER/"
-  timeout 60 "$BUSYBOX" depmod -b "$root" "$KVER"
+  depmod_sorted "$root"
   echo "${boot[*]}" >"$root/etc/preboot-modules"
+}
+
+# busybox depmod over ROOT's modules, its files sorted: it lists modules in the order the file
+# system returns them, which differs between file systems; modprobe reads the whole files.
+depmod_sorted() {
+  local root=$1 f
+  timeout 120 "$SYS/bin/busybox" depmod -b "$root" "$KVER" || die "depmod failed in $root"
+  for f in modules.dep modules.alias modules.symbols; do
+    [ -f "$root/lib/modules/$KVER/$f" ] || continue
+    LC_ALL=C sort -o "$root/lib/modules/$KVER/$f" "$root/lib/modules/$KVER/$f"
+  done
 }
 
 install_busybox() {
   local root=$1
-  cp "$BUSYBOX" "$root/bin/busybox"
+  cp "$SYS/bin/busybox" "$root/bin/busybox"
   # Links made here: `busybox --install` needs /proc at boot, and udhcpc needs /bin/sh early.
-  for applet in $("$BUSYBOX" --list); do
+  for applet in $("$SYS/bin/busybox" --list); do
     [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
   done
   # the kernel runs /sbin/modprobe when a driver asks for another module
@@ -237,92 +344,87 @@ install_busybox() {
 
 install_host_tools() {
   local root=$1 tool
-  for tool in "${HOST_TOOLS[@]}"; do
-    install_tool "$root" "$tool" "add-on images that need it will fail"
+  for tool in "${HOST_TOOLS[@]}" "${SHRINK_TOOLS[@]}" "${PARTCLONE_TOOLS[@]}"; do
+    install_tool "$root" "$tool"
   done
-  for tool in "${SHRINK_TOOLS[@]}"; do
-    install_tool "$root" "$tool" "img restore --shrink and --grow will refuse that filesystem"
-  done
-  if [ -x "$root/usr/bin/mtools" ]; then
-    for tool in "${MTOOLS_LINKS[@]}"; do ln -s mtools "$root/usr/bin/$tool"; done
-  fi
-  for tool in "${PARTCLONE_TOOLS[@]}"; do
-    install_tool "$root" "$tool" "images made in the environment store that filesystem whole"
-  done
-  # glibc loads libgcc_s at run time (dlopen, so ldd does not list it) for pthread_exit and
-  # thread cancellation; partclone's threads end that way, and abort without it.
-  local gcc_s
-  # (awk reads to the end: with pipefail, a reader that exits early fails the build with
-  # SIGPIPE, 141, whenever ldconfig has more to write)
-  gcc_s=$(ldconfig -p | awk '/libgcc_s\.so\.1 .*x86-64/ && !n++ {print $NF}')
-  if [ -n "$gcc_s" ]; then
-    mkdir -p "$root$(dirname "$gcc_s")"
-    cp -L "$gcc_s" "$root$gcc_s"
-    copy_libs "$root" "$gcc_s"
-  else
-    log "warning: libgcc_s.so.1 not found: partclone will abort when its threads end"
-  fi
+  for tool in "${MTOOLS_LINKS[@]}"; do ln -s mtools "$root/usr/bin/$tool"; done
+  # glibc loads libgcc_s at run time (dlopen, so ld.so --list does not show it) for
+  # pthread_exit and thread cancellation; partclone's threads end that way, and abort without it.
+  local gcc_s=/lib/$MULTIARCH/libgcc_s.so.1
+  [ -f "$SYS$gcc_s" ] || die "libgcc_s.so.1 is not in the pinned packages (libgcc-s1)"
+  mkdir -p "$root$(dirname "$gcc_s")"
+  cp -L "$SYS$gcc_s" "$root$gcc_s"
+  copy_libs "$root" "$gcc_s"
   local lib
   for lib in "${DLOPEN_LIBS[@]}"; do
-    if [ -e "$lib" ]; then
-      mkdir -p "$root$(dirname "$lib")"
-      cp -L "$lib" "$root$lib"
-      copy_libs "$root" "$lib"
-    else
-      log "warning: $lib missing: img cannot apply an identity to Windows (install libhivex0)"
-    fi
+    [ -e "$SYS$lib" ] || die "$lib is in none of the pinned packages (libhivex0)"
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$SYS$lib" "$root$lib"
+    copy_libs "$root" "$lib"
   done
   mkdir -p "$root$GCONV_DIR"
   for lib in "${GCONV_FILES[@]}"; do
-    if [ -e "$GCONV_DIR/$lib" ]; then cp -L "$GCONV_DIR/$lib" "$root$GCONV_DIR/$lib"
-    else log "warning: $GCONV_DIR/$lib missing: libhivex cannot read key names"; fi
+    [ -e "$SYS$GCONV_DIR/$lib" ] || die "$GCONV_DIR/$lib is not in the pinned libc6"
+    cp -L "$SYS$GCONV_DIR/$lib" "$root$GCONV_DIR/$lib"
   done
   local link
   for link in "${PARTCLONE_LINKS[@]}"; do
-    [ -x "$root/usr/sbin/${link#*:}" ] && ln -s "${link#*:}" "$root/usr/sbin/${link%%:*}"
+    ln -s "${link#*:}" "$root/usr/sbin/${link%%:*}"
   done
-  return 0
 }
 
-# Copy the program TOOL and its libraries into ROOT at the same path, or warn with CONSEQUENCE.
+# Copy the program TOOL (a path in the pinned packages) and its libraries into ROOT.
 install_tool() {
-  local root=$1 tool=$2 consequence=$3
-  if [ ! -x "$tool" ]; then log "warning: $tool missing: $consequence"; return 0; fi
+  local root=$1 tool=$2
+  [ -x "$SYS$tool" ] || die "$tool is in none of the pinned packages (packages.lock)"
   mkdir -p "$root$(dirname "$tool")"
-  cp "$tool" "$root$tool"
+  cp -L "$SYS$tool" "$root$tool"
   chmod 755 "$root$tool"
   copy_libs "$root" "$tool"
 }
 
-# Copy the shared libraries FILE needs (ldd) into ROOT at the same paths.
+# Copy the shared libraries FILE (a path in the pinned packages) needs into ROOT, same paths.
 copy_libs() {
-  local root=$1 file=$2 lib
-  for lib in $(ldd "$file" 2>/dev/null | awk '/=>/ && $3 ~ /^\// {print $3} /^\t\/lib/ {print $1}'); do
-    [ -e "$root$lib" ] || { mkdir -p "$root$(dirname "$lib")"; cp -L "$lib" "$root$lib"; }
+  local root=$1 file=$2 listing lib
+  # The pinned loader lists what FILE loads, searched in the pinned libraries only
+  # (--inhibit-cache: never the host's ld.so.cache).
+  listing=$(timeout 30 "$SYS/lib64/ld-linux-x86-64.so.2" --inhibit-cache \
+              --library-path "$SYS/lib/$MULTIARCH" --list "$SYS$file" 2>&1) \
+    || die "cannot list the libraries of $file: $(echo "$listing" | tail -1)"
+  if grep -q 'not found' <<<"$listing"; then
+    die "$file needs $(grep 'not found' <<<"$listing" | awk '{print $1}' | paste -sd' ' -), in none of the pinned packages: add its package to packages.lock"
+  fi
+  for lib in $(awk '/=>/ && $3 ~ /^\// {print $3}' <<<"$listing"); do
+    [[ $lib == "$SYS"/* ]] || die "$file: $lib is not from the pinned packages"
+    lib=${lib#"$SYS"}
+    [ -e "$root$lib" ] || { mkdir -p "$root$(dirname "$lib")"; cp -L "$SYS$lib" "$root$lib"; }
   done
+  # the loader itself (PT_INTERP), as the program names it
+  [ -e "$root/lib64/ld-linux-x86-64.so.2" ] || {
+    mkdir -p "$root/lib64"; cp -L "$SYS/lib64/ld-linux-x86-64.so.2" "$root/lib64/"; }
 }
 
 install_python() {
   local root=$1 lib=/usr/lib/python$PYVER excludes=() so
-  cp "$PYTHON" "$root/usr/bin/python$PYVER"
+  cp "$SYS/usr/bin/python$PYVER" "$root/usr/bin/python$PYVER"
   ln -s "python$PYVER" "$root/usr/bin/python3"
-  copy_libs "$root" "$PYTHON"
+  copy_libs "$root" "/usr/bin/python$PYVER"
   for pattern in "${STDLIB_EXCLUDES[@]}"; do excludes+=(--exclude="$pattern"); done
-  # tar keeps modification times, which the __pycache__ files are checked against.
-  tar -C / -cf - "${excludes[@]}" "${lib#/}" | tar -C "$root" -xf -
+  tar -C "$SYS" -cf - "${excludes[@]}" "${lib#/}" | tar -C "$root" -xf -
   for so in "$root$lib"/lib-dynload/*.so; do
-    if [[ $(basename "$so") =~ $DYNLOAD_EXCLUDES ]]; then rm -f "$so"; else copy_libs "$root" "$so"; fi
+    if [[ $(basename "$so") =~ $DYNLOAD_EXCLUDES ]]; then rm -f "$so"; else copy_libs "$root" "${so#"$root"}"; fi
   done
 }
 
 install_zstandard() {
-  local root=$1 zdir=$2
+  local root=$1
   local dest=$root/usr/lib/python3/dist-packages
   mkdir -p "$dest"
-  cp -a "$zdir/usr/lib/python3/dist-packages/zstandard" "$dest/"
+  cp -a "$SYS/usr/lib/python3/dist-packages/zstandard" "$dest/"
   # The C backend is the one used; the cffi one would need _cffi_backend.
   rm -f "$dest"/zstandard/_cffi.*.so "$dest/zstandard/backend_cffi.py" "$dest/zstandard/__init__.pyi"
-  copy_libs "$root" "$(ls "$dest"/zstandard/backend_c.*.so)"
+  local so; so=$(ls "$dest"/zstandard/backend_c.*.so)
+  copy_libs "$root" "${so#"$root"}"
 }
 
 install_engine() {
@@ -330,7 +432,7 @@ install_engine() {
   local dest=$root/usr/lib/preboot
   for f in "${ENGINE_FILES[@]}"; do
     mkdir -p "$dest/$(dirname "$f")"
-    cp -p "$REPO/$f" "$dest/$f"
+    cp "$REPO/$f" "$dest/$f"
   done
 }
 
@@ -362,12 +464,18 @@ EOF
   chmod 755 "$root/usr/share/udhcpc/default.script"
 }
 
-# Bytecode for the files we added (Debian's stdlib already has its own): compiled here, by the
-# same interpreter, so nothing is compiled under emulation at boot.
+# Bytecode for every Python file (Debian compiles its stdlib at install time, so the .debs have
+# none): compiled here, by the pinned interpreter, so nothing is compiled under emulation at boot.
 compile_added() {
-  local root=$1
-  timeout 120 "$PYTHON" -m compileall -q -j 0 "$root/usr/lib/preboot" \
-    "$root/usr/lib/python3/dist-packages/zstandard" >/dev/null
+  local root=$1 output
+  # unchecked-hash: no source mtime in the .pyc (reproducible) and no check at boot; -s/-p: the
+  # path each .pyc records is the one in the initramfs, not the build folder. One process:
+  # the same order of compilation gives the same marshalled bytes.
+  output=$(timeout 600 "${SYS_PYTHON[@]}" -m compileall -q \
+             -j 1 --invalidation-mode unchecked-hash -s "$root" -p / \
+             "$root/usr/lib/python$PYVER" "$root/usr/lib/preboot" \
+             "$root/usr/lib/python3/dist-packages/zstandard" 2>&1) \
+    || die "compiling the Python files failed: $(echo "$output" | tail -5)"
 }
 
 # The interpreter inside the tree must start, find its stdlib and import the engine.
@@ -466,43 +574,43 @@ in_chroot() {
 
 make_initrd() {
   local root=$1 out=$2
-  # newc, owned by root, in a stable order; gzip -6: the kernel unpacks it at the same speed.
-  (cd "$root" && find . -mindepth 1 | LC_ALL=C sort | timeout 300 cpio -o -H newc -R 0:0 --quiet) \
-    | gzip -6 >"$out"
+  timeout 600 "${SYS_PYTHON[@]}" "$HERE/mkinitrd.py" --epoch "$EPOCH" "$root" "$out" \
+    || die "cannot write the initrd"
 }
 
 write_manifest() {
-  local root=$1 file=$2
+  local root=$1 file=$2 entry
   {
-    echo "kernel: $(basename "$KERNEL_DEB") ($KVER)"
-    echo "modules: $(cat "$root/etc/preboot-modules")"
-    echo "python: $("$PYTHON" -V 2>&1) ($(dpkg-query -W -f='${Version}' python3.11 2>/dev/null))"
-    echo "zstandard: $(basename "$ZSTD_DEB")"
-    echo "busybox: $(dpkg-query -W -f='${Version}' busybox-static 2>/dev/null)"
-    echo "partclone: $(dpkg-query -W -f='${Version}' partclone 2>/dev/null)" \
-      "($(cd "$root/usr/sbin" && ls partclone.* 2>/dev/null | tr '\n' ' '))"
-    echo "on demand: ${ONDEMAND_MODULES[*]}"
-    echo "libraries img loads: $(for l in "${DLOPEN_LIBS[@]}"; do
-      [ -e "$root$l" ] && printf '%s ' "$(basename "$l")"; done)"
-    echo "add-on and shrink tools: $(for t in "${HOST_TOOLS[@]}" "${SHRINK_TOOLS[@]}"; do
-      [ -x "$root$t" ] && printf '%s ' "$(basename "$t")"; done)"
-    echo "engine: ${ENGINE_FILES[*]}"
-    echo "tree: $(du -sh "$root" | cut -f1)"
+    echo "# preboot imaging environment: its inputs (packages.lock) and outputs (SHA-256)"
+    echo "kernel-version: $KVER"
+    echo "source-date-epoch: $EPOCH"
+    echo "boot-modules: $(cat "$root/etc/preboot-modules")"
+    echo "on-demand-modules: ${ONDEMAND_MODULES[*]}"
+    echo "libraries-img-loads: ${DLOPEN_LIBS[*]}"
+    for entry in "${LOCK_LINES[@]}"; do
+      read -r name version sum _ <<<"$entry"
+      echo "package: $name $version $sum"
+    done
+    for f in "${ENGINE_FILES[@]}"; do echo "engine: $(cd "$REPO" && sha256sum "$f" | awk '{print $2, $1}')"; done
+    echo "tree: $(find "$root" | wc -l) entries, $(find "$root" -type f -printf '%s\n' | awk '{s+=$1} END {print s}') bytes"
+    (cd "$(dirname "$file")" && for f in linux initrd modules; do echo "output: $f $(sha256sum <"$f" | cut -d' ' -f1)"; done)
   } >"$file"
 }
 
-# Downloads and extractions of packages other than the ones just used (an older kernel after a
+# Downloads and unpacked trees of packages the lock no longer pins (an older kernel after a
 # security update) are removed: the cache keeps one set.
 prune_cache() {
-  local keep_k keep_z entry
-  keep_k=$(basename "$KERNEL_DEB" .deb); keep_z=$(basename "$ZSTD_DEB" .deb)
-  for entry in "$CACHE"/linux-image-*.deb "$CACHE"/kernel-* "$CACHE"/python3-zstandard_*.deb \
+  local keep=() entry base
+  for entry in "${LOCK_LINES[@]}"; do keep+=("$(basename "${entry##* }")"); done
+  for entry in "$CACHE"/debs/*.deb "$CACHE"/*.deb "$CACHE"/kernel-* "$CACHE"/sysroot-* \
                "$CACHE"/zstandard-*; do
     [ -e "$entry" ] || continue
-    case "$(basename "$entry" .deb)" in
-      "$keep_k"|"kernel-$keep_k"|"$keep_z"|"zstandard-$keep_z") ;;
-      *) log "removing the outdated $(basename "$entry")"; rm -rf "$entry" ;;
+    base=$(basename "$entry")
+    case "$entry" in
+      "$SYS"|"$KDIR") continue ;;
+      "$CACHE"/debs/*) [[ " ${keep[*]} " == *" $base "* ]] && continue ;;
     esac
+    log "removing the outdated $base"; rm -rf "$entry"
   done
 }
 
@@ -511,16 +619,17 @@ prune_cache() {
 main() {
   parse_args "$@"
   check_tools
-  local t0=$SECONDS
-  KERNEL_DEB=$(fetch_deb "$(kernel_package)")
-  ZSTD_DEB=$(fetch_deb python3-zstandard)
-  local zdir
-  zdir=$CACHE/zstandard-$(basename "$ZSTD_DEB" .deb)
-  if [ ! -d "$zdir" ]; then
-    rm -rf "$zdir.tmp" && dpkg-deb -x "$ZSTD_DEB" "$zdir.tmp" && mv "$zdir.tmp" "$zdir"
+  read_lock
+  local t0=$SECONDS entry
+  if [ "$FETCH_ONLY" = 1 ]; then
+    for entry in "${LOCK_LINES[@]}"; do fetch_deb $entry >/dev/null; done
+    log "every pinned package is in $CACHE/debs and matches the lock"
+    return 0
   fi
+  make_sysroot
+  set_sys_python
   local modules
-  modules=$(engine_modules "$zdir/usr/lib/python3/dist-packages") || exit 1
+  modules=$(engine_modules) || exit 1
   mapfile -t ENGINE_MODULES <<<"$modules"
   ENGINE_FILES=()
   for m in "${ENGINE_MODULES[@]}"; do ENGINE_FILES+=("$(module_file "$m")"); done
@@ -541,22 +650,25 @@ main() {
   install_host_tools "$root"
   install_modules "$root"
   install_python "$root"
-  install_zstandard "$root" "$zdir"
+  install_zstandard "$root"
   install_engine "$root"
   install_init "$root"
   compile_added "$root"
-  self_test "$root"
   cp "$KDIR/boot/vmlinuz-$KVER" "$work/linux"
   make_initrd "$root" "$work/initrd"
+  (cd "$root/lib/modules/$KVER" && find kernel -name '*.ko' | LC_ALL=C sort) >"$work/modules"
   write_manifest "$root" "$work/manifest.txt"
+  # after the initrd is written: nothing the self-test leaves in the tree gets into it
+  self_test "$root"
   # Replace the outputs only when everything is built (a failed build keeps the old ones).
-  mv "$work/linux" "$OUT/linux.new" && mv "$OUT/linux.new" "$OUT/linux"
-  mv "$work/initrd" "$OUT/initrd.new" && mv "$OUT/initrd.new" "$OUT/initrd"
-  mv "$work/manifest.txt" "$OUT/manifest.txt"
+  local f
+  for f in linux initrd modules manifest.txt; do
+    mv "$work/$f" "$OUT/$f.new" && mv "$OUT/$f.new" "$OUT/$f"
+  done
   echo "$key" >"$OUT/.build-key"
   prune_cache
   log "built in $((SECONDS - t0)) s: linux $(du -h "$OUT/linux" | cut -f1), initrd" \
-      "$(du -h "$OUT/initrd" | cut -f1) (unpacked $(du -sh "$root" | cut -f1)) in $OUT"
+      "$(du -h "$OUT/initrd" | cut -f1) (initrd sha256 $(sha256sum <"$OUT/initrd" | cut -c1-16)) in $OUT"
 }
 
 main "$@"

@@ -35,7 +35,7 @@ DEFAULT_ENV_DIR = Path(os.environ.get("PREBOOT_IMAGING_ENV", "/var/cache/preboot
 MiB = 1 << 20
 POLICY_PORT = 8090
 # What the environment's build and the disk checks need on the host.
-BUILD_TOOLS = ("busybox", "cpio", "gzip", "dpkg-deb", "apt-get", "/usr/bin/python3.11")
+BUILD_TOOLS = ("tar", "xz", "dpkg-deb", "curl")
 DISK_TOOLS = ("sfdisk", "mkfs.ext4", "debugfs", "e2fsck", "partclone.ext4", "losetup")
 
 
