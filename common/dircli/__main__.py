@@ -223,7 +223,7 @@ def _update_rules(args: argparse.Namespace, change) -> int:
         policy = directory.policy()
         rules = list(policy.rules)
         message = change(rules)
-        directory.replace_policy(ImagingPolicy(tuple(rules), policy.menu))
+        directory.replace_policy(dataclasses.replace(policy, rules=tuple(rules)))
     print(message)
     return 0
 
@@ -255,7 +255,7 @@ def cmd_rules_set(args: argparse.Namespace) -> int:
         rules[index] = Rule(
             old.name, old.filter if args.filter is None else _filter(args.filter),
             _action_from(args, old.action), old.enabled,
-            old.force if args.force is None else args.force == "yes")
+            old.force if args.force is None else args.force == "yes", old.identity)
         return f"changed rule {index + 1}: {old.name}"
     return _update_rules(args, change)
 
@@ -298,7 +298,7 @@ def cmd_menu(args: argparse.Namespace) -> int:
                                     menu.timeout_s if args.timeout_s is None else args.timeout_s)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
-            directory.replace_policy(ImagingPolicy(policy.rules, menu))
+            directory.replace_policy(dataclasses.replace(policy, menu=menu))
     print(f"menu display = {menu.display.value}, timeout_s = {menu.timeout_s}")
     return 0
 
