@@ -38,7 +38,7 @@ class IdentityOutcome:
     exhausted: bool = False
 
 
-def identity_for(directory: Directory, policy: ImagingPolicy, work: WorkAssignment,
+def identity_for(directory: Directory | None, policy: ImagingPolicy, work: WorkAssignment,
                  facts: MachineFacts, disk: MachineIdentity | None, now_s: float,
                  allocate: bool = True) -> IdentityOutcome:
     """The identity for one machine; DirectoryError when the log cannot be read or written."""
@@ -48,6 +48,7 @@ def identity_for(directory: Directory, policy: ImagingPolicy, work: WorkAssignme
                                chosen)
     if chosen is None:
         return IdentityOutcome(None, "", why)
+    assert directory is not None, "an identity policy applies: the directory hands out values"
     try:
         plan = plan_identity(chosen, facts)
     except NoIdentity as exc:
