@@ -65,12 +65,23 @@ class AddressPool:
         if not self.ranges:
             return "addresses: at least one address or range"
         total = 0
+        network = None
         for text in self.ranges:
             try:
                 first, last = parse_range(text)
             except ValueError as exc:
                 return f"addresses: {exc}"
             total += int(last) - int(first) + 1
+            if not isinstance(self.prefix_len, int) or not 1 <= self.prefix_len <= 32:
+                break                         # IpSettings below names prefix_len
+            if network is None:
+                network = ipaddress.IPv4Network(f"{first}/{self.prefix_len}", strict=False)
+            if first not in network or last not in network:
+                return f"addresses: '{text}' is not inside {network} (one network per pool)"
+            if network.prefixlen < 31 and (first == network.network_address
+                                           or last == network.broadcast_address):
+                return (f"addresses: '{text}' holds {network}'s network or broadcast "
+                        "address")
             try:
                 IpSettings(str(first), self.prefix_len, self.gateway, self.dns_servers)
                 IpSettings(str(last), self.prefix_len, self.gateway, self.dns_servers)
