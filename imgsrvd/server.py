@@ -1036,7 +1036,7 @@ class ImagingServer:
         identity policy, handed out by the directory's assignment log (on a worker thread:
         it writes). A 503 when the directory cannot do it."""
         try:
-            if disk is not None or not policy.identities:
+            if not policy.identities:
                 # nothing to hand out: no thread hop, no directory call
                 outcome = identity_for(None, policy, assignment, facts, disk, time.time())
             else:

@@ -44,8 +44,7 @@ def identity_for(directory: Directory | None, policy: ImagingPolicy, work: WorkA
     """The identity for one machine; DirectoryError when the log cannot be read or written."""
     chosen, why = identity_policy_for(policy, work)
     if disk is not None:
-        return IdentityOutcome(disk, SOURCE_DISK, "the machine's disk holds its identity",
-                               chosen)
+        return _from_disk(directory, chosen, disk, facts.mac or "", now_s, allocate)
     if chosen is None:
         return IdentityOutcome(None, "", why)
     assert directory is not None, "an identity policy applies: the directory hands out values"
@@ -90,3 +89,26 @@ def _value(directory: Directory, pool: str, kind: str, mac: str, candidates, now
         return (None if free is None else Assignment(pool, kind, free, mac, now_s)), False
     got = directory.assign(pool, kind, mac, candidates, now_s)
     return got, got is not None and got.assigned_at == now_s and got.mac == mac
+
+
+def _from_disk(directory: Directory | None, chosen: IdentityPolicy | None,
+               disk: MachineIdentity, mac: str, now_s: float,
+               allocate: bool) -> IdentityOutcome:
+    """The disk's identity, as it is. When its address lies in the pool of the machine's
+    identity policy, the log records it for this MAC (if free), so the pool never hands it to
+    another machine; a conflict is reported in the reason, the disk still wins."""
+    reason = "the machine's disk holds its identity"
+    pool = chosen.pool if chosen is not None else None
+    if pool is None or disk.ip is None or not allocate or directory is None \
+            or not pool.contains(disk.ip.address):
+        return IdentityOutcome(disk, SOURCE_DISK, reason, chosen)
+    assert chosen is not None
+    got = directory.assign(chosen.name, KIND_ADDRESS, mac, iter((disk.ip.address,)), now_s)
+    if got is None:
+        reason += (f"; its address {disk.ip.address} is assigned to another machine in pool "
+                   f"'{chosen.name}' (preboot-dir identities log)")
+    elif got.value != disk.ip.address:
+        reason += (f"; pool '{chosen.name}' assigned this machine {got.value}, its disk says "
+                   f"{disk.ip.address}")
+    new = (got,) if got is not None and got.assigned_at == now_s else ()
+    return IdentityOutcome(disk, SOURCE_DISK, reason, chosen, new)

@@ -101,6 +101,13 @@ class AddressPool:
                     seen.add(number)
                     yield str(ipaddress.IPv4Address(number))
 
+    def contains(self, address: str) -> bool:
+        try:
+            wanted = ipaddress.IPv4Address(address)
+        except ValueError:
+            return False
+        return any(first <= wanted <= last for first, last in map(parse_range, self.ranges))
+
     def size(self) -> int:
         return sum(1 for _ in self.addresses())
 

@@ -181,3 +181,23 @@ def test_identity_for_hands_out_and_explains(store) -> None:
         refused = identity_for(directory, policy, assign_work(policy, None, bare), bare,
                                None, 3.0)
         assert refused.refused and "serial" in refused.reason
+
+
+def test_a_disk_address_in_the_pool_is_recorded_for_its_machine(store) -> None:
+    """A machine whose disk holds an address of its pool keeps it, and the pool never hands
+    it to another machine; an address another machine holds is reported, the disk still
+    wins."""
+    from common.identity import IpSettings, MachineIdentity
+    with _open(store) as directory:
+        policy = directory.policy()
+        facts = MachineFacts(mac=_mac(1), manufacturer="Lab")
+        work = assign_work(policy, None, facts)
+        disk = MachineIdentity("kept", ip=IpSettings("10.1.0.10", 24))
+        outcome = identity_for(directory, policy, work, facts, disk, 5.0)
+        assert outcome.identity == disk and outcome.source == "disk"
+        assert [(a.value, a.mac) for a in outcome.assigned] == [("10.1.0.10", _mac(1))]
+        other = MachineFacts(mac=_mac(2), manufacturer="Lab")
+        given = identity_for(directory, policy, work, other, None, 6.0)
+        assert given.identity.ip.address == "10.1.0.11"
+        clash = identity_for(directory, policy, work, other, disk, 7.0)
+        assert clash.identity == disk and "assigned this machine 10.1.0.11" in clash.reason
