@@ -158,7 +158,7 @@ def _text(value: Any, name: str) -> str:
 
 
 IDENTITY_SOURCES = ("disk", "policy")   # the work answer's identity_source
-MAX_IDENTITY_TEXT = 512                 # a result's identity: MachineIdentity.describe()
+MAX_IDENTITY_TEXT = 4096   # a result's identity: what img applied (describe() and the lines per system)
 
 
 @dataclass(frozen=True)

@@ -187,7 +187,7 @@ def test_answer_identity_round_trip_and_refusals() -> None:
                                   "identity_source": "guess"})
 
 
-@pytest.mark.parametrize("identity", [7, ["x"], "x" * 513])
+@pytest.mark.parametrize("identity", [7, ["x"], "x" * 4097])
 def test_malformed_identity_in_a_result_is_refused(identity) -> None:
     body = {"mac": "00C04FDC2AB5", "operation": "download", "status": "success",
             "identity": identity}
