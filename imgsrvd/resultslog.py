@@ -159,13 +159,14 @@ def _now() -> datetime:
 
 _TEXT_FIELDS = ("workstation", "tree", "operation", "image_type", "image_path", "status",
                 "error_message", "requesting_address", "server", "session", "image_digest",
-                "transfer")
+                "transfer", "identity")
 # Whole numbers, when present (a multicast receiver's: docs/multicast.md, "Results").
 _COUNT_FIELDS = ("bytes", "chunks_verified", "bytes_written")
 # Attribute order on disk: the time first, as the original did, then who/what/result.
 _ATTR_ORDER = ("workstation", "tree", "operation", "image_type", "image_path", "status",
                "error_message", "requesting_address", "server", "bytes", "duration_s",
-               "session", "transfer", "image_digest", "chunks_verified", "bytes_written")
+               "session", "transfer", "image_digest", "chunks_verified", "bytes_written",
+               "identity")
 _REQUIRED = ("workstation", "operation", "status", "timestamp")
 
 
@@ -197,6 +198,8 @@ class ResultEntry:
     image_digest: str | None = None
     chunks_verified: int | None = None
     bytes_written: int | None = None
+    # the identity the engine applied to the restored system (MachineIdentity.describe())
+    identity: str | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__

@@ -44,6 +44,10 @@ from common.daemon.httpdaemon import (BadJsonBody, HttpListener, JsonLimits,
                                       metrics_handler, quiet_bad_requests, read_json_body)
 from common.imaging.imagelist import list_images
 from common.imaging.protocol import BadPath, BadRequest, LocalPath, RemotePath
+from common.identity import MachineIdentity
+from common.policy.identityassign import (SOURCE_DISK, SOURCE_POLICY, IdentityOutcome,
+                                          identity_for)
+from common.policy.identitypolicy import KIND_ADDRESS
 from common.policy.model import NO_WORK, ActionKind, MulticastSession, WorkAssignment
 from common.policy.sessions import work_for
 from common.policy.trust import Gate, Refused
@@ -991,6 +995,14 @@ class ImagingServer:
             return self._deny(request, 503, f"the directory cannot be read ({problem}); "
                               "boot the local disk", "log", verdict="failure")
         assignment = await self._decide(policy, station, facts, sessions)
+        outcome = await self._identity(request, policy, assignment, facts, query.identity)
+        if isinstance(outcome, web.Response):
+            return outcome
+        if outcome.refused:
+            # No identity, no imaging: a restored machine without one would be a duplicate.
+            assignment = WorkAssignment(NO_WORK, assignment.source,
+                                        f"{assignment.reason}, but {outcome.reason}",
+                                        assignment.rule)
         try:
             answer, remote = protocol.work_answer(assignment, query.mode, self._own_names())
         except BadPath as exc:
@@ -1008,6 +1020,7 @@ class ImagingServer:
                          server=remote.server)
         else:
             self._record(request, facts.mac, operation, "assigned", answer["image"])
+        answer.update(protocol.identity_fields(outcome.identity, outcome.source))
         log.info("%s (%s mode): %s", facts.mac, query.mode, assignment.describe())
         grant = work_grant(answer)
         if grant is not None:
@@ -1015,6 +1028,44 @@ class ImagingServer:
             if token:
                 answer["token"] = token
         return web.json_response(answer)
+
+    async def _identity(self, request: web.Request, policy: Any, assignment: WorkAssignment,
+                        facts: Any, disk: MachineIdentity | None
+                        ) -> IdentityOutcome | web.Response:
+        """The identity the answer carries (docs/identity.md): the disk's, else one from the
+        identity policy, handed out by the directory's assignment log (on a worker thread:
+        it writes). A 503 when the directory cannot do it."""
+        try:
+            if not policy.identities:
+                # nothing to hand out: no thread hop, no directory call
+                outcome = identity_for(None, policy, assignment, facts, disk, time.time())
+            else:
+                directory = await self._directory.current()
+                outcome = await self._directory.in_pool(
+                    identity_for, directory, policy, assignment, facts, disk, time.time(),
+                    timeout_s=self.settings.directory.timeout_s)
+        except Exception as exc:  # DirectoryError, timeout
+            self.stats.directory_errors += 1
+            problem = describe(exc)
+            log.warning("identity for %s: directory %s: %s", facts.mac,
+                        self.settings.directory.text, problem)
+            return self._deny(request, 503, f"the directory cannot hand out an identity "
+                              f"({problem}); boot the local disk", "log", verdict="failure")
+        if outcome.source == SOURCE_DISK:
+            self.stats.identities_from_disk += 1
+        elif outcome.exhausted:
+            self.stats.pools_exhausted += 1
+            log.warning("%s: %s", facts.mac, outcome.reason)
+        elif outcome.refused:
+            self.stats.identities_refused += 1
+            log.warning("%s: no identity: %s", facts.mac, outcome.reason)
+        for item in outcome.assigned:
+            self.stats.identities_assigned += item.kind == KIND_ADDRESS
+            log.info("%s: pool '%s' hands out %s %s", facts.mac, item.pool, item.kind,
+                     item.value)
+        if outcome.source == SOURCE_POLICY:
+            log.info("%s: identity from the policy: %s", facts.mac, outcome.reason)
+        return outcome
 
     async def _decide(self, policy: Any, station: Any, facts: Any,
                       sessions: list[MulticastSession]) -> WorkAssignment:
@@ -1061,6 +1112,10 @@ class ImagingServer:
         verified = False
         if report.multicast is not None:
             report, extra, verified = await self._multicast_report(report)
+        if report.identity:
+            extra["identity"] = report.identity     # sanitised for XML by ResultEntry
+            log.info("%s: identity applied: %s", report.workstation,
+                     report.identity.encode("unicode_escape").decode("ascii"))
         refusal = await self._log_report(request, report, op, extra)
         if refusal is not None:
             return refusal

@@ -25,6 +25,10 @@ results_dropped    the server's own entries not logged because the queue was ful
 multicast_receivers   multicast receivers whose result was logged (reported or not)
 multicast_verified    ... of which verified: the session's image on their disk (these, and only
                       these, count as Images Sent)
+identities_assigned   addresses handed out from identity policies' pools (docs/identity.md)
+identities_from_disk  work answers carrying the identity the machine's disk holds
+identities_refused    machines an identity policy could not name (no serial, ...): no work
+pools_exhausted       machines refused because their identity policy's pool had no free value
 
 The status reply also carries "multicast" (multicast_status below): each session (state, the
 start trigger's countdown, rate, repair share) and its receivers (MAC, address, progress,
@@ -63,6 +67,10 @@ class ImagingCounters(StatusCounters):
     results_dropped: int = 0
     multicast_receivers: int = 0
     multicast_verified: int = 0
+    identities_assigned: int = 0
+    identities_from_disk: int = 0
+    identities_refused: int = 0
+    pools_exhausted: int = 0
 
 
 def multicast_status(enabled: bool, control_port: int,

@@ -9,6 +9,7 @@
     preboot-dir rules add NAME --action restore --image IMG [--filter F] [--addon A]... [--force]
                                    [--shrink] [--fileset N] [--disabled] [--position N]
     preboot-dir rules set NAME [--filter F] [--action ...] [--image ...] [--addon ...] ...
+                                   [--identity POLICY|""]
     preboot-dir rules remove|enable|disable NAME
     preboot-dir rules move NAME POSITION
     preboot-dir menu show | menu set [--display always|never|hotkey] [--timeout-s N]
@@ -26,6 +27,8 @@
     preboot-dir sessions remove|enable|disable NAME
     preboot-dir sessions move NAME POSITION
     preboot-dir explain --mac MAC [--serial S] [--manufacturer M] [--ram-mb N] ...
+                                   (the work and the identity the machine would get)
+    preboot-dir identities list | log [POOL] | release POOL MAC|VALUE   (docs/identity.md)
     preboot-dir images [--root DIR | --server HOST[:PORT]] [--json]  what an imaging server holds
 
 The store is the `Directory =` of prebootpolicyd's config (--config, default
@@ -40,13 +43,15 @@ import argparse
 import dataclasses
 import os
 import sys
+import time
 from typing import Sequence
 
 import configobj
 
-from common.dircli import csvimport, images, keys, tls
+from common.dircli import csvimport, identities, images, keys, tls
 from common.fileio import atomic_file
 from common.machine import ATTRIBUTE_KINDS, facts_from_strings, normalize_mac
+from common.policy.identityassign import identity_for
 from common.policy.directory import Directory, DirectoryError, open_directory
 from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
                                  MulticastSession, Rule, Workstation, explain_rules, menu_for,
@@ -178,7 +183,8 @@ def cmd_rules_list(args: argparse.Namespace) -> int:
     for position, rule in enumerate(policy.rules, 1):
         state = "" if rule.enabled else " (disabled)"
         force = " [force]" if rule.force else ""
-        print(f"{position:3d}. {rule.name}{state}: {rule.action.describe()}{force}")
+        named = f" [identity {rule.identity}]" if rule.identity else ""
+        print(f"{position:3d}. {rule.name}{state}: {rule.action.describe()}{force}{named}")
         print(f"     if {rule.filter.canonical() or '(any machine)'}")
     return 0
 
@@ -223,7 +229,11 @@ def _update_rules(args: argparse.Namespace, change) -> int:
         policy = directory.policy()
         rules = list(policy.rules)
         message = change(rules)
-        directory.replace_policy(ImagingPolicy(tuple(rules), policy.menu))
+        changed = dataclasses.replace(policy, rules=tuple(rules))
+        problem = changed.identity_problem()
+        if problem:
+            raise UsageError(problem)
+        directory.replace_policy(changed)
     print(message)
     return 0
 
@@ -235,7 +245,7 @@ def cmd_rules_add(args: argparse.Namespace) -> int:
     if args.action is None:
         raise UsageError("--action is required (restore, make, multicast, maintenance, none)")
     rule = Rule(args.name, _filter(args.filter or ""), _action_from(args, None),
-                not args.disabled, args.force)
+                not args.disabled, args.force, (args.identity or "").strip())
 
     def change(rules: list[Rule]) -> str:
         if any(r.name == args.name for r in rules):
@@ -255,7 +265,8 @@ def cmd_rules_set(args: argparse.Namespace) -> int:
         rules[index] = Rule(
             old.name, old.filter if args.filter is None else _filter(args.filter),
             _action_from(args, old.action), old.enabled,
-            old.force if args.force is None else args.force == "yes")
+            old.force if args.force is None else args.force == "yes",
+            old.identity if args.identity is None else args.identity.strip())
         return f"changed rule {index + 1}: {old.name}"
     return _update_rules(args, change)
 
@@ -298,7 +309,7 @@ def cmd_menu(args: argparse.Namespace) -> int:
                                     menu.timeout_s if args.timeout_s is None else args.timeout_s)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
-            directory.replace_policy(ImagingPolicy(policy.rules, menu))
+            directory.replace_policy(dataclasses.replace(policy, menu=menu))
     print(f"menu display = {menu.display.value}, timeout_s = {menu.timeout_s}")
     return 0
 
@@ -499,6 +510,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         policy = directory.policy()
         station = directory.workstation(facts.mac) if facts.mac else None
         sessions = directory.sessions()
+        assignment = work_for(policy, station, facts, sessions)
+        # what the machine would get, read from the assignment log: nothing is handed out
+        identity = identity_for(directory, policy, assignment, facts, None, time.time(),
+                                allocate=False) if facts.mac else None
     print(f"machine: {facts.describe()}")
     if station is not None:
         print(f"registered: {_describe_station(station)}")
@@ -518,10 +533,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
         mark = "off" if not session.enabled else ("JOINS" if found else "no")
         why = found[0] if found else "neither named in it nor chosen by a multicast rule"
         print(f"  session {position:3d}. [{mark:5}] {session.name}: {why}")
-    assignment = work_for(policy, station, facts, sessions)
     print(f"menu: {menu_for(policy, station).display.value}")
     print(f"answer: {assignment.action.describe()}")
     print(f"because: {assignment.reason}")
+    if identity is not None:
+        if identity.identity is not None:
+            print(f"identity: {identity.identity.describe()}")
+        print(f"identity because: {identity.reason} (unless its disk holds an identity)")
     return 0
 
 
@@ -568,6 +586,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--fileset", type=int, metavar="N",
                          help="restore: the image's file set, 1 (everything, the default) to "
                               "10 (img show lists an image's sets)")
+        sub.add_argument("--identity", help="the identity policy its machines get "
+                                            "(\"\": the default one)")
         if name == "add":
             sub.add_argument("--force", action="store_true",
                              help="send the image even to machines that already have it")
@@ -629,6 +649,7 @@ def _parser() -> argparse.ArgumentParser:
         explain.add_argument(f"--{name.replace('_', '-')}", dest=name)
     explain.set_defaults(run=cmd_explain)
     images.add_command(commands, UsageError)
+    identities.add_commands(commands, _open, UsageError)
     keys.add_commands(commands)
     tls.add_commands(commands)
     return parser

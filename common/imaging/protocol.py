@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
+from common.identity import BadIdentity, MachineIdentity, identity_from_wire, identity_to_wire
 from common.machine import ATTRIBUTE_KINDS, MachineFacts, facts_from_strings
 
 from .filesets import MAX_SETS
@@ -156,10 +157,42 @@ def _text(value: Any, name: str) -> str:
     return str(value)
 
 
+IDENTITY_SOURCES = ("disk", "policy")   # the work answer's identity_source
+MAX_IDENTITY_TEXT = 4096   # a result's identity: what img applied (describe() and the lines per system)
+
+
 @dataclass(frozen=True)
 class WorkRequest:
     facts: MachineFacts
     mode: str                    # auto or manual
+    identity: MachineIdentity | None = None   # the one img read from the disk's image-safe data
+
+
+def parse_identity(value: Any, field: str = "identity") -> MachineIdentity:
+    """An identity in its wire form (common.identity); BadRequest naming the field."""
+    try:
+        return identity_from_wire(value)
+    except BadIdentity as exc:
+        text = str(exc)
+        raise BadRequest(text if text.startswith(field) else f"{field}.{text}") from None
+
+
+def identity_fields(identity: MachineIdentity | None, source: str) -> dict[str, Any]:
+    """The work answer's identity fields: none when no identity policy applies."""
+    if identity is None or not source:
+        return {}
+    return {"identity": identity_to_wire(identity), "identity_source": source}
+
+
+def answer_identity(answer: Any) -> tuple[MachineIdentity | None, str]:
+    """The client's side: the identity a work answer carries and its source ("disk" or
+    "policy"), or (None, "") when it carries none; BadRequest for a malformed one."""
+    if not isinstance(answer, dict) or answer.get("identity") is None:
+        return None, ""
+    source = answer.get("identity_source")
+    if source not in IDENTITY_SOURCES:
+        raise BadRequest(f"identity_source: one of {', '.join(IDENTITY_SOURCES)}")
+    return parse_identity(answer["identity"]), source
 
 
 def parse_work_request(body: Any) -> WorkRequest:
@@ -169,8 +202,11 @@ def parse_work_request(body: Any) -> WorkRequest:
     if mode not in MODES:
         raise BadRequest(f"mode: '{mode}' is not auto or manual")
     values = {}
+    identity = None
+    if body.get("identity") is not None:
+        identity = parse_identity(body["identity"])
     for name, value in body.items():
-        if name == "mode":
+        if name in ("mode", "identity"):
             continue
         if name not in ATTRIBUTE_KINDS:
             raise BadRequest(f"{name}: not a machine attribute")
@@ -180,7 +216,7 @@ def parse_work_request(body: Any) -> WorkRequest:
         raise BadRequest("; ".join(problems))
     if facts.mac is None:
         raise BadRequest("mac: required")
-    return WorkRequest(facts, mode)
+    return WorkRequest(facts, mode, identity)
 
 
 @dataclass(frozen=True)
@@ -194,6 +230,7 @@ class ResultReport:
     error_message: str
     session: str = ""       # the X-Preboot-Session of the run that did the operation
     multicast: "MulticastResult | None" = None   # a multicast receiver's result
+    identity: str = ""      # the identity applied (MachineIdentity.describe()), or ""
 
 
 # What a multicast receiver's report may say it took (docs/multicast.md, "Results").
@@ -235,7 +272,10 @@ def parse_result(body: Any) -> ResultReport:
         if len(value) > 4096:
             raise BadRequest(f"{name}: longer than 4096 characters")
         fields[name] = value.strip()
-    unknown = sorted(set(body) - set(fields) - set(MULTICAST_FIELDS))
+    identity = body.get("identity", "")
+    if not isinstance(identity, str) or len(identity) > MAX_IDENTITY_TEXT:
+        raise BadRequest(f"identity: a string of at most {MAX_IDENTITY_TEXT} characters")
+    unknown = sorted(set(body) - set(fields) - set(MULTICAST_FIELDS) - {"identity"})
     if unknown:
         raise BadRequest(f"{unknown[0]}: not a result field")
     mac = None
@@ -257,7 +297,8 @@ def parse_result(body: Any) -> ResultReport:
     multicast = _multicast_result(body, fields["operation"], mac)
     return ResultReport(fields["workstation"] or (mac or ""), mac, fields["operation"],
                         image_type, fields["image_path"], fields["status"],
-                        fields["error_message"], fields["session"], multicast)
+                        fields["error_message"], fields["session"], multicast,
+                        identity.strip())
 
 
 def _multicast_result(body: dict[str, Any], operation: str, mac: str | None

@@ -175,9 +175,14 @@ def plan_import(current: PolicyDocument, incoming: PolicyDocument, merge: bool =
         deleted = [mac for mac in sorted(stations) if mac not in wanted]
         station_report.removed = list(deleted)
 
-    policy_changed = rule_report.changed() or menu_state == "replaced"
+    # Identity policies: a file without [identities] keeps the store's when merging.
+    identities = incoming.policy.identities
+    if merge and not identities:
+        identities = current.policy.identities
+    policy_changed = (rule_report.changed() or menu_state == "replaced"
+                      or identities != current.policy.identities)
     change = DirectoryChange(
-        policy=ImagingPolicy(tuple(rules), menu) if policy_changed else None,
+        policy=ImagingPolicy(tuple(rules), menu, identities) if policy_changed else None,
         put_workstations=tuple(put), delete_workstations=tuple(deleted),
         sessions=tuple(sessions) if session_report.changed() else None)
     return change, ImportReport(merge, rule_report, station_report, session_report, menu_state)

@@ -19,6 +19,7 @@ from enum import Enum
 
 from common.machine import MachineFacts, normalize_mac
 
+from .identitypolicy import IdentityPolicy, overlapping_pools, pick_identity_policy
 from .rulematch import Matcher, compile_matcher
 from .rules import Filter, parse_filter
 
@@ -101,11 +102,12 @@ class Rule:
     action: Action
     enabled: bool = True
     force: bool = False              # send the base image even if the machine already has it
+    identity: str = ""               # the identity policy its machines get; "": the default
 
     @classmethod
     def from_text(cls, name: str, filter_text: str, action: Action, enabled: bool = True,
-                  force: bool = False) -> "Rule":
-        return cls(name, parse_filter(filter_text), action, enabled, force)
+                  force: bool = False, identity: str = "") -> "Rule":
+        return cls(name, parse_filter(filter_text), action, enabled, force, identity)
 
 
 class MenuDisplay(str, Enum):
@@ -241,10 +243,30 @@ def group_refusal(address: str) -> str:
 
 @dataclass(frozen=True)
 class ImagingPolicy:
-    """What every query reads: the ordered rules and the menu settings."""
+    """What every query reads: the ordered rules, the menu settings and the identity
+    policies (docs/identity.md), which rules name."""
 
     rules: tuple[Rule, ...] = ()
     menu: MenuSettings = field(default_factory=MenuSettings)
+    identities: tuple[IdentityPolicy, ...] = ()
+
+    def identity_problem(self) -> str | None:
+        """Why the identity policies cannot be stored: two with one name, two defaults, pools
+        sharing an address, a rule naming one that does not exist. None when they can."""
+        seen: dict[str, str] = {}
+        for policy in self.identities:
+            key = policy.name.casefold()
+            if key in seen:
+                return f"identity policies '{seen[key]}' and '{policy.name}' differ only in case"
+            seen[key] = policy.name
+        defaults = [p.name for p in self.identities if p.default]
+        if len(defaults) > 1:
+            return f"identity policies {', '.join(defaults)} are all marked default (one may be)"
+        for rule in self.rules:
+            if rule.identity and rule.identity.casefold() not in seen:
+                return f"rule '{rule.name}' names identity policy '{rule.identity}', which " \
+                       "does not exist"
+        return overlapping_pools(self.identities)
 
     @cached_property
     def _enabled(self) -> tuple[Rule, ...]:
@@ -367,3 +389,16 @@ def _from_rule(rule: Rule, facts: MachineFacts, force: bool = False) -> WorkAssi
                               f"{source} picks {action.image}, which this machine already has "
                               "(the rule does not force it)", rule.name)
     return WorkAssignment(action, source, f"{source} matches: {action.describe()}", rule.name)
+
+
+def identity_policy_for(policy: ImagingPolicy, assignment: WorkAssignment
+                        ) -> tuple[IdentityPolicy | None, str]:
+    """The identity policy a machine's identity comes from, and why (docs/identity.md): the
+    one its deciding rule names, else the default one, else none."""
+    named = ""
+    if assignment.rule is not None:
+        for rule in policy.rules:
+            if rule.name == assignment.rule:
+                named = rule.identity
+                break
+    return pick_identity_policy(policy.identities, named)

@@ -35,6 +35,21 @@ identical bytes and `diff` shows only real changes. Errors name the file, line, 
     participants = 00C04FDC2AB5, lab-02   # optional: machines named (MACs or names)
     group = 239.192.0.7         # optional: the group address (default: from the name)
     data_port = 997             # optional: the data port (default: imgsrvd's MulticastPort)
+    [identities]                # identity policies (docs/identity.md); rules name them
+    [[lab]]
+    naming = serial             # serial | asset_tag | mac | counter
+    prefix = lab-
+    counter_digits = 3          # counter naming: lab-001
+    dns_suffix = lab.example.com
+    workgroup = LAB
+    ip = pool                   # dhcp | pool
+    addresses = 10.0.0.10-10.0.0.50, 10.0.0.60
+    prefix_len = 24             # or netmask = 255.255.255.0
+    gateway = 10.0.0.1
+    dns_servers = 10.0.0.2, 10.0.0.3
+    default = yes               # for machines whose rule names no identity policy
+
+A rule names its identity policy with `identity = lab`.
 """
 
 from __future__ import annotations
@@ -49,7 +64,9 @@ import configobj
 from common import __version__
 from common.machine import normalize_mac
 
-from .model import (MAX_FILESETS, MAX_SESSION_NAME_BYTES, Action, ActionKind, ImagingPolicy, MenuDisplay,
+from .identitypolicy import AddressPool, IdentityPolicy, NameSource
+from .model import (MAX_FILESETS, MAX_SESSION_NAME_BYTES, Action, ActionKind, ImagingPolicy,
+                    MenuDisplay,
                      MenuSettings, MulticastSession, PolicyDocument, Rule, Workstation)
 from .rules import FilterSyntaxError, parse_filter
 
@@ -59,11 +76,13 @@ _FALSE = {"no", "false", "off", "0"}
 _NAME_FORBIDDEN = re.compile(r'[\[\]"\x00-\x1f\x7f]')
 
 RULE_KEYS = ("enabled", "filter", "action", "image", "addons", "session", "force", "shrink",
-             "fileset")
+             "fileset", "identity")
 STATION_KEYS = ("name", "image_on_next_boot", "image", "menu")
 SESSION_KEYS = ("image", "clients", "timeout_min", "enabled", "delete_after", "participants",
                 "group", "data_port")
 MENU_KEYS = ("display", "timeout_s")
+IDENTITY_KEYS = ("naming", "prefix", "counter_digits", "dns_suffix", "workgroup", "ip",
+                 "addresses", "prefix_len", "netmask", "gateway", "dns_servers", "default")
 
 
 class PolicyFileError(ValueError):
@@ -126,6 +145,10 @@ def dump_policy(document: PolicyDocument, origin: str = "") -> str:
     config["sessions"] = {}
     for session in document.sessions:
         config["sessions"][session.name] = _session_values(session)
+    if document.policy.identities:     # only when there are some: older files stay as they were
+        config["identities"] = {}
+        for identity in document.policy.identities:
+            config["identities"][identity.name] = _identity_values(identity)
     lines = config.write()
     return "\n".join(line.decode("utf-8") if isinstance(line, bytes) else line
                      for line in lines) + "\n"
@@ -145,6 +168,29 @@ def _rule_values(rule: Rule) -> dict[str, Any]:
         values["shrink"] = "yes"
     if rule.action.fileset != 1:
         values["fileset"] = str(rule.action.fileset)
+    if rule.identity:
+        values["identity"] = rule.identity
+    return values
+
+
+def _identity_values(policy: IdentityPolicy) -> dict[str, Any]:
+    values: dict[str, Any] = {"naming": policy.naming.value, "prefix": policy.prefix}
+    if policy.naming is NameSource.COUNTER:
+        values["counter_digits"] = str(policy.counter_digits)
+    if policy.dns_suffix:
+        values["dns_suffix"] = policy.dns_suffix
+    if policy.workgroup:
+        values["workgroup"] = policy.workgroup
+    pool = policy.pool
+    values["ip"] = "dhcp" if pool is None else "pool"
+    if pool is not None:
+        values["addresses"] = list(pool.ranges)
+        values["prefix_len"] = str(pool.prefix_len)
+        if pool.gateway:
+            values["gateway"] = pool.gateway
+        if pool.dns_servers:
+            values["dns_servers"] = list(pool.dns_servers)
+    values["default"] = _yes(policy.default)
     return values
 
 
@@ -214,7 +260,8 @@ def load_policy(text: str, source: str = "<policy>") -> PolicyDocument:
         line = getattr(exc, "line_number", None)
         raise PolicyFileError(source, line, "", f"syntax error: {exc.msg if hasattr(exc, 'msg') else exc}") from None
     _only(reader, (), config.scalars, ("format",))
-    _only(reader, (), config.sections, ("menu", "rules", "workstations", "sessions"))
+    _only(reader, (), config.sections, ("menu", "rules", "workstations", "sessions",
+                                        "identities"))
     version = config.get("format", str(FORMAT_VERSION))
     if version != str(FORMAT_VERSION):
         raise reader.fail((), "format", f"format {version} is not supported (this release reads "
@@ -232,7 +279,13 @@ def load_policy(text: str, source: str = "<policy>") -> PolicyDocument:
     sessions = tuple(_session(reader, name, section)
                      for name, section in _subsections(reader, config, "sessions"))
     _unique_names(reader, "sessions", [session.name for session in sessions])
-    return PolicyDocument(ImagingPolicy(rules, menu), stations, sessions)
+    identities = tuple(_identity(reader, name, section)
+                       for name, section in _subsections(reader, config, "identities"))
+    policy = ImagingPolicy(rules, menu, identities)
+    problem = policy.identity_problem()
+    if problem:
+        raise reader.fail(("identities",), None, problem)
+    return PolicyDocument(policy, stations, sessions)
 
 
 @dataclass(frozen=True)
@@ -379,7 +432,8 @@ def _rule(reader: _Reader, name: str, section: Any) -> Rule:
         raise reader.fail(where, "action", str(exc)) from None
     return Rule(name, filter_, action,
                 _value(reader, where, section, "enabled", True, _flag),
-                _value(reader, where, section, "force", False, _flag))
+                _value(reader, where, section, "force", False, _flag),
+                _value(reader, where, section, "identity", "", _text).strip())
 
 
 def _station(reader: _Reader, name: str, section: Any) -> Workstation:
@@ -425,3 +479,73 @@ def _session(reader: _Reader, name: str, section: Any) -> MulticastSession:
         return MulticastSession(name, image, participants=participants, group=group, **fields)
     except ValueError as exc:
         raise reader.fail(where, None, str(exc)) from None
+
+
+def _texts(value: Any) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else list(value)
+    return tuple(item.strip() for item in items if item.strip())
+
+
+def _naming(value: Any) -> NameSource:
+    text = _text(value).strip().lower()
+    try:
+        return NameSource(text)
+    except ValueError:
+        raise ValueError(f"'{text}' is not one of "
+                         f"{', '.join(s.value for s in NameSource)}") from None
+
+
+def _netmask(value: Any) -> int:
+    import ipaddress
+    text = _text(value).strip()
+    try:
+        return ipaddress.IPv4Network(f"0.0.0.0/{text}").prefixlen
+    except ValueError:
+        raise ValueError(f"'{text}' is not a netmask (255.255.255.0)") from None
+
+
+def _identity(reader: _Reader, name: str, section: Any) -> IdentityPolicy:
+    where = ("identities", name)
+    problem = check_name("identity policy", name)
+    if problem:
+        raise reader.fail(where, None, problem)
+    _only(reader, where, section.scalars, IDENTITY_KEYS)
+    _only(reader, where, section.sections, ())
+    ip = _value(reader, where, section, "ip", "dhcp", _text).strip().lower()
+    if ip not in ("dhcp", "pool"):
+        raise reader.fail(where, "ip", f"'{ip}' is not dhcp or pool")
+    pool = None
+    pool_keys = ("addresses", "prefix_len", "netmask", "gateway", "dns_servers")
+    if ip == "dhcp":
+        for key in pool_keys:
+            if key in section:
+                raise reader.fail(where, key, "goes only with ip = pool")
+    else:
+        if "prefix_len" in section and "netmask" in section:
+            raise reader.fail(where, "netmask", "give prefix_len or netmask, not both")
+        if "prefix_len" not in section and "netmask" not in section:
+            raise reader.fail(where, None, "ip = pool needs prefix_len (or netmask)")
+        prefix_len = _value(reader, where, section, "prefix_len", None, _count(1, 32))
+        if prefix_len is None:
+            prefix_len = _value(reader, where, section, "netmask", None, _netmask)
+        try:
+            pool = AddressPool(_texts(section.get("addresses", [])), prefix_len,
+                               _value(reader, where, section, "gateway", "", _text).strip(),
+                               _texts(section.get("dns_servers", [])))
+        except ValueError as exc:
+            text = str(exc)
+            key = text.split(":", 1)[0].replace("ip.", "").replace("address", "addresses")
+            key = {"addresseses": "addresses", "prefix_len": "prefix_len"}.get(key, key)
+            raise reader.fail(where, key if key in pool_keys else None, text) from None
+    try:
+        return IdentityPolicy(
+            name, _value(reader, where, section, "naming", NameSource.SERIAL, _naming),
+            _value(reader, where, section, "prefix", "", _text).strip(),
+            _value(reader, where, section, "counter_digits", 3, _count(1, 6)),
+            _value(reader, where, section, "dns_suffix", "", _text).strip(),
+            _value(reader, where, section, "workgroup", "", _text).strip(),
+            pool, _value(reader, where, section, "default", False, _flag))
+    except ValueError as exc:
+        text = str(exc)
+        key = text.split(":", 1)[0]
+        raise reader.fail(where, key if key in IDENTITY_KEYS else None, text) from None

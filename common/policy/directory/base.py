@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import unquote, urlsplit
 
+from collections.abc import Iterable
+
+from common.policy.identitypolicy import Assignment
 from common.policy.model import ImagingPolicy, MulticastSession, PolicyDocument, Workstation
 
 DEFAULT_TIMEOUT_S = 3.0
@@ -184,6 +187,31 @@ class Directory(ABC):
     @abstractmethod
     def replace_sessions(self, sessions: list[MulticastSession]) -> None:
         """Replace all multicast sessions."""
+
+    # The assignment log (docs/identity.md): each value of a pool goes to one MAC, once.
+
+    @abstractmethod
+    def assign(self, pool: str, kind: str, mac: str, candidates: Iterable[str],
+               now_s: float) -> Assignment | None:
+        """The value of `pool` (an identity policy's name) and `kind` (an address or a counter
+        value) that `mac` holds, else the first of `candidates` no MAC holds, recorded for
+        `mac` at `now_s`; None when every candidate is held (the pool is dry). Atomic: two
+        callers at once, in any processes, never get one value."""
+
+    @abstractmethod
+    def assignments(self, pool: str | None = None) -> list[Assignment]:
+        """The assignment log (of one pool), by pool, kind and value."""
+
+    @abstractmethod
+    def release(self, pool: str, mac: str = "", value: str = "") -> list[Assignment]:
+        """Remove the assignments of `pool` held by `mac` or of `value`; those removed."""
+
+    def assignment_of(self, pool: str, kind: str, mac: str) -> Assignment | None:
+        """The value `mac` holds in `pool`, without handing out anything."""
+        for item in self.assignments(pool):
+            if item.kind == kind and item.mac == mac:
+                return item
+        return None
 
     @abstractmethod
     def close(self) -> None:

@@ -6,6 +6,15 @@ Layout under the URL's base DN (which must exist; docs/directory-ldap.md has the
     ou=rules                organizationalUnit        one prebootRule per rule, RDN cn=<name>
     ou=workstations         organizationalUnit        prebootWorkstation, RDN prebootMAC=<12 hex>
     ou=sessions             organizationalUnit        prebootMulticastSession, RDN cn=<name>
+    ou=identities           organizationalUnit        prebootIdentityPolicy, RDN cn=<name>
+    ou=assignments          organizationalUnit        the assignment log (docs/identity.md):
+                                                      prebootAssignment, RDN cn=<pool>|<kind>|<value>
+                                                      prebootAssignmentClaim, RDN
+                                                      cn=<pool>|<kind>|mac|<MAC>
+
+The assignment log leaves the decision to the server: a value is handed out by adding the entry
+named after it, which fails (entryAlreadyExists) when another MAC holds it; a MAC first adds its
+claim entry, so two requests of one MAC at once cannot take two values.
 
 The containers are created on the first write; a base without them reads as an empty policy.
 
@@ -54,6 +63,8 @@ import ldap.filter
 from ldap.ldapobject import LDAPObject
 
 from common.machine import normalize_mac
+from common.policy.identitypolicy import (AddressPool, Assignment, IdentityPolicy, NameSource,
+                                          assignment_order)
 from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
                                  MulticastSession, Rule, Workstation)
 from common.policy.rules import Filter, parse_filter
@@ -83,12 +94,22 @@ OC_POLICY = "prebootImagingPolicy"
 OC_RULE = "prebootRule"
 OC_WORKSTATION = "prebootWorkstation"
 OC_SESSION = "prebootMulticastSession"
+OC_IDENTITY = "prebootIdentityPolicy"
+OC_ASSIGNMENT = "prebootAssignment"
+OC_CLAIM = "prebootAssignmentClaim"
+STALE_CLAIM_S = 30.0         # a claim without a value this old was left by a request that died
 
 # The attributes each kind of entry carries that we manage; anything else (description, ...)
 # is the administrator's and is left alone on writes.
 RULE_ATTRS = ("cn", "prebootRuleOrder", "prebootEnabled", "prebootFilter", "prebootAction",
               "prebootImage", "prebootAddonImage", "prebootSession", "prebootForce",
-              "prebootShrink", "prebootFileset")
+              "prebootShrink", "prebootFileset", "prebootIdentity")
+IDENTITY_ATTRS = ("cn", "prebootIdentityOrder", "prebootNaming", "prebootNamePrefix",
+                  "prebootCounterDigits", "prebootDnsSuffix", "prebootWorkgroup",
+                  "prebootIpRange", "prebootIpPrefixLength", "prebootIpGateway",
+                  "prebootDnsServer", "prebootDefault")
+ASSIGNMENT_ATTRS = ("cn", "prebootPool", "prebootAssignmentKind", "prebootAssignedValue",
+                    "prebootMAC", "prebootAssignedAt")
 WORKSTATION_ATTRS = ("prebootMAC", "cn", "prebootImageOnNextBoot", "prebootImage",
                      "prebootMenuDisplay")
 SESSION_ATTRS = ("cn", "prebootSessionOrder", "prebootImage", "prebootSessionClients",
@@ -96,7 +117,8 @@ SESSION_ATTRS = ("cn", "prebootSessionOrder", "prebootImage", "prebootSessionCli
                  "prebootSessionParticipant", "prebootSessionGroup", "prebootSessionDataPort")
 POLICY_ATTRS = ("prebootMenuDisplay", "prebootMenuTimeout")
 SERIAL = "prebootPolicySerial"             # odd while replace_policy is writing; see there
-UNORDERED = {"prebootaddonimage", "prebootsessionparticipant"}          # multi-valued: compare as sets when diffing
+UNORDERED = {"prebootaddonimage", "prebootsessionparticipant", "prebootiprange",
+             "prebootdnsserver"}          # multi-valued: compare as sets when diffing
 
 _ADDON = re.compile(r"\{(\d+)\}(.*)", re.DOTALL)
 _UNREACHABLE = (ldap.SERVER_DOWN, ldap.CONNECT_ERROR)
@@ -123,6 +145,8 @@ class LdapDirectory(Directory):
         self.rules_dn = f"ou=rules,{self.base_dn}"
         self.workstations_dn = f"ou=workstations,{self.base_dn}"
         self.sessions_dn = f"ou=sessions,{self.base_dn}"
+        self.identities_dn = f"ou=identities,{self.base_dn}"
+        self.assignments_dn = f"ou=assignments,{self.base_dn}"
         self.credentials = credentials
         self.timeout_s = float(timeout_s)
         self._local = threading.local()
@@ -372,9 +396,13 @@ class LdapDirectory(Directory):
             if before is None or before % 2 == 0:
                 entries = self._children(conn, self.rules_dn, ldap.SCOPE_ONELEVEL,
                                          f"(objectClass={OC_RULE})", list(RULE_ATTRS))
+                identities = self._children(conn, self.identities_dn, ldap.SCOPE_ONELEVEL,
+                                            f"(objectClass={OC_IDENTITY})",
+                                            list(IDENTITY_ATTRS))
                 _, after = self._policy_entry(conn)
                 if after == before:
-                    policy = ImagingPolicy(self._ordered_rules(entries), menu)
+                    policy = ImagingPolicy(self._ordered_rules(entries), menu,
+                                           _ordered_identities(identities))
                     self._consistent = policy
                     return policy
             previous = self._consistent
@@ -404,6 +432,11 @@ class LdapDirectory(Directory):
         return tuple(rule for _, rule in rules)
 
     def replace_policy(self, policy: ImagingPolicy) -> None:
+        problem = policy.identity_problem()
+        if problem:
+            raise ValueError(problem)
+        identities = [(item.name, _identity_attrs(item, position * ORDER_STEP))
+                      for position, item in enumerate(policy.identities, 1)]
         wanted: list[tuple[str, Attrs]] = []
         for position, rule in enumerate(policy.rules, 1):
             wanted.append((rule.name, _rule_attrs(rule, position * ORDER_STEP)))
@@ -415,6 +448,8 @@ class LdapDirectory(Directory):
             self._ensure_containers(conn)
             serial = self._begin_policy_write(conn)
             self._sync_children(conn, self.rules_dn, OC_RULE, RULE_ATTRS, wanted, "rule")
+            self._sync_children(conn, self.identities_dn, OC_IDENTITY, IDENTITY_ATTRS,
+                                identities, "identity policy")
             self._set_serial(conn, serial, serial + 1, [
                 (ldap.MOD_REPLACE, name, values) for name, values in menu.items()])
         self._run("write the policy", run)
@@ -671,6 +706,149 @@ class LdapDirectory(Directory):
                                 "multicast session")
         self._run("write the multicast sessions", run)
 
+    # -- the assignment log ---------------------------------------------------------------------
+
+    def _claim_dn(self, pool: str, kind: str, mac: str) -> str:
+        return f"cn={ldap.dn.escape_dn_chars(f'{pool}|{kind}|mac|{mac}')},{self.assignments_dn}"
+
+    def _value_dn(self, pool: str, kind: str, value: str) -> str:
+        return f"cn={ldap.dn.escape_dn_chars(f'{pool}|{kind}|{value}')},{self.assignments_dn}"
+
+    def _pool_filter(self, pool: str, kind: str = "", mac: str = "", value: str = "") -> str:
+        parts = [f"(objectClass={OC_ASSIGNMENT})",
+                 f"(prebootPool={ldap.filter.escape_filter_chars(pool)})"]
+        for attr, text in (("prebootAssignmentKind", kind), ("prebootMAC", mac),
+                           ("prebootAssignedValue", value)):
+            if text:
+                parts.append(f"({attr}={ldap.filter.escape_filter_chars(text)})")
+        return f"(&{''.join(parts)})"
+
+    def assign(self, pool: str, kind: str, mac: str, candidates: Iterable[str],
+               now_s: float) -> Assignment | None:
+        """The server decides: the MAC's claim entry, then the value's entry, each added only
+        if it does not exist (see the module's docstring)."""
+        todo = iter(candidates)
+
+        def run(conn: LDAPObject) -> Assignment | None:
+            self._ensure_containers(conn)
+            claim = self._claim_dn(pool, kind, mac)
+            held = self._take_claim(conn, claim, pool, kind, mac, now_s)
+            if held is not None:
+                return held
+            try:
+                got = self._first_free(conn, pool, kind, mac, todo, now_s)
+                if got is None:
+                    conn.delete_s(claim)
+                    return None
+                conn.modify_s(claim, [(ldap.MOD_REPLACE, "prebootAssignedValue",
+                                       [got.value.encode()])])
+                return got
+            except BaseException:
+                try:
+                    conn.delete_s(claim)      # let the next request of this MAC start afresh
+                except ldap.LDAPError:
+                    pass
+                raise
+        return self._run(f"assign from pool '{pool}'", run)
+
+    def _take_claim(self, conn: LDAPObject, claim: str, pool: str, kind: str, mac: str,
+                    now_s: float) -> Assignment | None:
+        """Add this MAC's claim (then None: the caller hands out a value), or return the value
+        the MAC already holds. A claim without a value is another request of this MAC at work:
+        wait for it, up to timeout_s; one older than STALE_CLAIM_S is removed."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                _add(conn, claim, [b"top", OC_CLAIM.encode()], {
+                    "cn": [claim.split(",", 1)[0][3:].encode()], "prebootPool": [pool.encode()],
+                    "prebootAssignmentKind": [kind.encode()], "prebootMAC": [mac.encode()],
+                    "prebootAssignedAt": [repr(now_s).encode()]})
+                return None
+            except ldap.ALREADY_EXISTS:
+                pass
+            try:
+                found = self._search(conn, claim, ldap.SCOPE_BASE, "(objectClass=*)",
+                                     list(ASSIGNMENT_ATTRS))
+            except ldap.NO_SUCH_OBJECT:
+                continue                       # released meanwhile: try again
+            attrs = _lower(found[0][1]) if found else {}
+            value = _text(attrs, "prebootAssignedValue")
+            at = _assigned_at(attrs)
+            if value:
+                return Assignment(pool, kind, value, mac, at)
+            if now_s - at > STALE_CLAIM_S:
+                try:
+                    conn.delete_s(claim)
+                except ldap.NO_SUCH_OBJECT:
+                    pass
+                continue
+            if time.monotonic() >= deadline:
+                raise _EntryError(f"another request of {mac} is taking a value of pool "
+                                  f"'{pool}'; try again")
+            time.sleep(0.05)
+
+    def _first_free(self, conn: LDAPObject, pool: str, kind: str, mac: str,
+                    candidates: Iterable[str], now_s: float) -> Assignment | None:
+        # A value entry of this MAC without a claim: a request died between the two; keep it.
+        mine = self._search(conn, self.assignments_dn, ldap.SCOPE_ONELEVEL,
+                            self._pool_filter(pool, kind, mac), list(ASSIGNMENT_ATTRS))
+        if mine:
+            return _assignment(mine[0][0], mine[0][1])
+        taken = {_text(_lower(attrs), "prebootAssignedValue") for _, attrs in self._search(
+            conn, self.assignments_dn, ldap.SCOPE_ONELEVEL, self._pool_filter(pool, kind),
+            ["prebootAssignedValue"])}
+        for value in candidates:
+            if value in taken:
+                continue
+            dn = self._value_dn(pool, kind, value)
+            try:
+                _add(conn, dn, [b"top", OC_ASSIGNMENT.encode()], {
+                    "cn": [f"{pool}|{kind}|{value}".encode()], "prebootPool": [pool.encode()],
+                    "prebootAssignmentKind": [kind.encode()],
+                    "prebootAssignedValue": [value.encode()], "prebootMAC": [mac.encode()],
+                    "prebootAssignedAt": [repr(now_s).encode()]})
+            except ldap.ALREADY_EXISTS:
+                continue                       # another MAC was quicker: the server said so
+            return Assignment(pool, kind, value, mac, now_s)
+        return None
+
+    def assignments(self, pool: str | None = None) -> list[Assignment]:
+        filterstr = self._pool_filter(pool) if pool else f"(objectClass={OC_ASSIGNMENT})"
+
+        def run(conn: LDAPObject) -> list[Assignment]:
+            entries = self._children(conn, self.assignments_dn, ldap.SCOPE_ONELEVEL,
+                                     filterstr, list(ASSIGNMENT_ATTRS))
+            return sorted((_assignment(dn, attrs) for dn, attrs in entries),
+                          key=assignment_order)
+        return self._run("read the assignment log", run)
+
+    def assignment_of(self, pool: str, kind: str, mac: str) -> Assignment | None:
+        def run(conn: LDAPObject) -> Assignment | None:
+            entries = self._children(conn, self.assignments_dn, ldap.SCOPE_ONELEVEL,
+                                     self._pool_filter(pool, kind, mac),
+                                     list(ASSIGNMENT_ATTRS))
+            return _assignment(*entries[0]) if entries else None
+        return self._run("read the assignment log", run)
+
+    def release(self, pool: str, mac: str = "", value: str = "") -> list[Assignment]:
+        def run(conn: LDAPObject) -> list[Assignment]:
+            found: list[Assignment] = []
+            for who in ((mac, ""), ("", value)):
+                if not any(who):
+                    continue
+                for dn, attrs in self._children(conn, self.assignments_dn, ldap.SCOPE_ONELEVEL,
+                                                self._pool_filter(pool, "", *who),
+                                                list(ASSIGNMENT_ATTRS)):
+                    item = _assignment(dn, attrs)
+                    for gone in (dn, self._claim_dn(pool, item.kind, item.mac)):
+                        try:
+                            conn.delete_s(gone)
+                        except ldap.NO_SUCH_OBJECT:
+                            pass
+                    found.append(item)
+            return found
+        return self._run(f"release from pool '{pool}'", run)
+
     # -- writes ---------------------------------------------------------------------------------
 
     def _ensure_containers(self, conn: LDAPObject) -> None:
@@ -678,7 +856,8 @@ class LdapDirectory(Directory):
         if self._containers_ok:
             return
         self._require_base(conn)
-        for dn in (self.rules_dn, self.workstations_dn, self.sessions_dn):
+        for dn in (self.rules_dn, self.workstations_dn, self.sessions_dn, self.identities_dn,
+                   self.assignments_dn):
             try:
                 self._search(conn, dn, ldap.SCOPE_BASE, "(objectClass=*)", ["1.1"])
                 continue
@@ -896,6 +1075,7 @@ def _rule_attrs(rule: Rule, order: int) -> Attrs:
         "prebootShrink": [_bool(True)] if action.shrink else [],
         # likewise only when not 1 (the whole image), for a schema without prebootFileset
         "prebootFileset": [str(action.fileset).encode()] if action.fileset != 1 else [],
+        "prebootIdentity": [rule.identity.encode()] if rule.identity else [],
     }
 
 
@@ -927,10 +1107,86 @@ def _rule(dn: str, raw: Attrs, known: dict[str, Filter] | None = None,
                         _flag(attrs, "prebootShrink", False),
                         _int(attrs, "prebootFileset", 1))
         rule = Rule(name, flt, action, _flag(attrs, "prebootEnabled", True),
-                    _flag(attrs, "prebootForce", False))
+                    _flag(attrs, "prebootForce", False), _text(attrs, "prebootIdentity") or "")
     except ValueError as exc:     # _EntryError, FilterSyntaxError, Action's own checks
         raise _EntryError(f"rule {dn}: {exc}") from None
     return order, rule
+
+
+def _identity_attrs(item: IdentityPolicy, order: int) -> Attrs:
+    pool = item.pool
+    return {
+        "cn": [item.name.encode()],
+        "prebootIdentityOrder": [str(order).encode()],
+        "prebootNaming": [item.naming.value.encode()],
+        "prebootNamePrefix": [item.prefix.encode()] if item.prefix else [],
+        "prebootCounterDigits": [str(item.counter_digits).encode()],
+        "prebootDnsSuffix": [item.dns_suffix.encode()] if item.dns_suffix else [],
+        "prebootWorkgroup": [item.workgroup.encode()] if item.workgroup else [],
+        "prebootIpRange": [f"{{{i}}}{r}".encode() for i, r in enumerate(pool.ranges)]
+        if pool else [],
+        "prebootIpPrefixLength": [str(pool.prefix_len).encode()] if pool else [],
+        "prebootIpGateway": [pool.gateway.encode()] if pool and pool.gateway else [],
+        "prebootDnsServer": [f"{{{i}}}{d}".encode() for i, d in enumerate(pool.dns_servers)]
+        if pool else [],
+        "prebootDefault": [_bool(True)] if item.default else [],
+    }
+
+
+def _ordered_identities(entries: list[Entry]) -> tuple[IdentityPolicy, ...]:
+    items = []
+    for dn, raw in entries:
+        attrs = _lower(raw)
+        try:
+            ranges = _indexed(attrs.get("prebootiprange", []), "prebootIpRange")
+            pool = None
+            if ranges:
+                pool = AddressPool(ranges, _int(attrs, "prebootIpPrefixLength"),
+                                   _text(attrs, "prebootIpGateway") or "",
+                                   _indexed(attrs.get("prebootdnsserver", []),
+                                            "prebootDnsServer"))
+            naming = (_text(attrs, "prebootNaming") or "").strip().lower()
+            item = IdentityPolicy(_entry_name(dn, raw), NameSource(naming),
+                                  _text(attrs, "prebootNamePrefix") or "",
+                                  _int(attrs, "prebootCounterDigits", 3),
+                                  _text(attrs, "prebootDnsSuffix") or "",
+                                  _text(attrs, "prebootWorkgroup") or "", pool,
+                                  _flag(attrs, "prebootDefault", False))
+            items.append((_int(attrs, "prebootIdentityOrder"), item))
+        except ValueError as exc:
+            raise _EntryError(f"identity policy {dn}: {exc}") from None
+    items.sort(key=lambda pair: (pair[0], pair[1].name.casefold()))
+    return tuple(item for _, item in items)
+
+
+def _indexed(values: list[bytes], name: str) -> tuple[str, ...]:
+    """Values written {N}text, in N order (LDAP keeps no order of values)."""
+    indexed: dict[int, str] = {}
+    for value in values:
+        match = _ADDON.fullmatch(value.decode("utf-8", "replace"))
+        if match is None:
+            raise _EntryError(f"{name} '{value.decode('utf-8', 'replace')}' has no {{N}} "
+                              "order prefix")
+        indexed[int(match.group(1))] = match.group(2)
+    return tuple(indexed[index] for index in sorted(indexed))
+
+
+def _assigned_at(attrs: Attrs) -> float:
+    try:
+        return float(_text(attrs, "prebootAssignedAt") or "0")
+    except ValueError:
+        return 0.0
+
+
+def _assignment(dn: str, raw: Attrs) -> Assignment:
+    attrs = _lower(raw)
+    try:
+        return Assignment(_text(attrs, "prebootPool") or "",
+                          _text(attrs, "prebootAssignmentKind") or "",
+                          _text(attrs, "prebootAssignedValue") or "",
+                          _text(attrs, "prebootMAC") or "", _assigned_at(attrs))
+    except ValueError as exc:
+        raise _EntryError(f"assignment {dn}: {exc}") from None
 
 
 def _menu(entry: Entry) -> MenuSettings:

@@ -15,8 +15,11 @@ import os
 import sqlite3
 import threading
 import urllib.parse
+from collections.abc import Iterable
 
 from common.machine import normalize_mac
+from common.policy.identitypolicy import (AddressPool, Assignment, IdentityPolicy, NameSource,
+                                          assignment_order)
 from common.policy.model import (Action, ActionKind, ImagingPolicy, MenuDisplay, MenuSettings,
                                  MulticastSession, Rule, Workstation)
 from common.policy.rules import parse_filter
@@ -78,6 +81,36 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 4: the image's file set a restore rule puts down (1: everything).
     "ALTER TABLE rules ADD COLUMN fileset INTEGER NOT NULL DEFAULT 1;",
+    # 5: identity policies (docs/identity.md), the rule naming one, and the assignment log:
+    # one row per address or counter value handed out; the keys make each value go once and
+    # each MAC get one value per pool and kind.
+    f"""
+    ALTER TABLE rules ADD COLUMN identity TEXT NOT NULL DEFAULT '';
+    CREATE TABLE identities (
+        position INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE COLLATE NOCASE,
+        naming TEXT NOT NULL,
+        prefix TEXT NOT NULL DEFAULT '',
+        counter_digits INTEGER NOT NULL DEFAULT 3,
+        dns_suffix TEXT NOT NULL DEFAULT '',
+        workgroup TEXT NOT NULL DEFAULT '',
+        addresses TEXT NOT NULL DEFAULT '[]',
+        prefix_len INTEGER NOT NULL DEFAULT 0,
+        gateway TEXT NOT NULL DEFAULT '',
+        dns_servers TEXT NOT NULL DEFAULT '[]',
+        is_default INTEGER NOT NULL DEFAULT 0);
+    CREATE TRIGGER identities_ins AFTER INSERT ON identities BEGIN {_BUMP} END;
+    CREATE TRIGGER identities_upd AFTER UPDATE ON identities BEGIN {_BUMP} END;
+    CREATE TRIGGER identities_del AFTER DELETE ON identities BEGIN {_BUMP} END;
+    CREATE TABLE assignments (
+        pool TEXT NOT NULL COLLATE NOCASE,
+        kind TEXT NOT NULL,
+        value TEXT NOT NULL,
+        mac TEXT NOT NULL,
+        assigned_at REAL NOT NULL,
+        PRIMARY KEY (pool, kind, value),
+        UNIQUE (pool, kind, mac));
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -225,8 +258,12 @@ class SqliteDirectory(Directory):
             conn.execute("BEGIN")
             try:
                 rows = conn.execute("SELECT name, enabled, filter, action, image, addons, "
-                                    "session, force, shrink, fileset FROM rules ORDER BY position"
-                                    ).fetchall()
+                                    "session, force, shrink, fileset, identity FROM rules "
+                                    "ORDER BY position").fetchall()
+                identity_rows = conn.execute(
+                    "SELECT name, naming, prefix, counter_digits, dns_suffix, workgroup, "
+                    "addresses, prefix_len, gateway, dns_servers, is_default FROM identities "
+                    "ORDER BY position").fetchall()
                 menu_rows = conn.execute("SELECT display, timeout_s FROM menu "
                                          "WHERE id = 1").fetchall()
             finally:
@@ -240,14 +277,30 @@ class SqliteDirectory(Directory):
                 menu = MenuSettings(MenuDisplay(menu_rows[0][0]), int(menu_rows[0][1]))
             except ValueError as exc:
                 raise DirectoryError(f"directory {self.url.redacted()}: bad menu settings: {exc}")
-        return ImagingPolicy(rules, menu)
+        identities = tuple(self._identity(row) for row in identity_rows)
+        return ImagingPolicy(rules, menu, identities)
+
+    def _identity(self, row: tuple) -> IdentityPolicy:
+        (name, naming, prefix, digits, suffix, workgroup, addresses, prefix_len, gateway,
+         servers, default) = row
+        try:
+            ranges = tuple(json.loads(addresses))
+            pool = None if not ranges else AddressPool(
+                ranges, int(prefix_len), gateway, tuple(json.loads(servers)))
+            return IdentityPolicy(name, NameSource(naming), prefix, int(digits), suffix,
+                                  workgroup, pool, bool(default))
+        except (ValueError, TypeError) as exc:
+            raise DirectoryError(f"directory {self.url.redacted()}: identity policy "
+                                 f"'{name}': {exc}") from None
 
     def _rule(self, row: tuple) -> Rule:
-        name, enabled, filter_text, action, image, addons, session, force, shrink, fileset = row
+        (name, enabled, filter_text, action, image, addons, session, force, shrink, fileset,
+         ident) = row
         try:
             act = Action(ActionKind(action), image, tuple(json.loads(addons)), session,
                          bool(shrink), int(fileset))
-            return Rule(name, parse_filter(filter_text), act, bool(enabled), bool(force))
+            return Rule(name, parse_filter(filter_text), act, bool(enabled), bool(force),
+                        ident)
         except (ValueError, TypeError) as exc:  # FilterSyntaxError and JSON errors included
             # Refuse the whole policy: silently skipping a rule could image a machine wrongly.
             raise DirectoryError(f"directory {self.url.redacted()}: rule '{name}': {exc}") from None
@@ -315,6 +368,60 @@ class SqliteDirectory(Directory):
     def replace_sessions(self, sessions: list[MulticastSession]) -> None:
         self._write(_sessions_statements(sessions))
 
+    # -- the assignment log ---------------------------------------------------------------------
+
+    def assign(self, pool: str, kind: str, mac: str, candidates: Iterable[str],
+               now_s: float) -> Assignment | None:
+        """In one write transaction (BEGIN IMMEDIATE: one writer at a time, across processes):
+        the MAC's own value if it has one, else the first free candidate, recorded."""
+        conn = self._connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                found = self._mine(conn, pool, kind, mac)
+                if found is None:
+                    taken = {row[0] for row in conn.execute(
+                        "SELECT value FROM assignments WHERE pool = ? AND kind = ?",
+                        (pool, kind))}
+                    free = next((value for value in candidates if value not in taken), None)
+                    if free is not None:
+                        conn.execute("INSERT INTO assignments (pool, kind, value, mac, "
+                                     "assigned_at) VALUES (?, ?, ?, ?, ?)",
+                                     (pool, kind, free, mac, now_s))
+                        found = Assignment(pool, kind, free, mac, now_s)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise DirectoryError(f"directory {self.url.redacted()}: assignment in pool "
+                                 f"'{pool}' failed: {exc}") from None
+        return found
+
+    def _mine(self, conn: sqlite3.Connection, pool: str, kind: str, mac: str
+              ) -> Assignment | None:
+        rows = conn.execute("SELECT pool, kind, value, mac, assigned_at FROM assignments "
+                            "WHERE pool = ? AND kind = ? AND mac = ?",
+                            (pool, kind, mac)).fetchall()
+        return Assignment(*rows[0]) if rows else None
+
+    def assignment_of(self, pool: str, kind: str, mac: str) -> Assignment | None:
+        rows = self._read("SELECT pool, kind, value, mac, assigned_at FROM assignments "
+                          "WHERE pool = ? AND kind = ? AND mac = ?", (pool, kind, mac))
+        return Assignment(*rows[0]) if rows else None
+
+    def assignments(self, pool: str | None = None) -> list[Assignment]:
+        sql = "SELECT pool, kind, value, mac, assigned_at FROM assignments"
+        rows = self._read(sql + " WHERE pool = ?" if pool else sql, (pool,) if pool else ())
+        return sorted((Assignment(*row) for row in rows), key=assignment_order)
+
+    def release(self, pool: str, mac: str = "", value: str = "") -> list[Assignment]:
+        found = [a for a in self.assignments(pool)
+                 if (mac and a.mac == mac) or (value and a.value == value)]
+        self._write([("DELETE FROM assignments WHERE pool = ? AND kind = ? AND value = ?",
+                      (a.pool, a.kind, a.value)) for a in found])
+        return found
+
     def close(self) -> None:
         self._closed = True
         with self._lock:
@@ -328,15 +435,30 @@ class SqliteDirectory(Directory):
 
 
 def _policy_statements(policy: ImagingPolicy) -> list[tuple[str, tuple]]:
+    problem = policy.identity_problem()
+    if problem:
+        raise ValueError(problem)
     statements: list[tuple[str, tuple]] = [("DELETE FROM rules", ())]
     for position, rule in enumerate(policy.rules, 1):
         statements.append((
             "INSERT INTO rules (position, name, enabled, filter, action, image, addons, "
-            "session, force, shrink, fileset) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "session, force, shrink, fileset, identity) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (position, rule.name, int(rule.enabled), rule.filter.canonical(),
              rule.action.kind.value, rule.action.image, json.dumps(list(rule.action.addons)),
              rule.action.session, int(rule.force), int(rule.action.shrink),
-             rule.action.fileset)))
+             rule.action.fileset, rule.identity)))
+    statements.append(("DELETE FROM identities", ()))
+    for position, item in enumerate(policy.identities, 1):
+        pool = item.pool
+        statements.append((
+            "INSERT INTO identities (position, name, naming, prefix, counter_digits, "
+            "dns_suffix, workgroup, addresses, prefix_len, gateway, dns_servers, is_default) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (position, item.name, item.naming.value, item.prefix, item.counter_digits,
+             item.dns_suffix, item.workgroup, json.dumps(list(pool.ranges) if pool else []),
+             pool.prefix_len if pool else 0, pool.gateway if pool else "",
+             json.dumps(list(pool.dns_servers) if pool else []), int(item.default))))
     statements.append(("INSERT OR REPLACE INTO menu (id, display, timeout_s) VALUES (1, ?, ?)",
                        (policy.menu.display.value, policy.menu.timeout_s)))
     return statements

@@ -186,7 +186,7 @@ def test_a_store_of_schema_1_is_migrated_and_keeps_its_rules(tmp_path):
         directory.replace_policy(ImagingPolicy((shrinking,)))
         assert directory.policy().rules[0].action.shrink is True
     conn = sqlite3.connect(tmp_path / "dir.db")
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
 
 
 def test_a_store_of_schema_3_is_migrated_and_its_rules_restore_everything(tmp_path):
