@@ -47,7 +47,10 @@ MIRROR = "http://deb.debian.org/debian"
 INCLUDE = ("python3", "systemd")
 # Where SLES keeps its RPM database (Debian's rpm defaults to ~/.rpmdb).
 DBPATH = "/usr/lib/sysimage/rpm"
-PACKAGES = ("common", "tftpd", "proxydhcpd", "policyd", "imgsrvd", "img")
+PACKAGES = ("common", "tftpd", "proxydhcpd", "policyd", "imgsrvd", "img", "imaging-env")
+# The pinned .debs the imaging environment is built from: the cache the e2e tests fill
+# (tests/e2e/imagingenv.py), so rpmbuild downloads nothing twice.
+IMGENV_CACHE = Path(os.environ.get("PREBOOT_IMAGING_ENV", "/var/cache/preboot/imaging-env")) / ".cache"
 
 
 def missing_tools() -> list[str]:
@@ -107,11 +110,12 @@ def build_rpms(out: Path, dist: str = "", edit: Callable[[Path], None] | None = 
     result = subprocess.run(
         ["rpmbuild", "-bb", "--nodeps", "--define", f"_topdir {out}",
          "--define", f"preboot_python {python}",
+         "--define", f"preboot_imgenv_cache {IMGENV_CACHE}",
          *(["--define", f"dist {dist}"] if dist else []), str(SPEC)],
         capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise RuntimeError(f"rpmbuild failed: {result.stderr[-3000:]}")
-    rpms = sorted((out / "RPMS" / "noarch").glob("preboot-*.rpm"))
+    rpms = sorted((out / "RPMS").glob("*/preboot-*.rpm"))
     assert len(rpms) == len(PACKAGES), rpms
     return rpms
 

@@ -117,6 +117,16 @@ def test_commands_run_from_the_root(rpm_root):
     assert rpm_root.run("zmgmcast", "--help").returncode == 0
 
 
+def test_the_installed_tftpd_has_its_c_loop(rpm_root):
+    """preboot-tftpd (architecture-specific) ships tftpd/_lockstep.c compiled; the installed
+    interpreter imports it from the private prefix, and no C source is shipped."""
+    import sys
+    result = rpm_root.run("env", "PYTHONPATH=/usr/lib/preboot/python", sys.executable, "-s",
+                          "-P", "-c", "import tftpd.lockstep as l; print(l.native.__file__)")
+    assert result.stdout.startswith("/usr/lib/preboot/python/tftpd/_lockstep."), result.stdout
+    assert not (rpm_root.path / "usr/lib/preboot/python/tftpd/_lockstep.c").exists()
+
+
 # ---- upgrade and erase: a root of their own (the shared one stays installed) ----
 
 
