@@ -15,9 +15,10 @@ A transfer's one timer fires every `timeout_s`; it resends only when no progress
 
 Lock-step downloads (RRQ without windowsize: every PXE ROM's first download) of more than
 `LOCKSTEP_MIN_BLOCKS` blocks are the exception: up to `LOCKSTEP_THREADS` of them at once send
-their blocks from a worker with a blocking loop (lockstep.py), a forked child per transfer
-(lockchild.py; PREBOOT_TFTP_LOCKSTEP=thread: a thread), which halves the work per block and,
-as processes, uses every core. This loop still accepts them and counts them, and takes each
+their blocks from a worker with a blocking loop (lockstep.py): a thread per transfer when
+the loop's C half (_lockstep.c) is built, since it runs without the GIL, else a forked child
+per transfer (lockchild.py), which halves the work per block and, as processes, uses every
+core. This loop still accepts them and counts them, and takes each
 back when its last block is out, to wait for the final ACK here like any transfer. Beyond that
 bound, and for small files (a worker costs more than it saves on a few blocks), they run here.
 """
@@ -34,7 +35,7 @@ from typing import Any
 
 from . import packet, paths
 from .config import Settings
-from . import lockchild
+from . import lockchild, lockstep
 from .lockstep import LockstepRunner
 from .gateway import GatewayError, GatewayRequest, PolicyGateway, base_url, gateway_request
 from .netascii import encode as netascii_encode
@@ -51,7 +52,12 @@ RECV_BURST = 64                      # datagrams handled per wakeup before yield
 NETASCII_MAX_BYTES = 16 * 1024 * 1024
 TRANSFER_RCVBUF = 1 << 20
 LOCKSTEP_THREADS = 64                # lock-step downloads served by workers at once (lockstep.py)
-LOCKSTEP_MODE = os.environ.get("PREBOOT_TFTP_LOCKSTEP", "process")   # process | thread
+# Where a lock-step worker runs: with the C loop (lockstep.native), which sends and receives
+# with the GIL released, threads use every core without a fork per transfer (less CPU, no
+# copy-on-write of the daemon's heap: bench/RESULTS.md); the pure-Python loop needs processes
+# for that. PREBOOT_TFTP_LOCKSTEP=process|thread overrides.
+LOCKSTEP_MODE = os.environ.get("PREBOOT_TFTP_LOCKSTEP",
+                               "thread" if lockstep.native is not None else "process")
 LOCKSTEP_MIN_BLOCKS = 16             # smaller files stay on the loop
 STOP_WAIT_S = 3.0                    # how long stop() waits for those threads to end
 

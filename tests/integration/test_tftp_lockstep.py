@@ -27,7 +27,8 @@ from tftpd import packet  # noqa: E402
 pytestmark = pytest.mark.skipif(not (tc.have("tftp") and tc.have("atftp") and tc.have("curl")),
                                 reason="needs tftp-hpa, atftp and curl")
 
-MODES = {"process": {}, "thread": {"PREBOOT_TFTP_LOCKSTEP": "thread"}}
+MODES = {"process": {"PREBOOT_TFTP_LOCKSTEP": "process"},
+         "thread": {"PREBOOT_TFTP_LOCKSTEP": "thread"}}
 
 
 def children_of(pid: int) -> set[int]:
