@@ -17,7 +17,7 @@ a veth pair, with one address per machine (192.0.2.11 the reference, .21 and .22
 
 The root is the test's own (a copy of the cached base root with the session's RPMs installed:
 the guide edits configs, enables units and upgrades, which the session's shared `rpm_root`
-must not see). About 40 s, most of it the upgrade's rpmbuild.
+must not see). About 65 s: the root copy and install (35 s), the upgrade's rpmbuild.
 """
 
 from __future__ import annotations
