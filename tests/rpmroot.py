@@ -151,14 +151,19 @@ class RpmRoot:
         return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script,
                 "rpmroot", *inner]
 
+    # SYSTEMD_OFFLINE: systemctl edits unit files (enable, disable, preset, is-enabled)
+    # without asking a running systemd, which this root has not; start and --now fail.
+    ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/root",
+           "SYSTEMD_OFFLINE": "1"}
+
+    def _argv(self, inner: list[str], netns: str | None) -> list[str]:
+        argv = self._namespace_argv(inner)
+        return ["ip", "netns", "exec", netns, *argv] if netns else argv
+
     def _call(self, inner: list[str], check: bool, timeout_s: float,
-              stdin: str | None) -> Result:
-        # SYSTEMD_OFFLINE: systemctl edits unit files (enable, disable, preset, is-enabled)
-        # without asking a running systemd, which this root has not; start and --now fail.
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/root",
-               "SYSTEMD_OFFLINE": "1"}
-        done = subprocess.run(self._namespace_argv(inner), capture_output=True, text=True,
-                              timeout=timeout_s, env=env, input=stdin)
+              stdin: str | None, netns: str | None = None) -> Result:
+        done = subprocess.run(self._argv(inner, netns), capture_output=True, text=True,
+                              timeout=timeout_s, env=self.ENV, input=stdin)
         result = Result(done.returncode, done.stdout, done.stderr)
         if check and done.returncode != 0:
             raise AssertionError(f"{' '.join(inner)} exited {done.returncode}:\n"
@@ -166,9 +171,17 @@ class RpmRoot:
         return result
 
     def run(self, *argv: str, check: bool = True, timeout_s: float = 120,
-            stdin: str | None = None) -> Result:
-        """`argv` chrooted in the root (as root), e.g. run("sh", "-c", "...")."""
-        return self._call(["chroot", str(self.path), *argv], check, timeout_s, stdin)
+            stdin: str | None = None, netns: str | None = None) -> Result:
+        """`argv` chrooted in the root (as root), e.g. run("sh", "-c", "..."); in the network
+        namespace `netns` (made with `ip netns add`) if given, else in the host's network."""
+        return self._call(["chroot", str(self.path), *argv], check, timeout_s, stdin, netns)
+
+    def popen(self, *argv: str, netns: str | None = None, **kwargs) -> subprocess.Popen:
+        """`argv` chrooted in the root, not waited for (a daemon in the foreground). Every
+        step up to it execs the next, so the Popen's pid is the command's own: stop it by
+        that pid."""
+        return subprocess.Popen(self._argv(["chroot", str(self.path), *argv], netns),
+                                env=self.ENV, **kwargs)
 
     def rpm(self, *args: str, check: bool = True, timeout_s: float = 300) -> Result:
         """The host's rpm on the root (its database at DBPATH in the root); scriptlets run
