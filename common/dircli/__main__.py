@@ -129,6 +129,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     document = load_policy(text, source)   # PolicyFileError -> exit 65, store untouched
     summary = (f"{len(document.policy.rules)} rules, {len(document.workstations)} workstations, "
                f"{len(document.sessions)} multicast sessions")
+    if document.policy.identities:
+        summary += f", {len(document.policy.identities)} identity policies"
     if args.check:
         print(f"OK: {source}: {summary}")
         return 0

@@ -70,10 +70,11 @@ class ImportReport:
     workstations: KindReport
     sessions: KindReport
     menu: str                   # "replaced", "unchanged", "kept" (merge, no [menu] in the file)
+    identities: KindReport = field(default_factory=lambda: KindReport("identity policy"))
 
     def changed(self) -> bool:
         return (self.menu == "replaced" or self.rules.changed() or self.workstations.changed()
-                or self.sessions.changed())
+                or self.sessions.changed() or self.identities.changed())
 
     def summary_lines(self) -> list[str]:
         removed = not self.merge
@@ -82,10 +83,12 @@ class ImportReport:
         return [self.rules.summary("rules", removed),
                 self.workstations.summary("workstations", removed),
                 self.sessions.summary("sessions", removed),
+                self.identities.summary("identity policies", removed),
                 f"menu: {menu}"]
 
     def detail_lines(self) -> list[str]:
-        lines = self.rules.details() + self.workstations.details() + self.sessions.details()
+        lines = (self.rules.details() + self.workstations.details() + self.sessions.details()
+                 + self.identities.details())
         if self.menu == "replaced":
             lines.append("  ~ menu settings")
         return lines
@@ -175,15 +178,16 @@ def plan_import(current: PolicyDocument, incoming: PolicyDocument, merge: bool =
         deleted = [mac for mac in sorted(stations) if mac not in wanted]
         station_report.removed = list(deleted)
 
-    # Identity policies: a file without [identities] keeps the store's when merging.
-    identities = incoming.policy.identities
-    if merge and not identities:
-        identities = current.policy.identities
+    # Identity policies by name, as rules: a merge keeps the store's that the file leaves out.
+    identities, identity_report = _ordered("identity policy", list(current.policy.identities),
+                                           list(incoming.policy.identities), rule_key,
+                                           lambda i: i, merge)
     policy_changed = (rule_report.changed() or menu_state == "replaced"
-                      or identities != current.policy.identities)
+                      or identity_report.changed())
     change = DirectoryChange(
-        policy=ImagingPolicy(tuple(rules), menu, identities) if policy_changed else None,
+        policy=ImagingPolicy(tuple(rules), menu, tuple(identities)) if policy_changed else None,
         put_workstations=tuple(put), delete_workstations=tuple(deleted),
         sessions=tuple(sessions) if session_report.changed() else None)
-    return change, ImportReport(merge, rule_report, station_report, session_report, menu_state)
+    return change, ImportReport(merge, rule_report, station_report, session_report, menu_state,
+                                identity_report)
 

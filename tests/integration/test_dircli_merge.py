@@ -156,6 +156,43 @@ def test_merge_replaces_in_place_appends_and_removes_nothing(cli, tmp_path):
     assert cli("export").stdout == exported
 
 
+IDENTITIES = """\
+format = 1
+[identities]
+[[lab]]
+naming = counter
+prefix = lab-
+[[office]]
+naming = mac
+prefix = pc-
+"""
+
+IDENTITIES_MERGE = """\
+format = 1
+[identities]
+[[LAB]]
+naming = counter
+prefix = room-
+[[hall]]
+naming = serial
+"""
+
+
+def test_merge_takes_identity_policies_by_name_and_counts_them(cli, tmp_path):
+    cli("import", _file(tmp_path, "p.conf", IDENTITIES))
+    out = cli("import", "--merge", _file(tmp_path, "m.conf", IDENTITIES_MERGE)).stdout
+    assert "identity policies: 1 added, 1 replaced, 0 unchanged" in out
+    exported = cli("export").stdout
+    assert _sections(exported, "identities") == ["LAB", "office", "hall"]
+    assert "prefix = room-" in exported and "prefix = lab-" not in exported
+    # a file without [identities] keeps the store's
+    cli("import", "--merge", _file(tmp_path, "r.conf", MERGE))
+    assert _sections(cli("export").stdout, "identities") == ["LAB", "office", "hall"]
+    # a replace import takes the file's, and says what it removed
+    out = cli("import", str(tmp_path / "p.conf")).stdout
+    assert "identity policies: 0 added, 1 replaced, 1 removed, 1 unchanged" in out
+
+
 def test_merge_takes_the_menu_keys_the_file_gives(cli, tmp_path):
     cli("import", _file(tmp_path, "p.conf", POLICY))
     out = cli("import", "--merge", _file(tmp_path, "m.conf", "[menu]\ntimeout_s = 9\n")).stdout
