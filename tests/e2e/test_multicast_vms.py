@@ -290,6 +290,8 @@ def _identities_log(stack: imagingenv.ImagingStack) -> dict[str, dict[str, str]]
     text = imagingenv.preboot_dir(stack.server_ns, stack.directory, "identities", "log", "lab")
     given: dict[str, dict[str, str]] = {}
     for line in text.splitlines():
+        if "\t" not in line:                  # "the assignment log is empty"
+            continue
         pool, kind, value, mac, _when = line.split("\t")
         assert pool == "lab", text
         given.setdefault(mac.upper(), {})[kind] = value
