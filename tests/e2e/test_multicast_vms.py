@@ -30,6 +30,7 @@ The lab of test_imaging_env.py (site DHCP, proxydhcpd, tftpd, policyd, imgsrvd o
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -262,7 +263,9 @@ def test_three_vms_restore_from_a_directory_session_started_by_the_third_join(
     name, address = _name_and_address(given[again.mac_id])
     imagingenv.preboot_dir(stack.server_ns, stack.directory, "rules", "set", "Multicast lab",
                            "--action", "restore", "--image", IMAGE, "--force", "yes")
-    vm = _start(lab, stack, again, disks[again.name])
+    # a VM name of its own: its serial log must not be the first boot's (which ends in DONE)
+    vm = _start(lab, stack, dataclasses.replace(again, name=f"{again.name}-again"),
+                disks[again.name])
     result = netlab.wait_for_marker(vm, DONE, TIMEOUT)
     imagingenv.wait_for_exit(vm, 30)
     lab.stop(vm.proc)
