@@ -5,7 +5,8 @@ imaging environment runs at boot; the console of an unattended machine shows wha
 
 A machine's identity (issue 17, docs/identity.md): the one in the disk's image-safe data is
 read before the work request and sent with it; the answer says which identity the machine
-should have, and after a restore that wrote the disk img applies it to the installed systems
+should have, and after a restore that wrote the disk (unicast, or a multicast session's: the
+same identity_step, handed to session.from_work) img applies it to the installed systems
 (img/identity_apply.py), stores it back in the image-safe data and reports it.
 
 A multicast session that began before this machine joined refuses it; img then asks for work
@@ -23,7 +24,7 @@ from common.identity import BadIdentity, MachineIdentity, identity_from_wire, id
 
 from common.imaging.protocol import work_fileset
 
-from . import session
+from . import isdstore, session
 from .client import ImagingClient, ServerError
 from .errors import EXIT_FAILED, DiskError, Failure, IdentityError
 from .results import identity, server_facts
@@ -113,7 +114,7 @@ def _one_round(args: argparse.Namespace, facts: dict[str, Any], access: Any,
         return server_operation("make", args, server, image, facts, "auto", args.server,
                                 access=access)
     if work == "multicast":
-        return session.from_work(args, server, answer, facts, access)
+        return session.from_work(args, server, answer, facts, access, after_restore)
     print(f"img: {server} asks for '{work}', which this engine does not do yet; the disk "
           "was not changed", file=sys.stderr)
     return 1
@@ -135,19 +136,15 @@ def addon_paths(answer: dict[str, Any]) -> list[str]:
     return [str(addon) for addon in addons] if isinstance(addons, list) else []
 
 
-# --- issue 17 glue: img/isdstore.py comes from the image-safe data branch (isd) and the work
-# answer's `identity` / `identity_source` from the policy branch (identity-policy). isdstore is
-# imported where it is used, so this branch runs (without image-safe data) until they merge.
+# --- the machine's identity (issue 17): read from the disk before the work request, applied and
+# stored after a restore. A damaged record is said and passed over: the machine then gets its
+# identity from the policy, as one without a record.
 
 def disk_identity(disk: str) -> MachineIdentity | None:
-    """The identity in the disk's image-safe data, None when there is none (or no reader)."""
-    try:
-        from . import isdstore                           # type: ignore[attr-defined]
-    except ImportError:
-        return None
+    """The identity in the disk's image-safe data, None when there is none."""
     try:
         found = isdstore.read_identity(disk)
-    except Exception as exc:  # noqa: BLE001 (its errors are the isd branch's: say, go on)
+    except Exception as exc:  # noqa: BLE001 (a damaged record, an unreadable disk: say, go on)
         print(f"img: warning: identity on {disk} not read: {exc}", file=sys.stderr)
         return None
     if found is not None:
@@ -158,12 +155,8 @@ def disk_identity(disk: str) -> MachineIdentity | None:
 def store_identity(disk: str, identity: MachineIdentity) -> str:
     """Write identity into the disk's image-safe data; the line saying what happened."""
     try:
-        from . import isdstore                           # type: ignore[attr-defined]
-    except ImportError:
-        return "identity not stored on the disk: this img has no image-safe data support"
-    try:
         isdstore.write_identity(disk, identity)
-    except Exception as exc:  # noqa: BLE001 (as in disk_identity)
+    except Exception as exc:  # noqa: BLE001 (no room, another program's bytes, I/O: say which)
         raise Failure(f"identity {identity.name} applied but not stored on {disk}: {exc}; "
                       "the disk was restored") from None
     return "identity stored in the disk's image-safe data"

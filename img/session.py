@@ -155,16 +155,22 @@ def join(args: argparse.Namespace, server: str, plan: JoinPlan, facts: dict[str,
 
 
 def report_reception(server: str, facts: dict[str, Any], plan: JoinPlan,
-                     reception: Reception, access: ServerAccess) -> bool:
+                     reception: Reception, access: ServerAccess, applied_identity: str = "",
+                     failure: str = "") -> bool:
     """Report the receiver's result (the fields of docs/multicast.md, "Results"); whether it
-    succeeded as img sees it (the server may still judge otherwise, and says so)."""
+    succeeded as img sees it (the server may still judge otherwise, and says so).
+    applied_identity: the text of the identity applied after the restore (img auto); failure:
+    why what ran after a good reception failed (the report is then a failure, its transfer
+    fields still true)."""
     succeeded, error = outcome(reception, plan.digest)
     fields = {"multicast_session": plan.session, "digest": reception.digest.lower(),
               "chunks_verified": reception.chunks_verified,
               "bytes_written": reception.bytes_written,
               "path": reception.path if succeeded else "failed"}
+    if succeeded and failure:
+        succeeded, error = False, failure
     answer = report(server, facts, "download", plan.image, "" if succeeded else error,
-                    access=access, multicast=fields)
+                    access=access, multicast=fields, applied_identity=applied_identity)
     if succeeded and answer is not None and answer.get("verified") is False:
         print(f"img: {server} did not accept the result as the session's image on this disk",
               file=sys.stderr)
@@ -178,10 +184,13 @@ ASK_AGAIN = -1                   # the session began before this machine joined:
 
 
 def from_work(args: argparse.Namespace, server: str, answer: dict[str, Any],
-              facts: dict[str, Any], access: ServerAccess) -> int:
+              facts: dict[str, Any], access: ServerAccess,
+              after_restore: Callable[[], str] | None = None) -> int:
     """img auto's multicast work: join, restore, report. ASK_AGAIN when the session began
     before this machine joined (the server then sends it into the next one, or has no work
-    for it); else the exit status."""
+    for it); else the exit status. after_restore runs after a reception that put the session's
+    image on the disk (img auto's identity step, as after a unicast restore): its text goes
+    into the report's `identity`, a Failure it raises fails the operation."""
     try:
         plan = plan_from(answer, server)
     except Failure as exc:
@@ -193,15 +202,25 @@ def from_work(args: argparse.Namespace, server: str, answer: dict[str, Any],
         print(f"{server}: session '{plan.session}' began before this machine joined "
               f"({reception.error or 'started'}); asking for work again")
         return ASK_AGAIN
-    succeeded = report_reception(server, facts, plan, reception, access)
+    received, why = outcome(reception, plan.digest)
+    applied, failure = "", ""
+    if received and after_restore is not None:
+        try:
+            applied = after_restore()
+        except Failure as exc:
+            failure = str(exc)
+    succeeded = report_reception(server, facts, plan, reception, access, applied, failure)
     if succeeded:
         print(f"restored {plan.image} from multicast session '{plan.session}' "
               f"({reception.path}): {reception.chunks_verified} chunks verified, "
               f"{reception.bytes_written} bytes written")
         return 0
+    if failure:
+        print(f"img: {failure}", file=sys.stderr)
+        return 1
     changed = "the disk was changed" if reception.bytes_written else "the disk was not changed"
     print(f"img: multicast session '{plan.session}' failed: "
-          f"{outcome(reception, plan.digest)[1]} ({changed})", file=sys.stderr)
+          f"{why or 'the server did not accept the result'} ({changed})", file=sys.stderr)
     return 1
 
 

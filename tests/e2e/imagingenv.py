@@ -8,7 +8,8 @@ This module owns the pieces around the network lab (netlab.py) that imaging need
 * `make_source_disk`, `make_image`, `check_restored_disk`: a small MBR disk file with an ext4
   partition full of known files, an image of it made with `img make` on the host, and the check
   that a restored disk has the same table and an ext4 that passes `e2fsck -fn` with every file
-  identical (debugfs, no mount);
+  identical (debugfs, no mount); `make_linux_windows_disk`: a dual-boot disk (an ext4 and an
+  NTFS) for the identity tests;
 * `start_imgsrvd`: our imaging server in a lab namespace, sharing the directory with policyd;
 * `start_imaging_stack`: the whole stack for imaging VMs (site DHCP, proxydhcpd, tftpd with
   iPXE and the environment, policyd with a policy file imported by `preboot-dir`, imgsrvd);
@@ -102,6 +103,57 @@ def make_source_disk(path: Path, files: Mapping[str, bytes], disk_size: int,
     fs.unlink()
     shutil.rmtree(work)
     return path
+
+
+def make_linux_windows_disk(path: Path, linux_files: Mapping[str, bytes],
+                            windows_files: Mapping[str, bytes], disk_size: int,
+                            linux_part: tuple[int, int], windows_part: tuple[int, int]) -> Path:
+    """An MBR disk file of `disk_size` bytes with an ext4 of `linux_files` (mkfs.ext4 -d) on
+    linux_part and an NTFS (mkntfs, the files written through ntfs-3g) of `windows_files` on
+    windows_part, each (offset, size): a dual-boot disk for the identity tests."""
+    ext4 = path.parent / (path.name + ".ext4")
+    tree = path.parent / (path.name + ".src")
+    for name, data in linux_files.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_bytes(data)
+    with open(ext4, "wb") as f:
+        f.truncate(linux_part[1])
+    run_checked(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(ext4)], 60)
+    ntfs = path.parent / (path.name + ".ntfs")
+    with open(ntfs, "wb") as f:
+        f.truncate(windows_part[1])
+    run_checked(["mkntfs", "-q", "-F", "-Q", str(ntfs)], 120)
+    where = path.parent / (path.name + ".mnt")
+    where.mkdir()
+    run_checked(["ntfs-3g", str(ntfs), str(where)], 60)
+    try:
+        for name, data in windows_files.items():
+            (where / name).parent.mkdir(parents=True, exist_ok=True)
+            (where / name).write_bytes(data)
+    finally:
+        run_checked(["umount", str(where)], 60)
+    where.rmdir()
+    with open(path, "wb") as f:
+        f.truncate(disk_size)
+    run_checked(["sfdisk", "-q", str(path)], 60, input=(
+        f"label: dos\nstart={linux_part[0] // 512}, size={linux_part[1] // 512}, type=83\n"
+        f"start={windows_part[0] // 512}, size={windows_part[1] // 512}, type=7\n"))
+    with open(path, "r+b") as disk:
+        for fs, (offset, _size) in ((ext4, linux_part), (ntfs, windows_part)):
+            disk.seek(offset)
+            with open(fs, "rb") as src:
+                shutil.copyfileobj(src, disk)
+            fs.unlink()
+    shutil.rmtree(tree)
+    return path
+
+
+def partition_copy(disk: Path, part: tuple[int, int], out: Path) -> Path:
+    """The bytes of one partition of a disk file, as a file of their own."""
+    with open(disk, "rb") as src, open(out, "wb") as dst:
+        src.seek(part[0])
+        dst.write(src.read(part[1]))
+    return out
 
 
 # The add-on targets besides ext4 (made here; ext4 is make_source_disk's): the MBR type of their
@@ -221,10 +273,14 @@ def check_restored_disk(disk: Path, files: Mapping[str, bytes], part: tuple[int,
     """Assert the restored disk has the one partition and an ext4 there that passes e2fsck -fn
     with every file identical (read with debugfs from a copy of the partition)."""
     assert partition_table(disk) == [(part[0], part[1], "83")], partition_table(disk)
-    fs = scratch / "restored.ext4"
-    with open(disk, "rb") as src, open(fs, "wb") as out:
-        src.seek(part[0])
-        out.write(src.read(part[1]))
+    check_ext4_files(disk, files, part, scratch)
+
+
+def check_ext4_files(disk: Path, files: Mapping[str, bytes], part: tuple[int, int],
+                     scratch: Path) -> None:
+    """Assert the ext4 on `part` of the disk passes e2fsck -fn and holds every file in `files`
+    identical (debugfs on a copy of the partition, no mount)."""
+    fs = partition_copy(disk, part, scratch / "restored.ext4")
     run_checked(["e2fsck", "-fn", str(fs)], 120)
     for name, data in files.items():
         dumped = scratch / "dumped.bin"

@@ -383,6 +383,87 @@ def test_img_auto_with_multicast_work(server, monkeypatch, tmp_path):
     assert len(joined) == 1 + auto.MAX_WORK_ROUNDS
 
 
+def restored_linux(tmp_path) -> bytes:
+    """What the fake receiver puts on the disk: an MBR disk of 40 MiB with an ext4 at 1 MiB
+    shaped like a Linux root (os-release, a host name, NetworkManager's folder)."""
+    from tests.integration.test_identity_apply import disk_of, ext4_from, write_tree
+    tree = tmp_path / "root"
+    write_tree(tree, {"etc/os-release": "ID=debian\n", "etc/hostname": "golden\n",
+                      "etc/NetworkManager/system-connections/wired.nmconnection":
+                          "[connection]\nid=wired\ntype=ethernet\n"})
+    return disk_of(tmp_path, [(ext4_from(tree, tmp_path / "p1"), "83")]).read_bytes()
+
+
+def restoring_receiver(monkeypatch, server: Imgsrvd, content: bytes) -> None:
+    """session.receive replaced by one that writes content onto the disk as a restore does
+    (the table sector and the partitions, never the image-safe data below 1 MiB) and says it
+    received the session's image."""
+    from img import session
+    facts = read_image_facts(str(server.root), IMAGE)
+
+    def receive(**arguments: Any) -> Any:
+        with open(arguments["disk"], "r+b") as disk:
+            disk.write(content[:512])
+            disk.seek(1 << 20)
+            disk.write(content[1 << 20:])
+        return session.Reception(True, facts.digest.hex(), facts.chunks, len(content),
+                                 "multicast")
+    monkeypatch.setattr(session, "receive", receive)
+
+
+@pytest.mark.skipif(any(shutil.which(t) is None for t in ("sfdisk", "mkfs.ext4", "debugfs")),
+                    reason="needs sfdisk, mkfs.ext4 and debugfs")
+def test_img_auto_applies_the_identity_after_a_multicast_restore(server, monkeypatch,
+                                                                   tmp_path):
+    """The multicast rule names an identity policy: the first restore gets a name and an
+    address from its pool, applied to the restored Linux, kept on the disk and reported; the
+    next one (a reimage) sends the disk's identity and gets it back (identity_source disk)."""
+    from img import auto
+    from img.isdstore import read_identity
+    from common.policy.identitypolicy import AddressPool, IdentityPolicy, NameSource
+    from tests.integration.test_identity_apply import ext4_cat, partition_file
+    lab = IdentityPolicy("lab", NameSource.COUNTER, "lab-", dns_suffix="lab.example",
+                         pool=AddressPool(("10.9.0.20-10.9.0.29",), 24, "10.9.0.1"))
+    with server.directory() as directory:
+        directory.replace_policy(ImagingPolicy((
+            Rule.from_text("room", f"mac = {normalize_mac(OTHER)}",
+                           Action(ActionKind.MULTICAST, session="room-202"), identity="lab"),
+        ), NEVER, (lab,)))
+    restoring_receiver(monkeypatch, server, restored_linux(tmp_path))
+    disk = tmp_path / "target.disk"
+    disk.write_bytes(bytes(40 << 20))
+    args = img_args(disk=str(disk), server=address(server),
+                    token=token(server, OTHER, ("work",)), fact=[f"mac={OTHER}"])
+    assert auto.run(args) == 0
+    kept = read_identity(str(disk))
+    assert kept is not None and (kept.name, kept.ip.address if kept.ip else None) == \
+        ("lab-001", "10.9.0.20")
+    part = partition_file(disk, 1, tmp_path / "p1.read")
+    assert ext4_cat(part, "/etc/hostname") == "lab-001\n"
+    keyfile = ext4_cat(part, "/etc/NetworkManager/system-connections/"
+                             "preboot-identity.nmconnection")
+    assert "address1=10.9.0.20/24,10.9.0.1" in keyfile
+    (entry,) = [e for e in server_results(server) if e.session == "room-202"]
+    assert (entry.status, entry.transfer) == ("success", "multicast")
+    assert entry.identity.startswith("name=lab-001 dns_suffix=lab.example ip=10.9.0.20/24")
+    assert "identity stored in the disk's image-safe data" in entry.identity
+    with server.directory() as directory:
+        log = sorted((a.kind, a.value, a.mac) for a in directory.assignments("lab"))
+    assert log == sorted([("address", "10.9.0.20", normalize_mac(OTHER)),
+                          ("counter", "1", normalize_mac(OTHER))]), log
+
+    # the reimage: the disk's identity goes with the work query and comes back, applied again
+    # over the image's host name; nothing new is handed out
+    assert auto.run(args) == 0
+    part = partition_file(disk, 1, tmp_path / "p1.again")
+    assert ext4_cat(part, "/etc/hostname") == "lab-001\n"
+    assert wait_for(lambda: "identities_from_disk" in server.counters() and
+                    server.counters()["identities_from_disk"] == 1)
+    assert server.counters()["identities_assigned"] == 1
+    with server.directory() as directory:
+        assert len(directory.assignments("lab")) == 2
+
+
 def img_args(session_words: list[str] | None = None, **values: Any) -> argparse.Namespace:
     defaults = {"name": "", "words": session_words or [], "disk": "/dev/null", "image": None,
                 "sector_size": None, "grow": False, "level": 3, "threads": 2,

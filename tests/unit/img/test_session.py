@@ -111,8 +111,10 @@ def recorded(monkeypatch):
         return calls["receptions"].pop(0)
 
     def report(server: str, facts: dict[str, Any], operation: str, image: str, error: str,
-               image_type: str = "base", access: Any = None, multicast: Any = None) -> Any:
+               image_type: str = "base", access: Any = None, multicast: Any = None,
+               applied_identity: str = "") -> Any:
         calls.setdefault("reports", []).append((operation, image, error, multicast))
+        calls.setdefault("identities", []).append(applied_identity)
         return {"logged": True, "verified": not error}
     monkeypatch.setattr(session, "receive", receive)
     monkeypatch.setattr(session, "report", report)
@@ -153,6 +155,52 @@ def test_a_session_that_began_is_asked_about_again_without_a_report(recorded):
                                             Refusal.STARTED))
     assert session.from_work(args(), "imgsrv.lab", ANSWER, FACTS, ServerAccess()) == ASK_AGAIN
     assert "reports" not in recorded
+
+
+def test_img_auto_applies_the_identity_after_the_reception_and_reports_it(recorded):
+    recorded["receptions"].append(Reception(True, DIGEST, 7, 4096, "multicast+unicast"))
+    steps: list[str] = []
+
+    def after_restore() -> str:
+        steps.append("applied")
+        return "name=lab-001 ip=10.0.0.10/24\nidentity stored in the disk's image-safe data"
+    assert session.from_work(args(), "imgsrv.lab", ANSWER, FACTS, ServerAccess("tok"),
+                             after_restore) == 0
+    assert steps == ["applied"]
+    ((_, _, error, fields),) = recorded["reports"]
+    assert error == "" and fields["path"] == "multicast+unicast"
+    assert recorded["identities"] == ["name=lab-001 ip=10.0.0.10/24\nidentity stored in the "
+                                      "disk's image-safe data"]
+
+
+def test_an_identity_that_fails_fails_the_operation_with_its_reason(recorded, capsys):
+    recorded["receptions"].append(Reception(True, DIGEST, 7, 4096, "multicast"))
+
+    def after_restore() -> str:
+        raise session.Failure("identity lab-001 not applied: no system found; the disk was "
+                              "restored")
+    assert session.from_work(args(), "imgsrv.lab", ANSWER, FACTS, ServerAccess("tok"),
+                             after_restore) == 1
+    ((_, _, error, fields),) = recorded["reports"]
+    # a failure, with why; the transfer fields still say what the reception did
+    assert error.startswith("identity lab-001 not applied: no system found")
+    assert fields["path"] == "multicast" and fields["chunks_verified"] == 7
+    assert recorded["identities"] == [""]
+    assert "identity lab-001 not applied" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("reception", [
+    Reception(False, DIGEST, 3, 4096, "failed", "disk I/O error"),
+    Reception(True, "ff" * 16, 7, 4096, "multicast"),             # another image
+    Reception(False, "", 0, 0, "failed", "imaging began", Refusal.STARTED),
+])
+def test_no_identity_is_applied_without_the_sessions_image_on_the_disk(recorded, reception):
+    recorded["receptions"].append(reception)
+    steps: list[str] = []
+    status = session.from_work(args(), "imgsrv.lab", ANSWER, FACTS, ServerAccess("tok"),
+                               lambda: steps.append("applied") or "text")
+    assert status in (1, ASK_AGAIN) and steps == []
+    assert recorded.get("identities", [""]) == [""]
 
 
 def test_img_auto_asks_again_at_most_a_few_times(monkeypatch, tmp_path, capsys):
