@@ -139,3 +139,19 @@ def inside_new_netns(tag: str = "pbt") -> Iterator[str]:
     finally:
         os.close(original)
         subprocess.run(["ip", "netns", "del", name], timeout=10)
+
+
+def disk_tool_marks(tools: tuple[str, ...], fuse: bool = False) -> list:
+    """The pytestmark of a test module that builds filesystems on loop devices: root, slow,
+    skipped (with the reason) without root, one of `tools`, or /dev/fuse when `fuse`."""
+    import shutil
+
+    import pytest
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    marks = [pytest.mark.root, pytest.mark.slow,
+             pytest.mark.skipif(os.geteuid() != 0, reason="loop devices and mounts need root"),
+             pytest.mark.skipif(bool(missing), reason="needs " + ", ".join(missing))]
+    if fuse:
+        marks.append(pytest.mark.skipif(not os.path.exists("/dev/fuse"),
+                                        reason="ntfs-3g needs /dev/fuse"))
+    return marks

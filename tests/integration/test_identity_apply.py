@@ -19,16 +19,11 @@ from pathlib import Path
 import pytest
 
 from tests.winhive import HARDWARE_NIC, VIRTUAL_NIC, windows_system_hive
+from tests.support import disk_tool_marks
 
 TOOLS = ("sfdisk", "mkfs.ext4", "debugfs", "e2fsck", "mkntfs", "ntfs-3g", "ntfscat", "ntfsfix",
          "hivexget", "losetup", "mount", "umount", "chattr")
-pytestmark = [
-    pytest.mark.root, pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="loop devices and mounts need root"),
-    pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
-                       reason="needs " + ", ".join(t for t in TOOLS if shutil.which(t) is None)),
-    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="ntfs-3g needs /dev/fuse"),
-]
+pytestmark = disk_tool_marks(TOOLS, fuse=True)
 
 MiB = 1 << 20
 PART_MiB = 16

@@ -29,17 +29,12 @@ from img.addon import AddonError, TreeCount, addon_metadata, choose_target
 from tests.integration.test_img_roundtrip import build_disk, img, partition, run
 from tests.integration.test_img_server_modes import (  # noqa: F401 (fixtures)
     EXT4, FILES, blank, check_restored, imgsrvd_factory, source_disk, wait_for)
+from tests.support import disk_tool_marks
 
 TOOLS = ("sfdisk", "sgdisk", "mkfs.ext4", "debugfs", "e2fsck", "mkfs.vfat", "mcopy", "mmd",
          "fsck.vfat", "mkntfs", "ntfscp", "ntfscat", "ntfsfix", "ntfs-3g", "partclone.ext4",
          "partclone.fat", "partclone.ntfs", "losetup", "mount", "umount")
-pytestmark = [
-    pytest.mark.root, pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="loop devices and mounts need root"),
-    pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
-                       reason="needs " + ", ".join(t for t in TOOLS if shutil.which(t) is None)),
-    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="ntfs-3g needs /dev/fuse"),
-]
+pytestmark = disk_tool_marks(TOOLS, fuse=True)
 
 MiB = 1 << 20
 # GPT partitions of build_disk(..., "gpt"): 1 ext4, 2 FAT, 3 NTFS, 4 unknown

@@ -22,17 +22,12 @@ from common.policy.model import Action, ActionKind, Rule
 from img.addon import Target, disk_targets, loop_device, mounted
 from tests.integration.test_img_roundtrip import img, run
 from tests.integration.test_img_server_modes import imgsrvd_factory, wait_for  # noqa: F401
+from tests.support import disk_tool_marks
 
 TOOLS = ("sgdisk", "mkfs.ext4", "mkfs.xfs", "mkfs.vfat", "mkntfs", "ntfs-3g", "mcopy", "mdir",
          "mdeltree", "e2fsck", "xfs_repair", "fsck.fat", "ntfsfix", "partclone.ext4",
          "partclone.xfs", "partclone.fat", "partclone.ntfs", "losetup", "mount", "umount")
-pytestmark = [
-    pytest.mark.root, pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="loop devices and mounts need root"),
-    pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
-                       reason="needs " + ", ".join(t for t in TOOLS if shutil.which(t) is None)),
-    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="ntfs-3g needs /dev/fuse"),
-]
+pytestmark = disk_tool_marks(TOOLS, fuse=True)
 
 MiB = 1 << 20
 # partition number -> (filesystem, start MiB, size MiB); recent mkfs.xfs wants 300 MiB

@@ -18,17 +18,13 @@ import pytest
 
 from tests.integration.test_img_shrink import (FILES, MiB, blank, build, data_partitions,
                                                extract, img, run, check_files)
+from tests.support import disk_tool_marks
 
 TOOLS = ("sfdisk", "sgdisk", "losetup", "mount", "umount", "mkfs.ext4", "debugfs", "e2fsck",
          "resize2fs", "dumpe2fs", "mkntfs", "ntfscp", "ntfscat", "ntfsfix", "ntfsresize",
          "mkfs.vfat", "mcopy", "fsck.vfat", "fatresize", "partclone.ext4", "partclone.ntfs",
          "partclone.fat")
-pytestmark = [
-    pytest.mark.root, pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="loop devices and mounts need root"),
-    pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
-                       reason="needs " + ", ".join(t for t in TOOLS if shutil.which(t) is None)),
-]
+pytestmark = disk_tool_marks(TOOLS)
 
 
 def fs_size(kind: str, fs: Path) -> int:
