@@ -146,6 +146,7 @@ typedef struct {              /* where block payloads come from */
     const uint8_t *memory;
     Py_ssize_t memory_len;
     uint8_t *chunk;           /* read-ahead buffer (file) */
+    Py_ssize_t chunk_size;    /* its size: READ_AHEAD, or less for a small file */
     long long first;          /* the block at chunk[0] */
     Py_ssize_t chunk_len;
     int blksize;
@@ -166,7 +167,7 @@ static Py_ssize_t block_payload(Blocks *b, long long n, uint8_t *out) {
     }
     long long start = (n - b->first) * (long long)b->blksize;
     if (b->first <= 0 || n < b->first || start + b->blksize > b->chunk_len) {
-        Py_ssize_t want = (READ_AHEAD / b->blksize > 0 ? READ_AHEAD / b->blksize : 1) *
+        Py_ssize_t want = (b->chunk_size / b->blksize > 0 ? b->chunk_size / b->blksize : 1) *
                           (Py_ssize_t)b->blksize;
         ssize_t got;
         do {
@@ -211,7 +212,13 @@ static PyObject *lockstep_run(PyObject *self, PyObject *args) {
         blocks.memory = view.buf;
         blocks.memory_len = view.len;
     } else {
-        blocks.chunk = PyMem_RawMalloc(READ_AHEAD > blksize ? READ_AHEAD : blksize);
+        /* No more than the blocks left to send: a small boot program costs its own size. */
+        long long left = (last - cur) * (long long)blksize;
+        Py_ssize_t room = (Py_ssize_t)(left < READ_AHEAD ? left : READ_AHEAD);
+        if (room < blksize)
+            room = blksize;
+        blocks.chunk = PyMem_RawMalloc((size_t)room);
+        blocks.chunk_size = room;
         if (!blocks.chunk)
             return PyErr_NoMemory();
     }
