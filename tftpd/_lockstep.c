@@ -45,7 +45,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define READ_AHEAD (256 * 1024)   /* bytes per pread, as lockstep.READ_AHEAD */
+#define READ_AHEAD (64 * 1024)    /* bytes per pread: 44 blocks of 1468, a bounded cost per worker */
 #define RECV_BYTES 2048           /* as lockstep.RECV_BYTES */
 #define MAX_BLKSIZE 65464         /* RFC 2348 */
 

@@ -14,7 +14,7 @@ TID, and a stranger gets ERROR 5 without disturbing the transfer (RFC 1350 secti
 A transfer's one timer fires every `timeout_s`; it resends only when no progress was made since.
 
 Lock-step downloads (RRQ without windowsize: every PXE ROM's first download) of more than
-`LOCKSTEP_MIN_BLOCKS` blocks are the exception: up to `LOCKSTEP_THREADS` of them at once send
+`LOCKSTEP_MIN_BLOCKS` blocks are the exception: up to `LOCKSTEP_WORKERS` of them at once send
 their blocks from a worker with a blocking loop (lockstep.py): a thread per transfer when
 the loop's C half (_lockstep.c) is built, since it runs without the GIL, else a forked child
 per transfer (lockchild.py), which halves the work per block and, as processes, uses every
@@ -51,13 +51,16 @@ IP_PKTINFO = 8                       # linux/in.h; not exported by Python's sock
 RECV_BURST = 64                      # datagrams handled per wakeup before yielding to the loop
 NETASCII_MAX_BYTES = 16 * 1024 * 1024
 TRANSFER_RCVBUF = 1 << 20
-LOCKSTEP_THREADS = 64                # lock-step downloads served by workers at once (lockstep.py)
+LOCKSTEP_PROCESSES = 64              # lock-step downloads served by forked workers at once
+LOCKSTEP_THREADS = 512               # ... by threads (the C loop: each costs a thread and at most
+                                     # 64 KiB of read-ahead, _lockstep.c), bounded by MaxTransfers
 # Where a lock-step worker runs: with the C loop (lockstep.native), which sends and receives
 # with the GIL released, threads use every core without a fork per transfer (less CPU, no
 # copy-on-write of the daemon's heap: bench/RESULTS.md); the pure-Python loop needs processes
 # for that. PREBOOT_TFTP_LOCKSTEP=process|thread overrides.
 LOCKSTEP_MODE = os.environ.get("PREBOOT_TFTP_LOCKSTEP",
                                "thread" if lockstep.native is not None else "process")
+LOCKSTEP_WORKERS = LOCKSTEP_THREADS if LOCKSTEP_MODE == "thread" else LOCKSTEP_PROCESSES
 LOCKSTEP_MIN_BLOCKS = 16             # smaller files stay on the loop
 STOP_WAIT_S = 3.0                    # how long stop() waits for those threads to end
 
@@ -371,7 +374,7 @@ class TftpServer:
                   request.options, opts.acknowledged, list(opts.ignored))
         assert self._loop is not None
         if isinstance(transfer, ReadTransfer) and transfer.window == 1 \
-                and transfer.last_block > LOCKSTEP_MIN_BLOCKS and self._threads < LOCKSTEP_THREADS:
+                and transfer.last_block > LOCKSTEP_MIN_BLOCKS and self._threads < LOCKSTEP_WORKERS:
             self._start_thread(active)
             return
         self._watch(active)
