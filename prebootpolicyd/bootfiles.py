@@ -10,10 +10,12 @@ counters; server.py only adds the route and merges the counters.
 A request goes: bootpath.parse_path (pure: '..', absolute, backslash, NUL ... refused) ->
 open_inside (the file system: a symlink that leads out of the root is refused, the opened
 descriptor is proven inside the root through /proc/self/fd) -> bootpath.parse_range (206/416)
--> the bytes with sendfile(2) (loop.sendfile on the standard asyncio loop: prebootpolicyd
-runs that loop for this, since uvloop has no sendfile), in pieces, under an idle watch: a
-transfer whose client acknowledges nothing for BootFileIdleTimeout seconds is cut off. At most
-MaxBootFileTransfers GETs run at once; more get 503 with Retry-After.
+-> the bytes with sendfile(2) from a thread of the download's own (filesender.py: a download
+costs the event loop a thread start and one hand-back), under an idle watch: a transfer whose
+client takes nothing for BootFileIdleTimeout seconds is cut off. Over TLS, loop.sendfile
+instead (it encrypts through the transport; prebootpolicyd runs the standard asyncio loop,
+since uvloop has no sendfile). At most MaxBootFileTransfers GETs run at once (so at most that
+many sender threads); more get 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -21,9 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import stat
-import struct
 import time
 from dataclasses import dataclass
 from email.utils import formatdate
@@ -35,11 +35,11 @@ from common.daemon.config import Key
 from common.daemon.counters import StatusCounters
 
 from .bootpath import UNSATISFIABLE, ByteRange, Refusal, parse_path, parse_range
+from .filesender import Download, FileSenders, Stalled
 
 PREFIX = "/boot/"
 ROUTE = "/boot/{path:.*}"
 DEFAULT_ROOT = "/srv/tftp"
-PIECE_BYTES = 4 << 20            # one loop.sendfile call; the idle watch looks between pieces
 RETRY_AFTER_S = 5                # told to a client refused with 503
 
 log = logging.getLogger("preboot.policyd.bootfiles")
@@ -135,36 +135,17 @@ def open_inside(root: str, name: str) -> tuple[int, os.stat_result] | Refusal:
     return fd, info
 
 
-# struct tcp_info's tcpi_bytes_acked (Linux 4.2 and later): what the peer acknowledged so far,
-# the progress of a sendfile piece still under way (imgsrvd.transfers.AckedBytes reads the same).
-_TCP_INFO_BYTES_ACKED = struct.Struct("=Q")
-_TCP_INFO_BYTES_ACKED_OFFSET = 120
-
-
-def acked_bytes(sock: socket.socket | None) -> int | None:
-    """The bytes the peer acknowledged on SOCK, or None where the kernel does not say."""
-    if sock is None:
-        return None
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-    except (OSError, AttributeError):
-        return None
-    end = _TCP_INFO_BYTES_ACKED_OFFSET + _TCP_INFO_BYTES_ACKED.size
-    if len(info) < end:
-        return None
-    return _TCP_INFO_BYTES_ACKED.unpack_from(info, _TCP_INFO_BYTES_ACKED_OFFSET)[0]
-
-
-class Stalled(ConnectionError):
-    """The client took nothing for the idle timeout."""
-
-
 class BootFiles:
     """The /boot/ route of the policy service, its limits and its counters."""
 
     def __init__(self, settings: BootFileSettings):
         self.settings = settings
         self.stats = BootFileCounters()
+        self._senders = FileSenders()
+
+    def close(self) -> None:
+        """The service stops: downloads still running end now."""
+        self._senders.close()
 
     def configure(self, settings: BootFileSettings) -> list[str]:
         """A reload: new downloads use the new settings; running ones finish under the old."""
@@ -285,48 +266,111 @@ class BootFiles:
 
     async def _send(self, request: web.Request, file: Any, span: ByteRange,
                     idle_timeout_s: float, progress: "_Progress") -> None:
-        """SPAN of FILE to the client with sendfile, PIECE_BYTES at a time (PROGRESS counts the
-        pieces sent). aiohttp's FileResponse would wait for ever on a client that stops reading,
-        and opens the file by name (a symlink swapped in would be followed): hence this loop."""
-        loop = asyncio.get_running_loop()
+        """SPAN of FILE to the client with sendfile(2): what the socket buffer takes at once
+        from here, the rest from the sender thread (filesender.py). PROGRESS counts what went.
+        aiohttp's FileResponse would wait for ever on a client that stops reading, and opens
+        the file by name (a symlink swapped in would be followed): hence this."""
         transport = request.transport
-        if transport is None:
+        if transport is None or transport.is_closing():
             raise ConnectionResetError("connection lost")
+        if transport.get_extra_info("ssl_object") is not None:
+            await _send_through_tls(transport, file, span, idle_timeout_s, progress)
+            return
+        await _flushed(transport, idle_timeout_s)      # the headers go out first
         sock = transport.get_extra_info("socket")
-        offset, remaining = span.start, span.length
-        while remaining > 0:
-            piece = min(remaining, PIECE_BYTES)
-            await _watched(loop.sendfile(transport, file, offset, piece), transport, sock,
-                           idle_timeout_s)
-            offset += piece
-            remaining -= piece
-            progress.sent += piece
+        # a boot program usually fits whole: no hand-over then
+        first = _send_at_once(sock.fileno(), file.fileno(), span)
+        progress.sent = first
+        if first == span.length:
+            return
+        loop = asyncio.get_running_loop()
+        finished = loop.create_future()
+
+        def on_done(_: Download) -> None:               # in the sender thread
+            loop.call_soon_threadsafe(_settle, finished)
+
+        download = Download(sock.fileno(), file.fileno(), span.start + first,
+                            span.length - first, idle_timeout_s, on_done)
+        transport.pause_reading()                       # as loop.sendfile does
+        self._senders.send(download)
+        try:
+            await asyncio.shield(finished)
+        except BaseException:                           # cancelled: the service stops
+            download.stop()
+            transport.abort()
+            raise
+        finally:
+            progress.sent = first + download.sent
+        if download.error is not None:
+            transport.abort()
+            if isinstance(download.error, ConnectionError):
+                raise download.error
+            raise ConnectionAbortedError(f"cannot send: {download.error}") from download.error
+        if not transport.is_closing():
+            transport.resume_reading()
+
+
+TLS_PIECE_BYTES = 1 << 20        # one loop.sendfile call over TLS: it must go within the timeout
+
+
+async def _send_through_tls(transport: asyncio.WriteTransport, file: Any, span: ByteRange,
+                            idle_timeout_s: float, progress: "_Progress") -> None:
+    """Over TLS the bytes must pass the transport's encryption: loop.sendfile then reads the
+    file and writes it through the transport, a piece at a time; a piece the client does not
+    take within the idle timeout cuts the connection."""
+    loop = asyncio.get_running_loop()
+    offset, remaining = span.start, span.length
+    while remaining > 0:
+        piece = min(remaining, TLS_PIECE_BYTES)
+        try:
+            await asyncio.wait_for(loop.sendfile(transport, file, offset, piece),
+                                   idle_timeout_s)
+        except asyncio.TimeoutError:
+            transport.abort()
+            raise Stalled(f"the client took less than {piece} bytes in {idle_timeout_s:g} s "
+                          "(BootFileIdleTimeout)") from None
+        offset += piece
+        remaining -= piece
+        progress.sent += piece
+
+
+def _send_at_once(sock_fd: int, file_fd: int, span: ByteRange) -> int:
+    """Bytes of SPAN sendfile(2) hands to the (non-blocking) socket without waiting: as many as
+    its buffer has room for; 0 when it has none or the connection failed (the sender thread
+    then meets the same and says why)."""
+    sent = 0
+    while sent < span.length:
+        try:
+            n = os.sendfile(sock_fd, file_fd, span.start + sent, span.length - sent)
+        except OSError:              # full (EAGAIN), or reset: for the thread to find out
+            return sent
+        if n == 0:
+            return sent
+        sent += n
+    return sent
+
+
+def _settle(finished: asyncio.Future) -> None:
+    if not finished.done():
+        finished.set_result(None)
+
+
+async def _flushed(transport: asyncio.WriteTransport, idle_timeout_s: float) -> None:
+    """Wait until the transport has handed everything it holds to the kernel: the sender
+    writes on the socket directly. The headers nearly always go at once (an empty socket
+    buffer); a client that takes none of them is cut off after the idle timeout."""
+    waited = 0.0
+    while transport.get_write_buffer_size():
+        if waited >= idle_timeout_s:
+            transport.abort()
+            raise Stalled(f"the client took nothing for {idle_timeout_s:g} s "
+                          "(BootFileIdleTimeout)")
+        await asyncio.sleep(0.01)
+        waited += 0.01
+        if transport.is_closing():
+            raise ConnectionResetError("connection lost")
 
 
 @dataclass
 class _Progress:
     sent: int = 0
-
-
-async def _watched(work: Any, transport: asyncio.BaseTransport, sock: Any,
-                   idle_timeout_s: float) -> None:
-    """Await WORK (one sendfile piece); every IDLE_TIMEOUT_S, the client must have acknowledged
-    more than before, else the connection is cut (a sendfile cannot be left half done on a
-    connection that stays open). Without TCP_INFO, the piece must end within the timeout."""
-    task = asyncio.ensure_future(work)
-    seen = acked_bytes(sock)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=idle_timeout_s)
-            if done:
-                task.result()
-                return
-            now = acked_bytes(sock)
-            if now is None or seen is None or now <= seen:
-                raise Stalled(f"the client took nothing for {idle_timeout_s:g} s "
-                              "(BootFileIdleTimeout)")
-            seen = now
-    except BaseException:
-        task.cancel()
-        transport.abort()
-        raise

@@ -169,6 +169,7 @@ class PolicyServer:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self._directory.close()
+        self._boot_files.close()
         self._http.close()
 
     def listen(self) -> list[dict[str, Any]]:

@@ -322,6 +322,7 @@ class Bench:
                                      a.workers, a.blksize, a.timeout, tag)
             run["client_loop"] = pool.loop_name
             srv0, bench0 = stack.cpu_seconds(), self_cpu()
+            by0 = stack.cpu_by_process()
             t0, idle0 = cpu_sample()
             t_go = time.monotonic() + 0.2
             pool.go(t_go, a.spread, [s.index for s in specs])
@@ -329,6 +330,7 @@ class Bench:
             recs, client_cpu, problems = pool.results(a.timeout + a.spread + 60)
             t1, idle1 = cpu_sample()
             srv1, bench1 = stack.cpu_seconds(), self_cpu()
+            by1 = stack.cpu_by_process()
             pool.close()
             stack.check_alive()
             res = summarize(recs, t_go)
@@ -340,6 +342,10 @@ class Bench:
             res.update({"server_cpu_s": server_cpu, "client_cpu_s": client_cpu,
                         "bench_cpu_s": bench1 - bench0, "window_s": wall,
                         "other_share": max(0.0, busy - known) / (wall * ncpu),
+                        "server_cpu_by_process": {
+                            k: {"user": round(by1[k][0] - by0[k][0], 3),
+                                "system": round(by1[k][1] - by0[k][1], 3)}
+                            for k in by1 if k in by0},
                         "problems": problems})
             run.update(res)
             tta = res["time_to_all_s"]
@@ -446,6 +452,11 @@ def report(bench: Bench, meta: dict) -> str:
                      f"{r['bytes'] / 1e9:.2f} GB received; client CPU "
                      f"{100 * r['client_cpu_s'] / (r['window_s'] * (os.cpu_count() or 1)):.0f} % "
                      f"of the machine; warm-up {'ok' if r['warmup']['ok'] else 'FAILED: ' + str(r['warmup'].get('reason'))}")
+        by = r.get("server_cpu_by_process") or {}
+        if by:
+            lines.append("    server CPU-s by process (user + system): " + ", ".join(
+                f"{k} {v['user']:.2f} + {v['system']:.2f}" for k, v in
+                sorted(by.items(), key=lambda kv: -(kv[1]["user"] + kv[1]["system"]))))
         for reason, count in r["failures"]:
             lines.append(f"    {count} x {reason}")
         for prob in r.get("problems", []):

@@ -209,6 +209,20 @@ class Stack:
                 pass
         return total
 
+    def cpu_by_process(self) -> dict[str, tuple[float, float]]:
+        """(user, system) CPU seconds each started process and its children used so far, by
+        key: where a stack's server CPU goes (psutil; a process already gone counts nothing)."""
+        out = {}
+        for key, p in self.procs.items():
+            try:
+                proc = psutil.Process(p.pid)
+                times = [proc.cpu_times()] + [c.cpu_times()
+                                              for c in proc.children(recursive=True)]
+            except psutil.Error:
+                continue
+            out[key] = (sum(t.user for t in times), sum(t.system for t in times))
+        return out
+
     def stop(self) -> None:
         for key, p in list(self.procs.items()):
             kids: list[psutil.Process] = []

@@ -91,6 +91,18 @@ class Cell:
 
 
 
+PIN_CHOICES = ("none", "one", "split")
+
+
+def pinned_cpus(pin: str) -> tuple[set[int] | None, set[int] | None]:
+    """(servers' CPUs, the bench's and its clients' CPUs) for --pin."""
+    if pin == "one":
+        return {0}, {0}
+    if pin == "split":
+        return {0}, {1}
+    return None, None
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="bench/run-tftp-bench",
@@ -109,7 +121,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", metavar="OUT", help="also write all results as JSON to OUT")
     p.add_argument("--size-mib", type=int, help="file size in MiB (default 32; 8 with --quick)")
     p.add_argument("--repeats", type=int, help="repeats per single-client case, median taken "
-                                               "(default 3; 1 with --quick)")
+                                               "(default 7; 1 with --quick)")
+    p.add_argument("--pin", choices=PIN_CHOICES, default="none",
+                   help="CPU placement, the same for every server: none (the scheduler's "
+                        "choice; lock-step ratios then swing by 10-30 %% run to run with where "
+                        "client and server land), one (servers and clients on CPU 0: a "
+                        "lock-step round trip costs CPU time only, no cross-CPU wakeup), split "
+                        "(servers on CPU 0, clients on CPU 1: every wakeup crosses CPUs)")
     p.add_argument("--concurrent", type=int,
                    help="clients in the concurrent case (default 50; 10 with --quick)")
     p.add_argument("--timeout", type=float,
@@ -143,7 +161,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, configs)")
     a = p.parse_args(argv)
     a.size_mib = a.size_mib or (8 if a.quick else 32)
-    a.repeats = a.repeats or (1 if a.quick else 3)
+    a.repeats = a.repeats or (1 if a.quick else 7)
     a.concurrent = a.concurrent or (10 if a.quick else 50)
     a.timeout = a.timeout or (20.0 if a.quick else 60.0)
     a.concurrent_timeout = a.concurrent_timeout or (40.0 if a.quick else 150.0)
@@ -221,6 +239,7 @@ class Bench:
                 srv = cls(address=self.a.dnsmasq_address, **kw)
             else:
                 srv = cls(**kw)
+            srv.cpus = pinned_cpus(self.a.pin)[0]
             try:
                 srv.start()
             except (ServerError, OSError) as exc:
@@ -328,6 +347,20 @@ class Bench:
         while quiet < 4 and time.monotonic() < deadline:
             busy = cpu_busy(0.5)
             quiet = quiet + 1 if busy is not None and busy < self.FOREIGN_LIMIT else 0
+
+    def warm_up(self) -> None:
+        """One unmeasured download per server before the first measurement: the first runs of a
+        fresh process (page cache, CPU frequency, the scheduler's placement of client and server)
+        were 30-40 % slower for both servers, which the median of a few repeats did not hide."""
+        spec = next((c.spec for c in self.cases if not c.concurrent), None)
+        if spec is None:
+            return
+        for name, srv in self.servers.items():
+            if self.server_dead_reason(name):
+                continue
+            res = clients.run_one(spec, srv.host, srv.port, self.filename, self.outdir,
+                                  f"{name}-warm-up", self.size, self.digest, self.a.timeout)
+            self.log(f"warm-up {name}: {'ok' if res.ok else 'FAIL ' + str(res.error)}")
 
     def run_case(self, case: Case) -> None:
         cells = self.results[case.key]
@@ -449,6 +482,10 @@ class Bench:
         L.append(f"single-client cases: median of {self.a.repeats}, one client at a time, server "
                  f"order rotated per repeat; MB/s = 10^6 bytes/s, every download verified "
                  f"(size + sha256)")
+        L.append({"none": "CPU placement: the scheduler's (--pin none)",
+                  "one": "CPU placement: servers and clients all on CPU 0 (--pin one)",
+                  "split": "CPU placement: servers on CPU 0, clients on CPU 1 (--pin split)"}
+                 [self.a.pin])
         for n in names:
             srv = self.servers.get(n)
             if srv and n == "ours":
@@ -586,7 +623,7 @@ class Bench:
         out["file"] = {"name": self.filename, "bytes": self.size, "sha256": self.digest}
         out["settings"] = {k: getattr(self.a, k) for k in
                            ("quick", "size_mib", "repeats", "concurrent", "timeout",
-                            "concurrent_timeout", "budget", "retry_busy", "server_names")}
+                            "concurrent_timeout", "budget", "retry_busy", "server_names", "pin")}
         out["servers"] = {n: (self.servers[n].describe() if n in self.servers
                               else {"name": n, "error": self.start_errors.get(n)})
                           for n in self.a.server_names}
@@ -707,6 +744,10 @@ def main(argv: list[str] | None = None) -> int:
         bench.log(f"work folder {bench.work}; {args.size_mib} MiB file; "
                   f"servers {', '.join(args.server_names)}")
         bench.start_servers()
+        clients_cpus = pinned_cpus(args.pin)[1]
+        if clients_cpus is not None:     # the clients are the bench's children
+            os.sched_setaffinity(0, clients_cpus)
+        bench.warm_up()
         for case in bench.cases:
             bench.run_case(case)
         ours = bench.servers.get("ours")

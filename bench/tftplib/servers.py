@@ -71,6 +71,7 @@ class Server:
         self.command: list[str] = []
         self.stderr_path = self.workdir / "stderr.log"
         self.meter = meter or PsutilMeter()
+        self.cpus: set[int] | None = None   # run on these CPUs only (--pin); None: anywhere
 
     # -- lifecycle -------------------------------------------------------------------------
     def argv(self) -> list[str]:
@@ -79,6 +80,11 @@ class Server:
     def popen_kwargs(self) -> dict:
         return {}
 
+    def preexec(self) -> None:           # runs in the child, before exec
+        self.meter.preexec()
+        if self.cpus is not None:        # inherited by every thread and child it makes
+            os.sched_setaffinity(0, self.cpus)
+
     def start(self, ready_timeout: float = 20.0) -> None:
         self.command = self.argv()
         env = dict(os.environ)
@@ -86,7 +92,7 @@ class Server:
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
                                          stdout=err, stderr=err, env=env,
-                                         start_new_session=True, preexec_fn=self.meter.preexec,
+                                         start_new_session=True, preexec_fn=self.preexec,
                                          **self.popen_kwargs())
         self.pid = self.proc.pid
         deadline = time.monotonic() + ready_timeout

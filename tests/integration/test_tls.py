@@ -160,7 +160,11 @@ def tls_policyd(tls_server, tmp_path) -> tuple[DaemonProcess, Path, str]:
     server, server_cert, server_pin = tls_server
     cert, key, _pin = make_pair(tmp_path, "policy")
     workdir = server.workdir
+    boot_root = workdir / "bootfiles"
+    (boot_root / "preboot").mkdir(parents=True)
+    (boot_root / "preboot" / "initrd").write_bytes(os.urandom(3 << 20 | 777))
     config = write_config(workdir / "policyd.conf", {
+        "BootFilesRoot": str(boot_root),
         "IPAddress": "127.0.0.1", "Port": 0, "Directory": f"sqlite://{server.db}",
         "StatusPort": 0, "StatusSocket": str(workdir / "p.sock"),
         "PidFile": str(workdir / "p.pid"), "LogLevel": "DEBUG",
@@ -188,6 +192,27 @@ def test_policyd_over_tls_points_ipxe_at_https_and_pins_the_imaging_server(tls_p
             (Rule.from_text("everyone", "", Action(ActionKind.RESTORE, IMAGE)),), NEVER))
     status, script = curl(f"{base}/policy?{query}", "--cacert", str(cert))
     assert status == 200 and f"preboot.serverpin={server_pin}" in script, script
+
+
+def test_policyd_boot_files_over_tls_are_encrypted_and_whole(tls_policyd, tmp_path):
+    """Over TLS the bytes cannot leave with a bare sendfile(2) (they would be plaintext): they
+    go through the transport's encryption, and arrive whole, ranges included."""
+    daemon, cert, _ = tls_policyd
+    url = f"https://127.0.0.1:{daemon.port}/boot/preboot/initrd"
+    want = (Path(daemon.config).parent / "bootfiles" / "preboot" / "initrd").read_bytes()
+    out = tmp_path / "initrd"
+    done = subprocess.run(["curl", "-sS", "--cacert", str(cert), "-o", str(out), "-w",
+                           "%{http_code}", url], capture_output=True, text=True, timeout=60)
+    assert done.stdout == "200" and out.read_bytes() == want, done.stderr
+    done = subprocess.run(["curl", "-sS", "--cacert", str(cert), "-r", "1000-1999", "-o",
+                           str(out), "-w", "%{http_code}", url],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout == "206" and out.read_bytes() == want[1000:2000], done.stderr
+    plain = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+                            url.replace("https://", "http://")],
+                           capture_output=True, text=True, timeout=60)
+    assert plain.stdout != "200"                 # no plaintext way in
+    assert daemon.counters()["boot_files_sent"] == 2
 
 
 def test_half_a_pair_or_a_foreign_key_is_a_config_error(tmp_path):
