@@ -15,7 +15,6 @@ SPEC = DaemonSpec(
     schema=SCHEMA,
     make_settings=make_settings,
     make_service=PolicyServer,
-    event_loop="asyncio",        # boot files go out with sendfile(2); uvloop has none
 )
 
 

@@ -12,10 +12,9 @@ open_inside (the file system: a symlink that leads out of the root is refused, t
 descriptor is proven inside the root through /proc/self/fd) -> bootpath.parse_range (206/416)
 -> the bytes with sendfile(2) from a thread of the download's own (filesender.py: a download
 costs the event loop a thread start and one hand-back), under an idle watch: a transfer whose
-client takes nothing for BootFileIdleTimeout seconds is cut off. Over TLS, loop.sendfile
-instead (it encrypts through the transport; prebootpolicyd runs the standard asyncio loop,
-since uvloop has no sendfile). At most MaxBootFileTransfers GETs run at once (so at most that
-many sender threads); more get 503 with Retry-After.
+client takes nothing for BootFileIdleTimeout seconds is cut off. Over TLS the file is read
+and written through the response instead (the transport encrypts). At most
+MaxBootFileTransfers GETs run at once; more get 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -229,7 +228,8 @@ class BootFiles:
         progress = _Progress()
         try:
             await response.prepare(request)
-            await self._send(request, file, span, settings.idle_timeout_s, progress)
+            await self._send(request, response, file, span, settings.idle_timeout_s,
+                             progress)
             await response.write_eof()
         except ConnectionError as exc:
             # the connection is closed (or was cut by the idle watch): aiohttp finds it so
@@ -264,8 +264,8 @@ class BootFiles:
         return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{size}"},
                             text="range not satisfiable\n")
 
-    async def _send(self, request: web.Request, file: Any, span: ByteRange,
-                    idle_timeout_s: float, progress: "_Progress") -> None:
+    async def _send(self, request: web.Request, response: web.StreamResponse, file: Any,
+                    span: ByteRange, idle_timeout_s: float, progress: "_Progress") -> None:
         """SPAN of FILE to the client with sendfile(2): what the socket buffer takes at once
         from here, the rest from the sender thread (filesender.py). PROGRESS counts what went.
         aiohttp's FileResponse would wait for ever on a client that stops reading, and opens
@@ -274,7 +274,7 @@ class BootFiles:
         if transport is None or transport.is_closing():
             raise ConnectionResetError("connection lost")
         if transport.get_extra_info("ssl_object") is not None:
-            await _send_through_tls(transport, file, span, idle_timeout_s, progress)
+            await _send_through_tls(transport, response, file, span, idle_timeout_s, progress)
             return
         await _flushed(transport, idle_timeout_s)      # the headers go out first
         sock = transport.get_extra_info("socket")
@@ -310,28 +310,29 @@ class BootFiles:
             transport.resume_reading()
 
 
-TLS_PIECE_BYTES = 1 << 20        # one loop.sendfile call over TLS: it must go within the timeout
+TLS_PIECE_BYTES = 256 << 10      # read and written at a time over TLS
 
 
-async def _send_through_tls(transport: asyncio.WriteTransport, file: Any, span: ByteRange,
-                            idle_timeout_s: float, progress: "_Progress") -> None:
-    """Over TLS the bytes must pass the transport's encryption: loop.sendfile then reads the
-    file and writes it through the transport, a piece at a time; a piece the client does not
-    take within the idle timeout cuts the connection."""
-    loop = asyncio.get_running_loop()
+async def _send_through_tls(transport: asyncio.WriteTransport, response: web.StreamResponse,
+                            file: Any, span: ByteRange, idle_timeout_s: float,
+                            progress: "_Progress") -> None:
+    """Over TLS the bytes must pass the transport's encryption, so no sendfile: a piece is
+    read and written through the response; a piece the client does not take within the idle
+    timeout cuts the connection."""
     offset, remaining = span.start, span.length
     while remaining > 0:
-        piece = min(remaining, TLS_PIECE_BYTES)
+        piece = os.pread(file.fileno(), min(remaining, TLS_PIECE_BYTES), offset)
+        if not piece:
+            raise ConnectionAbortedError("the file ended early (it shrank while sent)")
         try:
-            await asyncio.wait_for(loop.sendfile(transport, file, offset, piece),
-                                   idle_timeout_s)
+            await asyncio.wait_for(response.write(piece), idle_timeout_s)
         except asyncio.TimeoutError:
             transport.abort()
-            raise Stalled(f"the client took less than {piece} bytes in {idle_timeout_s:g} s "
-                          "(BootFileIdleTimeout)") from None
-        offset += piece
-        remaining -= piece
-        progress.sent += piece
+            raise Stalled(f"the client took less than {len(piece)} bytes in "
+                          f"{idle_timeout_s:g} s (BootFileIdleTimeout)") from None
+        offset += len(piece)
+        remaining -= len(piece)
+        progress.sent += len(piece)
 
 
 def _send_at_once(sock_fd: int, file_fd: int, span: ByteRange) -> int:
