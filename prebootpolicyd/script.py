@@ -23,6 +23,8 @@ So no directory value can add a command, expand a setting or end a line.
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 
 from common.policy.model import Action, ActionKind, MenuDisplay, MenuSettings, WorkAssignment
@@ -39,25 +41,29 @@ INITRD_NAME = "initrd"      # the imaging initrd's image name in iPXE, and initr
 # failed sanboot falls through to `exit` as well.
 LOCAL_ANY = "iseq ${platform} pcbios && sanboot --no-describe --drive 0x80 || exit"
 
-_ARG_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/:@+=[]")
-_TEXT_UNSAFE = frozenset("$#\\;&|%")
+# What may stay as it is: in a kernel argument, these; in echoed text, printable ASCII but
+# these. Everything else is %-encoded (a regular expression: a token is 200 characters, and
+# a loop per character was a tenth of an answer's CPU).
+_ARG_UNSAFE = re.compile(r"[^A-Za-z0-9\-._~/:@+=\[\]]")
+_TEXT_UNSAFE = re.compile(r"[^\x21-\x7e]|[$#\\;&|%]")
 
 
 def _percent(char: str) -> str:
     return "".join(f"%{byte:02X}" for byte in char.encode("utf-8", "surrogatepass"))
 
 
+def _percent_match(match: re.Match) -> str:
+    return _percent(match.group())
+
+
 def encode_arg(value: str) -> str:
     """A value for a kernel argument: one word, nothing iPXE or the kernel would read."""
-    return "".join(c if c in _ARG_SAFE else _percent(c) for c in value)
+    return _ARG_UNSAFE.sub(_percent_match, value)
 
 
 def encode_text(text: str) -> str:
     """Text for `echo`: words kept, single blanks between them, nothing iPXE interprets."""
-    def word(w: str) -> str:
-        return "".join(c if (" " < c < "\x7f" and c not in _TEXT_UNSAFE) else _percent(c)
-                       for c in w)
-    return " ".join(word(w) for w in text.split())
+    return " ".join(_TEXT_UNSAFE.sub(_percent_match, w) for w in text.split())
 
 
 def local_boot(platform: str | None) -> str:
