@@ -101,37 +101,36 @@ def _within(root: str, path: str) -> bool:
 
 def open_inside(root: str, name: str) -> tuple[int, os.stat_result] | Refusal:
     """Open NAME (from parse_path) under ROOT for reading: the descriptor and its stat, or why
-    not. Symlinks inside the root are followed while they stay inside; O_NOFOLLOW on the last
-    component and the descriptor's own path (/proc/self/fd) close the race with a symlink
-    swapped in after the check."""
+    not. Symlinks inside the root are followed while they stay inside.
+
+    The kernel resolves the path once, into an O_PATH descriptor (which opens nothing: a
+    device or FIFO is not touched); where that descriptor leads (/proc/self/fd) must be inside
+    the root and a regular file; then that same inode is opened for reading through it, so a
+    symlink swapped in meanwhile changes nothing. (os.path.realpath, an lstat per component
+    in Python, was a seventh of a boot file's CPU.)"""
     real_root = os.path.realpath(root)
-    real = os.path.realpath(os.path.join(real_root, name))
-    if not _within(real_root, real):
-        return Refusal(403, "path leads outside the boot files root")
     try:
-        # a FIFO or device is never opened (opening one may block or act); O_NONBLOCK covers
-        # one swapped in after this check, and fstat below refuses it
-        if not stat.S_ISREG(os.stat(real).st_mode):
-            return Refusal(403, "not a regular file")
-        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        path_fd = os.open(os.path.join(real_root, name), os.O_PATH | os.O_CLOEXEC)
     except FileNotFoundError:
         return Refusal(404, "not found")
     except PermissionError:
         return Refusal(403, "permission denied")
-    except OSError as exc:           # ELOOP: the last component became a symlink
+    except OSError as exc:           # ELOOP, ENOTDIR, ENAMETOOLONG ...
         return Refusal(403, f"cannot open ({exc.strerror})")
     try:
-        opened = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        opened = real
-    info = os.fstat(fd)
-    if not _within(real_root, opened):
-        os.close(fd)
-        return Refusal(403, "file moved outside the boot files root")
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        return Refusal(403, "not a regular file")
-    return fd, info
+        through = f"/proc/self/fd/{path_fd}"
+        if not _within(real_root, os.readlink(through)):
+            return Refusal(403, "path leads outside the boot files root")
+        if not stat.S_ISREG(os.fstat(path_fd).st_mode):
+            return Refusal(403, "not a regular file")
+        fd = os.open(through, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except PermissionError:
+        return Refusal(403, "permission denied")
+    except OSError as exc:
+        return Refusal(403, f"cannot open ({exc.strerror})")
+    finally:
+        os.close(path_fd)
+    return fd, os.fstat(fd)
 
 
 class BootFiles:

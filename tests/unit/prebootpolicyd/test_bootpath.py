@@ -87,6 +87,7 @@ def root(tmp_path):
     os.symlink(tmp_path, root / "escape-dir")
     os.symlink("preboot/linux", root / "inside-link")
     os.mkfifo(root / "fifo")
+    os.symlink("/dev/zero", root / "device-link")
     return root
 
 
@@ -103,6 +104,7 @@ def test_files_and_symlinks_inside_are_opened(root):
 
 @pytest.mark.parametrize("name, status", [
     ("escape-link", 403), ("escape-dir/secret", 403), ("preboot", 403), ("fifo", 403),
+    ("device-link", 403), ("preboot/linux/x", 403),
     ("missing", 404), ("preboot/missing", 404),
 ])
 def test_refused_on_the_file_system(root, name, status):
