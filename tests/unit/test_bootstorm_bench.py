@@ -141,3 +141,22 @@ def test_tftp_packets() -> None:
     assert proto.tftp_ack(0x10001) == b"\0\x04\0\x01"
     assert proto.parse_oack(b"\0\x06blksize\x001432\0tsize\x00999\0") == {
         "blksize": "1432", "tsize": "999"}
+
+
+# ---- the verdict over repeats (runner.py) ----------------------------------------------------
+
+def _run(stack: str, seconds: float | None, failed: int = 0, clients: int = 100) -> dict:
+    return {"stack": stack, "clients": clients, "time_to_all_s": seconds, "failed": failed}
+
+
+@pytest.mark.parametrize("ours, peer, failed, expected", [
+    ([2.0, 2.5, 2.2], [2.4, 2.2, 2.3], 0, "peer 2.30 s / ours 2.20 s = 1.05x -> met"),
+    ([2.41, 2.4, 2.6], [2.4, 2.39, 2.5], 0, "= 0.996x -> NOT met"),
+    ([2.0, 2.0], [3.0, 3.0], 1, "1.50x -> NOT met (ours did not serve every client"),
+])
+def test_the_goal_is_judged_on_the_medians(ours, peer, failed, expected):
+    from bootstormlib.runner import _median_verdict
+    runs = [_run("ours", t, failed if i == 0 else 0) for i, t in enumerate(ours)]
+    runs += [_run("peer", t) for t in peer] + [_run("ours", 9.0, clients=500)]
+    line = _median_verdict(runs, 100)
+    assert expected in line and f"medians of {len(ours)} and {len(peer)} runs" in line, line
