@@ -69,7 +69,8 @@ class Download:
         self.error: BaseException | None = None  # why it ended early; None: all sent
         self.stopping = False
         self.last_progress = time.monotonic()
-        self.acked: int | None = None            # tcpi_bytes_acked at the last progress
+        self.acked: int | None = None            # tcpi_bytes_acked when last looked at
+        self.acked_at = self.last_progress       # when that value was first seen
         self.file_fd = os.dup(file_fd)
         try:
             self.sock = socket.socket(fileno=os.dup(sock_fd))
@@ -83,6 +84,7 @@ class Download:
         """End the download early (its handler was cancelled); the sender closes it."""
         self.stopping = True
         if self._senders is not None:
+            self._senders.stops_pending = True
             self._senders.wake()
 
 
@@ -96,6 +98,7 @@ class FileSenders:
         self._running: dict[int, Download] = {}          # by socket descriptor (the duplicate)
         self._thread: threading.Thread | None = None
         self._closed = False
+        self.stops_pending = False                       # a Download.stop() to act on
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._epoll.register(self._wake_r, select.EPOLLIN)
@@ -152,7 +155,8 @@ class FileSenders:
                 break
             self._take_handed()
             now = time.monotonic()
-            if now >= next_check or any(d.stopping for d in self._running.values()):
+            if now >= next_check or self.stops_pending:
+                self.stops_pending = False
                 next_check = now + WAKE_CHECK_S
                 self._end_stopped_and_stalled(now)
         for download in list(self._running.values()) + list(self._handed):
@@ -163,7 +167,6 @@ class FileSenders:
         while self._handed:
             download = self._handed.popleft()
             self._running[download.sock_fd] = download
-            download.acked = acked_bytes(download.sock)
             self._epoll.register(download.sock_fd, select.EPOLLOUT)
             self._pump(download)
 
@@ -171,9 +174,10 @@ class FileSenders:
         """Send what the socket takes now; end the download when it is all out or failed."""
         moved = False
         while download.sent < download.count:
+            wanted = download.count - download.sent
             try:
                 n = os.sendfile(download.sock_fd, download.file_fd,
-                                download.offset + download.sent, download.count - download.sent)
+                                download.offset + download.sent, wanted)
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -185,21 +189,25 @@ class FileSenders:
                 return
             download.sent += n
             moved = True
+            if n < wanted:       # the buffer is full: epoll says when it has room (no EAGAIN)
+                break
         if moved:
             download.last_progress = time.monotonic()
-            download.acked = acked_bytes(download.sock)
         if download.sent >= download.count:
             self._end(download, None)
 
     def _end_stopped_and_stalled(self, now: float) -> None:
+        """Once a WAKE_CHECK_S: end the stopped downloads and those whose client neither freed
+        room in the socket buffer nor acknowledged a byte for the idle timeout."""
         for download in list(self._running.values()):
             if download.stopping:
                 self._end(download, ConnectionAbortedError("the download was stopped"))
-            elif now - download.last_progress >= download.idle_timeout_s:
-                acked = acked_bytes(download.sock)
-                if acked is not None and download.acked is not None and acked > download.acked:
-                    download.acked, download.last_progress = acked, now   # reading, slowly
-                    continue
+                continue
+            acked = acked_bytes(download.sock)
+            if acked != download.acked:
+                download.acked, download.acked_at = acked, now
+            alive_at = max(download.last_progress, download.acked_at)
+            if now - alive_at >= download.idle_timeout_s:
                 self._end(download, Stalled(f"the client took nothing for "
                                             f"{download.idle_timeout_s:g} s "
                                             "(BootFileIdleTimeout)"))

@@ -223,25 +223,41 @@ class TftpGet(_Transfer):
 
 
 class HttpGet(_Transfer):
+    """One GET. With `keepalive` it asks, as iPXE does, for the connection to stay open, and
+    may be given one kept from an earlier GET to the same server (`pooled`); afterwards
+    `reusable` says whether the connection can carry the next GET (then it is left open for
+    the caller, see Worker.fetch)."""
+
     def __init__(self, loop, buf, local_ip: str, host: str, port: int, path: str,
-                 keep_text: bool = False):
+                 keep_text: bool = False, keepalive: bool = False,
+                 pooled: socket.socket | None = None):
         super().__init__(loop, buf, keep_text)
         self.local_ip, self.host, self.port, self.path = local_ip, host, port, path
+        self.keepalive = keepalive
+        self.pooled = pooled
+        self.reusable = False
+        self.kept: socket.socket | None = None     # the connection, when reusable
+        self.server_closes = False
         self.head = bytearray()
         self.in_body = False
         self.length: int | None = None
         self.status = 0
 
     async def run(self) -> None:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s = self.pooled
+        if s is None:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock = s
         try:
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            s.bind((self.local_ip, 0))
-            s.setblocking(False)
-            await self.loop.sock_connect(s, (self.host, self.port))
+            if self.pooled is None:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                s.bind((self.local_ip, 0))
+                s.setblocking(False)
+                await self.loop.sock_connect(s, (self.host, self.port))
+            connection = "keep-alive" if self.keepalive else "close"
             req = (f"GET {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                   "User-Agent: iPXE/1.21.1+ (bench)\r\nConnection: close\r\n\r\n").encode()
+                   f"User-Agent: iPXE/1.21.1+ (bench)\r\nConnection: {connection}\r\n\r\n"
+                   ).encode()
             await self.loop.sock_sendall(s, req)
             self.last_rx = self.loop.time()
             self.loop.add_reader(s.fileno(), self._readable)
@@ -250,7 +266,16 @@ class HttpGet(_Transfer):
         except OSError as exc:
             raise ClientFailure(f"HTTP {self.host}:{self.port}{self.path}: {exc}") from None
         finally:
-            self._cleanup()
+            self.reusable = (self.keepalive and self.fut.done() and not self.fut.cancelled()
+                             and self.fut.exception() is None and self.length is not None
+                             and self.size == self.length and not self.server_closes)
+            if self.reusable:                # the caller keeps it for the next GET
+                if self._timer is not None:
+                    self._timer.cancel()
+                self.loop.remove_reader(s.fileno())
+                self.kept, self.sock = s, None
+            else:
+                self._cleanup()
         if self.status != 200:
             raise ClientFailure(f"HTTP {self.path}: status {self.status}")
 
@@ -312,6 +337,8 @@ class HttpGet(_Transfer):
             k, _, v = line.partition(":")
             if k.strip().lower() == "content-length":
                 self.length = int(v.strip())
+            elif k.strip().lower() == "connection" and v.strip().lower() == "close":
+                self.server_closes = True
 
 
 # ---- DHCP ------------------------------------------------------------------------------------------
@@ -422,8 +449,9 @@ async def bootserver(loop, ip: str, server: str, xid: int, mac: bytes, packet: b
 
 class Worker:
     def __init__(self, ifname: str, expected: dict[str, tuple[int, str]], blksize: int,
-                 timeout: float, run_tag: int):
+                 timeout: float, run_tag: int, keepalive: bool = True):
         self.ifname = ifname
+        self.keepalive = keepalive          # HTTP: iPXE's pooled connections, or one per GET
         self.expected = expected
         self.blksize = blksize
         self.timeout = timeout
@@ -432,13 +460,30 @@ class Worker:
         self.buf = bytearray(1 << 20)
         self.dhcp: DhcpPort | None = None
 
-    async def fetch(self, c: ClientSpec, url: proto.Url, text: bool) -> _Transfer:
+    async def fetch(self, c: ClientSpec, url: proto.Url, text: bool,
+                    pool: dict | None = None) -> _Transfer:
+        """One download. POOL (the client's kept HTTP connections, by server) makes HTTP
+        GETs reuse a connection as iPXE's connection pool does; a kept connection the server
+        has closed meanwhile is replaced by a new one, once (iPXE reopens it too)."""
         if url.scheme == "tftp":
             t = TftpGet(self.loop, self.buf, c.ip, url.host, url.port, url.path, self.blksize,
                         keep_text=text)
-        else:
-            t = HttpGet(self.loop, self.buf, c.ip, url.host, url.port, url.path, keep_text=text)
-        await t.run()
+            await t.run()
+            return t
+        key = (url.host, url.port)
+        pooled = pool.pop(key, None) if pool is not None else None
+        t = HttpGet(self.loop, self.buf, c.ip, url.host, url.port, url.path, keep_text=text,
+                    keepalive=pool is not None, pooled=pooled)
+        try:
+            await t.run()
+        except ClientFailure:
+            if pooled is None or t.in_body:
+                raise
+            t = HttpGet(self.loop, self.buf, c.ip, url.host, url.port, url.path,
+                        keep_text=text, keepalive=True)
+            await t.run()
+        if t.reusable and pool is not None:
+            pool[key] = t.kept
         return t
 
     def verify(self, url: proto.Url, t: _Transfer) -> str:
@@ -503,10 +548,21 @@ class Worker:
 
         rec["phase"] = "script"
         t = time.monotonic()
+        pool: dict | None = {} if self.keepalive else None
+        try:
+            await self._scripts_and_files(c, rec, script_url, pool)
+        finally:
+            for sock in (pool or {}).values():
+                sock.close()
+
+    async def _scripts_and_files(self, c: ClientSpec, rec: dict, script_url: proto.Url,
+                                 pool: dict | None) -> None:
+        phases = rec["phases"]
+        t = time.monotonic()
         settings = proto.ipxe_settings(c.mac, c.ip, c.arch, c.guid, f"SN{c.index:06d}")
         plan = None
         for _depth in range(5):
-            tr = await self.fetch(c, script_url, text=True)
+            tr = await self.fetch(c, script_url, text=True, pool=pool)
             rec["bytes"] += tr.size
             try:
                 plan = proto.read_script(tr.text.decode("utf-8", "replace"), settings)
@@ -528,7 +584,7 @@ class Worker:
             rec["phase"] = phase
             t = time.monotonic()
             url = proto.parse_url(link, script_url.host)
-            tr = await self.fetch(c, url, text=False)
+            tr = await self.fetch(c, url, text=False, pool=pool)
             rec["files"].append(self.verify(url, tr))
             rec["bytes"] += tr.size
             phases[phase] = time.monotonic() - t
@@ -570,7 +626,7 @@ def _event_loop_name() -> str:
 
 
 def _worker_main(conn, ns: str, ifname: str, expected, blksize: int, timeout: float,
-                 run_tag: int, clients: list[ClientSpec]) -> None:
+                 run_tag: int, clients: list[ClientSpec], keepalive: bool) -> None:
     from proxylib.netns import enter
     enter(ns)
     loop_name = _event_loop_name()
@@ -582,7 +638,7 @@ def _worker_main(conn, ns: str, ifname: str, expected, blksize: int, timeout: fl
     if cmd[0] != "go":
         return
     starts = cmd[1]
-    worker = Worker(ifname, expected, blksize, timeout, run_tag)
+    worker = Worker(ifname, expected, blksize, timeout, run_tag, keepalive)
     results = asyncio.run(worker.run(clients, starts))
     ru = resource.getrusage(resource.RUSAGE_SELF)
     conn.send(("done", results, ru.ru_utime + ru.ru_stime))
@@ -593,7 +649,7 @@ class ClientPool:
 
     def __init__(self, ns: str, ifname: str, clients: list[ClientSpec],
                  expected: dict[str, tuple[int, str]], workers: int, blksize: int,
-                 timeout: float, run_tag: int):
+                 timeout: float, run_tag: int, keepalive: bool = True):
         self.procs, self.conns, self.shares = [], [], []
         self.loop_name = "?"
         for w in range(workers):
@@ -603,7 +659,7 @@ class ClientPool:
             parent, child = _ctx.Pipe()
             p = _ctx.Process(target=_worker_main, daemon=True, name=f"bootstorm-client-{w}",
                              args=(child, ns, ifname, expected, blksize, timeout, run_tag,
-                                   share))
+                                   share, keepalive))
             p.start()
             self.procs.append(p)
             self.conns.append(parent)

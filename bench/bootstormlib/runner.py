@@ -196,6 +196,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="client processes (default 2, one per core here)")
     p.add_argument("--blksize", type=int, default=1432,
                    help="TFTP blksize the clients ask for (default 1432, as iPXE)")
+    p.add_argument("--http", choices=("keep-alive", "close"), default="keep-alive",
+                   help="the clients' HTTP connections: keep-alive (default: as iPXE, whose "
+                        "connection pool carries the script, the answer, kernel and initrd "
+                        "over one connection per server) or close (a connection per GET, as "
+                        "this bench did before 2026-12-07 evening)")
     p.add_argument("--peer-files", choices=("http", "tftp"), default="http",
                    help="how the peer's static script fetches kernel and initrd (default http)")
     p.add_argument("--tftp-max", type=int, default=1000,
@@ -319,7 +324,8 @@ class Bench:
             time.sleep(1.0)
             specs = self.specs(n, tag)
             pool = client.ClientPool(lab.client_ns, lab.client_if, specs, self.expected,
-                                     a.workers, a.blksize, a.timeout, tag)
+                                     a.workers, a.blksize, a.timeout, tag,
+                                     keepalive=a.http == "keep-alive")
             run["client_loop"] = pool.loop_name
             srv0, bench0 = stack.cpu_seconds(), self_cpu()
             by0 = stack.cpu_by_process()
@@ -400,7 +406,8 @@ def report(bench: Bench, meta: dict) -> str:
         lines.append(f"# file {name}: {f}")
     lines.append(f"# CPU measured by {bench.cpu_method}; clients: {a.workers} worker "
                  f"processes, {bench.runs[0].get('client_loop', '?') if bench.runs else '?'}; "
-                 f"UEFI share {a.uefi:g}; TFTP blksize {a.blksize}, lock-step")
+                 f"UEFI share {a.uefi:g}; TFTP blksize {a.blksize}, lock-step; HTTP "
+                 f"{'kept alive (iPXE pools connections)' if a.http == 'keep-alive' else 'a connection per GET'}")
     lines.append("")
     head = (f"{'clients':>7} {'stack':<5} {'served':>8} {'time-to-all':>11} {'dhcp':>11} "
             f"{'bootfile':>11} {'ipxe_dhcp':>11} {'script':>11} {'kernel':>11} {'initrd':>11} "

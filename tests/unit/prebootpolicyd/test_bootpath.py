@@ -184,3 +184,34 @@ def test_well_formed_ranges(first, last, size):
         assert result is UNSATISFIABLE
     else:
         assert result == ByteRange(first, min(size - 1, size - 1 if last is None else last))
+
+
+# ---- where /boot/ opens its files: on the loop, or in a thread on a network file system ---------
+
+MOUNTINFO = """\
+22 27 0:21 / /proc rw,relatime - proc proc rw
+27 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw
+40 27 0:40 / /srv rw,relatime - nfs4 filer:/srv rw,vers=4.2
+41 40 0:41 / /srv/tftp/local rw,relatime - tmpfs tmpfs rw
+42 27 0:42 / /mnt/with\\040space rw - fuse.sshfs host:/x rw
+"""
+
+
+@pytest.mark.parametrize("path, local", [
+    ("/var/lib/tftpboot", True),          # on /, ext4
+    ("/srv/tftp", False),                 # nfs4
+    ("/srv/tftp/local/preboot", True),    # the longest mount point wins: tmpfs
+    ("/srvx", True),                      # not under /srv: a prefix is not a parent
+    ("/mnt/with space/boot", False),      # fuse.sshfs, the \040 of mountinfo read
+])
+def test_local_file_system_by_the_longest_mount_point(tmp_path, path, local, monkeypatch):
+    from prebootpolicyd.bootfiles import on_local_file_system
+    info = tmp_path / "mountinfo"
+    info.write_text(MOUNTINFO)
+    monkeypatch.setattr(os.path, "realpath", lambda p: p)
+    assert on_local_file_system(path, str(info)) is local
+
+
+def test_unknown_mounts_count_as_remote(tmp_path):
+    from prebootpolicyd.bootfiles import on_local_file_system
+    assert on_local_file_system("/srv/tftp", str(tmp_path / "missing")) is False
