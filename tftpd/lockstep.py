@@ -41,7 +41,7 @@ import logging
 import os
 import socket
 import struct
-import threading
+import _thread
 import time
 import traceback
 from typing import Callable
@@ -105,12 +105,14 @@ class LockstepRunner:
         self.ended = False       # set last by the thread: from then on the loop thread owns all
         self.last_progress = 0.0  # when the last block went out (for the loop's timer)
         self._rcvtimeo = -1.0
-        self.thread = threading.Thread(target=self._run, daemon=True,
-                                       name=f"tftp-{client[0]}:{client[1]}")
 
     def start(self) -> None:
+        """Run the transfer in a thread of its own. Not threading.Thread.start(): that waits
+        until the new thread has been scheduled and taken the GIL, which on a busy machine
+        held the event loop for milliseconds per transfer (a boot storm starts hundreds at
+        once). The thread owes no one a join: it reports its end through on_end."""
         self.sock.setblocking(True)
-        self.thread.start()
+        _thread.start_new_thread(self._run, ())
 
     def stop(self) -> None:
         """Ask the thread to end the transfer (the client gets ERROR 0) and wake it now."""
