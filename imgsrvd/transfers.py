@@ -11,11 +11,12 @@ for the next bytes and tells it what moved. Pure: no sockets; the clock is injec
 from __future__ import annotations
 
 import socket
-import struct
 import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
+
+from common.daemon.tcpinfo import acked_bytes
 
 
 class TransferStalled(ConnectionError):
@@ -69,12 +70,6 @@ class Slot:
             self.table._free(self.client)
 
 
-# struct tcp_info's tcpi_bytes_acked (include/uapi/linux/tcp.h, Linux 4.2 and later; RFC 4898's
-# tcpEStatsAppHCThruOctetsAcked): what the peer has acknowledged, so far, on this connection.
-TCP_INFO_BYTES_ACKED = struct.Struct("=Q")
-TCP_INFO_BYTES_ACKED_OFFSET = 120
-
-
 class AckedBytes:
     """How many bytes the client acknowledged since this was made: the progress of a sendfile
     piece still under way, which only whole pieces would show otherwise (a client that slows
@@ -89,16 +84,7 @@ class AckedBytes:
         self._start = self._read()
 
     def _read(self) -> int | None:
-        if self._sock is None:
-            return None
-        try:
-            info = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-        except (OSError, AttributeError):
-            return None
-        end = TCP_INFO_BYTES_ACKED_OFFSET + TCP_INFO_BYTES_ACKED.size
-        if len(info) < end:
-            return None
-        return TCP_INFO_BYTES_ACKED.unpack_from(info, TCP_INFO_BYTES_ACKED_OFFSET)[0]
+        return acked_bytes(self._sock)
 
     def since_start(self) -> int:
         now = self._read()

@@ -24,36 +24,17 @@ import collections
 import os
 import select
 import socket
-import struct
 import threading
 import time
 from typing import Callable
+
+from common.daemon.tcpinfo import acked_bytes
 
 WAKE_CHECK_S = 1.0          # the sender looks for stalled downloads at least this often
 
 
 class Stalled(ConnectionError):
     """The client took nothing for the idle timeout."""
-
-
-# struct tcp_info's tcpi_bytes_acked (Linux 4.2 and later): what the peer acknowledged so far.
-# The socket says "writable" only once a good part of its buffer is free, so a slow client
-# that keeps reading may leave sendfile idle for longer than the timeout; what it
-# acknowledged shows it is alive (imgsrvd.transfers.AckedBytes reads the same).
-_TCP_INFO_BYTES_ACKED = struct.Struct("=Q")
-_TCP_INFO_BYTES_ACKED_OFFSET = 120
-
-
-def acked_bytes(sock: socket.socket) -> int | None:
-    """The bytes the peer acknowledged on SOCK, or None where the kernel does not say."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-    except (OSError, AttributeError):
-        return None
-    end = _TCP_INFO_BYTES_ACKED_OFFSET + _TCP_INFO_BYTES_ACKED.size
-    if len(info) < end:
-        return None
-    return _TCP_INFO_BYTES_ACKED.unpack_from(info, _TCP_INFO_BYTES_ACKED_OFFSET)[0]
 
 
 class Download:
@@ -203,6 +184,8 @@ class FileSenders:
             if download.stopping:
                 self._end(download, ConnectionAbortedError("the download was stopped"))
                 continue
+            # the socket says "writable" only once a good part of its buffer is free: a slow
+            # client that keeps reading shows in what it acknowledged
             acked = acked_bytes(download.sock)
             if acked != download.acked:
                 download.acked, download.acked_at = acked, now
