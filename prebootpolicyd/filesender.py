@@ -80,9 +80,10 @@ class FileSenders:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.stops_pending = False                       # a Download.stop() to act on
-        self._epoll = select.epoll()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._epoll.register(self._wake_r, select.EPOLLIN)
+        # made with the thread, at the first download: a daemon made before it detaches
+        # (python-daemon closes every descriptor it does not know of) would lose them
+        self._epoll: select.epoll | None = None
+        self._wake_r = self._wake_w = -1
 
     def send(self, download: Download) -> None:
         """Hand DOWNLOAD to the sender; its on_done says when it ended and how."""
@@ -95,11 +96,16 @@ class FileSenders:
             download._senders = self
             self._handed.append(download)
             if self._thread is None:
+                self._epoll = select.epoll()
+                self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+                self._epoll.register(self._wake_r, select.EPOLLIN)
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
         self.wake()
 
     def wake(self) -> None:
+        if self._wake_w < 0:
+            return              # no thread yet: nothing to wake
         try:
             os.write(self._wake_w, b"!")
         except OSError:         # the pipe is full (a wake-up is pending anyway), or closed
@@ -110,13 +116,16 @@ class FileSenders:
         with self._lock:
             self._closed = True
             thread = self._thread
+        if thread is None:
+            return
         self.wake()
-        if thread is not None:
-            thread.join(timeout_s)
-        if thread is None or not thread.is_alive():
+        thread.join(timeout_s)
+        if not thread.is_alive():
+            assert self._epoll is not None
             self._epoll.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
 
     def active(self) -> int:
         return len(self._running) + len(self._handed)
@@ -124,6 +133,7 @@ class FileSenders:
     # ---- the sender thread -----------------------------------------------------------------
 
     def _run(self) -> None:
+        assert self._epoll is not None
         next_check = time.monotonic() + WAKE_CHECK_S
         while True:
             events = self._epoll.poll(WAKE_CHECK_S)
@@ -148,6 +158,7 @@ class FileSenders:
         while self._handed:
             download = self._handed.popleft()
             self._running[download.sock_fd] = download
+            assert self._epoll is not None
             self._epoll.register(download.sock_fd, select.EPOLLOUT)
             self._pump(download)
 
@@ -196,7 +207,7 @@ class FileSenders:
                                             "(BootFileIdleTimeout)"))
 
     def _end(self, download: Download, error: BaseException | None) -> None:
-        if self._running.pop(download.sock_fd, None) is not None:
+        if self._running.pop(download.sock_fd, None) is not None and self._epoll is not None:
             try:
                 self._epoll.unregister(download.sock_fd)
             except OSError:

@@ -225,3 +225,26 @@ def test_a_file_that_shrinks_ends_the_download(senders, tmp_path):
     os.close(fd)
     server.close()
     client.close()
+
+
+def test_no_descriptor_before_the_first_download(data_file):
+    """policyd makes its service before it detaches, and python-daemon then closes every
+    descriptor it does not know of: the sender's epoll and wake-up pipe must come later (the
+    init script test caught a daemon that could no longer stop cleanly)."""
+    _, fd = data_file
+    before = set(os.listdir("/proc/self/fd"))
+    senders = FileSenders("test-lazy")
+    assert set(os.listdir("/proc/self/fd")) == before
+    senders.close()                                        # nothing started: nothing to close
+    assert set(os.listdir("/proc/self/fd")) == before
+    senders = FileSenders("test-lazy-2")
+    server, client = connected_pair()
+    ends, out = Ends(), []
+    reader = read_all(client, 1000, out)
+    senders.send(Download(server.fileno(), fd, 0, 1000, 10, ends))
+    ends.wait(1)
+    reader.join(10)
+    assert len(out[0]) == 1000
+    senders.close()
+    server.close()
+    client.close()
