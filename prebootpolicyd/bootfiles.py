@@ -10,9 +10,10 @@ counters; server.py only adds the route and merges the counters.
 A request goes: bootpath.parse_path (pure: '..', absolute, backslash, NUL ... refused) ->
 open_inside (the file system: a symlink that leads out of the root is refused, the opened
 descriptor is proven inside the root through /proc/self/fd) -> bootpath.parse_range (206/416)
--> the bytes with sendfile(2) from a thread of the download's own (filesender.py: a download
-costs the event loop a thread start and one hand-back), under an idle watch: a transfer whose
-client takes nothing for BootFileIdleTimeout seconds is cut off. Over TLS the file is read
+-> the bytes with sendfile(2): what the socket buffer takes at once from the handler, the rest
+from the one sender thread (filesender.py: a download costs the event loop one hand-over and
+one hand-back), under an idle watch: a transfer whose client takes nothing for
+BootFileIdleTimeout seconds is cut off. Over TLS the file is read
 and written through the response instead (the transport encrypts). At most
 MaxBootFileTransfers GETs run at once; more get 503 with Retry-After.
 """
