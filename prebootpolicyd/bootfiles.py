@@ -21,6 +21,7 @@ MaxBootFileTransfers GETs run at once; more get 503 with Retry-After.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import stat
@@ -96,6 +97,9 @@ class BootFileCounters(StatusCounters):
     boot_transfers_active: int = 0
 
 
+ROOT_RECHECK_S = 1.0     # how long /boot/ trusts its last look at where BootFilesRoot leads
+
+
 def _within(root: str, path: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
@@ -126,16 +130,19 @@ def on_local_file_system(path: str, mountinfo: str = "/proc/self/mountinfo") -> 
     return fstype in LOCAL_FILE_SYSTEMS
 
 
-def open_inside(root: str, name: str) -> tuple[int, os.stat_result] | Refusal:
+def open_inside(root: str, name: str, real_root: str | None = None
+                ) -> tuple[int, os.stat_result] | Refusal:
     """Open NAME (from parse_path) under ROOT for reading: the descriptor and its stat, or why
-    not. Symlinks inside the root are followed while they stay inside.
+    not. Symlinks inside the root are followed while they stay inside. REAL_ROOT is ROOT as
+    os.path.realpath resolved it, when the caller has that at hand.
 
     The kernel resolves the path once, into an O_PATH descriptor (which opens nothing: a
     device or FIFO is not touched); where that descriptor leads (/proc/self/fd) must be inside
     the root and a regular file; then that same inode is opened for reading through it, so a
     symlink swapped in meanwhile changes nothing. (os.path.realpath, an lstat per component
     in Python, was a seventh of a boot file's CPU.)"""
-    real_root = os.path.realpath(root)
+    if real_root is None:
+        real_root = os.path.realpath(root)
     try:
         path_fd = os.open(os.path.join(real_root, name), os.O_PATH | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -168,6 +175,7 @@ class BootFiles:
         self.stats = BootFileCounters()
         self._senders = FileSenders()
         self._open_in_thread = True          # until prepare() has looked at the root's mount
+        self._real_root: tuple[str, str, float] | None = None   # (root, its realpath, when)
 
     def close(self) -> None:
         """The service stops: downloads still running end now."""
@@ -222,18 +230,28 @@ class BootFiles:
             opened = await asyncio.get_running_loop().run_in_executor(
                 None, open_inside, settings.root, name)
         else:                        # microseconds; a thread hop costs more, in a storm much
-            opened = open_inside(settings.root, name)
+            opened = open_inside(settings.root, name, self._resolved_root(settings.root))
         if isinstance(opened, Refusal):
             return self._refuse(request, opened, name)
         fd, info = opened
         with os.fdopen(fd, "rb", buffering=0) as file:
             return await self._answer(request, name, file, info, settings)
 
+    def _resolved_root(self, root: str) -> str:
+        """ROOT's realpath, looked up again at most once a second (a root that is a symlink
+        re-pointed to a new tree is followed within a second; an lstat per path component
+        on every request cost as much as the rest of the open)."""
+        now = time.monotonic()
+        cached = self._real_root
+        if cached is None or cached[0] != root or now - cached[2] >= ROOT_RECHECK_S:
+            cached = self._real_root = (root, os.path.realpath(root), now)
+        return cached[1]
+
     async def _answer(self, request: web.Request, name: str, file: Any, info: os.stat_result,
                       settings: BootFileSettings) -> web.StreamResponse:
         size = info.st_size
         etag = f'"{info.st_mtime_ns:x}-{size:x}"'
-        modified = formatdate(info.st_mtime, usegmt=True)
+        modified = _http_date(info.st_mtime)
         wanted = parse_range(request.headers.get("Range"), size, request.headers.get("If-Range"),
                              (etag, modified))
         headers = {"Accept-Ranges": "bytes", "ETag": etag, "Last-Modified": modified,
@@ -373,6 +391,13 @@ def _send_at_once(sock_fd: int, file_fd: int, span: ByteRange) -> int:
         return os.sendfile(sock_fd, file_fd, span.start, span.length)
     except OSError:                  # full (EAGAIN), or reset: for the thread to find out
         return 0
+
+
+@functools.lru_cache(maxsize=256)
+def _http_date(mtime: float) -> str:
+    """Last-Modified for a file's mtime (the few boot files are asked for again and again:
+    email.utils.formatdate costs 30 us)."""
+    return formatdate(mtime, usegmt=True)
 
 
 def _settle(finished: asyncio.Future) -> None:

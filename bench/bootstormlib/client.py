@@ -7,7 +7,9 @@ Each client does what a PXE ROM and then iPXE do, in order (phases as reported):
              says), the proxy's offer, and when the offer says so (proto.pxe_next) the
              DHCPREQUEST to the boot server on port 4011 from the client's own address, port 68
              (retries after 1, 2, 4, 8 s), whose ack names the boot program;
-  bootfile   TFTP of the boot program (blksize 1432 and tsize asked, lock-step as PXE ROMs);
+  bootfile   TFTP of the boot program: a BIOS ROM asks blksize 1432 and tsize and reads
+             lock-step; a UEFI one (UefiTftp) as EDK2 does, a size query then blksize 1468
+             windowsize 4 (RFC 7440), lock-step where the server does not grant windowsize;
   ipxe_dhcp  iPXE's own DHCPDISCOVER (user class "iPXE", option 175): the offer's file name is
              the script to run (a URL, or a TFTP file name from siaddr);
   script     the script and what it chains to (`chain URL` with ${...} expanded), until one
@@ -110,18 +112,34 @@ class _Transfer:
 
 
 class TftpGet(_Transfer):
+    """One TFTP read. Lock-step (WINDOWSIZE 1) as a PXE ROM or iPXE reads: every block ACKed,
+    a duplicate left to the watchdog. With WINDOWSIZE > 1 it asks for windowsize (RFC 7440)
+    and, where the server grants it, reads as EDK2's Mtftp4 does (Mtftp4RrqHandleData): an
+    ACK after every window of blocks in order and after the last, and at once for the last
+    block in order when a block comes out of order. SIZE_QUERY is EDK2's first request for a
+    boot file (PxeBcTftpGetFileSize): the same options plus tsize, ended by an ERROR once the
+    OACK told the size."""
+
     def __init__(self, loop, buf, local_ip: str, server: str, port: int, filename: str,
-                 blksize: int, keep_text: bool = False):
+                 blksize: int, keep_text: bool = False, windowsize: int = 1,
+                 size_query: bool = False):
         super().__init__(loop, buf, keep_text)
         self.server, self.port, self.filename = server, port, filename
         self.blksize_asked = blksize
         self.blksize = 512
+        self.window = 1               # blocks per ACK: 1 until an OACK grants more
+        self.unacked = 0              # blocks taken in order since the last ACK
+        self.size_query = size_query
         self.expected = 1
         self.connected = False
         self.timeout = TFTP_TIMEOUT
         self.retries = 0
+        self.resent = 0           # re-sends after a silence, over the whole transfer
+        self.rrq_resent = 0       # of which the request, before any answer
         self.local_ip = local_ip
-        self.last = proto.rrq(filename, blksize)
+        # EDK2 asks tsize only in its size query; a lock-step reader (iPXE) in every request
+        self.last = proto.rrq(filename, blksize, tsize=size_query or windowsize <= 1,
+                              windowsize=windowsize)
         self.tsize: int | None = None
 
     async def run(self) -> None:
@@ -139,6 +157,22 @@ class TftpGet(_Transfer):
         finally:
             self._cleanup()
 
+    def _ack(self, block: int) -> None:
+        self.last = proto.tftp_ack(block)
+        self.unacked = 0
+        try:
+            self.sock.send(self.last)
+        except OSError:
+            pass
+
+    def _abort_query(self) -> None:
+        """The size is known: end the transfer as EDK2 does, with an ERROR."""
+        try:
+            self.sock.send(proto.tftp_error(4, "User aborted the transfer"))
+        except OSError:
+            pass
+        self._finish()
+
     def _send_last(self) -> None:
         if self.connected:
             self.sock.send(self.last)
@@ -151,6 +185,8 @@ class TftpGet(_Transfer):
         now = self.loop.time()
         if now - self.last_rx >= self.timeout:
             self.retries += 1
+            self.resent += 1
+            self.rrq_resent += not self.connected
             if self.retries > TFTP_RETRIES:
                 self._finish(ClientFailure(
                     f"TFTP {self.filename}: no answer after {TFTP_RETRIES} retries "
@@ -187,34 +223,37 @@ class TftpGet(_Transfer):
                 continue
             op = buf[1]
             if op == proto.DATA:
+                if self.size_query:                   # no OACK: the server ignored options
+                    self._abort_query()
+                    return
                 block = (buf[2] << 8) | buf[3]
                 if block != (self.expected & 0xFFFF):
-                    continue          # a duplicate: the watchdog re-sends our ACK if needed
-                ack = struct.pack("!HH", proto.TFTP_ACK, block)
-                try:
-                    sock.send(ack)
-                except OSError:
-                    pass
-                self.last = ack
+                    if self.window > 1:               # EDK2: ACK the last block in order now
+                        self._ack(self.expected - 1)
+                    continue          # lock-step: the watchdog re-sends our ACK if needed
+                last = n - 4 < self.blksize
+                self.unacked += 1
+                if last or self.unacked >= self.window:
+                    self._ack(block)              # before the hashing: the server goes on
                 self.last_rx = self.loop.time()
                 self.timeout = TFTP_TIMEOUT
                 self.retries = 0
                 self._take(mv[4:n])
                 self.expected += 1
-                if n - 4 < self.blksize:
+                if last:
                     self._finish()
                     return
             elif op == proto.OACK and self.expected == 1:
                 opts = proto.parse_oack(bytes(mv[:n]))
                 self.blksize = int(opts.get("blksize", 512))
+                self.window = int(opts.get("windowsize", 1))
                 if "tsize" in opts:
                     self.tsize = int(opts["tsize"])
-                self.last = proto.tftp_ack(0)
                 self.last_rx = self.loop.time()
-                try:
-                    sock.send(self.last)
-                except OSError:
-                    pass
+                if self.size_query:
+                    self._abort_query()
+                    return
+                self._ack(0)
             elif op == proto.ERROR:
                 msg = bytes(mv[4:n]).split(b"\0", 1)[0].decode("ascii", "replace")
                 code = (buf[2] << 8) | buf[3]
@@ -447,9 +486,21 @@ async def bootserver(loop, ip: str, server: str, xid: int, mac: bytes, packet: b
 
 # ---- one client --------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class UefiTftp:
+    """How a UEFI firmware's PXE reads its boot program. EDK2 (OVMF 2022.11, captured here)
+    first asks the size (RRQ tsize 0 blksize 1468 windowsize 4, ended with an ERROR after the
+    OACK), then reads with blksize 1468 windowsize 4 (PcdPxeTftpWindowSize, default 4)."""
+    blksize: int = 1468
+    windowsize: int = 4
+    size_query: bool = True
+
+
 class Worker:
     def __init__(self, ifname: str, expected: dict[str, tuple[int, str]], blksize: int,
-                 timeout: float, run_tag: int, keepalive: bool = True):
+                 timeout: float, run_tag: int, keepalive: bool = True,
+                 uefi: UefiTftp | None = UefiTftp()):
+        self.uefi = uefi                    # None: UEFI ROMs read lock-step as BIOS ones
         self.ifname = ifname
         self.keepalive = keepalive          # HTTP: iPXE's pooled connections, or one per GET
         self.expected = expected
@@ -459,6 +510,23 @@ class Worker:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.buf = bytearray(1 << 20)
         self.dhcp: DhcpPort | None = None
+
+    async def rom_fetch(self, c: ClientSpec, url: proto.Url) -> _Transfer:
+        """The boot program, read as the client's firmware reads it."""
+        uefi = self.uefi
+        if url.scheme != "tftp" or uefi is None or c.arch not in (7, 9):
+            return await self.fetch(c, url, text=False)
+        if uefi.size_query:
+            query = TftpGet(self.loop, self.buf, c.ip, url.host, url.port, url.path,
+                            uefi.blksize, windowsize=uefi.windowsize, size_query=True)
+            await query.run()
+        t = TftpGet(self.loop, self.buf, c.ip, url.host, url.port, url.path, uefi.blksize,
+                    windowsize=uefi.windowsize)
+        await t.run()
+        if uefi.size_query:
+            t.resent += query.resent
+            t.rrq_resent += query.rrq_resent
+        return t
 
     async def fetch(self, c: ClientSpec, url: proto.Url, text: bool,
                     pool: dict | None = None) -> _Transfer:
@@ -521,9 +589,11 @@ class Worker:
         rec["phase"] = "bootfile"
         t = time.monotonic()
         url = proto.parse_url(file, server)
-        tr = await self.fetch(c, url, text=False)
+        tr = await self.rom_fetch(c, url)
         rec["files"].append(self.verify(url, tr))
         rec["bytes"] += tr.size
+        rec["tftp_resent"] += getattr(tr, "resent", 0)
+        rec["tftp_rrq_resent"] = getattr(tr, "rrq_resent", 0)
         phases["bootfile"] = time.monotonic() - t
 
         rec["phase"] = "ipxe_dhcp"
@@ -592,7 +662,7 @@ class Worker:
 
     async def one(self, c: ClientSpec, start_at: float) -> dict:
         rec = {"index": c.index, "ip": c.ip, "arch": c.arch, "ok": False, "phases": {},
-               "files": [], "bytes": 0, "via_4011": False}
+               "files": [], "bytes": 0, "via_4011": False, "tftp_resent": 0}
         delay = start_at - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -626,7 +696,8 @@ def _event_loop_name() -> str:
 
 
 def _worker_main(conn, ns: str, ifname: str, expected, blksize: int, timeout: float,
-                 run_tag: int, clients: list[ClientSpec], keepalive: bool) -> None:
+                 run_tag: int, clients: list[ClientSpec], keepalive: bool,
+                 uefi: UefiTftp | None) -> None:
     from proxylib.netns import enter
     enter(ns)
     loop_name = _event_loop_name()
@@ -638,7 +709,7 @@ def _worker_main(conn, ns: str, ifname: str, expected, blksize: int, timeout: fl
     if cmd[0] != "go":
         return
     starts = cmd[1]
-    worker = Worker(ifname, expected, blksize, timeout, run_tag, keepalive)
+    worker = Worker(ifname, expected, blksize, timeout, run_tag, keepalive, uefi)
     results = asyncio.run(worker.run(clients, starts))
     ru = resource.getrusage(resource.RUSAGE_SELF)
     conn.send(("done", results, ru.ru_utime + ru.ru_stime))
@@ -649,7 +720,8 @@ class ClientPool:
 
     def __init__(self, ns: str, ifname: str, clients: list[ClientSpec],
                  expected: dict[str, tuple[int, str]], workers: int, blksize: int,
-                 timeout: float, run_tag: int, keepalive: bool = True):
+                 timeout: float, run_tag: int, keepalive: bool = True,
+                 uefi: UefiTftp | None = UefiTftp()):
         self.procs, self.conns, self.shares = [], [], []
         self.loop_name = "?"
         for w in range(workers):
@@ -659,7 +731,7 @@ class ClientPool:
             parent, child = _ctx.Pipe()
             p = _ctx.Process(target=_worker_main, daemon=True, name=f"bootstorm-client-{w}",
                              args=(child, ns, ifname, expected, blksize, timeout, run_tag,
-                                   share, keepalive))
+                                   share, keepalive, uefi))
             p.start()
             self.procs.append(p)
             self.conns.append(parent)

@@ -199,13 +199,21 @@ def pxe_next(offer: Reply) -> Step:
 RRQ, DATA, TFTP_ACK, ERROR, OACK = 1, 3, 4, 5, 6
 
 
-def rrq(filename: str, blksize: int | None = 1432, tsize: bool = True) -> bytes:
+def rrq(filename: str, blksize: int | None = 1432, tsize: bool = True,
+        windowsize: int | None = None) -> bytes:
+    """A read request; WINDOWSIZE (RFC 7440) is asked for when above 1."""
     out = b"\0\x01" + filename.encode() + b"\0octet\0"
     if blksize:
         out += b"blksize\0" + str(blksize).encode() + b"\0"
     if tsize:
         out += b"tsize\0" + b"0\0"
+    if windowsize and windowsize > 1:
+        out += b"windowsize\0" + str(windowsize).encode() + b"\0"
     return out
+
+
+def tftp_error(code: int, text: str) -> bytes:
+    return struct.pack("!HH", ERROR, code) + text.encode() + b"\0"
 
 
 def tftp_ack(block: int) -> bytes:

@@ -201,6 +201,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "connection pool carries the script, the answer, kernel and initrd "
                         "over one connection per server) or close (a connection per GET, as "
                         "this bench did before 2026-12-07 evening)")
+    p.add_argument("--uefi-tftp", choices=("edk2", "lockstep"), default="edk2",
+                   help="how a UEFI client's firmware reads its boot program: edk2 (default: "
+                        "as OVMF 2022.11 does, captured here: a size query, then blksize 1468 "
+                        "windowsize 4, RFC 7440, granted by servers that support it) or "
+                        "lockstep (blksize --blksize, one block per ACK, as this bench did "
+                        "before 2026-12-08)")
+    p.add_argument("--tcp-cc", default="cubic",
+                   help="TCP congestion control in the bench's namespaces (default cubic, the "
+                        "kernel's and SLES's default; 'system' keeps the host's). A host set "
+                        "to bbr (this one) let a storm collapse some downloads' pacing rate to "
+                        "2 KB/s for a minute, for either stack: clients starved of CPU close "
+                        "their window, and BBR takes the trickle for the bandwidth")
     p.add_argument("--peer-files", choices=("http", "tftp"), default="http",
                    help="how the peer's static script fetches kernel and initrd (default http)")
     p.add_argument("--tftp-max", type=int, default=1000,
@@ -240,6 +252,10 @@ def summarize(recs: list[dict], t_go: float) -> dict:
            "bytes": sum(r["bytes"] for r in recs),
            "via_4011": sum(1 for r in recs if r.get("via_4011")),
            "ipxe_via_4011": sum(1 for r in recs if r.get("ipxe_via_4011")),
+           # TFTP requests and ACKs a client re-sent after hearing nothing for its timeout
+           "tftp_resent": sum(r.get("tftp_resent", 0) for r in recs),
+           "tftp_clients_resent": sum(1 for r in recs if r.get("tftp_resent")),
+           "tftp_rrq_resent": sum(r.get("tftp_rrq_resent", 0) for r in recs),
            "answers": sorted({r.get("answer", "") for r in ok}),
            "kernel_urls": sorted({r.get("kernel_url", "") for r in ok}),
            "initrd_urls": sorted({r.get("initrd_url", "") for r in ok}),
@@ -254,12 +270,20 @@ def summarize(recs: list[dict], t_go: float) -> dict:
         key = r.get("reason", "?")
         reasons[key] = reasons.get(key, 0) + 1
     out["failures"] = sorted(reasons.items(), key=lambda kv: -kv[1])[:10]
+    # each client's times from the first DISCOVER, to see what made the tail
+    out["records"] = [{"index": r["index"], "arch": r["arch"], "ok": r["ok"],
+                       "start_s": round(r.get("t_start", t_first) - t_first, 4),
+                       "end_s": round(r["t_end"] - t_first, 4),
+                       "phases": {k: round(v, 4) for k, v in r["phases"].items()},
+                       "tftp_resent": r.get("tftp_resent", 0),
+                       "tftp_rrq_resent": r.get("tftp_rrq_resent", 0)} for r in recs]
     return out
 
 
 class Bench:
     def __init__(self, a: argparse.Namespace):
         self.a = a
+        self.uefi_tftp = client.UefiTftp() if a.uefi_tftp == "edk2" else None
         self.work = Path(tempfile.mkdtemp(prefix="bootstorm-bench-", dir="/dev/shm"))
         os.chmod(self.work, 0o755)
         self.cg = CgroupParent(f"bootstorm-bench-{os.getpid()}")
@@ -302,7 +326,8 @@ class Bench:
             quiet, waited = wait_quiet(a.wait_quiet)
             run["wait_quiet"] = {"quiet": quiet, "waited_s": round(waited, 1)}
             log(f"machine {'quiet' if quiet else 'still busy'} after {waited:.0f} s")
-        lab = stacks.Lab(f"{os.getpid() % 100000}x{self.seq}", n + 1)
+        lab = stacks.Lab(f"{os.getpid() % 100000}x{self.seq}", n + 1,
+                         None if a.tcp_cc == "system" else a.tcp_cc)
         meter = self.cg.meter(f"{name}-{self.seq}")
         stack = None
         try:
@@ -313,7 +338,8 @@ class Bench:
             self.configs[name] = stack.config_notes
             # warm-up: one client through the whole boot (index n: its own address)
             warm = client.ClientPool(lab.client_ns, lab.client_if, self.specs(1, tag, first=n),
-                                     self.expected, 1, a.blksize, 120, tag)
+                                     self.expected, 1, a.blksize, 120, tag,
+                                     uefi=self.uefi_tftp)
             warm.go(time.monotonic() + 0.05, 0, [n])
             wrecs, _, _ = warm.results(150)
             warm.close()
@@ -325,7 +351,7 @@ class Bench:
             specs = self.specs(n, tag)
             pool = client.ClientPool(lab.client_ns, lab.client_if, specs, self.expected,
                                      a.workers, a.blksize, a.timeout, tag,
-                                     keepalive=a.http == "keep-alive")
+                                     keepalive=a.http == "keep-alive", uefi=self.uefi_tftp)
             run["client_loop"] = pool.loop_name
             srv0, bench0 = stack.cpu_seconds(), self_cpu()
             by0 = stack.cpu_by_process()
@@ -358,7 +384,8 @@ class Bench:
             log(f"{name}: {res['served']}/{n} served"
                 + (f", time-to-all {tta:.2f} s" if tta is not None else "")
                 + f", server CPU {server_cpu or 0:.1f} s, clients {client_cpu:.1f} s, other "
-                  f"{100 * res['other_share']:.0f} %")
+                  f"{100 * res['other_share']:.0f} %, TFTP re-sends {res['tftp_resent']} by "
+                  f"{res['tftp_clients_resent']} clients ({res['tftp_rrq_resent']} requests)")
             for reason, count in res["failures"][:3]:
                 log(f"  {count} x {reason}")
         except (stacks.StackError, stacks.NetnsError, OSError, RuntimeError) as exc:
@@ -406,8 +433,10 @@ def report(bench: Bench, meta: dict) -> str:
         lines.append(f"# file {name}: {f}")
     lines.append(f"# CPU measured by {bench.cpu_method}; clients: {a.workers} worker "
                  f"processes, {bench.runs[0].get('client_loop', '?') if bench.runs else '?'}; "
-                 f"UEFI share {a.uefi:g}; TFTP blksize {a.blksize}, lock-step; HTTP "
-                 f"{'kept alive (iPXE pools connections)' if a.http == 'keep-alive' else 'a connection per GET'}")
+                 f"UEFI share {a.uefi:g}; TFTP: BIOS ROMs and iPXE blksize {a.blksize}, lock-step, "
+                 f"UEFI ROMs {'as EDK2 (size query, blksize 1468, windowsize 4)' if a.uefi_tftp == 'edk2' else 'lock-step'}; HTTP "
+                 f"{'kept alive (iPXE pools connections)' if a.http == 'keep-alive' else 'a connection per GET'}"
+                 f"; TCP congestion control {a.tcp_cc}")
     lines.append("")
     head = (f"{'clients':>7} {'stack':<5} {'served':>8} {'time-to-all':>11} {'dhcp':>11} "
             f"{'bootfile':>11} {'ipxe_dhcp':>11} {'script':>11} {'kernel':>11} {'initrd':>11} "
@@ -525,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join(shlex.quote(x) for x in ["bench/run-bootstorm-bench",
                                                           *sys.argv[1:]])}
     status = 0
+    restore_allowed = stacks.allow_congestion_control(a.tcp_cc, log)
     try:
         bench.run()
     except KeyboardInterrupt:
@@ -545,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
                     indent=2, default=str))
         finally:
             bench.close()
+            restore_allowed()
     if status == 0 and bench.stack_errors:
         status = 1
     return status

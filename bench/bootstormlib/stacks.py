@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import psutil
 
@@ -59,8 +60,36 @@ def client_address(i: int) -> str:
     return f"10.78.{1 + i // 250}.{1 + i % 250}"
 
 
+ALLOWED_CC = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+
+
+def allow_congestion_control(name: str, log: Callable[[str], None]) -> Callable[[], None]:
+    """A namespace may only take as its default a congestion control the host allows
+    (tcp_allowed_congestion_control, set in the host's namespace). Add NAME to that list for
+    the bench's runs when it is missing; returns what puts the list back."""
+    if name == "system":
+        return lambda: None
+    before = ALLOWED_CC.read_text().split()
+    if name in before:
+        return lambda: None
+    ALLOWED_CC.write_text(" ".join(before + [name]))
+    log(f"tcp_allowed_congestion_control: {' '.join(before)} -> + {name} for the runs")
+
+    def restore() -> None:
+        ALLOWED_CC.write_text(" ".join(before))
+    return restore
+
+
+def _sysctl(ns: str, key: str, value: str) -> None:
+    res = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"{key}={value}"],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"sysctl {key}={value} in {ns}: {res.stderr.strip()}")
+
+
 class Lab:
-    def __init__(self, tag: str, clients: int):
+    def __init__(self, tag: str, clients: int, tcp_cc: str | None = None):
+        self.tcp_cc = tcp_cc                # None: the namespaces keep the host's
         self.server_ns = f"bst-srv-{tag}"
         self.client_ns = f"bst-cli-{tag}"
         self.server_if = f"bss{tag}"[:15]
@@ -81,6 +110,8 @@ class Lab:
                 _ip("-n", ns, "addr", "add", f"{addr}/{PREFIX}", "brd", "+", "dev", ifname)
                 _ip("-n", ns, "link", "set", "lo", "up")
                 _ip("-n", ns, "link", "set", ifname, "up")
+                if self.tcp_cc:
+                    _sysctl(ns, "net.ipv4.tcp_congestion_control", self.tcp_cc)
             # The clients' own addresses ("given by the site DHCP"); noprefixroute: the /16
             # route of the primary address covers them.
             batch = "".join(f"addr add {client_address(i)}/{PREFIX} dev {self.client_if} "

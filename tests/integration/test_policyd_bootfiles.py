@@ -285,3 +285,22 @@ def test_sent_with_sendfile(policyd, workdir):
              if line.strip() and line.split()[-1] in ("sendfile", "write", "sendto", "sendmsg")}
     assert calls.get("sendfile", 0) >= 2, counts.read_text()     # more than a socket buffer
     assert sum(calls.get(k, 0) for k in ("write", "sendto", "sendmsg")) < 10, counts.read_text()
+
+
+def test_root_link_repointed_is_followed(policyd_factory, workdir, root):
+    """BootFilesRoot as a symlink an administrator re-points to a new tree (an atomic deploy):
+    /boot/ serves from the new tree within a second or so (policyd looks again at where the
+    root leads at most once a second), and a link out of the new tree is still refused."""
+    new = workdir / "tftproot-2"
+    (new / "preboot").mkdir(parents=True)
+    (new / "preboot" / "linux").write_bytes(b"new kernel")
+    os.symlink(workdir / "secret", new / "escape-link")
+    link = workdir / "current"
+    os.symlink(root, link)
+    policyd = policyd_factory(BootFilesRoot=str(link))
+    assert policyd.curl("/boot/preboot/linux")[1] == b"kernel" * 1000
+    swap = workdir / "current.new"
+    os.symlink(new, swap)
+    os.replace(swap, link)
+    assert wait_for(lambda: policyd.curl("/boot/preboot/linux")[1] == b"new kernel", 5)
+    assert policyd.curl("/boot/escape-link")[0] == 403

@@ -91,3 +91,10 @@ def test_requests_round_trip(opcode, filename, mode, options):
 def test_data_round_trip(block, payload):
     assert packet.decode(packet.encode_data(block, payload)) == Data(block, payload)
     assert struct.unpack("!HH", packet.data_header(block)) == (3, block)
+
+
+def test_repeated_option_keeps_its_last_value_whatever_its_case():
+    """RFC 2347: option names are case-insensitive; a name repeated (in any spelling) keeps
+    the value it was given last."""
+    request = packet.decode_request(b"\0\x01f\0octet\0BLKSIZE\x00512\0tsize\x000\0blksize\x001468\0")
+    assert request.options == {"blksize": "1468", "tsize": "0"}

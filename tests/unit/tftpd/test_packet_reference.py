@@ -3,7 +3,7 @@ the same requests and OACKs are accepted with the same fields, the same are refu
 OACK has tftpy's bytes."""
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from tftpd import packet
@@ -27,6 +27,17 @@ def tftpy_request(raw: bytes):
             {str(k).lower(): str(v) for k, v in parsed.options.items()})
 
 
+def spelled_two_ways(raw: bytes) -> bool:
+    """An option name repeated in two spellings ("OCTET" and "octet"): ours keeps the last
+    value by its lower-cased name (RFC 2347: names are case-insensitive), tftpy one per
+    spelling, so the reference cannot say which came last: no comparison for those."""
+    strings = raw[2:].split(b"\0")[2:]
+    spellings: dict[bytes, set[bytes]] = {}
+    for name in strings[0::2]:
+        spellings.setdefault(name.lower(), set()).add(name)
+    return any(len(names) > 1 for names in spellings.values())
+
+
 def ours(raw: bytes):
     try:
         r = packet.decode_request(raw)
@@ -41,8 +52,10 @@ PIECES = st.sampled_from([b"file", b"pxelinux.0", b"", b"octet", b"OCTET", b"net
 
 @settings(max_examples=3000, deadline=None)
 @given(st.sampled_from([1, 2]), st.lists(PIECES, max_size=8), st.booleans())
+@example(1, [b"file", b"octet", b"blksize", b"512", b"blksize", b"1468"], True)  # last wins
 def test_requests_agree_with_tftpy(opcode, pieces, terminated):
     raw = opcode.to_bytes(2, "big") + b"\0".join(pieces) + (b"\0" if terminated else b"")
+    assume(not spelled_two_ways(raw))
     assert ours(raw) == tftpy_request(raw)
 
 
@@ -50,6 +63,7 @@ def test_requests_agree_with_tftpy(opcode, pieces, terminated):
 @given(st.sampled_from([b"\x00\x01", b"\x00\x02"]), st.binary(max_size=80))
 def test_random_requests_agree_with_tftpy(opcode, body):
     raw = opcode + body
+    assume(not spelled_two_ways(raw))
     assert ours(raw) == tftpy_request(raw)
 
 
