@@ -168,7 +168,7 @@ class TftpGet(_Transfer):
     def _abort_query(self) -> None:
         """The size is known: end the transfer as EDK2 does, with an ERROR."""
         try:
-            self.sock.send(proto.tftp_error(4, "User aborted the transfer"))
+            self.sock.send(proto.tftp_error(8, "User aborted the transfer"))
         except OSError:
             pass
         self._finish()
