@@ -110,6 +110,17 @@ class DaemonProcess:
         return self.log_file.read_text() if self.log_file.exists() else ""
 
 
+def tftpd_on_loopback(root: Path, work: Path, log_level: str = "INFO") -> DaemonProcess:
+    """Our tftpd serving ROOT on 127.0.0.1 (a free port), its config, socket and log in WORK:
+    started; the caller stops it."""
+    values = {"IPAddress": "127.0.0.1", "Port": 0, "Root": str(root), "StatusPort": 0,
+              "StatusSocket": str(work / "t.sock"), "PidFile": str(work / "t.pid"),
+              "LogFile": str(work / "t.log"), "LogLevel": log_level}
+    daemon = DaemonProcess("tftpd", write_config(work / "tftpd.conf", values),
+                           values["StatusSocket"], work / "t.log")
+    return daemon.start(timeout_s=20)
+
+
 CLONE_NEWNET = 0x40000000
 
 

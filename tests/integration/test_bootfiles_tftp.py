@@ -15,7 +15,7 @@ from typing import Iterator
 import pytest
 
 from proxydhcpd.config import SCHEMA as PROXY_SCHEMA
-from support import REPO, DaemonProcess, write_config
+from support import REPO, DaemonProcess, tftpd_on_loopback
 
 SCRIPT = REPO / "packaging" / "bootfiles" / "place-bootfiles.sh"
 CACHE = Path("/var/cache/preboot/bootfiles")
@@ -65,12 +65,7 @@ def placed(root: Path) -> str:
 @pytest.fixture
 def tftpd(root: Path, placed: str) -> Iterator[DaemonProcess]:
     work = Path(tempfile.mkdtemp(prefix="pbtftpd-", dir="/tmp"))
-    values = {"IPAddress": "127.0.0.1", "Port": 0, "Root": str(root), "StatusPort": 0,
-              "StatusSocket": str(work / "t.sock"), "PidFile": str(work / "t.pid"),
-              "LogFile": str(work / "t.log"), "LogLevel": "INFO"}
-    daemon = DaemonProcess("tftpd", write_config(work / "tftpd.conf", values),
-                           values["StatusSocket"], work / "t.log")
-    daemon.start(timeout_s=20)
+    daemon = tftpd_on_loopback(root, work)
     yield daemon
     assert daemon.stop() in (0, None), daemon.log()
     shutil.rmtree(work, ignore_errors=True)

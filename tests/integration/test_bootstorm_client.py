@@ -20,7 +20,7 @@ from typing import Iterator
 
 import pytest
 
-from support import REPO, DaemonProcess, write_config
+from support import REPO, tftpd_on_loopback
 
 sys.path.insert(0, str(REPO / "bench"))
 from bootstormlib import client  # noqa: E402
@@ -38,12 +38,7 @@ def root() -> Iterator[Path]:
 
 @pytest.fixture
 def tftpd(root: Path) -> Iterator[int]:
-    values = {"IPAddress": "127.0.0.1", "Port": 0, "Root": str(root), "StatusPort": 0,
-              "StatusSocket": str(root / "t.sock"), "PidFile": str(root / "t.pid"),
-              "LogFile": str(root / "t.log"), "LogLevel": "INFO"}
-    daemon = DaemonProcess("tftpd", write_config(root / "tftpd.conf", values),
-                           values["StatusSocket"], root / "t.log")
-    daemon.start(timeout_s=20)
+    daemon = tftpd_on_loopback(root, root)
     yield daemon.port
     assert daemon.stop() in (0, None), daemon.log()
 
