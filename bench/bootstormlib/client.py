@@ -37,7 +37,6 @@ import hashlib
 import multiprocessing as mp
 import resource
 import socket
-import struct
 import time
 from dataclasses import dataclass
 
