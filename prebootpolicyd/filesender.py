@@ -157,14 +157,13 @@ class FileSenders:
     def _take_handed(self) -> None:
         while self._handed:
             download = self._handed.popleft()
-            self._running[download.sock_fd] = download
             assert self._epoll is not None
             try:
                 self._epoll.register(download.sock_fd, select.EPOLLOUT)
             except OSError as exc:           # ENOMEM, ENOSPC: this download fails, not all
-                self._running.pop(download.sock_fd, None)
                 self._end(download, exc)
                 continue
+            self._running[download.sock_fd] = download
             self._pump(download)
 
     def _pump(self, download: Download) -> None:

@@ -515,16 +515,13 @@ class Worker:
         uefi = self.uefi
         if url.scheme != "tftp" or uefi is None or c.arch not in (7, 9):
             return await self.fetch(c, url, text=False)
-        if uefi.size_query:
-            query = TftpGet(self.loop, self.buf, c.ip, url.host, url.port, url.path,
-                            uefi.blksize, windowsize=uefi.windowsize, size_query=True)
-            await query.run()
-        t = TftpGet(self.loop, self.buf, c.ip, url.host, url.port, url.path, uefi.blksize,
-                    windowsize=uefi.windowsize)
-        await t.run()
-        if uefi.size_query:
-            t.resent += query.resent
-            t.rrq_resent += query.rrq_resent
+        resent = rrq_resent = 0
+        for size_query in (True, False) if uefi.size_query else (False,):
+            t = TftpGet(self.loop, self.buf, c.ip, url.host, url.port, url.path, uefi.blksize,
+                        windowsize=uefi.windowsize, size_query=size_query)
+            await t.run()
+            resent, rrq_resent = resent + t.resent, rrq_resent + t.rrq_resent
+        t.resent, t.rrq_resent = resent, rrq_resent
         return t
 
     async def fetch(self, c: ClientSpec, url: proto.Url, text: bool,
@@ -591,7 +588,7 @@ class Worker:
         tr = await self.rom_fetch(c, url)
         rec["files"].append(self.verify(url, tr))
         rec["bytes"] += tr.size
-        rec["tftp_resent"] += getattr(tr, "resent", 0)
+        rec["tftp_resent"] = getattr(tr, "resent", 0)
         rec["tftp_rrq_resent"] = getattr(tr, "rrq_resent", 0)
         phases["bootfile"] = time.monotonic() - t
 
@@ -661,7 +658,7 @@ class Worker:
 
     async def one(self, c: ClientSpec, start_at: float) -> dict:
         rec = {"index": c.index, "ip": c.ip, "arch": c.arch, "ok": False, "phases": {},
-               "files": [], "bytes": 0, "via_4011": False, "tftp_resent": 0}
+               "files": [], "bytes": 0, "via_4011": False}
         delay = start_at - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
